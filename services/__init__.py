@@ -1,0 +1,1 @@
+"""thalex-tp: a portfolio-wide, fee-aware take-profit guardian for Thalex."""

@@ -1,0 +1,379 @@
+"""The bus: Redis Streams through FastStream, plain JSON, at-least-once.
+
+Wire format: every entry holds one JSON document in field `__data__` (the field
+FastStream uses). `redis-cli XRANGE` or any Redis client reads it; a
+hand-written producer may XADD a document in `__data__` or in `data`.
+
+At-least-once is the project's guarantee and lives here once. FastStream 0.7
+reads only new entries (`>`) and never redelivers, claims or dead-letters (see
+shared/FASTSTREAM-NOTES.md), so `StreamConsumer` adds what it lacks around a
+FastStream batch subscriber:
+
+* the group is created at `0` (never `$`) before the subscriber starts, and
+  recreated at `0` if it is lost with a Redis restart;
+* on start a consumer first re-reads and finishes **its own** pending entries
+  (`XREADGROUP ... 0`), in order, before any new entry is handled;
+* entries left pending by a consumer that died (or by a failed handler) are
+  re-claimed with `XAUTOCLAIM` after `claim_idle_seconds` and handled again,
+  one at a time so one poison entry cannot hold a batch hostage;
+* an entry delivered more than `max_deliveries` times is dead-lettered;
+* an entry that is not valid JSON or fails its contract model is acked and
+  written to `tp:deadletter` with the reason, and processing goes on;
+* the handler receives a Redis transaction (`MULTI`) pipeline: it queues its
+  effects there (state, checkpoints, published documents) and the consumer
+  queues the `XACK` in the same transaction, so an ack is never saved without
+  the effects, nor the effects without the ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from faststream.middlewares import AckPolicy
+from faststream.redis import RedisBroker, StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage
+from faststream.redis.parser import MessageFormat
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from services.common.contracts import DeadLetter, Document
+from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES
+from services.common.streams import Names
+
+log = logging.getLogger(__name__)
+
+DATA_FIELD = "__data__"
+ALT_DATA_FIELD = "data"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class PlainJSONFormat(MessageFormat):
+    """FastStream message format that writes the bare JSON body, no envelope.
+
+    Headers (correlation id, content type) are dropped on purpose: the wire
+    contract is the document alone, readable by any Redis client.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    async def encode(cls, *, message: Any, reply_to: str | None, headers: dict[str, Any] | None,
+                     correlation_id: str, serializer: Any = None, codec: Any = None) -> bytes:
+        if isinstance(message, BaseModel):
+            return message.model_dump_json(exclude_none=True).encode()
+        built = await cls.build(message=message, reply_to=reply_to, headers=headers,
+                                correlation_id=correlation_id, serializer=serializer, codec=codec)
+        return built.data
+
+    @classmethod
+    def parse(cls, data: Any) -> tuple[bytes, dict[str, Any]]:
+        if isinstance(data, Mapping):  # an entry without __data__: FastStream hands us its fields
+            data = json.dumps({_text(k): _text(v) for k, v in data.items()}).encode()
+        return data, {"content-type": "application/json"}
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def encode_document(doc: BaseModel) -> str:
+    """The exact text stored in `__data__` for a document."""
+    return doc.model_dump_json(exclude_none=True)
+
+
+class MalformedEntry(ValueError):
+    """An entry that cannot become a contract document; the message says why."""
+
+
+def entry_document(fields: Mapping[Any, Any] | None) -> tuple[str, Any]:
+    """Extract `(raw_text, parsed_json)` from an entry's fields.
+
+    Accepts the document in `__data__` (our producers, FastStream) or `data`
+    (hand-written producers). Raises `MalformedEntry` with the reason.
+    """
+    if not fields:
+        raise MalformedEntry("entry has no fields (trimmed or deleted before it was handled)")
+    decoded = {_text(k): v for k, v in fields.items()}
+    raw = decoded.get(DATA_FIELD, decoded.get(ALT_DATA_FIELD))
+    if raw is None:
+        raise MalformedEntry(f"entry has neither a '{DATA_FIELD}' nor a '{ALT_DATA_FIELD}' field")
+    text = _text(raw)
+    try:
+        return text, json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedEntry(f"not valid JSON: {exc}") from None
+
+
+def validate_entry(model: type[M], fields: Mapping[Any, Any] | None) -> M:
+    """Turn an entry into a contract document or raise `MalformedEntry` naming the fields."""
+    raw, data = entry_document(fields)
+    if not isinstance(data, dict):
+        raise MalformedEntry(f"document must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<document>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise MalformedEntry(f"{model.__name__} invalid: {problems}") from None
+
+
+def raw_text(fields: Mapping[Any, Any] | None) -> str:
+    """The entry as text, for the dead-letter record."""
+    if not fields:
+        return ""
+    decoded = {_text(k): _text(v) for k, v in fields.items()}
+    if set(decoded) <= {DATA_FIELD, ALT_DATA_FIELD} and len(decoded) == 1:
+        return str(next(iter(decoded.values())))
+    return json.dumps(decoded)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Generic[M]):
+    """One valid document handed to a handler, with where it came from."""
+
+    entry_id: str
+    doc: M
+    deliveries: int
+    """How many times the entry has been delivered, this time included."""
+
+
+Handler = Callable[[list[Delivery[M]], Pipeline], Awaitable[None]]
+"""Handles a batch; queues its effects on the pipeline; raises to leave it pending."""
+
+
+class Bus:
+    """One service's connection to Redis: FastStream broker plus plain client."""
+
+    def __init__(self, url: str, names: Names, service: str, *, maxlen: int = 1_000_000,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.names = names
+        self.service = service
+        self.maxlen = maxlen
+        credentials = {k: v for k, v in (("username", username), ("password", password)) if v}
+        self.broker = RedisBroker(url, message_format=PlainJSONFormat, log_level=logging.DEBUG,
+                                  **credentials)
+        self.redis: Redis = Redis.from_url(url, **credentials)
+        self.consumers: list[StreamConsumer[Any]] = []
+
+    async def publish(self, stream: str, doc: Document, pipe: Pipeline | None = None) -> None:
+        """XADD `doc` as plain JSON (approximately capped); into `pipe` when given."""
+        await self.broker.publish(doc, stream=stream, maxlen=self.maxlen, pipeline=pipe)
+
+    def queue_publish(self, pipe: Pipeline, stream: str, doc: Document) -> None:
+        """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
+        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
+
+    def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
+                         error: str) -> None:
+        """Queue a `tp:deadletter` record and count it."""
+        letter = DeadLetter(service=self.service, source_stream=source_stream, entry_id=entry_id,
+                            raw=raw[:65536], error=error[:4096], ts=time.time())
+        self.queue_publish(pipe, self.names.deadletter, letter)
+        BUS_DEADLETTERS.labels(self.service, source_stream).inc()
+        log.warning("dead-lettered %s %s: %s", source_stream, entry_id, error)
+
+    async def deadletter(self, source_stream: str, entry_id: str, raw: str, error: str) -> None:
+        """Write one dead letter now (for inputs that never were stream entries)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.queue_deadletter(pipe, source_stream, entry_id, raw, error)
+            await pipe.execute()
+
+    def consumer(self, stream: str, group: str, consumer: str, model: type[M], handler: Handler[M],
+                 **options: Any) -> StreamConsumer[M]:
+        """Register an at-least-once consumer of `stream` (see `StreamConsumer`)."""
+        sc = StreamConsumer(self, stream=stream, group=group, consumer=consumer, model=model,
+                            handler=handler, **options)
+        self.consumers.append(sc)
+        return sc
+
+    async def start(self) -> None:
+        """Connect, recover every consumer's pending entries, then read new ones."""
+        await self.redis.ping()
+        await self.broker.connect()
+        for sc in self.consumers:
+            await sc.ensure_group()
+            await sc.recover_own_pending()  # before the reader starts: old entries first
+        await self.broker.start()
+        for sc in self.consumers:
+            sc.start_background()
+
+    async def stop(self) -> None:
+        for sc in self.consumers:
+            await sc.stop_background()
+        await self.broker.stop()
+        await self.redis.aclose()
+
+
+@dataclass
+class StreamConsumer(Generic[M]):
+    """At-least-once consumption of one stream by one member of a group."""
+
+    bus: Bus
+    stream: str
+    group: str
+    consumer: str
+    model: type[M]
+    handler: Handler[M]
+    batch_size: int = 100
+    max_deliveries: int = 5
+    claim_idle_seconds: float = 30.0
+    claim_interval_seconds: float = 5.0
+    block_ms: int = 100
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _subscriber: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        sub = StreamSub(self.stream, group=self.group, consumer=self.consumer, batch=True,
+                        max_records=self.batch_size, polling_interval=self.block_ms)
+        self._subscriber = self.bus.broker.subscriber(
+            stream=sub, ack_policy=AckPolicy.MANUAL, decoder=_no_body,
+        )
+        self._subscriber(self._on_new_entries)
+
+    async def ensure_group(self) -> None:
+        """Create the group at the start of the stream (never `$`)."""
+        try:
+            await self.bus.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            log.info("created group %s on %s at 0", self.group, self.stream)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def start_background(self) -> None:
+        self._tasks.append(asyncio.create_task(self._claim_forever(), name=f"claim:{self.stream}"))
+
+    async def stop_background(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def _on_new_entries(self, message: RedisBatchStreamMessage) -> None:
+        """FastStream hands us each batch of new (`>`) entries."""
+        raw = message.raw_message
+        entries = [(_text(i), fields) for i, fields in zip(raw["message_ids"], raw["data"])]
+        await self.handle(entries, deliveries={})
+
+    async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]],
+                     deliveries: Mapping[str, int]) -> bool:
+        """Validate, dead-letter, run the handler and ack in one transaction.
+
+        Returns False when the handler failed (entries stay pending, to be
+        re-claimed later).
+        """
+        async with self._lock:
+            good: list[Delivery[M]] = []
+            letters: list[tuple[str, str, str]] = []
+            for entry_id, fields in entries:
+                count = deliveries.get(entry_id, 1)
+                if count > self.max_deliveries:
+                    letters.append((entry_id, raw_text(fields),
+                                    f"delivered {count} times without being handled (poison entry)"))
+                    continue
+                try:
+                    good.append(Delivery(entry_id, validate_entry(self.model, fields), count))
+                except MalformedEntry as exc:
+                    letters.append((entry_id, raw_text(fields), str(exc)))
+            async with self.bus.redis.pipeline(transaction=True) as pipe:
+                if good:
+                    try:
+                        await self.handler(good, pipe)
+                    except Exception:
+                        BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
+                        log.exception("handler failed on %s entries %s..%s; left pending",
+                                      self.stream, good[0].entry_id, good[-1].entry_id)
+                        await pipe.reset()
+                        if not letters:
+                            return False
+                        good = []  # still settle the malformed ones
+                for entry_id, raw, error in letters:
+                    self.bus.queue_deadletter(pipe, self.stream, entry_id, raw, error)
+                ack_ids = [d.entry_id for d in good] + [entry_id for entry_id, _, _ in letters]
+                pipe.xack(self.stream, self.group, *ack_ids)
+                await pipe.execute()
+            return True
+
+    async def _claim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.claim_interval_seconds)
+            try:
+                await self._keep_subscribed()
+                await self.claim_abandoned()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("claiming pending entries of %s failed; will retry", self.stream)
+
+    async def recover_own_pending(self) -> None:
+        """Finish what this consumer had read but not acked before it stopped."""
+        after = "0"
+        while True:
+            reply = await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: after},
+                                                    count=self.batch_size)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            batch = [(_text(i), fields) for i, fields in entries]
+            counts = await self._delivery_counts([i for i, _ in batch])
+            log.info("re-reading %d own pending entries of %s from %s", len(batch), self.stream, batch[0][0])
+            await self.handle(batch, counts)
+            after = batch[-1][0]
+
+    async def claim_abandoned(self) -> int:
+        """Take over entries idle longer than `claim_idle_seconds`; returns how many."""
+        claimed_total = 0
+        start = "0-0"
+        while True:
+            next_start, entries, *_ = await self.bus.redis.xautoclaim(
+                self.stream, self.group, self.consumer,
+                min_idle_time=int(self.claim_idle_seconds * 1000), start_id=start, count=self.batch_size,
+            )
+            batch = [(_text(i), fields) for i, fields in entries]
+            if batch:
+                claimed_total += len(batch)
+                BUS_CLAIMED.labels(self.bus.service, self.stream).inc(len(batch))
+                counts = await self._delivery_counts([i for i, _ in batch])
+                for entry in batch:  # one at a time: isolate a poison entry
+                    await self.handle([entry], counts)
+            start = _text(next_start)
+            if start == "0-0":
+                return claimed_total
+
+    async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        rows = await self.bus.redis.xpending_range(self.stream, self.group, min=ids[0], max=ids[-1],
+                                                   count=len(ids) * 4 + 10, consumername=self.consumer)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    async def _keep_subscribed(self) -> None:
+        """Recreate a group lost with a Redis restart (at 0) and restart the reader."""
+        try:
+            await self.bus.redis.xinfo_consumers(self.stream, self.group)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
+            log.warning("group %s on %s is gone (Redis restarted?); recreating at 0", self.group, self.stream)
+            await self.ensure_group()
+        if not self._subscriber.running:
+            log.warning("restarting the reader of %s", self.stream)
+            await self._subscriber.start()
+
+
+async def _no_body(message: Any) -> None:
+    """Skip FastStream's body decoding: `StreamConsumer` validates entries itself."""
+    return None

@@ -1,0 +1,425 @@
+"""Configuration: one TOML file plus environment overrides, validated at start-up.
+
+Every key of the seed's `portfolio_take_profit` and `trading_fees` sections is
+here with its seed default, plus the sections the services need. A value that
+breaks a rule stops the service with exit code 2 and a message naming the key,
+the value and the rule (`ConfigError`); unknown keys are rejected, because a
+typo such as `min_proft_usd` silently ignored would leave real money guarded by
+a default the trader never chose.
+
+Environment overrides use the prefix `TP_` and `__` between levels, for example
+`TP_REDIS__URL=redis://10.0.0.5:6379/0` or
+`TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD=2.5`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from services.common.contracts import InstrumentType
+from services.common.streams import NAMESPACE_RULE, Names
+
+DEFAULT_FEE_ESTIMATION_BUFFER = 1.1
+FEE_RATE_RULE = "must be a fee rate within [0, 0.01]"
+
+
+def _fee_rate(value: float) -> float:
+    if not 0.0 <= value <= 0.01:
+        raise ValueError(FEE_RATE_RULE)
+    return value
+
+
+def _buffer(value: float) -> float:
+    if value < 1.0:
+        raise ValueError("must be >= 1 (a buffer may only make estimates more cautious)")
+    return value
+
+
+FeeRate = Annotated[float, AfterValidator(_fee_rate)]
+Buffer = Annotated[float, AfterValidator(_buffer)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are an error, numbers must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class PortfolioTakeProfit(Section):
+    """The barriers (seed section `portfolio_take_profit`, seed defaults)."""
+
+    enable_portfolio_tp: bool = True
+    min_profit_usd: Annotated[float, Field(gt=0)] = 1.1
+    profit_after_fees: bool = True
+    check_interval_seconds: Annotated[float, Field(ge=1.0)] = 2.0
+    max_position_age_hours: Annotated[float, Field(gt=0)] = 24.0
+    emergency_close_threshold: Annotated[float, Field(lt=0)] = -10.0
+    partial_profit_threshold: float = 0.5
+    position_correlation_check: bool = True
+    fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
+    partial_close_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    """Share of every position a partial take profit closes; 0 turns it off."""
+    close_before_expiry_minutes: Annotated[float, Field(ge=0.0)] = 30.0
+    trailing_activation_usd: Annotated[float, Field(ge=0.0)] = 0.0
+    """Profit at which the trailing take profit arms; 0 turns it off."""
+    trailing_retrace_usd: Annotated[float, Field(gt=0.0)] = 0.5
+    cooldown_seconds: Annotated[float, Field(ge=0.0)] = 30.0
+    confirm_snapshots: Annotated[int, Field(ge=1)] = 1
+    emergency_stop_when_disabled: bool = True
+    """Keep the emergency stop armed when `enable_portfolio_tp` is false."""
+
+    @model_validator(mode="after")
+    def _ordered_barriers(self) -> PortfolioTakeProfit:
+        if self.partial_profit_threshold >= self.min_profit_usd:
+            raise _RuleError(
+                "partial_profit_threshold",
+                self.partial_profit_threshold,
+                f"must be < min_profit_usd ({self.min_profit_usd})",
+            )
+        return self
+
+
+class FeeRates(Section):
+    """Maker/taker rates for one product or one instrument (fractions, 0.0005 = 5 bps)."""
+
+    maker_fee_rate: FeeRate
+    taker_fee_rate: FeeRate
+
+
+def _published_product_rates() -> dict[InstrumentType, FeeRates]:
+    """Thalex's tier-1 schedule (NOTES.md): futures/perps 1/5 bps, options 2.5 bps."""
+    return {
+        InstrumentType.PERPETUAL: FeeRates(maker_fee_rate=0.0001, taker_fee_rate=0.0005),
+        InstrumentType.FUTURE: FeeRates(maker_fee_rate=0.0001, taker_fee_rate=0.0005),
+        InstrumentType.OPTION: FeeRates(maker_fee_rate=0.00025, taker_fee_rate=0.00025),
+    }
+
+
+class TradingFees(Section):
+    """The fee schedule used to *estimate* trades that have not happened yet.
+
+    Lookup order: `instruments[name]`, then `products[type]`, then the
+    top-level rates. Fees already paid always come from the exchange's trades.
+    """
+
+    maker_fee_rate: FeeRate = 0.0001
+    taker_fee_rate: FeeRate = 0.0005
+    minimum_fee_usd: Annotated[float, Field(ge=0.0)] = 0.0001
+    fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
+    products: dict[InstrumentType, FeeRates] = Field(default_factory=_published_product_rates)
+    instruments: dict[str, FeeRates] = Field(default_factory=dict)
+
+    def rates_for(self, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
+        """The rates that apply to one instrument."""
+        if instrument in self.instruments:
+            return self.instruments[instrument]
+        if instrument_type is not None and instrument_type in self.products:
+            return self.products[instrument_type]
+        return FeeRates(maker_fee_rate=self.maker_fee_rate, taker_fee_rate=self.taker_fee_rate)
+
+
+class Network(StrEnum):
+    TEST = "test"
+    PROD = "prod"
+
+
+WS_URL = re.compile(r"^wss?://[^\s/]+(/\S*)?$")
+
+
+class Thalex(Section):
+    """Where the exchange is, and the read-only key ingest logs in with."""
+
+    network: str = "ws://127.0.0.1:8765/ws/api/v2"
+    """`test`, `prod`, or a websocket URL (the paper exchange)."""
+    key_id: str | None = None
+    private_key_file: Path | None = None
+    account: str | None = None
+
+    @field_validator("network")
+    @classmethod
+    def _known_network(cls, value: str) -> str:
+        if value in (Network.TEST, Network.PROD) or WS_URL.match(value):
+            return value
+        raise ValueError("must be 'test', 'prod' or a ws:// / wss:// URL")
+
+    @property
+    def url(self) -> str:
+        """The websocket URL to connect to."""
+        if self.network == Network.TEST:
+            return "wss://testnet.thalex.com/ws/api/v2"
+        if self.network == Network.PROD:
+            return "wss://thalex.com/ws/api/v2"
+        return self.network
+
+
+class Redis(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "tp"
+    username: str | None = None
+    password_file: Path | None = None
+    """A file (e.g. a Docker secret) holding the ACL password of this service's user."""
+    stream_maxlen: Annotated[int, Field(ge=1000)] = 1_000_000
+    """Approximate cap of every stream (XADD MAXLEN ~)."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not NAMESPACE_RULE.match(value):
+            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        return value
+
+    @property
+    def names(self) -> Names:
+        return Names(self.namespace)
+
+
+class Executor(Section):
+    """The closing hand: the only section that names a trading key."""
+
+    key_id: str | None = None
+    private_key_file: Path | None = None
+    close_price_buffer: Annotated[float, Field(gt=0.0, le=0.2)] = 0.005
+    """How far through the best opposite price a close is priced (0.005 = 0.5%)."""
+    max_close_price_buffer: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
+    """The widest a retry may price through the book."""
+    deadline_seconds: Annotated[float, Field(gt=0.0)] = 30.0
+    dry_run: bool = False
+    cancel_open_orders: bool = True
+    order_rate_per_second: Annotated[float, Field(gt=0.0, le=50.0)] = 45.0
+    """Order messages per second (Thalex allows 50 on a cancel-on-disconnect session)."""
+
+    @model_validator(mode="after")
+    def _buffers_ordered(self) -> Executor:
+        if self.max_close_price_buffer < self.close_price_buffer:
+            raise _RuleError(
+                "max_close_price_buffer",
+                self.max_close_price_buffer,
+                f"must be >= close_price_buffer ({self.close_price_buffer})",
+            )
+        return self
+
+
+class Portfolio(Section):
+    stale_after_seconds: Annotated[float, Field(gt=0.0)] = 10.0
+    """A position whose instrument had no tick for this long is stale."""
+    baseline: Literal["entry", "mark_at_start"] = "entry"
+    """How positions carried into the first epoch are valued."""
+    drift_grace_seconds: Annotated[float, Field(ge=0.0)] = 5.0
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+
+
+class Ingest(Section):
+    watch_list: list[str] = Field(default_factory=list)
+    ticker_delay: Literal["raw", "100ms", "200ms", "500ms", "1000ms", "5000ms", "60000ms"] = "100ms"
+    book_levels: Annotated[int, Field(ge=1, le=50)] = 10
+    unsubscribe_after_flat_seconds: Annotated[float, Field(ge=0.0)] = 300.0
+    idle_timeout_seconds: Annotated[float, Field(gt=0.0)] = 15.0
+    reconnect_max_seconds: Annotated[float, Field(gt=0.0)] = 30.0
+
+
+class Metrics(Section):
+    host: str = "127.0.0.1"
+    ingest_port: Annotated[int, Field(ge=0, le=65535)] = 9101
+    portfolio_port: Annotated[int, Field(ge=0, le=65535)] = 9102
+    takeprofit_port: Annotated[int, Field(ge=0, le=65535)] = 9103
+    executor_port: Annotated[int, Field(ge=0, le=65535)] = 9104
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one guardian."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix="TP_",
+        env_nested_delimiter="__",
+        allow_inf_nan=False,
+        validate_default=True,
+    )
+
+    portfolio_take_profit: PortfolioTakeProfit = Field(default_factory=PortfolioTakeProfit)
+    trading_fees: TradingFees = Field(default_factory=TradingFees)
+    thalex: Thalex = Field(default_factory=Thalex)
+    redis: Redis = Field(default_factory=Redis)
+    executor: Executor = Field(default_factory=Executor)
+    portfolio: Portfolio = Field(default_factory=Portfolio)
+    ingest: Ingest = Field(default_factory=Ingest)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment beats the TOML file; the file beats the defaults."""
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _one_fee_buffer(self) -> Settings:
+        """The seed had `fee_estimation_buffer` in two sections: they must agree.
+
+        One effective value is applied once in `net_after_close`; two different
+        values would leave the trader guessing which one guards the money.
+        """
+        tp_set = "fee_estimation_buffer" in self.portfolio_take_profit.model_fields_set
+        fees_set = "fee_estimation_buffer" in self.trading_fees.model_fields_set
+        tp_value = self.portfolio_take_profit.fee_estimation_buffer
+        fees_value = self.trading_fees.fee_estimation_buffer
+        if tp_set and fees_set and not math.isclose(tp_value, fees_value):
+            raise _RuleError(
+                "trading_fees.fee_estimation_buffer",
+                fees_value,
+                f"must equal portfolio_take_profit.fee_estimation_buffer ({tp_value})",
+            )
+        return self
+
+    @property
+    def fee_estimation_buffer(self) -> float:
+        """The one buffer applied to estimated closing fees."""
+        if "fee_estimation_buffer" in self.trading_fees.model_fields_set:
+            return self.trading_fees.fee_estimation_buffer
+        return self.portfolio_take_profit.fee_estimation_buffer
+
+    @property
+    def names(self) -> Names:
+        return self.redis.names
+
+
+class _RuleError(ValueError):
+    """A rule between keys, carrying the key it blames."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        super().__init__(rule)
+        self.key, self.value, self.rule = key, value, rule
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One broken rule: which key, what value, which rule."""
+
+    key: str
+    value: Any
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value!r}: {self.rule}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; every problem is listed."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem], source: str) -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({source}):\n{lines}")
+
+
+def _problems_from(error: ValidationError) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        ctx_error = (item.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _RuleError):
+            prefix = loc[:-1] if loc and loc[-1] == ctx_error.key else loc
+            key = ".".join(prefix + [ctx_error.key]) if "." not in ctx_error.key else ctx_error.key
+            problems.append(Problem(key, ctx_error.value, ctx_error.rule))
+            continue
+        rule = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            rule = "unknown key (check the spelling; see the README's configuration reference)"
+        elif item["type"] == "missing":
+            rule = "required key is missing"
+        problems.append(Problem(".".join(loc) or "<root>", item.get("input"), rule))
+    return problems
+
+
+def load_config(path: str | Path | None = None) -> Settings:
+    """Read the TOML file (if any), apply `TP_*` environment overrides, validate.
+
+    Raises `ConfigError` listing every problem.
+    """
+    source = str(path) if path else "built-in defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([Problem("--config", str(path), "file does not exist")], source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([Problem("--config", str(path), f"not valid TOML: {exc}")], source) from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc), source) from None
+
+
+def require_key(section: str, key_id: str | None, private_key_file: Path | None) -> tuple[str, str]:
+    """Load a Thalex API key for a service that needs one.
+
+    The private key comes from a file (or Docker secret) only and is returned
+    to the caller, never logged.
+    """
+    problems = []
+    if not key_id:
+        problems.append(Problem(f"{section}.key_id", key_id, "required key is missing"))
+    if private_key_file is None:
+        problems.append(Problem(f"{section}.private_key_file", None, "required key is missing"))
+    elif not private_key_file.is_file():
+        problems.append(Problem(f"{section}.private_key_file", str(private_key_file), "file does not exist"))
+    if problems:
+        raise ConfigError(problems, section)
+    assert key_id is not None and private_key_file is not None
+    return key_id, private_key_file.read_text(encoding="utf-8")
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration, safe to print: passwords in URLs hidden."""
+    data = settings.model_dump(mode="json")
+    data["redis"]["url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", data["redis"]["url"])
+    data["fee_estimation_buffer (effective)"] = settings.fee_estimation_buffer
+    return data
+
+
+__all__ = [
+    "ConfigError",
+    "FeeRates",
+    "Problem",
+    "Settings",
+    "load_config",
+    "redacted",
+    "require_key",
+]

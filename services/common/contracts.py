@@ -1,0 +1,395 @@
+"""The wire contract (v1): one pydantic model per document on the streams.
+
+Every producer builds these models and every consumer validates against them, so a
+wrong sign, a NaN price or a misspelt field is stopped at the edge of a service
+(and dead-lettered) instead of reaching the money math. `docs/streams.md` is the
+human-readable copy of this module; change both together, and bump `v` when a
+field changes meaning.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONTRACT_VERSION = 1
+
+Price = Annotated[float, Field(ge=0.0)]
+"""A price or a mark; zero is legal (an expiring worthless option)."""
+PositiveAmount = Annotated[float, Field(gt=0.0)]
+"""A traded or resting amount: always strictly positive, the side gives the sign."""
+Timestamp = Annotated[float, Field(ge=0.0)]
+"""Unix seconds (float)."""
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+BookLevel = tuple[Price, PositiveAmount]
+"""One price level of a book side: `[price, amount]`."""
+
+
+class Document(BaseModel):
+    """Base of every wire document: strict, finite, versioned."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        frozen=True,
+        str_strip_whitespace=True,
+    )
+
+    v: Literal[1] = CONTRACT_VERSION
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+class Liquidity(StrEnum):
+    MAKER = "maker"
+    TAKER = "taker"
+
+
+class TradeType(StrEnum):
+    """Thalex `Trade.trade_type` (api.yaml)."""
+
+    NORMAL = "normal"
+    BLOCK = "block"
+    COMBO = "combo"
+    AMEND = "amend"
+    DELETE = "delete"
+    INTERNAL_TRANSFER = "internal_transfer"
+    EXPIRATION = "expiration"
+    DAILY_MARK = "daily_mark"
+    RFQ = "rfq"
+    LIQUIDATION = "liquidation"
+
+
+class InstrumentType(StrEnum):
+    """Thalex `Instrument.type` (api.yaml)."""
+
+    PERPETUAL = "perpetual"
+    FUTURE = "future"
+    OPTION = "option"
+    COMBINATION = "combination"
+
+
+class Fill(Document):
+    """`tp:fills`: one account trade, exactly one entry per Thalex `trade_id`."""
+
+    trade_id: NonEmptyStr
+    order_id: NonEmptyStr
+    client_order_id: int | None = None
+    instrument: NonEmptyStr
+    side: Side
+    price: Price
+    amount: PositiveAmount
+    fee: float
+    """USD actually charged by the exchange; a rebate is negative."""
+    fee_rate: float | None = None
+    liquidity: Liquidity | None = None
+    position_after: float | None = None
+    funding_mark: float | None = None
+    label: str | None = None
+    trade_type: TradeType = TradeType.NORMAL
+    exchange_ts: Timestamp
+    ingest_ts: Timestamp
+
+    @property
+    def signed_amount(self) -> float:
+        """The change of position this fill causes: + for buys, - for sells."""
+        return self.amount if self.side is Side.BUY else -self.amount
+
+
+class Tick(Document):
+    """`tp:ticks`: the latest prices of one instrument.
+
+    `bids`/`asks` carry the top levels (best first) for instruments with a
+    position, so the portfolio can price the real cost of closing into the book.
+    """
+
+    instrument: NonEmptyStr
+    mark: Price
+    best_bid: Price | None = None
+    best_ask: Price | None = None
+    bids: list[BookLevel] | None = None
+    asks: list[BookLevel] | None = None
+    index: Price | None = None
+    funding_mark: float | None = None
+    exchange_ts: Timestamp
+    ingest_ts: Timestamp
+
+    @model_validator(mode="after")
+    def _levels_best_first(self) -> Tick:
+        if self.bids and any(a[0] < b[0] for a, b in zip(self.bids, self.bids[1:])):
+            raise ValueError("bids must be sorted best (highest) first")
+        if self.asks and any(a[0] > b[0] for a, b in zip(self.asks, self.asks[1:])):
+            raise ValueError("asks must be sorted best (lowest) first")
+        return self
+
+
+class ExchangePosition(BaseModel):
+    """One entry of the exchange's own portfolio view (Thalex `PortfolioEntry`)."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    position: float
+    mark_price: Price
+    average_price: Price
+    realised_pnl: float = 0.0
+    unrealised_pnl: float = 0.0
+    unrealised_perpetual_funding: float | None = None
+    perpetual_funding_entry_value: float | None = None
+
+
+class Positions(Document):
+    """`tp:positions`: the exchange's portfolio, published for reconciliation."""
+
+    positions: list[ExchangePosition]
+    exchange_ts: Timestamp
+    ingest_ts: Timestamp
+
+
+class InstrumentInfo(Document):
+    """A value of the `tp:instruments` hash (field = instrument name)."""
+
+    type: InstrumentType
+    product: NonEmptyStr
+    underlying: NonEmptyStr
+    tick_size: PositiveAmount
+    volume_tick_size: PositiveAmount
+    min_order_amount: PositiveAmount
+    expiry_ts: Timestamp | None = None
+
+    @model_validator(mode="after")
+    def _min_amount_covers_tick(self) -> InstrumentInfo:
+        if self.min_order_amount < self.volume_tick_size:
+            raise ValueError("min_order_amount must be >= volume_tick_size")
+        return self
+
+
+class ExitPriceSource(StrEnum):
+    """Where a position's exit price came from, best evidence first."""
+
+    BOOK = "book"
+    """Walked the book levels the tick carried for the position's size."""
+    TOP_OF_BOOK = "top_of_book"
+    """No depth known: best bid (longs) / best ask (shorts)."""
+    MARK = "mark"
+    """The side a close would hit was empty: valued at mark, flagged."""
+
+
+class SnapshotPosition(BaseModel):
+    """One instrument in a portfolio snapshot."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    position: float
+    avg_entry: Price
+    mark: Price
+    exit_price: Price
+    exit_price_source: ExitPriceSource = ExitPriceSource.MARK
+    realized_pnl: float
+    unrealized_pnl: float
+    funding_pnl: float
+    fees_paid: float
+    est_close_fee: float
+    est_slippage: float = 0.0
+    opened_ts: Timestamp | None = None
+    underlying: str | None = None
+    instrument_type: InstrumentType | None = None
+    expiry_ts: Timestamp | None = None
+
+
+class Drift(BaseModel):
+    """A position on which the ledger and the exchange disagree past the grace period."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    ledger_position: float
+    exchange_position: float
+    since: Timestamp
+
+
+class Snapshot(Document):
+    """`tp:snapshots`: the fee-aware P&L of the whole account in the current epoch."""
+
+    seq: Annotated[int, Field(ge=0)]
+    epoch: Annotated[int, Field(ge=0)]
+    ts: Timestamp
+    positions: list[SnapshotPosition]
+    realized_pnl: float
+    unrealized_pnl: float
+    funding_pnl: float
+    fees_paid: float
+    est_close_fees: float
+    est_slippage: float
+    gross_pnl: float
+    net_pnl: float
+    net_after_close: float
+    oldest_position_ts: Timestamp | None = None
+    stale_instruments: list[str] = Field(default_factory=list)
+    drift: list[Drift] = Field(default_factory=list)
+    last_input_ts: Timestamp | None = None
+    """`ingest_ts` of the newest input folded into this snapshot (for latency)."""
+
+
+class CloseReason(StrEnum):
+    TAKE_PROFIT = "take_profit"
+    PARTIAL_TAKE_PROFIT = "partial_take_profit"
+    EMERGENCY_STOP = "emergency_stop"
+    MAX_AGE = "max_age"
+    TRAILING_STOP = "trailing_stop"
+    MANUAL = "manual"
+
+
+class PositionToClose(BaseModel):
+    """A position a command closes: `amount` is signed like the position it closes."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    amount: float
+
+    @model_validator(mode="after")
+    def _nonzero(self) -> PositionToClose:
+        if self.amount == 0:
+            raise ValueError("amount must not be zero (nothing to close)")
+        return self
+
+
+class HedgeGroup(BaseModel):
+    """Legs on one underlying that must be unwound together."""
+
+    model_config = Document.model_config
+
+    underlying: NonEmptyStr
+    instruments: list[NonEmptyStr]
+
+
+class Command(Document):
+    """`tp:commands`: close `fraction` of the listed positions, at most once."""
+
+    command_id: NonEmptyStr
+    epoch: Annotated[int, Field(ge=0)]
+    reason: CloseReason
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    positions: list[PositionToClose]
+    groups: list[HedgeGroup] | None = None
+    snapshot_seq: Annotated[int, Field(ge=0)]
+    net_pnl: float
+    """The figure that triggered the decision (e.g. `net_after_close`)."""
+    threshold: float
+    created_ts: Timestamp
+    deadline_ts: Timestamp
+
+    @model_validator(mode="after")
+    def _deadline_after_creation(self) -> Command:
+        if self.deadline_ts <= self.created_ts:
+            raise ValueError("deadline_ts must be after created_ts")
+        return self
+
+
+class ReportStatus(StrEnum):
+    RECEIVED = "received"
+    ORDERS_CANCELLED = "orders_cancelled"
+    ORDER_SENT = "order_sent"
+    FILLED = "filled"
+    PARTIALLY_FILLED = "partially_filled"
+    FAILED = "failed"
+    COMPLETED = "completed"
+    DUPLICATE = "duplicate"
+    DRY_RUN = "dry_run"
+
+
+class ExchangeError(BaseModel):
+    """An error as Thalex reports it (`error: {code, message}`)."""
+
+    model_config = Document.model_config
+
+    code: int
+    message: str
+
+
+class PlannedOrder(BaseModel):
+    """An order the executor sent, or would send in a dry run."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    side: Side
+    amount: PositiveAmount
+    price: Price
+    label: Annotated[str, Field(max_length=32)]
+    reduce_only: bool = True
+
+
+class Report(Document):
+    """`tp:reports`: one step of executing a command."""
+
+    command_id: NonEmptyStr
+    status: ReportStatus
+    epoch: Annotated[int, Field(ge=0)] | None = None
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    instrument: str | None = None
+    order_id: str | None = None
+    label: Annotated[str, Field(max_length=32)] | None = None
+    amount: PositiveAmount | None = None
+    filled: Annotated[float, Field(ge=0.0)] | None = None
+    avg_price: Price | None = None
+    fee: float | None = None
+    error: ExchangeError | None = None
+    orders: list[PlannedOrder] | None = None
+    ts: Timestamp
+
+
+class ControlAction(StrEnum):
+    HALT = "halt"
+    RESUME = "resume"
+    CLOSE_ALL = "close_all"
+
+
+class Control(Document):
+    """`tp:control`: an operator's instruction."""
+
+    action: ControlAction
+    by: NonEmptyStr
+    ts: Timestamp
+
+
+class Halt(Document):
+    """The `tp:halt` hash: quoters stand down while it exists.
+
+    `until` is absent for an operator halt (held until `resume`).
+    """
+
+    reason: NonEmptyStr
+    command_id: str | None = None
+    since: Timestamp
+    until: Timestamp | None = None
+
+
+class HaltAck(Document):
+    """A value of the `tp:halt:acks` hash (field = quoter name)."""
+
+    command_id: str | None = None
+    ts: Timestamp
+
+
+class DeadLetter(Document):
+    """`tp:deadletter`: an input that could not be used, kept with the reason."""
+
+    service: NonEmptyStr
+    source_stream: NonEmptyStr
+    entry_id: str
+    raw: str
+    error: NonEmptyStr
+    ts: Timestamp
+
+
+StreamDocument: TypeAlias = (
+    Fill | Tick | Positions | Snapshot | Command | Report | Control | DeadLetter
+)

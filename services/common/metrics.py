@@ -1,0 +1,23 @@
+"""Prometheus metrics shared by every service (one process-wide registry).
+
+Service-specific metrics live in each service's `app.py`; what is declared here
+is what the common machinery itself counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+BUS_DEADLETTERS = Counter(
+    "tp_deadletters_total", "Inputs written to tp:deadletter", ["service", "stream"]
+)
+BUS_CLAIMED = Counter(
+    "tp_bus_claimed_entries_total",
+    "Pending entries re-claimed from a dead consumer or a failed handler",
+    ["service", "stream"],
+)
+BUS_HANDLER_FAILURES = Counter(
+    "tp_bus_handler_failures_total",
+    "Batches whose handler raised; their entries stay pending for redelivery",
+    ["service", "stream"],
+)

