@@ -1,0 +1,1 @@
+"""Thalex-compatible paper exchange: see docs/paper.md."""
