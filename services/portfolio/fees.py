@@ -1,0 +1,60 @@
+"""Fee estimates from the configured schedule.
+
+Fees already paid come from the exchange's trades; the schedule only estimates
+what has not been reported or has not happened yet (the close).
+
+Fee base (the USD notional a rate applies to):
+
+* perpetuals, futures, combinations, and instruments whose type is not known
+  yet: size x the trade price — for a close, the exit price walked from the
+  book, because that is the price the closing trade will print at;
+* options: Thalex charges option fees (2.5 bps) on the underlying, so size x
+  the underlying `index` when the tick carries it; otherwise size x the
+  option's own price (the mark for a close, the trade price for a past fill).
+  That premium notional is far smaller than the underlying notional, so the
+  fallback under-estimates: it is the best evidence available, and the reason
+  ingest should carry `index` on option ticks. No premium cap is applied: a
+  cap would only lower the estimate, and an estimate of a cost should err high.
+
+Every estimate is at least `minimum_fee_usd` (per trade; per position closed).
+"""
+
+from __future__ import annotations
+
+from services.common.contracts import InstrumentType, Liquidity
+
+
+def close_fee_base(
+    size: float,
+    exit_price: float,
+    mark: float,
+    instrument_type: InstrumentType | None,
+    index: float | None,
+) -> float:
+    """The notional a close of `size` (> 0) pays its fee on."""
+    if instrument_type is InstrumentType.OPTION:
+        return size * (index if index is not None else mark)
+    return size * exit_price
+
+
+def trade_fee_base(
+    amount: float,
+    price: float,
+    instrument_type: InstrumentType | None,
+    index: float | None,
+) -> float:
+    """The notional a past trade of `amount` at `price` paid its fee on."""
+    if instrument_type is InstrumentType.OPTION and index is not None:
+        return amount * index
+    return amount * price
+
+
+def estimated_fee(base: float, rate: float, minimum_fee_usd: float) -> float:
+    """A fee on `base` at `rate`, never below the exchange's minimum."""
+    fee = base * rate
+    return max(minimum_fee_usd, fee)
+
+
+def rate_for_liquidity(liquidity: Liquidity | None, maker_rate: float, taker_rate: float) -> float:
+    """The rate a past trade most likely paid: maker if it says so, else taker (the cautious guess)."""
+    return maker_rate if liquidity is Liquidity.MAKER else taker_rate
