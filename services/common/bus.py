@@ -165,6 +165,8 @@ class Bus:
                                   **credentials)
         self.redis: Redis = Redis.from_url(url, **credentials)
         self.consumers: list[StreamConsumer[Any]] = []
+        self.before_start: list[Callable[[], Awaitable[None]]] = []
+        """Run after connecting, before any entry is handled (e.g. load a checkpoint)."""
 
     async def publish(self, stream: str, doc: Document, pipe: Pipeline | None = None) -> None:
         """XADD `doc` as plain JSON (approximately capped); into `pipe` when given."""
@@ -201,6 +203,8 @@ class Bus:
         """Connect, recover every consumer's pending entries, then read new ones."""
         await self.redis.ping()
         await self.broker.connect()
+        for hook in self.before_start:
+            await hook()
         for sc in self.consumers:
             await sc.ensure_group()
             await sc.recover_own_pending()  # before the reader starts: old entries first
@@ -230,7 +234,8 @@ class StreamConsumer(Generic[M]):
     claim_idle_seconds: float = 30.0
     claim_interval_seconds: float = 5.0
     block_ms: int = 100
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises handling; pass one lock to several consumers that share state."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _subscriber: Any = field(default=None, init=False)
 
@@ -241,6 +246,11 @@ class StreamConsumer(Generic[M]):
             stream=sub, ack_policy=AckPolicy.MANUAL, decoder=_no_body,
         )
         self._subscriber(self._on_new_entries)
+
+    @property
+    def is_consuming(self) -> bool:
+        """The reader runs and the claimer is alive (for the health endpoint)."""
+        return bool(self._subscriber.running) and all(not t.done() for t in self._tasks)
 
     async def ensure_group(self) -> None:
         """Create the group at the start of the stream (never `$`)."""
@@ -275,7 +285,7 @@ class StreamConsumer(Generic[M]):
         Returns False when the handler failed (entries stay pending, to be
         re-claimed later).
         """
-        async with self._lock:
+        async with self.lock:
             good: list[Delivery[M]] = []
             letters: list[tuple[str, str, str]] = []
             for entry_id, fields in entries:

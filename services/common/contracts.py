@@ -393,3 +393,18 @@ class DeadLetter(Document):
 StreamDocument: TypeAlias = (
     Fill | Tick | Positions | Snapshot | Command | Report | Control | DeadLetter
 )
+
+
+def halt_to_hash(halt: Halt) -> dict[str, str]:
+    """`tp:halt` is a hash so quoters can read it with one HGETALL: one field per key."""
+    return {key: str(value) for key, value in halt.model_dump(mode="json", exclude_none=True).items()}
+
+
+def halt_from_hash(raw: dict[bytes, bytes] | dict[str, str]) -> Halt | None:
+    """Read the `tp:halt` hash back; None when no halt is set."""
+    if not raw:
+        return None
+    fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+              for k, v in raw.items()}
+    fields["v"] = int(fields.get("v", CONTRACT_VERSION))  # type: ignore[assignment]
+    return Halt.model_validate(fields)
