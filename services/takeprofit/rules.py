@@ -1,0 +1,786 @@
+"""The take-profit rules engine: when to close the portfolio, and how much — pure and explainable.
+
+No Redis, no asyncio, no clock: every call takes `now`. The shell (`app.py`)
+feeds the engine snapshots, timer ticks, operator controls and the executor's
+outcome, publishes the `Command` built from each `Decision`, holds the closure
+lease in Redis and checkpoints `to_state()` so that a restart never issues a
+second command for the same trigger.
+
+Barriers, in priority order (the first that holds decides; one decision per call)
+----------------------------------------------------------------------------------
+1. **Emergency stop** — `net_after_close <= emergency_close_threshold`. Full close.
+2. **Time limit** — the oldest position is at least `max_position_age_hours` old,
+   or a dated instrument (future, option) is within `close_before_expiry_minutes`
+   of its expiry (0 turns the expiry rule off). Full close, reason `max_age`.
+3. **Take profit** — the profit figure `>= min_profit_usd`. The profit figure is
+   `net_after_close`, or `net_pnl` when `profit_after_fees` is false. Full close.
+4. **Trailing take profit** (`trailing_activation_usd > 0`) — arms once the
+   profit figure reaches the activation, follows its peak, and closes everything
+   when the figure falls to `peak - trailing_retrace_usd`. Take profit outranks
+   it, so it guards profits that have not (yet) reached `min_profit_usd`.
+5. **Partial take profit** (`partial_close_fraction > 0`) — the profit figure
+   `>= partial_profit_threshold` closes `partial_close_fraction` of every
+   position, once per epoch (the attempt counts, even if the executor fails).
+
+Guards, checked in this order before any barrier
+------------------------------------------------
+* **Order** — a snapshot that is not newer than the last one seen (its
+  `(epoch, seq)` not greater, or its `ts` earlier) is ignored and changes nothing:
+  a redelivery must neither decide twice nor count twice towards confirmation.
+* **Nothing to close** — no open position, no decision.
+* **Epoch closed** — once a full closure of the epoch completed, that epoch's
+  later snapshots only lag behind the executor; the portfolio opens the next one.
+* **One closure in flight** — never bypassed, not by the emergency stop, not by
+  `close_all`. The engine's own state *or* the shell's view of the Redis lease
+  (`External.closure_in_flight`) is enough to refuse.
+* **Cool-down** (`cooldown_seconds` after a closure finishes) — blocks every
+  automatic barrier, the emergency stop included: it is the only brake between a
+  closure the exchange keeps rejecting and a retry storm, and it is short.
+  `close_all` ignores it (the operator asked).
+* **Operator halt** — no automatic decision until `resume`, *except the emergency
+  stop*: a halt pauses profit-taking, it must not silently remove the loss
+  protection (pass `emergency_when_halted=False` to make a halt total). The
+  decision says it overrode the halt. `close_all` still fires.
+* **Stale prices** — no decision while any open position's instrument is in
+  `snapshot.stale_instruments`, except the emergency stop and `close_all`, which
+  decide on the last known prices and say so (`Decision.stale_instruments`).
+* **`enable_portfolio_tp = false`** — disables the three profit barriers. The
+  emergency stop stays armed unless `emergency_stop_when_disabled = false`; the
+  time limit is a risk barrier, not a profit barrier, and stays armed.
+* **Confirmation** — a profit barrier must hold on `confirm_snapshots`
+  consecutive fresh snapshots (hysteresis against a one-tick spike). A snapshot
+  with stale prices breaks the run. While a higher-priority profit barrier is
+  still confirming, lower ones wait: the higher one would supersede them.
+
+Timer ticks (`on_timer`) re-evaluate only the time limit on the last snapshot:
+time passes without snapshots, money does not move without them.
+
+Money comparisons allow `MONEY_EPSILON` (a billionth of a dollar) of float
+noise, so a figure summed to 1.0999999999999999 meets a 1.10 target while
+1.0999999 does not. Times compare exactly.
+
+State machine (`GuardState`, see `RulesEngine.state`)
+------------------------------------------------------
+    IDLE ──barrier holds, unconfirmed──► CONFIRMING ──lapses──► IDLE
+    IDLE / CONFIRMING ──decision──► CLOSURE_IN_FLIGHT
+    CLOSURE_IN_FLIGHT ──on_closure_finished──► COOLDOWN ──now >= until──► IDLE
+    any ──halt──► OPERATOR_HALT ──resume──► whichever of the above still applies
+
+The state is derived from the data each state needs (the in-flight decision,
+the cool-down deadline, the operator halt, the confirmation counts) with the
+precedence OPERATOR_HALT > CLOSURE_IN_FLIGHT > COOLDOWN > CONFIRMING > IDLE, so
+it can never disagree with that data.
+
+Command ids are deterministic: `e{epoch}-{reason}-s{snapshot_seq}-n{n}`, `n`
+counting the decisions of the epoch. A snapshot redelivered after a crash that
+lost the checkpoint reproduces the same id (the executor is idempotent per id);
+a retry after a failed closure gets a new `n`, so it is never taken for a
+duplicate even when it is decided on the same snapshot (timer ticks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.config import PortfolioTakeProfit
+from services.common.contracts import (
+    CloseReason,
+    Command,
+    Control,
+    ControlAction,
+    Halt,
+    HedgeGroup,
+    InstrumentType,
+    PositionToClose,
+    Snapshot,
+    SnapshotPosition,
+)
+
+STATE_VERSION = 1
+MONEY_EPSILON = 1e-9
+"""USD of float noise tolerated when comparing a money figure with its barrier."""
+_TICK_EPSILON = 1e-9
+"""Steps of float noise tolerated when rounding an amount down to the volume tick."""
+OPERATOR_HALT_REASON = "operator_halt"
+
+_PROFIT_BARRIERS = (CloseReason.TAKE_PROFIT, CloseReason.TRAILING_STOP, CloseReason.PARTIAL_TAKE_PROFIT)
+
+
+class GuardState(StrEnum):
+    """Where the engine stands between two decisions (see the module docstring)."""
+
+    IDLE = "idle"
+    CONFIRMING = "confirming"
+    CLOSURE_IN_FLIGHT = "closure_in_flight"
+    COOLDOWN = "cooldown"
+    OPERATOR_HALT = "operator_halt"
+
+
+class Skip(StrEnum):
+    """Why an evaluation produced no decision (for logs and a metrics label)."""
+
+    OUT_OF_ORDER = "out_of_order"
+    NO_SNAPSHOT = "no_snapshot"
+    NO_POSITIONS = "no_positions"
+    EPOCH_CLOSED = "epoch_closed"
+    CLOSURE_IN_FLIGHT = "closure_in_flight"
+    COOLDOWN = "cooldown"
+    OPERATOR_HALT = "operator_halt"
+    STALE_PRICES = "stale_prices"
+    CONFIRMING = "confirming"
+    NO_BARRIER = "no_barrier"
+    CONTROL = "control"
+    """A halt or resume was applied; those never decide anything by themselves."""
+
+
+@dataclass(frozen=True, slots=True)
+class External:
+    """What the shell read from Redis just before asking; any of it is enough to refuse.
+
+    The engine keeps its own state, but after a restart whose checkpoint was lost
+    Redis is the only memory of a closure lease, an operator halt or a cool-down.
+    """
+
+    closure_in_flight: bool = False
+    halted: bool = False
+    cooldown_until: float = 0.0
+
+
+NOTHING_EXTERNAL = External()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Decision(_Model):
+    """One decision to close, with everything needed to build, explain and replay its command.
+
+    Self-contained on purpose: kept in the engine's state while in flight, it lets
+    a restarted shell republish the same command without the triggering snapshot.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    command_id: str
+    epoch: int
+    reason: CloseReason
+    fraction: float = Field(gt=0.0, le=1.0)
+    snapshot_seq: int
+    snapshot_ts: float
+    decided_ts: float
+    pnl: float
+    """The P&L figure at the decision (USD): what goes into `Command.net_pnl`."""
+    figure: float
+    """The number compared with the barrier: USD, or seconds for the time limit."""
+    threshold: float
+    """The barrier's value in `unit` (0.0 for a manual close: there is no barrier)."""
+    unit: Literal["usd", "seconds"]
+    positions: tuple[PositionToClose, ...]
+    groups: tuple[HedgeGroup, ...] = ()
+    stale_instruments: tuple[str, ...] = ()
+    """Non-empty when the decision was taken on last known prices (emergency, manual)."""
+    overrode_halt: bool = False
+    sentence: str
+
+
+class _EpochState(_Model):
+    """What one epoch remembers; a new epoch starts from scratch."""
+
+    epoch: int
+    decisions: int = 0
+    closed: bool = False
+    partial_fired: bool = False
+    trailing_peak: float | None = None
+    """None while the trailing take profit is not armed."""
+    confirmations: dict[CloseReason, int] = Field(default_factory=dict)
+
+
+class _OperatorHalt(_Model):
+    by: str
+    since: float
+
+
+class _State(_Model):
+    """The engine's whole memory; `to_state`/`from_state` are its JSON form."""
+
+    version: Literal[1] = STATE_VERSION
+    last_snapshot: Snapshot | None = None
+    epoch: _EpochState | None = None
+    halt: _OperatorHalt | None = None
+    in_flight: Decision | None = None
+    finished: Decision | None = None
+    """The last closure that finished: what the cool-down is about."""
+    cooldown_until: float = 0.0
+
+
+class RulesEngine:
+    """Evaluates the barriers and guards; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        config: PortfolioTakeProfit,
+        *,
+        emergency_when_halted: bool = True,
+    ) -> None:
+        self.config = config
+        self.emergency_when_halted = emergency_when_halted
+        self._s = _State()
+        self.last_skip: Skip | None = None
+        """Why the last call produced no decision; None after a decision."""
+
+    # --- persistence -------------------------------------------------------------------
+
+    def to_state(self) -> dict[str, Any]:
+        """The engine's memory as a JSON-able dict (checkpoint it after every call that changed it)."""
+        return self._s.model_dump(mode="json")
+
+    @classmethod
+    def from_state(
+        cls, config: PortfolioTakeProfit, state: Mapping[str, Any], *, emergency_when_halted: bool = True
+    ) -> RulesEngine:
+        """Rebuild an engine from `to_state()`; the config comes from the current file, not the checkpoint."""
+        engine = cls(config, emergency_when_halted=emergency_when_halted)
+        engine._s = _State.model_validate(state)
+        return engine
+
+    # --- read-only views ---------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> Decision | None:
+        """The decision whose closure runs; republish its command after a restart."""
+        return self._s.in_flight
+
+    @property
+    def last_snapshot(self) -> Snapshot | None:
+        return self._s.last_snapshot
+
+    def state(self, now: float, external: External = NOTHING_EXTERNAL) -> GuardState:
+        """The guard state at `now`, by precedence (module docstring)."""
+        if self._halted(external):
+            return GuardState.OPERATOR_HALT
+        if self._closing(external):
+            return GuardState.CLOSURE_IN_FLIGHT
+        if self._cooling(now, external):
+            return GuardState.COOLDOWN
+        epoch = self._s.epoch
+        if epoch is not None and any(epoch.confirmations.values()):
+            return GuardState.CONFIRMING
+        return GuardState.IDLE
+
+    def halt_document(self, now: float) -> Halt | None:
+        """What `tp:halt` should hold now (quoters stand down while it exists), or None to delete it."""
+        if self._s.halt is not None:
+            return Halt(reason=OPERATOR_HALT_REASON, since=self._s.halt.since)
+        if self._s.in_flight is not None:
+            d = self._s.in_flight
+            return Halt(reason=d.reason, command_id=d.command_id, since=d.decided_ts)
+        if self._cooling(now, NOTHING_EXTERNAL) and self._s.finished is not None:
+            d = self._s.finished
+            return Halt(
+                reason=d.reason, command_id=d.command_id, since=d.decided_ts, until=self._s.cooldown_until
+            )
+        return None
+
+    def distances(self, now: float) -> dict[str, float]:
+        """How far each armed barrier is from firing on the last snapshot; <= 0 means it holds.
+
+        USD for money barriers, seconds for `max_age_seconds` / `expiry_seconds`.
+        `trailing_activation` is reported until the trailing stop arms, then `trailing_stop`.
+        """
+        snap = self._s.last_snapshot
+        if snap is None:
+            return {}
+        cfg = self.config
+        figure = self._profit_figure(snap)
+        out: dict[str, float] = {}
+        if self._emergency_armed():
+            out["emergency_stop"] = snap.net_after_close - cfg.emergency_close_threshold
+        oldest = _oldest_ts(snap)
+        if oldest is not None:
+            out["max_age_seconds"] = cfg.max_position_age_hours * 3600.0 - (now - oldest)
+        expiry = _soonest_expiry(snap)
+        if expiry is not None and cfg.close_before_expiry_minutes > 0:
+            out["expiry_seconds"] = expiry[1] - now - cfg.close_before_expiry_minutes * 60.0
+        if cfg.enable_portfolio_tp:
+            out["take_profit"] = cfg.min_profit_usd - figure
+            epoch = self._s.epoch
+            if cfg.trailing_activation_usd > 0:
+                peak = epoch.trailing_peak if epoch else None
+                if peak is None:
+                    out["trailing_activation"] = cfg.trailing_activation_usd - figure
+                else:
+                    out["trailing_stop"] = figure - (peak - cfg.trailing_retrace_usd)
+            if cfg.partial_close_fraction > 0 and not (epoch and epoch.partial_fired):
+                out["partial_take_profit"] = cfg.partial_profit_threshold - figure
+        return out
+
+    # --- inputs ------------------------------------------------------------------------
+
+    def on_snapshot(
+        self, snapshot: Snapshot, now: float, external: External = NOTHING_EXTERNAL
+    ) -> Decision | None:
+        """Evaluate every barrier on a new snapshot; a returned decision is already in flight."""
+        last = self._s.last_snapshot
+        if last is not None and (
+            (snapshot.epoch, snapshot.seq) <= (last.epoch, last.seq) or snapshot.ts < last.ts
+        ):
+            return self._skip(Skip.OUT_OF_ORDER)
+        if self._s.epoch is None or snapshot.epoch > self._s.epoch.epoch:
+            self._s.epoch = _EpochState(epoch=snapshot.epoch)
+        self._s.last_snapshot = snapshot
+        stale = _stale_positions(snapshot)
+        self._track(snapshot, fresh=not stale)
+        return self._evaluate(snapshot, now, external, stale, timer=False)
+
+    def on_timer(self, now: float, external: External = NOTHING_EXTERNAL) -> Decision | None:
+        """Every `check_interval_seconds` without a snapshot: re-evaluate the time limit at `now`."""
+        snap = self._s.last_snapshot
+        if snap is None:
+            return self._skip(Skip.NO_SNAPSHOT)
+        return self._evaluate(snap, now, external, _stale_positions(snap), timer=True)
+
+    def on_control(
+        self, control: Control, now: float, external: External = NOTHING_EXTERNAL
+    ) -> Decision | None:
+        """Apply an operator action; only `close_all` can return a decision (reason `manual`).
+
+        `close_all` fires regardless of the barriers, the cool-down, an operator
+        halt and stale prices, but never while a closure is in flight, on a closed
+        epoch, or with nothing to close: it is refused (see `last_skip`), not queued.
+        """
+        if control.action is ControlAction.HALT:
+            if self._s.halt is None:
+                self._s.halt = _OperatorHalt(by=control.by, since=now)
+            return self._skip(Skip.CONTROL)
+        if control.action is ControlAction.RESUME:
+            self._s.halt = None
+            return self._skip(Skip.CONTROL)
+        snap = self._s.last_snapshot
+        if snap is None:
+            return self._skip(Skip.NO_SNAPSHOT)
+        refusal = self._hard_refusal(snap, external)
+        if refusal is not None:
+            return self._skip(refusal)
+        pnl = self._profit_figure(snap)
+        stale = _stale_positions(snap)
+        sentence = f"manual close_all by {control.by}: closing every position at P&L {_usd(pnl)}"
+        return self._decide(
+            snap,
+            now,
+            CloseReason.MANUAL,
+            1.0,
+            pnl=pnl,
+            figure=pnl,
+            threshold=0.0,
+            unit="usd",
+            sentence=sentence,
+            stale=stale,
+        )
+
+    def on_closure_finished(self, command_id: str, *, completed: bool, now: float) -> bool:
+        """The executor reported `completed` or `failed` (or the shell gave up on the lease).
+
+        Starts the cool-down. A completed full closure ends the epoch: nothing more
+        is decided on its snapshots. Returns False (and changes nothing) when
+        `command_id` is not the closure in flight — a stale or foreign report.
+        """
+        decision = self._s.in_flight
+        if decision is None or decision.command_id != command_id:
+            return False
+        self._s.in_flight = None
+        self._s.finished = decision
+        self._s.cooldown_until = now + self.config.cooldown_seconds
+        epoch = self._s.epoch
+        if completed and decision.fraction == 1.0 and epoch is not None and epoch.epoch == decision.epoch:
+            epoch.closed = True
+        return True
+
+    # --- the rules ---------------------------------------------------------------------
+
+    def _evaluate(
+        self, snap: Snapshot, now: float, external: External, stale: tuple[str, ...], *, timer: bool
+    ) -> Decision | None:
+        cfg = self.config
+        refusal = self._hard_refusal(snap, external)
+        if refusal is not None:
+            return self._skip(refusal)
+        if self._cooling(now, external):
+            return self._skip(Skip.COOLDOWN)
+        halted = self._halted(external)
+        if (
+            not timer
+            and self._emergency_armed()
+            and _at_or_below(snap.net_after_close, cfg.emergency_close_threshold)
+        ):
+            if halted and not self.emergency_when_halted:
+                return self._skip(Skip.OPERATOR_HALT)
+            sentence = (
+                f"emergency stop: net after close {_usd(snap.net_after_close)} is at or below "
+                f"{_usd(cfg.emergency_close_threshold)}"
+            )
+            return self._decide(
+                snap,
+                now,
+                CloseReason.EMERGENCY_STOP,
+                1.0,
+                pnl=snap.net_after_close,
+                figure=snap.net_after_close,
+                threshold=cfg.emergency_close_threshold,
+                unit="usd",
+                sentence=sentence,
+                stale=stale,
+                overrode_halt=halted,
+            )
+        if halted:
+            return self._skip(Skip.OPERATOR_HALT)
+        if stale:
+            return self._skip(Skip.STALE_PRICES)
+        time_limit = self._time_limit(snap, now)
+        if time_limit is not None:
+            figure, threshold, why = time_limit
+            return self._decide(
+                snap,
+                now,
+                CloseReason.MAX_AGE,
+                1.0,
+                pnl=self._profit_figure(snap),
+                figure=figure,
+                threshold=threshold,
+                unit="seconds",
+                sentence=why,
+            )
+        if timer or not cfg.enable_portfolio_tp:
+            return self._skip(Skip.NO_BARRIER)
+        return self._profit_decision(snap, now)
+
+    def _hard_refusal(self, snap: Snapshot, external: External) -> Skip | None:
+        """The guards nothing bypasses, not even the emergency stop or `close_all`."""
+        if not _open_positions(snap):
+            return Skip.NO_POSITIONS
+        if self._s.epoch is not None and self._s.epoch.closed and self._s.epoch.epoch == snap.epoch:
+            return Skip.EPOCH_CLOSED
+        if self._closing(external):
+            return Skip.CLOSURE_IN_FLIGHT
+        return None
+
+    def _time_limit(self, snap: Snapshot, now: float) -> tuple[float, float, str] | None:
+        """(figure, threshold, sentence) of the time limit if it holds: age first, then expiry."""
+        cfg = self.config
+        oldest = _oldest_ts(snap)
+        limit = cfg.max_position_age_hours * 3600.0
+        if oldest is not None and now - oldest >= limit:
+            age = now - oldest
+            return (
+                age,
+                limit,
+                (
+                    f"time limit: oldest position is {age / 3600.0:.2f} h old, "
+                    f"limit {cfg.max_position_age_hours:g} h"
+                ),
+            )
+        window = cfg.close_before_expiry_minutes * 60.0
+        expiry = _soonest_expiry(snap)
+        if window > 0 and expiry is not None and expiry[1] - now <= window:
+            instrument, expiry_ts = expiry
+            remaining = expiry_ts - now
+            return (
+                remaining,
+                window,
+                (
+                    f"time limit: {instrument} expires in {remaining / 60.0:.1f} min, "
+                    f"closing {cfg.close_before_expiry_minutes:g} min before expiry"
+                ),
+            )
+        return None
+
+    def _track(self, snap: Snapshot, *, fresh: bool) -> None:
+        """Update the trailing peak and the confirmation runs; stale prices prove nothing."""
+        epoch = self._s.epoch
+        assert epoch is not None
+        if not fresh:
+            epoch.confirmations.clear()
+            return
+        cfg = self.config
+        figure = self._profit_figure(snap)
+        if cfg.trailing_activation_usd > 0 and cfg.enable_portfolio_tp:
+            if epoch.trailing_peak is not None:
+                epoch.trailing_peak = max(epoch.trailing_peak, figure)
+            elif _at_or_above(figure, cfg.trailing_activation_usd):
+                epoch.trailing_peak = figure
+        for reason in _PROFIT_BARRIERS:
+            held = self._profit_barrier(reason, figure) is not None
+            epoch.confirmations[reason] = epoch.confirmations.get(reason, 0) + 1 if held else 0
+        epoch.confirmations = {r: n for r, n in epoch.confirmations.items() if n}
+
+    def _profit_barrier(self, reason: CloseReason, figure: float) -> float | None:
+        """The threshold of a profit barrier if it holds at `figure`, else None."""
+        cfg = self.config
+        epoch = self._s.epoch
+        if not cfg.enable_portfolio_tp or epoch is None:
+            return None
+        if reason is CloseReason.TAKE_PROFIT:
+            return cfg.min_profit_usd if _at_or_above(figure, cfg.min_profit_usd) else None
+        if reason is CloseReason.TRAILING_STOP:
+            if epoch.trailing_peak is None:
+                return None
+            stop = epoch.trailing_peak - cfg.trailing_retrace_usd
+            return stop if _at_or_below(figure, stop) else None
+        if cfg.partial_close_fraction == 0 or epoch.partial_fired:
+            return None
+        return cfg.partial_profit_threshold if _at_or_above(figure, cfg.partial_profit_threshold) else None
+
+    def _profit_decision(self, snap: Snapshot, now: float) -> Decision | None:
+        epoch = self._s.epoch
+        assert epoch is not None
+        figure = self._profit_figure(snap)
+        label = "net after close" if self.config.profit_after_fees else "net P&L"
+        for reason in _PROFIT_BARRIERS:
+            threshold = self._profit_barrier(reason, figure)
+            if threshold is None:
+                continue
+            run = epoch.confirmations.get(reason, 0)
+            if run < self.config.confirm_snapshots:
+                return self._skip(Skip.CONFIRMING)
+            confirmed = f" (held {run} snapshots)" if self.config.confirm_snapshots > 1 else ""
+            if reason is CloseReason.TAKE_PROFIT:
+                sentence = (
+                    f"take profit: {label} {_usd(figure)} reached the target {_usd(threshold)}{confirmed}"
+                )
+                fraction = 1.0
+            elif reason is CloseReason.TRAILING_STOP:
+                sentence = (
+                    f"trailing take profit: {label} {_usd(figure)} fell back to {_usd(threshold)} "
+                    f"(peak {_usd(threshold + self.config.trailing_retrace_usd)} less "
+                    f"{_usd(self.config.trailing_retrace_usd)}){confirmed}"
+                )
+                fraction = 1.0
+            else:
+                fraction = self.config.partial_close_fraction
+                sentence = (
+                    f"partial take profit: {label} {_usd(figure)} reached {_usd(threshold)} "
+                    f"(once per epoch){confirmed}"
+                )
+                epoch.partial_fired = True
+            return self._decide(
+                snap,
+                now,
+                reason,
+                fraction,
+                pnl=figure,
+                figure=figure,
+                threshold=threshold,
+                unit="usd",
+                sentence=sentence,
+            )
+        return self._skip(Skip.NO_BARRIER)
+
+    def _decide(
+        self,
+        snap: Snapshot,
+        now: float,
+        reason: CloseReason,
+        fraction: float,
+        *,
+        pnl: float,
+        figure: float,
+        threshold: float,
+        unit: Literal["usd", "seconds"],
+        sentence: str,
+        stale: tuple[str, ...] = (),
+        overrode_halt: bool = False,
+    ) -> Decision:
+        """Record a decision: it is in flight from now on, and confirmation starts over."""
+        epoch = self._s.epoch
+        assert epoch is not None
+        epoch.decisions += 1
+        epoch.confirmations.clear()
+        positions = _open_positions(snap)
+        what = "every position" if fraction == 1.0 else f"{fraction:.0%} of every position"
+        notes = [
+            f"{sentence}; closing {what} ({len(positions)}) on snapshot {snap.seq} of epoch {snap.epoch}"
+        ]
+        if stale:
+            notes.append(f"prices of {', '.join(stale)} are stale: decided on the last known prices")
+        if overrode_halt:
+            notes.append("overriding the operator halt: the emergency stop stays armed during a halt")
+        decision = Decision(
+            command_id=f"e{snap.epoch}-{reason}-s{snap.seq}-n{epoch.decisions}",
+            epoch=snap.epoch,
+            reason=reason,
+            fraction=fraction,
+            snapshot_seq=snap.seq,
+            snapshot_ts=snap.ts,
+            decided_ts=now,
+            pnl=pnl,
+            figure=figure,
+            threshold=threshold,
+            unit=unit,
+            positions=tuple(
+                PositionToClose(instrument=p.instrument, amount=p.position * fraction) for p in positions
+            ),
+            groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
+            stale_instruments=stale,
+            overrode_halt=overrode_halt,
+            sentence="; ".join(notes),
+        )
+        self._s.in_flight = decision
+        self.last_skip = None
+        return decision
+
+    # --- small helpers -----------------------------------------------------------------
+
+    def _skip(self, why: Skip) -> None:
+        self.last_skip = why
+
+    def _profit_figure(self, snap: Snapshot) -> float:
+        return snap.net_after_close if self.config.profit_after_fees else snap.net_pnl
+
+    def _emergency_armed(self) -> bool:
+        return self.config.enable_portfolio_tp or self.config.emergency_stop_when_disabled
+
+    def _halted(self, external: External) -> bool:
+        return self._s.halt is not None or external.halted
+
+    def _closing(self, external: External) -> bool:
+        return self._s.in_flight is not None or external.closure_in_flight
+
+    def _cooling(self, now: float, external: External) -> bool:
+        return now < max(self._s.cooldown_until, external.cooldown_until)
+
+
+def build_command(
+    decision: Decision,
+    now: float,
+    deadline_seconds: float,
+    volume_ticks: Mapping[str, float] | None = None,
+) -> Command:
+    """The `tp:commands` document for a decision (pure; `deadline_seconds` is `Executor.deadline_seconds`).
+
+    Amounts are `fraction × position`, signed like the position. With
+    `volume_ticks` (instrument → volume tick), a *partial* close rounds each leg
+    toward zero, so it never closes more than the fraction; a leg that rounds to
+    zero is dropped — and with hedge groups the whole group is kept open instead,
+    so a hedge is never left one-legged. A full close is never rounded: it closes
+    exactly the position. Raises ValueError when rounding leaves nothing to close
+    (the shell then reports the decision finished, not completed).
+    """
+    positions = list(decision.positions)
+    if volume_ticks is not None and decision.fraction < 1.0:
+        positions = _round_legs(positions, decision.groups, volume_ticks)
+        if not positions:
+            raise ValueError(f"{decision.command_id}: every leg rounds to zero at the volume tick")
+    kept = {p.instrument for p in positions}
+    groups = [
+        HedgeGroup(underlying=g.underlying, instruments=[i for i in g.instruments if i in kept])
+        for g in decision.groups
+        if any(i in kept for i in g.instruments)
+    ]
+    return Command(
+        command_id=decision.command_id,
+        epoch=decision.epoch,
+        reason=decision.reason,
+        fraction=decision.fraction,
+        positions=positions,
+        groups=groups or None,
+        snapshot_seq=decision.snapshot_seq,
+        net_pnl=decision.pnl,
+        threshold=decision.threshold,
+        created_ts=now,
+        deadline_ts=now + deadline_seconds,
+    )
+
+
+def _round_legs(
+    positions: list[PositionToClose], groups: Iterable[HedgeGroup], volume_ticks: Mapping[str, float]
+) -> list[PositionToClose]:
+    rounded = {p.instrument: _toward_zero(p.amount, volume_ticks.get(p.instrument)) for p in positions}
+    dropped = {instrument for instrument, amount in rounded.items() if amount == 0.0}
+    for group in groups:
+        if dropped.intersection(group.instruments):
+            dropped.update(group.instruments)
+    return [
+        PositionToClose(instrument=p.instrument, amount=rounded[p.instrument])
+        for p in positions
+        if p.instrument not in dropped
+    ]
+
+
+def _toward_zero(amount: float, tick: float | None) -> float:
+    if not tick:
+        return amount
+    steps = math.floor(abs(amount) / tick + _TICK_EPSILON)
+    return math.copysign(round(steps * tick, 12), amount) if steps else 0.0
+
+
+def _open_positions(snap: Snapshot) -> list[SnapshotPosition]:
+    return [p for p in snap.positions if p.position != 0.0]
+
+
+def _stale_positions(snap: Snapshot) -> tuple[str, ...]:
+    """The open positions whose prices the portfolio flagged as stale (others do not matter)."""
+    stale = set(snap.stale_instruments)
+    return tuple(sorted(p.instrument for p in _open_positions(snap) if p.instrument in stale))
+
+
+def _oldest_ts(snap: Snapshot) -> float | None:
+    if snap.oldest_position_ts is not None:
+        return snap.oldest_position_ts
+    opened = [p.opened_ts for p in _open_positions(snap) if p.opened_ts is not None]
+    return min(opened) if opened else None
+
+
+def _soonest_expiry(snap: Snapshot) -> tuple[str, float] | None:
+    """(instrument, expiry_ts) of the open dated position that expires first."""
+    dated = [
+        (p.expiry_ts, p.instrument)
+        for p in _open_positions(snap)
+        if p.expiry_ts is not None and p.instrument_type is not InstrumentType.PERPETUAL
+    ]
+    if not dated:
+        return None
+    expiry_ts, instrument = min(dated)
+    return instrument, expiry_ts
+
+
+def _hedge_groups(positions: list[SnapshotPosition]) -> tuple[HedgeGroup, ...]:
+    """Legs sharing an underlying (two or more of them); a position without one stands alone."""
+    by_underlying: dict[str, list[str]] = {}
+    for p in positions:
+        if p.underlying is not None:
+            by_underlying.setdefault(p.underlying, []).append(p.instrument)
+    return tuple(
+        HedgeGroup(underlying=u, instruments=legs)
+        for u, legs in sorted(by_underlying.items())
+        if len(legs) > 1
+    )
+
+
+def _at_or_above(figure: float, barrier: float) -> bool:
+    return figure >= barrier - MONEY_EPSILON
+
+
+def _at_or_below(figure: float, barrier: float) -> bool:
+    return figure <= barrier + MONEY_EPSILON
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.4f}" if value >= 0 else f"-${-value:,.4f}"
+
+
+__all__ = [
+    "MONEY_EPSILON",
+    "NOTHING_EXTERNAL",
+    "Decision",
+    "External",
+    "GuardState",
+    "RulesEngine",
+    "Skip",
+    "build_command",
+]

@@ -1,0 +1,237 @@
+"""The take-profit service against a real Redis: one command per trigger, halts, controls, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from services.common.contracts import (
+    Command,
+    Control,
+    ControlAction,
+    Report,
+    ReportStatus,
+    Snapshot,
+    halt_from_hash,
+)
+from services.common.streams import Names
+from services.takeprofit.app import build
+from tests.support import ServiceProcess, eventually, in_process, read_stream, settings_for, write_config, xadd
+from tests.takeprofit.factories import pos, snap
+
+NO_PARTIAL = {"partial_close_fraction": 0.0, "cooldown_seconds": 0.5, "check_interval_seconds": 1.0}
+
+
+def live(seq: int, net_after_close: float, **kwargs: object) -> Snapshot:
+    """A snapshot stamped now, so the time-limit barrier stays quiet."""
+    now = time.time()
+    return snap(seq, net_after_close, ts=now, oldest=now, **kwargs)  # type: ignore[arg-type]
+
+
+async def commands(redis: Redis, names: Names) -> list[Command]:
+    return await read_stream(redis, names.commands, Command)
+
+
+async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        for seq in range(1, 1001):
+            await xadd(redis, names.snapshots, live(seq, 1.25))
+
+        async def all_read() -> bool:
+            info = await redis.xinfo_groups(names.snapshots)
+            return info[0]["pending"] == 0 and info[0]["entries-read"] == 1000
+
+        await eventually(all_read, timeout=30)
+        [command] = await commands(redis, names)
+    assert command.reason == "take_profit" and command.fraction == 1.0
+    assert command.snapshot_seq == 1 and command.net_pnl == 1.25 and command.threshold == 1.1
+    assert [(p.instrument, p.amount) for p in command.positions] == [("BTC-PERPETUAL", 1.0)]
+    assert command.deadline_ts - command.created_ts == 30.0
+    halt = halt_from_hash(await redis.hgetall(names.halt))
+    assert halt is not None and halt.command_id == command.command_id and halt.until is None
+
+
+async def test_target_not_reached_a_cent_below(redis_url: str, names: Names, redis: Redis) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 1.09))
+        await xadd(redis, names.snapshots, live(2, 1.10))
+
+        async def one() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(one)
+    [command] = await commands(redis, names)
+    assert command.snapshot_seq == 2
+
+
+async def test_completed_report_releases_lease_then_cooldown_then_halt_cleared(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 2.0))
+
+        async def decided() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(decided)
+        [command] = await commands(redis, names)
+        assert await redis.exists(names.key("takeprofit:lease"))
+        await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
+                                                epoch=command.epoch, fraction=1.0, ts=time.time()))
+
+        async def cooling() -> bool:
+            halt = halt_from_hash(await redis.hgetall(names.halt))
+            return halt is not None and halt.until is not None and not await redis.exists(names.key("takeprofit:lease"))
+
+        await eventually(cooling)
+
+        async def cleared() -> bool:
+            return not await redis.exists(names.halt)
+
+        await eventually(cleared, timeout=5)  # cool-down 0.5 s, timer every 1 s
+        # the epoch is closed: later snapshots of the same epoch decide nothing
+        await xadd(redis, names.snapshots, live(2, 3.0))
+        await xadd(redis, names.snapshots, live(3, 3.0, epoch=2))
+
+        async def next_epoch() -> bool:
+            return len(await commands(redis, names)) == 2
+
+        await eventually(next_epoch)
+    second = (await commands(redis, names))[1]
+    assert second.epoch == 2 and second.snapshot_seq == 3
+
+
+async def test_failed_report_releases_lease_and_keeps_halt_until_resume(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 2.0))
+
+        async def decided() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(decided)
+        [command] = await commands(redis, names)
+        await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.FAILED,
+                                                epoch=1, fraction=1.0, ts=time.time(),
+                                                error={"code": 41, "message": "insufficient liquidity"}))
+        await eventually(lambda: _lease_gone(redis, names))
+        await asyncio.sleep(1.5)  # longer than the cool-down: the failure still holds quoters down
+        halt = halt_from_hash(await redis.hgetall(names.halt))
+        assert halt is not None and halt.reason == "closure_failed" and halt.command_id == command.command_id
+        await xadd(redis, names.control, Control(action=ControlAction.RESUME, by="op", ts=time.time()))
+
+        async def resumed() -> bool:
+            return not await redis.exists(names.halt)
+
+        await eventually(resumed)
+
+
+async def _lease_gone(redis: Redis, names: Names) -> bool:
+    return not await redis.exists(names.key("takeprofit:lease"))
+
+
+async def test_stale_prices_block_take_profit_but_not_emergency_stop(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 5.0, stale=["BTC-PERPETUAL"]))
+        await xadd(redis, names.snapshots, live(2, -10.0, stale=["BTC-PERPETUAL"]))
+
+        async def decided() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(decided)
+    [command] = await commands(redis, names)
+    assert command.reason == "emergency_stop" and command.snapshot_seq == 2
+
+
+async def test_operator_halt_resume_and_close_all(redis_url: str, names: Names, redis: Redis) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.control, Control(action=ControlAction.HALT, by="op", ts=time.time()))
+
+        async def halted() -> bool:
+            halt = halt_from_hash(await redis.hgetall(names.halt))
+            return halt is not None and halt.reason == "operator_halt"
+
+        await eventually(halted)
+        await xadd(redis, names.snapshots, live(1, 5.0))  # above target, but halted: no command
+        await xadd(redis, names.control, Control(action=ControlAction.RESUME, by="op", ts=time.time()))
+        await eventually(lambda: _no_halt(redis, names))
+        assert await commands(redis, names) == []
+        await xadd(redis, names.control, Control(action=ControlAction.CLOSE_ALL, by="op", ts=time.time()))
+
+        async def manual() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(manual)
+    [command] = await commands(redis, names)
+    assert command.reason == "manual"
+
+
+async def _no_halt(redis: Redis, names: Names) -> bool:
+    return not await redis.exists(names.halt)
+
+
+async def test_partial_take_profit_keeps_hedge_ratio_and_fires_once(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit={"cooldown_seconds": 0.0})
+    legs = [pos("BTC-PERPETUAL", 2.0), pos("BTC-27DEC26-100000-C", -10.0, instrument_type="option")]
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 0.6, positions=legs))
+
+        async def decided() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(decided)
+        [command] = await commands(redis, names)
+        await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
+                                                epoch=1, fraction=0.5, ts=time.time()))
+        await eventually(lambda: _lease_gone(redis, names))
+        await xadd(redis, names.snapshots, live(2, 0.7, positions=legs))
+        await asyncio.sleep(0.3)
+    [command] = await commands(redis, names)
+    assert command.reason == "partial_take_profit" and command.fraction == 0.5
+    assert {p.instrument: p.amount for p in command.positions} == {"BTC-PERPETUAL": 1.0, "BTC-27DEC26-100000-C": -5.0}
+    assert command.groups and command.groups[0].underlying == "BTCUSD"
+
+
+async def test_killed_after_publishing_a_command_and_restarted_makes_no_second_command(
+    redis_url: str, names: Names, redis: Redis, tmp_path: Path
+) -> None:
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    config = write_config(tmp_path / "tp.toml", settings)
+    process = ServiceProcess("takeprofit", config, tmp_path / "takeprofit.log")
+    process.start()
+    try:
+        await xadd(redis, names.snapshots, live(1, 2.0))
+
+        async def decided() -> bool:
+            return len(await commands(redis, names)) == 1
+
+        await eventually(decided, timeout=20)
+        process.kill()
+        for seq in range(2, 12):
+            await xadd(redis, names.snapshots, live(seq, 2.0))
+        process.start()
+
+        async def all_read() -> bool:
+            groups = await redis.xinfo_groups(names.snapshots)
+            return groups[0]["entries-read"] == 11 and groups[0]["pending"] == 0
+
+        await eventually(all_read, timeout=20)
+        assert len(await commands(redis, names)) == 1, process.log()
+    finally:
+        process.stop()
