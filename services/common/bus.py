@@ -172,9 +172,9 @@ class Bus:
         """XADD `doc` as plain JSON (approximately capped); into `pipe` when given."""
         await self.broker.publish(doc, stream=stream, maxlen=self.maxlen, pipeline=pipe)
 
-    def queue_publish(self, pipe: Pipeline, stream: str, doc: Document) -> None:
+    def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
+        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:

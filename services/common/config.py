@@ -180,7 +180,9 @@ class Redis(Section):
     password_file: Path | None = None
     """A file (e.g. a Docker secret) holding the ACL password of this service's user."""
     stream_maxlen: Annotated[int, Field(ge=1000)] = 1_000_000
-    """Approximate cap of every stream (XADD MAXLEN ~)."""
+    """Approximate cap of every stream (XADD MAXLEN ~) but the snapshots."""
+    snapshot_maxlen: Annotated[int, Field(ge=100)] = 10_000
+    """Approximate cap of `tp:snapshots`: each holds every position, and only recent ones matter."""
 
     @field_validator("url")
     @classmethod
@@ -234,6 +236,8 @@ class Portfolio(Section):
     """How positions carried into the first epoch are valued."""
     drift_grace_seconds: Annotated[float, Field(ge=0.0)] = 5.0
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    dedup_window: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+    """Trade ids remembered to refuse a duplicated fill (checkpointed with the ledger)."""
 
 
 class Ingest(Section):

@@ -479,6 +479,10 @@ class Ledger:
 
     # ------------------------------------------------------------------ inputs
 
+    def knows_instrument(self, name: str) -> bool:
+        """Whether metadata (type, ticks, underlying) was given for `name`."""
+        return name in self._instruments
+
     def set_instrument(self, name: str, info: InstrumentInfo) -> None:
         """Register (or update) an instrument's metadata; its fee rates follow its type."""
         self._instruments[name] = info
@@ -627,15 +631,22 @@ class Ledger:
 
     # ------------------------------------------------------------------- state
 
-    def to_state(self) -> dict[str, Any]:
-        """Everything the ledger knows, as plain JSON-able data (floats round-trip exactly)."""
+    def to_state(self, *, with_ticks: bool = True) -> dict[str, Any]:
+        """Everything the ledger knows, as plain JSON-able data (floats round-trip exactly).
+
+        `with_ticks=False` leaves out the latest tick per instrument: the service
+        stores those incrementally (`tick_state`) because they change on every tick
+        while the accounting changes only on fills.
+        """
         return {
             "version": STATE_VERSION,
             "epoch": self._epoch,
             "epoch_started_ts": self._epoch_started_ts,
             "last_input_ts": self._last_input_ts,
             "positions": {n: p.accounting_state() for n, p in self._positions.items()},
-            "ticks": {n: t.model_dump(mode="json", exclude_none=True) for n, t in self._ticks.items()},
+            "ticks": {n: t.model_dump(mode="json", exclude_none=True) for n, t in self._ticks.items()}
+            if with_ticks
+            else {},
             "instruments": {
                 n: i.model_dump(mode="json", exclude_none=True) for n, i in self._instruments.items()
             },

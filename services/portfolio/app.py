@@ -1,0 +1,294 @@
+"""The portfolio service's shell: fills, ticks, positions and reports in; snapshots out.
+
+All money logic is in `ledger.py`. This shell keeps the ledger in Redis in the
+same transaction as the acks of the entries that changed it, so after a kill -9
+the restarted service re-reads exactly the entries the checkpoint lacks and
+its next snapshot equals the one an uninterrupted run would give:
+
+* `<ns>:portfolio:ledger` — the accounting state (positions, epoch, trade ids
+  seen, drift), rewritten when a fill, position report or epoch change alters it;
+* `<ns>:portfolio:ticks` — hash instrument → latest tick, updated only for the
+  instruments a batch touched (ticks are the hot path);
+* `<ns>:portfolio:seq` — the last snapshot sequence number.
+
+Under a burst the bus hands batches (`[portfolio] batch_size`); one snapshot is
+published per batch, with the latest state, so lag stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio.client import Pipeline
+
+from services.common.bus import Bus, Delivery, entry_document
+from services.common.config import Settings
+from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
+from services.common.service import Health, service_main
+from services.portfolio.ledger import (
+    ClosedLeg,
+    FillOutcome,
+    Ledger,
+    LedgerConfig,
+    check_close_cost,
+    estimated_close_cost,
+)
+
+log = logging.getLogger("services.portfolio")
+
+NET_AFTER_CLOSE = Gauge("tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs")
+NET_PNL = Gauge("tp_portfolio_net_pnl_usd", "Net P&L of the epoch (gross minus fees paid)")
+GROSS_PNL = Gauge("tp_portfolio_gross_pnl_usd", "Realised + unrealised + funding P&L of the epoch")
+FEES_PAID = Gauge("tp_portfolio_fees_paid_usd", "Fees the exchange charged in this epoch")
+EST_CLOSE_FEES = Gauge("tp_portfolio_est_close_fees_usd", "Estimated taker fees to close everything (raw)")
+EST_SLIPPAGE = Gauge("tp_portfolio_est_slippage_usd", "Estimated cost of closing into the book against mark")
+EPOCH = Gauge("tp_portfolio_epoch", "Current epoch")
+OPEN_POSITIONS = Gauge("tp_portfolio_open_positions", "Instruments with a non-zero position")
+INSTRUMENT_PNL = Gauge("tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"])
+STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
+SNAPSHOT_LATENCY = Histogram(
+    "tp_portfolio_snapshot_latency_seconds", "From the newest input's ingest_ts to its snapshot being written",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
+)
+BATCH_SIZE = Histogram("tp_portfolio_batch_entries", "Entries folded into one snapshot",
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+DRIFT_EVENTS = Counter("tp_portfolio_drift_events_total", "Positions on which ledger and exchange disagreed",
+                       ["instrument"])
+FILLS = Counter("tp_portfolio_fills_total", "Fills by what the ledger did with them", ["outcome"])
+CLOSE_COST_ERROR = Gauge("tp_portfolio_close_cost_error_usd",
+                         "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)")
+CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last closure: estimated closing cost")
+CLOSE_COST_ACTUAL = Gauge("tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost")
+
+INSTRUMENT_RETRY_SECONDS = 5.0
+
+
+@dataclass
+class _Calibration:
+    """What a closure was expected to cost, and what its fills really cost."""
+
+    estimated: float
+    marks: dict[str, float]
+    signs: dict[str, float]
+    legs: list[ClosedLeg] = field(default_factory=list)
+
+
+class PortfolioService:
+    """Feeds the ledger from the streams and checkpoints it with the acks."""
+
+    def __init__(self, settings: Settings, bus: Bus, consumer_name: str) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.names = settings.names
+        self.ledger_key = self.names.key("portfolio:ledger")
+        self.ticks_key = self.names.key("portfolio:ticks")
+        self.seq_key = self.names.key("portfolio:seq")
+        self.config = LedgerConfig.from_settings(settings, dedup_window=settings.portfolio.dedup_window)
+        self.ledger = Ledger(self.config)
+        self.seq = 0
+        self.last_snapshot: Snapshot | None = None
+        self.unknown_instruments: set[str] = set()
+        self.calibrations: dict[str, _Calibration] = {}
+        lock = asyncio.Lock()
+        batch = settings.portfolio.batch_size
+        for stream, model, handler in (
+            (self.names.fills, Fill, self.on_fills),
+            (self.names.ticks, Tick, self.on_ticks),
+            (self.names.positions, Positions, self.on_positions),
+            (self.names.reports, Report, self.on_reports),
+        ):
+            bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock)
+        self.lock = lock
+
+    async def load(self) -> None:
+        """Restore the checkpoint; on a first start, seed from the exchange's last portfolio."""
+        redis = self.bus.redis
+        raw, ticks, seq = await asyncio.gather(redis.get(self.ledger_key), redis.hgetall(self.ticks_key),
+                                               redis.get(self.seq_key))
+        self.seq = int(seq or 0)
+        if raw:
+            state = json.loads(raw)
+            state["ticks"] = {k.decode(): json.loads(v) for k, v in ticks.items()}
+            self.ledger = Ledger.from_state(state, self.config)
+            log.info("restored ledger: epoch %d, %d positions, snapshot #%d", self.ledger.epoch,
+                     len(state["positions"]), self.seq)
+            return
+        await self._load_instruments(None)
+        latest = await redis.xrevrange(self.names.positions, count=1)
+        if latest:
+            report = Positions.model_validate(entry_document(latest[0][1])[1])
+            self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
+            log.info("first start: seeded %d positions from the exchange (%s)", len(report.positions),
+                     self.settings.portfolio.baseline)
+
+    async def _load_instruments(self, names: set[str] | None) -> None:
+        """Instrument metadata comes from ingest's `tp:instruments` hash."""
+        redis = self.bus.redis
+        if names is None:
+            items = {k.decode(): v for k, v in (await redis.hgetall(self.names.instruments)).items()}
+        else:
+            ordered = sorted(names)
+            items = {n: v for n, v in zip(ordered, await redis.hmget(self.names.instruments, ordered)) if v}
+        for name, value in items.items():
+            self.ledger.set_instrument(name, InstrumentInfo.model_validate_json(value))
+            self.unknown_instruments.discard(name)
+        if names:
+            self.unknown_instruments |= names - set(items)
+
+    async def _know(self, instruments: set[str]) -> None:
+        new = {i for i in instruments if not self.ledger.knows_instrument(i) and i not in self.unknown_instruments}
+        if new:
+            await self._load_instruments(new)
+
+    async def on_ticks(self, batch: list[Delivery[Tick]], pipe: Pipeline) -> None:
+        await self._know({d.doc.instrument for d in batch})
+        changed: dict[str, Tick] = {}
+        for delivery in batch:
+            if self.ledger.apply_tick(delivery.doc):
+                changed[delivery.doc.instrument] = delivery.doc
+        if changed:
+            pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
+        self._publish_snapshot(pipe, len(batch))
+
+    async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
+        await self._know({d.doc.instrument for d in batch})
+        for delivery in batch:
+            outcome = self.ledger.apply_fill(delivery.doc)
+            FILLS.labels(outcome.value).inc()
+            if outcome is FillOutcome.BEFORE_HORIZON:
+                self.bus.queue_deadletter(pipe, self.names.fills, delivery.entry_id, delivery.doc.model_dump_json(),
+                                          "fill older than the de-duplication horizon: refused, "
+                                          "reconciliation with the exchange will heal the position")
+            elif outcome is FillOutcome.DUPLICATE:
+                log.info("duplicate fill %s ignored", delivery.doc.trade_id)
+        self._save_ledger(pipe)
+        self._publish_snapshot(pipe, len(batch))
+
+    async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
+        now = time.time()
+        await self._know({p.instrument for d in batch for p in d.doc.positions})
+        known = {d.instrument for d in (self.last_snapshot.drift if self.last_snapshot else [])}
+        for delivery in batch:
+            for drift in self.ledger.reconcile(delivery.doc, now):
+                if drift.instrument not in known:
+                    known.add(drift.instrument)
+                    DRIFT_EVENTS.labels(drift.instrument).inc()
+                    log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
+                                drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
+        self._save_ledger(pipe)
+        self._publish_snapshot(pipe, len(batch))
+
+    async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
+        now = time.time()
+        for delivery in batch:
+            report = delivery.doc
+            self._calibrate(report)
+            full = report.fraction is None or report.fraction >= 1.0
+            if report.status is ReportStatus.COMPLETED and full:
+                if self.ledger.advance_epoch(now, report.epoch):
+                    log.info("closure %s completed: epoch %d begins", report.command_id, self.ledger.epoch)
+        self._save_ledger(pipe)
+        self._publish_snapshot(pipe, len(batch))
+
+    def _calibrate(self, report: Report) -> None:
+        """Compare what closing was estimated to cost with what the executor's fills cost."""
+        if report.status is ReportStatus.RECEIVED and self.last_snapshot is not None:
+            snap = self.last_snapshot
+            self.calibrations[report.command_id] = _Calibration(
+                estimated=estimated_close_cost(snap, self.config.fee_estimation_buffer),
+                marks={p.instrument: p.mark for p in snap.positions},
+                signs={p.instrument: (1.0 if p.position > 0 else -1.0) for p in snap.positions},
+            )
+            return
+        calibration = self.calibrations.get(report.command_id)
+        if calibration is None:
+            return
+        if report.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED) and report.instrument \
+                and report.filled and report.avg_price is not None and report.instrument in calibration.marks:
+            calibration.legs.append(ClosedLeg(
+                position=report.filled * calibration.signs[report.instrument],
+                mark_at_decision=calibration.marks[report.instrument],
+                avg_price=report.avg_price, fee=report.fee or 0.0))
+        elif report.status in (ReportStatus.COMPLETED, ReportStatus.FAILED):
+            del self.calibrations[report.command_id]
+            if calibration.legs:
+                check = check_close_cost(calibration.estimated, calibration.legs)
+                CLOSE_COST_ESTIMATED.set(check.estimated)
+                CLOSE_COST_ACTUAL.set(check.actual)
+                CLOSE_COST_ERROR.set(check.error)
+                log.info("closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
+                         "fee_estimation_buffer from this", report.command_id, check.actual, check.estimated,
+                         check.error)
+
+    def _save_ledger(self, pipe: Pipeline) -> None:
+        pipe.set(self.ledger_key, json.dumps(self.ledger.to_state(with_ticks=False)))
+
+    def _publish_snapshot(self, pipe: Pipeline, entries: int) -> None:
+        now = time.time()
+        self.seq += 1
+        snapshot = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+        pipe.set(self.seq_key, self.seq)
+        self.bus.queue_publish(pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen)
+        self.last_snapshot = snapshot
+        BATCH_SIZE.observe(entries)
+        if snapshot.last_input_ts is not None:
+            SNAPSHOT_LATENCY.observe(max(0.0, now - snapshot.last_input_ts))
+        self._export(snapshot)
+
+    def _export(self, snap: Snapshot) -> None:
+        NET_AFTER_CLOSE.set(snap.net_after_close)
+        NET_PNL.set(snap.net_pnl)
+        GROSS_PNL.set(snap.gross_pnl)
+        FEES_PAID.set(snap.fees_paid)
+        EST_CLOSE_FEES.set(snap.est_close_fees)
+        EST_SLIPPAGE.set(snap.est_slippage)
+        EPOCH.set(snap.epoch)
+        OPEN_POSITIONS.set(sum(1 for p in snap.positions if p.position != 0))
+        STALE.set(len(snap.stale_instruments))
+        for p in snap.positions:
+            INSTRUMENT_PNL.labels(p.instrument).set(p.realized_pnl + p.unrealized_pnl + p.funding_pnl)
+
+    async def run(self) -> None:
+        """Idle work: a snapshot when prices go stale without input, and late instrument metadata."""
+        interval = min(1.0, self.settings.portfolio.stale_after_seconds / 2)
+        last_retry = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            async with self.lock:
+                now = time.time()
+                learned = False
+                if self.unknown_instruments and now - last_retry > INSTRUMENT_RETRY_SECONDS:
+                    last_retry = now
+                    missing, self.unknown_instruments = set(self.unknown_instruments), set()
+                    await self._load_instruments(missing)
+                    learned = self.unknown_instruments != missing
+                current = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+                stale_changed = self.last_snapshot is None or (
+                    current.stale_instruments != self.last_snapshot.stale_instruments)
+                if learned or (stale_changed and current.positions):
+                    async with self.bus.redis.pipeline(transaction=True) as pipe:
+                        self._publish_snapshot(pipe, 0)
+                        await pipe.execute()
+
+
+class _Runner:
+    def __init__(self, service: PortfolioService) -> None:
+        self.service = service
+
+    async def run(self) -> None:
+        await self.service.run()
+
+
+def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> _Runner:
+    service = PortfolioService(settings, bus, consumer_name)
+    bus.before_start.append(service.load)
+    return _Runner(service)
+
+
+def main(argv: list[str]) -> int:
+    return service_main("portfolio", argv, build, lambda s: s.metrics.portfolio_port)

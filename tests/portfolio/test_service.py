@@ -1,0 +1,208 @@
+"""The portfolio service against a real Redis: snapshots, epochs, drift, duplicates, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.contracts import (
+    DeadLetter,
+    ExchangePosition,
+    Fill,
+    InstrumentInfo,
+    InstrumentType,
+    Positions,
+    Report,
+    ReportStatus,
+    Snapshot,
+    Tick,
+)
+from services.common.streams import Names
+from services.portfolio.app import build
+from tests.support import ServiceProcess, eventually, in_process, read_stream, settings_for, write_config, xadd
+
+PERP = "BTC-PERPETUAL"
+PERP_INFO = InstrumentInfo(type=InstrumentType.PERPETUAL, product="FBTCUSD", underlying="BTCUSD",
+                           tick_size=1.0, volume_tick_size=0.001, min_order_amount=0.001)
+
+
+def fill(trade_id: str, side: str, amount: float, price: float, fee: float, ts: float) -> Fill:
+    return Fill(trade_id=trade_id, order_id="O" + trade_id, instrument=PERP, side=side, price=price,
+                amount=amount, fee=fee, fee_rate=0.0005, liquidity="taker", exchange_ts=ts, ingest_ts=ts)
+
+
+def tick(mark: float, ts: float, bid: float | None = None, ask: float | None = None) -> Tick:
+    return Tick(instrument=PERP, mark=mark, best_bid=bid if bid is not None else mark - 1,
+                best_ask=ask if ask is not None else mark + 1, exchange_ts=ts, ingest_ts=ts)
+
+
+async def last_snapshot(redis: Redis, names: Names) -> Snapshot | None:
+    snaps = await read_stream(redis, names.snapshots, Snapshot)
+    return snaps[-1] if snaps else None
+
+
+async def settled(redis: Redis, names: Names) -> bool:
+    """Every group of the portfolio has read and acked everything."""
+    for stream in (names.fills, names.ticks, names.positions, names.reports):
+        if not await redis.exists(stream):
+            continue
+        groups = await redis.xinfo_groups(stream)
+        if not groups:
+            return False
+        for group in groups:
+            if group["pending"] or (group["entries-read"] or 0) != await redis.xlen(stream):
+                return False
+    return True
+
+
+async def test_hand_worked_snapshot_of_a_long_perpetual(redis_url: str, names: Names, redis: Redis) -> None:
+    now = time.time()
+    await redis.hset(names.instruments, PERP, PERP_INFO.model_dump_json())
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 3.0, now))
+        await xadd(redis, names.ticks, tick(60_100.0, now, bid=60_090.0))
+        await eventually(lambda: settled(redis, names))
+        snap = await last_snapshot(redis, names)
+    assert snap is not None
+    # unrealised: (60,100 - 60,000) x 0.1 = 10.00; fees paid 3.00 -> net 7.00
+    # exit at best bid 60,090: slippage (60,100 - 60,090) x 0.1 = 1.00
+    # close fee: taker 5 bps x 60,090 x 0.1 = 3.0045; x buffer 1.1 = 3.30495
+    # net_after_close = 7.00 - 3.30495 - 1.00 = 2.69505
+    assert snap.unrealized_pnl == pytest.approx(10.0)
+    assert snap.net_pnl == pytest.approx(7.0)
+    assert snap.est_slippage == pytest.approx(1.0)
+    assert snap.est_close_fees == pytest.approx(3.0045)
+    assert snap.net_after_close == pytest.approx(2.69505)
+    [position] = snap.positions
+    assert position.underlying == "BTCUSD" and position.exit_price == 60_090.0
+
+
+async def test_duplicate_fill_entry_is_counted_once(redis_url: str, names: Names, redis: Redis) -> None:
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        duplicate = fill("T1", "buy", 0.1, 60_000.0, 3.0, now)
+        await xadd(redis, names.fills, duplicate)
+        await xadd(redis, names.fills, duplicate)
+        await xadd(redis, names.ticks, tick(60_000.0, now))
+        await eventually(lambda: settled(redis, names))
+        snap = await last_snapshot(redis, names)
+    assert snap is not None and snap.positions[0].position == pytest.approx(0.1)
+    assert snap.fees_paid == pytest.approx(3.0)
+
+
+async def test_completed_full_closure_starts_a_new_epoch_from_zero(redis_url: str, names: Names, redis: Redis) -> None:
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await xadd(redis, names.fills, fill("T2", "sell", 0.1, 60_020.0, 0.3, now + 1))
+        await xadd(redis, names.ticks, tick(60_020.0, now + 1))
+        await eventually(lambda: settled(redis, names))
+        before = await last_snapshot(redis, names)
+        assert before is not None and before.realized_pnl == pytest.approx(2.0) and before.epoch == 0
+        await xadd(redis, names.reports, Report(command_id="c1", status=ReportStatus.COMPLETED, epoch=0,
+                                                fraction=1.0, ts=now + 2))
+        await xadd(redis, names.reports, Report(command_id="c1", status=ReportStatus.COMPLETED, epoch=0,
+                                                fraction=1.0, ts=now + 2))  # replayed report
+        await eventually(lambda: settled(redis, names))
+        after = await last_snapshot(redis, names)
+    assert after is not None and after.epoch == 1
+    assert (after.realized_pnl, after.fees_paid, after.net_pnl) == (0.0, 0.0, 0.0)
+
+
+async def test_drift_is_reported_then_healed(redis_url: str, names: Names, redis: Redis) -> None:
+    now = time.time()
+    settings = settings_for(redis_url, names, portfolio={"drift_grace_seconds": 0.2})
+    exchange = Positions(positions=[ExchangePosition(instrument=PERP, position=0.2, mark_price=60_000.0,
+                                                     average_price=59_000.0)], exchange_ts=now, ingest_ts=now)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.ticks, tick(60_000.0, now))
+        await xadd(redis, names.positions, exchange)
+        await asyncio.sleep(0.3)
+        await xadd(redis, names.positions, exchange.model_copy(update={"exchange_ts": now + 0.3}))
+        await eventually(lambda: settled(redis, names))
+        drifted = await last_snapshot(redis, names)
+        assert drifted is not None and [d.instrument for d in drifted.drift] == [PERP]
+        assert drifted.positions[0].position == pytest.approx(0.2), "the exchange's position is adopted"
+        await xadd(redis, names.positions, exchange.model_copy(update={"exchange_ts": now + 0.5}))
+        await eventually(lambda: settled(redis, names))
+        healed = await last_snapshot(redis, names)
+    assert healed is not None and healed.drift == []
+
+
+async def test_malformed_fill_is_dead_lettered_and_service_goes_on(redis_url: str, names: Names, redis: Redis) -> None:
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await redis.xadd(names.fills, {"__data__": '{"v": 1, "trade_id": "T9", "amount": "NaN"}'})
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await eventually(lambda: settled(redis, names))
+        snap = await last_snapshot(redis, names)
+    [letter] = await read_stream(redis, names.deadletter, DeadLetter)
+    assert letter.service == "portfolio" and "Fill invalid" in letter.error
+    assert snap is not None and snap.positions[0].position == pytest.approx(0.1)
+
+
+def script(seed: int, now: float) -> list[tuple[str, Fill | Tick]]:
+    """A reproducible stream of fills and ticks on one perpetual."""
+    rng = random.Random(seed)
+    steps: list[tuple[str, Fill | Tick]] = []
+    mark = 60_000.0
+    for i in range(600):
+        mark += rng.choice((-5.0, 5.0))
+        if rng.random() < 0.3:
+            side = rng.choice(("buy", "sell"))
+            steps.append(("fills", fill(f"T{i}", side, rng.choice((0.001, 0.002, 0.005)), mark, 0.01, now + i * 0.001)))
+        steps.append(("ticks", tick(mark, now + i * 0.001)))
+    return steps
+
+
+MONEY_FIELDS = ("realized_pnl", "unrealized_pnl", "funding_pnl", "fees_paid", "est_close_fees", "est_slippage",
+                "gross_pnl", "net_pnl", "net_after_close")
+
+
+async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
+    redis_url: str, names: Names, redis: Redis, tmp_path: Path
+) -> None:
+    now = time.time()
+    steps = script(7, now)
+    reference_names = Names(names.namespace + "ref")
+    # the uninterrupted run, in-process
+    async with in_process(build, settings_for(redis_url, reference_names), "portfolio"):
+        for stream, doc in steps:
+            await xadd(redis, reference_names.key(stream), doc)
+        await eventually(lambda: settled(redis, reference_names), timeout=30)
+        reference = await last_snapshot(redis, reference_names)
+    # the same inputs, with the service killed -9 twice while it works
+    config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names, portfolio={"batch_size": 20}))
+    process = ServiceProcess("portfolio", config, tmp_path / "portfolio.log")
+    process.start()
+    try:
+        for chunk in (steps[:300], steps[300:600], steps[600:]):
+            seen = await redis.xlen(names.snapshots)
+            for stream, doc in chunk:
+                await xadd(redis, names.key(stream), doc)
+
+            async def working() -> bool:
+                return await redis.xlen(names.snapshots) > seen + 2
+
+            await eventually(working, timeout=30, interval=0.001)
+            process.kill()  # mid-stream: the rest of the chunk is unread or read-but-unacked
+            process.start()
+        await eventually(lambda: settled(redis, names), timeout=30)
+        final = await last_snapshot(redis, names)
+    finally:
+        process.stop()
+        async for key in redis.scan_iter(match=f"{reference_names.namespace}:*"):
+            await redis.delete(key)
+    assert reference is not None and final is not None, process.log()
+    for name in MONEY_FIELDS:
+        assert getattr(final, name) == pytest.approx(getattr(reference, name), rel=1e-9, abs=1e-9), name
+    assert [(p.instrument, p.position) for p in final.positions] == [(p.instrument, p.position) for p in reference.positions]
