@@ -88,12 +88,13 @@ class PortfolioService:
         self.ledger_key = self.names.key("portfolio:ledger")
         self.ticks_key = self.names.key("portfolio:ticks")
         self.seq_key = self.names.key("portfolio:seq")
-        self.config = LedgerConfig.from_settings(settings, dedup_window=settings.portfolio.dedup_window)
+        self.config = LedgerConfig.from_settings(settings)
         self.ledger = Ledger(self.config)
         self.seq = 0
         self.last_snapshot: Snapshot | None = None
         self.unknown_instruments: set[str] = set()
         self.calibrations: dict[str, _Calibration] = {}
+        self._instrument_gauges: dict[str, Gauge] = {}
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         for stream, model, handler in (
@@ -251,7 +252,10 @@ class PortfolioService:
         OPEN_POSITIONS.set(sum(1 for p in snap.positions if p.position != 0))
         STALE.set(len(snap.stale_instruments))
         for p in snap.positions:
-            INSTRUMENT_PNL.labels(p.instrument).set(p.realized_pnl + p.unrealized_pnl + p.funding_pnl)
+            gauge = self._instrument_gauges.get(p.instrument)
+            if gauge is None:
+                gauge = self._instrument_gauges[p.instrument] = INSTRUMENT_PNL.labels(p.instrument)
+            gauge.set(p.realized_pnl + p.unrealized_pnl + p.funding_pnl)
 
     async def run(self) -> None:
         """Idle work: a snapshot when prices go stale without input, and late instrument metadata."""

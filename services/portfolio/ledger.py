@@ -172,7 +172,7 @@ from services.portfolio.fees import (
 )
 
 STATE_VERSION = 1
-DEFAULT_DEDUP_WINDOW = 100_000
+DEFAULT_DEDUP_WINDOW = 10_000
 FLAT_TOLERANCE = 1e-9
 """Relative rest of a reduction that counts as flat (float noise, not a position)."""
 UNKNOWN_INSTRUMENT_TOLERANCE = 1e-9
@@ -201,12 +201,12 @@ class LedgerConfig:
     dedup_window: int = DEFAULT_DEDUP_WINDOW
 
     @classmethod
-    def from_settings(cls, settings: Settings, dedup_window: int = DEFAULT_DEDUP_WINDOW) -> LedgerConfig:
+    def from_settings(cls, settings: Settings) -> LedgerConfig:
         return cls(
             fees=settings.trading_fees,
             fee_estimation_buffer=settings.fee_estimation_buffer,
             drift_grace_seconds=settings.portfolio.drift_grace_seconds,
-            dedup_window=dedup_window,
+            dedup_window=settings.portfolio.dedup_window,
         )
 
 
@@ -377,6 +377,8 @@ class Ledger:
         self._drift_since: dict[str, float] = {}
         self._drift: dict[str, Drift] = {}
         self._sums = tuple(_RunningSum() for _ in range(6))
+        self._rows: dict[str, SnapshotPosition] = {}
+        """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
 
     # ----------------------------------------------------------------- reading
 
@@ -420,27 +422,10 @@ class Ledger:
         stale: list[str] = []
         oldest: float | None = None
         for name, p in self._positions.items():
-            info = self._instruments.get(name)
-            rows.append(
-                SnapshotPosition.model_construct(
-                    instrument=name,
-                    position=p.position,
-                    avg_entry=p.avg_entry,
-                    mark=p.mark,
-                    exit_price=p.exit.price,
-                    exit_price_source=p.exit.source,
-                    realized_pnl=p.realized_pnl,
-                    unrealized_pnl=p.unrealized_pnl,
-                    funding_pnl=p.funding_pnl,
-                    fees_paid=p.fees_paid,
-                    est_close_fee=p.est_close_fee,
-                    est_slippage=p.est_slippage,
-                    opened_ts=p.opened_ts,
-                    underlying=info.underlying if info else None,
-                    instrument_type=info.type if info else None,
-                    expiry_ts=info.expiry_ts if info else None,
-                )
-            )
+            row = self._rows.get(name)
+            if row is None:
+                self._rows[name] = row = self._row(p)
+            rows.append(row)
             if p.position == 0.0:
                 continue
             if p.opened_ts is not None and (oldest is None or p.opened_ts < oldest):
@@ -475,6 +460,29 @@ class Ledger:
             stale_instruments=sorted(stale),
             drift=list(self._drift.values()),
             last_input_ts=self._last_input_ts,
+        )
+
+    def _row(self, p: _Position) -> SnapshotPosition:
+        """One position's snapshot row, built without re-validation (inputs were validated)."""
+        name = p.instrument
+        info = self._instruments.get(name)
+        return SnapshotPosition.model_construct(
+            instrument=name,
+            position=p.position,
+            avg_entry=p.avg_entry,
+            mark=p.mark,
+            exit_price=p.exit.price,
+            exit_price_source=p.exit.source,
+            realized_pnl=p.realized_pnl,
+            unrealized_pnl=p.unrealized_pnl,
+            funding_pnl=p.funding_pnl,
+            fees_paid=p.fees_paid,
+            est_close_fee=p.est_close_fee,
+            est_slippage=p.est_slippage,
+            opened_ts=p.opened_ts,
+            underlying=info.underlying if info else None,
+            instrument_type=info.type if info else None,
+            expiry_ts=info.expiry_ts if info else None,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -781,6 +789,7 @@ class Ledger:
     def _value(self, p: _Position) -> None:
         """Mark one position: unrealised P&L, funding, exit price, closing cost."""
         name = p.instrument
+        self._rows.pop(name, None)
         q = p.position
         tick = self._ticks.get(name)
         if tick is None:
