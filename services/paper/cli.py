@@ -25,9 +25,13 @@ def keygen_main(argv: list[str]) -> int:
     parser.add_argument(
         "--read-only", action="store_true", help="the key may read and subscribe but not trade"
     )
+    parser.add_argument(
+        "--account", help="account the key acts for (default: its own); give a read-only and a "
+        "trading key the same account, as on Thalex"
+    )
     args = parser.parse_args(argv)
     try:
-        files = generate_key(args.out, args.kid, args.read_only)
+        files = generate_key(args.out, args.kid, args.read_only, args.account)
     except (OSError, ValueError) as exc:
         parser.exit(2, f"thalex-tp keygen: {exc}\n")
     print(

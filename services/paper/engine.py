@@ -90,7 +90,7 @@ class Fill:
 @dataclass
 class Order:
     order_id: str
-    key_id: str
+    account_id: str
     session_id: int
     instrument: Instrument
     direction: str
@@ -166,9 +166,8 @@ class Position:
 
 @dataclass
 class Account:
-    key_id: str
+    account_id: str
     number: str
-    read_only: bool
     cash: float = STARTING_CASH
     positions: dict[str, Position] = field(default_factory=dict)
     orders: dict[str, Order] = field(default_factory=dict)
@@ -181,6 +180,8 @@ class Session:
 
     session_id: int
     account: Account
+    read_only: bool = False
+    """Logged in with a read-only key: may read and subscribe, not trade."""
     cancel_on_disconnect: bool = False
     client_orders: dict[int, str] = field(default_factory=dict)
     order_times: deque = field(default_factory=deque)
@@ -195,14 +196,14 @@ class Event:
     """Something subscribers must hear about: ``orders`` (OrderStatus), ``trade`` (Trade) or ``portfolio``."""
 
     kind: str
-    key_id: str
+    account_id: str
     session_id: int | None
     payload: dict
 
 
-def account_number(key_id: str) -> str:
+def account_number(account_id: str) -> str:
     """A stable account number per key id, so restarts keep the same numbers."""
-    return "A" + str(int(hashlib.sha256(key_id.encode()).hexdigest(), 16) % 10**9).zfill(9)
+    return "A" + str(int(hashlib.sha256(account_id.encode()).hexdigest(), 16) % 10**9).zfill(9)
 
 
 def _number(params: dict, name: str, required: bool = False) -> float | None:
@@ -254,13 +255,13 @@ class Engine:
 
     # Sessions
 
-    def open_session(self, key_id: str, read_only: bool) -> Session:
-        account = self.accounts.get(key_id)
+    def open_session(self, account_id: str, read_only: bool) -> Session:
+        """A login; several keys (read-only or trading) may share one account."""
+        account = self.accounts.get(account_id)
         if account is None:
-            account = self.accounts[key_id] = Account(key_id, account_number(key_id), read_only)
-        account.read_only = read_only
+            account = self.accounts[account_id] = Account(account_id, account_number(account_id))
         self._next_session += 1
-        session = Session(self._next_session, account)
+        session = Session(self._next_session, account, read_only)
         self.sessions[session.session_id] = session
         return session
 
@@ -337,7 +338,7 @@ class Engine:
         self._next_order += 1
         order = Order(
             f"{self._next_order:016X}",
-            account.key_id,
+            account.account_id,
             session.session_id,
             inst,
             direction,
@@ -370,7 +371,7 @@ class Engine:
                 if client_order_id is not None:
                     session.client_orders[client_order_id] = order.order_id
         wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.key_id, session.session_id, wire))
+        events.insert(0, Event("orders", account.account_id, session.session_id, wire))
         events.extend(self._trim_reduce_only(account, inst, now))
         return wire, events
 
@@ -386,7 +387,7 @@ class Engine:
         if amount <= order.filled_amount + EPS:
             self._close(order, "client_cancel", now)
             wire = order.to_wire("amend", [])
-            return wire, [Event("orders", account.key_id, order.session_id, wire)]
+            return wire, [Event("orders", account.account_id, order.session_id, wire)]
         mark = self.market.mark(inst.name).price
         order.price = self._collared(inst, order.direction, price, collar, mark)
         order.amount = amount
@@ -395,7 +396,7 @@ class Engine:
             order, account, order.price, asks if order.direction == "buy" else bids, now
         )
         wire = order.to_wire("amend", fills)
-        events.insert(0, Event("orders", account.key_id, order.session_id, wire))
+        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
         events.extend(self._trim_reduce_only(account, inst, now))
         return wire, events
 
@@ -405,7 +406,7 @@ class Engine:
         order = self._find_order(session, params)
         self._close(order, "client_cancel", now)
         wire = order.to_wire("cancel", [])
-        return wire, [Event("orders", order.key_id, order.session_id, wire)]
+        return wire, [Event("orders", order.account_id, order.session_id, wire)]
 
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
@@ -420,17 +421,17 @@ class Engine:
 
     def direct_trade(
         self,
-        key_id: str,
+        account_id: str,
         instrument_name: str,
         direction: str,
         amount: float,
         price: float | None,
         now: float,
     ) -> tuple[list[dict], list[Event]]:
-        """Control ``paper/trade``: an IOC market order for ``key_id``, or a fill at exactly ``price``."""
-        account = self.accounts.get(key_id)
+        """Control ``paper/trade``: an IOC market order for ``account_id``, or a fill at exactly ``price``."""
+        account = self.accounts.get(account_id)
         if account is None:
-            account = self.accounts[key_id] = Account(key_id, account_number(key_id), False)
+            account = self.accounts[account_id] = Account(account_id, account_number(account_id))
         inst = self._instrument(instrument_name)
         amount = self._amount(inst, amount)
         if direction not in ("buy", "sell"):
@@ -438,7 +439,7 @@ class Engine:
         self._next_order += 1
         order = Order(
             f"{self._next_order:016X}",
-            key_id,
+            account_id,
             0,
             inst,
             direction,
@@ -463,14 +464,14 @@ class Engine:
             fills, events = self._take(order, account, price, [[price, amount]], now)
         if order.remaining > EPS:
             self._close(order, "immediate_cancel", now)
-        events.insert(0, Event("orders", key_id, None, order.to_wire("insert", fills)))
+        events.insert(0, Event("orders", account_id, None, order.to_wire("insert", fills)))
         events.extend(self._trim_reduce_only(account, inst, now))
         return [e.payload for e in events if e.kind == "trade"], events
 
     def fill_resting(
         self,
         now: float,
-        key_id: str | None = None,
+        account_id: str | None = None,
         instrument_name: str | None = None,
         order_id: str | None = None,
         amount: float | None = None,
@@ -478,7 +479,7 @@ class Engine:
         """Simulated flow trades resting orders at their limit price (the account is maker)."""
         events: list[Event] = []
         for account in list(self.accounts.values()):
-            if key_id is not None and account.key_id != key_id:
+            if account_id is not None and account.account_id != account_id:
                 continue
             for order in list(account.orders.values()):
                 if instrument_name is not None and order.instrument.name != instrument_name:
@@ -614,7 +615,7 @@ class Engine:
     # Internals
 
     def _require_trading(self, session: Session) -> None:
-        if session.account.read_only:
+        if session.read_only:
             raise RpcError(UNAUTHORIZED, "unauthorized: read-only API key cannot trade")
 
     def _instrument(self, name: Any) -> Instrument:
@@ -761,8 +762,8 @@ class Engine:
             trade["client_order_id"] = order.client_order_id
         account.trades.append((self._next_trade, trade))
         events = [
-            Event("trade", account.key_id, order.session_id, trade),
-            Event("portfolio", account.key_id, None, self.portfolio_entry(pos)),
+            Event("trade", account.account_id, order.session_id, trade),
+            Event("portfolio", account.account_id, None, self.portfolio_entry(pos)),
         ]
         return fill, events
 
@@ -829,7 +830,7 @@ class Engine:
     def _close(self, order: Order, reason: str, now: float) -> None:
         order.delete_reason = reason
         order.close_time = now
-        account = self.accounts.get(order.key_id)
+        account = self.accounts.get(order.account_id)
         if account is not None:
             account.orders.pop(order.order_id, None)
         session = self.sessions.get(order.session_id)
@@ -838,4 +839,4 @@ class Engine:
 
     @staticmethod
     def _order_event(order: Order, change_reason: str, fills: list[Fill]) -> Event:
-        return Event("orders", order.key_id, order.session_id, order.to_wire(change_reason, fills))
+        return Event("orders", order.account_id, order.session_id, order.to_wire(change_reason, fills))

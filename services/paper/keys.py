@@ -35,6 +35,8 @@ class ApiKey:
     kid: str
     public_key: rsa.RSAPublicKey
     read_only: bool
+    account: str
+    """The account the key acts for; several keys (e.g. read-only and trading) may share one."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class LoginError(Exception):
     """The token does not prove a registered key (error 19)."""
 
 
-def generate_key(directory: Path | str, kid: str, read_only: bool = False) -> KeyFiles:
+def generate_key(
+    directory: Path | str, kid: str, read_only: bool = False, account: str | None = None
+) -> KeyFiles:
     """Write a fresh 2048-bit RSA key pair and its permission file for key id ``kid``."""
     if not kid or "/" in kid or kid.startswith("."):
         raise ValueError(f"invalid key id {kid!r}")
@@ -78,7 +82,7 @@ def generate_key(directory: Path | str, kid: str, read_only: bool = False) -> Ke
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    meta_path.write_text(json.dumps({"kid": kid, "read_only": read_only}) + "\n")
+    meta_path.write_text(json.dumps({"kid": kid, "read_only": read_only, "account": account or kid}) + "\n")
     return KeyFiles(kid, private_path, public_path, meta_path, read_only)
 
 
@@ -93,7 +97,7 @@ def load_keys(directory: Path | str) -> dict[str, ApiKey]:
             continue
         meta_path = public_path.with_name(f"{kid}.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        keys[kid] = ApiKey(kid, public_key, bool(meta.get("read_only", False)))
+        keys[kid] = ApiKey(kid, public_key, bool(meta.get("read_only", False)), str(meta.get("account", kid)))
     return keys
 
 

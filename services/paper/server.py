@@ -380,12 +380,12 @@ class PaperExchange:
         except LoginError as exc:
             raise RpcError(AUTHENTICATION_FAILED, f"authentication failed: {exc}") from exc
         account = params.get("account")
-        if account is not None and account != account_number(key.kid):
+        if account is not None and account != account_number(key.account):
             raise RpcError(AUTHENTICATION_FAILED, "authentication failed: the key has no such account")
         if conn.session is not None:
             self._publish(self.engine.close_session(conn.session, now))
         conn.key = key
-        conn.session = self.engine.open_session(key.kid, key.read_only)
+        conn.session = self.engine.open_session(key.account, key.read_only)
         return {"account_number": conn.session.account.number}
 
     async def _set_cancel_on_disconnect(self, conn: Connection, params: dict, now: float) -> dict:
@@ -573,7 +573,7 @@ class PaperExchange:
             account = self._session(conn).account
             entries = self.engine.portfolio(account)
             for entry in entries:
-                self.portfolio_marks[(account.key_id, entry["instrument_name"])] = entry["mark_price"]
+                self.portfolio_marks[(account.account_id, entry["instrument_name"])] = entry["mark_price"]
             conn.notify(name, entries)
         elif name == "account.summary":
             conn.notify(name, self.engine.account_summary(self._session(conn).account))
@@ -600,14 +600,14 @@ class PaperExchange:
                 self.last_price[name] = trade["price"]
                 self.volume[name] = self.volume.get(name, 0.0) + trade["amount"]
                 self.value[name] = self.value.get(name, 0.0) + trade["amount"] * trade["price"]
-                traded.add(event.key_id)
+                traded.add(event.account_id)
         if traded:
             self.market.version += 1
         for conn in self.connections:
             if conn.session is None or not conn.channels.intersection(PRIVATE_CHANNELS):
                 continue
-            key_id = conn.session.account.key_id
-            mine = [e for e in events if e.key_id == key_id]
+            account_id = conn.session.account.account_id
+            mine = [e for e in events if e.account_id == account_id]
             if not mine:
                 continue
             orders = [e.payload for e in mine if e.kind == "orders"]
@@ -624,11 +624,11 @@ class PaperExchange:
             lines = {e.payload["instrument_name"]: e.payload for e in mine if e.kind == "portfolio"}
             if lines and "account.portfolio" in conn.channels:
                 conn.notify("account.portfolio", list(lines.values()))
-            if key_id in traded and "account.summary" in conn.channels:
+            if account_id in traded and "account.summary" in conn.channels:
                 conn.notify("account.summary", self.engine.account_summary(conn.session.account))
         for event in events:
             if event.kind == "portfolio":
-                self.portfolio_marks[(event.key_id, event.payload["instrument_name"])] = event.payload[
+                self.portfolio_marks[(event.account_id, event.payload["instrument_name"])] = event.payload[
                     "mark_price"
                 ]
 
@@ -891,11 +891,19 @@ class PaperExchange:
         self._after_market_change(self.clock())
         return self._status()
 
+    def _account_of(self, key_id: str | None) -> str | None:
+        """The account a key id trades for (control methods name keys, the engine accounts)."""
+        if key_id is None:
+            return None
+        if key_id not in self.keys:
+            raise RpcError(INVALID_REQUEST, f"unknown key_id {key_id}")
+        return self.keys[key_id].account
+
     async def _c_fill_orders(self, params: dict, requester: Connection | None) -> dict:
         amount = self._positive(params, "amount") if params.get("amount") is not None else None
         name = self._instrument_name(params) if params.get("instrument_name") is not None else None
         events = self.engine.fill_resting(
-            self.clock(), params.get("key_id"), name, params.get("order_id"), amount
+            self.clock(), self._account_of(params.get("key_id")), name, params.get("order_id"), amount
         )
         self._publish(events)
         return {"trades": [e.payload for e in events if e.kind == "trade"]}
@@ -906,7 +914,7 @@ class PaperExchange:
             raise RpcError(INVALID_REQUEST, f"unknown key_id {key_id}")
         price = self._positive(params, "price") if params.get("price") is not None else None
         trades, events = self.engine.direct_trade(
-            key_id,
+            self.keys[key_id].account,
             self._instrument_name(params),
             params.get("direction", ""),
             self._positive(params, "amount"),

@@ -46,9 +46,13 @@ class ControlError(Exception):
         self.message = message
 
 
-def make_keys(directory: Path | str, kid: str, read_only: bool = False) -> KeyFiles:
-    """Create a key pair ``kid`` in ``directory`` (see :mod:`services.paper.keys` for the layout)."""
-    return generate_key(directory, kid, read_only)
+def make_keys(directory: Path | str, kid: str, read_only: bool = False, account: str | None = None) -> KeyFiles:
+    """Create a key pair ``kid`` in ``directory`` (see :mod:`services.paper.keys` for the layout).
+
+    Keys given the same ``account`` share one paper account (a read-only key for ingest
+    beside a trading key for the executor, as on Thalex).
+    """
+    return generate_key(directory, kid, read_only, account)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from services.paper.keys import KeyFiles, load_keys
 from services.paper.market import Market
 from services.paper.scenario import load_scenario, parse_scenario, run_scenario
 from services.paper.server import PaperExchange
-from services.paper.testing import ControlError, PaperHandle, running_paper_exchange
+from services.paper.testing import ControlError, PaperHandle, make_keys, running_paper_exchange
 
 from .conftest import PERP, RawClient
 
@@ -33,9 +33,30 @@ def test_keygen_writes_private_key_0600_public_key_and_permissions(tmp_path: Pat
     assert keygen_main(["--kid", "ingest", "--out", str(tmp_path), "--read-only"]) == 0
     assert stat.S_IMODE(os.stat(tmp_path / "exec.pem").st_mode) == 0o600
     assert (tmp_path / "exec.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY-----")
-    assert json.loads((tmp_path / "ingest.json").read_text()) == {"kid": "ingest", "read_only": True}
+    assert json.loads((tmp_path / "ingest.json").read_text()) == {"kid": "ingest", "read_only": True, "account": "ingest"}
     keys = load_keys(tmp_path)
     assert {k: v.read_only for k, v in keys.items()} == {"exec": False, "ingest": True}
+
+
+@pytest.mark.asyncio
+async def test_a_read_only_key_and_a_trading_key_share_one_account(tmp_path: Path) -> None:
+    """As on Thalex: ingest's read-only key sees what the executor's trading key does."""
+    trading = make_keys(tmp_path, "desk-trading", account="desk")
+    reading = make_keys(tmp_path, "desk-reading", read_only=True, account="desk")
+    async with running_paper_exchange(tmp_path, seed=3) as handle:
+        reader = RawClient(await websockets.connect(handle.url))
+        trader = RawClient(await websockets.connect(handle.url))
+        login_reader, login_trader = await reader.login(reading), await trader.login(trading)
+        assert login_reader["account_number"] == login_trader["account_number"]
+        await reader.result("private/subscribe", {"channels": ["account.trade_history"]})
+        await trader.result("private/buy", {"instrument_name": PERP, "amount": 0.01, "order_type": "market"})
+        [trade] = await reader.wait_for("account.trade_history")
+        assert trade["instrument_name"] == PERP and trade["amount"] == 0.01
+        assert await reader.error_code("private/buy", {"instrument_name": PERP, "amount": 0.01,
+                                                       "order_type": "market"}) == 28
+        assert (await trader.result("private/portfolio"))[0]["position"] == 0.01
+        await reader.ws.close()
+        await trader.ws.close()
 
 
 def test_same_seed_gives_the_same_index_path() -> None:
