@@ -475,6 +475,7 @@ class Engine:
         instrument_name: str | None = None,
         order_id: str | None = None,
         amount: float | None = None,
+        direction: str | None = None,
     ) -> list[Event]:
         """Simulated flow trades resting orders at their limit price (the account is maker)."""
         events: list[Event] = []
@@ -485,6 +486,8 @@ class Engine:
                 if instrument_name is not None and order.instrument.name != instrument_name:
                     continue
                 if order_id is not None and order.order_id != order_id:
+                    continue
+                if direction is not None and order.direction != direction:
                     continue
                 events.extend(self._maker_fill(account, order, amount, now))
         return events

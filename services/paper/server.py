@@ -49,6 +49,8 @@ DELAYS: dict[str, float] = {
     "5000ms": 5.0,
     "60000ms": 60.0,
 }
+SYSTEM_CHANNEL = "system"
+"""Thalex announces a coming disconnect here (`{"event": "reconnect"}`)."""
 PRIVATE_CHANNELS = (
     "account.orders",
     "session.orders",
@@ -251,7 +253,7 @@ class PaperExchange:
 
     def _broadcast_reconnect(self) -> None:
         for conn in self.connections:
-            conn.notify("system", {"event": "reconnect"})
+            conn.notify(SYSTEM_CHANNEL, {"event": "reconnect"})
 
     @staticmethod
     async def _drain(conn: Connection, timeout: float = 1.0) -> None:
@@ -500,6 +502,8 @@ class PaperExchange:
                 if not private:
                     raise RpcError(INVALID_REQUEST, f"{name} is private: use private/subscribe")
                 parsed.append(name)
+            elif name == SYSTEM_CHANNEL:
+                parsed.append(name)  # the reconnect notice goes to every connection anyway
             else:
                 parsed.append(self.channels.get(name) or self._parse_channel(name))
         for item in parsed:
@@ -902,8 +906,11 @@ class PaperExchange:
     async def _c_fill_orders(self, params: dict, requester: Connection | None) -> dict:
         amount = self._positive(params, "amount") if params.get("amount") is not None else None
         name = self._instrument_name(params) if params.get("instrument_name") is not None else None
+        direction = params.get("direction")
+        if direction not in (None, "buy", "sell"):
+            raise RpcError(INVALID_REQUEST, "direction must be buy or sell")
         events = self.engine.fill_resting(
-            self.clock(), self._account_of(params.get("key_id")), name, params.get("order_id"), amount
+            self.clock(), self._account_of(params.get("key_id")), name, params.get("order_id"), amount, direction
         )
         self._publish(events)
         return {"trades": [e.payload for e in events if e.kind == "trade"]}
