@@ -1,0 +1,571 @@
+"""Ingest's wiring: the exchange session → Redis, with de-duplication, gap fill and metrics.
+
+Two writers, two disciplines:
+
+* **Ticks** are many and only the latest matters. The reader hands each one to
+  `TickWriter`, which keeps the newest tick per instrument and writes whatever
+  is pending in one pipelined round trip; while a round trip is in flight new
+  ticks of the same instrument replace older ones (coalescing under bursts, no
+  backlog, no unbounded memory).
+* **Account messages** (trades, portfolio) are few and every one counts. They
+  are handled one at a time, in order, by the account worker. A trade is
+  published in one Redis transaction with its id in the de-duplication set and
+  the checkpoint (`WATCH` on both; see `FillStore`), so `tp:fills` holds
+  exactly one entry per `trade_id` across reconnects, restarts and overlapping
+  history queries.
+
+On every (re)connection the worker first bootstraps — subscribe the private
+channels, load `private/portfolio`, page `private/trade_history` from the
+checkpoint — and only then handles the live notifications that queued up
+meanwhile, so trades made while ingest was away are published once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError, WatchError
+from thalex import Sort
+
+from services.common.bus import Bus, encode_document
+from services.common.config import ConfigError, Problem, Settings, require_key
+from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, Tick
+from services.common.service import Health, service_main
+from services.common.streams import Names
+from services.ingest.exchange import ConnectionLost, ExchangeSession, Link, LoginRejected, RequestFailed
+from services.ingest.follow import Feed, Follow
+from services.ingest.translate import (
+    Book,
+    MalformedMessage,
+    as_list,
+    fill_from_trade,
+    instrument_info,
+    position_from_entry,
+    positions_from_portfolio,
+    tick_from_ticker,
+    with_book,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "ingest"
+TRADES = "account.trade_history"
+PORTFOLIO = "account.portfolio"
+SYSTEM = "system"
+HISTORY_PAGE = 1000
+HISTORY_OVERLAP_SECONDS = 600.0
+"""Each gap fill re-reads this much before the checkpoint: Thalex's trade history
+is not real-time, a trade may show up there a little after a later one."""
+DEDUP_RETENTION_SECONDS = 86_400.0
+"""Trade ids older than checkpoint − this are trimmed from the de-duplication set
+(far beyond the overlap, so a re-read trade is always still remembered)."""
+FOLLOW_INTERVAL_SECONDS = 1.0
+REDIS_RETRY_SECONDS = 0.5
+
+MESSAGES = Counter("tp_ingest_messages_total", "Exchange messages received, per channel", ["channel"])
+PUBLISHED = Counter("tp_ingest_published_total", "Entries written, per stream or hash", ["stream"])
+RECONNECTS = Counter("tp_ingest_reconnects_total", "Connections to the exchange lost and re-opened")
+GAP_FILLED = Counter("tp_ingest_gap_filled_trades_total",
+                     "Trades published from private/trade_history (made while ingest was not listening)")
+DUPLICATES = Counter("tp_ingest_duplicate_trades_total",
+                     "Trades seen again (history overlap, replays) and not re-published")
+COALESCED = Counter("tp_ingest_ticks_coalesced_total",
+                    "Ticks replaced by a newer tick of the same instrument before they were written")
+TICK_LATENCY = Histogram(
+    "tp_ingest_tick_latency_seconds", "Exchange mark time to tick written in Redis",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+LAST_MESSAGE: dict[str, float] = {}
+"""channel → Unix time of its last message (read at scrape time)."""
+
+
+class _SecondsSinceLastMessage(Collector):
+    """`tp_ingest_seconds_since_last_message{channel}`, computed when Prometheus scrapes."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("tp_ingest_seconds_since_last_message",
+                                   "Seconds since the last message of each channel", labels=["channel"])
+        now = time.time()
+        for channel, ts in list(LAST_MESSAGE.items()):
+            family.add_metric([channel], max(0.0, now - ts))
+        yield family
+
+
+REGISTRY.register(_SecondsSinceLastMessage())
+
+
+class TickWriter:
+    """Writes ticks to `tp:ticks` in pipelined batches, newest per instrument.
+
+    `add` never blocks (the websocket reader calls it); `run` writes whatever
+    is pending as soon as the previous round trip has returned.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.stream = bus.names.ticks
+        self.pending: dict[str, Tick] = {}
+        self.letters: list[tuple[str, str, str, str]] = []
+        self.added = 0
+        """Ticks handed in since the last flush (the ones not written were coalesced)."""
+        self._wake = asyncio.Event()
+        self._published = PUBLISHED.labels(self.stream)
+
+    def add(self, tick: Tick) -> None:
+        self.added += 1
+        self.pending[tick.instrument] = tick
+        self._wake.set()
+
+    def deadletter(self, source: str, entry_id: str, raw: str, error: str) -> None:
+        """Queue a dead letter with the next batch (the reader cannot await)."""
+        self.letters.append((source, entry_id, raw, error))
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.flush()
+            except RedisError as exc:  # ticks are perishable: the next one replaces them
+                log.warning("writing ticks failed (%s); retrying with the newest", exc)
+                await asyncio.sleep(REDIS_RETRY_SECONDS)
+
+    async def flush(self) -> list[Tick]:
+        """Write what is pending in one round trip; returns the ticks written."""
+        ticks, self.pending = list(self.pending.values()), {}
+        letters, self.letters = self.letters, []
+        COALESCED.inc(self.added - len(ticks))
+        self.added = 0
+        if not ticks and not letters:
+            return []
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for tick in ticks:
+                pipe.xadd(self.stream, {"__data__": encode_document(tick)}, maxlen=self.bus.maxlen,
+                          approximate=True)
+            for source, entry_id, raw, error in letters:
+                self.bus.queue_deadletter(pipe, source, entry_id, raw, error)
+            await pipe.execute()
+        written = time.time()
+        self._published.inc(len(ticks))
+        for tick in ticks:
+            TICK_LATENCY.observe(max(0.0, written - tick.exchange_ts))
+        return ticks
+
+
+class FillStore:
+    """`tp:fills` with exactly one entry per trade id, plus the gap-fill checkpoint.
+
+    Keys (under the namespace): `ingest:trade_ids` (ZSET trade id → trade time),
+    `ingest:checkpoint` (time of the newest trade published), `ingest:since`
+    (when this guardian first started: older trades are not its business — the
+    positions they built arrive through the portfolio).
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        names: Names = bus.names
+        self.ids_key = names.key("ingest:trade_ids")
+        self.checkpoint_key = names.key("ingest:checkpoint")
+        self.since_key = names.key("ingest:since")
+        self._published = PUBLISHED.labels(names.fills)
+
+    async def since(self, now: float) -> float:
+        """The first start of this guardian (recorded once, kept across restarts)."""
+        await self.bus.redis.set(self.since_key, repr(now), nx=True)
+        return float(await self.bus.redis.get(self.since_key))
+
+    async def checkpoint(self) -> float | None:
+        value = await self.bus.redis.get(self.checkpoint_key)
+        return None if value is None else float(value)
+
+    async def publish(self, fills: list[Fill]) -> list[Fill]:
+        """Publish the fills not published before, in the given order; returns those.
+
+        The check and the writes run under `WATCH`, so even two ingest
+        processes racing on one account cannot publish a trade twice.
+        """
+        unique = list({f.trade_id: f for f in fills}.values())
+        if not unique:
+            return []
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.ids_key, self.checkpoint_key)
+                    scores = await pipe.zmscore(self.ids_key, [f.trade_id for f in unique])
+                    raw_checkpoint = await pipe.get(self.checkpoint_key)
+                    new = [f for f, score in zip(unique, scores) if score is None]
+                    if not new:
+                        await pipe.unwatch()
+                        break
+                    checkpoint = max([f.exchange_ts for f in new]
+                                     + ([float(raw_checkpoint)] if raw_checkpoint is not None else []))
+                    pipe.multi()
+                    for fill in new:
+                        self.bus.queue_publish(pipe, self.bus.names.fills, fill)
+                    pipe.zadd(self.ids_key, {f.trade_id: f.exchange_ts for f in new})
+                    pipe.set(self.checkpoint_key, repr(checkpoint))
+                    pipe.zremrangebyscore(self.ids_key, "-inf", f"({checkpoint - DEDUP_RETENTION_SECONDS!r}")
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        DUPLICATES.inc(len(fills) - len(new))
+        self._published.inc(len(new))
+        return new
+
+
+class Ingest:
+    """The service: one exchange session, one tick writer, one account worker."""
+
+    def __init__(self, settings: Settings, bus: Bus, health: Health) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.names = bus.names
+        cfg = settings.ingest
+        self.levels = cfg.book_levels
+        self.follow = Follow(cfg.watch_list, cfg.unsubscribe_after_flat_seconds, cfg.ticker_delay,
+                             cfg.book_levels)
+        self.ticks = TickWriter(bus)
+        self.fills = FillStore(bus)
+        self.account_queue: asyncio.Queue[tuple[str, Any, str, float]] = asyncio.Queue()
+        self.channels: dict[str, tuple[Feed, str]] = {}
+        """Public channels held on the current connection → (feed, instrument)."""
+        self.refused: set[str] = set()
+        """Channels the exchange would not subscribe (unknown instrument): not retried this connection."""
+        self.books: dict[str, Book] = {}
+        self.last_tick: dict[str, Tick] = {}
+        self.portfolio: dict[str, ExchangePosition] = {}
+        self.portfolio_snapshot_due = False
+        self.known_instruments: set[str] = set()
+        self.since = 0.0
+        self.session: ExchangeSession | None = None
+        self._counters: dict[str, Any] = {}
+        health.add("exchange", self._exchange_healthy)
+
+    # Life
+
+    async def run(self) -> None:
+        thalex_cfg = self.settings.thalex
+        key_id, pem = require_key("thalex", thalex_cfg.key_id, thalex_cfg.private_key_file)
+        cfg = self.settings.ingest
+        self.since = await self.fills.since(time.time())
+        self.session = ExchangeSession(
+            thalex_cfg.url, key_id, pem,
+            account=thalex_cfg.account,
+            idle_timeout=cfg.idle_timeout_seconds,
+            reconnect_max=cfg.reconnect_max_seconds,
+            on_notification=self.on_notification,
+            on_garbage=self.on_garbage,
+            on_connected=self.on_connected,
+            on_disconnected=self.on_disconnected,
+        )
+        workers = [asyncio.create_task(self.session.run(), name="ingest-session"),
+                   asyncio.create_task(self.ticks.run(), name="ingest-ticks"),
+                   asyncio.create_task(self._account_worker(), name="ingest-account")]
+        try:
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        except LoginRejected as exc:
+            log.error("%s", exc)
+            raise ConfigError([Problem("thalex.key_id", key_id, (
+                f"the exchange at {thalex_cfg.url} refused the login of this key: {exc.reason}; "
+                "check the key id, thalex.private_key_file and that the key is enabled "
+                "(a read-only key is enough)"))], "thalex login") from None
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _exchange_healthy(self) -> bool:
+        session = self.session
+        return session is not None and session.ready and (
+            time.monotonic() - session.last_message < self.settings.ingest.idle_timeout_seconds)
+
+    def on_disconnected(self, reason: str) -> None:
+        RECONNECTS.inc()
+
+    # The reader's side (synchronous, in arrival order)
+
+    def _count(self, channel: str, received: float) -> None:
+        counter = self._counters.get(channel)
+        if counter is None:
+            counter = self._counters[channel] = MESSAGES.labels(channel)
+        counter.inc()
+        LAST_MESSAGE[channel] = received
+
+    def on_notification(self, channel: str, notification: Any, raw: str, received: float) -> None:
+        held = self.channels.get(channel)
+        if held is not None:
+            self._count(channel, received)
+            feed, instrument = held
+            try:
+                if feed is Feed.TICKER:
+                    tick = tick_from_ticker(instrument, notification, received, self.books.get(instrument),
+                                            self.levels)
+                else:
+                    book = self.books.setdefault(instrument, Book())
+                    book_ts = book.apply(notification)
+                    last = self.last_tick.get(instrument)
+                    if last is None:
+                        return
+                    tick = with_book(last, book, self.levels, book_ts, received)
+            except MalformedMessage as exc:
+                self.ticks.deadletter(f"thalex:{channel}", f"{channel}@{received:.6f}", raw, str(exc))
+                return
+            self.last_tick[instrument] = tick
+            self.ticks.add(tick)
+        elif channel in (TRADES, PORTFOLIO):
+            self._count(channel, received)
+            self.account_queue.put_nowait((channel, notification, raw, received))
+        elif channel == SYSTEM:
+            self._count(channel, received)
+            if isinstance(notification, dict) and notification.get("event") == "reconnect":
+                log.warning("the exchange announced a reconnect")
+                assert self.session is not None
+                self.session.reconnect_soon()
+        # else: a late message of a channel just unsubscribed — nothing to do
+
+    def on_garbage(self, raw: str, reason: str, received: float) -> None:
+        self._count("<unparsed>", received)
+        self.ticks.deadletter("thalex:websocket", f"websocket@{received:.6f}", raw, reason)
+
+    # The account worker (one item at a time, in order)
+
+    async def on_connected(self, link: Link) -> None:
+        """Bootstrap on the worker (behind anything it still holds, ahead of the live feed)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.account_queue.put_nowait(("<bootstrap>", (link, done), "", time.time()))
+        await done
+
+    async def _account_worker(self) -> None:
+        while True:
+            item: tuple[str, Any, str, float] | None = None
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(FOLLOW_INTERVAL_SECONDS):
+                    item = await self.account_queue.get()
+            except TimeoutError:
+                pass  # time to re-check the flat-since timers
+            link = self.session.link if self.session is not None else None
+            try:
+                if item is not None:
+                    channel, notification, raw, received = item
+                    if channel == "<bootstrap>":
+                        link, done = notification
+                        await self._bootstrap_into(link, done)
+                        continue
+                    if channel == TRADES:
+                        await self.on_trades(notification, raw, received, f"thalex:{TRADES}", gap=False)
+                    else:
+                        await self.on_portfolio(notification, raw, received)
+                if link is not None and not link.closed and self.session is not None and self.session.ready:
+                    await self.sync_subscriptions(link)
+            except ConnectionLost as exc:  # the session reconnects; its bootstrap catches up
+                log.info("account worker: %s", exc)
+            except RequestFailed as exc:
+                log.warning("account worker: %s", exc)
+            except RedisError as exc:
+                # What could not be written is still on the exchange: a new connection's gap fill
+                # publishes it (once) as soon as Redis answers again.
+                log.error("account worker: Redis failed (%s); re-connecting to fill the gap", exc)
+                if self.session is not None:
+                    self.session.reconnect_soon()
+                await asyncio.sleep(REDIS_RETRY_SECONDS)
+
+    async def _bootstrap_into(self, link: Link, done: asyncio.Future[None]) -> None:
+        try:
+            await self.bootstrap(link)
+        except BaseException as exc:
+            if not done.done():
+                done.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            if not done.done():
+                done.set_result(None)
+
+    async def bootstrap(self, link: Link) -> None:
+        """After every login: private feeds first (nothing slips between), then the gap fill."""
+        client = link.client
+        # A new connection holds no public channel and no book view: start from nothing.
+        self.channels.clear()
+        self.refused.clear()
+        self.books.clear()
+        self.portfolio_snapshot_due = True
+        await link.call("private/subscribe",
+                        lambda rid: client.private_subscribe([TRADES, PORTFOLIO], id=rid))
+        try:
+            await link.call("public/subscribe", lambda rid: client.public_subscribe([SYSTEM], id=rid))
+        except RequestFailed as exc:
+            log.info("no system channel on this exchange (%s); relying on the idle watchdog", exc.message)
+        await self.load_instruments(link)
+        received = time.time()
+        lines = await link.call("private/portfolio", lambda rid: client.portfolio(id=rid))
+        await self.on_portfolio(lines, None, received, complete=True)
+        await self.gap_fill(link)
+        await self.sync_subscriptions(link)
+
+    async def gap_fill(self, link: Link) -> None:
+        """Page `private/trade_history` (ascending) from the checkpoint; publish what is new."""
+        checkpoint = await self.fills.checkpoint()
+        time_low = self.since if checkpoint is None else max(self.since, checkpoint - HISTORY_OVERLAP_SECONDS)
+        bookmark: str | None = None
+        while True:
+            result = await link.call("private/trade_history", lambda rid, page=bookmark: (
+                link.client.trade_history(limit=HISTORY_PAGE, time_low=time_low, sort=Sort.ASC,
+                                          bookmark=page, id=rid)))
+            received = time.time()
+            if not isinstance(result, dict):
+                await self.bus.deadletter("thalex:private/trade_history", f"history@{received:.6f}",
+                                          json.dumps(result), "result: expected an object with trades")
+                return
+            await self.on_trades(result.get("trades"), None, received, "thalex:private/trade_history",
+                                 gap=True)
+            bookmark = result.get("bookmark")
+            if not bookmark:
+                return
+
+    async def on_trades(self, trades: Any, raw: str | None, received: float, source: str, gap: bool) -> None:
+        """Translate, drop pre-start history, publish once; follow what traded."""
+        try:
+            items = as_list(trades, "trades")
+        except MalformedMessage as exc:
+            await self.bus.deadletter(source, f"trades@{received:.6f}", raw or json.dumps(trades), str(exc))
+            return
+        fills: list[Fill] = []
+        for item in items:
+            try:
+                fill = fill_from_trade(item, received)
+            except MalformedMessage as exc:
+                trade_id = item.get("trade_id") if isinstance(item, dict) else None
+                await self.bus.deadletter(source, str(trade_id or f"trade@{received:.6f}"),
+                                          json.dumps(item), str(exc))
+                continue
+            if fill.exchange_ts >= self.since:
+                fills.append(fill)
+        new = await self.fills.publish(fills)
+        if gap:
+            GAP_FILLED.inc(len(new))
+        for fill in new:
+            self.follow.on_fill(fill.instrument, fill.position_after, received)
+
+    async def on_portfolio(self, lines: Any, raw: str | None, received: float,
+                           complete: bool | None = None) -> None:
+        """Merge the lines into the account's portfolio and publish the whole view."""
+        if complete is None:  # the first notification after subscribing is the full portfolio
+            complete, self.portfolio_snapshot_due = self.portfolio_snapshot_due, False
+        try:
+            entries = [position_from_entry(line) for line in as_list(lines, "portfolio")]
+        except MalformedMessage as exc:
+            await self.bus.deadletter(f"thalex:{PORTFOLIO}", f"portfolio@{received:.6f}",
+                                      raw or json.dumps(lines), str(exc))
+            return
+        if complete:
+            self.portfolio = {}
+        self.portfolio.update((e.instrument, e) for e in entries)
+        doc = positions_from_portfolio(self.portfolio.values(), exchange_ts=received, ingest_ts=time.time())
+        await self.bus.publish(self.names.positions, doc)
+        PUBLISHED.labels(self.names.positions).inc()
+        self.follow.on_portfolio(((e.instrument, e.position) for e in entries), received, complete)
+
+    # Instruments and subscriptions
+
+    async def load_instruments(self, link: Link) -> None:
+        """`public/instruments` → the `tp:instruments` hash (every active instrument)."""
+        listed = await link.call("public/instruments", lambda rid: link.client.instruments(id=rid))
+        try:
+            items = as_list(listed, "public/instruments result")
+        except MalformedMessage as exc:
+            await self.bus.deadletter("thalex:public/instruments", f"instruments@{time.time():.6f}",
+                                      json.dumps(listed), str(exc))
+            return
+        await self._store_instruments(items, "public/instruments")
+
+    async def _store_instruments(self, items: Iterable[Any], source: str) -> None:
+        infos: dict[str, InstrumentInfo] = {}
+        for item in items:
+            try:
+                name, info = instrument_info(item)
+            except MalformedMessage as exc:
+                await self.bus.deadletter(f"thalex:{source}", f"instrument@{time.time():.6f}",
+                                          json.dumps(item), str(exc))
+                continue
+            infos[name] = info
+        if infos:
+            await self.bus.redis.hset(self.names.instruments,
+                                      mapping={n: encode_document(i) for n, i in infos.items()})
+            PUBLISHED.labels(self.names.instruments).inc(len(infos))
+            self.known_instruments.update(infos)
+
+    async def sync_subscriptions(self, link: Link) -> None:
+        """Make the exchange's subscriptions match what is followed now."""
+        now = time.time()
+        wanted = self.follow.wanted(now)
+        unknown = sorted({instrument for _, instrument in wanted.values()} - self.known_instruments)
+        for name in unknown:  # e.g. expired instruments still in a position
+            try:
+                item = await link.call("public/instrument",
+                                       lambda rid, n=name: link.client.instrument(n, id=rid))
+            except RequestFailed as exc:
+                log.warning("no metadata for %s: %s", name, exc.message)
+                self.known_instruments.add(name)  # do not ask again on this connection
+                continue
+            await self._store_instruments([item], "public/instrument")
+        plan = self.follow.plan(now, self.channels)
+        if plan.unsubscribe:
+            for channel in plan.unsubscribe:
+                _, instrument = self.channels.pop(channel)
+                if channel.startswith("book."):
+                    self.books.pop(instrument, None)
+            await link.call("unsubscribe", lambda rid: link.client.unsubscribe(plan.unsubscribe, id=rid))
+            log.info("unsubscribed %s", ", ".join(plan.unsubscribe))
+        subscribe = [c for c in plan.subscribe if c not in self.refused]
+        if subscribe:
+            await self._subscribe(link, subscribe, wanted)
+
+    async def _subscribe(self, link: Link, channels: list[str], wanted: dict[str, tuple[Feed, str]]) -> None:
+        """Register first (the snapshot can arrive right behind the answer), then subscribe.
+
+        A channel the exchange refuses (unknown instrument on the watch list) is
+        not retried on this connection; the others still go through.
+        """
+        for channel in channels:
+            self.channels[channel] = wanted[channel]
+            if wanted[channel][0] is Feed.BOOK:
+                self.books[wanted[channel][1]] = Book()
+        try:
+            await link.call("public/subscribe", lambda rid: link.client.public_subscribe(channels, id=rid))
+            log.info("subscribed %s", ", ".join(channels))
+            return
+        except RequestFailed as exc:
+            if len(channels) == 1:
+                log.warning("the exchange refused %s: %s", channels[0], exc.message)
+                self.channels.pop(channels[0], None)
+                self.refused.add(channels[0])
+                return
+        for channel in channels:  # find the one(s) it refused
+            self.channels.pop(channel, None)
+        for channel in channels:
+            await self._subscribe(link, [channel], wanted)
+
+
+def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Ingest:
+    """Ingest consumes no stream: it only publishes, so `consumer_name` is unused."""
+    return Ingest(settings, bus, health)
+
+
+def main(argv: list[str]) -> int:
+    return service_main(SERVICE, argv, build, lambda s: s.metrics.ingest_port)
+
+
+__all__ = ["Ingest", "build", "main"]

@@ -1,0 +1,304 @@
+"""Thalex messages → wire documents (pure: no I/O, no clock; `ingest_ts` is passed in).
+
+The exchange's objects (api.yaml: `Trade`, `Ticker`, `PortfolioEntry`,
+`Instrument`, the `book.*` notification) are validated here against the parts of
+the schema the guardian relies on, and turned into the contract documents of
+`services/common/contracts.py`. Anything that does not fit raises
+`MalformedMessage` naming the object and the field, so the shell can
+dead-letter the raw text and keep running: one bad message must never cost the
+account its other fills.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.common.contracts import (
+    ExchangePosition,
+    Fill,
+    InstrumentInfo,
+    Positions,
+    Tick,
+    TradeType,
+)
+
+
+class MalformedMessage(ValueError):
+    """An exchange message the guardian cannot use; the text says which field and why."""
+
+
+class _Thalex(BaseModel):
+    """An exchange object: unknown fields are Thalex's business; a wrong type or NaN is not."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
+
+
+class ThalexTrade(_Thalex):
+    """The fields of api.yaml `Trade` a fill needs (`fee` is money: required)."""
+
+    trade_id: str
+    order_id: str
+    instrument_name: str
+    direction: str
+    price: float
+    amount: float
+    time: float
+    fee: float
+    fee_rate: float | None = None
+    maker_taker: str | None = None
+    position_after: float | None = None
+    funding_mark: float | None = None
+    label: str | None = None
+    client_order_id: float | None = None
+    trade_type: str = TradeType.NORMAL.value
+
+
+class ThalexTicker(_Thalex):
+    """api.yaml `Ticker`: empty book sides are null or absent."""
+
+    mark_price: float
+    mark_timestamp: float | None = None
+    best_bid_price: float | None = None
+    best_ask_price: float | None = None
+    index: float | None = None
+    funding_mark: float | None = None
+
+
+class ThalexPortfolioEntry(_Thalex):
+    """api.yaml `PortfolioEntry`."""
+
+    instrument_name: str
+    position: float
+    mark_price: float
+    average_price: float | None = None
+    start_price: float | None = None
+    realised_pnl: float = 0.0
+    unrealised_pnl: float = 0.0
+    unrealised_perpetual_funding: float | None = None
+    perpetual_funding_entry_value: float | None = None
+
+
+class ThalexInstrument(_Thalex):
+    """api.yaml `Instrument`."""
+
+    instrument_name: str
+    type: str
+    product: str
+    underlying: str
+    tick_size: float
+    volume_tick_size: float
+    min_order_amount: float
+    expiration_timestamp: float | None = None
+
+
+class ThalexBookUpdate(_Thalex):
+    """The `book.<instrument>.<grouping>.<nlevels>.<delay>` notification (level changes)."""
+
+    bid_changes: list[list[Any]] = []
+    ask_changes: list[list[Any]] = []
+    time: float | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or '<object>'}: {item['msg']}" for item in error.errors()
+    )
+
+
+def parse(model: type[M], what: str, data: Any) -> M:
+    """Validate one exchange object or raise `MalformedMessage` naming `what` and the fields."""
+    if not isinstance(data, Mapping):
+        raise MalformedMessage(f"{what}: expected an object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedMessage(f"{what}: {_problems(exc)}") from None
+
+
+def _contract(model: type[M], what: str, **fields: Any) -> M:
+    """Build a contract document; a value the contract refuses is the exchange's message's fault."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise MalformedMessage(f"{what} does not fit the wire contract: {_problems(exc)}") from None
+
+
+def as_list(data: Any, what: str) -> list[Any]:
+    """A notification or result that must be a JSON array (trades, portfolio lines)."""
+    if not isinstance(data, list):
+        raise MalformedMessage(f"{what}: expected an array, got {type(data).__name__}")
+    return data
+
+
+# Fills
+
+
+def fill_from_trade(data: Any, ingest_ts: float) -> Fill:
+    """One Thalex `Trade` → `Fill` (amount stays positive; `direction` is the side)."""
+    trade = parse(ThalexTrade, "Trade", data)
+    what = f"Trade {trade.trade_id}"
+    client_order_id = trade.client_order_id
+    if client_order_id is not None and not float(client_order_id).is_integer():
+        raise MalformedMessage(f"{what}: client_order_id {client_order_id} is not an integer")
+    return _contract(
+        Fill,
+        what,
+        trade_id=trade.trade_id,
+        order_id=trade.order_id,
+        client_order_id=None if client_order_id is None else int(client_order_id),
+        instrument=trade.instrument_name,
+        side=trade.direction,
+        price=trade.price,
+        amount=trade.amount,
+        fee=trade.fee,
+        fee_rate=trade.fee_rate,
+        liquidity=trade.maker_taker,
+        position_after=trade.position_after,
+        funding_mark=trade.funding_mark,
+        label=trade.label or None,
+        trade_type=trade.trade_type,
+        exchange_ts=trade.time,
+        ingest_ts=ingest_ts,
+    )
+
+
+# Ticks and books
+
+
+class Book:
+    """One instrument's aggregated book, rebuilt from `book.*` level changes.
+
+    Thalex sends the whole book as changes against an empty view on
+    subscription, then only the levels that changed (amount 0 = level gone);
+    so a book must be dropped whenever its subscription is (a reconnect too).
+    """
+
+    __slots__ = ("asks", "bids")
+
+    def __init__(self) -> None:
+        self.bids: dict[float, float] = {}
+        self.asks: dict[float, float] = {}
+
+    def apply(self, data: Any) -> float | None:
+        """Fold one notification in; returns its `time` (None when the exchange gave none)."""
+        update = parse(ThalexBookUpdate, "book update", data)
+        for side, changes, name in ((self.bids, update.bid_changes, "bid_changes"),
+                                    (self.asks, update.ask_changes, "ask_changes")):
+            for change in changes:
+                price, amount = _level(change, name)
+                if amount == 0.0:
+                    side.pop(price, None)
+                else:
+                    side[price] = amount
+        return update.time
+
+    def top(self, levels: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """The best `levels` levels of each side, best first (bids descending, asks ascending)."""
+        bids = sorted(self.bids.items(), key=lambda level: -level[0])[:levels]
+        asks = sorted(self.asks.items())[:levels]
+        return bids, asks
+
+
+def _level(change: Sequence[Any], side: str) -> tuple[float, float]:
+    if len(change) < 2:
+        raise MalformedMessage(f"book update: {side}: level {change!r} needs [price, amount, ...]")
+    price, amount = change[0], change[1]
+    for value, name in ((price, "price"), (amount, "amount")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MalformedMessage(f"book update: {side}: {name} {value!r} is not a finite number")
+    if price < 0 or amount < 0:
+        raise MalformedMessage(f"book update: {side}: level {change!r} has a negative price or amount")
+    return float(price), float(amount)
+
+
+def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | None = None,
+                     levels: int = 0) -> Tick:
+    """A `Ticker` (+ the instrument's book, when followed) → `Tick`.
+
+    `exchange_ts` is the ticker's `mark_timestamp` (when the price was marked),
+    the receive time when the exchange gave none.
+    """
+    ticker = parse(ThalexTicker, f"Ticker {instrument}", data)
+    bids = asks = None
+    if book is not None:
+        bids, asks = book.top(levels)
+    return _contract(
+        Tick,
+        f"Ticker {instrument}",
+        instrument=instrument,
+        mark=ticker.mark_price,
+        best_bid=ticker.best_bid_price,
+        best_ask=ticker.best_ask_price,
+        bids=bids,
+        asks=asks,
+        index=ticker.index,
+        funding_mark=ticker.funding_mark,
+        exchange_ts=ticker.mark_timestamp if ticker.mark_timestamp is not None else ingest_ts,
+        ingest_ts=ingest_ts,
+    )
+
+
+def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, ingest_ts: float) -> Tick:
+    """The last tick re-issued with the book's new top levels (prices unchanged).
+
+    A book change moves the cost of getting out even when the mark does not.
+    """
+    bids, asks = book.top(levels)
+    return tick.model_copy(update={
+        "bids": bids,
+        "asks": asks,
+        "exchange_ts": max(tick.exchange_ts, exchange_ts) if exchange_ts is not None else tick.exchange_ts,
+        "ingest_ts": ingest_ts,
+    })
+
+
+# Positions and instruments
+
+
+def positions_from_portfolio(lines: Iterable[ExchangePosition], exchange_ts: float,
+                             ingest_ts: float) -> Positions:
+    """The account's whole portfolio view (every line, flat ones included, sorted by instrument)."""
+    return Positions(positions=sorted(lines, key=lambda p: p.instrument), exchange_ts=exchange_ts,
+                     ingest_ts=ingest_ts)
+
+
+def position_from_entry(data: Any) -> ExchangePosition:
+    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`)."""
+    entry = parse(ThalexPortfolioEntry, "PortfolioEntry", data)
+    average = entry.average_price if entry.average_price is not None else (entry.start_price or 0.0)
+    return _contract(
+        ExchangePosition,
+        f"PortfolioEntry {entry.instrument_name}",
+        instrument=entry.instrument_name,
+        position=entry.position,
+        mark_price=entry.mark_price,
+        average_price=average,
+        realised_pnl=entry.realised_pnl,
+        unrealised_pnl=entry.unrealised_pnl,
+        unrealised_perpetual_funding=entry.unrealised_perpetual_funding,
+        perpetual_funding_entry_value=entry.perpetual_funding_entry_value,
+    )
+
+
+def instrument_info(data: Any) -> tuple[str, InstrumentInfo]:
+    """One `Instrument` → `(name, InstrumentInfo)` for the `tp:instruments` hash."""
+    inst = parse(ThalexInstrument, "Instrument", data)
+    info = _contract(
+        InstrumentInfo,
+        f"Instrument {inst.instrument_name}",
+        type=inst.type,
+        product=inst.product,
+        underlying=inst.underlying,
+        tick_size=inst.tick_size,
+        volume_tick_size=inst.volume_tick_size,
+        min_order_amount=inst.min_order_amount,
+        expiry_ts=inst.expiration_timestamp,
+    )
+    return inst.instrument_name, info

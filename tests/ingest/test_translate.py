@@ -1,0 +1,165 @@
+"""The pure translation of Thalex messages into wire documents, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.ingest.translate import (
+    Book,
+    MalformedMessage,
+    fill_from_trade,
+    instrument_info,
+    position_from_entry,
+    positions_from_portfolio,
+    tick_from_ticker,
+    with_book,
+)
+
+TRADE = {  # api.yaml's example Trade, with the fields the paper exchange adds
+    "order_id": "00011E570000004A", "trade_id": "0080000000000000169F22D05B785A2B",
+    "instrument_name": "BTC-PERPETUAL", "direction": "sell", "price": 47280, "amount": 0.1,
+    "label": "", "time": 1630059868.4145653, "position_after": -1.1, "trade_type": "normal",
+    "session_realised_after": 25, "fee_rate": 0.00025, "index": 47200, "fee": 1.18,
+    "funding_mark": 0.014, "leg_index": 0, "maker_taker": "maker", "client_order_id": 7,
+}
+
+
+def test_trade_becomes_a_fill_with_fee_liquidity_and_position() -> None:
+    fill = fill_from_trade(TRADE, ingest_ts=1630059869.0)
+    assert (fill.trade_id, fill.order_id, fill.instrument) == (TRADE["trade_id"], TRADE["order_id"], "BTC-PERPETUAL")
+    assert (fill.side, fill.price, fill.amount, fill.signed_amount) == ("sell", 47280, 0.1, -0.1)
+    assert (fill.fee, fill.fee_rate, fill.liquidity) == (1.18, 0.00025, "maker")
+    assert (fill.position_after, fill.funding_mark, fill.client_order_id) == (-1.1, 0.014, 7)
+    assert fill.label is None  # Thalex sends "" for no label
+    assert (fill.exchange_ts, fill.ingest_ts) == (TRADE["time"], 1630059869.0)
+
+
+def test_a_rebate_is_a_negative_fee_and_optional_fields_may_be_absent() -> None:
+    minimal = {k: TRADE[k] for k in ("trade_id", "order_id", "instrument_name", "direction", "price",
+                                     "amount", "time")} | {"fee": -0.2}
+    fill = fill_from_trade(minimal, 0.0)
+    assert fill.fee == -0.2 and fill.liquidity is None and fill.position_after is None
+    assert fill.trade_type == "normal"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"fee": None}, r"Trade: fee: "),
+    ({"price": "47280"}, r"Trade: price: Input should be a valid number"),
+    ({"direction": "up"}, r"Trade 0080.*side: Input should be 'buy' or 'sell'"),
+    ({"amount": 0}, r"Trade 0080.*amount: Input should be greater than 0"),
+    ({"maker_taker": "both"}, r"liquidity: Input should be 'maker' or 'taker'"),
+    ({"trade_type": "gift"}, r"trade_type: Input should be"),
+    ({"client_order_id": 1.5}, r"client_order_id 1.5 is not an integer"),
+    ({"price": math.nan}, r"Trade: price: Input should be a finite number"),
+])
+def test_malformed_trades_say_which_field_and_why(change: dict, expected: str) -> None:
+    trade = {k: v for k, v in (TRADE | change).items() if v is not None}
+    with pytest.raises(MalformedMessage, match=expected):
+        fill_from_trade(trade, 0.0)
+
+
+def test_a_trade_that_is_not_an_object() -> None:
+    with pytest.raises(MalformedMessage, match="Trade: expected an object, got list"):
+        fill_from_trade([1, 2], 0.0)
+
+
+TICKER = {"mark_price": 100000.5, "mark_timestamp": 1700000000.25, "best_bid_price": 99999,
+          "best_bid_amount": 1, "best_ask_price": 100001, "best_ask_amount": 2, "index": 99990,
+          "funding_mark": 0.5, "delta": 1, "volume_24h": 0}
+
+
+def test_ticker_becomes_a_tick_without_book_levels_when_not_followed() -> None:
+    tick = tick_from_ticker("BTC-PERPETUAL", TICKER, 1700000000.3)
+    assert (tick.mark, tick.best_bid, tick.best_ask, tick.index, tick.funding_mark) == (
+        100000.5, 99999, 100001, 99990, 0.5)
+    assert tick.bids is None and tick.asks is None
+    assert (tick.exchange_ts, tick.ingest_ts) == (1700000000.25, 1700000000.3)
+
+
+def test_an_empty_book_side_is_null_and_a_missing_mark_time_is_the_receive_time() -> None:
+    tick = tick_from_ticker("X", {"mark_price": 5, "best_bid_price": None}, 7.0)
+    assert tick.best_bid is None and tick.best_ask is None and tick.exchange_ts == 7.0
+
+
+def test_a_ticker_without_mark_is_malformed() -> None:
+    with pytest.raises(MalformedMessage, match="Ticker X: mark_price: Field required"):
+        tick_from_ticker("X", {"best_bid_price": 1}, 0.0)
+    with pytest.raises(MalformedMessage, match="Ticker X does not fit the wire contract: mark"):
+        tick_from_ticker("X", {"mark_price": -1}, 0.0)
+
+
+def test_book_snapshot_then_changes_give_the_top_levels_best_first() -> None:
+    book = Book()
+    assert book.apply({"bid_changes": [[99, 1, 1], [98, 2, 2], [97, 3, 3]],
+                       "ask_changes": [[101, 1, 1], [103, 3, 3], [102, 2, 2]], "time": 5.0}) == 5.0
+    book.apply({"bid_changes": [[99, 0, 0], [100, 4, 4]], "ask_changes": [[101, 1.5, 1.5]]})
+    assert book.top(2) == ([(100, 4), (98, 2)], [(101, 1.5), (102, 2)])
+    tick = tick_from_ticker("X", {"mark_price": 100}, 6.0, book, 3)
+    assert tick.bids == [(100, 4), (98, 2), (97, 3)] and tick.asks == [(101, 1.5), (102, 2), (103, 3)]
+
+
+def test_a_book_change_reissues_the_last_tick_with_new_levels() -> None:
+    book = Book()
+    book.apply({"bid_changes": [[99, 1, 1]], "ask_changes": [[101, 1, 1]]})
+    tick = tick_from_ticker("X", {"mark_price": 100, "mark_timestamp": 10.0}, 10.5, book, 5)
+    book.apply({"ask_changes": [[101, 0, 0], [102, 5, 5]], "time": 11.0})
+    again = with_book(tick, book, 5, 11.0, 11.2)
+    assert again.asks == [(102, 5)] and again.mark == 100 and (again.exchange_ts, again.ingest_ts) == (11.0, 11.2)
+
+
+@pytest.mark.parametrize(("update", "expected"), [
+    ({"bid_changes": [[99]]}, "bid_changes: level \\[99\\] needs"),
+    ({"ask_changes": [["a", 1]]}, "ask_changes: price 'a' is not a finite number"),
+    ({"ask_changes": [[1, -1]]}, "negative price or amount"),
+    ({"bid_changes": "none"}, "bid_changes: Input should be a valid list"),
+    ([], "book update: expected an object"),
+])
+def test_malformed_book_updates(update: object, expected: str) -> None:
+    with pytest.raises(MalformedMessage, match=expected):
+        Book().apply(update)
+
+
+@given(st.lists(st.tuples(st.integers(1, 50), st.integers(0, 5)), max_size=60))
+def test_book_levels_stay_sorted_positive_and_match_the_last_change(changes: list[tuple[int, int]]) -> None:
+    book = Book()
+    for price, amount in changes:
+        book.apply({"bid_changes": [[price, amount, amount]], "ask_changes": [[price + 100, amount, amount]]})
+    bids, asks = book.top(50)
+    latest = {p: a for p, a in changes}
+    assert bids == sorted(((p, a) for p, a in latest.items() if a > 0), reverse=True)
+    assert [p for p, _ in asks] == sorted(p + 100 for p, a in latest.items() if a > 0)
+
+
+def test_portfolio_entry_and_the_whole_view() -> None:
+    entry = {"instrument_name": "BTC-PERPETUAL", "position": -0.5, "mark_price": 100, "index": 99,
+             "start_price": 90, "average_price": 95, "unrealised_pnl": -2.5, "realised_pnl": 1,
+             "entry_value": -45, "perpetual_funding_entry_value": 0.2, "unrealised_perpetual_funding": 0.1}
+    pos = position_from_entry(entry)
+    assert (pos.instrument, pos.position, pos.average_price, pos.realised_pnl) == ("BTC-PERPETUAL", -0.5, 95, 1)
+    assert (pos.perpetual_funding_entry_value, pos.unrealised_perpetual_funding) == (0.2, 0.1)
+    no_average = position_from_entry({k: v for k, v in entry.items() if k != "average_price"})
+    assert no_average.average_price == 90
+    other = position_from_entry({"instrument_name": "A", "position": 0, "mark_price": 1})
+    view = positions_from_portfolio([pos, other], 5.0, 6.0)
+    assert [p.instrument for p in view.positions] == ["A", "BTC-PERPETUAL"]
+    with pytest.raises(MalformedMessage, match="PortfolioEntry: position: Field required"):
+        position_from_entry({"instrument_name": "A", "mark_price": 1})
+
+
+def test_instrument_metadata() -> None:
+    option = {"instrument_name": "BTC-10SEP21-70000-C", "product": "OBTCUSD", "tick_size": 5,
+              "volume_tick_size": 0.1, "min_order_amount": 0.1, "underlying": "BTCUSD", "type": "option",
+              "option_type": "call", "expiry_date": "2021-09-10", "expiration_timestamp": 1631260800,
+              "strike_price": 70000, "base_currency": "USD", "create_time": 1631250800.103645}
+    name, info = instrument_info(option)
+    assert name == "BTC-10SEP21-70000-C"
+    assert (info.type, info.product, info.underlying, info.expiry_ts) == ("option", "OBTCUSD", "BTCUSD", 1631260800)
+    assert (info.tick_size, info.volume_tick_size, info.min_order_amount) == (5, 0.1, 0.1)
+    with pytest.raises(MalformedMessage, match="min_order_amount must be >= volume_tick_size"):
+        instrument_info(option | {"min_order_amount": 0.01})
+    with pytest.raises(MalformedMessage, match="type: Input should be"):
+        instrument_info(option | {"type": "spot"})
