@@ -1,0 +1,713 @@
+"""The executor's shell: consumes `tp:commands`, closes positions on Thalex, reports on `tp:reports`.
+
+The decisions (prices, amounts, hedge order, the command's state machine) live in `plan.py`;
+this module does the I/O around them: the Redis lease and progress of each command, the
+Thalex session, market data, sending and following orders, metrics. See docs/executor.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import thalex
+from prometheus_client import Counter, Histogram
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.common.bus import Bus, Delivery, encode_document
+from services.common.config import Settings, require_key
+from services.common.contracts import (
+    Command,
+    ExchangeError,
+    InstrumentInfo,
+    InstrumentType,
+    PlannedOrder,
+    Report,
+    ReportStatus,
+    Side,
+)
+from services.common.service import Health, Runnable, service_main
+from services.common.streams import Names
+from services.executor.plan import (
+    INSUFFICIENT_LIQUIDITY,
+    REDUCE_ONLY_REJECTED,
+    ErrorAction,
+    HedgeLeg,
+    Leg,
+    LegFill,
+    LegState,
+    Progress,
+    Stage,
+    action_for,
+    book_depth,
+    close_price,
+    close_side,
+    group_legs,
+    hedge_wave,
+    lead_first,
+    order_amount,
+    reference_price,
+    widened,
+)
+from services.executor.session import ConnectionLost, ThalexError, ThalexSession
+
+log = logging.getLogger(__name__)
+
+GROUP = "executor"
+LEASE_SECONDS = 3.0
+"""A dead executor's lease expires this fast; a live one renews it every third of it."""
+PROGRESS_TTL_SECONDS = 30 * 24 * 3600
+"""How long a command's progress is kept: a replay within this window is reported `duplicate`."""
+CLAIM_MARGIN_SECONDS = 30.0
+FEE_WAIT_SECONDS = 1.0
+BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
+MAX_REMEMBERED_TRADES = 100_000
+RETRY_PAUSE = 0.05
+"""Pause before re-sending an unfilled remainder, so the book can refill."""
+
+COMMANDS = Counter("tp_executor_commands_total", "Commands by outcome", ["outcome"])
+ORDERS_SENT = Counter("tp_executor_orders_sent_total", "Closing orders sent")
+ORDERS_FILLED = Counter("tp_executor_orders_filled_total", "Closing orders that traded (fully or partly)")
+ORDERS_REJECTED = Counter("tp_executor_orders_rejected_total", "Closing orders rejected, by Thalex code", ["code"])
+RETRIES = Counter("tp_executor_retries_total", "Re-sent closing orders, by reason", ["reason"])
+TIME_TO_FIRST_ORDER = Histogram(
+    "tp_executor_time_to_first_order_seconds", "From the command's created_ts to its first order",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TIME_TO_FLAT = Histogram(
+    "tp_executor_time_to_flat_seconds", "From the command's created_ts to verified flat",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60),
+)
+
+SAVE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', '__data__', ARGV[i])
+end
+return 1
+"""
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaseLost(RuntimeError):
+    """Another executor owns the command now; this one must stop touching it."""
+
+
+class Store:
+    """A command's progress and lease in Redis.
+
+    The lease (`SET NX PX`, value = a fencing token unique to this attempt) says who works a
+    command; every progress write checks the token in the same Lua call that writes it and
+    appends the reports, so an executor that lost its lease can neither overwrite the new
+    owner's progress nor publish for it.
+    """
+
+    def __init__(self, redis: Redis, names: Names, maxlen: int, owner: str) -> None:
+        self.redis = redis
+        self.names = names
+        self.maxlen = maxlen
+        self.owner = owner
+        self._save = redis.register_script(SAVE_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._release = redis.register_script(RELEASE_SCRIPT)
+
+    def _progress_key(self, command_id: str) -> str:
+        return self.names.key(f"executor:progress:{command_id}")
+
+    def _lease_key(self, command_id: str) -> str:
+        return self.names.key(f"executor:lease:{command_id}")
+
+    async def load(self, command_id: str) -> Progress | None:
+        raw = await self.redis.get(self._progress_key(command_id))
+        return None if raw is None else Progress.model_validate_json(raw)
+
+    async def acquire(self, command_id: str) -> str | None:
+        """Wait for the lease; None when the command is finished meanwhile (a duplicate)."""
+        token = f"{self.owner}:{uuid.uuid4().hex}"
+        while True:
+            progress = await self.load(command_id)
+            if progress is not None and progress.terminal:
+                return None
+            if await self.redis.set(self._lease_key(command_id), token, nx=True, px=int(LEASE_SECONDS * 1000)):
+                return token
+            await asyncio.sleep(0.1)
+
+    async def renew(self, command_id: str, token: str) -> bool:
+        return bool(await self._renew(keys=[self._lease_key(command_id)],
+                                      args=[token, int(LEASE_SECONDS * 1000)]))
+
+    async def release(self, command_id: str, token: str) -> None:
+        await self._release(keys=[self._lease_key(command_id)], args=[token])
+
+    async def save(self, progress: Progress, token: str, reports: Iterable[Report] = ()) -> None:
+        ok = await self._save(
+            keys=[self._lease_key(progress.command_id), self._progress_key(progress.command_id),
+                  self.names.reports],
+            args=[token, progress.model_dump_json(), PROGRESS_TTL_SECONDS, self.maxlen,
+                  *(encode_document(r) for r in reports)],
+        )
+        if not ok:
+            raise LeaseLost(progress.command_id)
+
+
+@dataclass
+class Quote:
+    """What the executor needs of the market for one instrument."""
+
+    mark: float
+    best_bid: float | None
+    best_ask: float | None
+    delta: float
+    bids: list[list[float]] | None = None
+    asks: list[list[float]] | None = None
+
+
+@dataclass
+class Order:
+    """One closing order of a wave and its outcome."""
+
+    leg: Leg
+    side: Side
+    amount: float
+    price: float
+    result: dict[str, Any] | None = None
+    error: ExchangeError | None = None
+    lost: bool = False
+
+
+@dataclass
+class Work:
+    """One command in the hands of this executor: its progress, lease token and reports to publish."""
+
+    progress: Progress
+    token: str
+    created_ts: float
+    reports: list[Report] = field(default_factory=list)
+    lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, status: ReportStatus, **fields: Any) -> None:
+        self.reports.append(self.progress.report(status, time.time(), **fields))
+
+
+class Executor:
+    """Closes the positions of each command at most once; see docs/executor.md."""
+
+    def __init__(self, settings: Settings, bus: Bus, consumer_name: str) -> None:
+        self.settings = settings
+        self.config = settings.executor
+        self.bus = bus
+        self.names = settings.names
+        self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
+        key_id = private_key = None
+        if not self.config.dry_run:  # a trading key is loaded only when orders may be sent
+            key_id, private_key = require_key("executor", self.config.key_id, self.config.private_key_file)
+        self.session = ThalexSession(
+            settings.thalex.url, key_id=key_id, private_key=private_key, account=settings.thalex.account,
+            order_rate=self.config.order_rate_per_second,
+            private_channels=("session.orders", "account.trade_history") if private_key else (),
+        )
+        self.session.on("account.trade_history", self._on_trades)
+        self.trades: dict[str, dict[str, Any]] = {}
+        """Trades of this account seen on `account.trade_history`, by trade id (for the fees)."""
+        self.trade_seen = asyncio.Event()
+        self.instruments: dict[str, InstrumentInfo] = {}
+        bus.consumer(self.names.commands, GROUP, consumer_name, Command, self.handle, batch_size=1,
+                     claim_idle_seconds=self.config.deadline_seconds + CLAIM_MARGIN_SECONDS)
+
+    async def run(self) -> None:
+        """Keep the exchange session up; commands arrive through the bus consumer."""
+        delay = BACKOFF_START
+        while True:
+            try:
+                await self.session.connect()
+                delay = BACKOFF_START
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried, loudly
+                log.warning("cannot connect to %s: %s; retrying in %.1f s", self.settings.thalex.url, exc, delay)
+                delay = min(delay * 2, 5.0)
+            await asyncio.sleep(delay if not self.session.connected else 1.0)
+
+    async def exchange_healthy(self) -> bool:
+        return self.session.connected
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    # Commands
+
+    async def handle(self, batch: list[Delivery[Command]], pipe: Pipeline) -> None:
+        """Execute each command; raising leaves it pending, to be resumed on redelivery."""
+        for delivery in batch:
+            await self.execute(delivery.doc)
+
+    async def execute(self, command: Command) -> None:
+        token = await self.store.acquire(command.command_id)
+        if token is None:
+            await self._publish_duplicate(command)
+            return
+        try:
+            progress = await self.store.load(command.command_id)
+            if progress is not None and progress.terminal:
+                await self._publish_duplicate(command)
+                return
+            work = Work(progress or Progress.start(command, time.time(), self.config.close_price_buffer,
+                                                   self.config.deadline_seconds), token, command.created_ts)
+            if progress is None:
+                work.add(ReportStatus.RECEIVED)
+                await self._save(work)
+            else:
+                log.info("resuming %s at stage %s", command.command_id, progress.stage)
+            heartbeat = asyncio.create_task(self._keep_lease(work))
+            try:
+                await self._work(work, resumed=progress is not None)
+            finally:
+                heartbeat.cancel()
+            COMMANDS.labels(work.progress.stage.value).inc()
+        finally:
+            await self.store.release(command.command_id, token)
+
+    async def _publish_duplicate(self, command: Command) -> None:
+        log.info("command %s already handled: duplicate", command.command_id)
+        COMMANDS.labels("duplicate").inc()
+        await self.bus.publish(self.names.reports, Report(
+            command_id=command.command_id, status=ReportStatus.DUPLICATE, epoch=command.epoch,
+            fraction=command.fraction, ts=time.time()))
+
+    async def _keep_lease(self, work: Work) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                if not await self.store.renew(work.progress.command_id, work.token):
+                    work.lease_lost.set()
+                    return
+            except Exception:
+                log.exception("renewing the lease of %s failed", work.progress.command_id)
+
+    async def _save(self, work: Work) -> None:
+        reports, work.reports = work.reports, []
+        await self.store.save(work.progress, work.token, reports)
+
+    async def _work(self, work: Work, resumed: bool) -> None:
+        progress = work.progress
+        if self.config.dry_run:
+            await self._dry_run(work)
+            return
+        if progress.stage is Stage.RECEIVED:
+            if self.config.cancel_open_orders:  # first, so quoters' orders cannot rebuild the position
+                await self._retrying(work, "cancel_all")
+                progress.to(Stage.ORDERS_CANCELLED)
+                work.add(ReportStatus.ORDERS_CANCELLED)
+            progress.to(Stage.CLOSING)
+            await self._save(work)
+        try:
+            if resumed:
+                await self._resync(work)
+            await self._close(work)
+        except ThalexError as exc:  # a request the executor cannot do without (e.g. 28 unauthorized)
+            progress.error = ExchangeError(code=exc.code, message=exc.message)
+            await self._fail(work, {})
+        except ConnectionLost as exc:  # still unreachable at the deadline
+            progress.error = ExchangeError(code=20, message=f"exchange unreachable: {exc}")
+            await self._fail(work, {})
+
+    async def _retrying(self, work: Work, method: str, *args: Any, order: bool = False, **kwargs: Any) -> Any:
+        """A request retried through throttling, temporary failures and reconnects until the deadline."""
+        delay = BACKOFF_START
+        while True:
+            self._check_lease(work)
+            try:
+                return await self.session.request(method, *args, order=order, **kwargs)
+            except ThalexError as exc:
+                if action_for(exc.code) is not ErrorAction.BACK_OFF or time.time() >= work.progress.deadline_ts:
+                    raise
+                RETRIES.labels("throttle" if exc.code == 4 else "temporary").inc()
+            except ConnectionLost as exc:
+                if time.time() >= work.progress.deadline_ts:
+                    raise
+                log.warning("%s: %s; reconnecting", method, exc)
+                RETRIES.labels("reconnect").inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    @staticmethod
+    def _check_lease(work: Work) -> None:
+        if work.lease_lost.is_set():
+            raise LeaseLost(work.progress.command_id)
+
+    # Market data
+
+    async def _info(self, instrument: str) -> InstrumentInfo:
+        """Tick sizes from `tp:instruments` (ingest keeps it), else from the exchange."""
+        if instrument in self.instruments:
+            return self.instruments[instrument]
+        raw = await self.bus.redis.hget(self.names.instruments, instrument)
+        if raw is not None:
+            info = InstrumentInfo.model_validate_json(raw)
+        else:
+            wire = await self.session.request("instrument", instrument)
+            info = InstrumentInfo(
+                type=InstrumentType(wire["type"]), product=wire["product"], underlying=wire["underlying"],
+                tick_size=wire["tick_size"], volume_tick_size=wire["volume_tick_size"],
+                min_order_amount=max(wire["min_order_amount"], wire["volume_tick_size"]),
+                expiry_ts=wire.get("expiration_timestamp"),
+            )
+        self.instruments[instrument] = info
+        return info
+
+    async def _quote(self, instrument: str, with_book: bool) -> Quote:
+        ticker = await self.session.request("ticker", instrument)
+        info = await self._info(instrument)
+        delta = ticker.get("delta")
+        if delta is None or info.type is not InstrumentType.OPTION:
+            delta = 1.0 if delta is None else delta
+        quote = Quote(mark=ticker["mark_price"], best_bid=ticker.get("best_bid_price"),
+                      best_ask=ticker.get("best_ask_price"), delta=float(delta))
+        if with_book:
+            book = await self.session.request("book", instrument)
+            quote.bids, quote.asks = book.get("bids") or [], book.get("asks") or []
+        return quote
+
+    async def _positions(self) -> dict[str, float]:
+        rows = await self.session.request("portfolio")
+        return {row["instrument_name"]: float(row["position"]) for row in rows}
+
+    def _on_trades(self, channel: str, trades: Any) -> None:
+        for trade in trades or []:
+            if trade.get("trade_id"):
+                self.trades[trade["trade_id"]] = trade
+        while len(self.trades) > MAX_REMEMBERED_TRADES:
+            del self.trades[next(iter(self.trades))]
+        self.trade_seen.set()
+
+    # Dry run
+
+    async def _dry_run(self, work: Work) -> None:
+        """Price every listed position as the first wave would, send nothing, report the orders."""
+        progress = work.progress
+        orders: list[PlannedOrder] = []
+        for leg in progress.legs.values():
+            info = await self._info(leg.instrument)
+            quote = await self._quote(leg.instrument, with_book=False)
+            side = close_side(leg.listed)
+            amount = order_amount(leg.listed, leg.listed, info)
+            if amount > 0:
+                price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
+                                    leg.buffer, info.tick_size)
+                orders.append(progress.planned(leg.instrument, side, amount, price))
+        progress.to(Stage.DRY_RUN)
+        work.add(ReportStatus.DRY_RUN, orders=orders)
+        await self._save(work)
+        log.info("dry run of %s: would send %s", progress.command_id, orders)
+
+    # Closing
+
+    async def _close(self, work: Work) -> None:
+        """Waves of closing orders until every leg is closed, dust or stopped, then verify flat."""
+        progress = work.progress
+        while True:
+            self._check_lease(work)
+            positions = await self._retrying(work, "portfolio")
+            positions = {row["instrument_name"]: float(row["position"]) for row in positions}
+            if progress.stage is Stage.VERIFYING:
+                if await self._verified(work, positions):
+                    return
+                continue
+            pause = await self._wave(work, positions)
+            if not progress.open_legs():
+                progress.to(Stage.VERIFYING)
+                await self._save(work)
+                continue
+            if time.time() >= progress.deadline_ts:
+                await self._fail(work, positions)
+                return
+            if pause:
+                await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
+
+    async def _verified(self, work: Work, positions: dict[str, float]) -> bool:
+        """Verify flat against the exchange's portfolio; reopen a leg that is not."""
+        progress = work.progress
+        reopened = False
+        for leg in progress.legs.values():
+            info = await self._info(leg.instrument)
+            position = positions.get(leg.instrument, 0.0)
+            if leg.state is LegState.CLOSED and not leg.is_done(position, progress.full, info):
+                log.warning("%s: %s not closed after all (position %s); closing again",
+                            progress.command_id, leg.instrument, position)
+                leg.state = LegState.OPEN
+                reopened = True
+        if reopened and time.time() < progress.deadline_ts:
+            progress.to(Stage.CLOSING)
+            await self._save(work)
+            return False
+        if reopened or any(leg.state is LegState.STOPPED for leg in progress.legs.values()):
+            await self._fail(work, positions)
+            return True
+        progress.to(Stage.COMPLETED)
+        work.add(ReportStatus.COMPLETED, fee=progress.total_fee())
+        await self._save(work)
+        TIME_TO_FLAT.observe(max(0.0, time.time() - work.created_ts))
+        log.info("%s completed: %d legs flat, fees %.6f", progress.command_id, len(progress.legs),
+                 progress.total_fee())
+        return True
+
+    async def _fail(self, work: Work, positions: dict[str, float]) -> None:
+        """Report `failed` with the exchange's error (the first leg's), naming every leg left open."""
+        progress = work.progress
+        problems = []
+        error = progress.error
+        for leg in progress.legs.values():
+            if leg.state is LegState.DUST:
+                continue
+            info = await self._info(leg.instrument)
+            position = positions.get(leg.instrument, leg.position_before or leg.listed)
+            if leg.state is not LegState.STOPPED and leg.is_done(position, progress.full, info):
+                continue
+            leg_error = leg.error or ExchangeError(
+                code=INSUFFICIENT_LIQUIDITY, message="no liquidity within the price buffer before the deadline")
+            error = error or leg_error
+            left = leg.remaining(position, progress.full)
+            problems.append(f"{leg.instrument}: {abs(left):g} left ({leg_error.code} {leg_error.message})")
+        error = error or ExchangeError(code=INSUFFICIENT_LIQUIDITY, message="not flat at the deadline")
+        progress.error = ExchangeError(code=error.code, message="; ".join(problems) or error.message)
+        progress.to(Stage.FAILED)
+        work.add(ReportStatus.FAILED, error=progress.error, fee=progress.total_fee())
+        await self._save(work)
+        log.error("%s failed: %s", progress.command_id, progress.error.message)
+
+    async def _wave(self, work: Work, positions: dict[str, float]) -> float:
+        """Send one round of closing orders; returns how long to pause before the next."""
+        progress = work.progress
+        remaining: dict[str, float] = {}
+        for leg in progress.open_legs():
+            position = positions.get(leg.instrument, 0.0)
+            info = await self._info(leg.instrument)
+            if leg.position_before is None:
+                leg.position_before = position
+            if leg.is_done(position, progress.full, info):
+                leg.state = LegState.CLOSED
+                continue
+            if leg.error is not None and leg.error.code in REDUCE_ONLY_REJECTED:
+                leg.state = LegState.STOPPED  # rejected as not reducing, yet the position is there
+                continue
+            left = leg.remaining(position, progress.full)
+            if order_amount(left, position, info) == 0:
+                leg.state = LegState.DUST
+                work.add(ReportStatus.PARTIALLY_FILLED, instrument=leg.instrument, label=progress.label,
+                         amount=abs(left), filled=0.0, error=ExchangeError(
+                             code=14, message=f"remainder {abs(left):g} below min_order_amount "
+                                              f"{info.min_order_amount:g}; not sent"))
+                continue
+            remaining[leg.instrument] = left
+        if not remaining:
+            return 0.0
+        orders = await self._plan_wave(work, remaining, positions)
+        if not orders:
+            return RETRY_PAUSE
+        for order in orders:
+            order.leg.orders_sent += 1
+            if order.leg.orders_sent > 1:
+                RETRIES.labels("remainder").inc()
+            work.add(ReportStatus.ORDER_SENT, instrument=order.leg.instrument, label=progress.label,
+                     amount=order.amount,
+                     orders=[progress.planned(order.leg.instrument, order.side, order.amount, order.price)])
+        if progress.first_order_ts is None:
+            progress.first_order_ts = time.time()
+            TIME_TO_FIRST_ORDER.observe(max(0.0, progress.first_order_ts - work.created_ts))
+        await self._save(work)  # order_sent and position_before are in Redis before any order leaves
+        await asyncio.gather(*(self._send(work, order) for order in orders))
+        return await self._settle(work, orders)
+
+    async def _plan_wave(self, work: Work, remaining: dict[str, float],
+                         positions: dict[str, float]) -> list[Order]:
+        """Size (hedge-aware) and price this wave's orders, lead side of each underlying first."""
+        progress = work.progress
+        infos = {name: await self._info(name) for name in remaining}
+        groups = group_legs(list(remaining), progress.groups, {n: i.underlying for n, i in infos.items()})
+        several = {name for members in groups.values() if len(members) > 1 for name in members}
+        names = list(remaining)
+        quotes = dict(zip(names, await asyncio.gather(
+            *(self._quote(n, with_book=n in several) for n in names))))
+        orders: list[Order] = []
+        for underlying, members in groups.items():
+            if not members:
+                continue
+            legs = []
+            prices: dict[str, tuple[Side, float]] = {}
+            signs = {remaining[n] * quotes[n].delta > 0 for n in members if abs(quotes[n].delta) > 0}
+            hedged = len(signs) > 1
+            for name in members:
+                leg, quote, info = progress.legs[name], quotes[name], infos[name]
+                side = close_side(remaining[name])
+                price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
+                                    leg.buffer, info.tick_size)
+                prices[name] = (side, price)
+                fillable = None
+                if hedged:
+                    levels = quote.bids if side is Side.SELL else quote.asks
+                    fillable = book_depth(levels or [], side, price)
+                legs.append(HedgeLeg(name, remaining[name], quote.delta, fillable, info.volume_tick_size))
+            if underlying not in progress.hedge_bounds:
+                progress.hedge_bounds[underlying] = abs(sum(leg.exposure for leg in legs))
+            quantum = max(infos[leg.instrument].min_order_amount * abs(leg.delta) for leg in legs)
+            amounts = hedge_wave(legs, max(progress.hedge_bounds[underlying], quantum))
+            for name in lead_first(legs):
+                amount = order_amount(math.copysign(amounts.get(name, 0.0), remaining[name]),
+                                      positions.get(name, 0.0), infos[name])
+                if amount > 0:
+                    side, price = prices[name]
+                    orders.append(Order(progress.legs[name], side, amount, price))
+        return orders
+
+    async def _send(self, work: Work, order: Order) -> None:
+        """One reduce-only IOC limit order, collar clamp; the outcome is kept on `order`."""
+        leg = order.leg
+        direction = thalex.Direction.SELL if order.side is Side.SELL else thalex.Direction.BUY
+        try:
+            self._check_lease(work)
+            ORDERS_SENT.inc()
+            order.result = await self.session.request(
+                "insert", direction, leg.instrument, order.amount, price=order.price, label=work.progress.label,
+                order_type=thalex.OrderType.LIMIT, time_in_force=thalex.TimeInForce.IOC, reduce_only=True,
+                collar="clamp", order=True,
+            )
+        except ThalexError as exc:
+            ORDERS_REJECTED.labels(str(exc.code)).inc()
+            order.error = ExchangeError(code=exc.code, message=exc.message)
+        except ConnectionLost as exc:
+            log.warning("answer to the %s order lost (%s); will look it up by label", leg.instrument, exc)
+            order.lost = True
+
+    async def _settle(self, work: Work, orders: list[Order]) -> float:
+        """Count fills (with their fees), apply the error rules; returns the pause before the next wave."""
+        progress = work.progress
+        pause = 0.0
+        if any(o.lost for o in orders):
+            await self._resync(work)
+            pause = RETRY_PAUSE
+        await self._await_fees([f["trade_id"] for o in orders if o.result for f in o.result.get("fills", [])])
+        for order in orders:
+            leg = order.leg
+            if order.error is not None:
+                action = action_for(order.error.code)
+                log.warning("%s order rejected %s: %s", leg.instrument, order.error.code, order.error.message)
+                if action is ErrorAction.BACK_OFF:
+                    RETRIES.labels("throttle" if order.error.code == 4 else "temporary").inc()
+                    pause = max(pause, min(BACKOFF_MAX, BACKOFF_START * 2 ** min(leg.orders_sent, 5)))
+                elif action is ErrorAction.WIDEN:
+                    leg.buffer = widened(leg.buffer, self.config.close_price_buffer, self.config.max_close_price_buffer)
+                    RETRIES.labels("widen").inc()
+                elif action is ErrorAction.CHECK_FLAT:
+                    leg.error = order.error  # the next wave's portfolio says whether it is done
+                else:
+                    leg.state, leg.error = LegState.STOPPED, order.error
+                    work.add(ReportStatus.PARTIALLY_FILLED, instrument=leg.instrument, label=progress.label,
+                             amount=order.amount, filled=0.0, error=order.error)
+                continue
+            if order.result is None:
+                continue
+            filled = float(order.result.get("filled_amount", 0.0))
+            fills = order.result.get("fills") or []
+            for f in fills:
+                trade = self.trades.get(f["trade_id"], {})
+                progress.record_fill(leg.instrument, f["trade_id"], LegFill(
+                    order_id=order.result["order_id"], price=f["price"], amount=f["amount"], fee=trade.get("fee")))
+            fee = sum(self.trades.get(f["trade_id"], {}).get("fee", 0.0) for f in fills)
+            avg = sum(f["price"] * f["amount"] for f in fills) / filled if filled > 0 and fills else None
+            if filled > 0:
+                ORDERS_FILLED.inc()
+            complete = filled >= order.amount - 1e-12
+            if not complete:
+                leg.buffer = widened(leg.buffer, self.config.close_price_buffer, self.config.max_close_price_buffer)
+                pause = max(pause, RETRY_PAUSE)
+            work.add(ReportStatus.FILLED if complete else ReportStatus.PARTIALLY_FILLED,
+                     instrument=leg.instrument, order_id=order.result["order_id"], label=progress.label,
+                     amount=order.amount, filled=filled, avg_price=avg, fee=fee if filled > 0 else None)
+        await self._save(work)
+        return pause
+
+    async def _await_fees(self, trade_ids: list[str]) -> None:
+        """Fees arrive on `account.trade_history`, just after the insert answer; wait briefly for them."""
+        deadline = time.monotonic() + FEE_WAIT_SECONDS
+        while any(t not in self.trades for t in trade_ids) and time.monotonic() < deadline:
+            self.trade_seen.clear()
+            try:
+                await asyncio.wait_for(self.trade_seen.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        if any(t not in self.trades for t in trade_ids):
+            log.warning("fees of %d trades not seen on account.trade_history",
+                        sum(t not in self.trades for t in trade_ids))
+
+    async def _resync(self, work: Work) -> None:
+        """After a restart or a lost answer: find this command's trades and open orders by label.
+
+        Trades found are counted (once, by trade id) and reported; an order of ours still open
+        is cancelled, so a resumed command starts from what really happened.
+        """
+        progress = work.progress
+        new: dict[str, list[dict[str, Any]]] = {}
+        bookmark = None
+        while True:
+            page = await self._retrying(
+                work, "trade_history", limit=1000, time_low=int(progress.started_ts) - 5, bookmark=bookmark,
+                instrument_names=",".join(progress.legs), sort=thalex.Sort.ASC)
+            for trade in page.get("trades", []):
+                self.trades.setdefault(trade["trade_id"], trade)
+                if trade.get("label") != progress.label or trade.get("instrument_name") not in progress.legs:
+                    continue
+                if progress.record_fill(trade["instrument_name"], trade["trade_id"], LegFill(
+                        order_id=trade["order_id"], price=trade["price"], amount=trade["amount"],
+                        fee=trade.get("fee"))):
+                    new.setdefault(trade["order_id"], []).append(trade)
+            bookmark = page.get("bookmark")
+            if not bookmark:
+                break
+        for order_id, trades in new.items():
+            filled = sum(t["amount"] for t in trades)
+            work.add(ReportStatus.FILLED, instrument=trades[0]["instrument_name"], order_id=order_id,
+                     label=progress.label, amount=filled, filled=filled,
+                     avg_price=sum(t["price"] * t["amount"] for t in trades) / filled,
+                     fee=sum(t.get("fee", 0.0) for t in trades))
+        for order in await self._retrying(work, "open_orders"):
+            if order.get("label") == progress.label:
+                await self._retrying(work, "cancel", order_id=order["order_id"], order=True)
+        if new:
+            log.info("%s: found %d earlier orders by label", progress.command_id, len(new))
+        await self._save(work)
+
+
+@dataclass
+class ExecutorService:
+    """What `service_main` runs: the executor's session loop, closed cleanly on stop."""
+
+    executor: Executor
+
+    async def run(self) -> None:
+        try:
+            await self.executor.run()
+        finally:
+            await self.executor.close()
+
+
+def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Runnable:
+    executor = Executor(settings, bus, consumer_name)
+    health.add("exchange", executor.exchange_healthy)
+    return ExecutorService(executor)
+
+
+def main(argv: list[str]) -> int:
+    return service_main("executor", argv, build, lambda s: s.metrics.executor_port)
