@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
@@ -66,6 +66,17 @@ CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last clos
 CLOSE_COST_ACTUAL = Gauge("tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost")
 
 INSTRUMENT_RETRY_SECONDS = 5.0
+EPOCH_END_WAIT_SECONDS = 10.0
+"""How long a completed closure waits for its fills to come through ingest before the epoch ends anyway."""
+
+
+@dataclass
+class EpochEnd:
+    """A full closure the executor reported completed; the epoch ends when its fills are in."""
+
+    epoch: int
+    command_id: str
+    deadline: float
 
 
 @dataclass
@@ -94,6 +105,7 @@ class PortfolioService:
         self.last_snapshot: Snapshot | None = None
         self.unknown_instruments: set[str] = set()
         self.calibrations: dict[str, _Calibration] = {}
+        self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
@@ -115,6 +127,8 @@ class PortfolioService:
         if raw:
             state = json.loads(raw)
             state["ticks"] = {k.decode(): json.loads(v) for k, v in ticks.items()}
+            pending = state.pop("epoch_end", None)
+            self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
             log.info("restored ledger: epoch %d, %d positions, snapshot #%d", self.ledger.epoch,
                      len(state["positions"]), self.seq)
@@ -167,6 +181,7 @@ class PortfolioService:
                                           "reconciliation with the exchange will heal the position")
             elif outcome is FillOutcome.DUPLICATE:
                 log.info("duplicate fill %s ignored", delivery.doc.trade_id)
+        self._end_epoch_when_flat(pipe)
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))
 
@@ -185,16 +200,37 @@ class PortfolioService:
         self._publish_snapshot(pipe, len(batch))
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
-        now = time.time()
         for delivery in batch:
             report = delivery.doc
             self._calibrate(report)
             full = report.fraction is None or report.fraction >= 1.0
-            if report.status is ReportStatus.COMPLETED and full:
-                if self.ledger.advance_epoch(now, report.epoch):
-                    log.info("closure %s completed: epoch %d begins", report.command_id, self.ledger.epoch)
+            if report.status is ReportStatus.COMPLETED and full and report.epoch in (None, self.ledger.epoch):
+                # The executor saw the account flat; the closing fills may still be on their way
+                # through ingest. The epoch ends when they are in, so the exit's P&L and fees
+                # count in the epoch that decided it, never in the next one.
+                self.epoch_end = EpochEnd(self.ledger.epoch, report.command_id,
+                                          time.time() + EPOCH_END_WAIT_SECONDS)
+        self._end_epoch_when_flat(pipe)
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))
+
+    def _end_epoch_when_flat(self, pipe: Pipeline, now: float | None = None) -> None:
+        """Advance the epoch once the ledger is flat (or the wait for the closing fills ran out)."""
+        end = self.epoch_end
+        if end is None:
+            return
+        now = time.time() if now is None else now
+        flat = self.ledger.is_flat()
+        if not flat and now < end.deadline:
+            return
+        if not flat:
+            log.warning("closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
+                        "(reconciliation with the exchange heals the rest)", end.command_id,
+                        EPOCH_END_WAIT_SECONDS, end.epoch + 1)
+        self._publish_snapshot(pipe, 0)  # the closed epoch's final figures: what was banked
+        if self.ledger.advance_epoch(now, end.epoch):
+            log.info("closure %s completed: epoch %d begins", end.command_id, self.ledger.epoch)
+        self.epoch_end = None
 
     def _calibrate(self, report: Report) -> None:
         """Compare what closing was estimated to cost with what the executor's fills cost."""
@@ -227,7 +263,9 @@ class PortfolioService:
                          check.error)
 
     def _save_ledger(self, pipe: Pipeline) -> None:
-        pipe.set(self.ledger_key, json.dumps(self.ledger.to_state(with_ticks=False)))
+        state = self.ledger.to_state(with_ticks=False)
+        state["epoch_end"] = None if self.epoch_end is None else asdict(self.epoch_end)
+        pipe.set(self.ledger_key, json.dumps(state))
 
     def _publish_snapshot(self, pipe: Pipeline, entries: int) -> None:
         now = time.time()
@@ -271,6 +309,13 @@ class PortfolioService:
                     missing, self.unknown_instruments = set(self.unknown_instruments), set()
                     await self._load_instruments(missing)
                     learned = self.unknown_instruments != missing
+                if self.epoch_end is not None and now >= self.epoch_end.deadline:
+                    async with self.bus.redis.pipeline(transaction=True) as pipe:
+                        self._end_epoch_when_flat(pipe, now)
+                        self._save_ledger(pipe)
+                        self._publish_snapshot(pipe, 0)
+                        await pipe.execute()
+                    continue
                 current = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
                 stale_changed = self.last_snapshot is None or (
                     current.stale_instruments != self.last_snapshot.stale_instruments)

@@ -608,6 +608,11 @@ class Ledger:
             self._adopt(name, ex, now)
         return list(self._drift.values())
 
+    def is_flat(self) -> bool:
+        """Every position within half a volume tick of zero: a full closure's fills are all in."""
+        return all(self._agrees(name, p.position, 0.0) or abs(p.position) < 1e-12
+                   for name, p in self._positions.items())
+
     def advance_epoch(self, now: float, completed_epoch: int | None = None) -> bool:
         """A full closure completed: start a new epoch at zero P&L (see Epochs).
 

@@ -206,3 +206,25 @@ async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
     for name in MONEY_FIELDS:
         assert getattr(final, name) == pytest.approx(getattr(reference, name), rel=1e-9, abs=1e-9), name
     assert [(p.instrument, p.position) for p in final.positions] == [(p.instrument, p.position) for p in reference.positions]
+
+
+async def test_epoch_ends_only_when_the_closing_fills_are_in(redis_url: str, names: Names, redis: Redis) -> None:
+    """The executor's `completed` may overtake its fills through ingest: the exit's P&L stays in its epoch."""
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await xadd(redis, names.ticks, tick(60_020.0, now))
+        await eventually(lambda: settled(redis, names))
+        await xadd(redis, names.reports, Report(command_id="c1", status=ReportStatus.COMPLETED, epoch=0,
+                                                fraction=1.0, ts=now + 1))
+        await eventually(lambda: settled(redis, names))
+        waiting = await last_snapshot(redis, names)
+        assert waiting is not None and waiting.epoch == 0, "not flat yet: the epoch must not end"
+        await xadd(redis, names.fills, fill("T2", "sell", 0.1, 60_020.0, 0.3, now + 1))
+        await eventually(lambda: settled(redis, names))
+        snaps = await read_stream(redis, names.snapshots, Snapshot)
+    closing = [s for s in snaps if s.epoch == 0][-1]
+    # the exit realised (60,020 - 60,000) x 0.1 = 2.00 minus 0.60 fees, in epoch 0
+    assert closing.realized_pnl == pytest.approx(2.0) and closing.net_pnl == pytest.approx(1.4)
+    assert snaps[-1].epoch == 1 and snaps[-1].net_pnl == 0.0 and snaps[-1].positions == []
