@@ -48,7 +48,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from services.common.contracts import DeadLetter, Document
-from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES
+from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES, BUS_STREAM_LAG
 from services.common.streams import Names
 
 log = logging.getLogger(__name__)
@@ -325,10 +325,26 @@ class StreamConsumer(Generic[M]):
             try:
                 await self._keep_subscribed()
                 await self.claim_abandoned()
+                await self.record_lag()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("claiming pending entries of %s failed; will retry", self.stream)
+
+    async def record_lag(self) -> int | None:
+        """Export how many entries the group has not been delivered yet (`tp_bus_stream_lag_entries`).
+
+        XINFO GROUPS `lag` (Redis >= 7); None, and the gauge left alone, when Redis cannot tell
+        (older Redis, or entries deleted inside the group's unread range).
+        """
+        for group in await self.bus.redis.xinfo_groups(self.stream):
+            if _text(group.get("name")) == self.group:
+                lag = group.get("lag")
+                if lag is None:
+                    return None
+                BUS_STREAM_LAG.labels(self.bus.service, self.stream).set(int(lag))
+                return int(lag)
+        return None
 
     async def recover_own_pending(self) -> None:
         """Finish what this consumer had read but not acked before it stopped."""

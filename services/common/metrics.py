@@ -6,7 +6,7 @@ is what the common machinery itself counts.
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 BUS_DEADLETTERS = Counter(
     "tp_deadletters_total", "Inputs written to tp:deadletter", ["service", "stream"]
@@ -19,5 +19,11 @@ BUS_CLAIMED = Counter(
 BUS_HANDLER_FAILURES = Counter(
     "tp_bus_handler_failures_total",
     "Batches whose handler raised; their entries stay pending for redelivery",
+    ["service", "stream"],
+)
+BUS_STREAM_LAG = Gauge(
+    "tp_bus_stream_lag_entries",
+    "Entries of the stream not yet delivered to this service's consumer group (XINFO GROUPS lag; "
+    "sampled every claim interval; needs Redis >= 7)",
     ["service", "stream"],
 )
