@@ -1,0 +1,149 @@
+"""`thalex-tp demo` as a user runs it, and the operator CLI against the running guardian."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common.bus import entry_document
+from services.common.config import load_config
+from services.common.contracts import Command, Report, ReportStatus, Snapshot, halt_from_hash
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = [sys.executable, "-m", "services.cli", "demo"]
+CLI = [sys.executable, "-m", "services.cli"]
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Processes whose command line mentions the demo's directory (keys, config, Redis dir)."""
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if str(workdir) in line and "ps -eww" not in line]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    return subprocess.Popen([*DEMO, "--no-ui", "--workdir", str(workdir), *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_demo_locks_in_profit_and_the_quoter_stands_down(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run([*DEMO, "--no-ui", "--duration", "90", "--workdir", str(tmp_path / "demo"),
+                           "--summary-json", str(summary_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env={k: v for k, v in os.environ.items() if k != "REDIS_URL"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    completed = [c for c in summary["closures"] if c["completed"]]
+    assert summary["epochs_closed"] >= 1 and completed, summary
+    assert all(c["reason"] == "take_profit" for c in completed)
+    assert all(c["flat_after"] for c in completed), "the account must be flat when a closure completes"
+    assert summary["quoter_orders_while_halted"] == [], "the quoter must not quote while tp:halt is set"
+    assert summary["pnl_banked_usd"] > 0
+    assert "epochs closed:" in done.stdout
+    assert leftovers(tmp_path / "demo") == []
+
+
+def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    demo = start_demo(workdir)
+    try:
+        config = workdir / "demo.toml"
+        wait_for(config.exists, 30, "the demo's config")
+        settings = load_config(config)
+        client = redis.Redis.from_url(settings.redis.url)
+        names = settings.names
+
+        def snapshot() -> Snapshot | None:
+            latest = client.xrevrange(names.snapshots, count=1)
+            return Snapshot.model_validate(entry_document(latest[0][1])[1]) if latest else None
+
+        wait_for(lambda: snapshot() is not None, 60, "the first snapshot")
+
+        def a_closure_completed() -> bool:
+            reports = [Report.model_validate(entry_document(f)[1]) for _, f in client.xrange(names.reports)]
+            return any(r.status is ReportStatus.COMPLETED for r in reports)
+
+        wait_for(a_closure_completed, 90, "the first take-profit")
+        status = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO)
+        assert status.returncode == 0, status.stderr
+        assert "net after close" in status.stdout and "take profit" in status.stdout
+
+        def halted_by_operator() -> bool:
+            halt = halt_from_hash(client.hgetall(names.halt))
+            return halt is not None and halt.reason == "operator_halt"
+
+        wait_for(lambda: not client.exists(names.halt), 60, "no closure running")
+        assert subprocess.run([*CLI, "halt", "--config", str(config)], cwd=REPO).returncode == 0
+        wait_for(halted_by_operator, 10, "the operator halt")
+        assert subprocess.run([*CLI, "resume", "--config", str(config)], cwd=REPO).returncode == 0
+        wait_for(lambda: not halted_by_operator(), 10, "the halt to be lifted")
+
+        def manual_command() -> bool:
+            commands = [Command.model_validate(entry_document(f)[1]) for _, f in client.xrange(names.commands)]
+            return any(c.reason == "manual" for c in commands)
+
+        deadline = time.monotonic() + 90
+        while not manual_command() and time.monotonic() < deadline:
+            snap = snapshot()
+            if snap and any(p.position for p in snap.positions) and not client.exists(names.halt):
+                subprocess.run([*CLI, "close-all", "--yes", "--config", str(config)], cwd=REPO, check=True)
+            time.sleep(2)
+        assert manual_command(), "close-all --yes must produce a manual closure"
+        history = subprocess.run([*CLI, "history", "--json", "--config", str(config)], capture_output=True,
+                                 text=True, cwd=REPO)
+        assert any(row["reason"] == "manual" for row in json.loads(history.stdout))
+    finally:
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, output[-3000:]
+    assert leftovers(workdir) == []
+
+
+def test_sigterm_stops_every_child(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    demo = start_demo(workdir)
+    try:
+        wait_for(lambda: (workdir / "logs" / "quoter.log").exists(), 60, "all children started")
+        assert len(leftovers(workdir)) >= 6, leftovers(workdir)  # redis, paper, 4 services, quoter
+    finally:
+        demo.send_signal(signal.SIGTERM)
+        demo.communicate(timeout=60)
+    assert leftovers(workdir) == []
+
+
+def test_operator_cli_says_clearly_when_redis_is_unreachable(tmp_path: Path) -> None:
+    config = tmp_path / "tp.toml"
+    config.write_text('[redis]\nurl = "redis://127.0.0.1:1/0"\n')
+    done = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 1
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["halt", "close-all"])
+def test_close_all_refuses_without_confirmation_when_not_interactive(tmp_path: Path, redis_url: str,
+                                                                     command: str) -> None:
+    config = tmp_path / "tp.toml"
+    config.write_text(f'[redis]\nurl = "{redis_url}"\nnamespace = "cli{os.getpid()}"\n')
+    done = subprocess.run([*CLI, command, "--config", str(config)], capture_output=True, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL)
+    if command == "close-all":
+        assert done.returncode == 1 and "pass --yes" in done.stderr
+    else:
+        assert done.returncode == 0 and "halt requested" in done.stdout
