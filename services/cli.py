@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "executor": ("services.executor.app", "main", "close positions on the exchange, at most once"),
     "paper": ("services.paper.cli", "paper_main", "run the Thalex-compatible paper exchange"),
     "keygen": ("services.paper.cli", "keygen_main", "make an RSA key pair for the paper exchange"),
-    "demo": ("services.demo", "main", "run everything on the paper exchange and watch a take-profit"),
+    "demo": ("services.demo.app", "main", "run everything on the paper exchange and watch a take-profit"),
     "status": ("services.operator", "status_main", "show the current snapshot, barriers and halt state"),
     "halt": ("services.operator", "halt_main", "tell the guardian to stop trading until resume"),
     "resume": ("services.operator", "resume_main", "lift an operator halt"),

@@ -292,7 +292,8 @@ ticker_delay = "raw"
             closures.append({
                 "command_id": command.command_id, "reason": command.reason.value, "completed": done,
                 "figure": command.net_pnl,
-                "flat_after": bool(following) and all(abs(p.position) < 1e-9 for p in following.positions),
+                # None: the demo stopped before the next epoch's first snapshot
+                "flat_after": None if following is None else all(abs(p.position) < 1e-9 for p in following.positions),
                 "banked_net_pnl": banked.net_pnl if banked and done else None,
                 "fees": banked.fees_paid if banked and done else None,
             })

@@ -27,6 +27,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
 from services.common.bus import Bus, Delivery
 from services.common.config import Settings
@@ -101,7 +102,10 @@ class TakeProfitService:
         while True:
             await asyncio.sleep(interval)
             async with self.lock:
-                await self.on_timer(time.time())
+                try:
+                    await self.on_timer(time.time())
+                except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
+                    log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
 
     async def _external(self) -> External:
         return External(closure_in_flight=bool(await self.bus.redis.exists(self.lease_key)))
