@@ -329,18 +329,11 @@ class PortfolioService:
                         await pipe.execute()
 
 
-class _Runner:
-    def __init__(self, service: PortfolioService) -> None:
-        self.service = service
-
-    async def run(self) -> None:
-        await self.service.run()
-
-
-def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> _Runner:
+def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> PortfolioService:
+    """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
     service = PortfolioService(settings, bus, consumer_name)
     bus.before_start.append(service.load)
-    return _Runner(service)
+    return service
 
 
 def main(argv: list[str]) -> int:

@@ -218,18 +218,11 @@ class TakeProfitService:
             BARRIER_DISTANCE.labels(barrier).set(distance)
 
 
-class _Runner:
-    def __init__(self, service: TakeProfitService) -> None:
-        self.service = service
-
-    async def run(self) -> None:
-        await self.service.run()
-
-
-def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> _Runner:
+def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> TakeProfitService:
+    """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
     service = TakeProfitService(settings, bus, consumer_name)
     bus.before_start.append(service.load)
-    return _Runner(service)
+    return service
 
 
 def main(argv: list[str]) -> int:
