@@ -40,7 +40,8 @@ SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
 PERP = "BTC-PERPETUAL"
 KEY_METRICS = (
     "tp_portfolio_net_after_close_usd", "tp_portfolio_fees_paid_usd", "tp_portfolio_est_close_fees_usd",
-    "tp_portfolio_instrument_pnl_usd", "tp_portfolio_snapshot_latency_seconds_bucket",
+    # per-instrument P&L is dropped once the closure ends the epoch: look back over the run
+    "last_over_time(tp_portfolio_instrument_pnl_usd[10m])", "tp_portfolio_snapshot_latency_seconds_bucket",
     "tp_takeprofit_threshold_usd", "tp_takeprofit_decisions_total", "tp_takeprofit_closures_finished_total",
     "tp_takeprofit_lease_held", "tp_bus_stream_lag_entries", "tp_ingest_messages_total",
     "tp_ingest_tick_latency_seconds_bucket", "tp_ingest_seconds_since_last_message",
