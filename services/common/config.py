@@ -97,6 +97,20 @@ class PortfolioTakeProfit(Section):
                 self.partial_profit_threshold,
                 f"must be < min_profit_usd ({self.min_profit_usd})",
             )
+        if self.trailing_activation_usd > 0:
+            if self.trailing_activation_usd >= self.min_profit_usd:
+                raise _RuleError(
+                    "trailing_activation_usd",
+                    self.trailing_activation_usd,
+                    f"must be < min_profit_usd ({self.min_profit_usd}): the take profit fires first",
+                )
+            if self.trailing_activation_usd <= self.trailing_retrace_usd:
+                raise _RuleError(
+                    "trailing_activation_usd",
+                    self.trailing_activation_usd,
+                    f"must be > trailing_retrace_usd ({self.trailing_retrace_usd}), "
+                    "or the trailing stop could close at a loss",
+                )
         return self
 
 

@@ -201,7 +201,7 @@ def test_halt_document_follows_the_closure_and_its_cool_down() -> None:
 
 
 def test_state_round_trips_through_json_and_a_restart_never_decides_twice() -> None:
-    config = cfg(trailing_activation_usd=0.2, confirm_snapshots=2)
+    config = cfg(trailing_activation_usd=0.2, trailing_retrace_usd=0.1, confirm_snapshots=2)
     engine = RulesEngine(config)
     engine.on_control(control(ControlAction.HALT), NOW)
     engine.on_snapshot(snap(1, 0.3, positions=[pos(), pos("BTC-OPT", -10.0)]), NOW)

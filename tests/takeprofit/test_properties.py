@@ -26,7 +26,7 @@ configs = st.builds(
     confirm_snapshots=st.integers(1, 3),
     cooldown_seconds=st.sampled_from([0.0, 5.0]),
     trailing_activation_usd=st.sampled_from([0.0, 0.3, 0.8]),
-    trailing_retrace_usd=st.sampled_from([0.1, 0.5]),
+    trailing_retrace_usd=st.sampled_from([0.1, 0.25]),
     partial_close_fraction=st.sampled_from([0.0, 0.5]),
     max_position_age_hours=st.sampled_from([0.05, 24.0]),
 )
