@@ -45,6 +45,7 @@ from services.common.contracts import Tick
 from services.common.redis_server import RedisServer
 from services.common.service import Health
 from services.common.streams import Names
+from services.common.service import tune_gc_for_latency
 from services.ingest.app import Ingest
 from services.paper.testing import make_keys
 
@@ -191,6 +192,7 @@ def main() -> None:
                         help="freeze ingest this long while the exchange queues the burst, then measure how "
                              "fast it drains the backlog (ingest's own ceiling, not the exchange's send rate)")
     args = parser.parse_args()
+    tune_gc_for_latency()  # ingest runs in this process: tune it as service_main does in production
     if url := os.environ.get("REDIS_URL"):
         asyncio.run(bench(url, args.count, args.instruments, args.profile, args.backlog))
         return

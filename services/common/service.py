@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -96,6 +97,20 @@ def serve_http(host: str, port: int, health: Health, service: str) -> WSGIServer
     return server
 
 
+def tune_gc_for_latency() -> None:
+    """Collect young garbage less often, and never re-scan what start-up built.
+
+    With CPython's default gen-0 threshold (700) a burst of messages triggers
+    collections whose gen-2 passes stall the event loop for tens of ms: the
+    ingest benchmark's p99 added latency fell from 5-19 ms to 1.6-1.9 ms with
+    this setting (docs/performance.md). The services make little cyclic
+    garbage, so memory barely moves.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def setup_logging(service: str) -> None:
     level = os.environ.get("TP_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
@@ -131,6 +146,7 @@ def service_main(service: str, argv: list[str], build: Build, metrics_port: Call
         print(exc, file=sys.stderr)
         return ConfigError.exit_code
     port = metrics_port(settings) if args.metrics_port is None else args.metrics_port
+    tune_gc_for_latency()
     try:
         return asyncio.run(_run(service, settings, args.replica, build, port))
     except ConfigError as exc:
