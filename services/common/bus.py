@@ -238,6 +238,10 @@ class StreamConsumer(Generic[M]):
     block_ms: int = 100
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises handling; pass one lock to several consumers that share state."""
+    on_failure: Callable[[], Awaitable[None]] | None = None
+    """Called (under the lock) after a failed batch: restore the state from the last checkpoint."""
+    retry_idle_seconds: float = 2.0
+    """An own entry pending this long was in a failed batch: retry it at the next claim interval."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _subscriber: Any = field(default=None, init=False)
 
@@ -284,46 +288,87 @@ class StreamConsumer(Generic[M]):
                      deliveries: Mapping[str, int]) -> bool:
         """Validate, dead-letter, run the handler and ack in one transaction.
 
-        Returns False when the handler failed (entries stay pending, to be
-        re-claimed later).
+        Returns False when the handler or the transaction failed: the entries
+        stay pending and are retried (`retry_failed_own`), and the service's
+        `on_failure` hook restores its state from the last committed checkpoint,
+        so what the failed batch changed in memory is forgotten with it.
         """
         async with self.lock:
-            good: list[Delivery[M]] = []
-            letters: list[tuple[str, str, str]] = []
-            for entry_id, fields in entries:
-                count = deliveries.get(entry_id, 1)
-                if count > self.max_deliveries:
-                    letters.append((entry_id, raw_text(fields),
-                                    f"delivered {count} times without being handled (poison entry)"))
-                    continue
-                try:
-                    good.append(Delivery(entry_id, validate_entry(self.model, fields), count))
-                except MalformedEntry as exc:
-                    letters.append((entry_id, raw_text(fields), str(exc)))
-            async with self.bus.redis.pipeline(transaction=True) as pipe:
-                if good:
+            try:
+                return await self._handle_locked(entries, deliveries)
+            except Exception:
+                BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
+                log.exception("handling %d entries of %s failed; they stay pending", len(entries), self.stream)
+                if self.on_failure is not None:
                     try:
-                        await self.handler(good, pipe)
-                    except Exception:
-                        BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
-                        log.exception("handler failed on %s entries %s..%s; left pending",
-                                      self.stream, good[0].entry_id, good[-1].entry_id)
-                        await pipe.reset()
-                        if not letters:
-                            return False
-                        good = []  # still settle the malformed ones
-                for entry_id, raw, error in letters:
-                    self.bus.queue_deadletter(pipe, self.stream, entry_id, raw, error)
-                ack_ids = [d.entry_id for d in good] + [entry_id for entry_id, _, _ in letters]
-                pipe.xack(self.stream, self.group, *ack_ids)
-                await pipe.execute()
-            return True
+                        await self.on_failure()
+                    except Exception:  # Redis still away: the next failure or retry reloads
+                        log.exception("could not restore the checkpoint after the failure")
+                return False
+
+    async def _handle_locked(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]],
+                             deliveries: Mapping[str, int]) -> bool:
+        good: list[Delivery[M]] = []
+        letters: list[tuple[str, str, str]] = []
+        for entry_id, fields in entries:
+            count = deliveries.get(entry_id, 1)
+            if count > self.max_deliveries:
+                letters.append((entry_id, raw_text(fields),
+                                f"delivered {count} times without being handled (poison entry)"))
+                continue
+            try:
+                good.append(Delivery(entry_id, validate_entry(self.model, fields), count))
+            except MalformedEntry as exc:
+                letters.append((entry_id, raw_text(fields), str(exc)))
+        async with self.bus.redis.pipeline(transaction=True) as pipe:
+            if good:
+                try:
+                    await self.handler(good, pipe)
+                except Exception:
+                    if not letters:
+                        raise
+                    log.exception("handler failed on %s entries %s..%s; left pending",
+                                  self.stream, good[0].entry_id, good[-1].entry_id)
+                    BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
+                    await pipe.reset()
+                    good = []  # still settle the malformed ones
+            for entry_id, raw, error in letters:
+                self.bus.queue_deadletter(pipe, self.stream, entry_id, raw, error)
+            ack_ids = [d.entry_id for d in good] + [entry_id for entry_id, _, _ in letters]
+            pipe.xack(self.stream, self.group, *ack_ids)
+            await pipe.execute()
+        return not (entries and len(ack_ids) < len(entries))
+
+    async def retry_failed_own(self) -> int:
+        """Retry this consumer's own entries whose handling failed, without waiting for `claim_idle`.
+
+        Under the lock, an own pending entry idle longer than `retry_idle_seconds`
+        is one whose batch failed (a live batch is handled within milliseconds of
+        its read, and the reader queues on the lock before we list). Returns how
+        many were retried.
+        """
+        async with self.lock:
+            rows = await self.bus.redis.xpending_range(
+                self.stream, self.group, min="-", max="+", count=self.batch_size,
+                consumername=self.consumer, idle=int(self.retry_idle_seconds * 1000))
+            if not rows:
+                return 0
+            ids = [_text(r["message_id"]) for r in rows]
+            claimed = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
+                                                  min_idle_time=int(self.retry_idle_seconds * 1000),
+                                                  message_ids=ids)
+            counts = {_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
+            entries = [(_text(i), fields) for i, fields in claimed]
+        for entry in entries:  # one at a time: isolate a poison entry
+            await self.handle([entry], counts)
+        return len(entries)
 
     async def _claim_forever(self) -> None:
         while True:
             await asyncio.sleep(self.claim_interval_seconds)
             try:
                 await self._keep_subscribed()
+                await self.retry_failed_own()
                 await self.claim_abandoned()
                 await self.record_lag()
             except asyncio.CancelledError:

@@ -21,10 +21,12 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
 
 from services.common.bus import Bus, Delivery, entry_document
 from services.common.config import Settings
@@ -107,6 +109,7 @@ class PortfolioService:
         self.calibrations: dict[str, _Calibration] = {}
         self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
+        self._last_instrument_retry = 0.0
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         for stream, model, handler in (
@@ -115,11 +118,15 @@ class PortfolioService:
             (self.names.positions, Positions, self.on_positions),
             (self.names.reports, Report, self.on_reports),
         ):
-            bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock)
+            bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock,
+                         on_failure=self.load)
         self.lock = lock
 
     async def load(self) -> None:
-        """Restore the checkpoint; on a first start, seed from the exchange's last portfolio."""
+        """Restore the checkpoint; on a first start, seed from the exchange's last portfolio.
+
+        Also called after a failed batch, to forget what it changed in memory.
+        """
         redis = self.bus.redis
         raw, ticks, seq = await asyncio.gather(redis.get(self.ledger_key), redis.hgetall(self.ticks_key),
                                                redis.get(self.seq_key))
@@ -133,6 +140,8 @@ class PortfolioService:
             log.info("restored ledger: epoch %d, %d positions, snapshot #%d", self.ledger.epoch,
                      len(state["positions"]), self.seq)
             return
+        self.ledger = Ledger(self.config)
+        self.epoch_end = None
         await self._load_instruments(None)
         latest = await redis.xrevrange(self.names.positions, count=1)
         if latest:
@@ -300,33 +309,40 @@ class PortfolioService:
             gauge.set(p.realized_pnl + p.unrealized_pnl + p.funding_pnl)
 
     async def run(self) -> None:
-        """Idle work: a snapshot when prices go stale without input, and late instrument metadata."""
+        """Idle work, every second or so (see `on_timer`)."""
         interval = min(1.0, self.settings.portfolio.stale_after_seconds / 2)
-        last_retry = 0.0
         while True:
             await asyncio.sleep(interval)
             async with self.lock:
-                now = time.time()
-                learned = False
-                if self.unknown_instruments and now - last_retry > INSTRUMENT_RETRY_SECONDS:
-                    last_retry = now
-                    missing, self.unknown_instruments = set(self.unknown_instruments), set()
-                    await self._load_instruments(missing)
-                    learned = self.unknown_instruments != missing
-                if self.epoch_end is not None and now >= self.epoch_end.deadline:
-                    async with self.bus.redis.pipeline(transaction=True) as pipe:
-                        self._end_epoch_when_flat(pipe, now)
-                        self._save_ledger(pipe)
-                        self._publish_snapshot(pipe, 0)
-                        await pipe.execute()
-                    continue
-                current = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
-                stale_changed = self.last_snapshot is None or (
-                    current.stale_instruments != self.last_snapshot.stale_instruments)
-                if learned or (stale_changed and current.positions):
-                    async with self.bus.redis.pipeline(transaction=True) as pipe:
-                        self._publish_snapshot(pipe, 0)
-                        await pipe.execute()
+                try:
+                    await self.on_timer(time.time())
+                except (RedisError, OSError) as exc:  # Redis restarting: forget, reload, retry next time
+                    log.warning("timer: Redis unavailable (%s); retrying", exc)
+                    with suppress(RedisError, OSError):
+                        await self.load()
+
+    async def on_timer(self, now: float) -> None:
+        """A snapshot when prices go stale without input, late instrument metadata, an overdue epoch end."""
+        learned = False
+        if self.unknown_instruments and now - self._last_instrument_retry > INSTRUMENT_RETRY_SECONDS:
+            self._last_instrument_retry = now
+            missing, self.unknown_instruments = set(self.unknown_instruments), set()
+            await self._load_instruments(missing)
+            learned = self.unknown_instruments != missing
+        if self.epoch_end is not None and now >= self.epoch_end.deadline:
+            async with self.bus.redis.pipeline(transaction=True) as pipe:
+                self._end_epoch_when_flat(pipe, now)
+                self._save_ledger(pipe)
+                self._publish_snapshot(pipe, 0)
+                await pipe.execute()
+            return
+        current = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+        stale_changed = self.last_snapshot is None or (
+            current.stale_instruments != self.last_snapshot.stale_instruments)
+        if learned or (stale_changed and current.positions):
+            async with self.bus.redis.pipeline(transaction=True) as pipe:
+                self._publish_snapshot(pipe, 0)
+                await pipe.execute()
 
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> PortfolioService:

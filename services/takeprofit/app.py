@@ -78,7 +78,7 @@ class TakeProfitService:
         self.failed_key = self.names.key("takeprofit:failed_closure")
         self.engine = RulesEngine(settings.portfolio_take_profit)
         self.lock = asyncio.Lock()
-        options: dict[str, Any] = {"lock": self.lock}
+        options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         bus.consumer(self.names.snapshots, "takeprofit", consumer_name, Snapshot, self.on_snapshots,
                      batch_size=50, **options)
         bus.consumer(self.names.control, "takeprofit", consumer_name, Control, self.on_controls, **options)
@@ -89,12 +89,14 @@ class TakeProfitService:
         THRESHOLD.labels("partial_take_profit").set(tp.partial_profit_threshold)
 
     async def load(self) -> None:
-        """Restore the engine from its checkpoint (before any input is handled)."""
+        """Restore the engine from its checkpoint (before any input, and after a failed batch)."""
         raw = await self.bus.redis.get(self.state_key)
-        if raw:
-            self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, json.loads(raw))
-            if self.engine.in_flight is not None:
-                log.info("resuming with closure %s in flight", self.engine.in_flight.command_id)
+        if not raw:
+            self.engine = RulesEngine(self.settings.portfolio_take_profit)
+            return
+        self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, json.loads(raw))
+        if self.engine.in_flight is not None:
+            log.info("resuming with closure %s in flight", self.engine.in_flight.command_id)
 
     async def run(self) -> None:
         """The timer: time barriers, cool-down end, and leases that ran out with no report."""
@@ -139,15 +141,22 @@ class TakeProfitService:
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
         now = time.time()
+        resumed = False
         for delivery in batch:
             report = delivery.doc
             if report.status not in (ReportStatus.COMPLETED, ReportStatus.FAILED):
                 continue
             completed = report.status is ReportStatus.COMPLETED
             if not self.engine.on_closure_finished(report.command_id, completed=completed, now=now):
-                continue  # not the closure in flight: a replayed or foreign report
+                if completed and await self._failed_command() == report.command_id:
+                    # given up on (no report before the lease ran out), but it did complete after all
+                    log.info("closure %s completed after its deadline: lifting the failure halt",
+                             report.command_id)
+                    pipe.delete(self.failed_key)
+                    resumed = True
+                continue  # otherwise not the closure in flight: a replayed or foreign report
             self._release(pipe, report.command_id, completed, report.error.message if report.error else None)
-        await self._write_state(pipe, now)
+        await self._write_state(pipe, now, resumed=resumed)
 
     async def on_timer(self, now: float) -> None:
         async with self.bus.redis.pipeline(transaction=True) as pipe:
@@ -162,6 +171,10 @@ class TakeProfitService:
                 await self._write_decision(decision, pipe, now)
             await self._write_state(pipe, now)
             await pipe.execute()
+
+    async def _failed_command(self) -> str | None:
+        raw = await self.bus.redis.get(self.failed_key)
+        return Halt.model_validate_json(raw).command_id if raw else None
 
     def _release(self, pipe: Pipeline, command_id: str, completed: bool, why: str | None) -> None:
         pipe.delete(self.lease_key)

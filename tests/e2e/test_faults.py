@@ -101,9 +101,6 @@ async def test_redis_restart_mid_stream_and_mid_closure(pipeline: Pipeline, faul
         healthy_within(t, "every service")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Redis restart while the executor has an order in flight leaves "
-                   "the command pending until XAUTOCLAIM (deadline + 30 s); take-profit times the closure out "
-                   "as failed and halts quoters until `thalex-tp resume`, although it completed (see docs/reliability.md)")
 async def test_redis_restart_with_a_closing_order_in_flight(pipeline: Pipeline, fault_log: dict[str, Any]) -> None:
     fault_log.update(fault="restart Redis with a closing order in flight",
                      detail="insert held 0.3 s by the exchange; Redis down 1 s from the command on", closures=1)
