@@ -281,3 +281,28 @@ async def test_consumer_survives_a_redis_restart_with_aof(
 
     await eventually(second, timeout=20)
     await client.aclose()
+
+
+async def test_own_failed_entry_is_retried_soon_and_state_restored(make_bus: Any, redis: Redis, names: Any) -> None:
+    """A batch that failed (handler or EXEC) is retried within seconds, not after claim_idle_seconds,
+    and the service's on_failure hook runs first so it can reload its checkpoint."""
+    recorder = Recorder()
+    recorder.crash_on = {"flaky"}
+    restored = 0
+
+    async def restore() -> None:
+        nonlocal restored
+        restored += 1
+        recorder.crash_on.clear()  # the "checkpoint" it reloads no longer crashes
+
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder, claim_idle_seconds=3600,
+                 claim_interval_seconds=0.2, retry_idle_seconds=0.3, on_failure=restore)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("flaky").model_dump_json()})
+
+    async def retried() -> bool:
+        return recorder.seen == ["flaky"] and (await redis.xpending(names.control, "g"))["pending"] == 0
+
+    await eventually(retried, timeout=5)
+    assert restored == 1
