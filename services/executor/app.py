@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,10 +98,37 @@ RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
+ACQUIRE_SCRIPT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local held = redis.call('GET', KEYS[2])
+  if held then return {0, held} end
+  return {0}
+end
+local current = redis.call('GET', KEYS[2])
+if current then return {1, current} end
+if ARGV[3] == '' then return {1} end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+for i = 6, #ARGV do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', '__data__', ARGV[i])
+end
+return {2}
+"""
+"""Take the lease and read the progress in one round trip; a command seen for the first time gets
+its progress created and `received` published in the same call (only by the lease's holder)."""
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+@dataclass
+class Claim:
+    """The lease on a command and its progress as read under it."""
+
+    token: str
+    progress: Progress | None
+    created: bool
+    """The progress was created (and `received` published) by this claim."""
 
 
 class LeaseLost(RuntimeError):
@@ -125,6 +152,7 @@ class Store:
         self._save = redis.register_script(SAVE_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._release = redis.register_script(RELEASE_SCRIPT)
+        self._acquire = redis.register_script(ACQUIRE_SCRIPT)
 
     def _progress_key(self, command_id: str) -> str:
         return self.names.key(f"executor:progress:{command_id}")
@@ -138,13 +166,40 @@ class Store:
 
     async def acquire(self, command_id: str) -> str | None:
         """Wait for the lease; None when the command is finished meanwhile (a duplicate)."""
+        claimed = await self.claim(command_id)
+        return None if claimed is None else claimed.token
+
+    async def claim(self, command_id: str,
+                    fresh: Callable[[], tuple[Progress, list[Report]]] | None = None) -> Claim | None:
+        """Wait for the lease and read the progress, one Redis round trip per attempt.
+
+        None when the command is finished (terminal progress: a duplicate), whether the lease
+        was free or not. With `fresh`, a command without progress gets `fresh()`'s progress
+        and reports written in the same Lua call as the lease (`created`), so the first
+        `received` costs no extra round trip.
+        """
         token = f"{self.owner}:{uuid.uuid4().hex}"
+        keys = [self._lease_key(command_id), self._progress_key(command_id), self.names.reports]
         while True:
-            progress = await self.load(command_id)
+            args: list[Any] = [token, int(LEASE_SECONDS * 1000), "", PROGRESS_TTL_SECONDS, self.maxlen]
+            created: Progress | None = None
+            if fresh is not None:
+                created, reports = fresh()
+                args[2] = created.model_dump_json()
+                args.extend(encode_document(r) for r in reports)
+            reply = await self._acquire(keys=keys, args=args)
+            status = int(reply[0])
+            progress = Progress.model_validate_json(reply[1]) if len(reply) > 1 else None
+            if status == 2:
+                assert created is not None
+                return Claim(token, created, created=True)
+            if status == 1:
+                if progress is not None and progress.terminal:
+                    await self.release(command_id, token)
+                    return None
+                return Claim(token, progress, created=False)
             if progress is not None and progress.terminal:
                 return None
-            if await self.redis.set(self._lease_key(command_id), token, nx=True, px=int(LEASE_SECONDS * 1000)):
-                return token
             await asyncio.sleep(0.1)
 
     async def renew(self, command_id: str, token: str) -> bool:
@@ -188,6 +243,21 @@ class Order:
     result: dict[str, Any] | None = None
     error: ExchangeError | None = None
     lost: bool = False
+
+
+@dataclass
+class Reads:
+    """A wave's exchange reads, in flight: the portfolio and the legs' quotes."""
+
+    positions: asyncio.Task[Any] | None = None
+    quotes: asyncio.Task[dict[str, Quote]] | None = None
+
+    def cancel(self) -> None:
+        for task in (self.positions, self.quotes):
+            if task is not None and not task.done():
+                task.cancel()
+            elif task is not None and not task.cancelled():
+                task.exception()  # retrieved: never "exception was never retrieved"
 
 
 @dataclass
@@ -255,30 +325,28 @@ class Executor:
             await self.execute(delivery.doc)
 
     async def execute(self, command: Command) -> None:
-        token = await self.store.acquire(command.command_id)
-        if token is None:
+        def fresh() -> tuple[Progress, list[Report]]:
+            progress = Progress.start(command, time.time(), self.config.close_price_buffer,
+                                      self.config.deadline_seconds)
+            return progress, [progress.report(ReportStatus.RECEIVED, time.time())]
+
+        claim = await self.store.claim(command.command_id, fresh)  # lease + progress (+ received): one call
+        if claim is None:
             await self._publish_duplicate(command)
             return
         try:
-            progress = await self.store.load(command.command_id)
-            if progress is not None and progress.terminal:
-                await self._publish_duplicate(command)
-                return
-            work = Work(progress or Progress.start(command, time.time(), self.config.close_price_buffer,
-                                                   self.config.deadline_seconds), token, command.created_ts)
-            if progress is None:
-                work.add(ReportStatus.RECEIVED)
-                await self._save(work)
-            else:
-                log.info("resuming %s at stage %s", command.command_id, progress.stage)
+            assert claim.progress is not None
+            work = Work(claim.progress, claim.token, command.created_ts)
+            if not claim.created:
+                log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
             heartbeat = asyncio.create_task(self._keep_lease(work))
             try:
-                await self._work(work, resumed=progress is not None)
+                await self._work(work, resumed=not claim.created)
             finally:
                 heartbeat.cancel()
             COMMANDS.labels(work.progress.stage.value).inc()
         finally:
-            await self.store.release(command.command_id, token)
+            await self.store.release(command.command_id, claim.token)
 
     async def _publish_duplicate(self, command: Command) -> None:
         log.info("command %s already handled: duplicate", command.command_id)
@@ -306,23 +374,49 @@ class Executor:
         if self.config.dry_run:
             await self._dry_run(work)
             return
+        reads: Reads | None = None
         if progress.stage is Stage.RECEIVED:
+            cancel = None
             if self.config.cancel_open_orders:  # first, so quoters' orders cannot rebuild the position
-                await self._retrying(work, "cancel_all")
+                cancel = asyncio.create_task(self._retrying(work, "cancel_all"))  # created first: sent first
+            # The first wave's reads go out with cancel_all instead of after it; no order is sent
+            # before cancel_all's answer (awaited here). A full closure reads the portfolio at once
+            # too (a quoter's fill racing the cancel is closed by the next wave / verify flat); a
+            # partial one reads it after the cancel, so `position_before` cannot move under it.
+            if not resumed:
+                reads = self._start_reads(work, progress.open_legs(), positions=cancel is None or progress.full)
+            if cancel is not None:
+                try:
+                    await cancel
+                except BaseException:
+                    if reads is not None:
+                        reads.cancel()
+                    raise
                 progress.to(Stage.ORDERS_CANCELLED)
                 work.add(ReportStatus.ORDERS_CANCELLED)
             progress.to(Stage.CLOSING)
-            await self._save(work)
+            # saved with the first wave's `order_sent` (before that order leaves), or earlier by
+            # whatever saves first; a crash before it repeats cancel_all, which is harmless
         try:
             if resumed:
                 await self._resync(work)
-            await self._close(work)
+            await self._close(work, reads)
         except ThalexError as exc:  # a request the executor cannot do without (e.g. 28 unauthorized)
             progress.error = ExchangeError(code=exc.code, message=exc.message)
             await self._fail(work, {})
         except ConnectionLost as exc:  # still unreachable at the deadline
             progress.error = ExchangeError(code=20, message=f"exchange unreachable: {exc}")
             await self._fail(work, {})
+        finally:
+            if reads is not None:
+                reads.cancel()
+
+    def _start_reads(self, work: Work, legs: list[Leg], positions: bool = True) -> Reads:
+        """Start a wave's exchange reads concurrently: the portfolio and each leg's ticker (and book)."""
+        return Reads(
+            positions=asyncio.create_task(self._retrying(work, "portfolio")) if positions else None,
+            quotes=asyncio.create_task(self._quotes(work, [leg.instrument for leg in legs])) if legs else None,
+        )
 
     async def _retrying(self, work: Work, method: str, *args: Any, order: bool = False, **kwargs: Any) -> Any:
         """A request retried through throttling, temporary failures and reconnects until the deadline."""
@@ -351,33 +445,56 @@ class Executor:
     # Market data
 
     async def _info(self, instrument: str) -> InstrumentInfo:
-        """Tick sizes from `tp:instruments` (ingest keeps it), else from the exchange."""
+        """Tick sizes from `tp:instruments` (ingest keeps it), else from the exchange; cached."""
         if instrument in self.instruments:
             return self.instruments[instrument]
-        raw = await self.bus.redis.hget(self.names.instruments, instrument)
-        if raw is not None:
-            info = InstrumentInfo.model_validate_json(raw)
-        else:
-            wire = await self.session.request("instrument", instrument)
-            info = InstrumentInfo(
-                type=InstrumentType(wire["type"]), product=wire["product"], underlying=wire["underlying"],
-                tick_size=wire["tick_size"], volume_tick_size=wire["volume_tick_size"],
-                min_order_amount=max(wire["min_order_amount"], wire["volume_tick_size"]),
-                expiry_ts=wire.get("expiration_timestamp"),
-            )
-        self.instruments[instrument] = info
-        return info
+        return (await self._infos([instrument]))[instrument]
 
-    async def _quote(self, instrument: str, with_book: bool) -> Quote:
-        ticker = await self.session.request("ticker", instrument)
+    async def _infos(self, instruments: list[str]) -> dict[str, InstrumentInfo]:
+        """`_info` of several instruments; what is not cached yet costs one HMGET (plus the
+        exchange's `public/instrument` for what `tp:instruments` lacks)."""
+        missing = [name for name in dict.fromkeys(instruments) if name not in self.instruments]
+        if missing:
+            raws = await self.bus.redis.hmget(self.names.instruments, missing)
+            for name, raw in zip(missing, raws):
+                if raw is not None:
+                    self.instruments[name] = InstrumentInfo.model_validate_json(raw)
+            unknown = [name for name in missing if name not in self.instruments]
+            for name, wire in zip(unknown, await asyncio.gather(
+                    *(self.session.request("instrument", name) for name in unknown))):
+                self.instruments[name] = InstrumentInfo(
+                    type=InstrumentType(wire["type"]), product=wire["product"], underlying=wire["underlying"],
+                    tick_size=wire["tick_size"], volume_tick_size=wire["volume_tick_size"],
+                    min_order_amount=max(wire["min_order_amount"], wire["volume_tick_size"]),
+                    expiry_ts=wire.get("expiration_timestamp"),
+                )
+        return {name: self.instruments[name] for name in instruments}
+
+    def _hedged(self, names: list[str], infos: dict[str, InstrumentInfo], groups_of: Any) -> set[str]:
+        """The instruments sharing an underlying with another one (their book depth is needed)."""
+        groups = group_legs(names, groups_of, {n: i.underlying for n, i in infos.items()})
+        return {name for members in groups.values() if len(members) > 1 for name in members}
+
+    async def _quotes(self, work: Work, names: list[str]) -> dict[str, Quote]:
+        """Every leg's quote at once, with the book for legs hedged against another."""
+        infos = await self._infos(names)
+        several = self._hedged(names, infos, work.progress.groups)
+        quotes = await asyncio.gather(*(self._quote(work, n, with_book=n in several) for n in names))
+        return dict(zip(names, quotes))
+
+    async def _quote(self, work: Work, instrument: str, with_book: bool) -> Quote:
+        if with_book:  # both reads at once
+            ticker, book = await asyncio.gather(self._retrying(work, "ticker", instrument),
+                                                self._retrying(work, "book", instrument))
+        else:
+            ticker, book = await self._retrying(work, "ticker", instrument), None
         info = await self._info(instrument)
         delta = ticker.get("delta")
         if delta is None or info.type is not InstrumentType.OPTION:
             delta = 1.0 if delta is None else delta
         quote = Quote(mark=ticker["mark_price"], best_bid=ticker.get("best_bid_price"),
                       best_ask=ticker.get("best_ask_price"), delta=float(delta))
-        if with_book:
-            book = await self.session.request("book", instrument)
+        if book is not None:
             quote.bids, quote.asks = book.get("bids") or [], book.get("asks") or []
         return quote
 
@@ -401,7 +518,7 @@ class Executor:
         orders: list[PlannedOrder] = []
         for leg in progress.legs.values():
             info = await self._info(leg.instrument)
-            quote = await self._quote(leg.instrument, with_book=False)
+            quote = await self._quote(work, leg.instrument, with_book=False)
             side = close_side(leg.listed)
             amount = order_amount(leg.listed, leg.listed, info)
             if amount > 0:
@@ -415,18 +532,35 @@ class Executor:
 
     # Closing
 
-    async def _close(self, work: Work) -> None:
-        """Waves of closing orders until every leg is closed, dust or stopped, then verify flat."""
+    async def _close(self, work: Work, reads: Reads | None = None) -> None:
+        """Waves of closing orders until every leg is closed, dust or stopped, then verify flat.
+
+        A closing wave's portfolio and quotes are read concurrently (`reads`, already in flight
+        for the first wave); verifying reads only the portfolio.
+        """
         progress = work.progress
         while True:
             self._check_lease(work)
-            positions = await self._retrying(work, "portfolio")
-            positions = {row["instrument_name"]: float(row["position"]) for row in positions}
+            if reads is None and progress.stage is Stage.CLOSING:
+                reads = self._start_reads(work, progress.open_legs())
+            quotes: dict[str, Quote] | None = None
+            try:
+                if reads is not None and reads.positions is not None:
+                    rows = await reads.positions
+                else:
+                    rows = await self._retrying(work, "portfolio")
+                if reads is not None and reads.quotes is not None:
+                    quotes = await reads.quotes
+            finally:
+                if reads is not None:
+                    reads.cancel()
+                reads = None
+            positions = {row["instrument_name"]: float(row["position"]) for row in rows}
             if progress.stage is Stage.VERIFYING:
                 if await self._verified(work, positions):
                     return
                 continue
-            pause = await self._wave(work, positions)
+            pause = await self._wave(work, positions, quotes)
             if not progress.open_legs():
                 progress.to(Stage.VERIFYING)
                 await self._save(work)
@@ -488,7 +622,8 @@ class Executor:
         await self._save(work)
         log.error("%s failed: %s", progress.command_id, progress.error.message)
 
-    async def _wave(self, work: Work, positions: dict[str, float]) -> float:
+    async def _wave(self, work: Work, positions: dict[str, float],
+                    quotes: dict[str, Quote] | None = None) -> float:
         """Send one round of closing orders; returns how long to pause before the next."""
         progress = work.progress
         remaining: dict[str, float] = {}
@@ -514,7 +649,7 @@ class Executor:
             remaining[leg.instrument] = left
         if not remaining:
             return 0.0
-        orders = await self._plan_wave(work, remaining, positions)
+        orders = await self._plan_wave(work, remaining, positions, quotes)
         if not orders:
             return RETRY_PAUSE
         for order in orders:
@@ -531,16 +666,22 @@ class Executor:
         await asyncio.gather(*(self._send(work, order) for order in orders))
         return await self._settle(work, orders)
 
-    async def _plan_wave(self, work: Work, remaining: dict[str, float],
-                         positions: dict[str, float]) -> list[Order]:
-        """Size (hedge-aware) and price this wave's orders, lead side of each underlying first."""
+    async def _plan_wave(self, work: Work, remaining: dict[str, float], positions: dict[str, float],
+                         read: dict[str, Quote] | None = None) -> list[Order]:
+        """Size (hedge-aware) and price this wave's orders, lead side of each underlying first.
+
+        `read`: quotes already read for this wave (with the portfolio); what it lacks is read now.
+        """
         progress = work.progress
-        infos = {name: await self._info(name) for name in remaining}
-        groups = group_legs(list(remaining), progress.groups, {n: i.underlying for n, i in infos.items()})
-        several = {name for members in groups.values() if len(members) > 1 for name in members}
         names = list(remaining)
-        quotes = dict(zip(names, await asyncio.gather(
-            *(self._quote(n, with_book=n in several) for n in names))))
+        infos = await self._infos(names)
+        groups = group_legs(names, progress.groups, {n: i.underlying for n, i in infos.items()})
+        several = self._hedged(names, infos, progress.groups)
+        quotes = {n: q for n, q in (read or {}).items()
+                  if n in remaining and (n not in several or q.bids is not None)}
+        missing = [n for n in names if n not in quotes]
+        quotes.update(zip(missing, await asyncio.gather(
+            *(self._quote(work, n, with_book=n in several) for n in missing))))
         orders: list[Order] = []
         for underlying, members in groups.items():
             if not members:

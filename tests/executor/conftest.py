@@ -137,6 +137,8 @@ async def wait_outcome(redis: Redis, names: Names, command_id: str, count: int =
 class RunningExecutor:
     bus: Bus
     task: asyncio.Task[None]
+    executor: Any = None
+    """The `Executor` itself (to wrap its session in a test)."""
 
 
 @asynccontextmanager
@@ -151,7 +153,7 @@ async def running_executor(settings: Settings, replica: str = "1") -> AsyncItera
             break
         await asyncio.sleep(0.01)
     try:
-        yield RunningExecutor(bus, task)
+        yield RunningExecutor(bus, task, runnable.executor)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
