@@ -59,6 +59,8 @@ from services.paper.keys import generate_key
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
 ACCOUNT = "e2e"
+ANSWER_TIMEOUT = 10.0
+"""Seconds the harness waits for one answer of the paper exchange before calling it lost."""
 INGEST_KEY = "e2e-ingest"
 EXECUTOR_KEY = "e2e-executor"
 TRADER_KEY = "e2e-trader"
@@ -178,12 +180,15 @@ class PaperControl:
                     request_id = next(self.ids)
                     await self.ws.send(json.dumps({"method": method, "params": params or {}, "id": request_id}))
                     while True:
-                        answer = json.loads(await self.ws.recv())
+                        answer = json.loads(await asyncio.wait_for(self.ws.recv(), ANSWER_TIMEOUT))
                         if answer.get("id") == request_id:
                             if "error" in answer:
                                 raise RuntimeError(f"{method}: {answer['error']}")
                             return answer["result"]
-                except (OSError, websockets.ConnectionClosed):
+                except (OSError, websockets.ConnectionClosed, TimeoutError):
+                    # a lost answer must fail this call loudly, not hang the test until pytest-timeout
+                    if self.ws is not None:
+                        self.ws.transport.abort()
                     self.ws = None
                     if attempt == 2:
                         raise
@@ -210,7 +215,7 @@ class AccountReader:
                 request_id = next(self.ids)
                 await ws.send(json.dumps({"method": method, "params": params, "id": request_id}))
                 while True:
-                    answer = json.loads(await ws.recv())
+                    answer = json.loads(await asyncio.wait_for(ws.recv(), ANSWER_TIMEOUT))
                     if answer.get("id") == request_id:
                         if "error" in answer:
                             raise RuntimeError(f"{method}: {answer['error']}")
