@@ -73,7 +73,7 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
     for command in state.commands[-5:]:
         steps = state.reports.get(command.command_id, [])
         outcome = steps[-1].status.value if steps else "sent"
-        fees = sum(r.fee or 0.0 for r in steps if r.fee is not None)
+        fees = sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))
         when = time.strftime("%H:%M:%S", time.localtime(command.created_ts))
         lines.append(f"  {when} {command.reason.value:<20} at {command.net_pnl:+.4f} (barrier {command.threshold:+.2f})"
                      f"  {len(command.positions)} position(s) -> {outcome}, closing fees {fees:.4f}")

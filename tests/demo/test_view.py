@@ -1,0 +1,28 @@
+"""The demo's screen is a pure function: check what a trader reads off it."""
+
+from __future__ import annotations
+
+from services.common.config import PortfolioTakeProfit
+from services.common.contracts import Command, Halt, HaltAck, Report
+from services.demo.view import DemoState, barrier_bar, render
+
+TS = 1_700_000_000.0
+
+
+def test_bar_places_net_after_close_between_the_barriers() -> None:
+    assert barrier_bar(-10.0, -10.0, 1.1).split("|")[1].startswith("*")
+    assert barrier_bar(1.1, -10.0, 1.1).split("|")[1].endswith("*")
+    assert "0" in barrier_bar(-5.0, -10.0, 1.1)
+
+
+def test_closing_fees_are_the_fills_fees_not_counted_twice() -> None:
+    command = Command(command_id="c1", epoch=0, reason="take_profit", positions=[{"instrument": "X", "amount": 1}],
+                      snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=TS, deadline_ts=TS + 30)
+    reports = [Report(command_id="c1", status="filled", instrument="X", filled=1, avg_price=1, fee=2.5, ts=TS),
+               Report(command_id="c1", status="completed", fee=2.5, ts=TS + 1)]
+    state = DemoState(commands=[command], reports={"c1": reports},
+                      halt=Halt(reason="take_profit", command_id="c1", since=TS, until=TS + 10),
+                      acks={"quoter": HaltAck(command_id="c1", ts=TS)})
+    screen = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=TS + 4))
+    assert "-> completed, closing fees 2.5000" in screen
+    assert "HALT: take_profit c1, 6 s of cool-down left; acknowledged by quoter" in screen
