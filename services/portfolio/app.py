@@ -336,10 +336,10 @@ class PortfolioService:
                 self._publish_snapshot(pipe, 0)
                 await pipe.execute()
             return
-        current = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
-        stale_changed = self.last_snapshot is None or (
-            current.stale_instruments != self.last_snapshot.stale_instruments)
-        if learned or (stale_changed and current.positions):
+        # the idle loop only compares the stale list: no full O(n) snapshot every second
+        stale = self.ledger.stale_instruments(now, self.settings.portfolio.stale_after_seconds)
+        stale_changed = self.last_snapshot is None or stale != self.last_snapshot.stale_instruments
+        if learned or stale_changed:
             async with self.bus.redis.pipeline(transaction=True) as pipe:
                 self._publish_snapshot(pipe, 0)
                 await pipe.execute()

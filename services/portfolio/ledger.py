@@ -411,6 +411,14 @@ class Ledger:
             realized, unrealized, funding, fees, close_fees, slippage, self._config.fee_estimation_buffer
         )
 
+    def stale_instruments(self, now: float, stale_after_seconds: float) -> list[str]:
+        """Open positions whose instrument has not ticked within `stale_after_seconds` (sorted)."""
+        return sorted(
+            name for name, p in self._positions.items()
+            if p.position != 0.0
+            and ((tick := self._ticks.get(name)) is None or now - tick.exchange_ts > stale_after_seconds)
+        )
+
     def snapshot(self, seq: int, now: float, stale_after_seconds: float) -> Snapshot:
         """The full picture, O(n): every instrument of the epoch plus the exact sums.
 
@@ -419,7 +427,6 @@ class Ledger:
         figure anywhere reaches its totals and is stopped here.
         """
         rows: list[SnapshotPosition] = []
-        stale: list[str] = []
         oldest: float | None = None
         for name, p in self._positions.items():
             row = self._rows.get(name)
@@ -430,9 +437,6 @@ class Ledger:
                 continue
             if p.opened_ts is not None and (oldest is None or p.opened_ts < oldest):
                 oldest = p.opened_ts
-            tick = self._ticks.get(name)
-            if tick is None or now - tick.exchange_ts > stale_after_seconds:
-                stale.append(name)
         totals = Totals.of(
             math.fsum(r.realized_pnl for r in rows),
             math.fsum(r.unrealized_pnl for r in rows),
@@ -457,7 +461,7 @@ class Ledger:
             net_pnl=totals.net_pnl,
             net_after_close=totals.net_after_close,
             oldest_position_ts=oldest,
-            stale_instruments=sorted(stale),
+            stale_instruments=self.stale_instruments(now, stale_after_seconds),
             drift=list(self._drift.values()),
             last_input_ts=self._last_input_ts,
         )
