@@ -35,6 +35,17 @@ async def commands(redis: Redis, names: Names) -> list[Command]:
     return await read_stream(redis, names.commands, Command)
 
 
+async def one_command(redis: Redis, names: Names, timeout: float = 10.0) -> Command:
+    """Wait until the service has written exactly one command, and return it."""
+
+    async def decided() -> bool:
+        return len(await commands(redis, names)) == 1
+
+    await eventually(decided, timeout=timeout)
+    [command] = await commands(redis, names)
+    return command
+
+
 async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
     redis_url: str, names: Names, redis: Redis
 ) -> None:
@@ -78,11 +89,7 @@ async def test_completed_report_releases_lease_then_cooldown_then_halt_cleared(
     async with in_process(build, settings, "takeprofit"):
         await xadd(redis, names.snapshots, live(1, 2.0))
 
-        async def decided() -> bool:
-            return len(await commands(redis, names)) == 1
-
-        await eventually(decided)
-        [command] = await commands(redis, names)
+        command = await one_command(redis, names)
         assert await redis.exists(names.key("takeprofit:lease"))
         await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
                                                 epoch=command.epoch, fraction=1.0, ts=time.time()))
@@ -116,11 +123,7 @@ async def test_failed_report_releases_lease_and_keeps_halt_until_resume(
     async with in_process(build, settings, "takeprofit"):
         await xadd(redis, names.snapshots, live(1, 2.0))
 
-        async def decided() -> bool:
-            return len(await commands(redis, names)) == 1
-
-        await eventually(decided)
-        [command] = await commands(redis, names)
+        command = await one_command(redis, names)
         await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.FAILED,
                                                 epoch=1, fraction=1.0, ts=time.time(),
                                                 error={"code": 41, "message": "insufficient liquidity"}))
@@ -192,11 +195,7 @@ async def test_partial_take_profit_keeps_hedge_ratio_and_fires_once(
     async with in_process(build, settings, "takeprofit"):
         await xadd(redis, names.snapshots, live(1, 0.6, positions=legs))
 
-        async def decided() -> bool:
-            return len(await commands(redis, names)) == 1
-
-        await eventually(decided)
-        [command] = await commands(redis, names)
+        command = await one_command(redis, names)
         await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
                                                 epoch=1, fraction=0.5, ts=time.time()))
         await eventually(lambda: _lease_gone(redis, names))
