@@ -378,6 +378,8 @@ class Ledger:
         self._drift: dict[str, Drift] = {}
         self._sums = tuple(_RunningSum() for _ in range(6))
         self._rows: dict[str, SnapshotPosition] = {}
+        self._adopted_through: dict[str, float] = {}
+        """instrument -> exchange_ts of the report whose position was adopted (see `apply_fill`)."""
         """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
 
     # ----------------------------------------------------------------- reading
@@ -532,6 +534,14 @@ class Ledger:
         if p is None:
             p = self._positions[name] = _Position(name)
         tick = self._ticks.get(name)
+        if fill.exchange_ts <= self._adopted_through.get(name, -math.inf):
+            # A fill that arrives after drift was adopted, from before the adopted report: the
+            # exchange's position already includes it. Count its fee, not its amount a second time.
+            before = p.contributions()
+            p.fees_paid += self._fee_of(fill, tick)
+            self._value(p)
+            self._move_sums(before, p.contributions())
+            return FillOutcome.APPLIED
         funding_mark = fill.funding_mark
         if funding_mark is None:
             funding_mark = tick.funding_mark if tick is not None and tick.funding_mark is not None else 0.0
@@ -610,6 +620,7 @@ class Ledger:
                 since=since,
             )
             self._adopt(name, ex, now)
+            self._adopted_through[name] = report.exchange_ts
         return list(self._drift.values())
 
     def is_flat(self) -> bool:
@@ -670,6 +681,7 @@ class Ledger:
             "seen": [[trade_id, ts] for trade_id, ts in self._seen.items()],
             "horizon": self._horizon,
             "drift_since": dict(self._drift_since),
+            "adopted_through": dict(self._adopted_through),
             "drift": [d.model_dump(mode="json") for d in self._drift.values()],
         }
 
@@ -690,6 +702,7 @@ class Ledger:
         for trade_id, ts in state["seen"]:
             ledger._remember(trade_id, ts)
         ledger._drift_since = dict(state["drift_since"])
+        ledger._adopted_through = dict(state.get("adopted_through", {}))
         for d in state["drift"]:
             drift = Drift.model_validate(d)
             ledger._drift[drift.instrument] = drift

@@ -490,3 +490,23 @@ def test_close_cost_check_compares_estimate_with_what_closing_cost() -> None:
     )
     assert check.actual == approx(25 + 10 + 15.0075 + 15)
     assert check.error == approx(check.actual - estimated)
+
+
+def test_a_fill_arriving_after_its_position_was_adopted_is_not_counted_twice() -> None:
+    """Seen in the demo: a fill reached the portfolio after the grace period, the exchange's
+    position had been adopted, and the late fill moved the position a second time."""
+    book = ledger(drift_grace_seconds=0.0)
+    book.apply_tick(tick(BTC_PERP, 100_000))
+    # the exchange reports a short 0.05 at t=1,000 that the ledger has not seen a fill for
+    book.reconcile(positions(1_000, exchange_position(BTC_PERP, -0.05, 100_050, 100_000)), now=1_000)
+    assert book.position(BTC_PERP) == approx(-0.05)
+    # the fill behind it arrives late (trade time 999 <= report 1,000): its fee counts, its amount not again
+    late = fill(BTC_PERP, "sell", 0.05, 100_050, fee=-0.5, ts=999)
+    assert book.apply_fill(late) is FillOutcome.APPLIED
+    assert book.position(BTC_PERP) == approx(-0.05)
+    assert book.totals().fees_paid == approx(-0.5)
+    # a later trade (after the adopted report) moves the position as usual
+    book.apply_fill(fill(BTC_PERP, "buy", 0.05, 100_000, ts=1_001))
+    assert book.position(BTC_PERP) == approx(0.0)
+    restored = Ledger.from_state(book.to_state(), book._config)
+    assert restored.to_state() == book.to_state()
