@@ -38,7 +38,6 @@ from typing import Any, Generic, TypeVar
 
 from faststream.middlewares import AckPolicy
 from faststream.redis import RedisBroker, StreamSub
-from faststream.redis.annotations import RedisBatchStreamMessage
 from faststream.redis.message import FAKE_CONSUMER
 from faststream.redis.message import RedisBatchStreamMessage as RedisBatchStreamMessageClass
 from faststream.redis.parser import MessageFormat
@@ -249,7 +248,7 @@ class StreamConsumer(Generic[M]):
         sub = StreamSub(self.stream, group=self.group, consumer=self.consumer, batch=True,
                         max_records=self.batch_size, polling_interval=self.block_ms)
         self._subscriber = self.bus.broker.subscriber(
-            stream=sub, ack_policy=AckPolicy.MANUAL, parser=_entries_as_they_are, decoder=_no_body,
+            stream=sub, ack_policy=AckPolicy.MANUAL, parser=_entries_as_they_are, decoder=_raw_batch_as_body,
         )
         self._subscriber(self._on_new_entries)
 
@@ -278,9 +277,8 @@ class StreamConsumer(Generic[M]):
                 await task
         self._tasks.clear()
 
-    async def _on_new_entries(self, message: RedisBatchStreamMessage) -> None:
-        """FastStream hands us each batch of new (`>`) entries."""
-        raw = message.raw_message
+    async def _on_new_entries(self, raw: Any) -> None:
+        """FastStream hands us each batch of new (`>`) entries: the raw XREADGROUP reply."""
         entries = [(_text(i), fields) for i, fields in zip(raw["message_ids"], raw["data"])]
         await self.handle(entries, deliveries={})
 
@@ -455,6 +453,12 @@ async def _entries_as_they_are(message: Any) -> RedisBatchStreamMessageClass:
     return RedisBatchStreamMessageClass(raw_message=message, body=b"", consumer=FAKE_CONSUMER, group=None)
 
 
-async def _no_body(message: Any) -> None:
-    """Skip FastStream's body decoding: `StreamConsumer` validates entries itself."""
-    return None
+async def _raw_batch_as_body(message: RedisBatchStreamMessageClass) -> Any:
+    """Hand the raw batch to the handler as its body: `StreamConsumer` validates entries itself.
+
+    Why not a `message: RedisBatchStreamMessage` parameter: FastStream resolves that annotation
+    through a `Context` field whose `use` is synchronous, and FastDepends 3 runs a synchronous
+    field in a worker thread (`anyio.to_thread`) on every batch: a thread hand-off on the hot
+    path (seen with py-spy), about 0.2-0.5 ms per hop of the reaction.
+    """
+    return message.raw_message
