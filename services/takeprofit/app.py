@@ -14,7 +14,12 @@ one for the same trigger:
   cool-down, during an operator halt, and after a failed closure until
   `thalex-tp resume` (the failure keeps quoters down until a human looks).
 
-Runs as a single replica: two deciders would race for one lease.
+Runs as a single replica: two deciders would race for one lease. Being the only
+writer of the lease and of the failed-closure halt, the service mirrors both in
+memory (`lease_held`, `failed`) instead of asking Redis on every snapshot: the
+mirrors change with the transaction that writes the keys, are reloaded with the
+engine after a failed transaction, and are re-read from Redis by the timer every
+`check_interval_seconds` (a Redis restart that lost a key is noticed there).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ CLOSURES_FINISHED = Counter("tp_takeprofit_closures_finished_total", "Closures e
 NET_AFTER_CLOSE = Gauge("tp_takeprofit_net_after_close_usd", "net_after_close of the last snapshot evaluated")
 THRESHOLD = Gauge("tp_takeprofit_threshold_usd", "Configured money barriers", ["barrier"])
 
+INSTRUMENT_REFRESH_SECONDS = 60.0
+"""How often the cached volume tick sizes of instruments seen in decisions are re-read."""
 LEASE_MARGIN_SECONDS = 10.0
 """The lease outlives the command's deadline by this much, so a late report still finds it."""
 FAILED_HALT_REASON = "closure_failed"
@@ -77,6 +84,13 @@ class TakeProfitService:
         self.lease_key = self.names.key("takeprofit:lease")
         self.failed_key = self.names.key("takeprofit:failed_closure")
         self.engine = RulesEngine(settings.portfolio_take_profit)
+        self.lease_held = False
+        """Mirror of the lease key (this service is its only writer)."""
+        self.failed: Halt | None = None
+        """Mirror of the failed-closure halt (this service is its only writer)."""
+        self.volume_ticks: dict[str, float] = {}
+        """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
+        self._volume_ticks_read = 0.0
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         bus.consumer(self.names.snapshots, "takeprofit", consumer_name, Snapshot, self.on_snapshots,
@@ -89,7 +103,8 @@ class TakeProfitService:
         THRESHOLD.labels("partial_take_profit").set(tp.partial_profit_threshold)
 
     async def load(self) -> None:
-        """Restore the engine from its checkpoint (before any input, and after a failed batch)."""
+        """Restore the engine and the mirrors from Redis (before any input, and after a failed batch)."""
+        await self._read_mirrors()
         raw = await self.bus.redis.get(self.state_key)
         if not raw:
             self.engine = RulesEngine(self.settings.portfolio_take_profit)
@@ -109,12 +124,17 @@ class TakeProfitService:
                 except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
                     log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
 
-    async def _external(self) -> External:
-        return External(closure_in_flight=bool(await self.bus.redis.exists(self.lease_key)))
+    async def _read_mirrors(self) -> None:
+        self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
+        raw = await self.bus.redis.get(self.failed_key)
+        self.failed = Halt.model_validate_json(raw) if raw else None
+
+    def _external(self) -> External:
+        return External(closure_in_flight=self.lease_held)
 
     async def on_snapshots(self, batch: list[Delivery[Snapshot]], pipe: Pipeline) -> None:
         now = time.time()
-        external = await self._external()
+        external = self._external()
         for delivery in batch:
             decision = self.engine.on_snapshot(delivery.doc, now, external)
             if decision is not None:
@@ -123,7 +143,7 @@ class TakeProfitService:
                 external = External(closure_in_flight=True)
         if batch:
             NET_AFTER_CLOSE.set(batch[-1].doc.net_after_close)
-        await self._write_state(pipe, now)
+        self._write_state(pipe, now)
 
     async def on_controls(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
         now = time.time()
@@ -132,60 +152,62 @@ class TakeProfitService:
             log.info("operator %s: %s", control.by, control.action.value)
             if control.action is ControlAction.RESUME:
                 pipe.delete(self.failed_key)
-            decision = self.engine.on_control(control, now, await self._external())
+                self.failed = None
+            decision = self.engine.on_control(control, now, self._external())
             if decision is not None:
                 await self._write_decision(decision, pipe, now)
             elif control.action is ControlAction.CLOSE_ALL:
                 log.warning("close_all by %s refused: %s", control.by, self.engine.last_skip)
-        await self._write_state(pipe, now, resumed=any(d.doc.action is ControlAction.RESUME for d in batch))
+        self._write_state(pipe, now)
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
         now = time.time()
-        resumed = False
         for delivery in batch:
             report = delivery.doc
             if report.status not in (ReportStatus.COMPLETED, ReportStatus.FAILED):
                 continue
             completed = report.status is ReportStatus.COMPLETED
             if not self.engine.on_closure_finished(report.command_id, completed=completed, now=now):
-                if completed and await self._failed_command() == report.command_id:
+                if completed and self.failed is not None and self.failed.command_id == report.command_id:
                     # given up on (no report before the lease ran out), but it did complete after all
                     log.info("closure %s completed after its deadline: lifting the failure halt",
                              report.command_id)
                     pipe.delete(self.failed_key)
-                    resumed = True
+                    self.failed = None
                 continue  # otherwise not the closure in flight: a replayed or foreign report
             self._release(pipe, report.command_id, completed, report.error.message if report.error else None)
-        await self._write_state(pipe, now, resumed=resumed)
+        self._write_state(pipe, now)
 
     async def on_timer(self, now: float) -> None:
+        await self._read_mirrors()
+        if self.volume_ticks and now - self._volume_ticks_read >= INSTRUMENT_REFRESH_SECONDS:
+            await self._read_volume_ticks(list(self.volume_ticks), now)
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             in_flight = self.engine.in_flight
-            if in_flight is not None and not await self.bus.redis.exists(self.lease_key):
+            if in_flight is not None and not self.lease_held:
                 log.error("closure %s: no completed/failed report before its deadline; releasing",
                           in_flight.command_id)
                 self.engine.on_closure_finished(in_flight.command_id, completed=False, now=now)
                 self._release(pipe, in_flight.command_id, False, "no report before the deadline")
-            decision = self.engine.on_timer(now, await self._external())
+            decision = self.engine.on_timer(now, self._external())
             if decision is not None:
                 await self._write_decision(decision, pipe, now)
-            await self._write_state(pipe, now)
+            self._write_state(pipe, now)
             await pipe.execute()
-
-    async def _failed_command(self) -> str | None:
-        raw = await self.bus.redis.get(self.failed_key)
-        return Halt.model_validate_json(raw).command_id if raw else None
 
     def _release(self, pipe: Pipeline, command_id: str, completed: bool, why: str | None) -> None:
         pipe.delete(self.lease_key)
+        self.lease_held = False
         if completed:
             pipe.delete(self.failed_key)
+            self.failed = None
             CLOSURES_FINISHED.labels("completed").inc()
             log.info("closure %s completed; cool-down %.0f s", command_id,
                      self.settings.portfolio_take_profit.cooldown_seconds)
         else:
             halt = Halt(reason=FAILED_HALT_REASON, command_id=command_id, since=time.time())
             pipe.set(self.failed_key, halt.model_dump_json())
+            self.failed = halt
             CLOSURES_FINISHED.labels("failed").inc()
             log.error("closure %s FAILED (%s): quoters stay halted until `thalex-tp resume`", command_id, why)
 
@@ -200,6 +222,7 @@ class TakeProfitService:
             return
         ttl = command.deadline_ts - now + LEASE_MARGIN_SECONDS
         pipe.set(self.lease_key, command.command_id, px=max(1, int(ttl * 1000)))
+        self.lease_held = True
         self.bus.queue_publish(pipe, self.names.commands, command)
         DECISIONS.labels(decision.reason.value).inc()
         log.warning("DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
@@ -207,21 +230,24 @@ class TakeProfitService:
                     decision.threshold, len(command.positions), self.settings.executor.deadline_seconds)
 
     async def _volume_ticks(self, instruments: list[str]) -> dict[str, float]:
-        raw = await self.bus.redis.hmget(self.names.instruments, instruments) if instruments else []
-        ticks = {}
-        for instrument, value in zip(instruments, raw):
-            if value:
-                ticks[instrument] = InstrumentInfo.model_validate_json(value).volume_tick_size
-        return ticks
+        """Cached: a decision costs no Redis round trip for instruments seen before."""
+        missing = [i for i in instruments if i not in self.volume_ticks]
+        if missing:
+            await self._read_volume_ticks(missing, time.time())
+        return {i: self.volume_ticks[i] for i in instruments if i in self.volume_ticks}
 
-    async def _write_state(self, pipe: Pipeline, now: float, resumed: bool = False) -> None:
+    async def _read_volume_ticks(self, instruments: list[str], now: float) -> None:
+        for instrument, value in zip(instruments, await self.bus.redis.hmget(self.names.instruments, instruments)):
+            if value:
+                self.volume_ticks[instrument] = InstrumentInfo.model_validate_json(value).volume_tick_size
+        self._volume_ticks_read = now
+
+    def _write_state(self, pipe: Pipeline, now: float) -> None:
         """Checkpoint the engine and set `tp:halt` to what it should be now."""
         pipe.set(self.state_key, json.dumps(self.engine.to_state()))
         halt = self.engine.halt_document(now)
-        if halt is None and not resumed:
-            failed = await self.bus.redis.get(self.failed_key)
-            if failed:
-                halt = Halt.model_validate_json(failed)
+        if halt is None:
+            halt = self.failed
         pipe.delete(self.names.halt)
         if halt is not None:
             pipe.hset(self.names.halt, mapping=halt_to_hash(halt))

@@ -234,3 +234,41 @@ async def test_killed_after_publishing_a_command_and_restarted_makes_no_second_c
         assert len(await commands(redis, names)) == 1, process.log()
     finally:
         process.stop()
+
+
+async def command_calls(redis: Redis, *commands: str) -> int:
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+async def test_snapshots_below_target_cost_no_redis_reads(redis_url: str, names: Names, redis: Redis) -> None:
+    """The lease and the failed-closure halt are mirrored in memory: the hot path only writes."""
+    settings = settings_for(redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0})
+    async with in_process(build, settings, "takeprofit"):
+        before = await command_calls(redis, "exists", "get", "hmget")
+        for seq in range(1, 201):
+            await xadd(redis, names.snapshots, live(seq, 0.5))
+
+        async def all_read() -> bool:
+            info = await redis.xinfo_groups(names.snapshots)
+            return info[0]["pending"] == 0 and info[0]["entries-read"] == 200
+
+        await eventually(all_read, timeout=30)
+        reads = await command_calls(redis, "exists", "get", "hmget") - before
+    # the test's own XINFO polling is not counted; 200 snapshots must not cost 200 reads
+    assert reads < 10, reads
+
+
+async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(redis_url: str, names: Names, redis: Redis) -> None:
+    """A Redis restart that lost the lease key: the timer re-reads it and ends the closure as failed."""
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 2.0))
+        command = await one_command(redis, names)
+        await redis.delete(names.key("takeprofit:lease"))
+
+        async def failed_halt() -> bool:
+            halt = halt_from_hash(await redis.hgetall(names.halt))
+            return halt is not None and halt.reason == "closure_failed" and halt.command_id == command.command_id
+
+        await eventually(failed_halt, timeout=5)
