@@ -11,8 +11,10 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    (0.01 BTC-PERPETUAL at 100,000: net_after_close about -1.06 USD, fees and closing cost);
 2. wait until the latest snapshot shows it and no halt/cool-down is set;
 3. `paper/set_mark` +250 USD (net_after_close about +1.44 > 1.10);
-4. t_tick = that ticker's send time (`paper/ticker_log`), t_order = receipt of the executor's first
-   `private/insert` (`paper/order_log`); latency = t_order - t_tick;
+4. t_tick = when the paper exchange sent the move (`paper/ticker_log`): the later of the crossing
+   ticker and the book notification that goes with it (the exit is priced off the book, so the
+   ticker alone does not cross), t_order = receipt of the executor's first `private/insert`
+   (`paper/order_log`); latency = t_order - t_tick;
 5. wait for `completed`, re-pin the mark, next trial.
 
 Baseline (the seed's design, `manage_portfolio_take_profit` polling every 2 s): simulated on the
@@ -42,6 +44,8 @@ P0 = 100_000.0
 CROSS = 250.0
 AMOUNT = 0.01
 POLL_SECONDS = 2.0
+QUIET_SECONDS = 0.15
+"""The bench reads nothing for this long after moving the mark (the reaction takes ~10 ms)."""
 OVERRIDES = {
     "portfolio_take_profit": {"cooldown_seconds": 0.2, "min_profit_usd": 1.1, "partial_close_fraction": 0.0},
     "executor": {"deadline_seconds": 5.0},
@@ -66,12 +70,31 @@ async def snapshots_since(pipeline: Pipeline, since: float) -> list[dict[str, An
 
 
 async def _range(pipeline: Pipeline, start: str) -> list[tuple[str, dict[str, Any] | None]]:
+    return await _range_of(pipeline, pipeline.names.snapshots, start)
+
+
+async def _range_of(pipeline: Pipeline, stream: str, start: str) -> list[tuple[str, dict[str, Any] | None]]:
     from services.common.bus import entry_document
     assert pipeline.redis is not None
     out = []
-    for entry_id, fields in await pipeline.redis.xrange(pipeline.names.snapshots, min=start):
+    for entry_id, fields in await pipeline.redis.xrange(stream, min=start):
         out.append((entry_id.decode(), entry_document(fields)[1]))
     return out
+
+
+async def last_id(pipeline: Pipeline, stream: str) -> str:
+    assert pipeline.redis is not None
+    newest = await pipeline.redis.xrevrange(stream, count=1)
+    return newest[0][0].decode() if newest else "0-0"
+
+
+async def crossing_tick(pipeline: Pipeline, since: float, sent: float) -> tuple[int, dict[str, Any]]:
+    """The first `tp:ticks` entry with the whole move (received after `sent`), with its XADD time (id, ms)."""
+    for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
+        if doc and doc.get("instrument") == PERP and abs(doc["mark"] - (P0 + CROSS)) < 1e-6 \
+                and doc["ingest_ts"] >= sent:
+            return int(entry_id.split("-")[0]), doc
+    raise RuntimeError("crossing tick not found on tp:ticks")
 
 
 async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
@@ -87,29 +110,49 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
     await pipeline.control("paper/trade", {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy",
                                            "amount": AMOUNT, "price": P0})
     await eventually(ready, timeout=20, interval=0.01)
-    known = {c["command_id"] for c in await pipeline.commands()}
+    commands_from, reports_from = await last_id(pipeline, pipeline.names.commands), \
+        await last_id(pipeline, pipeline.names.reports)
     await asyncio.sleep(0.05)
     t0 = time.time()
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + CROSS})
+    # Silent while the guardian reacts: polling Redis here would compete with it for the two cores.
+    await asyncio.sleep(QUIET_SECONDS)
 
     async def new_command() -> dict[str, Any] | None:
-        fresh = [c for c in await pipeline.commands() if c["command_id"] not in known]
+        fresh = [doc for _, doc in await _range_of(pipeline, pipeline.names.commands, f"({commands_from}")
+                 if doc and "command_id" in doc]
         return fresh[0] if fresh else None
 
-    command = await eventually_value(new_command, timeout=20, interval=0.01)
-    outcome = await eventually_value(lambda: pipeline.outcome(command["command_id"]), timeout=20, interval=0.01)
-    if outcome != "completed":
-        raise RuntimeError(f"trial {n}: {command['command_id']} {outcome}")
+    command = await eventually_value(new_command, timeout=20, interval=0.05)
+
+    async def outcome() -> list[dict[str, Any]] | None:
+        reports = [doc for _, doc in await _range_of(pipeline, pipeline.names.reports, f"({reports_from}")
+                   if doc and doc.get("command_id") == command["command_id"]]
+        done = any(r["status"] in ("completed", "failed") and not r.get("instrument") for r in reports)
+        return reports if done else None
+
+    reports = await eventually_value(outcome, timeout=20, interval=0.05)
+    final = next(r["status"] for r in reports if r["status"] in ("completed", "failed") and not r.get("instrument"))
+    if final != "completed":
+        raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
     tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
-    t_tick = next(r["time"] for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6)
+    crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
+    # The move reaches the guardian as a ticker and a book notification (the exit is priced off
+    # the book): it is complete when the later of the two is sent.
+    t_tick = max(next(r["time"] for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book"))
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                          "method": "private/insert"}))["orders"]
     t_order = orders[0]["time"]
     snaps = await snapshots_since(pipeline, t0 - 0.01)
     crossing = next(s for s in snaps if s["ts"] >= t_tick and s["net_after_close"] >= 1.1)
+    tick_id, tick = await crossing_tick(pipeline, t0, t_tick)
+    received = next(r["ts"] for r in reports if r["status"] == "received")
     # flat again and the cool-down over before the next trial
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
     return {"latency": t_order - t_tick, "tick_to_snapshot": crossing["ts"] - t_tick,
+            "tick_to_ingest": tick["ingest_ts"] - t_tick, "ingest_to_redis": tick_id / 1000 - tick["ingest_ts"],
+            "redis_to_snapshot": crossing["ts"] - tick_id / 1000,
+            "command_to_received": received - command["created_ts"], "received_to_order": t_order - received,
             "snapshot_to_command": command["created_ts"] - crossing["ts"],
             "command_to_order": t_order - command["created_ts"], "t_tick": t_tick, "t_snap": crossing["ts"]}
 
@@ -143,8 +186,13 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{args.warmup} warm-up trials not counted)")
     print(summary("tick sent -> first close order", ms("latency")))
     print(summary("  tick -> snapshot written", ms("tick_to_snapshot")))
+    print(summary("    tick sent -> ingest received", ms("tick_to_ingest")))
+    print(summary("    ingest -> tick in Redis (1 ms id)", ms("ingest_to_redis")))
+    print(summary("    tick in Redis -> snapshot", ms("redis_to_snapshot")))
     print(summary("  snapshot -> command written", ms("snapshot_to_command")))
     print(summary("  command -> order received", ms("command_to_order")))
+    print(summary("    command -> executor's received", ms("command_to_received")))
+    print(summary("    received -> order at exchange", ms("received_to_order")))
     base_ms = [b * 1000 for b in baseline]
     print(summary("baseline: 2 s polling loop (sim.)", base_ms))
     ours = ms("latency")

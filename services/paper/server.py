@@ -660,10 +660,12 @@ class PaperExchange:
         for conn in channel.subscribers:
             conn.push(text)
 
-    def _log_ticker(self, name: str, now: float) -> None:
+    def _log_ticker(self, name: str, now: float, channel: str = "ticker") -> None:
+        """Remember when market data left: a price change reaches a client as a ticker *and* a book."""
         self.ticker_log.append(
             {
                 "instrument_name": name,
+                "channel": channel,
                 "time": time.time(),
                 "mark_timestamp": now,
                 "mark_price": self.market.mark(name).price,
@@ -687,6 +689,8 @@ class PaperExchange:
             }
             channel.views[conn] = (bid_levels, ask_levels)
             conn.notify(channel.name, notification)
+        if conns:
+            self._log_ticker(channel.target, now, "book")
 
     def _group(self, levels: list[list[float]], channel: Channel, buy: bool) -> dict[float, float]:
         grouped: dict[float, float] = {}
