@@ -143,6 +143,9 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                          "method": "private/insert"}))["orders"]
     t_order = orders[0]["time"]
+    cancels = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
+                                                          "method": "private/cancel_all"}))["orders"]
+    t_cancel, t_cancel_done = cancels[0]["time"], cancels[0]["done_time"]
     snaps = await snapshots_since(pipeline, t0 - 0.01)
     crossing = next(s for s in snaps if s["ts"] >= t_tick and s["net_after_close"] >= 1.1)
     tick_id, tick = await crossing_tick(pipeline, t0, t_tick)
@@ -153,6 +156,8 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
             "tick_to_ingest": tick["ingest_ts"] - t_tick, "ingest_to_redis": tick_id / 1000 - tick["ingest_ts"],
             "redis_to_snapshot": crossing["ts"] - tick_id / 1000,
             "command_to_received": received - command["created_ts"], "received_to_order": t_order - received,
+            "received_to_cancel": t_cancel - received, "cancel_at_exchange": t_cancel_done - t_cancel,
+            "cancel_to_order": t_order - t_cancel_done,
             "snapshot_to_command": command["created_ts"] - crossing["ts"],
             "command_to_order": t_order - command["created_ts"], "t_tick": t_tick, "t_snap": crossing["ts"]}
 
@@ -193,6 +198,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print(summary("  command -> order received", ms("command_to_order")))
     print(summary("    command -> executor's received", ms("command_to_received")))
     print(summary("    received -> order at exchange", ms("received_to_order")))
+    print(summary("      received -> cancel_all at exch.", ms("received_to_cancel")))
+    print(summary("      exchange handles cancel_all", ms("cancel_at_exchange")))
+    print(summary("      cancel_all done -> order at exch.", ms("cancel_to_order")))
     base_ms = [b * 1000 for b in baseline]
     print(summary("baseline: 2 s polling loop (sim.)", base_ms))
     ours = ms("latency")
