@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import thalex
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -77,6 +77,8 @@ ORDERS_SENT = Counter("tp_executor_orders_sent_total", "Closing orders sent")
 ORDERS_FILLED = Counter("tp_executor_orders_filled_total", "Closing orders that traded (fully or partly)")
 ORDERS_REJECTED = Counter("tp_executor_orders_rejected_total", "Closing orders rejected, by Thalex code", ["code"])
 RETRIES = Counter("tp_executor_retries_total", "Re-sent closing orders, by reason", ["reason"])
+EXCHANGE_CONNECTED = Gauge("tp_executor_exchange_connected", "1 while the trading session is connected")
+RECONNECTS = Counter("tp_executor_reconnects_total", "Trading sessions re-opened after the first")
 TIME_TO_FIRST_ORDER = Histogram(
     "tp_executor_time_to_first_order_seconds", "From the command's created_ts to its first order",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -302,6 +304,7 @@ class Executor:
     async def run(self) -> None:
         """Keep the exchange session up; commands arrive through the bus consumer."""
         delay = BACKOFF_START
+        generation = 0
         while True:
             try:
                 await self.session.connect()
@@ -309,6 +312,10 @@ class Executor:
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried, loudly
                 log.warning("cannot connect to %s: %s; retrying in %.1f s", self.settings.thalex.url, exc, delay)
                 delay = min(delay * 2, 5.0)
+            if self.session.generation > generation:  # connects made here or by a request
+                RECONNECTS.inc(self.session.generation - max(generation, 1))
+                generation = self.session.generation
+            EXCHANGE_CONNECTED.set(1 if self.session.connected else 0)
             await asyncio.sleep(delay if not self.session.connected else 1.0)
 
     async def exchange_healthy(self) -> bool:
