@@ -414,6 +414,9 @@ class Ingest:
         await self.on_portfolio(lines, None, received, complete=True)
         await self.gap_fill(link)
         await self.sync_subscriptions(link)
+        for channel in list(LAST_MESSAGE):  # followed before the reconnect, not any more
+            if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>"):
+                del LAST_MESSAGE[channel]
 
     async def gap_fill(self, link: Link) -> None:
         """Page `private/trade_history` (ascending) from the checkpoint; publish what is new."""
@@ -525,6 +528,7 @@ class Ingest:
         if plan.unsubscribe:
             for channel in plan.unsubscribe:
                 _, instrument = self.channels.pop(channel)
+                LAST_MESSAGE.pop(channel, None)  # no longer followed: its silence is no news
                 if channel.startswith("book."):
                     self.books.pop(instrument, None)
             await link.call("unsubscribe", lambda rid: link.client.unsubscribe(plan.unsubscribe, id=rid))
