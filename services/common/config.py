@@ -261,6 +261,8 @@ class Ingest(Section):
     unsubscribe_after_flat_seconds: Annotated[float, Field(ge=0.0)] = 300.0
     idle_timeout_seconds: Annotated[float, Field(gt=0.0)] = 15.0
     reconnect_max_seconds: Annotated[float, Field(gt=0.0)] = 30.0
+    history_recheck_seconds: Annotated[float, Field(gt=0.0)] = 30.0
+    """After each (re)connect's gap fill, read the trade history once more this much later."""
 
 
 class Metrics(Section):

@@ -248,6 +248,8 @@ class Ingest:
         self.portfolio_snapshot_due = False
         self.known_instruments: set[str] = set()
         self.since = 0.0
+        self.history_recheck_at: float | None = None
+        """When to read the trade history once more after a gap fill (None: not due)."""
         self.session: ExchangeSession | None = None
         self._counters: dict[str, Any] = {}
         health.add("exchange", self._exchange_healthy)
@@ -370,6 +372,10 @@ class Ingest:
                         await self.on_portfolio(notification, raw, received)
                 if link is not None and not link.closed and self.session is not None and self.session.ready:
                     await self.sync_subscriptions(link)
+                    if self.history_recheck_at is not None and time.time() >= self.history_recheck_at:
+                        self.history_recheck_at = None
+                        log.info("reading the trade history again (trades appear in it with a delay)")
+                        await self.gap_fill(link)
             except ConnectionLost as exc:  # the session reconnects; its bootstrap catches up
                 log.info("account worker: %s", exc)
             except RequestFailed as exc:
@@ -413,6 +419,9 @@ class Ingest:
         lines = await link.call("private/portfolio", lambda rid: client.portfolio(id=rid))
         await self.on_portfolio(lines, None, received, complete=True)
         await self.gap_fill(link)
+        # Thalex lists trades in the history with a slight delay: one made just before this
+        # connection (its live notification lost with the old one) can be missing above.
+        self.history_recheck_at = time.time() + self.settings.ingest.history_recheck_seconds
         await self.sync_subscriptions(link)
         for channel in list(LAST_MESSAGE):  # followed before the reconnect, not any more
             if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>"):

@@ -247,6 +247,9 @@ class Engine:
 
     def __init__(self, market: Market) -> None:
         self.market = market
+        self.history_delay = 0.0
+        """`private/trade_history` lists a trade only this many seconds after it happened (as on
+        Thalex, where the history is "not real-time"); the live notification is not delayed."""
         self.accounts: dict[str, Account] = {}
         self.sessions: dict[int, Session] = {}
         self._next_session = 0
@@ -578,7 +581,7 @@ class Engine:
             "session_realised_pnl": _clean(realised),
         }
 
-    def trade_history(self, account: Account, params: dict) -> dict:
+    def trade_history(self, account: Account, params: dict, now: float) -> dict:
         """Trades filtered by ``time_low``/``time_high``/``instrument_names``, paged by ``limit``/``bookmark``."""
         limit = params.get("limit", 1000)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
@@ -604,6 +607,8 @@ class Engine:
             if time_low is not None and trade["time"] < time_low:
                 continue
             if time_high is not None and trade["time"] > time_high:
+                continue
+            if trade["time"] > now - self.history_delay:
                 continue
             if wanted is not None and trade["instrument_name"] not in wanted:
                 continue

@@ -211,6 +211,7 @@ class PaperExchange:
             "paper/drop_connections": self._c_drop_connections,
             "paper/fail_next": self._c_fail_next,
             "paper/set_latency": self._c_set_latency,
+            "paper/set_history_delay": self._c_set_history_delay,
             "paper/set_book": self._c_set_book,
             "paper/order_log": self._c_order_log,
             "paper/ticker_log": self._c_ticker_log,
@@ -782,7 +783,7 @@ class PaperExchange:
         return self.engine.portfolio(self._session(conn).account)
 
     async def _trade_history(self, conn: Connection, params: dict, now: float) -> dict:
-        return self.engine.trade_history(self._session(conn).account, params)
+        return self.engine.trade_history(self._session(conn).account, params, now)
 
     async def _account_summary(self, conn: Connection, params: dict, now: float) -> dict:
         return self.engine.account_summary(self._session(conn).account)
@@ -982,6 +983,13 @@ class PaperExchange:
             for method in methods:
                 self.latency[method] = float(seconds)
         return {"latency": {k or "*": v for k, v in self.latency.items()}}
+
+    async def _c_set_history_delay(self, params: dict, requester: Connection | None) -> dict:
+        seconds = params.get("seconds", 0.0)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise RpcError(INVALID_REQUEST, "seconds must be a non-negative number")
+        self.engine.history_delay = float(seconds)
+        return {"history_delay": self.engine.history_delay}
 
     async def _c_set_book(self, params: dict, requester: Connection | None) -> dict:
         name = self._instrument_name(params)

@@ -94,6 +94,7 @@ RULES = [
      ">= close_price_buffer"),
     ("[executor]\ndeadline_seconds = -1", "executor.deadline_seconds", "greater than 0"),
     ("[portfolio]\nbaseline = 'yesterday'", "portfolio.baseline", "'entry' or 'mark_at_start'"),
+    ("[ingest]\nhistory_recheck_seconds = 0", "ingest.history_recheck_seconds", "greater than 0"),
     ("this is not toml", "--config", "not valid TOML"),
 ]
 

@@ -130,3 +130,25 @@ async def test_an_instrument_flat_long_enough_is_unsubscribed(
         await trader.market("sell", PERP, 0.1)  # flat again
         await wait_until(lambda: f"ticker.{PERP}.raw" not in paper.exchange.channels, 5)
         assert not any(PERP in c for c in paper.exchange.channels) and not ingest.channels
+
+
+async def test_a_trade_late_in_the_history_is_read_on_the_second_look(
+    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names
+) -> None:
+    """Made while ingest was away and listed in the history only 3 s later: the gap fill right
+    after the reconnect cannot see it; the second read (`history_recheck_seconds`) does."""
+    await paper.control("paper/set_history_delay", {"seconds": 3.0})
+    recheck = settings.model_copy(update={"ingest": settings.ingest.model_copy(
+        update={"history_recheck_seconds": 4.0})})
+    async with running_ingest(recheck) as ingest:
+        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        await paper.control("paper/drop_connections", {"key_id": "watcher", "abrupt": True})
+        order = await trader.market("buy", PERP, 0.1)  # its live notification goes nowhere
+        (trade_id,) = [f["trade_id"] for f in order["fills"]]
+        await wait_until(lambda: _watcher_connected(paper), 5)
+        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        await asyncio.sleep(0.5)
+        assert await fills_on(redis, names) == []  # the first gap fill could not see it
+        (fill,) = await wait_until(lambda: fills_on(redis, names), 8)
+        await asyncio.sleep(0.3)
+    assert fill.trade_id == trade_id and len(await fills_on(redis, names)) == 1
