@@ -35,6 +35,7 @@ from services.common.contracts import (
 )
 from services.common.service import Health, Runnable, service_main
 from services.common.streams import Names
+from services.common.thalex_requests import ConnectionLost, ThalexError
 from services.executor.plan import (
     INSUFFICIENT_LIQUIDITY,
     REDUCE_ONLY_REJECTED,
@@ -56,7 +57,7 @@ from services.executor.plan import (
     reference_price,
     widened,
 )
-from services.executor.session import ConnectionLost, ThalexError, ThalexSession
+from services.executor.session import ThalexSession
 
 log = logging.getLogger(__name__)
 

@@ -2,16 +2,15 @@
 request/response correlation, order-message pacing and reconnect.
 
 The official client only sends; every answer and notification arrives on one `receive()`
-stream. `ThalexSession` owns that stream: each request gets an `id` and a future, the single
-reader resolves the future whose `id` comes back, and notifications go to per-channel callbacks.
-Nothing here is executor-specific (ingest can use it with a read-only key, or none for public
-data); it could move to `services/common`.
+stream. `ThalexSession` owns that stream: answers resolve their request
+(`services/common/thalex_requests.py`, shared with ingest), notifications go to per-channel
+callbacks. Ingest keeps its own supervisor (`services/ingest/exchange.py`: watchdog, backoff,
+bootstrap on every login); the executor connects lazily, on the next request after a drop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -23,6 +22,8 @@ from typing import Any
 
 import thalex
 
+from services.common.thalex_requests import Requests
+
 log = logging.getLogger(__name__)
 
 Notification = Callable[[str, Any], None]
@@ -31,19 +32,6 @@ Notification = Callable[[str, Any], None]
 ORDER_WINDOW_SECONDS = 1.0
 WINDOW_MARGIN_SECONDS = 0.02
 """Our window is a little longer than the exchange's, so network jitter cannot push us over."""
-
-
-class ThalexError(Exception):
-    """An `error: {code, message}` answer."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"Thalex error {code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class ConnectionLost(ConnectionError):
-    """The websocket closed while a request waited for its answer (the request may have been executed)."""
 
 
 class OrderPacer:
@@ -96,8 +84,8 @@ class ThalexSession:
         self.heartbeat_seconds = heartbeat_seconds
         self.client: thalex.Thalex | None = None
         self.listeners: dict[str, list[Notification]] = {}
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._requests = Requests(request_timeout)
+        self._requests.close("not connected yet")
         self._reader: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self.generation = 0
@@ -128,7 +116,8 @@ class ThalexSession:
             client = thalex.Thalex(types.SimpleNamespace(value=self.url))  # type: ignore[arg-type]
             await client.connect()
             self.client = client
-            self._reader = asyncio.create_task(self._read(client), name="thalex-reader")
+            self._requests = Requests(self.request_timeout)
+            self._reader = asyncio.create_task(self._read(client, self._requests), name="thalex-reader")
             self.generation += 1
             if self._private_key is not None:
                 assert self._key_id is not None
@@ -153,7 +142,7 @@ class ThalexSession:
             with suppress(Exception):
                 await self.client.disconnect()
         self.client = None
-        self._fail_pending(ConnectionLost("session closed"))
+        self._requests.close("session closed")
 
     async def request(self, method: str, *args: Any, order: bool = False, **kwargs: Any) -> Any:
         """Call `thalex.Thalex.<method>(*args, **kwargs, id=...)` and return its `result`.
@@ -170,32 +159,19 @@ class ThalexSession:
         return await self._call(getattr(client, method), *args, **kwargs)
 
     async def _call(self, send: Callable[..., Awaitable[None]], *args: Any, **kwargs: Any) -> Any:
-        rid = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
-        try:
-            try:
-                await send(*args, id=rid, **kwargs)
-            except Exception as exc:  # websockets raises ConnectionClosed on a dead socket
-                raise ConnectionLost(str(exc)) from exc
-            try:
-                return await asyncio.wait_for(future, self.request_timeout)
-            except TimeoutError:
-                raise ConnectionLost(f"no answer within {self.request_timeout} s") from None
-        finally:
-            self._pending.pop(rid, None)
+        return await self._requests.call(send.__name__, lambda rid: send(*args, id=rid, **kwargs))
 
-    async def _read(self, client: thalex.Thalex) -> None:
+    async def _read(self, client: thalex.Thalex, requests: Requests) -> None:
         try:
             while True:
-                self._dispatch(json.loads(await client.receive()))
+                self._dispatch(json.loads(await client.receive()), requests)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever ends the socket fails the waiters
             log.warning("connection to %s lost: %s", self.url, exc)
-            self._fail_pending(ConnectionLost(str(exc)))
+            requests.close(str(exc))
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any], requests: Requests) -> None:
         channel = message.get("channel_name")
         if channel is not None:
             if channel == "system":
@@ -206,16 +182,4 @@ class ThalexSession:
                 except Exception:
                     log.exception("listener of %s failed", channel)
             return
-        future = self._pending.get(message.get("id"))  # type: ignore[arg-type]
-        if future is None or future.done():
-            return
-        if "error" in message:
-            error = message["error"] or {}
-            future.set_exception(ThalexError(int(error.get("code", -1)), str(error.get("message", ""))))
-        else:
-            future.set_result(message.get("result"))
-
-    def _fail_pending(self, exc: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
+        requests.answer(message)

@@ -40,7 +40,8 @@ from services.common.config import ConfigError, Problem, Settings, require_key
 from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, Tick
 from services.common.service import Health, service_main
 from services.common.streams import Names
-from services.ingest.exchange import ConnectionLost, ExchangeSession, Link, LoginRejected, RequestFailed
+from services.common.thalex_requests import ConnectionLost, ThalexError
+from services.ingest.exchange import ExchangeSession, Link, LoginRejected
 from services.ingest.follow import Feed, Follow
 from services.ingest.translate import (
     Book,
@@ -378,7 +379,7 @@ class Ingest:
                         await self.gap_fill(link)
             except ConnectionLost as exc:  # the session reconnects; its bootstrap catches up
                 log.info("account worker: %s", exc)
-            except RequestFailed as exc:
+            except ThalexError as exc:
                 log.warning("account worker: %s", exc)
             except RedisError as exc:
                 # What could not be written is still on the exchange: a new connection's gap fill
@@ -412,7 +413,7 @@ class Ingest:
                         lambda rid: client.private_subscribe([TRADES, PORTFOLIO], id=rid))
         try:
             await link.call("public/subscribe", lambda rid: client.public_subscribe([SYSTEM], id=rid))
-        except RequestFailed as exc:
+        except ThalexError as exc:
             log.info("no system channel on this exchange (%s); relying on the idle watchdog", exc.message)
         await self.load_instruments(link)
         received = time.time()
@@ -528,7 +529,7 @@ class Ingest:
             try:
                 item = await link.call("public/instrument",
                                        lambda rid, n=name: link.client.instrument(n, id=rid))
-            except RequestFailed as exc:
+            except ThalexError as exc:
                 log.warning("no metadata for %s: %s", name, exc.message)
                 self.known_instruments.add(name)  # do not ask again on this connection
                 continue
@@ -560,7 +561,7 @@ class Ingest:
             await link.call("public/subscribe", lambda rid: link.client.public_subscribe(channels, id=rid))
             log.info("subscribed %s", ", ".join(channels))
             return
-        except RequestFailed as exc:
+        except ThalexError as exc:
             if len(channels) == 1:
                 log.warning("the exchange refused %s: %s", channels[0], exc.message)
                 self.channels.pop(channels[0], None)

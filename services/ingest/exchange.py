@@ -13,7 +13,8 @@ process:
 * a refused login (bad key, unknown key id, no permission) is not retried:
   `LoginRejected` ends `run()` so the operator sees it instead of a retry loop.
 
-Answers `{"id", "result" | "error"}` are matched to their request by id;
+Answers `{"id", "result" | "error"}` are matched to their request by id
+(`services/common/thalex_requests.py`);
 notifications `{"channel_name", "notification"}` go to the caller's handler
 synchronously, in arrival order (the handler must not block).
 """
@@ -32,6 +33,8 @@ from typing import Any
 
 import thalex
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from services.common.thalex_requests import NO_CODE, ConnectionLost, Requests, ThalexError
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +56,8 @@ class LoginRejected(Exception):
 
     def __init__(self, key_id: str, code: int | None, message: str) -> None:
         self.key_id, self.code, self.message = key_id, code, message
-        self.reason = message + (f" (error {code})" if code is not None else "")
+        self.reason = message + (f" (error {code})" if code not in (None, NO_CODE) else "")
         super().__init__(f"the exchange refused the login of key id {key_id!r}: {self.reason}")
-
-
-class RequestFailed(Exception):
-    """A request answered with `error: {code, message}`."""
-
-    def __init__(self, method: str, code: int | None, message: str) -> None:
-        super().__init__(f"{method} failed: {message} (error {code})")
-        self.method, self.code, self.message = method, code, message
-
-
-class ConnectionLost(Exception):
-    """The connection ended (or went silent) while something waited on it."""
 
 
 def backoff_delay(attempt: int, cap: float, rand: Callable[[], float] = random.random,
@@ -80,59 +71,12 @@ def backoff_delay(attempt: int, cap: float, rand: Callable[[], float] = random.r
     return step / 2 + rand() * step / 2
 
 
-class Link:
-    """One logged-in connection: send requests through the official client, await their answers."""
+class Link(Requests):
+    """One logged-in connection: the official client and the requests in flight on it."""
 
     def __init__(self, client: thalex.Thalex, request_timeout: float) -> None:
+        super().__init__(request_timeout)
         self.client = client
-        self.request_timeout = request_timeout
-        self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}
-        self.closed = False
-
-    async def call(self, method: str, send: Callable[[int], Awaitable[None]]) -> Any:
-        """Send with a fresh id (`send(id)` is an official client method) and return `result`.
-
-        Raises `RequestFailed` on an error answer, `ConnectionLost` if the
-        connection ends or the answer does not come within the timeout.
-        """
-        if self.closed:
-            raise ConnectionLost(f"{method}: connection already closed")
-        rid = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = (method, future)
-        try:
-            await send(rid)
-            async with asyncio.timeout(self.request_timeout):
-                return await future
-        except TimeoutError:
-            raise ConnectionLost(f"{method}: no answer within {self.request_timeout:.0f} s") from None
-        except ConnectionClosed as exc:
-            raise ConnectionLost(f"{method}: {exc}") from None
-        finally:
-            self._waiting.pop(rid, None)
-
-    def answer(self, message: dict[str, Any]) -> bool:
-        """Resolve the request this answer belongs to; False if nobody waits for it."""
-        entry = self._waiting.get(message.get("id"))  # type: ignore[arg-type]
-        if entry is None:
-            return False
-        method, future = entry
-        if not future.done():
-            if "error" in message:
-                error = message["error"] if isinstance(message["error"], dict) else {}
-                future.set_exception(RequestFailed(method, error.get("code"),
-                                                   str(error.get("message", message["error"]))))
-            else:
-                future.set_result(message.get("result"))
-        return True
-
-    def close(self, reason: str) -> None:
-        """Fail every pending request: their answers will never come."""
-        self.closed = True
-        for method, future in self._waiting.values():
-            if not future.done():
-                future.set_exception(ConnectionLost(f"{method}: {reason}"))
 
 
 class ExchangeSession:
@@ -185,7 +129,7 @@ class ExchangeSession:
             except LoginRejected:
                 raise
             except (ConnectionLost, ConnectionClosed, OSError, TimeoutError, InvalidHandshake,
-                    RequestFailed) as exc:
+                    ThalexError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except Exception as exc:  # e.g. Redis down during the bootstrap: the eye keeps trying
                 log.exception("connection setup failed")
@@ -245,7 +189,7 @@ class ExchangeSession:
         try:
             await link.call("public/login", lambda rid: link.client.login(
                 self.key_id, self._private_key, account=self.account, id=rid))
-        except RequestFailed as exc:
+        except ThalexError as exc:
             if exc.code in FATAL_LOGIN_CODES:
                 raise LoginRejected(self.key_id, exc.code, exc.message) from None
             raise
@@ -311,5 +255,5 @@ class ExchangeSession:
     async def _probe(link: Link) -> None:
         try:
             await link.call("public/system_info", lambda rid: link.client.system_info(id=rid))
-        except (RequestFailed, ConnectionLost):
+        except (ThalexError, ConnectionLost):
             pass  # an error answer is still an answer; silence is the watchdog's business
