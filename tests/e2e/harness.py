@@ -299,8 +299,10 @@ class Pipeline:
         self.config_path.write_text(config_text(self.redis_server.url, self.paper_url, keys, self.namespace, ports,
                                                 self.overrides))
         # the harness' own client rides out a Redis restart (the services have their own ways)
+        # the socket timeouts turn a hung call into an error naming it, instead of a pytest-timeout
         self.redis = Redis.from_url(self.redis_server.url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
-                                    retry_on_error=[RedisConnectionError, OSError])
+                                    retry_on_error=[RedisConnectionError, OSError],
+                                    socket_timeout=ANSWER_TIMEOUT, socket_connect_timeout=ANSWER_TIMEOUT)
         for name in SERVICES:
             self.procs[name] = Proc(name, [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)],
                                     self.workdir / "logs" / f"{name}.log", port=ports[name])
