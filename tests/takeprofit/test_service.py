@@ -46,6 +46,16 @@ async def one_command(redis: Redis, names: Names, timeout: float = 10.0) -> Comm
     return command
 
 
+async def all_snapshots_handled(redis: Redis, names: Names, count: int) -> None:
+    """Wait until the service has read and acknowledged `count` snapshots."""
+
+    async def handled() -> bool:
+        info = await redis.xinfo_groups(names.snapshots)
+        return info[0]["pending"] == 0 and info[0]["entries-read"] == count
+
+    await eventually(handled, timeout=30)
+
+
 async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
     redis_url: str, names: Names, redis: Redis
 ) -> None:
@@ -54,11 +64,7 @@ async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
         for seq in range(1, 1001):
             await xadd(redis, names.snapshots, live(seq, 1.25))
 
-        async def all_read() -> bool:
-            info = await redis.xinfo_groups(names.snapshots)
-            return info[0]["pending"] == 0 and info[0]["entries-read"] == 1000
-
-        await eventually(all_read, timeout=30)
+        await all_snapshots_handled(redis, names, 1000)
         [command] = await commands(redis, names)
     assert command.reason == "take_profit" and command.fraction == 1.0
     assert command.snapshot_seq == 1 and command.net_pnl == 1.25 and command.threshold == 1.1
@@ -249,11 +255,7 @@ async def test_snapshots_below_target_cost_no_redis_reads(redis_url: str, names:
         for seq in range(1, 201):
             await xadd(redis, names.snapshots, live(seq, 0.5))
 
-        async def all_read() -> bool:
-            info = await redis.xinfo_groups(names.snapshots)
-            return info[0]["pending"] == 0 and info[0]["entries-read"] == 200
-
-        await eventually(all_read, timeout=30)
+        await all_snapshots_handled(redis, names, 200)
         reads = await command_calls(redis, "exists", "get", "hmget") - before
     # the test's own XINFO polling is not counted; 200 snapshots must not cost 200 reads
     assert reads < 10, reads
