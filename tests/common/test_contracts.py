@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from services.common import contracts as c
+from services.common.bus import ALT_DATA_FIELD, DATA_FIELD, MalformedEntry, validate_entry
 
 TS = 1_700_000_000.0
 
@@ -123,3 +124,25 @@ def test_fill_signed_amount_follows_the_side() -> None:
     buy = c.Fill.model_validate(VALID[c.Fill])
     sell = c.Fill.model_validate({**VALID[c.Fill], "side": "sell"})
     assert (buy.signed_amount, sell.signed_amount) == (0.01, -0.01)
+
+
+@pytest.mark.parametrize("model", list(VALID), ids=lambda m: m.__name__)
+def test_a_stream_entry_validates_like_the_document(model: type[BaseModel]) -> None:
+    """`validate_entry`'s one-pass JSON validation gives what `json.loads` + `model_validate` gives."""
+    text = json.dumps(VALID[model])
+    for fields in ({DATA_FIELD.encode(): text.encode()}, {DATA_FIELD: text}, {ALT_DATA_FIELD.encode(): text.encode()}):
+        assert validate_entry(model, fields) == model.model_validate(json.loads(text))
+
+
+@pytest.mark.parametrize(("model", "field", "value", "named"), INVALID,
+                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID])
+def test_a_bad_stream_entry_is_malformed_naming_the_field(model: type[BaseModel], field: str, value: Any,
+                                                          named: str) -> None:
+    data = dict(VALID[model])
+    data[field] = value
+    with pytest.raises(MalformedEntry, match=f"{model.__name__} invalid: .*{named.split(' ')[0]}"):
+        validate_entry(model, {DATA_FIELD.encode(): json.dumps(data).encode()})
+    with pytest.raises(MalformedEntry, match="not valid JSON"):
+        validate_entry(model, {DATA_FIELD.encode(): b"{oops"})
+    with pytest.raises(MalformedEntry, match="must be a JSON object"):
+        validate_entry(model, {DATA_FIELD.encode(): b"[1, 2]"})
