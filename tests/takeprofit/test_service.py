@@ -282,3 +282,28 @@ async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(redis_url: str, nam
             return halt is not None and halt.reason == "closure_failed" and halt.command_id == command.command_id
 
         await eventually(failed_halt, timeout=5)
+
+
+async def test_a_failed_timer_transaction_is_forgotten_before_anything_else(
+        redis_url: str, names: Names, redis: Redis) -> None:
+    """The timer changed memory, then Redis failed: the state is reloaded before the next decision."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    async with in_process(build, settings, "takeprofit") as service:
+        original = service.on_timer
+
+        async def failing_timer(now: float) -> None:
+            service.on_timer = original
+            service.lease_held = True  # what a half-done timer pass could leave in memory
+            raise RedisConnectionError("Redis went away mid-transaction")
+
+        service.on_timer = failing_timer
+
+        async def marked_stale() -> bool:
+            return bool(service.stale)
+
+        await eventually(marked_stale, timeout=5)
+        await xadd(redis, names.snapshots, live(1, 2.0))  # handled only after the reload
+        command = await one_command(redis, names)
+    assert command.snapshot_seq == 1 and not service.stale
