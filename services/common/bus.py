@@ -183,6 +183,18 @@ class Bus:
         self.consumers: list[StreamConsumer[Any]] = []
         self.before_start: list[Callable[[], Awaitable[None]]] = []
         """Run after connecting, before any entry is handled (e.g. load a checkpoint)."""
+        self.restore_due: Callable[[], Awaitable[None]] | None = None
+        """A restore that failed (Redis still away): memory may be ahead of Redis until it runs."""
+
+    def must_restore(self, restore: Callable[[], Awaitable[None]]) -> None:
+        """Memory may be ahead of Redis: nothing is handled before `restore` has run."""
+        self.restore_due = restore
+
+    async def restore_if_due(self) -> None:
+        """Run the pending restore (call under the service's lock); raises if it fails again."""
+        if self.restore_due is not None:
+            await self.restore_due()
+            self.restore_due = None
 
     async def publish(self, stream: str, doc: Document, pipe: Pipeline | None = None) -> None:
         """XADD `doc` as plain JSON (approximately capped); into `pipe` when given."""
@@ -308,6 +320,7 @@ class StreamConsumer(Generic[M]):
         """
         async with self.lock:
             try:
+                await self.bus.restore_if_due()
                 return await self._handle_locked(entries, deliveries)
             except Exception:
                 BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
@@ -315,7 +328,8 @@ class StreamConsumer(Generic[M]):
                 if self.on_failure is not None:
                     try:
                         await self.on_failure()
-                    except Exception:  # Redis still away: the next failure or retry reloads
+                    except Exception:  # Redis still away: the next batch restores first
+                        self.bus.must_restore(self.on_failure)
                         log.exception("could not restore the checkpoint after the failure")
                 return False
 

@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import time
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 
 import pydantic_core
@@ -318,11 +317,11 @@ class PortfolioService:
             await asyncio.sleep(interval)
             async with self.lock:
                 try:
+                    await self.bus.restore_if_due()
                     await self.on_timer(time.time())
                 except (RedisError, OSError) as exc:  # Redis restarting: forget, reload, retry next time
                     log.warning("timer: Redis unavailable (%s); retrying", exc)
-                    with suppress(RedisError, OSError):
-                        await self.load()
+                    self.bus.must_restore(self.load)  # before the next batch or tick, whichever is first
 
     async def on_timer(self, now: float) -> None:
         """A snapshot when prices go stale without input, late instrument metadata, an overdue epoch end."""

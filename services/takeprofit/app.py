@@ -90,8 +90,6 @@ class TakeProfitService:
         self.volume_ticks: dict[str, float] = {}
         """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
         self._volume_ticks_read = 0.0
-        self.stale = False
-        """A timer transaction failed: memory may be ahead of Redis until `load()` runs again."""
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         bus.consumer(self.names.snapshots, "takeprofit", consumer_name, Snapshot, self.on_snapshots,
@@ -121,18 +119,12 @@ class TakeProfitService:
             await asyncio.sleep(interval)
             async with self.lock:
                 try:
-                    await self._reload_if_stale()
+                    await self.bus.restore_if_due()
                     await self.on_timer(time.time())
                 except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
                     # what the failed transaction changed in memory is not in Redis: reload first
-                    self.stale = True
+                    self.bus.must_restore(self.load)
                     log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
-
-    async def _reload_if_stale(self) -> None:
-        """After a failed timer transaction, nothing is decided or written before a reload."""
-        if self.stale:
-            await self.load()
-            self.stale = False
 
     async def _read_mirrors(self) -> None:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
@@ -143,7 +135,6 @@ class TakeProfitService:
         return External(closure_in_flight=self.lease_held)
 
     async def on_snapshots(self, batch: list[Delivery[Snapshot]], pipe: Pipeline) -> None:
-        await self._reload_if_stale()
         now = time.time()
         external = self._external()
         for delivery in batch:
@@ -157,7 +148,6 @@ class TakeProfitService:
         self._write_state(pipe, now)
 
     async def on_controls(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
-        await self._reload_if_stale()
         now = time.time()
         for delivery in batch:
             control = delivery.doc
@@ -173,7 +163,6 @@ class TakeProfitService:
         self._write_state(pipe, now)
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
-        await self._reload_if_stale()
         now = time.time()
         for delivery in batch:
             report = delivery.doc

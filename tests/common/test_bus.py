@@ -306,3 +306,39 @@ async def test_own_failed_entry_is_retried_soon_and_state_restored(make_bus: Any
 
     await eventually(retried, timeout=5)
     assert restored == 1
+
+
+async def test_a_restore_that_failed_runs_before_the_next_batch(make_bus: Any, redis: Redis, names: Any) -> None:
+    """Redis still away when the service tried to reload: the next batch (of any consumer of the
+    service) first restores, so nothing is handled on memory that is ahead of Redis."""
+    recorder = Recorder()
+    recorder.crash_on = {"flaky"}
+    calls: list[str] = []
+
+    async def restore() -> None:
+        calls.append("restore")
+        if len(calls) == 1:
+            raise ConnectionError("Redis still away")
+        recorder.crash_on.clear()
+
+    async def other(batch: list[Delivery[Control]], pipe: Pipeline) -> None:
+        calls.extend(f"handled {d.doc.by}" for d in batch)
+
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder, claim_idle_seconds=3600,
+                 claim_interval_seconds=0.2, retry_idle_seconds=0.3, on_failure=restore)
+    bus.consumer(names.halt_acks, "g", "c1", Control, other, on_failure=restore)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("flaky").model_dump_json()})
+
+    async def restore_due() -> bool:
+        return bus.restore_due is not None
+
+    await eventually(restore_due, timeout=5)
+    await redis.xadd(names.halt_acks, {"__data__": control("next").model_dump_json()})
+
+    async def handled() -> bool:
+        return "handled next" in calls and recorder.seen == ["flaky"]
+
+    await eventually(handled, timeout=5)
+    assert calls[:3] == ["restore", "restore", "handled next"] and bus.restore_due is None

@@ -300,10 +300,10 @@ async def test_a_failed_timer_transaction_is_forgotten_before_anything_else(
 
         service.on_timer = failing_timer
 
-        async def marked_stale() -> bool:
-            return bool(service.stale)
+        async def restore_due() -> bool:
+            return service.bus.restore_due is not None
 
-        await eventually(marked_stale, timeout=5)
+        await eventually(restore_due, timeout=5)
         await xadd(redis, names.snapshots, live(1, 2.0))  # handled only after the reload
         command = await one_command(redis, names)
-    assert command.snapshot_seq == 1 and not service.stale
+    assert command.snapshot_seq == 1 and service.bus.restore_due is None
