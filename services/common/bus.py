@@ -22,7 +22,10 @@ FastStream batch subscriber:
 * the handler receives a Redis transaction (`MULTI`) pipeline: it queues its
   effects there (state, checkpoints, published documents) and the consumer
   queues the `XACK` in the same transaction, so an ack is never saved without
-  the effects, nor the effects without the ack.
+  the effects, nor the effects without the ack;
+* after a failed batch the service's `on_failure` hook reloads its checkpoint;
+  if that fails too (Redis still away) the reload is due (`Bus.restore_due`)
+  and runs before the next batch of any consumer of the service.
 """
 
 from __future__ import annotations
