@@ -55,6 +55,7 @@ from services.common.streams import Names
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT_SECONDS = 5.0
 DATA_FIELD = "__data__"
 ALT_DATA_FIELD = "data"
 
@@ -244,9 +245,14 @@ class Bus:
             sc.start_background()
 
     async def stop(self) -> None:
+        """Stop reading and close; bounded, so a shutdown never hangs on a reader being restarted."""
         for sc in self.consumers:
             await sc.stop_background()
-        await self.broker.stop()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
+                await self.broker.stop()
+        except TimeoutError:  # seen once: FastStream stopping a reader the bus was just restarting
+            log.warning("the broker did not stop within %.0f s; closing anyway", STOP_TIMEOUT_SECONDS)
         await self.redis.aclose()
 
 

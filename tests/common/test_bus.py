@@ -45,7 +45,8 @@ class Recorder:
 
 
 @pytest.fixture
-async def make_bus(redis_url: str, names: Any) -> AsyncIterator[Callable[..., Bus]]:
+async def make_bus(redis_url: str, names: Any, redis: Redis) -> AsyncIterator[Callable[..., Bus]]:
+    """Buses of the test; they stop before `redis` deletes the test's keys (it is set up first)."""
     buses: list[Bus] = []
 
     def factory(service: str = "test", url: str = redis_url) -> Bus:
