@@ -111,7 +111,7 @@ as a new drift and be healed the same way.
 
 De-duplication (bounded)
 ------------------------
-The ledger remembers the last `dedup_window` trade ids (default 100,000) with
+The ledger remembers the last `dedup_window` trade ids (default 10,000) with
 their `exchange_ts`, and a horizon: the newest `exchange_ts` it has forgotten
 (and the `exchange_ts` of the report it was seeded from). A fill whose id is
 remembered is a DUPLICATE; a fill at or before the horizon is refused

@@ -1,0 +1,91 @@
+"""What one batch costs in CPU besides the handler's own logic: decoding an entry, checkpointing state.
+
+    .venv/bin/python bench/batch_costs.py [--positions 1000] [--trade-ids 10000]
+
+Pure CPU, no Redis, no processes. Prints, for a tick and for a snapshot of `--positions` positions:
+
+1. validating a stream entry: `bus.validate_entry` (pydantic parses and validates the JSON in one
+   pass) against the former way, `json.loads` then `model_validate`;
+2. take-profit's checkpoint, which carries the last snapshot: `RulesEngine.to_state` (pydantic's
+   JSON) against `json.dumps(model_dump())`;
+3. the portfolio's ledger checkpoint with `--positions` instruments and `--trade-ids` remembered
+   trade ids: `pydantic_core.to_json` (what the service writes) against `json.dumps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pydantic_core  # noqa: E402
+from portfolio_throughput import INFO, instrument, opening_fill, ticks_for  # noqa: E402
+
+from services.common.bus import DATA_FIELD, encode_document, validate_entry  # noqa: E402
+from services.common.config import Settings  # noqa: E402
+from services.common.contracts import Snapshot, Tick  # noqa: E402
+from services.portfolio.ledger import Ledger, LedgerConfig  # noqa: E402
+from services.takeprofit.rules import External, RulesEngine  # noqa: E402
+
+
+def per_call_ms(call: Any, seconds: float = 1.0) -> float:
+    """Milliseconds per call, timed over about `seconds` (at least 5 calls)."""
+    once = timeit.timeit(call, number=1)
+    number = max(5, int(seconds / max(once, 1e-6)))
+    return min(timeit.repeat(call, number=number, repeat=3)) / number * 1000
+
+
+def row(what: str, now_ms: float, before_ms: float) -> None:
+    print(f"  {what:<58} {now_ms:9.4f} ms   before {before_ms:9.4f} ms   ({before_ms / now_ms:4.1f}x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", type=int, default=1000)
+    parser.add_argument("--trade-ids", type=int, default=10_000)
+    args = parser.parse_args()
+    now = time.time()
+    ledger = Ledger(LedgerConfig.from_settings(Settings()))
+    for i in range(args.positions):
+        ledger.set_instrument(instrument(i), INFO)
+    for k in range(max(args.trade_ids, args.positions)):
+        fill = opening_fill(k % args.positions, now)
+        ledger.apply_fill(fill.model_copy(update={"trade_id": f"t{k}", "exchange_ts": now + k * 1e-3}))
+    for tick in ticks_for(args.positions, args.positions, now):
+        ledger.apply_tick(tick)
+    snapshot = ledger.snapshot(1, now, 3600.0)
+    tick = ticks_for(1, 1, now)[0]
+
+    print(f"1) validating one stream entry (now: validate_entry; before: json.loads + model_validate)")
+    for name, model, doc in (("tick", Tick, tick), (f"snapshot, {args.positions} positions", Snapshot, snapshot)):
+        text = encode_document(doc)
+        fields = {DATA_FIELD.encode(): text.encode()}
+        row(f"{name} ({len(text):,} bytes)", per_call_ms(lambda: validate_entry(model, fields)),
+            per_call_ms(lambda: model.model_validate(json.loads(text))))
+
+    engine = RulesEngine(Settings().portfolio_take_profit)
+    engine.on_snapshot(snapshot, now, External())
+    print("2) take-profit's checkpoint (carries the last snapshot)")
+    row(f"RulesEngine.to_state, {args.positions} positions", per_call_ms(engine.to_state),
+        per_call_ms(lambda: json.dumps(engine._s.model_dump(mode="json"))))
+
+    state = ledger.to_state(with_ticks=False)
+    size = len(pydantic_core.to_json(state))
+    print(f"3) the portfolio's ledger checkpoint ({args.positions} instruments, "
+          f"{min(args.trade_ids, LedgerConfig.from_settings(Settings()).dedup_window):,} remembered trade ids, "
+          f"{size / 1000:,.0f} KB)")
+    row("to_state + pydantic_core.to_json",
+        per_call_ms(lambda: pydantic_core.to_json(ledger.to_state(with_ticks=False), inf_nan_mode="constants")),
+        per_call_ms(lambda: json.dumps(ledger.to_state(with_ticks=False))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
