@@ -56,6 +56,18 @@ from services.common.streams import Names
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_SECONDS = 5.0
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library turned into an ordinary exception.
+
+    redis-py answers a cancellation that hits it mid-command with its own ConnectionError or
+    TimeoutError; a loop that logs and retries on those would then never end, and stopping the
+    service would wait for it forever (seen in CI). Call first in every such `except`.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 DATA_FIELD = "__data__"
 ALT_DATA_FIELD = "data"
 
@@ -278,6 +290,7 @@ class StreamConsumer(Generic[M]):
     retry_idle_seconds: float = 2.0
     """An own entry pending this long was in a failed batch: retry it at the next claim interval."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
+    _stopping: bool = field(default=False, init=False)
     _subscriber: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -291,7 +304,16 @@ class StreamConsumer(Generic[M]):
     @property
     def is_consuming(self) -> bool:
         """The reader runs and the claimer is alive (for the health endpoint)."""
-        return bool(self._subscriber.running) and all(not t.done() for t in self._tasks)
+        return self._reader_alive() and all(not t.done() for t in self._tasks)
+
+    def _reader_alive(self) -> bool:
+        """FastStream's subscriber says it runs *and* its read loop task is alive.
+
+        `running` alone can lie: a reader restarted while FastStream was still stopping the old
+        one (after a lost group) had its new task cancelled by that stop, leaving `running` true
+        and nothing reading.
+        """
+        return bool(self._subscriber.running) and any(not t.done() for t in self._subscriber.tasks)
 
     async def ensure_group(self) -> None:
         """Create the group at the start of the stream (never `$`)."""
@@ -303,9 +325,13 @@ class StreamConsumer(Generic[M]):
                 raise
 
     def start_background(self) -> None:
+        self._stopping = False
         self._tasks.append(asyncio.create_task(self._claim_forever(), name=f"claim:{self.stream}"))
 
     async def stop_background(self) -> None:
+        # The flag, not only the cancel: a cancellation can be swallowed on its way through
+        # FastStream or redis-py, and the claim loop would then run on and this wait never end.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -332,6 +358,7 @@ class StreamConsumer(Generic[M]):
                 await self.bus.restore_if_due()
                 return await self._handle_locked(entries, deliveries)
             except Exception:
+                raise_if_cancelled()
                 BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
                 log.exception("handling %d entries of %s failed; they stay pending", len(entries), self.stream)
                 if self.on_failure is not None:
@@ -400,16 +427,17 @@ class StreamConsumer(Generic[M]):
         return len(entries)
 
     async def _claim_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.claim_interval_seconds)
+            if self._stopping:
+                return
             try:
                 await self._keep_subscribed()
                 await self.retry_failed_own()
                 await self.claim_abandoned()
                 await self.record_lag()
-            except asyncio.CancelledError:
-                raise
             except Exception:
+                raise_if_cancelled()
                 log.exception("claiming pending entries of %s failed; will retry", self.stream)
 
     async def record_lag(self) -> int | None:
@@ -478,9 +506,15 @@ class StreamConsumer(Generic[M]):
                 raise
             log.warning("group %s on %s is gone (Redis restarted?); recreating at 0", self.group, self.stream)
             await self.ensure_group()
-        if not self._subscriber.running:
-            log.warning("restarting the reader of %s", self.stream)
-            await self._subscriber.start()
+        if self._reader_alive():
+            return
+        if not self._subscriber.running and any(not t.done() for t in self._subscriber.tasks):
+            return  # FastStream is still stopping the old reader: restart it on the next round
+        if self._subscriber.running:  # "running" with no live task: stop it cleanly first
+            async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
+                await self._subscriber.stop()
+        log.warning("restarting the reader of %s", self.stream)
+        await self._subscriber.start()
 
 
 async def _entries_as_they_are(message: Any) -> RedisBatchStreamMessageClass:

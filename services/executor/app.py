@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from services.common.bus import Bus, Delivery, encode_document
+from services.common.bus import Bus, Delivery, encode_document, raise_if_cancelled
 from services.common.config import Settings, require_key
 from services.common.contracts import (
     Command,
@@ -311,6 +311,7 @@ class Executor:
                 await self.session.connect()
                 delay = BACKOFF_START
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried, loudly
+                raise_if_cancelled()
                 log.warning("cannot connect to %s: %s; retrying in %.1f s", self.settings.thalex.url, exc, delay)
                 delay = min(delay * 2, 5.0)
             if self.session.generation > generation:  # connects made here or by a request
@@ -371,6 +372,7 @@ class Executor:
                     work.lease_lost.set()
                     return
             except Exception:
+                raise_if_cancelled()
                 log.exception("renewing the lease of %s failed", work.progress.command_id)
 
     async def _save(self, work: Work) -> None:

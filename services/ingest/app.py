@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError, WatchError
 from thalex import Sort
 
-from services.common.bus import Bus, encode_document
+from services.common.bus import Bus, encode_document, raise_if_cancelled
 from services.common.config import ConfigError, Problem, Settings, require_key
 from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, Tick
 from services.common.service import Health, service_main
@@ -138,6 +138,7 @@ class TickWriter:
             try:
                 await self.flush()
             except RedisError as exc:  # ticks are perishable: the next one replaces them
+                raise_if_cancelled()
                 log.warning("writing ticks failed (%s); retrying with the newest", exc)
                 await asyncio.sleep(REDIS_RETRY_SECONDS)
 
@@ -382,6 +383,7 @@ class Ingest:
             except ThalexError as exc:
                 log.warning("account worker: %s", exc)
             except RedisError as exc:
+                raise_if_cancelled()
                 # What could not be written is still on the exchange: a new connection's gap fill
                 # publishes it (once) as soon as Redis answers again.
                 log.error("account worker: Redis failed (%s); re-connecting to fill the gap", exc)

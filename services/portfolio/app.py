@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, entry_document
+from services.common.bus import Bus, Delivery, entry_document, raise_if_cancelled
 from services.common.config import Settings
 from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
 from services.common.service import Health, service_main
@@ -320,6 +320,7 @@ class PortfolioService:
                     await self.bus.restore_if_due()
                     await self.on_timer(time.time())
                 except (RedisError, OSError) as exc:  # Redis restarting: forget, reload, retry next time
+                    raise_if_cancelled()
                     log.warning("timer: Redis unavailable (%s); retrying", exc)
                     self.bus.must_restore(self.load)  # before the next batch or tick, whichever is first
 

@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery
+from services.common.bus import Bus, Delivery, raise_if_cancelled
 from services.common.config import Settings
 from services.common.contracts import (
     Control,
@@ -122,6 +122,7 @@ class TakeProfitService:
                     await self.bus.restore_if_due()
                     await self.on_timer(time.time())
                 except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
+                    raise_if_cancelled()
                     # what the failed transaction changed in memory is not in Redis: reload first
                     self.bus.must_restore(self.load)
                     log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
