@@ -53,6 +53,23 @@ OVERRIDES = {
 }
 
 
+BREAKDOWN = (
+    ("tick sent -> first close order", "latency"),
+    ("  tick -> snapshot written", "tick_to_snapshot"),
+    ("    tick sent -> ingest received", "tick_to_ingest"),
+    ("    ingest -> tick in Redis (1 ms id)", "ingest_to_redis"),
+    ("    tick in Redis -> snapshot", "redis_to_snapshot"),
+    ("  snapshot -> command written", "snapshot_to_command"),
+    ("  command -> order received", "command_to_order"),
+    ("    command -> executor's received", "command_to_received"),
+    ("    received -> order at exchange", "received_to_order"),
+    ("      received -> cancel_all at exch.", "received_to_cancel"),
+    ("      exchange handles cancel_all", "cancel_at_exchange"),
+    ("      cancel_all done -> order at exch.", "cancel_to_order"),
+)
+"""What the summary prints: (label, key of the per-trial figures), the whole first, its parts indented."""
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
@@ -189,18 +206,8 @@ async def main_async(args: argparse.Namespace) -> int:
     ms = lambda key: [r[key] * 1000 for r in rows]
     print(f"\nreaction latency, {len(rows)} trials (services as processes, Redis AOF, paper exchange; "
           f"{args.warmup} warm-up trials not counted)")
-    print(summary("tick sent -> first close order", ms("latency")))
-    print(summary("  tick -> snapshot written", ms("tick_to_snapshot")))
-    print(summary("    tick sent -> ingest received", ms("tick_to_ingest")))
-    print(summary("    ingest -> tick in Redis (1 ms id)", ms("ingest_to_redis")))
-    print(summary("    tick in Redis -> snapshot", ms("redis_to_snapshot")))
-    print(summary("  snapshot -> command written", ms("snapshot_to_command")))
-    print(summary("  command -> order received", ms("command_to_order")))
-    print(summary("    command -> executor's received", ms("command_to_received")))
-    print(summary("    received -> order at exchange", ms("received_to_order")))
-    print(summary("      received -> cancel_all at exch.", ms("received_to_cancel")))
-    print(summary("      exchange handles cancel_all", ms("cancel_at_exchange")))
-    print(summary("      cancel_all done -> order at exch.", ms("cancel_to_order")))
+    for label, key in BREAKDOWN:
+        print(summary(label, ms(key)))
     base_ms = [b * 1000 for b in baseline]
     print(summary("baseline: 2 s polling loop (sim.)", base_ms))
     ours = ms("latency")
