@@ -195,9 +195,16 @@ class PortfolioService:
         self._publish_snapshot(pipe, len(batch))
 
     async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
+        """Reconcile with the exchange; checkpoint and publish only when that changed something.
+
+        The exchange sends its portfolio on every mark change, so most reports agree with the
+        ledger: republishing the same figures would wake take-profit for nothing (at the very
+        moment a move is being acted on) and count as a fresh confirmation.
+        """
         now = time.time()
         await self._know({p.instrument for d in batch for p in d.doc.positions})
         known = {d.instrument for d in (self.last_snapshot.drift if self.last_snapshot else [])}
+        before = self.ledger.reconciliation_state()
         for delivery in batch:
             for drift in self.ledger.reconcile(delivery.doc, now):
                 if drift.instrument not in known:
@@ -205,10 +212,18 @@ class PortfolioService:
                     DRIFT_EVENTS.labels(drift.instrument).inc()
                     log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
                                 drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
+        if self.ledger.reconciliation_state() == before:
+            return
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
+        """Calibrate the close-cost estimate; a full closure's `completed` ends the epoch.
+
+        Only that changes the ledger: the other reports (`received`, `order_sent`, ... — they
+        arrive while the executor is closing) neither checkpoint nor publish.
+        """
+        epoch_end = self.epoch_end
         for delivery in batch:
             report = delivery.doc
             self._calibrate(report)
@@ -219,6 +234,8 @@ class PortfolioService:
                 # count in the epoch that decided it, never in the next one.
                 self.epoch_end = EpochEnd(self.ledger.epoch, report.command_id,
                                           time.time() + EPOCH_END_WAIT_SECONDS)
+        if self.epoch_end is epoch_end:
+            return
         self._end_epoch_when_flat(pipe)
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))

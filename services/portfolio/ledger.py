@@ -593,6 +593,15 @@ class Ledger:
         self._note_input(report.ingest_ts)
         self._recount()
 
+    def reconciliation_state(self) -> tuple[tuple[tuple[str, float], ...], tuple[Drift, ...]]:
+        """The disagreements waiting out their grace period and the drift listed.
+
+        `reconcile` changes nothing else but the positions it adopts, and an adoption always
+        lists a new `Drift`; so when this is equal before and after, the report changed nothing
+        worth a checkpoint or a snapshot.
+        """
+        return tuple(sorted(self._drift_since.items())), tuple(self._drift.values())
+
     def reconcile(self, report: Positions, now: float) -> list[Drift]:
         """Compare with the exchange; adopt its view where drift outlived the grace period.
 

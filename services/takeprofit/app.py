@@ -164,6 +164,9 @@ class TakeProfitService:
         self._write_state(pipe, now)
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
+        """A closure's `completed` / `failed` releases it; the reports on the way change nothing."""
+        if not any(d.doc.status in (ReportStatus.COMPLETED, ReportStatus.FAILED) for d in batch):
+            return
         now = time.time()
         for delivery in batch:
             report = delivery.doc

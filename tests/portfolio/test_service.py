@@ -137,6 +137,35 @@ async def test_drift_is_reported_then_healed(redis_url: str, names: Names, redis
     assert healed is not None and healed.drift == []
 
 
+async def test_reports_and_agreeing_positions_neither_publish_nor_checkpoint(
+        redis_url: str, names: Names, redis: Redis) -> None:
+    """While the executor closes, its reports and the exchange's agreeing portfolio change no figure:
+    no snapshot wakes take-profit for nothing, no checkpoint is rewritten; a disagreement still is."""
+    now = time.time()
+    settings = settings_for(redis_url, names, portfolio={"drift_grace_seconds": 60.0})
+    agreeing = Positions(positions=[ExchangePosition(instrument=PERP, position=0.1, mark_price=60_000.0,
+                                                     average_price=60_000.0)], exchange_ts=now, ingest_ts=now)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await xadd(redis, names.ticks, tick(60_000.0, now))
+        await eventually(lambda: settled(redis, names))
+        snapshots, checkpoint = await redis.xlen(names.snapshots), await redis.get(names.key("portfolio:ledger"))
+
+        await xadd(redis, names.positions, agreeing)
+        for status in (ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT):
+            await xadd(redis, names.reports, Report(command_id="c1", status=status, epoch=0, fraction=1.0, ts=now))
+        await eventually(lambda: settled(redis, names))
+        assert await redis.xlen(names.snapshots) == snapshots
+        assert await redis.get(names.key("portfolio:ledger")) == checkpoint
+
+        # the exchange disagrees: the disagreement's start is checkpointed (it survives a restart)
+        await xadd(redis, names.positions, agreeing.model_copy(update={
+            "positions": [agreeing.positions[0].model_copy(update={"position": 0.3})], "exchange_ts": now + 1}))
+        await eventually(lambda: settled(redis, names))
+        assert await redis.get(names.key("portfolio:ledger")) != checkpoint
+        assert await redis.xlen(names.snapshots) == snapshots + 1
+
+
 async def test_malformed_fill_is_dead_lettered_and_service_goes_on(redis_url: str, names: Names, redis: Redis) -> None:
     now = time.time()
     settings = settings_for(redis_url, names)

@@ -269,6 +269,27 @@ async def test_snapshots_below_target_cost_no_redis_reads(redis_url: str, names:
     assert reads < 10, reads
 
 
+async def test_reports_on_the_way_to_completed_write_nothing(redis_url: str, names: Names, redis: Redis) -> None:
+    """`received`, `order_sent`, ... arrive while a closure runs; only `completed` / `failed` matter."""
+    settings = settings_for(redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0})
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 2.0))
+        command = await one_command(redis, names)
+        before = await command_calls(redis, "set", "del", "hset")
+        for status in (ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT):
+            await xadd(redis, names.reports, Report(command_id=command.command_id, status=status, ts=time.time()))
+
+        async def reports_handled() -> bool:
+            info = await redis.xinfo_groups(names.reports)
+            return info[0]["pending"] == 0 and info[0]["entries-read"] == 3
+
+        await eventually(reports_handled)
+        assert await command_calls(redis, "set", "del", "hset") == before
+        await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
+                                                ts=time.time()))
+        await eventually(lambda: _lease_gone(redis, names))
+
+
 async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(redis_url: str, names: Names, redis: Redis) -> None:
     """A Redis restart that lost the lease key: the timer re-reads it and ends the closure as failed."""
     settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
