@@ -63,7 +63,9 @@ class ThalexTicker(_Thalex):
     mark_price: float
     mark_timestamp: float | None = None
     best_bid_price: float | None = None
+    best_bid_amount: float | None = None
     best_ask_price: float | None = None
+    best_ask_amount: float | None = None
     index: float | None = None
     funding_mark: float | None = None
 
@@ -178,13 +180,22 @@ class Book:
     Thalex sends the whole book as changes against an empty view on
     subscription, then only the levels that changed (amount 0 = level gone);
     so a book must be dropped whenever its subscription is (a reconnect too).
+
+    The ticker carries the best bid and ask too, and the two channels arrive as
+    separate messages: after a move, the ticker can be newer than the book. Its
+    best levels then are the book's top (see `top`), so a tick never carries a
+    best bid of the new price over levels of the old one.
     """
 
-    __slots__ = ("asks", "bids")
+    __slots__ = ("asks", "bids", "ticker", "time")
 
     def __init__(self) -> None:
         self.bids: dict[float, float] = {}
         self.asks: dict[float, float] = {}
+        self.time: float | None = None
+        """`time` of the last book notification (exchange clock)."""
+        self.ticker: ThalexTicker | None = None
+        """The last ticker of the instrument, for its best levels."""
 
     def apply(self, data: Any) -> float | None:
         """Fold one notification in; returns its `time` (None when the exchange gave none)."""
@@ -197,13 +208,41 @@ class Book:
                     side.pop(price, None)
                 else:
                     side[price] = amount
+        if update.time is not None:
+            self.time = update.time
         return update.time
 
+    def ticker_is_newer(self) -> bool | None:
+        """Whether the last ticker is newer than the last book update; None when a time is missing."""
+        ticker = self.ticker
+        if ticker is None or ticker.mark_timestamp is None or self.time is None:
+            return None
+        return ticker.mark_timestamp > self.time
+
     def top(self, levels: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-        """The best `levels` levels of each side, best first (bids descending, asks ascending)."""
-        bids = sorted(self.bids.items(), key=lambda level: -level[0])[:levels]
-        asks = sorted(self.asks.items())[:levels]
-        return bids, asks
+        """The best `levels` levels of each side, best first (bids descending, asks ascending).
+
+        When the last ticker is newer than the last book update, its best bid / ask (with their
+        amounts) are the top of each side and the book's levels at or better than them are
+        gone; the book's worse levels stay below (the only depth known). A side the newer
+        ticker shows empty is empty.
+        """
+        bids = sorted(self.bids.items(), key=lambda level: -level[0])
+        asks = sorted(self.asks.items())
+        ticker = self.ticker
+        if ticker is not None and self.ticker_is_newer():
+            bids = _under_best(bids, ticker.best_bid_price, ticker.best_bid_amount, buy=True)
+            asks = _under_best(asks, ticker.best_ask_price, ticker.best_ask_amount, buy=False)
+        return bids[:levels], asks[:levels]
+
+
+def _under_best(levels: list[tuple[float, float]], price: float | None, amount: float | None,
+                buy: bool) -> list[tuple[float, float]]:
+    """`levels` under a newer best level: the ones at or better than it dropped, it on top."""
+    if price is None:
+        return []
+    worse = [level for level in levels if (level[0] < price if buy else level[0] > price)]
+    return ([(price, amount)] if amount is not None and amount > 0 else []) + worse
 
 
 def _level(change: Sequence[Any], side: str) -> tuple[float, float]:
@@ -223,11 +262,13 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
     """A `Ticker` (+ the instrument's book, when followed) → `Tick`.
 
     `exchange_ts` is the ticker's `mark_timestamp` (when the price was marked),
-    the receive time when the exchange gave none.
+    the receive time when the exchange gave none. The ticker is noted in `book`:
+    its best levels top the book until a newer book update (`Book.top`).
     """
     ticker = parse(ThalexTicker, f"Ticker {instrument}", data)
     bids = asks = None
     if book is not None:
+        book.ticker = ticker
         bids, asks = book.top(levels)
     return _contract(
         Tick,
@@ -246,17 +287,22 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
 
 
 def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, ingest_ts: float) -> Tick:
-    """The last tick re-issued with the book's new top levels (prices unchanged).
+    """The last tick re-issued with the book's new top levels (the mark unchanged).
 
-    A book change moves the cost of getting out even when the mark does not.
+    A book change moves the cost of getting out even when the mark does not. A book
+    newer than the last ticker also has the newer best bid and ask: its top levels.
     """
     bids, asks = book.top(levels)
-    return tick.model_copy(update={
+    update: dict[str, Any] = {
         "bids": bids,
         "asks": asks,
         "exchange_ts": max(tick.exchange_ts, exchange_ts) if exchange_ts is not None else tick.exchange_ts,
         "ingest_ts": ingest_ts,
-    })
+    }
+    if book.ticker_is_newer() is False:
+        update["best_bid"] = bids[0][0] if bids else None
+        update["best_ask"] = asks[0][0] if asks else None
+    return tick.model_copy(update=update)
 
 
 # Positions and instruments

@@ -64,6 +64,28 @@ async def test_positions_instruments_and_book_ticks_for_a_position(
     assert await redis.hlen(names.instruments) > 1  # every active instrument is described
 
 
+async def test_every_tick_of_a_move_has_its_best_prices_on_top_of_its_levels(
+    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names
+) -> None:
+    """A move reaches ingest as a ticker and a book message; the tick written between the two must not
+    carry the new best bid over the old book (the exit would be priced a whole move wrong)."""
+    async with running_ingest(settings) as ingest:
+        await trader.market("buy", PERP, 0.01)
+        await wait_until(lambda: any(c.startswith(f"book.{PERP}.") for c in ingest.channels), 5)
+        await paper.control("paper/pause")
+        for n in range(20):
+            await paper.control("paper/set_mark", {"instrument_name": PERP, "price": 100_000 + 250 * (n % 2)})
+            await asyncio.sleep(0.02)
+
+        async def all_moves() -> bool:
+            return sum(1 for t in await ticks_on(redis, names) if t.bids and t.mark == 100_250) >= 10
+
+        await wait_until(all_moves, 5)
+    ticks = [t for t in await ticks_on(redis, names) if t.bids and t.asks]
+    assert ticks and all(t.bids[0][0] == t.best_bid and t.asks[0][0] == t.best_ask for t in ticks), [
+        (t.best_bid, t.bids[0], t.best_ask, t.asks[0]) for t in ticks if t.bids[0][0] != t.best_bid]
+
+
 async def test_a_fill_in_a_new_instrument_subscribes_its_ticker(
     paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names
 ) -> None:

@@ -111,6 +111,65 @@ def test_a_book_change_reissues_the_last_tick_with_new_levels() -> None:
     assert again.asks == [(102, 5)] and again.mark == 100 and (again.exchange_ts, again.ingest_ts) == (11.0, 11.2)
 
 
+def test_a_ticker_newer_than_the_book_tops_it_with_its_best_levels() -> None:
+    """The ticker and the book of one move arrive as two messages; the first must not mix them."""
+    book = Book()
+    book.apply({"bid_changes": [[99, 1, 1], [98, 2, 2]], "ask_changes": [[101, 1, 1], [102, 2, 2]], "time": 5.0})
+    # the price moved up: the ticker (time 6) has a best bid of 100.5 x 0.5 and a best ask of 101.5 x 3
+    up = {"mark_price": 101, "mark_timestamp": 6.0, "best_bid_price": 100.5, "best_bid_amount": 0.5,
+          "best_ask_price": 101.5, "best_ask_amount": 3}
+    tick = tick_from_ticker("X", up, 6.1, book, 5)
+    # bids: the new best on top, the book's (worse) 99 and 98 below it
+    # asks: 101 is better than the new best ask 101.5, so it is gone; 102 stays below
+    assert tick.bids == [(100.5, 0.5), (99, 1), (98, 2)] and tick.asks == [(101.5, 3), (102, 2)]
+    assert tick.best_bid == tick.bids[0][0] and tick.best_ask == tick.asks[0][0]
+    # the book of the same move (time 6) arrives: it is the whole truth again
+    book.apply({"bid_changes": [[99, 0, 0], [98, 0, 0], [100.5, 0.7, 0.7]],
+                "ask_changes": [[101, 0, 0], [101.5, 3, 3]], "time": 6.0})
+    assert with_book(tick, book, 5, 6.0, 6.2).bids == [(100.5, 0.7)]
+
+
+def test_a_ticker_moving_down_or_emptying_a_side_drops_the_levels_it_shows_gone() -> None:
+    book = Book()
+    book.apply({"bid_changes": [[99, 1, 1], [98, 2, 2], [97, 3, 3]], "ask_changes": [[101, 1, 1]], "time": 5.0})
+    down = {"mark_price": 98, "mark_timestamp": 6.0, "best_bid_price": 98, "best_bid_amount": 0.4}
+    tick = tick_from_ticker("X", down, 6.1, book, 5)
+    assert tick.bids == [(98, 0.4), (97, 3)]  # 99 is gone; 98 is the ticker's amount, the newer one
+    assert tick.asks == [] and tick.best_ask is None  # the newer ticker shows no ask at all
+    older = {"mark_price": 98, "mark_timestamp": 4.0, "best_bid_price": 90, "best_bid_amount": 1}
+    assert tick_from_ticker("X", older, 6.2, book, 5).bids == [(99, 1), (98, 2), (97, 3)]  # book is newer
+
+
+def test_a_book_newer_than_the_ticker_gives_the_best_bid_and_ask() -> None:
+    """The mirror case: the book of a move arrives first; its top is the newer best bid and ask."""
+    book = Book()
+    book.apply({"bid_changes": [[99, 1, 1]], "ask_changes": [[101, 1, 1]], "time": 5.0})
+    tick = tick_from_ticker("X", {"mark_price": 100, "mark_timestamp": 5.0, "best_bid_price": 99,
+                                  "best_bid_amount": 1, "best_ask_price": 101, "best_ask_amount": 1}, 5.1, book, 5)
+    book.apply({"bid_changes": [[99, 0, 0], [100.5, 2, 2]], "ask_changes": [[101, 0, 0]], "time": 6.0})
+    again = with_book(tick, book, 5, 6.0, 6.1)
+    assert (again.best_bid, again.bids, again.best_ask, again.asks) == (100.5, [(100.5, 2)], None, [])
+    assert again.mark == 100  # the mark is the ticker's alone
+
+
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 5)), max_size=30),
+       st.one_of(st.none(), st.integers(1, 40)), st.one_of(st.none(), st.integers(0, 5)), st.integers(1, 10))
+def test_levels_topped_by_a_newer_ticker_are_its_best_then_the_worse_book(
+        levels: list[tuple[int, int]], best: int | None, amount: int | None, depth: int) -> None:
+    book = Book()
+    book.apply({"bid_changes": [[p, a, a] for p, a in levels], "time": 1.0})
+    tick = tick_from_ticker("X", {"mark_price": 20, "mark_timestamp": 2.0, "best_bid_price": best,
+                                  "best_bid_amount": amount}, 2.0, book, depth)
+    plain = sorted({p: a for p, a in levels}.items(), reverse=True)
+    if best is None:
+        expected = []
+    else:
+        expected = ([(best, amount)] if amount else []) + [(p, a) for p, a in plain if p < best]
+    assert tick.bids == expected[:depth]
+    prices = [p for p, _ in tick.bids]
+    assert prices == sorted(set(prices), reverse=True)  # best first, no price twice
+
+
 @pytest.mark.parametrize(("update", "expected"), [
     ({"bid_changes": [[99]]}, "bid_changes: level \\[99\\] needs"),
     ({"ask_changes": [["a", 1]]}, "ask_changes: price 'a' is not a finite number"),
