@@ -11,10 +11,11 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    (0.01 BTC-PERPETUAL at 100,000: net_after_close about -1.06 USD, fees and closing cost);
 2. wait until the latest snapshot shows it and no halt/cool-down is set;
 3. `paper/set_mark` +250 USD (net_after_close about +1.44 > 1.10);
-4. t_tick = when the paper exchange sent the move (`paper/ticker_log`): the later of the crossing
-   ticker and the book notification that goes with it (the exit is priced off the book, so the
-   ticker alone does not cross), t_order = receipt of the executor's first `private/insert`
-   (`paper/order_log`); latency = t_order - t_tick;
+4. t_tick = when the paper exchange sent the move (`paper/ticker_log`): the earlier of the crossing
+   ticker and the book notification that goes with it (the exit is priced off the book, and
+   ingest tops the book with the newer of the two, so either one alone crosses: docs/ingest.md),
+   t_order = receipt of the executor's first `private/insert` (`paper/order_log`);
+   latency = t_order - t_tick;
 5. wait for `completed`, re-pin the mark, next trial.
 
 Baseline (the seed's design, `manage_portfolio_take_profit` polling every 2 s): simulated on the
@@ -106,9 +107,9 @@ async def last_id(pipeline: Pipeline, stream: str) -> str:
 
 
 async def crossing_tick(pipeline: Pipeline, since: float, sent: float) -> tuple[int, dict[str, Any]]:
-    """The first `tp:ticks` entry with the whole move (received after `sent`), with its XADD time (id, ms)."""
+    """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time (id, ms)."""
     for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
-        if doc and doc.get("instrument") == PERP and abs(doc["mark"] - (P0 + CROSS)) < 1e-6 \
+        if doc and doc.get("instrument") == PERP and doc.get("bids") and doc["bids"][0][0] > P0 + CROSS / 2 \
                 and doc["ingest_ts"] >= sent:
             return int(entry_id.split("-")[0]), doc
     raise RuntimeError("crossing tick not found on tp:ticks")
@@ -154,9 +155,9 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
     tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
     crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
-    # The move reaches the guardian as a ticker and a book notification (the exit is priced off
-    # the book): it is complete when the later of the two is sent.
-    t_tick = max(next(r["time"] for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book"))
+    # The move reaches the guardian as a ticker and a book notification; either one carries the
+    # new top of the book (ingest takes the newer of the two), so the move starts with the first.
+    t_tick = min(next(r["time"] for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book"))
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                          "method": "private/insert"}))["orders"]
     t_order = orders[0]["time"]
