@@ -253,6 +253,10 @@ class PositionToClose(BaseModel):
 
     instrument: NonEmptyStr
     amount: float
+    exit_price: Price | None = None
+    """Where the portfolio priced getting out at the decision (its book walked for the whole size).
+    The executor prices a fresh full closure's first wave from it instead of reading the market
+    again (docs/executor.md, "The first wave")."""
 
     @model_validator(mode="after")
     def _nonzero(self) -> PositionToClose:

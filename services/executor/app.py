@@ -50,6 +50,7 @@ from services.executor.plan import (
     book_depth,
     close_price,
     close_side,
+    decision_order,
     group_legs,
     hedge_wave,
     lead_first,
@@ -72,6 +73,9 @@ BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
 MAX_REMEMBERED_TRADES = 100_000
 RETRY_PAUSE = 0.05
 """Pause before re-sending an unfilled remainder, so the book can refill."""
+DECISION_PRICE_MAX_AGE_SECONDS = 1.0
+"""A command older than this is closed from fresh market reads only (see `_decision_wave`)."""
+REMEMBERED_COMMANDS = 10_000
 
 COMMANDS = Counter("tp_executor_commands_total", "Commands by outcome", ["outcome"])
 ORDERS_SENT = Counter("tp_executor_orders_sent_total", "Closing orders sent")
@@ -299,6 +303,8 @@ class Executor:
         """Trades of this account seen on `account.trade_history`, by trade id (for the fees)."""
         self.trade_seen = asyncio.Event()
         self.instruments: dict[str, InstrumentInfo] = {}
+        self.seen: dict[str, None] = {}
+        """Command ids this process has claimed, oldest first (no early `cancel_all` for a replay)."""
         bus.consumer(self.names.commands, GROUP, consumer_name, Command, self.handle, batch_size=1,
                      claim_idle_seconds=self.config.deadline_seconds + CLAIM_MARGIN_SECONDS)
 
@@ -334,13 +340,31 @@ class Executor:
             await self.execute(delivery.doc)
 
     async def execute(self, command: Command) -> None:
-        def fresh() -> tuple[Progress, list[Report]]:
-            progress = Progress.start(command, time.time(), self.config.close_price_buffer,
-                                      self.config.deadline_seconds)
-            return progress, [progress.report(ReportStatus.RECEIVED, time.time())]
+        first = await self._decision_wave(command)
+        early_cancel = None
+        if first is not None and self.config.cancel_open_orders:
+            # sent with the claim, not after it; only for a fresh command not seen before, so a
+            # replay (which the claim turns into a `duplicate`) cancels nothing
+            early_cancel = asyncio.create_task(self.session.request("cancel_all"))
+            await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
 
-        claim = await self.store.claim(command.command_id, fresh)  # lease + progress (+ received): one call
+        def fresh() -> tuple[Progress, list[Report]]:
+            now = time.time()
+            progress = Progress.start(command, now, self.config.close_price_buffer, self.config.deadline_seconds)
+            reports = [progress.report(ReportStatus.RECEIVED, now)]
+            if first is not None:
+                reports.extend(self._plan_decision_wave(progress, first, now))
+            return progress, reports
+
+        try:
+            # lease + progress + `received` (+ the first wave's `order_sent`): one round trip
+            claim = await self.store.claim(command.command_id, fresh)
+        except BaseException:
+            _settle_quietly(early_cancel)
+            raise
+        self._remember(command.command_id)
         if claim is None:
+            _settle_quietly(early_cancel)
             await self._publish_duplicate(command)
             return
         try:
@@ -350,12 +374,61 @@ class Executor:
                 log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
             heartbeat = asyncio.create_task(self._keep_lease(work))
             try:
-                await self._work(work, resumed=not claim.created)
+                await self._work(work, resumed=not claim.created, early_cancel=early_cancel,
+                                 first=first if claim.created else None)
             finally:
                 heartbeat.cancel()
             COMMANDS.labels(work.progress.stage.value).inc()
         finally:
+            _settle_quietly(early_cancel)
             await self.store.release(command.command_id, claim.token)
+
+    def _remember(self, command_id: str) -> None:
+        self.seen[command_id] = None
+        while len(self.seen) > REMEMBERED_COMMANDS:
+            del self.seen[next(iter(self.seen))]
+
+    async def _decision_wave(self, command: Command) -> dict[str, tuple[Side, float, float]] | None:
+        """The first wave priced from the command itself, or None for the usual path.
+
+        Taken for a full closure seen for the first time within `DECISION_PRICE_MAX_AGE_SECONDS`
+        of its decision, every leg with the portfolio's exit price, none hedged against another
+        (a hedged unwind is sized against the book's depth, read fresh). It saves reading the
+        market before the first order: the decision's prices are a few milliseconds old.
+        """
+        if self.config.dry_run or command.fraction < 1.0 or command.command_id in self.seen \
+                or time.time() - command.created_ts > DECISION_PRICE_MAX_AGE_SECONDS \
+                or any(not p.exit_price for p in command.positions):
+            return None
+        names = [p.instrument for p in command.positions]
+        try:
+            infos = await self._infos(names)
+        except (ThalexError, ConnectionLost):
+            return None  # the usual path asks again, retrying until the deadline
+        if self._hedged(names, infos, command.groups or []):
+            return None
+        wave = {}
+        for p in command.positions:
+            assert p.exit_price is not None
+            order = decision_order(p.amount, p.exit_price, self.config.close_price_buffer, infos[p.instrument])
+            if order is None:
+                return None
+            wave[p.instrument] = order
+        return wave
+
+    def _plan_decision_wave(self, progress: Progress, wave: dict[str, tuple[Side, float, float]],
+                            now: float) -> list[Report]:
+        """Write the first wave into a new progress; its `order_sent` reports go out with the claim."""
+        reports = []
+        for instrument, (side, amount, price) in wave.items():
+            leg = progress.legs[instrument]
+            leg.position_before = leg.listed  # what the decision saw; a full closure closes what is there
+            leg.orders_sent = 1
+            reports.append(progress.report(
+                ReportStatus.ORDER_SENT, now, instrument=instrument, label=progress.label, amount=amount,
+                orders=[progress.planned(instrument, side, amount, price)]))
+        progress.first_order_ts = now
+        return reports
 
     async def _publish_duplicate(self, command: Command) -> None:
         log.info("command %s already handled: duplicate", command.command_id)
@@ -379,7 +452,8 @@ class Executor:
         reports, work.reports = work.reports, []
         await self.store.save(work.progress, work.token, reports)
 
-    async def _work(self, work: Work, resumed: bool) -> None:
+    async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Task[Any] | None = None,
+                    first: dict[str, tuple[Side, float, float]] | None = None) -> None:
         progress = work.progress
         if self.config.dry_run:
             await self._dry_run(work)
@@ -388,12 +462,13 @@ class Executor:
         if progress.stage is Stage.RECEIVED:
             cancel = None
             if self.config.cancel_open_orders:  # first, so quoters' orders cannot rebuild the position
-                cancel = asyncio.create_task(self._retrying(work, "cancel_all"))  # created first: sent first
+                cancel = asyncio.create_task(self._cancel_all(work, early_cancel))  # created first: sent first
             # The first wave's reads go out with cancel_all instead of after it; no order is sent
             # before cancel_all's answer (awaited here). A full closure reads the portfolio at once
             # too (a quoter's fill racing the cancel is closed by the next wave / verify flat); a
             # partial one reads it after the cancel, so `position_before` cannot move under it.
-            if not resumed:
+            # A first wave priced from the command reads nothing.
+            if not resumed and first is None:
                 reads = self._start_reads(work, progress.open_legs(), positions=cancel is None or progress.full)
             if cancel is not None:
                 try:
@@ -410,6 +485,8 @@ class Executor:
         try:
             if resumed:
                 await self._resync(work)
+            if first is not None:
+                await self._send_decision_wave(work, first)
             await self._close(work, reads)
         except ThalexError as exc:  # a request the executor cannot do without (e.g. 28 unauthorized)
             progress.error = ExchangeError(code=exc.code, message=exc.message)
@@ -420,6 +497,25 @@ class Executor:
         finally:
             if reads is not None:
                 reads.cancel()
+
+    async def _cancel_all(self, work: Work, early: asyncio.Task[Any] | None) -> Any:
+        """cancel_all's answer: the one sent with the claim, else (or if that one failed) a retried one."""
+        if early is not None:
+            try:
+                return await early
+            except (ThalexError, ConnectionLost) as exc:
+                log.warning("cancel_all sent with the claim failed (%s); retrying", exc)
+        return await self._retrying(work, "cancel_all")
+
+    async def _send_decision_wave(self, work: Work, wave: dict[str, tuple[Side, float, float]]) -> None:
+        """Send the first wave planned at the claim (its `order_sent` is in Redis already)."""
+        progress = work.progress
+        orders = [Order(progress.legs[name], side, amount, price) for name, (side, amount, price) in wave.items()]
+        TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
+        await asyncio.gather(*(self._send(work, order) for order in orders))
+        pause = await self._settle(work, orders)
+        if pause:
+            await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 
     def _start_reads(self, work: Work, legs: list[Leg], positions: bool = True) -> Reads:
         """Start a wave's exchange reads concurrently: the portfolio and each leg's ticker (and book)."""
@@ -839,6 +935,14 @@ class Executor:
         if new:
             log.info("%s: found %d earlier orders by label", progress.command_id, len(new))
         await self._save(work)
+
+
+def _settle_quietly(task: asyncio.Task[Any] | None) -> None:
+    """Let a request nobody will await finish on its own; its outcome (or error) is dropped."""
+    if task is not None and not task.done():
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    elif task is not None and not task.cancelled():
+        task.exception()
 
 
 @dataclass

@@ -128,6 +128,24 @@ def close_price(side: Side, reference: float, buffer: float, tick: float) -> flo
     return max(tick, round_to_tick(_dec(reference) * (1 + _dec(buffer)), tick, up=False))
 
 
+def decision_order(listed: float, exit_price: float, buffer: float,
+                   info: InstrumentInfo) -> tuple[Side, float, float] | None:
+    """A fresh full closure's first order for one leg, from the command alone.
+
+    The listed amount on the volume tick, priced `buffer` through the exit price the
+    portfolio valued the position at when take-profit decided (the book walked for the
+    whole size). Returns `(side, amount, price)`, or None when the amount is below
+    `min_order_amount` (the usual waves deal with such a leg). The order is reduce-only:
+    if the position shrank meanwhile, Thalex cuts it to what is left; what it leaves, the
+    next wave closes from the exchange's own figures.
+    """
+    amount = order_amount(listed, listed, info)
+    if amount == 0.0 or exit_price <= 0:
+        return None
+    side = close_side(listed)
+    return side, amount, close_price(side, exit_price, buffer, info.tick_size)
+
+
 def widened(buffer: float, base: float, ceiling: float) -> float:
     """The next retry's buffer: one more `base` each time, never past `ceiling`."""
     return min(ceiling, buffer + base)

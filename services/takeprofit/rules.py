@@ -627,7 +627,8 @@ class RulesEngine:
             threshold=threshold,
             unit=unit,
             positions=tuple(
-                PositionToClose(instrument=p.instrument, amount=p.position * fraction) for p in positions
+                PositionToClose(instrument=p.instrument, amount=p.position * fraction, exit_price=p.exit_price)
+                for p in positions
             ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,
@@ -710,7 +711,7 @@ def _round_legs(
         if dropped.intersection(group.instruments):
             dropped.update(group.instruments)
     return [
-        PositionToClose(instrument=p.instrument, amount=rounded[p.instrument])
+        p.model_copy(update={"amount": rounded[p.instrument]})
         for p in positions
         if p.instrument not in dropped
     ]

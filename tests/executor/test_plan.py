@@ -21,6 +21,7 @@ from services.executor.plan import (
     book_depth,
     close_price,
     command_label,
+    decision_order,
     hedge_wave,
     lead_first,
     net_exposure,
@@ -94,6 +95,17 @@ def test_a_remainder_below_the_minimum_is_not_sent() -> None:
     assert order_amount(0.3, 1.0, info(lot=0.1, minimum=0.5)) == 0.0
     assert order_amount(0.30000000000000004, 1.0, info(lot=0.1)) == 0.3
     assert order_amount(-0.5, 0.5, info()) == 0.0  # the position flipped: nothing to reduce
+
+
+def test_a_decision_order_is_the_listed_amount_priced_through_the_decisions_exit() -> None:
+    # long 0.5053 on a 0.001 lot: sell 0.505 (down to the lot); exit 99,990.4 with a 0.5 % buffer:
+    # 99,990.4 x 0.995 = 99,490.448, a sell rounds up to the 1.0 tick: 99,491
+    assert decision_order(0.5053, 99_990.4, 0.005, info()) == (Side.SELL, 0.505, 99_491.0)
+    # short 2 at an exit of 1,234: buy 2 at 1,234 x 1.005 = 1,240.17, a buy rounds down: 1,240
+    assert decision_order(-2.0, 1_234.0, 0.005, info()) == (Side.BUY, 2.0, 1_240.0)
+    # below the minimum or without a price: not decided here (the usual waves handle the leg)
+    assert decision_order(0.0004, 100.0, 0.005, info()) is None
+    assert decision_order(1.0, 0.0, 0.005, info()) is None
 
 
 def test_book_depth_counts_levels_a_limit_reaches() -> None:

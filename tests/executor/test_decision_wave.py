@@ -1,0 +1,151 @@
+"""The first wave of a fresh full closure, priced from the command: no market read before the order.
+
+Take-profit's command carries the exit price the portfolio valued each position at. For a full
+closure decided less than a second ago the executor sends `cancel_all` with its claim, writes the
+first wave's `order_sent` in the claim's own Lua call, and sends the orders as soon as
+`cancel_all` is answered. Anything else (old, partial, hedged, replayed) takes the usual path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.contracts import ReportStatus
+from services.common.streams import Names
+from services.executor.plan import Progress, Stage
+from services.paper.keys import KeyFiles
+from services.paper.testing import PaperHandle
+from tests.executor.conftest import (
+    PERP,
+    account_positions,
+    make_command,
+    make_settings,
+    open_positions,
+    reports,
+    running_executor,
+    send,
+    wait_outcome,
+)
+
+CANCEL_DELAY = 0.2
+READS = {"ticker", "book", "portfolio"}
+
+
+def best_bid(paper: PaperHandle) -> float:
+    bids, _ = paper.exchange.market.book(PERP)
+    return bids[0][0]
+
+
+def recording(session: Any, events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]],
+              before_insert: Any = None) -> None:
+    """Wrap the executor's requests: every method sent and answered, cancel_all answered late."""
+    real = session.request
+
+    async def request(method: str, *args: Any, **kwargs: Any) -> Any:
+        events.append((f"{method}:sent", time.monotonic(), args, kwargs))
+        if method == "cancel_all":
+            await asyncio.sleep(CANCEL_DELAY)
+        if method == "insert" and before_insert is not None:
+            await before_insert()
+        result = await real(method, *args, **kwargs)
+        events.append((f"{method}:answered", time.monotonic(), args, kwargs))
+        return result
+
+    session.request = request
+
+
+async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_reading_the_market(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    await open_positions(paper, {PERP: 0.5})
+    exit_price = best_bid(paper)
+    command = make_command({PERP: 0.5}, exit_prices={PERP: exit_price})
+    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
+    at_insert: list[tuple[Progress, list[ReportStatus]]] = []
+
+    async def saved_before_insert() -> None:
+        if not at_insert:
+            raw = await redis.get(names.key(f"executor:progress:{command.command_id}"))
+            assert raw is not None, "no progress in Redis before the first order"
+            at_insert.append((Progress.model_validate_json(raw),
+                              [r.status for r in await reports(redis, names, command.command_id)]))
+
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        recording(running.executor.session, events, saved_before_insert)
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    assert account_positions(paper)[PERP] == 0
+    # (instrument metadata is asked once per instrument and cached; it is not the market)
+    events = [e for e in events if not e[0].startswith("instrument:")]
+    names_in_order = [name for name, *_ in events]
+    first_insert = names_in_order.index("insert:sent")
+    assert names_in_order[0] == "cancel_all:sent"
+    assert names_in_order.index("cancel_all:answered") < first_insert, "no order before cancel_all's answer"
+    assert not {n.split(":")[0] for n in names_in_order[:first_insert]} & READS, names_in_order[:first_insert]
+    # priced from the command: a sell 0.5 % through the exit price, rounded up to the 1.0 tick
+    _, _, args, kwargs = events[first_insert]
+    assert args[1:3] == (PERP, 0.5) and kwargs["reduce_only"] is True
+    assert kwargs["price"] == pytest.approx(-(-exit_price * 0.995 // 1.0))
+    # the intent was in Redis before the order left: the first wave, and `order_sent` with `received`
+    progress, statuses = at_insert[0]
+    assert progress.stage is Stage.RECEIVED and progress.legs[PERP].orders_sent == 1
+    assert statuses == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
+    assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED,
+                                       ReportStatus.FILLED, ReportStatus.COMPLETED]
+
+
+async def test_an_exit_price_the_market_left_behind_is_closed_by_the_next_wave(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """The bid fell 5 % after the decision: the first IOC sell fills nothing, the next one (read fresh) does."""
+    await open_positions(paper, {PERP: 0.2})
+    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper) * 1.05})
+    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        recording(running.executor.session, events)
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    assert account_positions(paper)[PERP] == 0
+    inserts = [kwargs["price"] for name, _, _, kwargs in events if name == "insert:sent"]
+    assert len(inserts) == 2 and inserts[1] < inserts[0]
+    assert [r.filled for r in got if r.status is ReportStatus.PARTIALLY_FILLED] == [0.0]
+
+
+@pytest.mark.parametrize("kind", ["old", "partial", "no exit price"])
+async def test_any_other_command_reads_the_market_before_its_first_order(
+        kind: str, paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    await open_positions(paper, {PERP: 0.4})
+    exit_prices = None if kind == "no exit price" else {PERP: best_bid(paper)}
+    command = make_command({PERP: 0.4}, exit_prices=exit_prices, age=5.0 if kind == "old" else 0.0,
+                           fraction=0.5 if kind == "partial" else 1.0)
+    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        recording(running.executor.session, events)
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    names_in_order = [name for name, *_ in events]
+    assert "ticker:sent" in names_in_order[:names_in_order.index("insert:sent")]
+    assert [r.status for r in got][:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED,
+                                           ReportStatus.ORDER_SENT]
+
+
+async def test_a_replayed_fresh_command_cancels_nothing(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """A replay within the second that makes a command fresh: this executor has seen it, no early cancel."""
+    await open_positions(paper, {PERP: 0.2})
+    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        await send(redis, names, command)
+        await wait_outcome(redis, names, command.command_id)
+        before = len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"])
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id, count=2)
+    assert time.time() - command.created_ts < 1.0, "the replay must have been fresh for this test to mean anything"
+    assert got[-1].status is ReportStatus.DUPLICATE
+    assert len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]) == before
