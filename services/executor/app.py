@@ -280,6 +280,10 @@ class Work:
     def add(self, status: ReportStatus, **fields: Any) -> None:
         self.reports.append(self.progress.report(status, time.time(), **fields))
 
+    def take_outbox(self) -> None:
+        """Move the progress's unpublished reports ahead of this attempt's: the next save publishes them."""
+        self.reports[:0], self.progress.outbox = self.progress.outbox, []
+
 
 class Executor:
     """Closes the positions of each command at most once; see docs/executor.md."""
@@ -352,12 +356,14 @@ class Executor:
             now = time.time()
             progress = Progress.start(command, now, self.config.close_price_buffer, self.config.deadline_seconds)
             reports = [progress.report(ReportStatus.RECEIVED, now)]
-            if first is not None:
-                reports.extend(self._plan_decision_wave(progress, first, now))
-            return progress, reports
+            if first is None:
+                return progress, reports
+            # the first wave is planned in the progress; its reports wait in the outbox until it left
+            progress.outbox = reports + self._plan_decision_wave(progress, first, now)
+            return progress, []
 
         try:
-            # lease + progress + `received` (+ the first wave's `order_sent`): one round trip
+            # lease + progress + `received` (or the first wave, `received` in its outbox): one round trip
             claim = await self.store.claim(command.command_id, fresh)
         except BaseException:
             _settle_quietly(early_cancel)
@@ -449,6 +455,8 @@ class Executor:
                 log.exception("renewing the lease of %s failed", work.progress.command_id)
 
     async def _save(self, work: Work) -> None:
+        """Progress and reports in one Lua call; the outbox (see `Progress.outbox`) is published first."""
+        work.take_outbox()
         reports, work.reports = work.reports, []
         await self.store.save(work.progress, work.token, reports)
 
@@ -513,7 +521,7 @@ class Executor:
         orders = [Order(progress.legs[name], side, amount, price) for name, (side, amount, price) in wave.items()]
         TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
         await asyncio.gather(*(self._send(work, order) for order in orders))
-        pause = await self._settle(work, orders)
+        pause = await self._settle(work, orders)  # its save publishes `received` and `order_sent` first
         if pause:
             await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 

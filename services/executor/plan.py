@@ -420,6 +420,10 @@ class Progress(BaseModel):
     """Per underlying: the net delta of the listed legs at the decision; never exceeded."""
     first_order_ts: float | None = None
     error: ExchangeError | None = None
+    outbox: list[Report] = Field(default_factory=list)
+    """Reports saved with this progress but not published yet; the next save publishes them.
+    (The first wave's `received` and `order_sent` wait here until its orders have left, so the
+    services reading `tp:reports` do not wake on the way to the first order.)"""
 
     @classmethod
     def start(cls, command: Command, now: float, buffer: float, max_seconds: float) -> Progress:

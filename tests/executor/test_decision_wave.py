@@ -91,10 +91,12 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     _, _, args, kwargs = events[first_insert]
     assert args[1:3] == (PERP, 0.5) and kwargs["reduce_only"] is True
     assert kwargs["price"] == pytest.approx(-(-exit_price * 0.995 // 1.0))
-    # the intent was in Redis before the order left: the first wave, and `order_sent` with `received`
+    # the intent was in Redis before the order left: the first wave, `received` and `order_sent` in the
+    # progress's outbox; nothing was published yet (no reader of tp:reports woke on the way)
     progress, statuses = at_insert[0]
     assert progress.stage is Stage.RECEIVED and progress.legs[PERP].orders_sent == 1
-    assert statuses == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
+    assert [r.status for r in progress.outbox] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
+    assert statuses == []
     assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED,
                                        ReportStatus.FILLED, ReportStatus.COMPLETED]
 
@@ -149,3 +151,23 @@ async def test_a_replayed_fresh_command_cancels_nothing(
     assert time.time() - command.created_ts < 1.0, "the replay must have been fresh for this test to mean anything"
     assert got[-1].status is ReportStatus.DUPLICATE
     assert len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]) == before
+
+
+async def test_reports_a_crash_left_in_the_outbox_are_published_when_the_command_resumes(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """Killed between the claim and the first save: the progress holds `received` and `order_sent`."""
+    await open_positions(paper, {PERP: 0.2})
+    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
+    progress = Progress.start(command, time.time(), 0.005, 20.0)
+    progress.outbox = [progress.report(ReportStatus.RECEIVED, time.time()),
+                       progress.report(ReportStatus.ORDER_SENT, time.time(), instrument=PERP, amount=0.2)]
+    await redis.set(names.key(f"executor:progress:{command.command_id}"), progress.model_dump_json())
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    statuses = [r.status for r in got]
+    assert statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT] and got[-1].status is ReportStatus.COMPLETED
+    assert statuses.count(ReportStatus.RECEIVED) == 1
+    assert account_positions(paper)[PERP] == 0
+    saved = Progress.model_validate_json(await redis.get(names.key(f"executor:progress:{command.command_id}")))
+    assert saved.outbox == []
