@@ -170,6 +170,11 @@ class PortfolioService:
             await self._load_instruments(new)
 
     async def on_ticks(self, batch: list[Delivery[Tick]], pipe: Pipeline) -> None:
+        """Prices in; a snapshot only if one of them is of an instrument the snapshot values.
+
+        Watch-list tickers (instruments never traded this epoch) are kept for later but change
+        no figure: publishing would wake take-profit for nothing.
+        """
         await self._know({d.doc.instrument for d in batch})
         changed: dict[str, Tick] = {}
         for delivery in batch:
@@ -177,7 +182,8 @@ class PortfolioService:
                 changed[delivery.doc.instrument] = delivery.doc
         if changed:
             pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
-        self._publish_snapshot(pipe, len(batch))
+        if any(self.ledger.values(name) for name in changed):
+            self._publish_snapshot(pipe, len(batch))
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
         await self._know({d.doc.instrument for d in batch})

@@ -507,6 +507,13 @@ class Ledger:
             self._value(p)
             self._move_sums(before, p.contributions())
 
+    def values(self, instrument: str) -> bool:
+        """Whether the snapshot has a row for `instrument` (a position of this epoch, open or closed).
+
+        A price of any other instrument (a watch-list ticker) changes no figure of the snapshot.
+        """
+        return instrument in self._positions
+
     def apply_tick(self, tick: Tick) -> bool:
         """Take a new price; False (ignored) if it is older than the one held."""
         held = self._ticks.get(tick.instrument)

@@ -166,6 +166,25 @@ async def test_reports_and_agreeing_positions_neither_publish_nor_checkpoint(
         assert await redis.xlen(names.snapshots) == snapshots + 1
 
 
+async def test_a_watch_list_tick_publishes_no_snapshot(redis_url: str, names: Names, redis: Redis) -> None:
+    """A price of an instrument never traded this epoch changes no figure; it is kept for later."""
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await xadd(redis, names.ticks, tick(60_000.0, now))
+        await eventually(lambda: settled(redis, names))
+        snapshots = await redis.xlen(names.snapshots)
+        await xadd(redis, names.ticks, Tick(instrument="ETH-PERPETUAL", mark=3_500.0, best_bid=3_499.5,
+                                            best_ask=3_500.5, exchange_ts=now + 1, ingest_ts=now + 1))
+        await eventually(lambda: settled(redis, names))
+        assert await redis.xlen(names.snapshots) == snapshots
+        assert await redis.hexists(names.key("portfolio:ticks"), "ETH-PERPETUAL")
+        await xadd(redis, names.ticks, tick(60_050.0, now + 2))
+        await eventually(lambda: settled(redis, names))
+        assert await redis.xlen(names.snapshots) == snapshots + 1
+
+
 async def test_malformed_fill_is_dead_lettered_and_service_goes_on(redis_url: str, names: Names, redis: Redis) -> None:
     now = time.time()
     settings = settings_for(redis_url, names)
