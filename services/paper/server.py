@@ -107,11 +107,12 @@ class Connection:
     channels: set[str] = field(default_factory=set)
     after: list[Callable[[], None]] = field(default_factory=list)
 
-    def push(self, text: str) -> None:
-        self.queue.put_nowait(text)
+    def push(self, text: str, logged: dict | None = None) -> None:
+        """Queue a message; `logged` (a `ticker_log` row) gets its `sent` time when the message leaves."""
+        self.queue.put_nowait((text, logged))
 
-    def notify(self, channel: str, notification: Any) -> None:
-        self.push(json.dumps({"channel_name": channel, "notification": notification}))
+    def notify(self, channel: str, notification: Any, logged: dict | None = None) -> None:
+        self.push(json.dumps({"channel_name": channel, "notification": notification}), logged)
 
 
 @dataclass
@@ -293,7 +294,10 @@ class PaperExchange:
     async def _write(conn: Connection) -> None:
         try:
             while True:
-                await conn.ws.send(await conn.queue.get())
+                text, logged = await conn.queue.get()
+                if logged is not None and logged["sent"] is None:
+                    logged["sent"] = time.time()
+                await conn.ws.send(text)
         except ConnectionClosed:
             pass
 
@@ -585,8 +589,7 @@ class PaperExchange:
         elif name in self.channels:
             channel = self.channels[name]
             if channel.kind == "ticker":
-                conn.notify(name, self.ticker(channel.target, now))
-                self._log_ticker(channel.target, now)
+                conn.notify(name, self.ticker(channel.target, now), self._log_ticker(channel.target, now))
             elif channel.kind == "index":
                 conn.notify(name, self.index(channel.target, now))
             else:
@@ -652,32 +655,39 @@ class PaperExchange:
         if channel.kind == "book":
             self._send_book(channel, list(channel.subscribers), now)
             return
+        logged = None
         if channel.kind == "ticker":
             payload = self.ticker(channel.target, now)
-            self._log_ticker(channel.target, now)
+            logged = self._log_ticker(channel.target, now)
         else:
             payload = self.index(channel.target, now)
         text = f'{{"channel_name":"{channel.name}","notification":{json.dumps(payload)}}}'
         for conn in channel.subscribers:
-            conn.push(text)
+            conn.push(text, logged)
 
-    def _log_ticker(self, name: str, now: float, channel: str = "ticker") -> None:
-        """Remember when market data left: a price change reaches a client as a ticker *and* a book."""
-        self.ticker_log.append(
-            {
-                "instrument_name": name,
-                "channel": channel,
-                "time": time.time(),
-                "mark_timestamp": now,
-                "mark_price": self.market.mark(name).price,
-            }
-        )
+    def _log_ticker(self, name: str, now: float, channel: str = "ticker") -> dict:
+        """Remember when market data left: a price change reaches a client as a ticker *and* a book.
+
+        `time` is when the notification was queued, `sent` when the first connection's writer
+        handed it to its websocket (None until then).
+        """
+        row = {
+            "instrument_name": name,
+            "channel": channel,
+            "time": time.time(),
+            "sent": None,
+            "mark_timestamp": now,
+            "mark_price": self.market.mark(name).price,
+        }
+        self.ticker_log.append(row)
+        return row
 
     def _send_book(self, channel: Channel, conns: list[Connection], now: float) -> None:
         """Book notifications carry level changes against what this subscriber saw last."""
         bids, asks = self.market.book(channel.target)
         bid_levels = self._group(bids, channel, buy=True)
         ask_levels = self._group(asks, channel, buy=False)
+        logged = self._log_ticker(channel.target, now, "book") if conns else None
         for conn in conns:
             seen_bids, seen_asks = channel.views.get(conn, ({}, {}))
             notification = {
@@ -689,9 +699,7 @@ class PaperExchange:
                 "time": now,
             }
             channel.views[conn] = (bid_levels, ask_levels)
-            conn.notify(channel.name, notification)
-        if conns:
-            self._log_ticker(channel.target, now, "book")
+            conn.notify(channel.name, notification, logged)
 
     def _group(self, levels: list[list[float]], channel: Channel, buy: bool) -> dict[float, float]:
         grouped: dict[float, float] = {}

@@ -186,6 +186,8 @@ async def test_burst_ticks_feed_and_ticker_log(paper: PaperHandle, connect) -> N
     assert rate > 2000
     log = (await paper.control("paper/ticker_log", {"instrument_name": PERP, "since": since}))["tickers"]
     assert len(log) >= count and all(row["time"] >= since for row in log)
+    # every row was sent (to this subscriber), after it was queued
+    assert all(row["sent"] is not None and row["sent"] >= row["time"] for row in log[-count:])
 
 
 @pytest.mark.asyncio
