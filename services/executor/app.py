@@ -424,7 +424,7 @@ class Executor:
 
     def _plan_decision_wave(self, progress: Progress, wave: dict[str, tuple[Side, float, float]],
                             now: float) -> list[Report]:
-        """Write the first wave into a new progress; its `order_sent` reports go out with the claim."""
+        """Write the first wave into a new progress; returns its `order_sent` reports (for the outbox)."""
         reports = []
         for instrument, (side, amount, price) in wave.items():
             leg = progress.legs[instrument]
