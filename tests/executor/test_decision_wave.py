@@ -34,6 +34,8 @@ from tests.executor.conftest import (
 
 CANCEL_DELAY = 0.2
 READS = {"ticker", "book", "portfolio"}
+Events = list[tuple[str, float, tuple[Any, ...], dict[str, Any]]]
+"""(request `method:sent` / `method:answered`, monotonic time, args, kwargs), in order."""
 
 
 def best_bid(paper: PaperHandle) -> float:
@@ -41,8 +43,7 @@ def best_bid(paper: PaperHandle) -> float:
     return bids[0][0]
 
 
-def recording(session: Any, events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]],
-              before_insert: Any = None) -> None:
+def recording(session: Any, events: Events, before_insert: Any = None) -> None:
     """Wrap the executor's requests: every method sent and answered, cancel_all answered late."""
     real = session.request
 
@@ -59,12 +60,23 @@ def recording(session: Any, events: list[tuple[str, float, tuple[Any, ...], dict
     session.request = request
 
 
+async def closed_recording(redis: Redis, names: Names, settings: Any, command: Any,
+                           before_insert: Any = None) -> tuple[list[Any], Events]:
+    """Run an executor on `command` until its outcome; returns its reports and its requests."""
+    events: Events = []
+    async with running_executor(settings) as running:
+        recording(running.executor.session, events, before_insert)
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    return got, events
+
+
 async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_reading_the_market(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
     await open_positions(paper, {PERP: 0.5})
     exit_price = best_bid(paper)
     command = make_command({PERP: 0.5}, exit_prices={PERP: exit_price})
-    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
     at_insert: list[tuple[Progress, list[ReportStatus]]] = []
 
     async def saved_before_insert() -> None:
@@ -74,11 +86,8 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
             at_insert.append((Progress.model_validate_json(raw),
                               [r.status for r in await reports(redis, names, command.command_id)]))
 
-    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
-        recording(running.executor.session, events, saved_before_insert)
-        await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id)
-    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command,
+                                         saved_before_insert)
     assert account_positions(paper)[PERP] == 0
     # (instrument metadata is asked once per instrument and cached; it is not the market)
     events = [e for e in events if not e[0].startswith("instrument:")]
@@ -106,12 +115,7 @@ async def test_an_exit_price_the_market_left_behind_is_closed_by_the_next_wave(
     """The bid fell 5 % after the decision: the first IOC sell fills nothing, the next one (read fresh) does."""
     await open_positions(paper, {PERP: 0.2})
     command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper) * 1.05})
-    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
-    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
-        recording(running.executor.session, events)
-        await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id)
-    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
     assert account_positions(paper)[PERP] == 0
     inserts = [kwargs["price"] for name, _, _, kwargs in events if name == "insert:sent"]
     assert len(inserts) == 2 and inserts[1] < inserts[0]
@@ -125,12 +129,7 @@ async def test_any_other_command_reads_the_market_before_its_first_order(
     exit_prices = None if kind == "no exit price" else {PERP: best_bid(paper)}
     command = make_command({PERP: 0.4}, exit_prices=exit_prices, age=5.0 if kind == "old" else 0.0,
                            fraction=0.5 if kind == "partial" else 1.0)
-    events: list[tuple[str, float, tuple[Any, ...], dict[str, Any]]] = []
-    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
-        recording(running.executor.session, events)
-        await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id)
-    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
     names_in_order = [name for name, *_ in events]
     assert "ticker:sent" in names_in_order[:names_in_order.index("insert:sent")]
     assert [r.status for r in got][:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED,
