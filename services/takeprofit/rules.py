@@ -626,8 +626,9 @@ class RulesEngine:
             figure=figure,
             threshold=threshold,
             unit=unit,
-            positions=tuple(
-                PositionToClose(instrument=p.instrument, amount=p.position * fraction, exit_price=p.exit_price)
+            positions=tuple(  # no exit price on stale prices: the executor then reads the market first
+                PositionToClose(instrument=p.instrument, amount=p.position * fraction,
+                                exit_price=None if p.instrument in stale else p.exit_price)
                 for p in positions
             ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),

@@ -54,6 +54,8 @@ def test_stale_prices_do_not_block_the_emergency_stop_which_says_so() -> None:
     assert decision is not None and decision.reason is CloseReason.EMERGENCY_STOP
     assert decision.stale_instruments == ("BTC-PERPETUAL",)
     assert "BTC-PERPETUAL are stale: decided on the last known prices" in decision.sentence
+    # a stale exit price is not handed to the executor: it prices the first wave from a fresh read
+    assert [p.exit_price for p in decision.positions] == [None]
 
 
 def test_a_stale_instrument_without_a_position_does_not_matter() -> None:
