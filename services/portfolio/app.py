@@ -182,7 +182,7 @@ class PortfolioService:
                 changed[delivery.doc.instrument] = delivery.doc
         if changed:
             pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
-        if any(self.ledger.values(name) for name in changed):
+        if any(self.ledger.in_snapshot(name) for name in changed):
             self._publish_snapshot(pipe, len(batch))
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:

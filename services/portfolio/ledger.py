@@ -507,7 +507,7 @@ class Ledger:
             self._value(p)
             self._move_sums(before, p.contributions())
 
-    def values(self, instrument: str) -> bool:
+    def in_snapshot(self, instrument: str) -> bool:
         """Whether the snapshot has a row for `instrument` (a position of this epoch, open or closed).
 
         A price of any other instrument (a watch-list ticker) changes no figure of the snapshot.
