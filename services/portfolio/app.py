@@ -203,9 +203,9 @@ class PortfolioService:
     async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
         """Reconcile with the exchange; checkpoint and publish only when that changed something.
 
-        The exchange sends its portfolio on every mark change, so most reports agree with the
-        ledger: republishing the same figures would wake take-profit for nothing (at the very
-        moment a move is being acted on) and count as a fresh confirmation.
+        The exchange's portfolio arrives often (its lines carry marks: the paper exchange sends it
+        with every mark change), and most reports agree with the ledger: republishing the same
+        figures would wake take-profit for nothing, at the very moment a move is acted on.
         """
         now = time.time()
         await self._know({p.instrument for d in batch for p in d.doc.positions})
