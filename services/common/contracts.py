@@ -257,6 +257,8 @@ class PositionToClose(BaseModel):
     """Where the portfolio priced getting out at the decision (its book walked for the whole size).
     The executor prices a fresh full closure's first wave from it instead of reading the market
     again (docs/executor.md, "The first wave")."""
+    mark: Price | None = None
+    """The mark at the decision: how far `exit_price` is through the book (the executor's cap)."""
 
     @model_validator(mode="after")
     def _nonzero(self) -> PositionToClose:

@@ -110,6 +110,10 @@ _TICK_EPSILON = 1e-9
 OPERATOR_HALT_REASON = "operator_halt"
 
 _PROFIT_BARRIERS = (CloseReason.TAKE_PROFIT, CloseReason.TRAILING_STOP, CloseReason.PARTIAL_TAKE_PROFIT)
+DECISION_PRICES_MAX_AGE_SECONDS = 1.0
+"""A command carries the snapshot's exit prices (the executor's first wave is priced from them)
+only when they are fresh: not stale, and the snapshot under a second old at the decision (a timer
+or `close_all` may decide on an old one). Otherwise the executor reads the market first."""
 
 
 class GuardState(StrEnum):
@@ -626,9 +630,10 @@ class RulesEngine:
             figure=figure,
             threshold=threshold,
             unit=unit,
-            positions=tuple(  # no exit price on stale prices: the executor then reads the market first
+            positions=tuple(
                 PositionToClose(instrument=p.instrument, amount=p.position * fraction,
-                                exit_price=None if p.instrument in stale else p.exit_price)
+                                **({} if p.instrument in stale or now - snap.ts > DECISION_PRICES_MAX_AGE_SECONDS
+                                   else {"exit_price": p.exit_price, "mark": p.mark}))
                 for p in positions
             ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),

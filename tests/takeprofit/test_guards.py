@@ -55,7 +55,17 @@ def test_stale_prices_do_not_block_the_emergency_stop_which_says_so() -> None:
     assert decision.stale_instruments == ("BTC-PERPETUAL",)
     assert "BTC-PERPETUAL are stale: decided on the last known prices" in decision.sentence
     # a stale exit price is not handed to the executor: it prices the first wave from a fresh read
-    assert [p.exit_price for p in decision.positions] == [None]
+    assert [(p.exit_price, p.mark) for p in decision.positions] == [(None, None)]
+
+
+def test_prices_of_a_snapshot_over_a_second_old_are_not_handed_to_the_executor() -> None:
+    """The time limit fires from the timer, on the last snapshot, however old it is."""
+    engine = RulesEngine(cfg(max_position_age_hours=1.0))
+    fresh = engine.on_snapshot(snap(1, 0.0, ts=NOW, oldest=NOW - 7200), NOW + 0.5)
+    assert fresh is not None and [(p.exit_price, p.mark) for p in fresh.positions] == [(100.0, 100.0)]
+    engine = RulesEngine(cfg(max_position_age_hours=1.0))
+    old = engine.on_snapshot(snap(1, 0.0, ts=NOW, oldest=NOW - 7200), NOW + 1.5)
+    assert old is not None and [(p.exit_price, p.mark) for p in old.positions] == [(None, None)]
 
 
 def test_a_stale_instrument_without_a_position_does_not_matter() -> None:

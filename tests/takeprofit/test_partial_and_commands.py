@@ -23,10 +23,10 @@ def test_partial_fires_once_per_epoch_keeps_hedge_ratios_and_fires_again_next_ep
     engine = RulesEngine(cfg(partial_close_fraction=0.25))
     decision = engine.on_snapshot(snap(1, 0.7, positions=hedged_book()), NOW)
     assert decision is not None and decision.reason is CloseReason.PARTIAL_TAKE_PROFIT
-    assert decision.positions == (  # each carries the exit price it was valued at (the factory's 100)
-        PositionToClose(instrument="BTC-PERPETUAL", amount=0.25, exit_price=100.0),
-        PositionToClose(instrument="BTC-27JUN25-100000-C", amount=-2.5, exit_price=100.0),
-        PositionToClose(instrument="ETH-PERPETUAL", amount=-0.5, exit_price=100.0),
+    assert decision.positions == (  # each carries the exit price and mark it was valued at (the factory's)
+        PositionToClose(instrument="BTC-PERPETUAL", amount=0.25, exit_price=100.0, mark=100.0),
+        PositionToClose(instrument="BTC-27JUN25-100000-C", amount=-2.5, exit_price=100.0, mark=100.0),
+        PositionToClose(instrument="ETH-PERPETUAL", amount=-0.5, exit_price=100.0, mark=100.0),
     )
     assert decision.groups == (
         HedgeGroup(underlying="BTCUSD", instruments=["BTC-PERPETUAL", "BTC-27JUN25-100000-C"]),
