@@ -346,11 +346,6 @@ class Executor:
     async def execute(self, command: Command) -> None:
         first = await self._decision_wave(command)
         early_cancel = None
-        if first is not None and self.config.cancel_open_orders:
-            # sent with the claim, not after it; only for a fresh command not seen before, so a
-            # replay (which the claim turns into a `duplicate`) cancels nothing
-            early_cancel = asyncio.create_task(self.session.request("cancel_all"))
-            await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
 
         def fresh() -> tuple[Progress, list[Report]]:
             now = time.time()
@@ -363,6 +358,11 @@ class Executor:
             return progress, []
 
         try:
+            if first is not None and self.config.cancel_open_orders:
+                # sent with the claim, not after it; only for a fresh command not seen before, so a
+                # replay (which the claim turns into a `duplicate`) cancels nothing
+                early_cancel = asyncio.create_task(self.session.request("cancel_all"))
+                await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
             # lease + progress + `received` (or the first wave, `received` in its outbox): one round trip
             claim = await self.store.claim(command.command_id, fresh)
         except BaseException:
@@ -398,13 +398,15 @@ class Executor:
         """The first wave priced from the command itself, or None for the usual path.
 
         Taken for a full closure seen for the first time within `DECISION_PRICE_MAX_AGE_SECONDS`
-        of its decision, every leg with the portfolio's exit price, none hedged against another
-        (a hedged unwind is sized against the book's depth, read fresh). It saves reading the
-        market before the first order: the decision's prices are a few milliseconds old.
+        of its decision, every leg with the portfolio's exit price and mark, none hedged against
+        another (a hedged unwind is sized against the book's depth, read fresh), and every limit
+        within `max_close_price_buffer` of its mark (no deeper through the book than the usual
+        waves may go). It saves reading the market before the first order: the decision's prices
+        are a few milliseconds old.
         """
         if self.config.dry_run or command.fraction < 1.0 or command.command_id in self.seen \
                 or time.time() - command.created_ts > DECISION_PRICE_MAX_AGE_SECONDS \
-                or any(not p.exit_price for p in command.positions):
+                or any(not p.exit_price or not p.mark for p in command.positions):
             return None
         names = [p.instrument for p in command.positions]
         try:
@@ -415,9 +417,9 @@ class Executor:
             return None
         wave = {}
         for p in command.positions:
-            assert p.exit_price is not None
+            assert p.exit_price is not None and p.mark is not None
             order = decision_order(p.amount, p.exit_price, self.config.close_price_buffer, infos[p.instrument])
-            if order is None:
+            if order is None or abs(order[2] - p.mark) > self.config.max_close_price_buffer * p.mark:
                 return None
             wave[p.instrument] = order
         return wave
@@ -520,8 +522,9 @@ class Executor:
         progress = work.progress
         orders = [Order(progress.legs[name], side, amount, price) for name, (side, amount, price) in wave.items()]
         TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
-        await asyncio.gather(*(self._send(work, order) for order in orders))
-        pause = await self._settle(work, orders)  # its save publishes `received` and `order_sent` first
+        # the outbox (`received`, `order_sent`) and `orders_cancelled` are published as the orders leave
+        await asyncio.gather(*(self._send(work, order) for order in orders), self._save(work))
+        pause = await self._settle(work, orders, from_decision=True)
         if pause:
             await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 
@@ -846,8 +849,14 @@ class Executor:
             log.warning("answer to the %s order lost (%s); will look it up by label", leg.instrument, exc)
             order.lost = True
 
-    async def _settle(self, work: Work, orders: list[Order]) -> float:
-        """Count fills (with their fees), apply the error rules; returns the pause before the next wave."""
+    async def _settle(self, work: Work, orders: list[Order], from_decision: bool = False) -> float:
+        """Count fills (with their fees), apply the error rules; returns the pause before the next wave.
+
+        `from_decision`: the wave was sized and priced from the command, not the exchange. A
+        reduce-only rejection then says the position is not what the decision saw (it shrank to
+        flat or changed sign), and a miss that the market moved: the next wave reads both afresh,
+        with the base buffer, instead of stopping the leg or widening.
+        """
         progress = work.progress
         pause = 0.0
         if any(o.lost for o in orders):
@@ -866,7 +875,8 @@ class Executor:
                     leg.buffer = widened(leg.buffer, self.config.close_price_buffer, self.config.max_close_price_buffer)
                     RETRIES.labels("widen").inc()
                 elif action is ErrorAction.CHECK_FLAT:
-                    leg.error = order.error  # the next wave's portfolio says whether it is done
+                    if not from_decision:
+                        leg.error = order.error  # the next wave's portfolio says whether it is done
                 else:
                     leg.state, leg.error = LegState.STOPPED, order.error
                     work.add(ReportStatus.PARTIALLY_FILLED, instrument=leg.instrument, label=progress.label,
@@ -886,7 +896,8 @@ class Executor:
                 ORDERS_FILLED.inc()
             complete = filled >= order.amount - 1e-12
             if not complete:
-                leg.buffer = widened(leg.buffer, self.config.close_price_buffer, self.config.max_close_price_buffer)
+                if not from_decision:
+                    leg.buffer = widened(leg.buffer, self.config.close_price_buffer, self.config.max_close_price_buffer)
                 pause = max(pause, RETRY_PAUSE)
             work.add(ReportStatus.FILLED if complete else ReportStatus.PARTIALLY_FILLED,
                      instrument=leg.instrument, order_id=order.result["order_id"], label=progress.label,

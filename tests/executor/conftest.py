@@ -101,14 +101,17 @@ def make_settings(redis_url: str, names: Names, paper: PaperHandle, trader: KeyF
 
 def make_command(positions: dict[str, float], *, fraction: float = 1.0, deadline: float = 15.0,
                  command_id: str | None = None, groups: list[HedgeGroup] | None = None,
-                 exit_prices: dict[str, float] | None = None, age: float = 0.0) -> Command:
-    """A command as take-profit writes it; `exit_prices` as the snapshot valued the positions."""
+                 exit_prices: dict[str, float] | None = None, marks: dict[str, float] | None = None,
+                 age: float = 0.0) -> Command:
+    """A command as take-profit writes it; `exit_prices` and `marks` (default: the exit prices) as
+    the snapshot valued the positions."""
+    marks = marks if marks is not None else exit_prices
     now = time.time()
     return Command(command_id=command_id or f"cmd-{uuid.uuid4().hex[:8]}", epoch=3,
                    reason=CloseReason.TAKE_PROFIT if fraction == 1.0 else CloseReason.PARTIAL_TAKE_PROFIT,
                    fraction=fraction,
-                   positions=[PositionToClose(instrument=k, amount=v, exit_price=(exit_prices or {}).get(k))
-                              for k, v in positions.items()],
+                   positions=[PositionToClose(instrument=k, amount=v, exit_price=(exit_prices or {}).get(k),
+                                              mark=(marks or {}).get(k)) for k, v in positions.items()],
                    groups=groups, snapshot_seq=1, net_pnl=1.5, threshold=1.1, created_ts=now - age,
                    deadline_ts=now + deadline)
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from services.common.contracts import ReportStatus
+from services.common.contracts import Report, ReportStatus
 from services.common.streams import Names
-from services.executor.plan import Progress, Stage
+from services.executor.plan import Progress
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
@@ -26,7 +26,6 @@ from tests.executor.conftest import (
     make_command,
     make_settings,
     open_positions,
-    reports,
     running_executor,
     send,
     wait_outcome,
@@ -80,11 +79,15 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     at_insert: list[tuple[Progress, list[ReportStatus]]] = []
 
     async def saved_before_insert() -> None:
-        if not at_insert:
-            raw = await redis.get(names.key(f"executor:progress:{command.command_id}"))
+        if not at_insert:  # progress and reports read in one transaction: the executor's save may run now
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.get(names.key(f"executor:progress:{command.command_id}"))
+                pipe.xrange(names.reports)
+                raw, rows = await pipe.execute()
             assert raw is not None, "no progress in Redis before the first order"
+            published = [Report.model_validate_json(fields[b"__data__"]) for _, fields in rows]
             at_insert.append((Progress.model_validate_json(raw),
-                              [r.status for r in await reports(redis, names, command.command_id)]))
+                              [r.status for r in published if r.command_id == command.command_id]))
 
     got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command,
                                          saved_before_insert)
@@ -100,34 +103,53 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     _, _, args, kwargs = events[first_insert]
     assert args[1:3] == (PERP, 0.5) and kwargs["reduce_only"] is True
     assert kwargs["price"] == pytest.approx(-(-exit_price * 0.995 // 1.0))
-    # the intent was in Redis before the order left: the first wave, `received` and `order_sent` in the
-    # progress's outbox; nothing was published yet (no reader of tp:reports woke on the way)
+    # the intent was in Redis before the order left: the first wave in the progress, `received` and
+    # `order_sent` in its outbox, or already published by the save that goes out with the order
     progress, statuses = at_insert[0]
-    assert progress.stage is Stage.RECEIVED and progress.legs[PERP].orders_sent == 1
-    assert [r.status for r in progress.outbox] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
-    assert statuses == []
+    assert progress.legs[PERP].orders_sent == 1
+    assert statuses + [r.status for r in progress.outbox] in (
+        [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT],
+        [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED])
     assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED,
                                        ReportStatus.FILLED, ReportStatus.COMPLETED]
 
 
 async def test_an_exit_price_the_market_left_behind_is_closed_by_the_next_wave(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
-    """The bid fell 5 % after the decision: the first IOC sell fills nothing, the next one (read fresh) does."""
+    """The bid fell 3 % after the decision: the first IOC sell fills nothing, the next one (read fresh) does,
+    at the base buffer (a miss of the decision's price says nothing about the buffer)."""
     await open_positions(paper, {PERP: 0.2})
-    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper) * 1.05})
+    bid = best_bid(paper)
+    command = make_command({PERP: 0.2}, exit_prices={PERP: bid * 1.03})
     got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
     assert account_positions(paper)[PERP] == 0
     inserts = [kwargs["price"] for name, _, _, kwargs in events if name == "insert:sent"]
-    assert len(inserts) == 2 and inserts[1] < inserts[0]
+    assert len(inserts) == 2 and inserts[0] == pytest.approx(-(-bid * 1.03 * 0.995 // 1.0))
+    assert inserts[1] == pytest.approx(-(-bid * 0.995 // 1.0))
     assert [r.filled for r in got if r.status is ReportStatus.PARTIALLY_FILLED] == [0.0]
 
 
-@pytest.mark.parametrize("kind", ["old", "partial", "no exit price"])
+async def test_a_position_that_changed_sign_since_the_decision_is_still_closed(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """The decision saw a long; the exchange holds a short (fills raced the halt): the reduce-only sell
+    is rejected, and the next wave, read from the exchange, buys the short back."""
+    await open_positions(paper, {PERP: -0.2})
+    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
+    _, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
+    assert account_positions(paper)[PERP] == 0
+    sides = [args[0].value for name, _, args, _ in events if name == "insert:sent"]
+    assert sides == ["sell", "buy"]
+
+
+@pytest.mark.parametrize("kind", ["old", "partial", "no exit price", "exit far through the book"])
 async def test_any_other_command_reads_the_market_before_its_first_order(
         kind: str, paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
     await open_positions(paper, {PERP: 0.4})
-    exit_prices = None if kind == "no exit price" else {PERP: best_bid(paper)}
-    command = make_command({PERP: 0.4}, exit_prices=exit_prices, age=5.0 if kind == "old" else 0.0,
+    bid = best_bid(paper)
+    exit_prices = None if kind == "no exit price" else {PERP: bid}
+    # 5 % below the mark: deeper than max_close_price_buffer (5 %) less close_price_buffer allows
+    marks = {PERP: bid / 0.95} if kind == "exit far through the book" else None
+    command = make_command({PERP: 0.4}, exit_prices=exit_prices, marks=marks, age=5.0 if kind == "old" else 0.0,
                            fraction=0.5 if kind == "partial" else 1.0)
     got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
     names_in_order = [name for name, *_ in events]
