@@ -263,20 +263,24 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
 
     `exchange_ts` is the ticker's `mark_timestamp` (when the price was marked),
     the receive time when the exchange gave none. The ticker is noted in `book`:
-    its best levels top the book until a newer book update (`Book.top`).
+    its best levels top the book until a newer book update (`Book.top`); a ticker
+    older than the book takes its best bid and ask from the book.
     """
     ticker = parse(ThalexTicker, f"Ticker {instrument}", data)
     bids = asks = None
+    best_bid, best_ask = ticker.best_bid_price, ticker.best_ask_price
     if book is not None:
         book.ticker = ticker
         bids, asks = book.top(levels)
+        if book.ticker_is_newer() is False:  # a late ticker: the book's top is the newer best
+            best_bid, best_ask = (bids[0][0] if bids else None), (asks[0][0] if asks else None)
     return _contract(
         Tick,
         f"Ticker {instrument}",
         instrument=instrument,
         mark=ticker.mark_price,
-        best_bid=ticker.best_bid_price,
-        best_ask=ticker.best_ask_price,
+        best_bid=best_bid,
+        best_ask=best_ask,
         bids=bids,
         asks=asks,
         index=ticker.index,

@@ -137,7 +137,8 @@ def test_a_ticker_moving_down_or_emptying_a_side_drops_the_levels_it_shows_gone(
     assert tick.bids == [(98, 0.4), (97, 3)]  # 99 is gone; 98 is the ticker's amount, the newer one
     assert tick.asks == [] and tick.best_ask is None  # the newer ticker shows no ask at all
     older = {"mark_price": 98, "mark_timestamp": 4.0, "best_bid_price": 90, "best_bid_amount": 1}
-    assert tick_from_ticker("X", older, 6.2, book, 5).bids == [(99, 1), (98, 2), (97, 3)]  # book is newer
+    late = tick_from_ticker("X", older, 6.2, book, 5)  # the book (time 5) is newer: its levels and top
+    assert late.bids == [(99, 1), (98, 2), (97, 3)] and (late.best_bid, late.best_ask) == (99, 101)
 
 
 def test_a_book_newer_than_the_ticker_gives_the_best_bid_and_ask() -> None:
