@@ -610,6 +610,7 @@ class RulesEngine:
         epoch.decisions += 1
         epoch.confirmations.clear()
         positions = _open_positions(snap)
+        fresh = now - snap.ts <= DECISION_PRICES_MAX_AGE_SECONDS
         what = "every position" if fraction == 1.0 else f"{fraction:.0%} of every position"
         notes = [
             f"{sentence}; closing {what} ({len(positions)}) on snapshot {snap.seq} of epoch {snap.epoch}"
@@ -630,12 +631,7 @@ class RulesEngine:
             figure=figure,
             threshold=threshold,
             unit=unit,
-            positions=tuple(
-                PositionToClose(instrument=p.instrument, amount=p.position * fraction,
-                                **({} if p.instrument in stale or now - snap.ts > DECISION_PRICES_MAX_AGE_SECONDS
-                                   else {"exit_price": p.exit_price, "mark": p.mark}))
-                for p in positions
-            ),
+            positions=tuple(_to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,
             overrode_halt=overrode_halt,
@@ -732,6 +728,12 @@ def _toward_zero(amount: float, tick: float | None) -> float:
 
 def _open_positions(snap: Snapshot) -> list[SnapshotPosition]:
     return [p for p in snap.positions if p.position != 0.0]
+
+
+def _to_close(p: SnapshotPosition, fraction: float, priced: bool) -> PositionToClose:
+    """`fraction` of a position; with its exit price and mark only when they are fresh (`priced`)."""
+    return PositionToClose(instrument=p.instrument, amount=p.position * fraction,
+                           exit_price=p.exit_price if priced else None, mark=p.mark if priced else None)
 
 
 def _stale_positions(snap: Snapshot) -> tuple[str, ...]:
