@@ -7,13 +7,16 @@ cost is the floor under the whole pipeline's latency (docs/performance.md). A pr
 writes `Tick` entries one at a time (a gap between them, as ticks arrive on a quiet market); the
 consumer is a real `StreamConsumer` (FastStream reader, validation, handler, ack in one MULTI) in
 this process. Prints the handler's delay after the producer's `time.time()` and the time from
-the handler's start to the acknowledging transaction's answer. Uses a private redis-server.
+the handler's start to the acknowledging transaction's answer; then the same producer against a
+bare redis-py `XREADGROUP BLOCK` loop (no FastStream, no validation, `XACK` alone): the floor
+under any hop. Uses a private redis-server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis.asyncio import Redis  # noqa: E402
 
 from services.common.bus import Bus, Delivery  # noqa: E402
 from services.common.contracts import Tick  # noqa: E402
@@ -80,12 +85,34 @@ async def run(count: int, gap_ms: float) -> None:
             await producer.wait()
             await asyncio.sleep(0.5)
             await bus.stop()
+            bare = await bare_hops(url, names.key("bare"), count, gap_ms)
         finally:
             server.stop()
     print(f"bus hop, {len(arrival)} entries one at a time ({gap_ms:g} ms apart), producer in another process")
-    for name, values in (("XADD sent -> handler has it", arrival), ("handler -> ack transaction answered", handled)):
+    for name, values in (("XADD sent -> handler has it", arrival), ("handler -> ack transaction answered", handled),
+                         ("bare redis-py: XADD sent -> reply read", bare)):
         print(f"  {name:<38} p50 {pct(values, 50):6.3f}  p90 {pct(values, 90):6.3f}  p99 {pct(values, 99):6.3f}  "
               f"mean {statistics.fmean(values):6.3f} ms")
+
+
+async def bare_hops(url: str, stream: str, count: int, gap_ms: float) -> list[float]:
+    """The same producer read by a bare `XREADGROUP BLOCK` loop: ms from XADD to the reply parsed."""
+    redis = Redis.from_url(url)
+    try:
+        await redis.xgroup_create(stream, "bare", id="$", mkstream=True)
+        producer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PRODUCER, url, stream, str(count), str(gap_ms / 1000))
+        delays: list[float] = []
+        while len(delays) < count:
+            for _, entries in await redis.xreadgroup("bare", "c", {stream: ">"}, count=100, block=5000):
+                now = time.time()
+                for entry_id, fields in entries:
+                    delays.append((now - json.loads(fields[b"__data__"])["ingest_ts"]) * 1000)
+                    await redis.xack(stream, "bare", entry_id)
+        await producer.wait()
+        return delays
+    finally:
+        await redis.aclose()
 
 
 def main() -> int:

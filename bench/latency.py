@@ -69,6 +69,7 @@ BREAKDOWN = (
     ("      exchange handles cancel_all", "cancel_at_exchange"),
     ("      cancel_all done -> order at exch.", "cancel_to_order"),
     ("not counted: paper queued -> sent move", "paper_queue"),
+    ("not counted: ticker sent -> book sent", "book_after_ticker"),
 )
 """What the summary prints: (label, key of the per-trial figures), the whole first, its parts indented."""
 
@@ -159,8 +160,8 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
     crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
-    first = min((next(r for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book")),
-                key=lambda r: r["sent"] or r["time"])
+    ticker_row, book_row = (next(r for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book"))
+    first = min(ticker_row, book_row, key=lambda r: r["sent"] or r["time"])
     t_tick = first["sent"] or first["time"]
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                          "method": "private/insert"}))["orders"]
@@ -181,6 +182,7 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
             "received_to_cancel": t_cancel - received, "cancel_at_exchange": t_cancel_done - t_cancel,
             "cancel_to_order": t_order - t_cancel_done,
             "snapshot_to_command": command["created_ts"] - crossing["ts"], "paper_queue": t_tick - first["time"],
+            "book_after_ticker": (book_row["sent"] or book_row["time"]) - (ticker_row["sent"] or ticker_row["time"]),
             "command_to_order": t_order - command["created_ts"], "t_tick": t_tick, "t_snap": crossing["ts"]}
 
 
