@@ -5,10 +5,10 @@
 Every reaction crosses three such hops (ingest -> portfolio -> takeprofit -> executor), so their
 cost is the floor under the whole pipeline's latency (docs/performance.md). A producer process
 writes `Tick` entries one at a time (a gap between them, as ticks arrive on a quiet market); the
-consumer is a real `StreamConsumer` (FastStream reader, validation, handler, ack in one MULTI) in
+consumer is a real `StreamConsumer` (its reader, validation, handler, ack in one MULTI) in
 this process. Prints the handler's delay after the producer's `time.time()` and the time from
 the handler's start to the acknowledging transaction's answer; then the same producer against a
-bare redis-py `XREADGROUP BLOCK` loop (no FastStream, no validation, `XACK` alone): the floor
+bare redis-py `XREADGROUP BLOCK` loop (no validation, no handler, `XACK` alone): the floor
 under any hop. Uses a private redis-server.
 """
 

@@ -1,18 +1,18 @@
-"""The bus: Redis Streams through FastStream, plain JSON, at-least-once.
+"""The bus: Redis Streams, plain JSON, at-least-once.
 
 Wire format: every entry holds one JSON document in field `__data__` (the field
-FastStream uses). `redis-cli XRANGE` or any Redis client reads it; a
-hand-written producer may XADD a document in `__data__` or in `data`.
+FastStream uses, so a FastStream app can still read and write it); `redis-cli
+XRANGE` or any Redis client reads it; a hand-written producer may XADD a
+document in `__data__` or in `data`.
 
-At-least-once is the project's guarantee and lives here once. FastStream 0.7
-reads only new entries (`>`) and never redelivers, claims or dead-letters (see
-shared/FASTSTREAM-NOTES.md), so `StreamConsumer` adds what it lacks around a
-FastStream batch subscriber:
+At-least-once is the project's guarantee and lives here once, in `StreamConsumer`:
 
-* the group is created at `0` (never `$`) before the subscriber starts, and
+* the group is created at `0` (never `$`) before the reader starts, and
   recreated at `0` if it is lost with a Redis restart;
 * on start a consumer first re-reads and finishes **its own** pending entries
   (`XREADGROUP ... 0`), in order, before any new entry is handled;
+* a reader task then blocks on `XREADGROUP ... >` and hands each batch to the
+  handler as soon as Redis answers;
 * entries left pending by a consumer that died (or by a failed handler) are
   re-claimed with `XAUTOCLAIM` after `claim_idle_seconds` and handled again,
   one at a time so one poison entry cannot hold a batch hostage;
@@ -26,6 +26,14 @@ FastStream batch subscriber:
 * after a failed batch the service's `on_failure` hook reloads its checkpoint;
   if that fails too (Redis still away) the reload is due (`Bus.restore_due`)
   and runs before the next batch of any consumer of the service.
+
+Why redis-py and not FastStream's subscriber (which DESIGN.md names): FastStream
+0.7 reads only new entries and never redelivers, claims or dead-letters
+(shared/FASTSTREAM-NOTES.md), so everything above but the read loop was ours
+already; and its read loop (message building, middlewares, dependency
+injection, a deep copy of the subscription per read) cost 0.12 ms per hop on a
+quiet machine and 0.4-0.5 ms on a busy one, against 0.01-0.1 ms for this loop
+(`bench/bus_hop.py`, docs/performance.md). Every reaction crosses three hops.
 """
 
 from __future__ import annotations
@@ -39,15 +47,12 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from faststream.middlewares import AckPolicy
-from faststream.redis import RedisBroker, StreamSub
-from faststream.redis.message import FAKE_CONSUMER
-from faststream.redis.message import RedisBatchStreamMessage as RedisBatchStreamMessageClass
-from faststream.redis.parser import MessageFormat
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.contracts import DeadLetter, Document
 from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES, BUS_STREAM_LAG
@@ -55,7 +60,8 @@ from services.common.streams import Names
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT_SECONDS = 5.0
+READ_RETRY_SECONDS = 0.2
+"""A reader whose read failed (Redis restarting) tries again after this long."""
 
 
 def raise_if_cancelled() -> None:
@@ -72,31 +78,6 @@ DATA_FIELD = "__data__"
 ALT_DATA_FIELD = "data"
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class PlainJSONFormat(MessageFormat):
-    """FastStream message format that writes the bare JSON body, no envelope.
-
-    Headers (correlation id, content type) are dropped on purpose: the wire
-    contract is the document alone, readable by any Redis client.
-    """
-
-    __slots__ = ()
-
-    @classmethod
-    async def encode(cls, *, message: Any, reply_to: str | None, headers: dict[str, Any] | None,
-                     correlation_id: str, serializer: Any = None, codec: Any = None) -> bytes:
-        if isinstance(message, BaseModel):
-            return message.model_dump_json(exclude_none=True).encode()
-        built = await cls.build(message=message, reply_to=reply_to, headers=headers,
-                                correlation_id=correlation_id, serializer=serializer, codec=codec)
-        return built.data
-
-    @classmethod
-    def parse(cls, data: Any) -> tuple[bytes, dict[str, Any]]:
-        if isinstance(data, Mapping):  # an entry without __data__: FastStream hands us its fields
-            data = json.dumps({_text(k): _text(v) for k, v in data.items()}).encode()
-        return data, {"content-type": "application/json"}
 
 
 def _text(value: Any) -> Any:
@@ -185,7 +166,7 @@ Handler = Callable[[list[Delivery[M]], Pipeline], Awaitable[None]]
 
 
 class Bus:
-    """One service's connection to Redis: FastStream broker plus plain client."""
+    """One service's connection to Redis and its stream consumers."""
 
     def __init__(self, url: str, names: Names, service: str, *, maxlen: int = 1_000_000,
                  username: str | None = None, password: str | None = None) -> None:
@@ -193,8 +174,6 @@ class Bus:
         self.service = service
         self.maxlen = maxlen
         credentials = {k: v for k, v in (("username", username), ("password", password)) if v}
-        self.broker = RedisBroker(url, message_format=PlainJSONFormat, log_level=logging.DEBUG,
-                                  **credentials)
         self.redis: Redis = Redis.from_url(url, **credentials)
         self.consumers: list[StreamConsumer[Any]] = []
         self.before_start: list[Callable[[], Awaitable[None]]] = []
@@ -212,9 +191,9 @@ class Bus:
             await self.restore_due()
             self.restore_due = None
 
-    async def publish(self, stream: str, doc: Document, pipe: Pipeline | None = None) -> None:
-        """XADD `doc` as plain JSON (approximately capped); into `pipe` when given."""
-        await self.broker.publish(doc, stream=stream, maxlen=self.maxlen, pipeline=pipe)
+    async def publish(self, stream: str, doc: Document) -> None:
+        """XADD `doc` as plain JSON (approximately capped) now."""
+        await self.redis.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
@@ -246,25 +225,18 @@ class Bus:
     async def start(self) -> None:
         """Connect, recover every consumer's pending entries, then read new ones."""
         await self.redis.ping()
-        await self.broker.connect()
         for hook in self.before_start:
             await hook()
         for sc in self.consumers:
             await sc.ensure_group()
             await sc.recover_own_pending()  # before the reader starts: old entries first
-        await self.broker.start()
         for sc in self.consumers:
             sc.start_background()
 
     async def stop(self) -> None:
-        """Stop reading and close; bounded, so a shutdown never hangs on a reader being restarted."""
+        """Stop reading and close."""
         for sc in self.consumers:
             await sc.stop_background()
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
-                await self.broker.stop()
-        except TimeoutError:  # seen once: FastStream stopping a reader the bus was just restarting
-            log.warning("the broker did not stop within %.0f s; closing anyway", STOP_TIMEOUT_SECONDS)
         await self.redis.aclose()
 
 
@@ -291,29 +263,11 @@ class StreamConsumer(Generic[M]):
     """An own entry pending this long was in a failed batch: retry it at the next claim interval."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _stopping: bool = field(default=False, init=False)
-    _subscriber: Any = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        sub = StreamSub(self.stream, group=self.group, consumer=self.consumer, batch=True,
-                        max_records=self.batch_size, polling_interval=self.block_ms)
-        self._subscriber = self.bus.broker.subscriber(
-            stream=sub, ack_policy=AckPolicy.MANUAL, parser=_entries_as_they_are, decoder=_raw_batch_as_body,
-        )
-        self._subscriber(self._on_new_entries)
 
     @property
     def is_consuming(self) -> bool:
-        """The reader runs and the claimer is alive (for the health endpoint)."""
-        return self._reader_alive() and all(not t.done() for t in self._tasks)
-
-    def _reader_alive(self) -> bool:
-        """FastStream's subscriber says it runs *and* its read loop task is alive.
-
-        `running` alone can lie: a reader restarted while FastStream was still stopping the old
-        one (after a lost group) had its new task cancelled by that stop, leaving `running` true
-        and nothing reading.
-        """
-        return bool(self._subscriber.running) and any(not t.done() for t in self._subscriber.tasks)
+        """The reader and the claimer are alive (for the health endpoint)."""
+        return bool(self._tasks) and all(not t.done() for t in self._tasks)
 
     async def ensure_group(self) -> None:
         """Create the group at the start of the stream (never `$`)."""
@@ -326,11 +280,12 @@ class StreamConsumer(Generic[M]):
 
     def start_background(self) -> None:
         self._stopping = False
+        self._tasks.append(asyncio.create_task(self._read_forever(), name=f"read:{self.stream}"))
         self._tasks.append(asyncio.create_task(self._claim_forever(), name=f"claim:{self.stream}"))
 
     async def stop_background(self) -> None:
         # The flag, not only the cancel: a cancellation can be swallowed on its way through
-        # FastStream or redis-py, and the claim loop would then run on and this wait never end.
+        # redis-py, and a loop would then run on and this wait never end.
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -339,10 +294,40 @@ class StreamConsumer(Generic[M]):
                 await task
         self._tasks.clear()
 
-    async def _on_new_entries(self, raw: Any) -> None:
-        """FastStream hands us each batch of new (`>`) entries: the raw XREADGROUP reply."""
-        entries = [(_text(i), fields) for i, fields in zip(raw["message_ids"], raw["data"])]
-        await self.handle(entries, deliveries={})
+    async def _read_forever(self) -> None:
+        """Hand each batch of new (`>`) entries to `handle` as soon as XREADGROUP returns it.
+
+        Rides out a Redis restart: retries every `READ_RETRY_SECONDS` (one warning per outage)
+        and recreates a group the restart lost.
+        """
+        outage = False
+        while not self._stopping:
+            try:
+                reply = await self._read_new()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                raise_if_cancelled()
+                if not outage:
+                    log.warning("reading %s failed (%s); retrying every %.1f s", self.stream, exc,
+                                READ_RETRY_SECONDS)
+                outage = True
+                await asyncio.sleep(READ_RETRY_SECONDS)
+                continue
+            if outage:
+                log.info("reading %s again", self.stream)
+                outage = False
+            for _, entries in reply:
+                await self.handle([(_text(i), fields) for i, fields in entries], deliveries={})
+
+    async def _read_new(self) -> Any:
+        try:
+            return await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                                   count=self.batch_size, block=self.block_ms) or []
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        log.warning("group %s on %s is gone (Redis restarted?); recreating at 0", self.group, self.stream)
+        await self.ensure_group()
+        return []
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]],
                      deliveries: Mapping[str, int]) -> bool:
@@ -432,7 +417,7 @@ class StreamConsumer(Generic[M]):
             if self._stopping:
                 return
             try:
-                await self._keep_subscribed()
+                self._keep_reading()
                 await self.retry_failed_own()
                 await self.claim_abandoned()
                 await self.record_lag()
@@ -497,40 +482,10 @@ class StreamConsumer(Generic[M]):
                                                    count=len(ids) * 4 + 10, consumername=self.consumer)
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
-    async def _keep_subscribed(self) -> None:
-        """Recreate a group lost with a Redis restart (at 0) and restart the reader."""
-        try:
-            await self.bus.redis.xinfo_consumers(self.stream, self.group)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
-                raise
-            log.warning("group %s on %s is gone (Redis restarted?); recreating at 0", self.group, self.stream)
-            await self.ensure_group()
-        if self._reader_alive():
-            return
-        if not self._subscriber.running and any(not t.done() for t in self._subscriber.tasks):
-            return  # FastStream is still stopping the old reader: restart it on the next round
-        if self._subscriber.running:  # "running" with no live task: stop it cleanly first
-            async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
-                await self._subscriber.stop()
-        log.warning("restarting the reader of %s", self.stream)
-        await self._subscriber.start()
-
-
-async def _entries_as_they_are(message: Any) -> RedisBatchStreamMessageClass:
-    """Skip FastStream's per-entry JSON parsing: `StreamConsumer` decodes each entry once itself.
-
-    (FastStream's batch parser would `json.loads` every entry only for us to do it again.)
-    """
-    return RedisBatchStreamMessageClass(raw_message=message, body=b"", consumer=FAKE_CONSUMER, group=None)
-
-
-async def _raw_batch_as_body(message: RedisBatchStreamMessageClass) -> Any:
-    """Hand the raw batch to the handler as its body: `StreamConsumer` validates entries itself.
-
-    Why not a `message: RedisBatchStreamMessage` parameter: FastStream resolves that annotation
-    through a `Context` field whose `use` is synchronous, and FastDepends 3 runs a synchronous
-    field in a worker thread (`anyio.to_thread`) on every batch: a thread hand-off on the hot
-    path (seen with py-spy), about 0.2-0.5 ms per hop of the reaction.
-    """
-    return message.raw_message
+    def _keep_reading(self) -> None:
+        """Restart a reader that died of an unexpected error (its health shows it meanwhile)."""
+        reader = self._tasks[0]
+        if reader.done() and not self._stopping:
+            error = None if reader.cancelled() else reader.exception()
+            log.error("the reader of %s stopped (%r); restarting it", self.stream, error)
+            self._tasks[0] = asyncio.create_task(self._read_forever(), name=f"read:{self.stream}")

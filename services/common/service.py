@@ -115,7 +115,6 @@ def setup_logging(service: str) -> None:
     level = os.environ.get("TP_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faststream").setLevel(logging.WARNING)
 
 
 def read_secret(path: Any) -> str | None:

@@ -61,7 +61,6 @@ async def make_bus(redis_url: str, names: Any, redis: Redis) -> AsyncIterator[Ca
 
 async def test_published_document_is_plain_json_in_data_field(make_bus: Any, redis: Redis, names: Any) -> None:
     bus = make_bus()
-    await bus.broker.connect()
     await bus.publish(names.control, control("alice"))
 
     [(entry_id, fields)] = await redis.xrange(names.control)
@@ -71,7 +70,7 @@ async def test_published_document_is_plain_json_in_data_field(make_bus: Any, red
 
 
 @pytest.mark.parametrize("field", ["__data__", "data"])
-async def test_plain_xadd_is_consumed_by_faststream_subscriber(
+async def test_plain_xadd_is_consumed_by_the_bus(
     make_bus: Any, redis: Redis, names: Any, field: str
 ) -> None:
     recorder = Recorder()
@@ -254,6 +253,36 @@ async def test_group_lost_with_redis_restart_is_recreated_from_start(
 
     await eventually(recovered, timeout=15)
     await client.aclose()
+
+
+async def test_a_reader_that_died_is_restarted_and_health_shows_it_meanwhile(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """An unexpected error kills the reader: `/health` turns red, the claim loop restarts it, and
+    the entries written meanwhile are handled once."""
+    recorder = Recorder()
+    bus = make_bus()
+    consumer = bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=1.0)
+    await bus.start()
+    reader = consumer._tasks[0]
+    read_new = consumer._read_new
+
+    async def broken() -> Any:
+        consumer._read_new = read_new  # type: ignore[method-assign]  # fails once
+        raise RuntimeError("unexpected")
+
+    consumer._read_new = broken  # type: ignore[method-assign]
+    await redis.xadd(names.control, {"__data__": control("wake").model_dump_json()})
+
+    await asyncio.wait([reader], timeout=5)
+    assert reader.done()  # the block_ms read in flight ended, the next one raised
+    assert not consumer.is_consuming  # the claim loop (1 s) has not restarted it yet
+    await redis.xadd(names.control, {"__data__": control("while-dead").model_dump_json()})
+
+    async def back() -> bool:
+        return consumer.is_consuming and recorder.seen == ["wake", "while-dead"]
+
+    await eventually(back)
 
 
 async def test_consumer_survives_a_redis_restart_with_aof(
