@@ -31,9 +31,10 @@ Why redis-py and not FastStream's subscriber (which DESIGN.md names): FastStream
 0.7 reads only new entries and never redelivers, claims or dead-letters
 (shared/FASTSTREAM-NOTES.md), so everything above but the read loop was ours
 already; and its read loop (message building, middlewares, dependency
-injection, a deep copy of the subscription per read) cost 0.12 ms per hop on a
-quiet machine and 0.4-0.5 ms on a busy one, against 0.01-0.1 ms for this loop
-(`bench/bus_hop.py`, docs/performance.md). Every reaction crosses three hops.
+injection, a deep copy of the subscription per read) added 0.12 ms per hop to a
+bare redis-py loop on a quiet machine and 0.4-0.55 ms on a busy one; this loop
+adds 0.01-0.03 ms (0.15 ms at most on a busy one) (`bench/bus_hop.py`,
+docs/performance.md). Every reaction crosses three hops.
 """
 
 from __future__ import annotations
