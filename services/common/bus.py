@@ -29,7 +29,7 @@ At-least-once is the project's guarantee and lives here once, in `StreamConsumer
 
 Why redis-py and not FastStream's subscriber (which DESIGN.md names): FastStream
 0.7 reads only new entries and never redelivers, claims or dead-letters
-(shared/FASTSTREAM-NOTES.md), so everything above but the read loop was ours
+(the FastStream notes beside DESIGN.md), so everything above but the read loop was ours
 already; and its read loop (message building, middlewares, dependency
 injection, a deep copy of the subscription per read) added 0.12 ms per hop to a
 bare redis-py loop on a quiet machine and 0.4-0.55 ms on a busy one; this loop
@@ -44,7 +44,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -63,6 +62,11 @@ log = logging.getLogger(__name__)
 
 READ_RETRY_SECONDS = 0.2
 """A reader whose read failed (Redis restarting) tries again after this long."""
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+class GroupLost(Exception):
+    """The consumer group was gone (a Redis restart without persistence) and has been recreated."""
 
 
 def raise_if_cancelled() -> None:
@@ -264,6 +268,8 @@ class StreamConsumer(Generic[M]):
     """An own entry pending this long was in a failed batch: retry it at the next claim interval."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _stopping: bool = field(default=False, init=False)
+    _in_hand: set[str] = field(default_factory=set, init=False)
+    """Entries the reader holds and has not settled yet (waiting for the lock, or being handled)."""
 
     @property
     def is_consuming(self) -> bool:
@@ -290,9 +296,14 @@ class StreamConsumer(Generic[M]):
         self._stopping = True
         for task in self._tasks:
             task.cancel()
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_SECONDS)
+            if stuck:  # a handler that swallowed its cancellation: do not hang the shutdown on it
+                log.warning("%d task(s) of %s did not stop within %.0f s", len(stuck), self.stream,
+                            STOP_TIMEOUT_SECONDS)
         for task in self._tasks:
-            with suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: never "exception was never retrieved"
         self._tasks.clear()
 
     async def _read_forever(self) -> None:
@@ -305,9 +316,9 @@ class StreamConsumer(Generic[M]):
         while not self._stopping:
             try:
                 reply = await self._read_new()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, GroupLost) as exc:
                 raise_if_cancelled()
-                if not outage:
+                if not outage or isinstance(exc, GroupLost):
                     log.warning("reading %s failed (%s); retrying every %.1f s", self.stream, exc,
                                 READ_RETRY_SECONDS)
                 outage = True
@@ -317,18 +328,23 @@ class StreamConsumer(Generic[M]):
                 log.info("reading %s again", self.stream)
                 outage = False
             for _, entries in reply:
-                await self.handle([(_text(i), fields) for i, fields in entries], deliveries={})
+                batch = [(_text(i), fields) for i, fields in entries]
+                self._in_hand.update(entry_id for entry_id, _ in batch)
+                try:
+                    await self.handle(batch, deliveries={})
+                finally:  # a failed batch stays pending: `retry_failed_own` takes it from here
+                    self._in_hand.difference_update(entry_id for entry_id, _ in batch)
 
     async def _read_new(self) -> Any:
+        """The next batch of new entries ([] after `block_ms` without any); recreates a lost group."""
         try:
             return await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
                                                    count=self.batch_size, block=self.block_ms) or []
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-        log.warning("group %s on %s is gone (Redis restarted?); recreating at 0", self.group, self.stream)
         await self.ensure_group()
-        return []
+        raise GroupLost(f"group {self.group} on {self.stream} was gone (Redis restarted?): recreated at 0")
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]],
                      deliveries: Mapping[str, int]) -> bool:
@@ -391,15 +407,16 @@ class StreamConsumer(Generic[M]):
     async def retry_failed_own(self) -> int:
         """Retry this consumer's own entries whose handling failed, without waiting for `claim_idle`.
 
-        Under the lock, an own pending entry idle longer than `retry_idle_seconds`
-        is one whose batch failed (a live batch is handled within milliseconds of
-        its read, and the reader queues on the lock before we list). Returns how
-        many were retried.
+        An own pending entry idle longer than `retry_idle_seconds` that the reader
+        does not hold (`_in_hand`: read, waiting for the lock or being handled) is
+        one whose batch failed, or one read by a reader that died. Returns how many
+        were retried.
         """
         async with self.lock:
             rows = await self.bus.redis.xpending_range(
                 self.stream, self.group, min="-", max="+", count=self.batch_size,
                 consumername=self.consumer, idle=int(self.retry_idle_seconds * 1000))
+            rows = [r for r in rows if _text(r["message_id"]) not in self._in_hand]
             if not rows:
                 return 0
             ids = [_text(r["message_id"]) for r in rows]
@@ -488,5 +505,5 @@ class StreamConsumer(Generic[M]):
         reader = self._tasks[0]
         if reader.done() and not self._stopping:
             error = None if reader.cancelled() else reader.exception()
-            log.error("the reader of %s stopped (%r); restarting it", self.stream, error)
+            log.error("the reader of %s stopped; restarting it", self.stream, exc_info=error)
             self._tasks[0] = asyncio.create_task(self._read_forever(), name=f"read:{self.stream}")

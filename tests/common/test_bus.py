@@ -255,34 +255,66 @@ async def test_group_lost_with_redis_restart_is_recreated_from_start(
     await client.aclose()
 
 
-async def test_a_reader_that_died_is_restarted_and_health_shows_it_meanwhile(
+async def test_a_reader_that_died_is_restarted_and_what_it_held_is_handled_once(
     make_bus: Any, redis: Redis, names: Any
 ) -> None:
-    """An unexpected error kills the reader: `/health` turns red, the claim loop restarts it, and
-    the entries written meanwhile are handled once."""
+    """An unexpected error kills the reader right after Redis delivered it an entry: `/health`
+    is red until the claim loop restarts the reader, the new reader takes what came meanwhile,
+    and the entry the dead one held (pending, never handled) is retried — each handled once."""
     recorder = Recorder()
     bus = make_bus()
-    consumer = bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=1.0)
-    await bus.start()
-    reader = consumer._tasks[0]
+    consumer = bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=3600,
+                            retry_idle_seconds=0.2)
     read_new = consumer._read_new
 
-    async def broken() -> Any:
-        consumer._read_new = read_new  # type: ignore[method-assign]  # fails once
+    async def dies_holding_an_entry() -> Any:
+        while not (reply := await read_new()):
+            pass
+        consumer._read_new = read_new  # type: ignore[method-assign]  # the restarted reader reads normally
         raise RuntimeError("unexpected")
 
-    consumer._read_new = broken  # type: ignore[method-assign]
-    await redis.xadd(names.control, {"__data__": control("wake").model_dump_json()})
-
+    consumer._read_new = dies_holding_an_entry  # type: ignore[method-assign]
+    await bus.start()
+    reader = consumer._tasks[0]
+    await redis.xadd(names.control, {"__data__": control("held").model_dump_json()})
     await asyncio.wait([reader], timeout=5)
-    assert reader.done()  # the block_ms read in flight ended, the next one raised
-    assert not consumer.is_consuming  # the claim loop (1 s) has not restarted it yet
+    assert reader.done() and not consumer.is_consuming  # red: nothing reads
+    assert recorder.seen == [] and (await redis.xpending(names.control, "g"))["pending"] == 1
+
     await redis.xadd(names.control, {"__data__": control("while-dead").model_dump_json()})
+    consumer._keep_reading()  # what the claim loop does every claim_interval_seconds
+    assert consumer.is_consuming
 
-    async def back() -> bool:
-        return consumer.is_consuming and recorder.seen == ["wake", "while-dead"]
+    async def new_one_read() -> bool:
+        return recorder.seen == ["while-dead"]
 
-    await eventually(back)
+    await eventually(new_one_read)
+    await asyncio.sleep(0.3)  # the held entry is idle longer than retry_idle_seconds
+    assert await consumer.retry_failed_own() == 1
+    await asyncio.sleep(0.3)
+    assert recorder.seen == ["while-dead", "held"]
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0
+
+
+async def test_an_entry_the_reader_holds_while_the_lock_is_busy_is_not_retried_too(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """The reader has an entry but waits for the service's lock longer than `retry_idle_seconds`:
+    the retry pass must leave it to the reader, or the handler would run twice."""
+    recorder = Recorder()
+    bus = make_bus()
+    consumer = bus.consumer(names.control, "g", "c1", Control, recorder, claim_interval_seconds=3600,
+                            retry_idle_seconds=0.1)
+    await bus.start()
+    async with consumer.lock:  # another consumer of the service is busy
+        retry = asyncio.create_task(consumer.retry_failed_own())  # the claim loop queues on the lock first
+        await asyncio.sleep(0)
+        await redis.xadd(names.control, {"__data__": control("waiting").model_dump_json()})
+        await asyncio.sleep(0.4)  # read by the reader, which queues second; idle > retry_idle_seconds
+        assert consumer._in_hand
+    assert await retry == 0  # the retry pass lists it first, but leaves it to the reader
+    await asyncio.sleep(0.2)
+    assert recorder.seen == ["waiting"]
 
 
 async def test_consumer_survives_a_redis_restart_with_aof(
