@@ -9,13 +9,20 @@ Pure CPU, no Redis, no processes. Prints, for a tick and for a snapshot of `--po
 2. take-profit's checkpoint, which carries the last snapshot: `RulesEngine.to_state` (pydantic's
    JSON) against `json.dumps(model_dump())`;
 3. the portfolio's ledger checkpoint with `--positions` instruments and `--trade-ids` remembered
-   trade ids: `pydantic_core.to_json` (what the service writes) against `json.dumps`.
+   trade ids: `pydantic_core.to_json` (what the service writes) against `json.dumps`;
+4. take-profit's whole snapshot handler when it decides (one position): rules, command, lease,
+   checkpoint and halt queued on a transaction pipeline that is never sent — the handler's own
+   CPU, hot, to set against its 0.3-0.4 ms of wall time at a move (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
+import statistics
 import sys
 import time
 import timeit
@@ -28,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pydantic_core  # noqa: E402
 from portfolio_throughput import INFO, instrument, opening_fill, ticks_for  # noqa: E402
 
-from services.common.bus import DATA_FIELD, encode_document, validate_entry  # noqa: E402
+from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from services.common.contracts import Snapshot, Tick  # noqa: E402
 from services.portfolio.ledger import Ledger, LedgerConfig  # noqa: E402
+from services.takeprofit.app import TakeProfitService  # noqa: E402
 from services.takeprofit.rules import External, RulesEngine  # noqa: E402
 
 
@@ -84,7 +92,48 @@ def main() -> int:
     row("to_state + pydantic_core.to_json",
         per_call_ms(lambda: pydantic_core.to_json(ledger.to_state(with_ticks=False), inf_nan_mode="constants")),
         per_call_ms(lambda: json.dumps(ledger.to_state(with_ticks=False))))
+
+    print("4) take-profit's snapshot handler when it decides (one position, pipeline never sent)")
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),  # noqa: SIM115 - open until exit
+                        format="%(asctime)s takeprofit %(levelname)s %(name)s: %(message)s")
+    print(f"  {'TakeProfitService.on_snapshots, median of 2,000':<58} {asyncio.run(deciding_handler_ms()):9.4f} ms")
     return 0
+
+
+async def deciding_handler_ms(calls: int = 2000) -> float:
+    """Median ms of one deciding `on_snapshots`, a fresh engine each call (no cool-down).
+
+    Its DECISION log line is formatted and written as in the service (to /dev/null: `main`).
+    """
+    settings = Settings()
+    settings = settings.model_copy(update={"portfolio_take_profit": settings.portfolio_take_profit.model_copy(
+        update={"cooldown_seconds": 0.0})})
+    bus = Bus("redis://127.0.0.1:1", settings.names, "takeprofit")  # never connected: nothing is sent
+    service = TakeProfitService(settings, bus, "bench")
+    one = ledger_with_one_position()
+    service.volume_ticks = {p.instrument: 0.001 for p in one.positions}
+    times = []
+    for seq in range(calls):
+        service.engine = RulesEngine(settings.portfolio_take_profit)
+        service.lease_held = False
+        snap = one.model_copy(update={"seq": seq + 1, "ts": time.time(), "net_after_close": 1.5})
+        pipe = bus.redis.pipeline(transaction=True)
+        start = time.perf_counter()
+        await service.on_snapshots([Delivery("1-0", snap, 1)], pipe)
+        times.append(time.perf_counter() - start)
+        assert service.lease_held, "the benchmark must time a deciding snapshot"
+        await pipe.reset()
+    return statistics.median(times) * 1000
+
+
+def ledger_with_one_position() -> Snapshot:
+    now = time.time()
+    ledger = Ledger(LedgerConfig.from_settings(Settings()))
+    ledger.set_instrument(instrument(0), INFO)
+    ledger.apply_fill(opening_fill(0, now))
+    for tick in ticks_for(1, 1, now):
+        ledger.apply_tick(tick)
+    return ledger.snapshot(1, now, 3600.0)
 
 
 if __name__ == "__main__":
