@@ -10,11 +10,21 @@ field changes meaning.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 CONTRACT_VERSION = 1
+
+
+def _known_version(value: int) -> int:
+    if value != CONTRACT_VERSION:
+        raise ValueError(f"unsupported contract version {value} (this reader knows v{CONTRACT_VERSION})")
+    return value
+
+
+Version = Annotated[int, Field(strict=True), AfterValidator(_known_version)]
+"""`v`: exactly the integer 1 — `true` or `1.0` is not a version (Python's `True == 1` would let it pass)."""
 
 Price = Annotated[float, Field(ge=0.0)]
 """A price or a mark; zero is legal (an expiring worthless option)."""
@@ -28,7 +38,13 @@ BookLevel = tuple[Price, PositiveAmount]
 
 
 class Document(BaseModel):
-    """Base of every wire document: strict, finite, versioned."""
+    """Base of every wire document: strict, finite, versioned.
+
+    Readers of the wire validate with `strict=True` (`services.common.bus.validate_entry`,
+    `read_document`): no bool or string becomes a number there (`"amount": true`,
+    `"fee": "0.05"` are refused). Python code building documents keeps pydantic's usual
+    conversions (a `"buy"` becomes `Side.BUY`).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -37,7 +53,7 @@ class Document(BaseModel):
         str_strip_whitespace=True,
     )
 
-    v: Literal[1] = CONTRACT_VERSION
+    v: Version = CONTRACT_VERSION
 
 
 class Side(StrEnum):
