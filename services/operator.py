@@ -30,6 +30,7 @@ from services.common.contracts import (
     Snapshot,
     halt_from_hash,
 )
+from services.common.redact import redact
 from services.common.service import read_secret
 
 EXIT_UNREACHABLE = 1
@@ -52,8 +53,8 @@ def _connect(settings: Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise OperatorError(f"cannot reach Redis at {settings.redis.url}: {exc}. "
-                            "Is the guardian's Redis running, and is [redis] url right?") from None
+        raise OperatorError(redact(f"cannot reach Redis at {settings.redis.url}: {exc}. "
+                                   "Is the guardian's Redis running, and is [redis] url right?")) from None
     return client
 
 

@@ -20,14 +20,16 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
 
 from services.common.bus import Bus
-from services.common.config import ConfigError, Settings, load_config
+from services.common.config import LOG_LEVELS, ConfigError, Settings, load_config, read_secret_file
 from services.common.metrics import SERVICE_HEALTHY
+from services.common.redact import install_redaction
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +114,19 @@ def tune_gc_for_latency() -> None:
 
 
 def setup_logging(service: str) -> None:
-    level = os.environ.get("TP_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
+    """Log to stderr through the redaction rule; an unknown TP_LOG_LEVEL is refused by `load_config`."""
+    level = os.environ.get("TP_LOG_LEVEL", "INFO").strip().upper()
+    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", stream=sys.stderr,
                         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    install_redaction()
 
 
-def read_secret(path: Any) -> str | None:
-    """A password from a file (Docker secret), stripped; None when not configured."""
-    return None if path is None else open(path, encoding="utf-8").read().strip()
+def read_secret(path: Any, key: str = "redis.password_file") -> str | None:
+    """A password from a file (Docker secret), stripped; None when not configured.
+
+    A file that cannot be read is a `ConfigError` naming `key` (exit 2), never a traceback.
+    """
+    return None if path is None else read_secret_file(key, Path(path)).strip()
 
 
 def make_bus(settings: Settings, service: str) -> Bus:
