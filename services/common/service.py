@@ -1,15 +1,33 @@
 """The thin shell every service shares: arguments, config, logging, HTTP, lifecycle.
 
-A service supplies a `build(settings, bus, replica) -> Runnable` function; this
-module parses `--config/--replica`, loads and validates the configuration
+A service supplies a `build(settings, bus, health, replica) -> Runnable` function;
+this module parses `--config/--replica`, loads and validates the configuration
 (exit 2 on a bad value), connects the bus, serves `/metrics` and `/health`, and
 stops cleanly on SIGINT/SIGTERM.
+
+Health means "guarding", not "the process answers" (`Health`). Every service
+gets these checks for free:
+
+* `redis` — a write succeeds (a tiny `SET` of `<ns>:<service>:health` every
+  second): red with Redis' own words when it is unreachable, at `maxmemory`
+  with `noeviction` ("OOM command not allowed"), a read-only replica
+  ("READONLY") or refuses the user (ACL);
+* `consuming` — every stream reader is alive;
+* `handlers` — no entry's handling is failing (`StreamConsumer.problem`): a
+  handler that fails on every entry, or again and again on one, is red from its
+  first failure until the entry is handled or dead-lettered.
+
+A service adds its own with `health.add(name, check)`; a check returns a bool,
+or raises `Unhealthy(reason, detail)` to say why. The reason is on `/health`
+(`problems`), in `tp_service_health_problem{service,check,reason}` and in the
+log (once per change, not every second).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -25,15 +43,27 @@ from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
-from services.common.bus import Bus
-from services.common.config import LOG_LEVELS, ConfigError, Settings, load_config, read_secret_file
-from services.common.metrics import SERVICE_HEALTHY
-from services.common.redact import install_redaction
+from services.common.bus import Bus, raise_if_cancelled
+from services.common.config import LOG_LEVELS, ConfigError, Problem, Settings, load_config, read_secret_file
+from services.common.metrics import SERVICE_HEALTH_PROBLEM, SERVICE_HEALTHY
+from services.common.redact import install_redaction, redact
 
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], Awaitable[bool]]
+"""A health check: True when fine; False, or `Unhealthy` raised with the reason, when not."""
+HEALTH_CHECK_TIMEOUT = 2.0
+HEALTH_KEY_TTL_MS = 30_000
+
+
+class Unhealthy(Exception):
+    """Raised by a health check: `reason` is short and stable (a metric label), `detail` the particulars."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
 
 
 class Runnable(Protocol):
@@ -45,30 +75,108 @@ class Runnable(Protocol):
 
 @dataclass
 class Health:
-    """Named checks, evaluated on the event loop, read by the HTTP thread."""
+    """Named checks, evaluated on the event loop every second, read by the HTTP thread."""
 
     service: str = ""
     checks: dict[str, HealthCheck] = field(default_factory=dict)
     latest: dict[str, bool] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    """Check → why it is red ("reason: detail"), for the checks that are."""
     checked_ts: float = 0.0
+    _labels: dict[str, str] = field(default_factory=dict)
+    """Check → the reason label its `tp_service_health_problem` series carries now."""
 
     def add(self, name: str, check: HealthCheck) -> None:
         self.checks[name] = check
 
     async def refresh(self) -> None:
-        results = {}
+        results: dict[str, bool] = {}
+        problems: dict[str, str] = {}
         for name, check in self.checks.items():
-            try:
-                results[name] = bool(await asyncio.wait_for(check(), timeout=2.0))
-            except Exception:  # a failing check is an unhealthy answer, not a crash
-                results[name] = False
-        self.latest, self.checked_ts = results, time.time()
+            reason, detail = await self._evaluate(check)
+            results[name] = reason is None
+            if reason is not None:
+                problems[name] = redact(f"{reason}: {detail}" if detail else reason)
+                self._label(name, reason)
+            else:
+                self._label(name, None)
+        self._log_changes(problems)
+        self.latest, self.problems, self.checked_ts = results, problems, time.time()
         for name, ok in results.items():
             SERVICE_HEALTHY.labels(self.service, name).set(1 if ok else 0)
+
+    @staticmethod
+    async def _evaluate(check: HealthCheck) -> tuple[str | None, str]:
+        """(reason, detail) of a failing check; (None, "") when it passes."""
+        try:
+            ok = await asyncio.wait_for(check(), timeout=HEALTH_CHECK_TIMEOUT)
+        except Unhealthy as exc:
+            raise_if_cancelled()  # redis-py turns a cancellation into its own error: stop must stop
+            return exc.reason, exc.detail
+        except TimeoutError:
+            raise_if_cancelled()
+            return "check timed out", f"no answer within {HEALTH_CHECK_TIMEOUT:.0f} s"
+        except Exception as exc:  # a failing check is an unhealthy answer, not a crash
+            raise_if_cancelled()
+            return f"check raised {type(exc).__name__}", str(exc)
+        return (None, "") if ok else ("check failed", "")
+
+    def _label(self, name: str, reason: str | None) -> None:
+        label = None if reason is None else redact(reason)[:80]
+        previous = self._labels.get(name)
+        if previous == label:
+            return
+        if previous is not None:
+            SERVICE_HEALTH_PROBLEM.remove(self.service, name, previous)
+            del self._labels[name]
+        if label is not None:
+            SERVICE_HEALTH_PROBLEM.labels(self.service, name, label).set(1)
+            self._labels[name] = label
+
+    def _log_changes(self, problems: dict[str, str]) -> None:
+        for name, why in problems.items():
+            if self.problems.get(name) != why:
+                log.warning("%s UNHEALTHY: %s: %s", self.service, name, why)
+        for name in self.problems.keys() - problems.keys():
+            log.info("%s: %s healthy again", self.service, name)
 
     @property
     def healthy(self) -> bool:
         return bool(self.latest) and all(self.latest.values()) and time.time() - self.checked_ts < 10
+
+    def document(self) -> dict[str, Any]:
+        """What `/health` answers."""
+        return {"service": self.service, "healthy": self.healthy, "checks": self.latest,
+                "problems": self.problems, "checked_ts": self.checked_ts}
+
+
+def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
+    """The checks every service gets: `redis` (a write to `key` succeeds), `consuming`, `handlers`."""
+
+    async def redis_writable() -> bool:
+        try:
+            await bus.redis.set(key, str(time.time()), px=HEALTH_KEY_TTL_MS)
+        except ResponseError as exc:  # OutOfMemoryError at maxmemory, ReadOnlyError, NoPermissionError
+            raise Unhealthy("Redis refuses writes", f"{type(exc).__name__}: {exc}") from None
+        except (RedisError, OSError) as exc:
+            raise Unhealthy("Redis unreachable", f"{type(exc).__name__}: {exc}") from None
+        return True
+
+    async def consuming() -> bool:
+        dead = [c.stream for c in bus.consumers if not c.is_consuming]
+        if dead:
+            raise Unhealthy("a stream reader is not running", ", ".join(dead))
+        return True
+
+    async def handlers() -> bool:
+        failing = [problem for c in bus.consumers if c.is_consuming and (problem := c.problem())]
+        if failing:
+            raise Unhealthy("handlers failing", "; ".join(failing))
+        return True
+
+    health.add("redis", redis_writable)
+    health.add("consuming", consuming)
+    health.add("handlers", handlers)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -86,8 +194,7 @@ def serve_http(host: str, port: int, health: Health, service: str) -> WSGIServer
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         if environ.get("PATH_INFO") == "/health":
-            body = json.dumps({"service": service, "healthy": health.healthy, "checks": health.latest,
-                               "checked_ts": health.checked_ts}).encode()
+            body = json.dumps(health.document()).encode()
             status = "200 OK" if health.healthy else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
             return [body]
@@ -163,31 +270,23 @@ def service_main(service: str, argv: list[str], build: Build, metrics_port: Call
 async def _run(service: str, settings: Settings, replica: str, build: Build, port: int) -> int:
     bus = make_bus(settings, service)
     health = Health(service)
-
-    async def redis_up() -> bool:
-        return bool(await bus.redis.ping())
-
-    async def consuming() -> bool:
-        return all(c.is_consuming for c in bus.consumers)
-
-    health.add("redis", redis_up)
-    health.add("consuming", consuming)
+    add_framework_checks(health, bus, settings.names.key(f"{service}:health"))
     runnable = build(settings, bus, health, f"{service}-{replica}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     http = serve_http(settings.metrics.host, port, health, service)
-    await _start_bus_when_redis_answers(bus, stop)
-    work = asyncio.create_task(runnable.run(), name=f"{service}-work")
-    log.info("%s started (namespace %s)", service, settings.names.namespace)
 
     async def refresh_health() -> None:
         while True:
             await health.refresh()
             await asyncio.sleep(1.0)
 
-    refresher = asyncio.create_task(refresh_health())
+    refresher = asyncio.create_task(refresh_health())  # from the start: /health says why it waits
+    await _start_bus_when_redis_answers(bus, stop)
+    work = asyncio.create_task(runnable.run(), name=f"{service}-work")
+    log.info("%s started (namespace %s)", service, settings.names.namespace)
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
@@ -206,17 +305,23 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
 
 
 async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> None:
-    """Redis may come up after us (compose, a restart): wait for it, loudly."""
+    """Redis may come up after us (compose, a restart), or refuse writes for a while: wait, loudly.
+
+    A refused user or password is a configuration error (exit 2), not something to wait out.
+    """
     delay = 0.2
     while not stop.is_set():
         try:
             await bus.start()
             return
-        except (ConnectionError, OSError) as exc:
+        except (AuthenticationError, NoPermissionError) as exc:
+            raise ConfigError([Problem("redis.username", None, f"Redis refused this service's user: {exc} "
+                                       "(check [redis] username, password_file and the ACL)")],
+                              "redis") from None
+        except ResponseError as exc:  # at maxmemory, a read-only replica, still loading its data
+            log.warning("Redis refuses to start the consumers (%s); retrying in %.1f s", exc, delay)
+        except (RedisError, OSError) as exc:
             log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
-        except Exception as exc:  # redis-py raises its own ConnectionError subclasses
-            if "connect" not in str(exc).lower():
-                raise
-            log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
+            await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, 5.0)

@@ -28,10 +28,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, entry_document, raise_if_cancelled
+from services.common.bus import Bus, Delivery, MalformedEntry, raise_if_cancelled, validate_entry
 from services.common.config import Settings
 from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
-from services.common.service import Health, service_main
+from services.common.reference import ReferenceReader
+from services.common.service import Health, Unhealthy, service_main
 from services.portfolio.ledger import (
     ClosedLeg,
     FillOutcome,
@@ -110,6 +111,7 @@ class PortfolioService:
         self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
         self._last_instrument_retry = 0.0
+        self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         for stream, model, handler in (
@@ -145,21 +147,30 @@ class PortfolioService:
         await self._load_instruments(None)
         latest = await redis.xrevrange(self.names.positions, count=1)
         if latest:
-            report = Positions.model_validate(entry_document(latest[0][1])[1])
+            try:
+                report = validate_entry(Positions, latest[0][1])
+            except MalformedEntry as exc:  # the consumer dead-letters it; seed from the next one
+                log.warning("first start: the latest tp:positions entry is unusable (%s); not seeded", exc)
+                return
             self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
             log.info("first start: seeded %d positions from the exchange (%s)", len(report.positions),
                      self.settings.portfolio.baseline)
 
     async def _load_instruments(self, names: set[str] | None) -> None:
-        """Instrument metadata comes from ingest's `tp:instruments` hash."""
+        """Instrument metadata comes from ingest's `tp:instruments` hash.
+
+        A bad value is dead-lettered and its instrument stays unknown (valued at the fallback fee
+        rates, retried by the timer): it never fails the fill, tick or report being handled.
+        """
         redis = self.bus.redis
         if names is None:
-            items = {k.decode(): v for k, v in (await redis.hgetall(self.names.instruments)).items()}
+            raw = {k.decode(): v for k, v in (await redis.hgetall(self.names.instruments)).items()}
         else:
             ordered = sorted(names)
-            items = {n: v for n, v in zip(ordered, await redis.hmget(self.names.instruments, ordered)) if v}
-        for name, value in items.items():
-            self.ledger.set_instrument(name, InstrumentInfo.model_validate_json(value))
+            raw = dict(zip(ordered, await redis.hmget(self.names.instruments, ordered), strict=True))
+        items = await self.instrument_reader.documents(raw)
+        for name, info in items.items():
+            self.ledger.set_instrument(name, info)
             self.unknown_instruments.discard(name)
         if names:
             self.unknown_instruments |= names - set(items)
@@ -347,6 +358,19 @@ class PortfolioService:
                     log.warning("timer: Redis unavailable (%s); retrying", exc)
                     self.bus.must_restore(self.load)  # before the next batch or tick, whichever is first
 
+    async def prices_fresh(self) -> bool:
+        """Health: every open position has a price younger than `stale_after_seconds`.
+
+        Stale prices leave the profit barriers waiting (take-profit decides nothing on them): the
+        portfolio is not doing its job, whatever the reason upstream.
+        """
+        stale_after = self.settings.portfolio.stale_after_seconds
+        stale = self.ledger.stale_instruments(time.time(), stale_after)
+        if stale:
+            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise Unhealthy("prices stale", f"no tick within {stale_after:g} s for {shown}")
+        return True
+
     async def on_timer(self, now: float) -> None:
         """A snapshot when prices go stale without input, late instrument metadata, an overdue epoch end."""
         learned = False
@@ -375,6 +399,7 @@ def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> P
     """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
     service = PortfolioService(settings, bus, consumer_name)
     bus.before_start.append(service.load)
+    health.add("prices", service.prices_fresh)
     return service
 
 

@@ -45,8 +45,9 @@ from services.common.contracts import (
     Snapshot,
     halt_to_hash,
 )
-from services.common.service import Health, service_main
-from services.takeprofit.rules import Decision, External, RulesEngine, build_command
+from services.common.reference import ReferenceReader
+from services.common.service import Health, Unhealthy, service_main
+from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
 
 log = logging.getLogger("services.takeprofit")
 
@@ -90,6 +91,7 @@ class TakeProfitService:
         self.volume_ticks: dict[str, float] = {}
         """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
         self._volume_ticks_read = 0.0
+        self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         bus.consumer(self.names.snapshots, "takeprofit", consumer_name, Snapshot, self.on_snapshots,
@@ -131,6 +133,19 @@ class TakeProfitService:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
         raw = await self.bus.redis.get(self.failed_key)
         self.failed = Halt.model_validate_json(raw) if raw else None
+
+    async def snapshots_fresh(self) -> bool:
+        """Health: the last snapshot prices every open position freshly, and is recent.
+
+        Stale or suspect prices hold the profit barriers (the emergency stop decides on the last
+        known or plausible prices); and with positions open, the portfolio publishes a snapshot on
+        every tick of them, so silence longer than `stale_after_seconds` means it is not.
+        """
+        problem = freshness_problem(self.engine.last_snapshot, time.time(),
+                                    self.settings.portfolio.stale_after_seconds)
+        if problem is not None:
+            raise Unhealthy(*problem)
+        return True
 
     def _external(self) -> External:
         return External(closure_in_flight=self.lease_held)
@@ -243,9 +258,17 @@ class TakeProfitService:
         return {i: self.volume_ticks[i] for i in instruments if i in self.volume_ticks}
 
     async def _read_volume_ticks(self, instruments: list[str], now: float) -> None:
-        for instrument, value in zip(instruments, await self.bus.redis.hmget(self.names.instruments, instruments)):
-            if value:
-                self.volume_ticks[instrument] = InstrumentInfo.model_validate_json(value).volume_tick_size
+        """Volume ticks from `tp:instruments`; a bad value is dead-lettered and that leg left unrounded.
+
+        A partial close of a leg whose volume tick is unknown closes exactly `fraction` of it (the
+        executor rounds to what the exchange accepts); it never stops the decision on the others.
+        """
+        values = await self.bus.redis.hmget(self.names.instruments, instruments)
+        infos = await self.instrument_reader.documents(dict(zip(instruments, values, strict=True)))
+        for instrument in instruments:
+            info = infos.get(instrument)
+            if info is not None:
+                self.volume_ticks[instrument] = info.volume_tick_size
         self._volume_ticks_read = now
 
     def _write_state(self, pipe: Pipeline, now: float) -> None:
@@ -267,6 +290,7 @@ def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> T
     """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
     service = TakeProfitService(settings, bus, consumer_name)
     bus.before_start.append(service.load)
+    health.add("snapshots", service.snapshots_fresh)
     return service
 
 

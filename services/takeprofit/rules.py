@@ -742,6 +742,30 @@ def _stale_positions(snap: Snapshot) -> tuple[str, ...]:
     return tuple(sorted(p.instrument for p in _open_positions(snap) if p.instrument in stale))
 
 
+def freshness_problem(snap: Snapshot | None, now: float,
+                      stale_after_seconds: float) -> tuple[str, str] | None:
+    """(reason, detail) when the last snapshot cannot be decided on freshly; None when it can.
+
+    Red when an open position's prices are stale, or when positions are open and no snapshot came
+    for `2 × stale_after_seconds` (the portfolio publishes on every tick of a held instrument, and
+    flags prices stale after `stale_after_seconds`: silence beyond that means it is not working).
+    No snapshot at all is not a problem: nothing is known to be held.
+    """
+    if snap is None:
+        return None
+    open_positions = _open_positions(snap)
+    if not open_positions:
+        return None
+    stale = _stale_positions(snap)
+    if stale:
+        return "prices stale", f"snapshot #{snap.seq} flags {', '.join(stale[:5])}: profit barriers wait"
+    age = now - snap.ts
+    if age > 2 * stale_after_seconds:
+        return "no recent snapshot", (f"the last one (#{snap.seq}) is {age:.0f} s old with "
+                                      f"{len(open_positions)} positions open")
+    return None
+
+
 def _oldest_ts(snap: Snapshot) -> float | None:
     if snap.oldest_position_ts is not None:
         return snap.oldest_position_ts
@@ -796,4 +820,5 @@ __all__ = [
     "RulesEngine",
     "Skip",
     "build_command",
+    "freshness_problem",
 ]
