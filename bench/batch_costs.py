@@ -109,7 +109,7 @@ async def deciding_handler_ms(calls: int = 2000) -> float:
     settings = settings.model_copy(update={"portfolio_take_profit": settings.portfolio_take_profit.model_copy(
         update={"cooldown_seconds": 0.0})})
     bus = Bus("redis://127.0.0.1:1", settings.names, "takeprofit")  # never connected: nothing is sent
-    service = TakeProfitService(settings, bus, "bench")
+    service = TakeProfitService(settings, bus, "bench", command_key=b"k" * 32)  # signing is part of the cost
     one = ledger_with_one_position()
     service.volume_ticks = {p.instrument: 0.001 for p in one.positions}
     times = []

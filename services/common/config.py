@@ -304,6 +304,14 @@ class Executor(Section):
         return self
 
 
+class Commands(Section):
+    """How take-profit's commands are tied to it (`services.common.signing`)."""
+
+    signing_key_file: SecretFile | None = None
+    """A file holding the secret take-profit signs every command with and the executor checks
+    (HMAC-SHA256, at least 32 bytes). Required by both; no other service should see it."""
+
+
 class Portfolio(Section):
     stale_after_seconds: Annotated[float, Field(gt=0.0)] = 10.0
     """A position whose instrument had no tick for this long is stale."""
@@ -350,6 +358,7 @@ class Settings(BaseSettings):
     thalex: Thalex = Field(default_factory=Thalex)
     redis: Redis = Field(default_factory=Redis)
     executor: Executor = Field(default_factory=Executor)
+    commands: Commands = Field(default_factory=Commands)
     portfolio: Portfolio = Field(default_factory=Portfolio)
     ingest: Ingest = Field(default_factory=Ingest)
     metrics: Metrics = Field(default_factory=Metrics)
@@ -448,9 +457,9 @@ def _problems_from(error: ValidationError) -> list[Problem]:
     return problems
 
 
-ENVIRONMENT_ONLY = frozenset({"TP_LOG_LEVEL", "TP_REPLICA", "TP_HEALTH_PORT", "TP_SECRETS_DIR"})
+ENVIRONMENT_ONLY = frozenset({"TP_LOG_LEVEL", "TP_REPLICA", "TP_HEALTH_PORT", "TP_SECRETS_DIR", "TP_VERSION"})
 """`TP_*` variables that are not settings: log level, replica name, the container healthcheck's
-port, and the secrets directory of `deploy/make-secrets.sh`."""
+port, and for docker compose the secrets directory (`deploy/make-secrets.sh`) and image tag."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -602,19 +611,20 @@ def check_secret_file(key: str, path: Path, *, trading: bool = False) -> None:
     """Warn about a secret readable by group or others; refuse such a trading key.
 
     A trading key can close and open positions: one that other users of the machine can read is
-    refused (exit 2), unless it is mounted under /run/secrets (a container's secret mount, whose
-    mode the orchestrator sets). Every other secret (read-only key, Redis password, the command
-    signing key) only draws a warning: they cannot move money by themselves, and refusing them
-    would stop a guardian that is otherwise guarding.
+    refused (exit 2). Every other secret (read-only key, Redis password, the command signing key)
+    only draws a warning: none moves money by itself, and refusing it would stop a guardian that is
+    otherwise guarding. Files under /run/secrets are left alone: that is a container's secret mount,
+    the container is the boundary, and docker compose's file secrets keep the host file's mode
+    (deploy/make-secrets.sh makes them 0644 in a 0700 directory so the non-root service can read them).
     """
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         return
-    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO) or path.resolve().is_relative_to(CONTAINER_SECRETS):
         return
     advice = f"readable by group or others (mode {mode:04o}); `chmod 600 {path}`"
-    if trading and not path.resolve().is_relative_to(CONTAINER_SECRETS):
+    if trading:
         raise ConfigError([Problem(key, str(path), f"trading key {advice}")], key)
     log.warning("%s: %s", key, advice)
 

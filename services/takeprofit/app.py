@@ -14,6 +14,10 @@ one for the same trigger:
   cool-down, during an operator halt, and after a failed closure until
   `thalex-tp resume` (the failure keeps quoters down until a human looks).
 
+Every command is signed (`services.common.signing`, `[commands] signing_key_file`, required:
+without it the service exits 2): the executor acts only on commands it can tie to take-profit.
+The operator's `close_all` comes here as a control and leaves as a signed command like any other.
+
 Runs as a single replica: two deciders would race for one lease. Being the only
 writer of the lease and of the failed-closure halt, the service mirrors both in
 memory (`lease_held`, `failed`) instead of asking Redis on every snapshot: the
@@ -47,6 +51,7 @@ from services.common.contracts import (
 )
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, service_main
+from services.common.signing import require_command_key, sign_command
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
 
 log = logging.getLogger("services.takeprofit")
@@ -76,8 +81,10 @@ FAILED_HALT_REASON = "closure_failed"
 class TakeProfitService:
     """Feeds the rules engine from the streams and writes its decisions back, atomically."""
 
-    def __init__(self, settings: Settings, bus: Bus, consumer_name: str) -> None:
+    def __init__(self, settings: Settings, bus: Bus, consumer_name: str, *, command_key: bytes) -> None:
         self.settings = settings
+        self.command_key = command_key
+        """Signs every command (`services.common.signing`): the executor acts only on signed ones."""
         self.bus = bus
         self.names = settings.names
         self.state_key = self.names.key("takeprofit:state")
@@ -235,8 +242,9 @@ class TakeProfitService:
     async def _write_decision(self, decision: Decision, pipe: Pipeline, now: float) -> None:
         volume_ticks = await self._volume_ticks([p.instrument for p in decision.positions])
         try:
-            command = build_command(decision, decision.decided_ts, self.settings.executor.deadline_seconds,
-                                    volume_ticks)
+            command = sign_command(build_command(decision, decision.decided_ts,
+                                                 self.settings.executor.deadline_seconds, volume_ticks),
+                                   self.command_key)
         except ValueError as exc:
             log.warning("decision %s dropped: %s", decision.command_id, exc)
             self.engine.on_closure_finished(decision.command_id, completed=False, now=now)
@@ -288,7 +296,7 @@ class TakeProfitService:
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> TakeProfitService:
     """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
-    service = TakeProfitService(settings, bus, consumer_name)
+    service = TakeProfitService(settings, bus, consumer_name, command_key=require_command_key(settings))
     bus.before_start.append(service.load)
     health.add("snapshots", service.snapshots_fresh)
     return service

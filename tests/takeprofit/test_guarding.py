@@ -187,3 +187,42 @@ async def test_health_is_red_while_the_last_snapshot_has_stale_prices(
         await wait_health(port, 200)
     finally:
         service.stop()
+
+
+async def test_every_command_is_signed_with_the_command_key(redis_url: str, names: Names, redis: Redis,
+                                                            command_key: bytes) -> None:
+    """Item 6: the executor can tie each command to take-profit; the operator's close_all too."""
+    from services.common.contracts import Control, ControlAction, Report, ReportStatus
+    from services.common.signing import verify_command
+
+    settings = settings_for(redis_url, names, portfolio_take_profit={**NO_PARTIAL, "cooldown_seconds": 0.0})
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, crash(1))
+
+        async def commands(count: int) -> bool:
+            return len(await read_stream(redis, names.commands, Command)) == count
+
+        await eventually(lambda: commands(1))
+        [first] = await read_stream(redis, names.commands, Command)
+        await xadd(redis, names.reports, Report(command_id=first.command_id, status=ReportStatus.FAILED, epoch=1,
+                                                fraction=1.0, ts=time.time()))
+        await xadd(redis, names.control, Control(action=ControlAction.CLOSE_ALL, by="op", ts=time.time()))
+        await eventually(lambda: commands(2))
+    emergency, manual = await read_stream(redis, names.commands, Command)
+    assert (emergency.reason, manual.reason) == ("emergency_stop", "manual")
+    for command in (emergency, manual):
+        verify_command(command, command_key)
+
+
+def test_takeprofit_without_a_command_key_exits_2_naming_it(tmp_path: Path, redis_url: str, names: Names,
+                                                              monkeypatch: Any) -> None:
+    import subprocess
+    import sys
+    monkeypatch.delenv("TP_COMMANDS__SIGNING_KEY_FILE")
+    config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    done = subprocess.run([sys.executable, "-m", "services.takeprofit", "--config", str(config),
+                           "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "commands.signing_key_file = None: required by takeprofit and the executor" in done.stderr
+    assert "Traceback" not in done.stderr
