@@ -366,6 +366,39 @@ class Control(Document):
     ts: Timestamp
 
 
+CONTROL_MAX_AGE_SECONDS = 60.0
+"""Take-profit refuses (`expired`) a `close_all` or `resume` older than this (by its `ts`)."""
+
+
+class ControlOutcome(StrEnum):
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
+class ControlAnswer(Document):
+    """`tp:control:answers`: take-profit's answer to one `tp:control` entry.
+
+    Written in the transaction that acks the control, so every control take-profit
+    handled has exactly one answer; the operator CLI waits for it (by `control_id`)
+    instead of assuming success.
+    """
+
+    control_id: NonEmptyStr
+    """The id of the `tp:control` entry answered."""
+    action: ControlAction
+    by: NonEmptyStr
+    outcome: ControlOutcome
+    reason: NonEmptyStr
+    """Accepted: what was done (`halted`, `resumed`, `closing`); refused: why (`no_positions`, ...)."""
+    detail: NonEmptyStr
+    """One sentence for the trader."""
+    command_id: str | None = None
+    """An accepted `close_all`: the closure's command id (follow it with `thalex-tp history`)."""
+    halt: str | None = None
+    """The reason of the halt in force after the answer (`tp:halt`), absent when none."""
+    ts: Timestamp
+
+
 class Halt(Document):
     """The `tp:halt` hash: quoters stand down while it exists.
 
@@ -397,7 +430,7 @@ class DeadLetter(Document):
 
 
 StreamDocument: TypeAlias = (
-    Fill | Tick | Positions | Snapshot | Command | Report | Control | DeadLetter
+    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | DeadLetter
 )
 
 

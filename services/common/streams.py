@@ -61,6 +61,11 @@ class Names:
         return self.key("control")
 
     @property
+    def control_answers(self) -> str:
+        """Take-profit's answer to each `control` entry (accepted or refused, and why)."""
+        return self.key("control:answers")
+
+    @property
     def halt(self) -> str:
         return self.key("halt")
 
