@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "portfolio": ("services.portfolio.app", "main", "fee-aware P&L snapshots of the whole account"),
     "takeprofit": ("services.takeprofit.app", "main", "decide closures from snapshots"),
     "executor": ("services.executor.app", "main", "close positions on the exchange, at most once"),
+    "notify": ("services.notify.app", "main", "tell the trader: webhooks, Telegram, Slack, Discord"),
     "paper": ("services.paper.cli", "paper_main", "run the Thalex-compatible paper exchange"),
     "keygen": ("services.paper.cli", "keygen_main", "make an RSA key pair for the paper exchange"),
     "demo": ("services.demo.app", "main", "run everything on the paper exchange and watch a take-profit"),

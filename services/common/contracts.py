@@ -418,6 +418,40 @@ class HaltAck(Document):
     ts: Timestamp
 
 
+class NotificationKind(StrEnum):
+    """What a notification is about. A new kind: add it here, in docs/streams.md, and a producer
+    in services/notify/core.py (readers validating against an older list reject the new kind)."""
+
+    DECISION = "decision"
+    CLOSURE_COMPLETED = "closure_completed"
+    CLOSURE_FAILED = "closure_failed"
+    DRIFT_ADOPTED = "drift_adopted"
+    NEAR_TAKE_PROFIT = "near_take_profit"
+    NEAR_EMERGENCY_STOP = "near_emergency_stop"
+    SERVICE_UNHEALTHY = "service_unhealthy"
+    SERVICE_RECOVERED = "service_recovered"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Notification(Document):
+    """`tp:notifications`: one thing the trader is told (also the body of a generic webhook)."""
+
+    id: NonEmptyStr
+    """Deterministic from what caused it (e.g. `decision:<command_id>`): sent at most once per target."""
+    kind: NotificationKind
+    severity: Severity
+    title: NonEmptyStr
+    text: str
+    facts: dict[str, float | int | str | None] = Field(default_factory=dict)
+    """The figures behind the text (USD, seconds, ids), for machines."""
+    ts: Timestamp
+
+
 class DeadLetter(Document):
     """`tp:deadletter`: an input that could not be used, kept with the reason."""
 
@@ -430,7 +464,7 @@ class DeadLetter(Document):
 
 
 StreamDocument: TypeAlias = (
-    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | DeadLetter
+    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | Notification | DeadLetter
 )
 
 

@@ -74,5 +74,14 @@ class Names:
         return self.key("halt:acks")
 
     @property
+    def notifications(self) -> str:
+        """Every notification the notify service produced (sent or not): the demo shows them."""
+        return self.key("notifications")
+
+    def notify_key(self, suffix: str) -> str:
+        """The notify service's own keys: state, and per target its outbox, due times, sent ids."""
+        return self.key(f"notify:{suffix}")
+
+    @property
     def deadletter(self) -> str:
         return self.key("deadletter")
