@@ -58,7 +58,23 @@ def test_demo_locks_in_profit_and_the_quoter_stands_down(tmp_path: Path) -> None
     assert summary["quoter_orders_while_halted"] == [], f"the quoter quoted while halted: {summary}"
     assert summary["pnl_banked_usd"] > 0, summary
     assert "epochs closed:" in done.stdout
+    # it says how to talk to it, and where its files are (kept: --workdir)
+    config = tmp_path / "demo" / "demo.toml"
+    assert f"thalex-tp status --config {config}" in done.stdout
+    assert f"kept in {tmp_path / 'demo'}" in done.stdout.strip().splitlines()[-1]
+    # notify ran with no target: it told the story on tp:notifications
+    kinds = {n["kind"] for n in summary["notifications"]}
+    assert {"decision", "closure_completed"} <= kinds, summary["notifications"]
     assert leftovers(tmp_path / "demo") == []
+
+
+def test_without_a_workdir_the_summary_names_no_removed_directory() -> None:
+    from services.demo.app import _where_things_are
+
+    gone = Path("/tmp/thalex-tp-demo-abc")
+    line = _where_things_are(gone, keep=False, removed=True)
+    assert str(gone) not in line and "--workdir DIR" in line
+    assert str(gone) in _where_things_are(gone, keep=False, removed=False)
 
 
 def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
