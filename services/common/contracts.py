@@ -464,7 +464,8 @@ class DeadLetter(Document):
 
 
 StreamDocument: TypeAlias = (
-    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | Notification | DeadLetter
+    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | Notification
+    | DeadLetter
 )
 
 

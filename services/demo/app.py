@@ -302,7 +302,8 @@ ticker_delay = "raw"
                 "banked_net_pnl": banked.net_pnl if banked and done else None,
                 "fees": banked.fees_paid if banked and done else None,
             })
-        notes = [Notification.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.notifications)]
+        notes = [Notification.model_validate(entry_document(f)[1])
+                 for _, f in await redis.xrange(names.notifications)]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
         closed = [c for c in closures if c["completed"]]
         return {
@@ -410,7 +411,8 @@ async def _run(args: argparse.Namespace) -> int:
                   f"{'completed' if closure['completed'] else 'not completed'}"
                   f"{', flat afterwards' if closure['flat_after'] else ''}")
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
-        print(f"notifications: {len(summary['notifications'])} (sent to the [notify] targets, none in the demo)")
+        print(f"notifications: {len(summary['notifications'])} "
+              "(sent to the [notify] targets; the demo has none)")
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(summary, indent=2))
     removed = not keep and exit_code == 0

@@ -79,7 +79,8 @@ def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
 
 def test_every_service_has_healthcheck_restart_policy_and_its_redis_user(secrets_dir: Path) -> None:
     services = resolved(secrets_dir, "live", "paper")["services"]
-    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104", "notify": "9105"}
+    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104",
+             "notify": "9105"}
     for name, port in ports.items():
         for variant in (name, f"paper-{name}"):
             service = services[variant]
