@@ -284,9 +284,16 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
             await asyncio.sleep(1.0)
 
     refresher = asyncio.create_task(refresh_health())  # from the start: /health says why it waits
-    await _start_bus_when_redis_answers(bus, stop)
+    if not await _start_bus_when_redis_answers(bus, stop):
+        log.warning("%s stopped before Redis ever answered: it never started", service)
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+        await bus.stop()
+        http.shutdown()
+        return 0
     work = asyncio.create_task(runnable.run(), name=f"{service}-work")
-    log.info("%s started (namespace %s)", service, settings.names.namespace)
+    log.info("%s started: connected to Redis, consumers reading (namespace %s)", service,
+             settings.names.namespace)
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
     exit_code = 0
@@ -304,16 +311,17 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
     return exit_code
 
 
-async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> None:
+async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> bool:
     """Redis may come up after us (compose, a restart), or refuse writes for a while: wait, loudly.
 
-    A refused user or password is a configuration error (exit 2), not something to wait out.
+    False when told to stop before Redis ever answered (nothing was started). A refused user or
+    password is a configuration error (exit 2), not something to wait out.
     """
     delay = 0.2
     while not stop.is_set():
         try:
             await bus.start()
-            return
+            return True
         except (AuthenticationError, NoPermissionError) as exc:
             raise ConfigError([Problem("redis.username", None, f"Redis refused this service's user: {exc} "
                                        "(check [redis] username, password_file and the ACL)")],
@@ -325,3 +333,4 @@ async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
             await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, 5.0)
+    return False

@@ -19,7 +19,8 @@ import yaml
 from tests.deploy.support import COMPOSE_FILE, DEPLOY, need_binary
 
 SECRET_FILES = ("redis_admin.txt", "redis_ingest.txt", "redis_portfolio.txt", "redis_takeprofit.txt",
-                "redis_executor.txt", "redis_operator.txt", "redis_quoter.txt", "grafana_admin_password.txt",
+                "redis_executor.txt", "redis_operator.txt", "redis_notify.txt", "redis_quoter.txt",
+                "grafana_admin_password.txt",
                 "thalex_read_only.pem", "thalex_trading.pem", "command_key.txt")
 
 
@@ -65,6 +66,7 @@ def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
     assert secrets_of(services["portfolio"]) == {"redis_portfolio"}
     assert secrets_of(services["takeprofit"]) == {"redis_takeprofit", "command_key"}
     assert secrets_of(services["operator"]) == {"redis_operator"}
+    assert secrets_of(services["notify"]) == secrets_of(services["paper-notify"]) == {"redis_notify"}
     holders = {name for name, s in services.items() if "thalex_trading" in secrets_of(s)}
     assert holders == {"executor"}
     for name in ("paper-ingest", "paper-portfolio", "paper-takeprofit", "paper-executor"):
@@ -81,7 +83,8 @@ def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
 
 def test_every_service_has_healthcheck_restart_policy_and_its_redis_user(secrets_dir: Path) -> None:
     services = resolved(secrets_dir, "live", "paper")["services"]
-    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104"}
+    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104",
+             "notify": "9105"}
     for name, port in ports.items():
         for variant in (name, f"paper-{name}"):
             service = services[variant]
