@@ -321,6 +321,9 @@ class Portfolio(Section):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     dedup_window: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
     """Trade ids remembered to refuse a duplicated fill (checkpointed with the ledger)."""
+    suspect_price_move: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    """A tick whose mark is this far from its index, its previous mark or its book is held as suspect
+    until the exchange's next figures confirm it (services/portfolio/prices.py)."""
 
 
 class Ingest(Section):

@@ -248,6 +248,9 @@ class Snapshot(Document):
     net_after_close: float
     oldest_position_ts: Timestamp | None = None
     stale_instruments: list[str] = Field(default_factory=list)
+    suspect_instruments: list[str] | None = None
+    """Positions whose latest tick was implausible and is held until confirmed (issue 21); their
+    figures are the last plausible prices. Absent when there is none."""
     drift: list[Drift] = Field(default_factory=list)
     last_input_ts: Timestamp | None = None
     """`ingest_ts` of the newest input folded into this snapshot (for latency)."""

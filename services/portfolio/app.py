@@ -30,7 +30,16 @@ from redis.exceptions import RedisError
 
 from services.common.bus import Bus, Delivery, MalformedEntry, raise_if_cancelled, validate_entry
 from services.common.config import Settings
-from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
+from services.common.contracts import (
+    Fill,
+    InstrumentInfo,
+    InstrumentType,
+    Positions,
+    Report,
+    ReportStatus,
+    Snapshot,
+    Tick,
+)
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, service_main
 from services.portfolio.ledger import (
@@ -41,6 +50,7 @@ from services.portfolio.ledger import (
     check_close_cost,
     estimated_close_cost,
 )
+from services.portfolio.prices import PriceGuard
 
 log = logging.getLogger("services.portfolio")
 
@@ -54,6 +64,8 @@ EPOCH = Gauge("tp_portfolio_epoch", "Current epoch")
 OPEN_POSITIONS = Gauge("tp_portfolio_open_positions", "Instruments with a non-zero position")
 INSTRUMENT_PNL = Gauge("tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"])
 STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
+SUSPECT = Gauge("tp_portfolio_suspect_instruments", "Positions whose latest tick is held as implausible")
+TICKS_HELD = Counter("tp_portfolio_ticks_held_total", "Ticks held back as implausible until confirmed")
 SNAPSHOT_LATENCY = Histogram(
     "tp_portfolio_snapshot_latency_seconds", "From the newest input's ingest_ts to its snapshot being written",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
@@ -112,6 +124,9 @@ class PortfolioService:
         self._instrument_gauges: dict[str, Gauge] = {}
         self._last_instrument_retry = 0.0
         self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
+        self.prices = PriceGuard(settings.portfolio.suspect_price_move)
+        """Holds an implausible tick back until the exchange confirms it (issue 21, item 5)."""
+        self._suspects_shown: list[str] = []
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         for stream, model, handler in (
@@ -133,9 +148,14 @@ class PortfolioService:
         raw, ticks, seq = await asyncio.gather(redis.get(self.ledger_key), redis.hgetall(self.ticks_key),
                                                redis.get(self.seq_key))
         self.seq = int(seq or 0)
+        self.prices = PriceGuard(self.settings.portfolio.suspect_price_move)
         if raw:
             state = json.loads(raw)
             state["ticks"] = {k.decode(): json.loads(v) for k, v in ticks.items()}
+            for name, info in state["instruments"].items():
+                self.prices.set_type(name, InstrumentType(info["type"]))
+            for tick in state["ticks"].values():  # what was applied was plausible
+                self.prices.trust(Tick.model_validate(tick))
             pending = state.pop("epoch_end", None)
             self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
@@ -171,6 +191,7 @@ class PortfolioService:
         items = await self.instrument_reader.documents(raw)
         for name, info in items.items():
             self.ledger.set_instrument(name, info)
+            self.prices.set_type(name, info.type)
             self.unknown_instruments.discard(name)
         if names:
             self.unknown_instruments |= names - set(items)
@@ -189,12 +210,26 @@ class PortfolioService:
         await self._know({d.doc.instrument for d in batch})
         changed: dict[str, Tick] = {}
         for delivery in batch:
-            if self.ledger.apply_tick(delivery.doc):
-                changed[delivery.doc.instrument] = delivery.doc
+            tick = self.prices.check(delivery.doc)
+            if tick is None:
+                self._held(delivery.doc.instrument)
+            elif self.ledger.apply_tick(tick):
+                changed[tick.instrument] = tick
         if changed:
             pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
-        if any(self.ledger.in_snapshot(name) for name in changed):
+        if any(self.ledger.in_snapshot(n) for n in changed) or self._suspects() != self._suspects_shown:
             self._publish_snapshot(pipe, len(batch))
+
+    def _held(self, instrument: str) -> None:
+        held = self.prices.held[instrument]
+        TICKS_HELD.inc()
+        if instrument not in self._suspects_shown:
+            log.warning("price of %s held as suspect until the exchange confirms it: %s", instrument,
+                        held.reason)
+
+    def _suspects(self) -> list[str]:
+        """Positions of the snapshot whose latest tick is held (the snapshot's `suspect_instruments`)."""
+        return [name for name in self.prices.suspects if self.ledger.in_snapshot(name)]
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
         await self._know({d.doc.instrument for d in batch})
@@ -316,6 +351,16 @@ class PortfolioService:
         now = time.time()
         self.seq += 1
         snapshot = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+        suspects = self._suspects()
+        if suspects:
+            snapshot = snapshot.model_copy(update={"suspect_instruments": suspects})
+        if suspects != self._suspects_shown:
+            cleared = set(self._suspects_shown) - set(suspects)
+            if cleared:
+                log.info("prices of %s plausible again (confirmed, or back in line)",
+                         ", ".join(sorted(cleared)))
+            self._suspects_shown = suspects
+            SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
         self.bus.queue_publish(pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen)
         self.last_snapshot = snapshot
@@ -369,6 +414,10 @@ class PortfolioService:
         if stale:
             shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
             raise Unhealthy("prices stale", f"no tick within {stale_after:g} s for {shown}")
+        suspects = self._suspects()
+        if suspects:
+            reasons = "; ".join(f"{name}: {self.prices.held[name].reason}" for name in suspects[:5])
+            raise Unhealthy("prices suspect", f"held until the exchange confirms them: {reasons}")
         return True
 
     async def on_timer(self, now: float) -> None:
