@@ -186,7 +186,7 @@ async def offer(pipeline: Pipeline, rate: int, seconds: float, profile: Path | N
 
 async def run_for(count: int, rates: list[int], seconds: float, profile: Path | None, workdir: Path) -> list[dict]:
     extra = max(0, count - 20)
-    pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace=f"thr{count}",
+    pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace="tp",
                         paper_module=[str(Path(__file__).resolve()), "--serve-paper", "--extra", str(extra)])
     await pipeline.start()
     rows = []
