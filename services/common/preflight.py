@@ -120,7 +120,8 @@ def service_findings(settings: Settings, service: str) -> list[Finding]:
         key = settings.commands.signing_key_file
         if service == "executor" and settings.executor.dry_run and key is None:
             findings.append(Finding("warning", "commands.signing_key_file", "",
-                                    "no command key: fine for a dry run (nothing is sent), required to trade"))
+                                    "no command key: fine for a dry run (nothing is sent), required to "
+                                    "trade"))
         else:
             findings += secret_file("commands.signing_key_file", key, required=True)
     return findings
