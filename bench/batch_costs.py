@@ -12,7 +12,9 @@ Pure CPU, no Redis, no processes. Prints, for a tick and for a snapshot of `--po
    trade ids: `pydantic_core.to_json` (what the service writes) against `json.dumps`;
 4. take-profit's whole snapshot handler when it decides (one position): rules, command, lease,
    checkpoint and halt queued on a transaction pipeline that is never sent — the handler's own
-   CPU, hot, to set against its 0.3-0.4 ms of wall time at a move (docs/performance.md).
+   CPU, hot, to set against its 0.3-0.4 ms of wall time at a move (docs/performance.md);
+5. issue 21's checks on the reaction's path: the portfolio's `PriceGuard.check` of one plausible
+   tick (every tick), and signing / verifying one command (take-profit, the executor).
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ from portfolio_throughput import INFO, instrument, opening_fill, ticks_for  # no
 
 from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry  # noqa: E402
 from services.common.config import Settings  # noqa: E402
-from services.common.contracts import Snapshot, Tick  # noqa: E402
+from services.common.contracts import (  # noqa: E402
+    CloseReason,
+    Command,
+    InstrumentType,
+    PositionToClose,
+    Snapshot,
+    Tick,
+)
+from services.common.signing import sign_command, verify_command  # noqa: E402
+from services.portfolio.prices import PriceGuard  # noqa: E402
 from services.portfolio.ledger import Ledger, LedgerConfig  # noqa: E402
 from services.takeprofit.app import TakeProfitService  # noqa: E402
 from services.takeprofit.rules import External, RulesEngine  # noqa: E402
@@ -97,6 +108,20 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),  # noqa: SIM115 - open until exit
                         format="%(asctime)s takeprofit %(levelname)s %(name)s: %(message)s")
     print(f"  {'TakeProfitService.on_snapshots, median of 2,000':<58} {asyncio.run(deciding_handler_ms()):9.4f} ms")
+
+    print("5) issue 21's checks on the reaction's path")
+    guard = PriceGuard()
+    guard.set_type(tick.instrument, InstrumentType.PERPETUAL)
+    guard.trust(tick)
+    later = tick.model_copy(update={"exchange_ts": tick.exchange_ts + 1.0})
+    print(f"  {'PriceGuard.check, one plausible tick':<58} {per_call_ms(lambda: guard.check(later)):9.4f} ms")
+    command = Command(command_id="e1-take_profit-s1-n1", epoch=1, reason=CloseReason.TAKE_PROFIT,
+                      positions=[PositionToClose(instrument=tick.instrument, amount=0.01, exit_price=1.0, mark=1.0)],
+                      snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=now, deadline_ts=now + 30)
+    key = b"k" * 32
+    signed = sign_command(command, key)
+    print(f"  {'sign_command, one position':<58} {per_call_ms(lambda: sign_command(command, key)):9.4f} ms")
+    print(f"  {'verify_command, one position':<58} {per_call_ms(lambda: verify_command(signed, key)):9.4f} ms")
     return 0
 
 
