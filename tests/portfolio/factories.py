@@ -78,7 +78,6 @@ def fill(
     """A fill; `fee=None` is a trade whose fee the exchange did not report."""
     return Fill(
         trade_id=trade_id or f"T{next(_trade_ids)}",
-        order_id="O1",
         instrument=instrument,
         side=Side(side),
         price=price,
@@ -89,7 +88,7 @@ def fill(
         funding_mark=funding_mark,
         exchange_ts=ts,
         ingest_ts=ts,
-        **extra,
+        **({"order_id": "O1"} | extra),
     )
 
 
