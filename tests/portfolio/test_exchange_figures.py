@@ -6,10 +6,11 @@ Each test writes its arithmetic out; docs/money.md says how each rule reads api.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from services.common.config import FeeRates, TradingFees
+from services.common.config import ConfigError, FeeRates, TradingFees, load_config
 from services.common.contracts import InstrumentType, Liquidity, Tick, TradeType
 from services.portfolio.ledger import FillOutcome, Ledger, funding_period
 from tests.portfolio.factories import (
@@ -258,10 +259,19 @@ def test_a_capped_and_an_uncapped_option_fee() -> None:
     assert row(capped, BTC_CALL).fees_estimated == approx(23.75)
 
 
-def test_a_premium_cap_on_a_product_that_is_not_an_option_is_refused() -> None:
-    with pytest.raises(ValueError, match="applies to options only"):
-        TradingFees(products={InstrumentType.FUTURE: FeeRates(maker_fee_rate=0.0001, taker_fee_rate=0.0005,
-                                                              premium_cap=0.1)})
+def test_fee_settings_are_validated_naming_the_key(tmp_path: Path) -> None:
+    toml = tmp_path / "fees.toml"
+    toml.write_text("[trading_fees.products.future]\nmaker_fee_rate = 0.0001\ntaker_fee_rate = 0.0005\n"
+                    "premium_cap = 0.1\n")
+    with pytest.raises(ConfigError, match=r"products.future.premium_cap = 0.1: applies to options only"):
+        load_config(toml)
+    toml.write_text("[trading_fees]\nliquidation_fee_rate = 0.5\n")
+    with pytest.raises(ConfigError, match=r"trading_fees.liquidation_fee_rate = 0.5: must be a fee rate"):
+        load_config(toml)
+    fees = load_config(None).trading_fees
+    # Thalex's published schedule: final settlement 1 bps, liquidation 50 bps, no option premium cap
+    assert (fees.settlement_fee_rate, fees.liquidation_fee_rate) == (0.0001, 0.005)
+    assert fees.rates_for(BTC_CALL, InstrumentType.OPTION).premium_cap is None
 
 
 # ------------------------------------------------ 7. every trade type and fee
