@@ -152,6 +152,42 @@ def test_a_perpetual_held_across_two_settlements_keeps_its_funding() -> None:
     assert book.totals().funding_pnl == approx(4.42)
 
 
+def test_a_week_of_settlements_agrees_with_the_exchange_after_every_one() -> None:
+    """Thalex's books kept beside the ledger: each day the funding mark climbs from 0 by `rate` an
+    hour; at 08:00 the exchange realises `mark * q - E` (its DailyMark.realized_funding_pnl) and resets
+    E and the mark. After every settlement: ledger funding = all the exchange settled + closing trades'
+    realised funding + its unrealised funding, and the ledger's E is the exchange's."""
+    book = ledger()
+    q = entry = settled = 0.0  # the exchange's position, perpetual_funding_entry_value, realised funding
+    for day in range(7):
+        start = SETTLEMENT_1 + day * 86_400
+        rate = 0.01 * (day + 1) * (-1) ** day  # funding rate changes sign every day
+        for hour, size in ((1, 0.5), (9, -0.2), (17, 0.3 if day % 2 else -0.8)):
+            mark = rate * hour
+            book.apply_fill(fill(BTC_PERP, "buy" if size > 0 else "sell", abs(size), 50_000,
+                                 funding_mark=mark, ts=start + hour * 3_600))
+            if q == 0 or (q > 0) == (size > 0):
+                entry += mark * size
+            elif abs(size) <= abs(q):  # reduce: realise the closed share (perpetual_funding_pnl)
+                share = abs(size) / abs(q)
+                settled += share * (mark * q - entry)
+                entry *= 1 - share
+            else:  # flip
+                settled += mark * q - entry
+                entry = mark * (q + size)
+            q += size
+        last = rate * 23.9
+        book.apply_tick(tick(BTC_PERP, 50_000, funding_mark=last, ts=start + 23.9 * 3_600))
+        settled += last * q - entry  # 08:00 the next day: realized_funding_pnl
+        entry = 0.0
+        book.apply_tick(tick(BTC_PERP, 50_000, funding_mark=0.0, ts=start + 86_400))
+        unrealised = 0.0 * q - entry
+        assert book.totals().funding_pnl == approx(settled + unrealised, abs=1e-9), day
+        assert book.to_state()["positions"][BTC_PERP][5] == approx(entry, abs=1e-12)
+        assert book.position(BTC_PERP) == approx(q)
+    assert len(book.take_settlements()) == 7
+
+
 def test_a_day_without_any_input_settles_at_the_last_known_mark() -> None:
     book = ledger()
     book.apply_fill(fill(BTC_PERP, "buy", 2, 50_000, funding_mark=0.5, ts=SETTLEMENT_1 - 60))
