@@ -468,6 +468,20 @@ def test_dedup_memory_is_bounded_and_never_counts_twice() -> None:
     assert book.position(BTC_FUTURE) == 6
 
 
+def test_a_version_1_checkpoint_is_still_read() -> None:
+    """Before issue 20 a position's state had 7 fields and there were no adoption lots."""
+    book = ledger()
+    book.apply_fill(fill(BTC_PERP, "buy", 1, 50_000, fee=2.5, funding_mark=0.1, ts=1))
+    book.apply_tick(tick(BTC_PERP, 50_100, funding_mark=0.3, ts=2))
+    state = json.loads(json.dumps(book.to_state()))
+    old = state | {"version": 1, "positions": {n: p[:7] for n, p in state["positions"].items()}}
+    del old["adopted_lots"]
+    restored = Ledger.from_state(old, config())
+    # the funding mark comes back from the latest tick: (0.3 - 0.1) * 1 = 0.2
+    assert restored.snapshot(1, 2, 10) == book.snapshot(1, 2, 10)
+    assert restored.totals().funding_pnl == approx(0.2)
+
+
 def test_state_version_is_checked() -> None:
     state = ledger().to_state()
     state["version"] = 99
