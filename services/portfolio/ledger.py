@@ -971,6 +971,8 @@ class Ledger:
         p.settled_mark = mark
         p.funding_mark = 0.0
         p.funding_ts = settlement_ts(period)
+        if p.position == 0.0 and realized == 0.0:
+            return  # a flat instrument: nothing was settled (its next input restores the same state)
         self._settlements.append(FundingSettlement(
             instrument=p.instrument, settled_ts=settlement_ts(p.funding_period + 1), funding_mark=mark,
             position=p.position, realized=realized, periods=period - p.funding_period))
