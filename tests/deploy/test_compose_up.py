@@ -26,6 +26,7 @@ import pytest
 import redis as redis_sync
 from websockets.sync.client import connect
 
+from services.contract import GROUPS, STREAMS
 from tests.deploy.deployment import PAPER_SERVICES, PROJECT, Deployment, cache_root
 from tests.deploy.engine import DockerEngine, EngineUnavailable
 from tests.deploy.support import REPO
@@ -261,8 +262,10 @@ def test_the_paper_run_leaves_the_live_namespace_untouched(
     assert list(admin.scan_iter("tp:*")) == []
     paper_keys = {k.decode() for k in admin.scan_iter("paper:*")}
     assert {"paper:fills", "paper:ticks", "paper:snapshots", "paper:commands", "paper:reports"} <= paper_keys
-    groups = {g["name"].decode() for g in admin.xinfo_groups("paper:commands")}
-    assert groups == {"executor"}
+    created = {(stream.suffix, text(group["name"]))
+               for stream in STREAMS if admin.exists(f"paper:{stream.suffix}")
+               for group in admin.xinfo_groups(f"paper:{stream.suffix}")}
+    assert created == {(g.suffix, g.group) for g in GROUPS}  # as docs/asyncapi.yaml declares them
     for service in PAPER_SERVICES:
         logs = deployment.engine.docker("logs", deployment.containers()[service]["Id"]).stderr
         assert "started (namespace paper)" in logs, (service, logs[-2000:])
