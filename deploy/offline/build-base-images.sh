@@ -104,8 +104,12 @@ build() {  # name, then build args
 }
 build debian --build-arg "ROOTFS=thalex-tp/debootstrap:$suite"
 docker rmi --no-prune "thalex-tp/debootstrap:$suite" >/dev/null 2>&1 || true
+pids=()  # the three images are independent: build them side by side
 for name in python redis prometheus; do
-  build "$name" --build-arg "BASE=thalex-tp/debian:$suite"
+  build "$name" --build-arg "BASE=thalex-tp/debian:$suite" & pids+=($!)
+done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { say "a build failed (above)"; exit 1; }
 done
 
 if [ -n "$cache" ]; then

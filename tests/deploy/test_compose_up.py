@@ -12,6 +12,7 @@ The tests share one deployment and run in file order: the last one takes it down
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -60,10 +61,12 @@ def engine() -> Iterator[DockerEngine]:
         engine.start()
     except EngineUnavailable as exc:
         pytest.skip(f"no Docker engine can be started here: {exc}")
+    atexit.register(engine.stop)  # a session ended without teardown still stops it
     try:
         yield engine
     finally:
         problems = engine.stop()
+        atexit.unregister(engine.stop)
         assert problems == [], problems
 
 
