@@ -90,8 +90,8 @@ EOF
   rm -rf "$work/rootfs"
   if [ -n "$cache" ]; then
     rm -f "$cache"/rootfs-"$suite"-"$arch"-*.tar
-    cp "$rootfs_tar" "$cache/rootfs-$suite-$arch-$rootfs_key.tar.tmp"
-    mv "$cache/rootfs-$suite-$arch-$rootfs_key.tar.tmp" "$cache/rootfs-$suite-$arch-$rootfs_key.tar"
+    cp "$rootfs_tar" "$cache/rootfs-$suite-$arch-$rootfs_key.tar.$$"
+    mv "$cache/rootfs-$suite-$arch-$rootfs_key.tar.$$" "$cache/rootfs-$suite-$arch-$rootfs_key.tar"
   fi
 fi
 
@@ -114,8 +114,8 @@ done
 
 if [ -n "$cache" ]; then
   rm -f "$cache"/images-"$suite"-"$arch"-*.tar
-  docker save --output "$saved.tmp" "${refs[@]}"
-  mv "$saved.tmp" "$saved"
+  docker save --output "$saved.$$" "${refs[@]}"  # another run may be saving too: rename, never share
+  mv "$saved.$$" "$saved"
   say "saved the images in $saved"
 fi
 say "done: ${refs[*]}"

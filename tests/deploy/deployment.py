@@ -161,8 +161,12 @@ class Deployment:
             self.run(command, timeout=600)
             for old in cache.glob("wheels-*"):
                 shutil.rmtree(old, ignore_errors=True)
-            shutil.copytree(target, cached.with_suffix(".tmp"), ignore=shutil.ignore_patterns("README.md"))
-            cached.with_suffix(".tmp").rename(cached)
+            staging = cache / f"staging-{key}-{os.getpid()}"  # another run may be caching too
+            shutil.copytree(target, staging, ignore=shutil.ignore_patterns("README.md"))
+            try:
+                staging.rename(cached)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
             return
         for wheel in cached.glob("*.whl"):
             shutil.copy2(wheel, target / wheel.name)
