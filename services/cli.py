@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "resume": ("services.operator", "resume_main", "lift an operator halt"),
     "close-all": ("services.operator", "close_all_main", "close every position now (manual)"),
     "history": ("services.operator", "history_main", "recent decisions and their outcomes"),
+    "contract": ("services.contract", "main", "print the wire contract as an AsyncAPI document"),
 }
 
 

@@ -180,6 +180,10 @@ class FeeRates(Section):
 
     maker_fee_rate: FeeRate
     taker_fee_rate: FeeRate
+    premium_cap: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """An option's fee never exceeds this share of its premium (price x amount); None: no cap.
+
+    Thalex's published schedule has none (options 2.5 bps of the index notional, flat)."""
 
 
 def _published_product_rates() -> dict[InstrumentType, FeeRates]:
@@ -195,15 +199,28 @@ class TradingFees(Section):
     """The fee schedule used to *estimate* trades that have not happened yet.
 
     Lookup order: `instruments[name]`, then `products[type]`, then the
-    top-level rates. Fees already paid always come from the exchange's trades.
+    top-level rates. Fees already paid come from the exchange's trades; these
+    rates estimate the close, and a past trade's fee only when it reported none.
     """
 
     maker_fee_rate: FeeRate = 0.0001
     taker_fee_rate: FeeRate = 0.0005
     minimum_fee_usd: Annotated[float, Field(ge=0.0)] = 0.0001
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
+    settlement_fee_rate: FeeRate = 0.0001
+    """Final settlement at expiry: 1 bps of the amount settled (price x amount)."""
+    liquidation_fee_rate: FeeRate = 0.005
+    """Liquidation: 50 bps of the liquidation trade (price x amount), on top of its trading fee."""
     products: dict[InstrumentType, FeeRates] = Field(default_factory=_published_product_rates)
     instruments: dict[str, FeeRates] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _premium_cap_on_options_only(self) -> TradingFees:
+        for product, rates in self.products.items():
+            if rates.premium_cap is not None and product is not InstrumentType.OPTION:
+                raise _RuleError(f"trading_fees.products.{product.value}.premium_cap", rates.premium_cap,
+                                 "applies to options only (their fee is on the index notional)")
+        return self
 
     def rates_for(self, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
         """The rates that apply to one instrument."""

@@ -23,7 +23,8 @@ def _known_version(value: int) -> int:
     return value
 
 
-Version = Annotated[int, Field(strict=True), AfterValidator(_known_version)]
+Version = Annotated[int, Field(strict=True, json_schema_extra={"const": CONTRACT_VERSION}),
+                    AfterValidator(_known_version)]
 """`v`: exactly the integer 1 — `true` or `1.0` is not a version (Python's `True == 1` would let it pass)."""
 
 Price = Annotated[float, Field(ge=0.0)]
@@ -91,17 +92,27 @@ class InstrumentType(StrEnum):
 
 
 class Fill(Document):
-    """`tp:fills`: one account trade, exactly one entry per Thalex `trade_id`."""
+    """`tp:fills`: one account trade, exactly one entry per Thalex `trade_id`.
+
+    Only what booking needs is required (api.yaml requires no field of `Trade`): the trade id
+    (de-duplication), instrument, side, price and amount.
+    """
 
     trade_id: NonEmptyStr
-    order_id: NonEmptyStr
+    order_id: NonEmptyStr | None = None
+    """Absent on trades no order of the account made (an expiration, a settlement)."""
     client_order_id: int | None = None
     instrument: NonEmptyStr
     side: Side
     price: Price
     amount: PositiveAmount
-    fee: float
-    """USD actually charged by the exchange; a rebate is negative."""
+    fee: float | None = None
+    """USD actually charged by the exchange; a rebate is negative. Absent: the exchange reported
+    none, and the portfolio books an estimate it flags (`fees_estimated`)."""
+    liquidation_fee: float | None = None
+    """Thalex `liquidation_fee`: charged on a liquidation trade on top of `fee`."""
+    index: Price | None = None
+    """The underlying's index at the time of the trade (an option's fee is on its notional)."""
     fee_rate: float | None = None
     liquidity: Liquidity | None = None
     position_after: float | None = None
@@ -213,6 +224,8 @@ class SnapshotPosition(BaseModel):
     fees_paid: float
     est_close_fee: float
     est_slippage: float = 0.0
+    fees_estimated: float | None = None
+    """The part of `fees_paid` the ledger estimated (trades that reported no fee); absent: none."""
     opened_ts: Timestamp | None = None
     underlying: str | None = None
     instrument_type: InstrumentType | None = None
@@ -246,6 +259,8 @@ class Snapshot(Document):
     gross_pnl: float
     net_pnl: float
     net_after_close: float
+    fees_estimated: float | None = None
+    """The part of `fees_paid` that is estimated, not the exchange's figure; absent: none."""
     oldest_position_ts: Timestamp | None = None
     stale_instruments: list[str] = Field(default_factory=list)
     suspect_instruments: list[str] | None = None

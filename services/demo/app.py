@@ -177,13 +177,15 @@ ticker_delay = "raw"
         keys = self.make_keys()
         paper_port = free_port()
         paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
+        config = self.write_config(redis_url, paper_url, keys)
+        # the guardian's configuration for the paper too: its option fees follow [trading_fees]
         paper_args = [sys.executable, "-m", "services.paper", "--host", "127.0.0.1", "--port", str(paper_port),
-                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0"]
+                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0",
+                      "--config", str(config)]
         if self.args.scenario:
             paper_args += ["--scenario", str(Path(self.args.scenario).resolve())]
         paper = self.spawn("paper", paper_args)
         await self.wait_for_port(paper_port, paper)
-        config = self.write_config(redis_url, paper_url, keys)
         self.settings = load_config(config)
         for name in SERVICES:
             self.spawn(name, [sys.executable, "-m", f"services.{name}", "--config", str(config)])

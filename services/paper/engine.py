@@ -19,7 +19,10 @@ from services.paper.market import Instrument, Market, align_down, is_aligned
 MAKER_FEE_FUTURES = 0.0001
 TAKER_FEE_FUTURES = 0.0005
 OPTION_FEE = 0.00025
-OPTION_FEE_CAP = 0.125  # an option fee never exceeds this share of the premium
+OPTION_FEE_CAP = 0.125
+"""Default share of the premium an option fee never exceeds (`Engine.option_fee_cap`; None: no cap).
+Thalex's published schedule has none; `thalex-tp paper --config` takes the guardian's
+`[trading_fees.products.option] premium_cap` so both charge and estimate alike."""
 STARTING_CASH = 1_000_000.0
 ORDER_RATE = 10
 ORDER_RATE_CANCEL_ON_DISCONNECT = 50
@@ -247,6 +250,7 @@ class Engine:
 
     def __init__(self, market: Market) -> None:
         self.market = market
+        self.option_fee_cap: float | None = OPTION_FEE_CAP
         self.history_delay = 0.0
         """`private/trade_history` lists a trade only this many seconds after it happened (as on
         Thalex, where the history is "not real-time"); the live notification is not delayed."""
@@ -801,14 +805,16 @@ class Engine:
             pos.funding_entry_value = 0.0
         return position_pnl, funding_pnl
 
-    @staticmethod
     def _fee(
-        inst: Instrument, price: float, amount: float, index: float, maker_taker: str
+        self, inst: Instrument, price: float, amount: float, index: float, maker_taker: str
     ) -> tuple[float, float]:
         """Tier-1 schedule. Futures: rate * price * amount. Options: 2.5 bps of index notional,
-        capped at 12.5 % of the premium."""
+        capped at `option_fee_cap` of the premium (12.5 % unless configured)."""
         if inst.kind == "option":
-            return OPTION_FEE, _clean(min(OPTION_FEE * index * amount, OPTION_FEE_CAP * price * amount))
+            fee = OPTION_FEE * index * amount
+            if self.option_fee_cap is not None:
+                fee = min(fee, self.option_fee_cap * price * amount)
+            return OPTION_FEE, _clean(fee)
         rate = MAKER_FEE_FUTURES if maker_taker == "maker" else TAKER_FEE_FUTURES
         return rate, _clean(rate * price * amount)
 
