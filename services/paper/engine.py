@@ -14,6 +14,21 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.paper.errors import (
+    COLLAR_BREACH,
+    DUPLICATE_ORDER_ID,
+    INVALID_AMOUNT,
+    INVALID_PRICE,
+    INVALID_REQUEST,
+    INVALID_STATE,
+    INVALID_TIME_IN_FORCE,
+    ORDER_NOT_FOUND,
+    PRICE_NOT_ALIGNED,
+    THROTTLE_EXCEEDED,
+    UNAUTHORIZED,
+    UNKNOWN_INSTRUMENT,
+    RpcError,
+)
 from services.paper.market import Instrument, Market, align_down, is_aligned
 
 MAKER_FEE_FUTURES = 0.0001
@@ -26,36 +41,6 @@ ORDER_RATE_CANCEL_ON_DISCONNECT = 50
 MAX_LABEL_BYTES = 32
 MAX_CLIENT_ORDER_ID = 2**64 - 1
 EPS = 1e-9
-
-# Error codes of NOTES.md.
-ORDER_NOT_FOUND = 1
-DUPLICATE_ORDER_ID = 2
-THROTTLE_EXCEEDED = 4
-UNKNOWN_INSTRUMENT = 5
-INVALID_REQUEST = 6
-NOT_LOGGED_IN = 7
-INVALID_PRICE = 13
-INVALID_AMOUNT = 14
-PRICE_NOT_ALIGNED = 15
-AUTHENTICATION_FAILED = 19
-TEMPORARY_FAILURE = 20
-INVALID_TIME_IN_FORCE = 25
-UNAUTHORIZED = 28
-UNKNOWN_METHOD = 31
-INVALID_STATE = 37
-COLLAR_BREACH = 43
-
-
-class RpcError(Exception):
-    """A Thalex error object ``{code, message}``."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def to_wire(self) -> dict:
-        return {"code": self.code, "message": self.message}
 
 
 def _clean(value: float) -> float:

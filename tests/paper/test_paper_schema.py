@@ -20,7 +20,17 @@ from services.paper.testing import PaperHandle
 
 from .conftest import PERP, RawClient
 
-API_YAML = Path(__file__).resolve().parents[2] / ".." / "shared" / "thalex-api" / "api.yaml"
+def _find_api_yaml() -> Path:
+    """``shared/thalex-api/api.yaml`` beside the checkout (or beside any folder above it, e.g. a worktree)."""
+    here = Path(__file__).resolve()
+    for folder in here.parents:
+        candidate = folder / "shared" / "thalex-api" / "api.yaml"
+        if candidate.exists():
+            return candidate
+    return here.parents[2] / ".." / "shared" / "thalex-api" / "api.yaml"
+
+
+API_YAML = _find_api_yaml()
 CHANNEL_PAYLOADS = {
     "ticker": "ticker.<instrument>.<delay>_payload",
     "book": "book.<instrument>.<grouping>.<nlevels>.<delay>_payload",
