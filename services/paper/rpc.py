@@ -85,4 +85,3 @@ class MethodRegistry:
 
 
 METHODS = MethodRegistry()
-

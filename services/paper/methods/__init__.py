@@ -4,4 +4,11 @@ A new family (say mass quotes) goes in a new module using ``@METHODS.method(...)
 line here.
 """
 
-from services.paper.methods import accounting, market_data, session, subscriptions, trading  # noqa: F401
+from services.paper.methods import (  # noqa: F401
+    accounting,
+    market_data,
+    notifications,
+    session,
+    subscriptions,
+    trading,
+)
