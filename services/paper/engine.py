@@ -543,9 +543,14 @@ class Engine:
         return account.cash + self.unrealised(account) + self.session_realised(account)
 
     def margin(
-        self, account: Account, extra: list[margin.Exposure] | None = None, without: str | None = None
+        self,
+        account: Account,
+        extra: list[margin.Exposure] | None = None,
+        without: str | None = None,
+        extra_buys: bool = True,
     ) -> margin.AccountMargin:
-        return margin.account_margin(self.market, account, extra, without)
+        """The margin model's requirement (``extra``: a hypothetical buy order, or sell order)."""
+        return margin.account_margin(self.market, account, extra, without, extra_buys)
 
     def account_summary(self, account: Account) -> dict:
         """``AccountSummary``: the USDT balance, unsettled P&L and the margin model's requirement."""
@@ -759,7 +764,7 @@ class Engine:
         """Error 24 for an order that would raise the requirement above the margin balance."""
         exposures = margin.order_exposures(self.market, order, amount)  # a market order at the mark
         before = self.margin(account).required
-        after = self.margin(account, exposures, without=replacing).required
+        after = self.margin(account, exposures, without=replacing, extra_buys=order.direction == "buy").required
         if after > before + 1e-9 and after > self.margin_balance(account) + 1e-9:
             raise RpcError(
                 INSUFFICIENT_MARGIN,

@@ -147,6 +147,7 @@ class Fanout:
         """Prices moved: maker fills for crossed orders, raw feeds, portfolio lines that moved 1 %,
         margin breaches."""
         exchange = self.exchange
+        exchange.market.sample_index(now)
         self.publish(exchange.engine.on_market(now))
         self.publish_channels(now, raw_only=True)
         moved: list[Event] = []

@@ -223,9 +223,14 @@ def order_exposures(market: Market, order: Order, remaining: float | None = None
 
 
 def account_margin(
-    market: Market, account: Account, extra: list[Exposure] | None = None, without: str | None = None
+    market: Market,
+    account: Account,
+    extra: list[Exposure] | None = None,
+    without: str | None = None,
+    extra_buys: bool = True,
 ) -> AccountMargin:
-    """The account's requirement; ``extra`` adds a hypothetical order, ``without`` leaves one order out."""
+    """The account's requirement; ``extra`` adds a hypothetical order (a buy order's exposures unless
+    ``extra_buys`` is False), ``without`` leaves one open order out."""
     positions: dict[str, list[Exposure]] = {}
     buys: dict[str, list[Exposure]] = {}
     sells: dict[str, list[Exposure]] = {}
@@ -239,7 +244,7 @@ def account_margin(
         for exposure in order_exposures(market, order):
             side.setdefault(exposure.instrument.underlying, []).append(exposure)
     for exposure in extra or []:
-        side = buys if exposure.amount > 0 else sells
+        side = buys if extra_buys else sells
         side.setdefault(exposure.instrument.underlying, []).append(exposure)
     result: dict[str, UnderlyingMargin] = {}
     for underlying in sorted(set(positions) | set(buys) | set(sells)):

@@ -34,7 +34,8 @@ __all__ = [
 
 SECONDS_PER_YEAR = 365.0 * 24 * 3600
 FUNDING_INTERVAL = 24 * 3600.0
-"""Thalex expresses the funding rate per 24 hours: one long contract pays ``rate * index`` a day."""
+"""Thalex expresses the funding rate per 24 hours: one long contract pays ``rate * index`` a day
+(a positive rate: the perpetual trades at a premium, longs pay, shorts earn)."""
 EXPIRATION_WINDOW = 1800.0
 """The delivery price is the time-weighted average of the index over the 30 minutes before expiry."""
 LEVEL_NOTIONAL = 20_000.0  # USD (of underlying) on the best level of a default synthetic book
@@ -131,7 +132,7 @@ class Market:
         """Underlying -> [first seen, last seen, last index, integral of the index] of the current
         expiration window (a running time-weighted average)."""
         self.funding_paid: dict[str, float] = {}
-        """Perpetual -> funding of one long contract since the start (never reset: for the history)."""
+        """Perpetual -> funding one long contract paid since the start (never reset: for the history)."""
         for spec in UNDERLYINGS:
             self.index.setdefault(spec.underlying, spec.start_price)
         if not self.instruments:
@@ -345,13 +346,14 @@ class Market:
         self.version += 1
 
     def accrue_funding(self, seconds: float) -> None:
-        """Each perpetual's funding mark grows by ``rate * index * seconds / 24 h``."""
+        """Each perpetual's funding mark (the funding value of one long contract) moves by
+        ``-rate * index * seconds / 24 h``: with a positive rate a long pays."""
         for name, rate in self.funding_rates.items():
             inst = self.instruments.get(name)
             if inst is not None:
-                accrued = rate * self.index[inst.underlying] * seconds / FUNDING_INTERVAL
-                self.funding_marks[name] += accrued
-                self.funding_paid[name] = self.funding_paid.get(name, 0.0) + accrued
+                paid = rate * self.index[inst.underlying] * seconds / FUNDING_INTERVAL
+                self.funding_marks[name] -= paid
+                self.funding_paid[name] = self.funding_paid.get(name, 0.0) + paid
 
     def set_index(self, underlying: str, price: float) -> None:
         self.index[underlying] = price

@@ -163,7 +163,7 @@ async def required_margin_for_order(call: Call) -> dict:
     answer: dict[str, Any] = {"current": _lightweight(current, inst.underlying)}
     for side, sign in (("with_buy", 1.0), ("with_sell", -1.0)):
         exposures = margin.hypothetical(call.exchange.market, inst, sign * amount, price or 0.0)
-        answer[side] = _lightweight(engine.margin(account, exposures), inst.underlying)
+        answer[side] = _lightweight(engine.margin(account, exposures, extra_buys=sign > 0), inst.underlying)
     return answer
 
 
