@@ -11,4 +11,5 @@ from services.paper.methods import (  # noqa: F401
     session,
     subscriptions,
     trading,
+    wallet,
 )
