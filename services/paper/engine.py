@@ -62,7 +62,8 @@ __all__ = [
 MAKER_FEE_FUTURES = 0.0001
 TAKER_FEE_FUTURES = 0.0005
 OPTION_FEE = 0.00025
-OPTION_FEE_CAP = 0.125  # an option fee never exceeds this share of the premium
+OPTION_FEE_CAP = 0.125
+"""Default share of the premium an option fee never exceeds (`Engine.option_fee_cap`; None: no cap)."""
 ROLL_FEE_SHARE = 0.5
 """A roll is charged the fee once for its two legs: half the rate on each (Thalex: "50% fee discount")."""
 MAX_LABEL_BYTES = 32
@@ -88,6 +89,7 @@ class Engine:
 
     def __init__(self, market: Market) -> None:
         self.market = market
+        self.option_fee_cap: float | None = OPTION_FEE_CAP
         self.history_delay = 0.0
         """`private/trade_history` lists a trade only this many seconds after it happened (as on
         Thalex, where the history is "not real-time"); the live notification is not delayed."""
@@ -960,16 +962,19 @@ class Engine:
             pos.funding_entry_value = 0.0
         return position_pnl, funding_pnl
 
-    @staticmethod
     def fee(
-        inst: Instrument, price: float, amount: float, index: float, maker_taker: str
+        self, inst: Instrument, price: float, amount: float, index: float, maker_taker: str
     ) -> tuple[float, float]:
         """Tier-1 schedule. Futures: rate * price * amount. Options: 2.5 bps of index notional,
-        capped at 12.5 % of the premium."""
+        capped at `option_fee_cap` of the premium (12.5 % unless configured)."""
         if inst.kind == "option":
-            return OPTION_FEE, clean(min(OPTION_FEE * index * amount, OPTION_FEE_CAP * price * amount))
+            return OPTION_FEE, clean(self.capped(OPTION_FEE * index * amount, price * amount))
         rate = MAKER_FEE_FUTURES if maker_taker == "maker" else TAKER_FEE_FUTURES
         return rate, clean(rate * price * amount)
+
+    def capped(self, fee: float, premium: float) -> float:
+        """An option fee under the premium cap (``option_fee_cap``; None: no cap)."""
+        return fee if self.option_fee_cap is None else min(fee, self.option_fee_cap * premium)
 
     def _trim_reduce_only(self, account: Account, inst: Instrument, now: float) -> list[Event]:
         """Resting reduce-only orders shrink to the position (best effort, like Thalex)."""

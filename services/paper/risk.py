@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from services.paper.accounts import EPS, Account, Event, Fill, clean
-from services.paper.engine import OPTION_FEE_CAP, Engine
+from services.paper.engine import Engine
 
 LIQUIDATION_FEE = 0.005
 MARGIN_CALL = "margin_call"
@@ -107,7 +107,7 @@ def _liquidation_trade(engine: Engine, account: Account, name: str, now: float) 
     order = engine.new_order(account.account_id, inst, direction, amount, now, insert_reason="liquidation")
     fee_rate, fee = engine.fee(inst, price, amount, mark.index, "taker")
     if inst.kind == "option":
-        liquidation_fee = clean(min(LIQUIDATION_FEE * mark.index * amount, OPTION_FEE_CAP * price * amount))
+        liquidation_fee = clean(engine.capped(LIQUIDATION_FEE * mark.index * amount, price * amount))
     else:
         liquidation_fee = clean(LIQUIDATION_FEE * price * amount)
     trade_id, events = engine.book(

@@ -3,9 +3,9 @@
 * Expiry (futures and options): open orders on the instrument are cancelled
   (``instrument_deactivated``) and every position is closed by an ``expiration`` trade at the
   settlement price (futures: the delivery price; options: their value at it), charged the final
-  settlement fee of 1 bps (of the delivery price for futures, of the index notional for options,
-  capped at 12.5 % of the option's value like the trading fee, so an option expiring worthless
-  pays nothing). Settlement trades have no order: no ``order_id``, ``maker_taker`` or ``label``.
+  settlement fee of 1 bps of the amount settled (settlement price × amount: an option expiring
+  worthless pays nothing). Settlement trades have no order: no ``order_id``, ``maker_taker`` or
+  ``label``.
 * Daily settlement: perpetuals and futures are settled futures-style at the mark (the unrealised
   P&L is realised and the start price reset to the mark; ``average_price`` keeps its value), the
   perpetual funding accrued is realised (``perpetual_funding_entry_value`` goes to 0 with the funding
@@ -21,7 +21,6 @@ from services.paper.engine import Engine
 from services.paper.instruments import Instrument
 
 FINAL_SETTLEMENT_FEE = 0.0001
-FINAL_SETTLEMENT_OPTION_CAP = 0.125
 
 
 def expire(engine: Engine, expired: list[Instrument], now: float) -> list[Event]:
@@ -42,7 +41,7 @@ def expire(engine: Engine, expired: list[Instrument], now: float) -> list[Event]
                 continue
             price, delivery = engine.market.settlements[inst.name]
             amount = abs(pos.position)
-            fee = final_settlement_fee(inst, price, delivery, amount)
+            fee = final_settlement_fee(price, amount)
             _, booked = engine.book(
                 account,
                 inst,
@@ -59,11 +58,9 @@ def expire(engine: Engine, expired: list[Instrument], now: float) -> list[Event]
     return events
 
 
-def final_settlement_fee(inst: Instrument, price: float, delivery: float, amount: float) -> float:
-    if inst.kind == "option":
-        return clean(
-            min(FINAL_SETTLEMENT_FEE * delivery * amount, FINAL_SETTLEMENT_OPTION_CAP * price * amount)
-        )
+def final_settlement_fee(price: float, amount: float) -> float:
+    """Thalex: "final settlement 1 bps of any amount which is settled at expiry": of the settlement
+    price × amount (an option's value, so one expiring worthless pays nothing)."""
     return clean(FINAL_SETTLEMENT_FEE * price * amount)
 
 
