@@ -102,6 +102,8 @@ async def test_the_guardian_agrees_with_the_paper_across_an_expiry_and_a_funding
     assert crossed["settlements"] == 1
     await asyncio.sleep(1.0)
     await pipeline.control("paper/pause")  # funding stops accruing: both sides can be compared at rest
+    # and a last ticker carries the paused funding mark to the guardian (the rate is unchanged)
+    await pipeline.control("paper/set_funding", {"instrument_name": PERP, "funding_rate": FUNDING_RATE})
 
     trades = await pipeline.reader.trades()  # type: ignore[union-attr]
     (expiry,) = [t for t in trades if t["trade_type"] == "expiration"]
