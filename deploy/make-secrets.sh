@@ -2,7 +2,9 @@
 # Create the secrets thalex-tp's docker-compose.yml needs, in deploy/secrets/ (git-ignored):
 #
 #   redis_<user>.txt            a random password per Redis ACL user (ingest portfolio takeprofit
-#                               executor operator quoter admin); Redis gets their SHA-256 only
+#                               executor operator notify quoter admin); Redis gets their SHA-256 only
+#   notify/                     your notification targets' secrets (bot token, webhook URL, ...),
+#                               mounted read-only into the notify container at /run/secrets/notify
 #   grafana_admin_password.txt  Grafana's admin password
 #
 # Existing files are kept (re-running never locks a running stack out); `--rotate` replaces the
@@ -40,10 +42,11 @@ write() {
   chmod 0644 "$file"
 }
 
-for user in ingest portfolio takeprofit executor operator quoter admin; do
+for user in ingest portfolio takeprofit executor operator notify quoter admin; do
   write "redis_$user.txt"
 done
 write grafana_admin_password.txt
+mkdir -p "$dir/notify"
 
 for key in thalex_read_only.pem thalex_trading.pem; do
   if [ -f "$dir/$key" ]; then

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from services.common.config import ConfigError, load_config, redacted
+from services.common.preflight import SERVICES, check
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -25,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "portfolio": ("services.portfolio.app", "main", "fee-aware P&L snapshots of the whole account"),
     "takeprofit": ("services.takeprofit.app", "main", "decide closures from snapshots"),
     "executor": ("services.executor.app", "main", "close positions on the exchange, at most once"),
+    "notify": ("services.notify.app", "main", "tell the trader: webhooks, Telegram, Slack, Discord"),
     "paper": ("services.paper.cli", "paper_main", "run the Thalex-compatible paper exchange"),
     "keygen": ("services.paper.cli", "keygen_main", "make an RSA key pair for the paper exchange"),
     "demo": ("services.demo.app", "main", "run everything on the paper exchange and watch a take-profit"),
@@ -33,19 +35,34 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "resume": ("services.operator", "resume_main", "lift an operator halt"),
     "close-all": ("services.operator", "close_all_main", "close every position now (manual)"),
     "history": ("services.operator", "history_main", "recent decisions and their outcomes"),
+    "contract": ("services.contract", "main", "print the wire contract as an AsyncAPI document"),
 }
 
 
 def check_config_main(argv: list[str]) -> int:
     """Print the effective configuration (secrets redacted) or every problem."""
-    parser = argparse.ArgumentParser(prog="thalex-tp check-config",
-                                     description="Validate a configuration file and print the result.")
+    parser = argparse.ArgumentParser(
+        prog="thalex-tp check-config",
+        description="Validate a configuration file and print the result. Placeholders such as CHANGE-ME "
+                    "are errors. With --service, also check what that service needs: its keys present, "
+                    "readable, and not readable by others (a warning).")
     parser.add_argument("file", nargs="?", help="TOML file (default: built-in defaults + TP_* env)")
+    parser.add_argument("--service", choices=[*SERVICES, "all"],
+                        help="also check what this service needs to start (all: every service)")
     args = parser.parse_args(argv)
     try:
         settings = load_config(args.file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    services = [] if args.service is None else list(SERVICES) if args.service == "all" else [args.service]
+    findings = check(settings, services)
+    errors = [f for f in findings if f.level == "error"]
+    for finding in findings:
+        print(f"  - {finding}", file=sys.stderr)
+    if errors:
+        checked = f" for {', '.join(services)}" if services else ""
+        print(f"check-config: {len(errors)} error(s){checked}; fix them before starting", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(redacted(settings), indent=2, sort_keys=True))
     return EXIT_OK

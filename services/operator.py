@@ -2,6 +2,10 @@
 
 They talk to the guardian only through Redis, like the services do: reading
 the latest snapshot, the halt hash and the streams, and writing `tp:control`.
+`halt`, `resume` and `close-all` then wait (bounded by `--timeout`) for
+take-profit's answer on `tp:control:answers` and say what happened; they exit
+non-zero when it was refused (3) or not answered (4), so a script or a tired
+trader never takes a refused command for a done one.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from services.common.bus import DATA_FIELD, encode_document, entry_document
-from services.common.config import ConfigError, Settings, load_config
+from services.common.config import ConfigError, Settings, load_config, redacted
 from services.common.contracts import (
+    CONTROL_MAX_AGE_SECONDS,
     Command,
     Control,
     ControlAction,
+    ControlAnswer,
+    ControlOutcome,
     Halt,
     HaltAck,
     Report,
@@ -32,7 +39,14 @@ from services.common.contracts import (
 )
 from services.common.service import read_secret
 
+EXIT_OK = 0
 EXIT_UNREACHABLE = 1
+EXIT_REFUSED = 3
+EXIT_UNANSWERED = 4
+DEFAULT_ANSWER_TIMEOUT_SECONDS = 10.0
+ANSWER_POLL_SECONDS = 0.05
+LAG_COUNT_LIMIT = 1000
+"""Where XINFO cannot tell a group's lag (Redis < 7), at most this many entries are counted."""
 
 
 class OperatorError(Exception):
@@ -46,13 +60,13 @@ def _parser(prog: str, text: str) -> argparse.ArgumentParser:
 
 
 def _connect(settings: Settings) -> redis.Redis:
+    credentials = {"username": settings.redis.username, "password": read_secret(settings.redis.password_file)}
     client = redis.Redis.from_url(settings.redis.url, socket_timeout=3, socket_connect_timeout=3,
-                                  **({"username": settings.redis.username} if settings.redis.username else {}),
-                                  **({"password": p} if (p := read_secret(settings.redis.password_file)) else {}))
+                                  **{k: v for k, v in credentials.items() if v})
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise OperatorError(f"cannot reach Redis at {settings.redis.url}: {exc}. "
+        raise OperatorError(f"cannot reach Redis at {redacted(settings)['redis']['url']}: {exc}. "
                             "Is the guardian's Redis running, and is [redis] url right?") from None
     return client
 
@@ -78,11 +92,87 @@ def _operator() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def _send_control(client: redis.Redis, settings: Settings, action: ControlAction) -> Control:
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _send_control(client: redis.Redis, settings: Settings, action: ControlAction) -> tuple[Control, str, str]:
+    """XADD the control; returns it, its entry id, and the last answer id before it (to read from)."""
+    latest = client.xrevrange(settings.names.control_answers, count=1)
+    after = _text(latest[0][0]) if latest else "0-0"
     control = Control(action=action, by=_operator(), ts=time.time())
-    client.xadd(settings.names.control, {DATA_FIELD: encode_document(control)},
-                maxlen=settings.redis.stream_maxlen, approximate=True)
-    return control
+    entry_id = client.xadd(settings.names.control, {DATA_FIELD: encode_document(control)},
+                           maxlen=settings.redis.stream_maxlen, approximate=True)
+    return control, _text(entry_id), after
+
+
+def await_answer(client: redis.Redis, settings: Settings, control_id: str, after: str,
+                 timeout: float) -> ControlAnswer | None:
+    """Take-profit's answer to the control `control_id`, or None if none came within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = client.xrange(settings.names.control_answers, min=f"({after}", max="+", count=100)
+        for entry_id, fields in entries:
+            after = _text(entry_id)
+            try:
+                answer = ControlAnswer.model_validate(entry_document(fields)[1])
+            except (ValueError, ValidationError):
+                continue
+            if answer.control_id == control_id:
+                return answer
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(ANSWER_POLL_SECONDS)
+
+
+def report_answer(prog: str, answer: ControlAnswer | None, control_id: str, timeout: float,
+                  settings: Settings) -> int:
+    """Print what became of a control and return the exit code (0 accepted, 3 refused, 4 no answer)."""
+    if answer is None:
+        print(f"thalex-tp {prog}: NO ANSWER from take-profit within {timeout:g} s: nothing is known to have "
+              f"happened. Is `thalex-tp takeprofit` running (`thalex-tp status`, its /health)? The request "
+              f"stays queued in {settings.names.control} (entry {control_id}): take-profit applies a halt "
+              f"whenever it reads it, and refuses a close-all or resume older than "
+              f"{CONTROL_MAX_AGE_SECONDS:.0f} s.", file=sys.stderr)
+        return EXIT_UNANSWERED
+    if answer.outcome is ControlOutcome.REFUSED:
+        print(f"thalex-tp {prog}: REFUSED by take-profit ({answer.reason}): {answer.detail}. "
+              f"Nothing was done. [control {control_id}]", file=sys.stderr)
+        return EXIT_REFUSED
+    follow = ""
+    if answer.command_id:
+        follow = f" Follow it with `thalex-tp history` (command {answer.command_id})."
+    print(f"{prog}: accepted by take-profit: {answer.detail}.{follow} [control {control_id}]")
+    return EXIT_OK
+
+
+def _control(prog: str, action: ControlAction, args: argparse.Namespace, settings: Settings,
+             client: redis.Redis) -> int:
+    control, control_id, after = _send_control(client, settings, action)
+    print(f"{prog} sent by {control.by}; waiting up to {args.timeout:g} s for take-profit's answer ...",
+          file=sys.stderr)
+    answer = await_answer(client, settings, control_id, after, args.timeout)
+    return report_answer(prog, answer, control_id, args.timeout, settings)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=_positive, default=DEFAULT_ANSWER_TIMEOUT_SECONDS,
+                        help="seconds to wait for take-profit's answer (default %(default)s); "
+                             "exit 4 when none comes")
 
 
 def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int = 1) -> list[Any]:
@@ -96,19 +186,89 @@ def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int
 
 
 def read_halt(client: redis.Redis, settings: Settings) -> Halt | None:
-    """The `tp:halt` hash as a document, or None when no halt is set."""
+    """The `tp:halt` hash as a document, or None when no halt is set (raises on an unreadable one)."""
     return halt_from_hash(client.hgetall(settings.names.halt))
+
+
+def _halt_or_why_not(client: redis.Redis, settings: Settings) -> Halt | str | None:
+    """The halt, None, or a sentence saying why `tp:halt` cannot be read (status must not crash)."""
+    raw = client.hgetall(settings.names.halt)
+    try:
+        return halt_from_hash(raw)
+    except (ValueError, ValidationError) as exc:
+        shown = {_text(k): _text(v)[:80] for k, v in raw.items()}
+        why = str(exc).splitlines()[0]
+        return f"{settings.names.halt} holds {shown}, which is not a halt ({why})"
 
 
 def _money(value: float) -> str:
     return f"{value:+,.4f}"
 
 
-def format_status(snapshot: Snapshot | None, halt: Halt | None, acks: dict[str, HaltAck],
-                  lags: dict[str, int | None], settings: Settings, now: float) -> str:
-    """The status screen, as plain text (pure: easy to test)."""
-    lines = []
+def _pnl_lines(snapshot: Snapshot, settings: Settings) -> list[str]:
+    """The P&L breakdown. Costs are shown as costs (+ = you pay), as in the snapshot and Grafana."""
+    buffer = settings.fee_estimation_buffer
+    rows = (("realized", snapshot.realized_pnl, ""), ("unrealized", snapshot.unrealized_pnl, ""),
+            ("funding", snapshot.funding_pnl, ""), ("gross", snapshot.gross_pnl, ""),
+            ("fees paid", snapshot.fees_paid, "cost"),
+            ("net", snapshot.net_pnl, "= gross - fees paid"),
+            ("est. close fees", snapshot.est_close_fees * buffer,
+             f"cost (taker estimate x buffer {buffer:g})"),
+            ("est. slippage", snapshot.est_slippage, "cost (- when the book pays better than mark)"),
+            ("net after close", snapshot.net_after_close, "= net - est. close fees - est. slippage"))
+    return [f"  {label:<18}{_money(value):>14}  {note}".rstrip() for label, value, note in rows]
+
+
+def _barrier_lines(snapshot: Snapshot, settings: Settings, now: float) -> list[str]:
     tp = settings.portfolio_take_profit
+    figure = snapshot.net_after_close if tp.profit_after_fees else snapshot.net_pnl
+    lines = ["barriers (distance to go):",
+             f"  take profit      {_money(tp.min_profit_usd - figure):>14}  (at {tp.min_profit_usd})"]
+    if tp.partial_close_fraction > 0:
+        lines.append(f"  partial          {_money(tp.partial_profit_threshold - figure):>14}"
+                     f"  (at {tp.partial_profit_threshold}, closes {tp.partial_close_fraction:.0%})")
+    lines.append(f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
+                 f"  (at {tp.emergency_close_threshold})")
+    if snapshot.oldest_position_ts is not None:
+        hours = (now - snapshot.oldest_position_ts) / 3600
+        lines.append(f"  max age          {tp.max_position_age_hours - hours:>13.2f}h"
+                     f"  (at {tp.max_position_age_hours} h)")
+    if snapshot.stale_instruments:
+        lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
+    for drift in snapshot.drift:
+        lines.append(f"DRIFT {drift.instrument}: ledger {drift.ledger_position} "
+                     f"vs exchange {drift.exchange_position}")
+    return lines
+
+
+def _halt_lines(halt: Halt | str | None, acks: dict[str, HaltAck]) -> list[str]:
+    if halt is None:
+        return ["halt: none (quoters may trade)"]
+    if isinstance(halt, str):
+        return [f"halt: UNREADABLE: {halt}. Quoters may misread it; take-profit rewrites it whenever it "
+                "handles an input."]
+    until = "until resume"
+    if halt.until is not None:
+        until = f"until {time.strftime('%H:%M:%S', time.localtime(halt.until))}"
+    lines = [f"halt: {halt.reason} {halt.command_id or ''} {until}"]
+    seen = [name for name, ack in acks.items() if ack.command_id == halt.command_id]
+    lines.append(f"  acknowledged by: {', '.join(seen) if seen else 'no quoter yet'}")
+    unseen = [name for name in acks if name not in seen]
+    if unseen:
+        lines.append(f"  not yet acknowledged: {', '.join(unseen)}")
+    return lines
+
+
+def _lag_text(value: int | None) -> str:
+    if value is None:
+        return "?"
+    return f">={value}" if value >= LAG_COUNT_LIMIT else str(value)
+
+
+def format_status(snapshot: Snapshot | None, halt: Halt | str | None, acks: dict[str, HaltAck],
+                  lags: dict[str, int | None], settings: Settings, now: float) -> str:
+    """The status screen, as plain text (pure: easy to test). `halt` may be a sentence: unreadable."""
+    lines = []
     if snapshot is None:
         lines.append("No snapshot yet: is `thalex-tp portfolio` running and ingest publishing?")
     else:
@@ -122,43 +282,34 @@ def format_status(snapshot: Snapshot | None, halt: Halt | None, acks: dict[str, 
             lines.append(f"{p.instrument:<24}{p.position:>12.4f}{p.avg_entry:>14.2f}{p.mark:>14.2f}"
                          f"{p.exit_price:>14.2f}{pnl:>12.4f}{p.fees_paid:>10.4f}{flag}")
         lines.append("")
-        for label, value in (("realized", snapshot.realized_pnl), ("unrealized", snapshot.unrealized_pnl),
-                             ("funding", snapshot.funding_pnl), ("gross", snapshot.gross_pnl),
-                             ("fees paid", -snapshot.fees_paid), ("net", snapshot.net_pnl),
-                             ("est. close fees", -snapshot.est_close_fees * settings.fee_estimation_buffer),
-                             ("est. slippage", -snapshot.est_slippage),
-                             ("net after close", snapshot.net_after_close)):
-            lines.append(f"  {label:<18}{_money(value):>14}")
+        lines.extend(_pnl_lines(snapshot, settings))
         lines.append("")
-        figure = snapshot.net_after_close if tp.profit_after_fees else snapshot.net_pnl
-        lines.append("barriers (distance to go):")
-        lines.append(f"  take profit      {_money(tp.min_profit_usd - figure):>14}  (at {tp.min_profit_usd})")
-        if tp.partial_close_fraction > 0:
-            lines.append(f"  partial          {_money(tp.partial_profit_threshold - figure):>14}"
-                         f"  (at {tp.partial_profit_threshold}, closes {tp.partial_close_fraction:.0%})")
-        lines.append(f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
-                     f"  (at {tp.emergency_close_threshold})")
-        if snapshot.oldest_position_ts is not None:
-            hours = (now - snapshot.oldest_position_ts) / 3600
-            lines.append(f"  max age          {tp.max_position_age_hours - hours:>13.2f}h  (at {tp.max_position_age_hours} h)")
-        if snapshot.stale_instruments:
-            lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
-        for drift in snapshot.drift:
-            lines.append(f"DRIFT {drift.instrument}: ledger {drift.ledger_position} vs exchange {drift.exchange_position}")
+        lines.extend(_barrier_lines(snapshot, settings, now))
     lines.append("")
-    if halt is None:
-        lines.append("halt: none (quoters may trade)")
-    else:
-        until = "until resume" if halt.until is None else f"until {time.strftime('%H:%M:%S', time.localtime(halt.until))}"
-        lines.append(f"halt: {halt.reason} {halt.command_id or ''} {until}")
-        seen = [name for name, ack in acks.items() if ack.command_id == halt.command_id]
-        lines.append(f"  acknowledged by: {', '.join(seen) if seen else 'no quoter yet'}")
-        unseen = [name for name in acks if name not in seen]
-        if unseen:
-            lines.append(f"  not yet acknowledged: {', '.join(unseen)}")
+    lines.extend(_halt_lines(halt, acks))
     lines.append("stream lag (entries not yet read by each group): " +
-                 (", ".join(f"{k}={'?' if v is None else v}" for k, v in lags.items()) or "no consumers yet"))
+                 (", ".join(f"{k}={_lag_text(v)}" for k, v in lags.items()) or "no consumers yet"))
     return "\n".join(lines)
+
+
+def group_lag(client: redis.Redis, stream: str, group: dict[Any, Any]) -> int | None:
+    """Entries of `stream` not yet delivered to `group`.
+
+    Redis >= 7 says it (XINFO GROUPS `lag`); Redis 6.2 (the demo's bundled server) does not, so
+    it is counted: none when the group has been delivered the stream's last id, else the entries
+    after its `last-delivered-id`, at most `LAG_COUNT_LIMIT`. None when neither is possible.
+    """
+    lag = group.get("lag")
+    if lag is not None:
+        return int(lag)
+    last_delivered = _text(group.get("last-delivered-id", "0-0"))
+    try:
+        info = client.xinfo_stream(stream)
+        if _text(info.get("last-generated-id")) == last_delivered:
+            return 0
+        return len(client.xrange(stream, min=f"({last_delivered}", max="+", count=LAG_COUNT_LIMIT) or [])
+    except redis.ResponseError:  # no permission (an ACL user without XRANGE on the stream), or gone
+        return None
 
 
 def _lags(client: redis.Redis, settings: Settings) -> dict[str, int | None]:
@@ -170,8 +321,7 @@ def _lags(client: redis.Redis, settings: Settings) -> dict[str, int | None]:
         except redis.ResponseError:
             continue
         for group in groups:
-            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
-            lags[f"{stream.split(':', 1)[1]}/{name}"] = group.get("lag")
+            lags[f"{stream.split(':', 1)[1]}/{_text(group['name'])}"] = group_lag(client, stream, group)
     return lags
 
 
@@ -188,7 +338,7 @@ def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
 def status_main(argv: list[str]) -> int:
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
         snapshots = _latest(client, settings.names.snapshots, Snapshot)
-        print(format_status(snapshots[0] if snapshots else None, read_halt(client, settings),
+        print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
                             _acks(client, settings), _lags(client, settings), settings, time.time()))
         return 0
 
@@ -197,26 +347,22 @@ def status_main(argv: list[str]) -> int:
 
 
 def halt_main(argv: list[str]) -> int:
-    def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
-        control = _send_control(client, settings, ControlAction.HALT)
-        print(f"halt requested by {control.by}: no closures or quoting until `thalex-tp resume`")
-        return 0
-
-    return _run(argv, "halt", "Stop trading (quoters stand down) until resume.", lambda p: None, action)
+    return _run(argv, "halt", "Stop trading (quoters stand down) until resume. Waits for take-profit's "
+                "answer; exit 3 if refused, 4 if unanswered.", _add_timeout,
+                lambda args, settings, client: _control("halt", ControlAction.HALT, args, settings, client))
 
 
 def resume_main(argv: list[str]) -> int:
-    def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
-        control = _send_control(client, settings, ControlAction.RESUME)
-        print(f"resume requested by {control.by}")
-        return 0
-
-    return _run(argv, "resume", "Lift an operator halt.", lambda p: None, action)
+    return _run(argv, "resume", "Lift an operator halt (and the halt a failed closure left). Waits for "
+                "take-profit's answer; exit 3 if refused, 4 if unanswered.", _add_timeout,
+                lambda args, settings, client: _control("resume", ControlAction.RESUME, args, settings,
+                                                        client))
 
 
 def close_all_main(argv: list[str]) -> int:
     def add(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        _add_timeout(parser)
 
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
         if not args.yes:
@@ -226,43 +372,64 @@ def close_all_main(argv: list[str]) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing done")
                 return 0
-        control = _send_control(client, settings, ControlAction.CLOSE_ALL)
-        print(f"close-all requested by {control.by}; follow it with `thalex-tp history`")
-        return 0
+        return _control("close-all", ControlAction.CLOSE_ALL, args, settings, client)
 
-    return _run(argv, "close-all", "Close every position now (reason: manual).", add, action)
+    return _run(argv, "close-all", "Close every position now (reason: manual). Waits for take-profit's "
+                "answer; exit 3 if refused, 4 if unanswered.", add, action)
+
+
+def _decision_rows(commands: list[Command], reports: list[Report]) -> list[dict[str, Any]]:
+    by_command: dict[str, list[Report]] = {}
+    for report in reversed(reports):
+        by_command.setdefault(report.command_id, []).append(report)
+    rows = []
+    for command in commands:
+        steps = by_command.get(command.command_id, [])
+        outcome = steps[-1].status.value if steps else "no report yet"
+        rows.append({"kind": "decision", "command_id": command.command_id, "reason": command.reason.value,
+                     "figure": command.net_pnl, "threshold": command.threshold,
+                     "fraction": command.fraction, "positions": len(command.positions),
+                     "created": command.created_ts, "outcome": outcome,
+                     "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))})
+    return rows
+
+
+def _refusal_rows(answers: list[ControlAnswer]) -> list[dict[str, Any]]:
+    return [{"kind": "refused", "action": a.action.value, "by": a.by, "reason": a.reason, "detail": a.detail,
+             "control_id": a.control_id, "created": a.ts, "outcome": "refused"}
+            for a in answers if a.outcome is ControlOutcome.REFUSED]
+
+
+def format_history_row(row: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+    if row["kind"] == "refused":
+        return (f"{when}  {row['action']:<32} by {row['by']}  REFUSED ({row['reason']}): {row['detail']}")
+    return (f"{when}  {row['command_id']:<32} {row['reason']:<20} figure {row['figure']:+.4f} "
+            f"vs {row['threshold']:+.4f}  {row['positions']} positions  -> {row['outcome']}"
+            f"  fees {row['fees']:.4f}")
 
 
 def history_main(argv: list[str]) -> int:
     def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-n", type=int, default=10, help="how many recent decisions (default 10)")
+        parser.add_argument("-n", type=_at_least_one, default=10,
+                            help="how many recent decisions and refused commands (default 10)")
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
         commands: list[Command] = _latest(client, settings.names.commands, Command, count=args.n)
         reports: list[Report] = _latest(client, settings.names.reports, Report, count=5000)
-        by_command: dict[str, list[Report]] = {}
-        for report in reversed(reports):
-            by_command.setdefault(report.command_id, []).append(report)
-        rows = []
-        for command in reversed(commands):
-            steps = by_command.get(command.command_id, [])
-            outcome = steps[-1].status.value if steps else "no report yet"
-            rows.append({"command_id": command.command_id, "reason": command.reason.value,
-                         "figure": command.net_pnl, "threshold": command.threshold,
-                         "fraction": command.fraction, "positions": len(command.positions),
-                         "created": command.created_ts, "outcome": outcome,
-                         "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))})
+        answers: list[ControlAnswer] = _latest(client, settings.names.control_answers, ControlAnswer,
+                                               count=max(100, 10 * args.n))
+        rows = sorted(_decision_rows(commands, reports) + _refusal_rows(answers), key=lambda r: r["created"])
+        rows = rows[-args.n:]
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
             print("no decisions yet")
         else:
             for row in rows:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-                print(f"{when}  {row['command_id']:<32} {row['reason']:<20} figure {row['figure']:+.4f} "
-                      f"vs {row['threshold']:+.4f}  {row['positions']} positions  -> {row['outcome']}"
-                      f"  fees {row['fees']:.4f}")
+                print(format_history_row(row))
         return 0
 
-    return _run(argv, "history", "Recent decisions and their outcomes.", add, action)
+    return _run(argv, "history", "Recent decisions, their outcomes, and refused operator commands.", add,
+                action)

@@ -37,7 +37,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from services.common.contracts import InstrumentType
+from services.common.contracts import InstrumentType, NotificationKind
 from services.common.streams import NAMESPACE_RULE, Names
 
 DEFAULT_FEE_ESTIMATION_BUFFER = 1.1
@@ -119,6 +119,10 @@ class FeeRates(Section):
 
     maker_fee_rate: FeeRate
     taker_fee_rate: FeeRate
+    premium_cap: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """An option's fee never exceeds this share of its premium (price x amount); None: no cap.
+
+    Thalex's published schedule has none (options 2.5 bps of the index notional, flat)."""
 
 
 def _published_product_rates() -> dict[InstrumentType, FeeRates]:
@@ -134,15 +138,28 @@ class TradingFees(Section):
     """The fee schedule used to *estimate* trades that have not happened yet.
 
     Lookup order: `instruments[name]`, then `products[type]`, then the
-    top-level rates. Fees already paid always come from the exchange's trades.
+    top-level rates. Fees already paid come from the exchange's trades; these
+    rates estimate the close, and a past trade's fee only when it reported none.
     """
 
     maker_fee_rate: FeeRate = 0.0001
     taker_fee_rate: FeeRate = 0.0005
     minimum_fee_usd: Annotated[float, Field(ge=0.0)] = 0.0001
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
+    settlement_fee_rate: FeeRate = 0.0001
+    """Final settlement at expiry: 1 bps of the amount settled (price x amount)."""
+    liquidation_fee_rate: FeeRate = 0.005
+    """Liquidation: 50 bps of the liquidation trade (price x amount), on top of its trading fee."""
     products: dict[InstrumentType, FeeRates] = Field(default_factory=_published_product_rates)
     instruments: dict[str, FeeRates] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _premium_cap_on_options_only(self) -> TradingFees:
+        for product, rates in self.products.items():
+            if rates.premium_cap is not None and product is not InstrumentType.OPTION:
+                raise _RuleError(f"trading_fees.products.{product.value}.premium_cap", rates.premium_cap,
+                                 "applies to options only (their fee is on the index notional)")
+        return self
 
     def rates_for(self, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
         """The rates that apply to one instrument."""
@@ -271,6 +288,109 @@ class Metrics(Section):
     portfolio_port: Annotated[int, Field(ge=0, le=65535)] = 9102
     takeprofit_port: Annotated[int, Field(ge=0, le=65535)] = 9103
     executor_port: Annotated[int, Field(ge=0, le=65535)] = 9104
+    notify_port: Annotated[int, Field(ge=0, le=65535)] = 9105
+
+
+TARGET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NOTIFY_TARGET_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    # type: (required, allowed besides name/type/events)
+    "webhook": (set(), {"url", "url_file", "secret_file"}),
+    "telegram": ({"bot_token_file", "chat_id_file"}, {"bot_token_file", "chat_id_file", "base_url"}),
+    "slack": ({"url_file"}, {"url_file"}),
+    "discord": ({"url_file"}, {"url_file"}),
+}
+WATCHABLE_SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
+
+
+class NotifyTarget(Section):
+    """Where notifications go. Secrets (tokens, webhook URLs that embed one, HMAC keys) come from files."""
+
+    name: str
+    type: Literal["webhook", "telegram", "slack", "discord"]
+    url: str | None = None
+    """webhook: the endpoint (use `url_file` instead when the URL itself is a secret)."""
+    url_file: Path | None = None
+    """webhook, slack, discord: a file holding the URL (an incoming-webhook URL is a secret)."""
+    secret_file: Path | None = None
+    """webhook: a file holding the HMAC-SHA256 key; the body's signature goes in a header."""
+    bot_token_file: Path | None = None
+    chat_id_file: Path | None = None
+    base_url: str = "https://api.telegram.org"
+    """telegram: the Bot API's address (a test stands a local server in)."""
+    events: list[NotificationKind] | None = None
+    """Which notification kinds this target gets; absent: all of them."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TARGET_NAME.match(value):
+            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        return value
+
+    @field_validator("url", "base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> NotifyTarget:
+        required, allowed = NOTIFY_TARGET_FIELDS[self.type]
+        given = {k for k in self.model_fields_set if k not in ("name", "type", "events")}
+        for key in sorted(given - allowed):
+            raise _RuleError(key, getattr(self, key), f"not used by a {self.type} target")
+        for key in sorted(required - given):
+            raise _RuleError(key, None, f"required for a {self.type} target")
+        if self.type == "webhook" and (self.url is None) == (self.url_file is None):
+            raise _RuleError("url", self.url, "a webhook target needs exactly one of url or url_file")
+        return self
+
+
+class Notify(Section):
+    """`thalex-tp notify`: tell the trader. Sends nothing until a target is configured."""
+
+    targets: list[NotifyTarget] = Field(default_factory=list)
+    near_barrier_share: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8
+    """Warn once when net_after_close has gone this share of the way from 0 to the take-profit
+    target, or to the emergency stop."""
+    rearm_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    """A warning is given again only after the figure fell back below this share (or a new epoch)."""
+    unhealthy_after_seconds: Annotated[float, Field(gt=0.0)] = 60.0
+    """Notify when a watched service's /health has been failing (or unreachable) this long."""
+    health_interval_seconds: Annotated[float, Field(gt=0.0)] = 5.0
+    health_urls: dict[str, str] | None = None
+    """service -> its /health URL; absent: the four services on [metrics] host and ports."""
+    rate_per_minute: Annotated[float, Field(gt=0.0, le=600.0)] = 20.0
+    """Per target: notifications sent per minute at most, after a burst of `rate_burst`."""
+    rate_burst: Annotated[int, Field(ge=1, le=100)] = 5
+    retry_max_seconds: Annotated[float, Field(gt=0.0)] = 300.0
+    """Ceiling of the exponential backoff (from 1 s) while a target is down."""
+    give_up_after_seconds: Annotated[float, Field(gt=0.0)] = 86400.0
+    """A notification not delivered this long after it was due is dropped (logged, counted)."""
+    request_timeout_seconds: Annotated[float, Field(gt=0.0, le=120.0)] = 10.0
+    delivery_alarm_seconds: Annotated[float, Field(gt=0.0)] = 300.0
+    """/health turns red while a notification has waited this long for its target."""
+    closure_settle_seconds: Annotated[float, Field(ge=0.0)] = 15.0
+    """After `completed`, how long to wait for the closed epoch's final snapshot (the P&L banked)."""
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_names(cls, targets: list[NotifyTarget]) -> list[NotifyTarget]:
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target names must be unique: {names}")
+        return targets
+
+    @field_validator("health_urls")
+    @classmethod
+    def _health_urls(cls, urls: dict[str, str] | None) -> dict[str, str] | None:
+        for service, url in (urls or {}).items():
+            if service not in WATCHABLE_SERVICES:
+                raise ValueError(f"unknown service {service!r}; one of {', '.join(WATCHABLE_SERVICES)}")
+            if not re.match(r"^https?://[^\s/]+", url):
+                raise ValueError(f"{service}: must be an http:// URL")
+        return urls
 
 
 class Settings(BaseSettings):
@@ -292,6 +412,7 @@ class Settings(BaseSettings):
     portfolio: Portfolio = Field(default_factory=Portfolio)
     ingest: Ingest = Field(default_factory=Ingest)
     metrics: Metrics = Field(default_factory=Metrics)
+    notify: Notify = Field(default_factory=Notify)
 
     @classmethod
     def settings_customise_sources(

@@ -75,17 +75,27 @@ class InstrumentType(StrEnum):
 
 
 class Fill(Document):
-    """`tp:fills`: one account trade, exactly one entry per Thalex `trade_id`."""
+    """`tp:fills`: one account trade, exactly one entry per Thalex `trade_id`.
+
+    Only what booking needs is required (api.yaml requires no field of `Trade`): the trade id
+    (de-duplication), instrument, side, price and amount.
+    """
 
     trade_id: NonEmptyStr
-    order_id: NonEmptyStr
+    order_id: NonEmptyStr | None = None
+    """Absent on trades no order of the account made (an expiration, a settlement)."""
     client_order_id: int | None = None
     instrument: NonEmptyStr
     side: Side
     price: Price
     amount: PositiveAmount
-    fee: float
-    """USD actually charged by the exchange; a rebate is negative."""
+    fee: float | None = None
+    """USD actually charged by the exchange; a rebate is negative. Absent: the exchange reported
+    none, and the portfolio books an estimate it flags (`fees_estimated`)."""
+    liquidation_fee: float | None = None
+    """Thalex `liquidation_fee`: charged on a liquidation trade on top of `fee`."""
+    index: Price | None = None
+    """The underlying's index at the time of the trade (an option's fee is on its notional)."""
     fee_rate: float | None = None
     liquidity: Liquidity | None = None
     position_after: float | None = None
@@ -197,6 +207,8 @@ class SnapshotPosition(BaseModel):
     fees_paid: float
     est_close_fee: float
     est_slippage: float = 0.0
+    fees_estimated: float | None = None
+    """The part of `fees_paid` the ledger estimated (trades that reported no fee); absent: none."""
     opened_ts: Timestamp | None = None
     underlying: str | None = None
     instrument_type: InstrumentType | None = None
@@ -230,6 +242,8 @@ class Snapshot(Document):
     gross_pnl: float
     net_pnl: float
     net_after_close: float
+    fees_estimated: float | None = None
+    """The part of `fees_paid` that is estimated, not the exchange's figure; absent: none."""
     oldest_position_ts: Timestamp | None = None
     stale_instruments: list[str] = Field(default_factory=list)
     drift: list[Drift] = Field(default_factory=list)
@@ -366,6 +380,39 @@ class Control(Document):
     ts: Timestamp
 
 
+CONTROL_MAX_AGE_SECONDS = 60.0
+"""Take-profit refuses (`expired`) a `close_all` or `resume` older than this (by its `ts`)."""
+
+
+class ControlOutcome(StrEnum):
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+
+
+class ControlAnswer(Document):
+    """`tp:control:answers`: take-profit's answer to one `tp:control` entry.
+
+    Written in the transaction that acks the control, so every control take-profit
+    handled has exactly one answer; the operator CLI waits for it (by `control_id`)
+    instead of assuming success.
+    """
+
+    control_id: NonEmptyStr
+    """The id of the `tp:control` entry answered."""
+    action: ControlAction
+    by: NonEmptyStr
+    outcome: ControlOutcome
+    reason: NonEmptyStr
+    """Accepted: what was done (`halted`, `resumed`, `closing`); refused: why (`no_positions`, ...)."""
+    detail: NonEmptyStr
+    """One sentence for the trader."""
+    command_id: str | None = None
+    """An accepted `close_all`: the closure's command id (follow it with `thalex-tp history`)."""
+    halt: str | None = None
+    """The reason of the halt in force after the answer (`tp:halt`), absent when none."""
+    ts: Timestamp
+
+
 class Halt(Document):
     """The `tp:halt` hash: quoters stand down while it exists.
 
@@ -385,6 +432,40 @@ class HaltAck(Document):
     ts: Timestamp
 
 
+class NotificationKind(StrEnum):
+    """What a notification is about. A new kind: add it here, in docs/streams.md, and a producer
+    in services/notify/core.py (readers validating against an older list reject the new kind)."""
+
+    DECISION = "decision"
+    CLOSURE_COMPLETED = "closure_completed"
+    CLOSURE_FAILED = "closure_failed"
+    DRIFT_ADOPTED = "drift_adopted"
+    NEAR_TAKE_PROFIT = "near_take_profit"
+    NEAR_EMERGENCY_STOP = "near_emergency_stop"
+    SERVICE_UNHEALTHY = "service_unhealthy"
+    SERVICE_RECOVERED = "service_recovered"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Notification(Document):
+    """`tp:notifications`: one thing the trader is told (also the body of a generic webhook)."""
+
+    id: NonEmptyStr
+    """Deterministic from what caused it (e.g. `decision:<command_id>`): sent at most once per target."""
+    kind: NotificationKind
+    severity: Severity
+    title: NonEmptyStr
+    text: str
+    facts: dict[str, float | int | str | None] = Field(default_factory=dict)
+    """The figures behind the text (USD, seconds, ids), for machines."""
+    ts: Timestamp
+
+
 class DeadLetter(Document):
     """`tp:deadletter`: an input that could not be used, kept with the reason."""
 
@@ -397,7 +478,8 @@ class DeadLetter(Document):
 
 
 StreamDocument: TypeAlias = (
-    Fill | Tick | Positions | Snapshot | Command | Report | Control | DeadLetter
+    Fill | Tick | Positions | Snapshot | Command | Report | Control | ControlAnswer | Notification
+    | DeadLetter
 )
 
 

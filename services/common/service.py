@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -171,9 +172,14 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     http = serve_http(settings.metrics.host, port, health, service)
-    await _start_bus_when_redis_answers(bus, stop)
+    if not await _start_bus_when_redis_answers(bus, stop):
+        log.warning("%s stopped before Redis ever answered: it never started", service)
+        await bus.stop()
+        http.shutdown()
+        return 0
     work = asyncio.create_task(runnable.run(), name=f"{service}-work")
-    log.info("%s started (namespace %s)", service, settings.names.namespace)
+    log.info("%s started: connected to Redis, consumers reading (namespace %s)", service,
+             settings.names.namespace)
 
     async def refresh_health() -> None:
         while True:
@@ -198,18 +204,23 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
     return exit_code
 
 
-async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> None:
-    """Redis may come up after us (compose, a restart): wait for it, loudly."""
+async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> bool:
+    """Redis may come up after us (compose, a restart): wait for it, loudly.
+
+    False when told to stop before Redis ever answered (nothing was started).
+    """
     delay = 0.2
     while not stop.is_set():
         try:
             await bus.start()
-            return
+            return True
         except (ConnectionError, OSError) as exc:
             log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
         except Exception as exc:  # redis-py raises its own ConnectionError subclasses
             if "connect" not in str(exc).lower():
                 raise
             log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, 5.0)
+    return False

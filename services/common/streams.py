@@ -61,12 +61,26 @@ class Names:
         return self.key("control")
 
     @property
+    def control_answers(self) -> str:
+        """Take-profit's answer to each `control` entry (accepted or refused, and why)."""
+        return self.key("control:answers")
+
+    @property
     def halt(self) -> str:
         return self.key("halt")
 
     @property
     def halt_acks(self) -> str:
         return self.key("halt:acks")
+
+    @property
+    def notifications(self) -> str:
+        """Every notification the notify service produced (sent or not): the demo shows them."""
+        return self.key("notifications")
+
+    def notify_key(self, suffix: str) -> str:
+        """The notify service's own keys: state, and per target its outbox, due times, sent ids."""
+        return self.key(f"notify:{suffix}")
 
     @property
     def deadletter(self) -> str:

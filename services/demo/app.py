@@ -3,7 +3,7 @@
 Started as separate processes, like in production: a Redis (the one at
 `REDIS_URL`, else one started here), the paper exchange with freshly made keys
 (one account; a read-only key for ingest, trading keys for the executor and the
-quoter), the four services, and `examples/quoter.py`. A director then plays the
+quoter), the four services and notify, and `examples/quoter.py`. A director then plays the
 market through the paper exchange's control API: simulated sellers hit the
 quoter's bid, the index climbs until the take-profit fires; after the closure
 and the cool-down, buyers lift its ask and the index falls, and so on.
@@ -38,13 +38,14 @@ from services.common.config import Settings, load_config
 from services.common.contracts import (
     Command,
     HaltAck,
+    Notification,
     Report,
     ReportStatus,
     Snapshot,
     halt_from_hash,
 )
 from services.common.redis_server import RedisServer, free_port
-from services.demo.view import DemoState, render
+from services.demo.view import DemoState, operator_hint, render
 from services.paper.keys import generate_key
 from services.paper.testing import ControlClient
 
@@ -57,7 +58,8 @@ ACCOUNT = "demo"
 NAMESPACE = "demo"
 QUOTER_KEY = "demo-quoter"
 QUOTER_SIZE = 0.05
-SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
+SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
+"""Started in this order; notify runs with no target (it writes tp:notifications, the view shows them)."""
 HALT_RACE_GRACE_SECONDS = 0.05
 """A quote already on its way when the halt was written may still arrive this late."""
 
@@ -163,13 +165,15 @@ ticker_delay = "raw"
         keys = self.make_keys()
         paper_port = free_port()
         paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
+        config = self.write_config(redis_url, paper_url, keys)
+        # the guardian's configuration for the paper too: its option fees follow [trading_fees]
         paper_args = [sys.executable, "-m", "services.paper", "--host", "127.0.0.1", "--port", str(paper_port),
-                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0"]
+                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0",
+                      "--config", str(config)]
         if self.args.scenario:
             paper_args += ["--scenario", str(Path(self.args.scenario).resolve())]
         paper = self.spawn("paper", paper_args)
         await self.wait_for_port(paper_port, paper)
-        config = self.write_config(redis_url, paper_url, keys)
         self.settings = load_config(config)
         for name in SERVICES:
             self.spawn(name, [sys.executable, "-m", f"services.{name}", "--config", str(config)])
@@ -187,7 +191,8 @@ ticker_delay = "raw"
     async def read_state(self, redis: Redis) -> DemoState:
         assert self.settings is not None
         names = self.settings.names
-        state = DemoState(processes={c.name: c.status() for c in self.children})
+        state = DemoState(processes={c.name: c.status() for c in self.children},
+                          config=str(self.workdir / "demo.toml"))
         latest = await redis.xrevrange(names.snapshots, count=1)
         if latest:
             state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
@@ -197,6 +202,8 @@ ticker_delay = "raw"
         for _, fields in await redis.xrevrange(names.reports, count=200):
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
+        state.notifications = [Notification.model_validate(entry_document(f)[1])
+                               for _, f in await redis.xrevrange(names.notifications, count=3)][::-1]
         return state
 
     async def show(self, redis: Redis, halts: dict[str, tuple[float, float | None]]) -> None:
@@ -303,6 +310,8 @@ ticker_delay = "raw"
                 "banked_net_pnl": banked.net_pnl if banked and done else None,
                 "fees": banked.fees_paid if banked and done else None,
             })
+        notes = [Notification.model_validate(entry_document(f)[1])
+                 for _, f in await redis.xrange(names.notifications)]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
         closed = [c for c in closures if c["completed"]]
         return {
@@ -311,6 +320,7 @@ ticker_delay = "raw"
             "fees_usd": sum(c["fees"] or 0.0 for c in closed),
             "closures": closures,
             "quoter_orders_while_halted": violations,
+            "notifications": [{"kind": n.kind.value, "title": n.title} for n in notes],
             "children": {c.name: c.status() for c in self.children},
         }
 
@@ -360,8 +370,10 @@ async def _run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] | None = None
     exit_code = 0
     try:
-        paper_url, _ = await demo.start()
+        paper_url, config = await demo.start()
         assert demo.settings is not None
+        if args.no_ui:
+            print(operator_hint(str(config)), flush=True)
         redis = Redis.from_url(demo.settings.redis.url)
         tasks = [asyncio.create_task(demo.show(redis, halts))]
         if not args.scenario:
@@ -392,12 +404,26 @@ async def _run(args: argparse.Namespace) -> int:
                   f"{'completed' if closure['completed'] else 'not completed'}"
                   f"{', flat afterwards' if closure['flat_after'] else ''}")
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
-        print(f"logs and keys: {workdir}")
+        print(f"notifications: {len(summary['notifications'])} "
+              "(sent to the [notify] targets; the demo has none)")
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(summary, indent=2))
-    if not keep and exit_code == 0:
+    removed = not keep and exit_code == 0
+    if removed:
         shutil.rmtree(workdir, ignore_errors=True)
+    print(_where_things_are(workdir, keep, removed))
     return exit_code
+
+
+def _where_things_are(workdir: Path, keep: bool, removed: bool) -> str:
+    """The summary's last line: never a directory that no longer exists."""
+    if removed:
+        return ("keys, config and logs were in a temporary directory, now removed; "
+                "`thalex-tp demo --workdir DIR` keeps them (and `thalex-tp status --config DIR/demo.toml` "
+                "talks to a running demo)")
+    kept = "kept" if keep else "kept because something went wrong"
+    return (f"keys, config and logs {kept} in {workdir} (operator commands while it runs: "
+            f"thalex-tp status --config {workdir / 'demo.toml'})")
 
 
 def main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.config import PortfolioTakeProfit
-from services.common.contracts import Command, Halt, HaltAck, Report, Snapshot
+from services.common.contracts import Command, Halt, HaltAck, Notification, Report, Snapshot
 
 BAR_WIDTH = 41
 
@@ -22,6 +22,16 @@ class DemoState:
     reports: dict[str, list[Report]] = field(default_factory=dict)
     processes: dict[str, str] = field(default_factory=dict)
     """name -> "running" / "exited N"."""
+    notifications: list[Notification] = field(default_factory=list)
+    """The latest notifications notify produced (oldest first)."""
+    config: str = ""
+    """This demo's config file: the operator commands take `--config` with it."""
+
+
+def operator_hint(config: str) -> str:
+    """How to talk to this demo from another terminal."""
+    return (f"talk to it from another terminal: thalex-tp status --config {config}   "
+            "(also halt, resume, close-all --yes, history)")
 
 
 def barrier_bar(value: float, low: float, high: float) -> str:
@@ -39,7 +49,10 @@ def barrier_bar(value: float, low: float, high: float) -> str:
 def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float | None = None) -> list[str]:
     """The screen, top to bottom."""
     now = time.time() if now is None else now
-    lines = ["thalex-tp demo — paper exchange, four services, one quoter   (Ctrl-C to stop)", ""]
+    lines = ["thalex-tp demo — paper exchange, the services, one quoter   (Ctrl-C to stop)"]
+    if state.config:
+        lines.append(operator_hint(state.config))
+    lines.append("")
     snap = state.snapshot
     if snap is None:
         lines.append("waiting for the first snapshot ...")
@@ -77,6 +90,12 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         when = time.strftime("%H:%M:%S", time.localtime(command.created_ts))
         lines.append(f"  {when} {command.reason.value:<20} at {command.net_pnl:+.4f} (barrier {command.threshold:+.2f})"
                      f"  {len(command.positions)} position(s) -> {outcome}, closing fees {fees:.4f}")
+    lines.append("")
+    lines.append("notifications (sent to no one until [notify] targets are configured, README):")
+    if not state.notifications:
+        lines.append("  none yet")
+    for note in state.notifications[-3:]:
+        lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(note.ts))} {note.title}")
     lines.append("")
     lines.append("processes: " + "  ".join(f"{name} {status}" for name, status in state.processes.items()))
     return lines

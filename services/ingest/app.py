@@ -37,7 +37,7 @@ from thalex import Sort
 
 from services.common.bus import Bus, encode_document, raise_if_cancelled
 from services.common.config import ConfigError, Problem, Settings, require_key
-from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, Tick
+from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, InstrumentType, Tick
 from services.common.service import Health, service_main
 from services.common.streams import Names
 from services.common.thalex_requests import ConnectionLost, ThalexError
@@ -46,11 +46,13 @@ from services.ingest.follow import Feed, Follow
 from services.ingest.translate import (
     Book,
     MalformedMessage,
+    UnbookableTrade,
     as_list,
     fill_from_trade,
     instrument_info,
     position_from_entry,
     positions_from_portfolio,
+    tick_from_index,
     tick_from_ticker,
     with_book,
 )
@@ -76,6 +78,9 @@ PUBLISHED = Counter("tp_ingest_published_total", "Entries written, per stream or
 RECONNECTS = Counter("tp_ingest_reconnects_total", "Connections to the exchange lost and re-opened")
 GAP_FILLED = Counter("tp_ingest_gap_filled_trades_total",
                      "Trades published from private/trade_history (made while ingest was not listening)")
+REFUSED_TRADES = Counter("tp_ingest_refused_trades_total",
+                         "Trades dead-lettered instead of published: unbookable (no trade id, instrument, "
+                         "direction, price or amount) or malformed (a field of the wrong type)", ["reason"])
 DUPLICATES = Counter("tp_ingest_duplicate_trades_total",
                      "Trades seen again (history overlap, replays) and not re-published")
 COALESCED = Counter("tp_ingest_ticks_coalesced_total",
@@ -317,6 +322,8 @@ class Ingest:
                 if feed is Feed.TICKER:
                     tick = tick_from_ticker(instrument, notification, received, self.books.get(instrument),
                                             self.levels)
+                elif feed is Feed.INDEX:  # `instrument` is the underlying
+                    tick = tick_from_index(instrument, notification, received)
                 else:
                     book = self.books.setdefault(instrument, Book())
                     book_ts = book.apply(notification)
@@ -461,8 +468,11 @@ class Ingest:
         for item in items:
             try:
                 fill = fill_from_trade(item, received)
-            except MalformedMessage as exc:
+            except MalformedMessage as exc:  # a real trade refused: say so loudly
                 trade_id = item.get("trade_id") if isinstance(item, dict) else None
+                REFUSED_TRADES.labels("unbookable" if isinstance(exc, UnbookableTrade) else "malformed").inc()
+                log.error("trade %s refused, dead-lettered (%s); the position heals by reconciliation with "
+                          "the exchange's portfolio", trade_id, exc)
                 await self.bus.deadletter(source, str(trade_id or f"trade@{received:.6f}"),
                                           json.dumps(item), str(exc))
                 continue
@@ -516,6 +526,8 @@ class Ingest:
                                           json.dumps(item), str(exc))
                 continue
             infos[name] = info
+            if info.type is InstrumentType.OPTION:
+                self.follow.note_option(name, info.underlying)
         if infos:
             await self.bus.redis.hset(self.names.instruments,
                                       mapping={n: encode_document(i) for n, i in infos.items()})
@@ -526,7 +538,8 @@ class Ingest:
         """Make the exchange's subscriptions match what is followed now."""
         now = time.time()
         wanted = self.follow.wanted(now)
-        unknown = sorted({instrument for _, instrument in wanted.values()} - self.known_instruments)
+        unknown = sorted({target for feed, target in wanted.values() if feed is not Feed.INDEX}
+                         - self.known_instruments)
         for name in unknown:  # e.g. expired instruments still in a position
             try:
                 item = await link.call("public/instrument",

@@ -8,7 +8,9 @@ configured watch list. An instrument that went flat keeps its feeds for
 make ingest churn subscriptions and book snapshots — and is then dropped.
 
 Followed instruments get a ticker; those not on the watch list only (positions
-and recent trades) also get the book, so the portfolio can price a close.
+and recent trades) also get the book, so the portfolio can price a close, and
+options among them the index of their underlying (`price_index.<underlying>`):
+an option's closing fee is on the index notional, and its ticker may carry none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from enum import StrEnum
 class Feed(StrEnum):
     TICKER = "ticker"
     BOOK = "book"
+    INDEX = "index"
+    """`price_index.<underlying>`: the channel's target is the underlying, not an instrument."""
 
 
 def ticker_channel(instrument: str, delay: str) -> str:
@@ -31,6 +35,11 @@ def ticker_channel(instrument: str, delay: str) -> str:
 def book_channel(instrument: str, levels: int, delay: str) -> str:
     """`book.<instrument>.none.<nlevels>.<delay>` (no price grouping: the real levels)."""
     return f"book.{instrument}.none.{levels}.{delay}"
+
+
+def index_channel(underlying: str) -> str:
+    """`price_index.<underlying>`."""
+    return f"price_index.{underlying}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +66,12 @@ class Follow:
         """Instruments with an open position (never zero)."""
         self.flat_since: dict[str, float] = {}
         """Instruments that went flat (or traded without a known position), and since when."""
+        self.option_underlyings: dict[str, str] = {}
+        """Options (from the instrument metadata) → their underlying, whose index they need."""
+
+    def note_option(self, instrument: str, underlying: str) -> None:
+        """`instrument` is an option on `underlying` (its index is followed while it is held)."""
+        self.option_underlyings[instrument] = underlying
 
     def _set(self, instrument: str, position: float, now: float) -> None:
         if position != 0.0:
@@ -101,6 +116,9 @@ class Follow:
             if instrument in self.positions or instrument in self.flat_since:
                 book = book_channel(instrument, self.book_levels, self.ticker_delay)
                 channels[book] = (Feed.BOOK, instrument)
+                underlying = self.option_underlyings.get(instrument)
+                if underlying is not None:
+                    channels[index_channel(underlying)] = (Feed.INDEX, underlying)
         return channels
 
     def plan(self, now: float, subscribed: Iterable[str]) -> Plan:

@@ -31,6 +31,16 @@ class MalformedMessage(ValueError):
     """An exchange message the guardian cannot use; the text says which field and why."""
 
 
+class UnbookableTrade(MalformedMessage):
+    """A trade without what booking needs: its id, instrument, direction, price or amount."""
+
+
+BOOKING_FIELDS = ("trade_id", "instrument_name", "direction", "price", "amount")
+"""What a trade cannot be booked without. `trade_id` too: fills are de-duplicated by it, and a trade
+that may come twice (live and from the history) without one could be counted twice. Such a trade is
+refused loudly; reconciliation with the exchange's portfolio heals the position."""
+
+
 class _Thalex(BaseModel):
     """An exchange object: unknown fields are Thalex's business; a wrong type or NaN is not."""
 
@@ -38,23 +48,31 @@ class _Thalex(BaseModel):
 
 
 class ThalexTrade(_Thalex):
-    """The fields of api.yaml `Trade` a fill needs (`fee` is money: required)."""
+    """api.yaml `Trade`, which requires no field: anything may be missing (None).
 
-    trade_id: str
-    order_id: str
-    instrument_name: str
-    direction: str
-    price: float
-    amount: float
-    time: float
-    fee: float
+    Booking needs `trade_id` (de-duplication), `instrument_name`, `direction`, `price` and
+    `amount` (see `fill_from_trade`). `session_realised_after`, `position_pnl`,
+    `perpetual_funding_pnl`, `bot_id` and `leg_index` are not carried: the ledger computes
+    P&L from its own epoch's basis, and a combination's legs come as trades of their own.
+    """
+
+    trade_id: str | None = None
+    order_id: str | None = None
+    instrument_name: str | None = None
+    direction: str | None = None
+    price: float | None = None
+    amount: float | None = None
+    time: float | None = None
+    fee: float | None = None
+    liquidation_fee: float | None = None
+    index: float | None = None
     fee_rate: float | None = None
     maker_taker: str | None = None
     position_after: float | None = None
     funding_mark: float | None = None
     label: str | None = None
     client_order_id: float | None = None
-    trade_type: str = TradeType.NORMAL.value
+    trade_type: str | None = None
 
 
 class ThalexTicker(_Thalex):
@@ -68,6 +86,13 @@ class ThalexTicker(_Thalex):
     best_ask_amount: float | None = None
     index: float | None = None
     funding_mark: float | None = None
+
+
+class ThalexIndex(_Thalex):
+    """api.yaml `Index` (the `price_index.<underlying>` notification)."""
+
+    price: float
+    timestamp: float | None = None
 
 
 class ThalexPortfolioEntry(_Thalex):
@@ -143,9 +168,18 @@ def as_list(data: Any, what: str) -> list[Any]:
 
 
 def fill_from_trade(data: Any, ingest_ts: float) -> Fill:
-    """One Thalex `Trade` → `Fill` (amount stays positive; `direction` is the side)."""
+    """One Thalex `Trade` → `Fill` (amount stays positive; `direction` is the side).
+
+    A trade missing an optional field is kept: no `fee` → the fill has none (the portfolio
+    estimates and flags it), no `order_id` (an expiration) → none, no `time` → the receive time,
+    no `trade_type` → `normal`. Raises `UnbookableTrade` when a field of `BOOKING_FIELDS` is
+    missing, `MalformedMessage` when a field is of the wrong type or value.
+    """
     trade = parse(ThalexTrade, "Trade", data)
-    what = f"Trade {trade.trade_id}"
+    what = f"Trade {trade.trade_id}" if trade.trade_id else "Trade"
+    missing = [name for name in BOOKING_FIELDS if getattr(trade, name) in (None, "")]
+    if missing:
+        raise UnbookableTrade(f"Trade: cannot be booked without {', '.join(missing)}")
     client_order_id = trade.client_order_id
     if client_order_id is not None and not float(client_order_id).is_integer():
         raise MalformedMessage(f"{what}: client_order_id {client_order_id} is not an integer")
@@ -153,20 +187,22 @@ def fill_from_trade(data: Any, ingest_ts: float) -> Fill:
         Fill,
         what,
         trade_id=trade.trade_id,
-        order_id=trade.order_id,
+        order_id=trade.order_id or None,
         client_order_id=None if client_order_id is None else int(client_order_id),
         instrument=trade.instrument_name,
         side=trade.direction,
         price=trade.price,
         amount=trade.amount,
         fee=trade.fee,
+        liquidation_fee=trade.liquidation_fee,
+        index=trade.index,
         fee_rate=trade.fee_rate,
         liquidity=trade.maker_taker,
         position_after=trade.position_after,
         funding_mark=trade.funding_mark,
         label=trade.label or None,
-        trade_type=trade.trade_type,
-        exchange_ts=trade.time,
+        trade_type=trade.trade_type or TradeType.NORMAL,
+        exchange_ts=trade.time if trade.time is not None else ingest_ts,
         ingest_ts=ingest_ts,
     )
 
@@ -307,6 +343,24 @@ def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, in
         update["best_bid"] = bids[0][0] if bids else None
         update["best_ask"] = asks[0][0] if asks else None
     return tick.model_copy(update=update)
+
+
+def tick_from_index(underlying: str, data: Any, ingest_ts: float) -> Tick:
+    """A `price_index.<underlying>` notification → the underlying's own `Tick`.
+
+    `instrument` is the underlying (`BTCUSD`), `mark` and `index` its index price: the portfolio
+    prices an option's closing fee on it when the option's own ticker carries no index.
+    """
+    index = parse(ThalexIndex, f"Index {underlying}", data)
+    return _contract(
+        Tick,
+        f"Index {underlying}",
+        instrument=underlying,
+        mark=index.price,
+        index=index.price,
+        exchange_ts=index.timestamp if index.timestamp is not None else ingest_ts,
+        ingest_ts=ingest_ts,
+    )
 
 
 # Positions and instruments

@@ -9,6 +9,8 @@ import logging
 import signal
 from pathlib import Path
 
+from services.common.config import ConfigError, Settings, load_config
+from services.common.contracts import InstrumentType
 from services.paper.keys import generate_key, load_keys
 from services.paper.scenario import Step, load_scenario, run_scenario
 from services.paper.server import PaperExchange
@@ -89,6 +91,10 @@ def paper_main(argv: list[str]) -> int:
         default=1.0,
         help="the paper's time runs this many times as fast as real time",
     )
+    parser.add_argument(
+        "--config", type=Path, help="the guardian's configuration: option fees are capped as its "
+        "[trading_fees.products.option] premium_cap says (none by default), so both agree"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -118,8 +124,19 @@ def paper_main(argv: list[str]) -> int:
     if args.clock_speed < 0:
         parser.exit(2, "thalex-tp paper: --clock-speed must be >= 0\n")
     exchange.clock.set_speed(args.clock_speed)
+    if args.config is not None:
+        try:
+            exchange.engine.option_fee_cap = option_fee_cap(load_config(args.config))
+        except ConfigError as exc:
+            parser.exit(2, f"thalex-tp paper: --config {args.config}: {exc}\n")
     asyncio.run(_serve(exchange, steps))
     return 0
+
+
+def option_fee_cap(settings: Settings) -> float | None:
+    """The premium cap of option fees in the guardian's `[trading_fees]` (None: not capped)."""
+    rates = settings.trading_fees.products.get(InstrumentType.OPTION)
+    return rates.premium_cap if rates is not None else None
 
 
 async def _serve(exchange: PaperExchange, steps: list[Step]) -> None:

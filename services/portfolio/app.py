@@ -62,6 +62,10 @@ BATCH_SIZE = Histogram("tp_portfolio_batch_entries", "Entries folded into one sn
 DRIFT_EVENTS = Counter("tp_portfolio_drift_events_total", "Positions on which ledger and exchange disagreed",
                        ["instrument"])
 FILLS = Counter("tp_portfolio_fills_total", "Fills by what the ledger did with them", ["outcome"])
+FUNDING_SETTLEMENTS = Counter("tp_portfolio_funding_settlements_total",
+                              "Daily funding settlements booked (a perpetual position crossing 08:00 UTC)")
+FEES_ESTIMATED = Gauge("tp_portfolio_fees_estimated_usd",
+                       "Part of the epoch's fees paid that is estimated (trades that reported no fee)")
 CLOSE_COST_ERROR = Gauge("tp_portfolio_close_cost_error_usd",
                          "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)")
 CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last closure: estimated closing cost")
@@ -182,7 +186,9 @@ class PortfolioService:
                 changed[delivery.doc.instrument] = delivery.doc
         if changed:
             pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
-        if any(self.ledger.in_snapshot(name) for name in changed):
+        if self._settlements():  # a tick of a new day settled funding: that is accounting
+            self._save_ledger(pipe)
+        if any(self.ledger.moves_snapshot(name) for name in changed):
             self._publish_snapshot(pipe, len(batch))
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
@@ -196,9 +202,21 @@ class PortfolioService:
                                           "reconciliation with the exchange will heal the position")
             elif outcome is FillOutcome.DUPLICATE:
                 log.info("duplicate fill %s ignored", delivery.doc.trade_id)
+        self._settlements()
         self._end_epoch_when_flat(pipe)
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))
+
+    def _settlements(self) -> bool:
+        """Log the daily funding settlements the ledger booked; whether there were any."""
+        settled = self.ledger.take_settlements()
+        for s in settled:
+            FUNDING_SETTLEMENTS.inc()
+            log.info("funding of %s settled at %s: funding mark %.10g, position %s, %+.6f USD realised%s",
+                     s.instrument, s.settled_ts, s.funding_mark, s.position, s.realized,
+                     f" ({s.periods - 1} day(s) without any input: their funding is not counted)"
+                     if s.periods > 1 else "")
+        return bool(settled)
 
     async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
         """Reconcile with the exchange; checkpoint and publish only when that changed something.
@@ -218,7 +236,8 @@ class PortfolioService:
                     DRIFT_EVENTS.labels(drift.instrument).inc()
                     log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
                                 drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
-        if self.ledger.reconciliation_state() == before:
+        settled = self._settlements()
+        if self.ledger.reconciliation_state() == before and not settled:
             return
         self._save_ledger(pipe)
         self._publish_snapshot(pipe, len(batch))
@@ -318,6 +337,7 @@ class PortfolioService:
         NET_PNL.set(snap.net_pnl)
         GROSS_PNL.set(snap.gross_pnl)
         FEES_PAID.set(snap.fees_paid)
+        FEES_ESTIMATED.set(snap.fees_estimated or 0.0)
         EST_CLOSE_FEES.set(snap.est_close_fees)
         EST_SLIPPAGE.set(snap.est_slippage)
         EPOCH.set(snap.epoch)

@@ -1,7 +1,7 @@
-"""Fee estimates from the configured schedule.
+"""Fee estimates from the configured schedule (pure).
 
 Fees already paid come from the exchange's trades; the schedule only estimates
-what has not been reported or has not happened yet (the close).
+what has not happened yet (the close) and the fee of a trade that reported none.
 
 Fee base (the USD notional a rate applies to):
 
@@ -9,14 +9,18 @@ Fee base (the USD notional a rate applies to):
   yet: size x the trade price — for a close, the exit price walked from the
   book, because that is the price the closing trade will print at;
 * options: Thalex charges option fees (2.5 bps) on the underlying, so size x
-  the underlying `index` when the tick carries it; otherwise size x the
-  option's own price (the mark for a close, the trade price for a past fill).
-  That premium notional is far smaller than the underlying notional, so the
-  fallback under-estimates: it is the best evidence available, and the reason
-  ingest should carry `index` on option ticks. No premium cap is applied: a
-  cap would only lower the estimate, and an estimate of a cost should err high.
+  the underlying's index (the tick's, else the newest the guardian has from
+  any source: another instrument on the underlying, `price_index.<underlying>`;
+  for a past trade its own `index` first). Only when no index is known at all,
+  size x the option's own price (the mark for a close, the trade price for a
+  past trade): far too low, so it is the last resort.
+* a premium cap (`premium_cap`, per product or instrument; Thalex's published
+  schedule has none) limits an option's fee to that share of its premium,
+  size x price (the exit price for a close).
 
-Every estimate is at least `minimum_fee_usd` (per trade; per position closed).
+Every trading-fee estimate is at least `minimum_fee_usd` (per trade; per
+position closed). Settlement and liquidation fees are rates of price x amount
+with no minimum (a worthless option settles for nothing and pays nothing).
 """
 
 from __future__ import annotations
@@ -49,9 +53,20 @@ def trade_fee_base(
     return amount * price
 
 
-def estimated_fee(base: float, rate: float, minimum_fee_usd: float) -> float:
-    """A fee on `base` at `rate`, never below the exchange's minimum."""
+def premium_cap_of(
+    instrument_type: InstrumentType | None, premium_cap: float | None, size: float, price: float
+) -> float | None:
+    """The most an option's fee may be (`premium_cap` x size x price); None: not capped."""
+    if instrument_type is not InstrumentType.OPTION or premium_cap is None:
+        return None
+    return premium_cap * size * price
+
+
+def estimated_fee(base: float, rate: float, minimum_fee_usd: float, cap: float | None = None) -> float:
+    """A fee on `base` at `rate`, capped at `cap` (if any), never below the exchange's minimum."""
     fee = base * rate
+    if cap is not None:
+        fee = min(fee, cap)
     return max(minimum_fee_usd, fee)
 
 

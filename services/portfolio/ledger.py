@@ -31,30 +31,64 @@ Thalex: unrealised funding = `funding_mark * q - perpetual_funding_entry_value`
 (E below), `funding_mark` being the funding value of one long contract since
 the last settlement. E is to funding what `avg_entry * q` is to price, so it
 follows the same average-cost rule, with `fm` the funding mark the fill carries
-(else the last ticked funding mark, else 0 — instruments without funding):
+(else the position's current funding mark, else 0 — instruments without funding):
 
 * grow:   `E += fm * s`;
 * reduce by c: the closed share `c/|q|` of E is released and the funding of
   the closed part is realised: `funding_realized += fm * c * sign(q) - E * c/|q|`,
   `E -= E * c/|q|`;
 * flip:   close all (E -> 0), then `E = fm * (q + s)` for the part opened.
-* `funding_pnl = funding_realized + (funding_mark * q - E)` with the last
-  ticked funding mark; the unrealised part is 0 while no funding mark is known.
+* `funding_pnl = funding_realized + (funding_mark * q - E)` with the position's
+  current funding mark: the newest one of its period from a tick or a fill
+  (0 right after a settlement); the unrealised part is 0 while none is known.
 
 Over a whole epoch this makes `funding_pnl = fm_now * q - sum(fm_i * s_i)`,
 exactly as `realized + unrealized = mark * q - sum(price_i * s_i)` for prices.
-Known gap: Thalex's daily settlement realises funding and resets the funding
-mark (and E); v1 of the wire does not carry that settlement, so across one the
-ledger's funding P&L misses what was settled (a v2 contract change is needed).
+
+Daily settlement. Thalex settles perpetual funding every day at 08:00 UTC
+(contract specifications): the funding of the day is realised, the funding mark
+starts again from 0 and so does E. The ledger does the same, on the exchange's
+clock: every input of an instrument (tick or fill) is in the funding period of
+its `exchange_ts` (period k runs from the settlement of day k, inclusive, to the
+next). The first input of a later period settles the position first, at `F`,
+the newest funding mark it had in the period that ended:
+`funding_realized += F * q - E`, `E = 0`, funding mark 0. `funding_pnl` is
+continuous across it (it moves only by the funding accrued between that last
+mark and 08:00), and E and the unrealised part are again the exchange's
+`perpetual_funding_entry_value` and `unrealised_perpetual_funding`. A fill of
+the period before that arrives after the settlement is booked with its funding
+mark moved into the new period (`fm - F`), so its funding is neither lost nor
+counted twice. Periods without any input (ingest down a whole day) settle at
+the last known mark; the funding of the days missed is unknown and not counted.
+Each settlement is reported (`take_settlements`) so the service checkpoints it.
+See docs/money.md for how this reads api.yaml.
 
 Fees paid
 ---------
-The `fee` of each fill — what Thalex actually charged. A fill with `fee == 0`
-and no `fee_rate` is "not reported" (the wire's `fee` is mandatory, so ingest
-writes 0 when Thalex sent none; a genuine zero fee comes with its `fee_rate`).
-Only then is the configured schedule used: the maker rate if the fill says
-maker, else the taker rate, on the notional of `fees.trade_fee_base`, at least
-`minimum_fee_usd`.
+The exchange's figures: a fill's `fee`, plus its `liquidation_fee` for a
+liquidation trade. A fee of 0 is the exchange's figure like any other (an
+option expiring worthless pays nothing). Only a fill without `fee` (the
+exchange reported none) is estimated, and the estimate is flagged in
+`fees_estimated` (per position and in total):
+
+* expiration: `settlement_fee_rate * price * amount` (Thalex: 1 bps of what is
+  settled; 0 for an option expiring worthless);
+* daily_mark (a settlement, not an exchange of contracts): 0 (Thalex: free);
+* any other trade: its `fee_rate` if it reported one, else the schedule's maker
+  rate if it says maker, else the taker rate, on `fees.trade_fee_base` (an
+  option's on its index: the trade's own `index`, else the underlying's newest),
+  capped by the option's `premium_cap`; the schedule's estimate is at least
+  `minimum_fee_usd`;
+* a liquidation without `liquidation_fee`: `liquidation_fee_rate * price * amount`
+  more, flagged likewise.
+
+Trade types (api.yaml `Trade.trade_type`)
+-----------------------------------------
+normal, block, combo (one trade per leg, on the leg's instrument, its direction
+already the leg's), rfq (likewise), internal_transfer, liquidation, expiration
+(the position closed at the settlement price), amend and delete: each moves
+the position by its signed amount at its price, as above. daily_mark (legacy
+futures-style settlement entries) moves nothing but its fee.
 
 Closing cost of a position (what getting out now would cost)
 ------------------------------------------------------------
@@ -106,8 +140,17 @@ the ledger's own position the exchange no longer has is first realised at the
 exchange's mark (a missed close is neither lost nor counted twice); what the
 exchange holds is carried at its average price (a missed opening shows the
 P&L the exchange shows). The `Drift` stays in every snapshot until a later
-report agrees (healed); a fill that was still in flight at adoption will show
-as a new drift and be healed the same way.
+report agrees (healed).
+
+A late trade corrects the adoption. A fill at or before the adopted report's
+`exchange_ts` is already in the exchange's position: its amount is not counted
+again (its fee is). The part of the adoption realised at the exchange's mark is
+kept as a lot `(amount, side, mark, funding mark)`; a late fill that closes in
+its direction takes `c = min(amount, lot)` from the oldest lot it may belong to
+and corrects realised P&L by `(price - mark) * c * side` (and funding by
+`(fm - lot fm) * c * side`), so realised P&L becomes what the trade really made,
+`(price - avg_entry) * c * side` — Thalex's `position_pnl`. What a late fill
+opened is already in the exchange's average price. Lots end with the epoch.
 
 De-duplication (bounded)
 ------------------------
@@ -126,10 +169,14 @@ often it checkpoints.
 
 Prices and staleness
 --------------------
-The mark, book, index and funding mark are the instrument's latest tick (a
-tick older than the one held is ignored). Until an instrument has ticked it is
-valued at its average entry (0 unrealised; after a seed, at the exchange's
-mark). An open position is stale when its instrument has not ticked within
+The mark and book are the instrument's latest tick (a tick older than the one
+held is ignored). An option's index is its tick's, else the underlying's newest
+from any tick: the latest tick of every instrument on the underlying and of the
+underlying's own index feed (a `Tick` whose `instrument` is the underlying,
+from `price_index.<underlying>`), newest `exchange_ts` first (ties by name).
+An option valued on the underlying's index is re-valued when that index changes.
+Until an instrument has ticked it is valued at its average entry (0 unrealised;
+after a seed, at the exchange's mark). An open position is stale when its instrument has not ticked within
 `stale_after_seconds` of `now`, measured on the tick's `exchange_ts` (the age
 of the price itself), or has never ticked.
 
@@ -158,27 +205,46 @@ from services.common.contracts import (
     ExitPriceSource,
     Fill,
     InstrumentInfo,
+    InstrumentType,
     Positions,
     Snapshot,
     SnapshotPosition,
     Tick,
+    TradeType,
 )
 from services.portfolio.book import ExitQuote, exit_quote
 from services.portfolio.fees import (
     close_fee_base,
     estimated_fee,
+    premium_cap_of,
     rate_for_liquidity,
     trade_fee_base,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: positions carry their estimated fees and funding period; adoption lots (1 is still read)."""
 DEFAULT_DEDUP_WINDOW = 10_000
 FLAT_TOLERANCE = 1e-9
 """Relative rest of a reduction that counts as flat (float noise, not a position)."""
 UNKNOWN_INSTRUMENT_TOLERANCE = 1e-9
 """Relative tolerance of reconciliation when the instrument's volume tick is unknown."""
+SECONDS_PER_DAY = 86_400.0
+FUNDING_SETTLEMENT_SECONDS = 8 * 3_600.0
+"""Thalex settles daily at 08:00 UTC (contract specifications of its perpetuals)."""
+MAX_ADOPTED_LOTS = 100
+"""Adoption lots kept per instrument waiting for their late trades (the oldest goes first)."""
 
 Baseline = Literal["entry", "mark_at_start"]
+
+
+def funding_period(exchange_ts: float) -> int:
+    """The daily funding period of a time: period k starts at the settlement of day k (inclusive)."""
+    return math.floor((exchange_ts - FUNDING_SETTLEMENT_SECONDS) / SECONDS_PER_DAY)
+
+
+def settlement_ts(period: int) -> float:
+    """When funding period `period` began (the settlement that opened it)."""
+    return period * SECONDS_PER_DAY + FUNDING_SETTLEMENT_SECONDS
 
 
 class FillOutcome(StrEnum):
@@ -252,6 +318,38 @@ class Totals:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class FundingSettlement:
+    """A daily funding settlement the ledger booked (see Daily settlement)."""
+
+    instrument: str
+    settled_ts: float
+    """When the period that was settled ended (08:00 UTC)."""
+    funding_mark: float
+    """The funding mark it was settled at: the newest the position had in that period."""
+    position: float
+    realized: float
+    """`funding_mark * position - E`: what moved from unrealised to realised funding."""
+    periods: int
+    """Settlements passed (more than 1: periods without any input, not counted)."""
+
+
+@dataclass(slots=True)
+class AdoptedLot:
+    """A part of a position that reconciliation realised at the exchange's mark, awaiting its trade."""
+
+    amount: float
+    side: float
+    """+1: a long was closed (the late trade sells), -1: a short was closed."""
+    mark: float
+    funding_mark: float
+    through_ts: float
+    """`exchange_ts` of the adopted report: only trades at or before it belong to the lot."""
+
+    def to_state(self) -> list[float]:
+        return [self.amount, self.side, self.mark, self.funding_mark, self.through_ts]
+
+
 class _RunningSum:
     """A sum kept as an unevaluated pair (hi + lo), updated with error-free TwoSum.
 
@@ -286,15 +384,20 @@ class _Position:
         "est_close_fee",
         "est_slippage",
         "exit",
+        "fees_estimated",
         "fees_paid",
         "funding_entry_value",
+        "funding_mark",
+        "funding_period",
         "funding_realized",
+        "funding_ts",
         "funding_unrealized",
         "instrument",
         "mark",
         "opened_ts",
         "position",
         "realized_pnl",
+        "settled_mark",
         "unrealized_pnl",
     )
 
@@ -304,8 +407,15 @@ class _Position:
         self.avg_entry = 0.0
         self.realized_pnl = 0.0
         self.fees_paid = 0.0
+        self.fees_estimated = 0.0
         self.funding_realized = 0.0
         self.funding_entry_value = 0.0
+        self.funding_mark: float | None = None
+        """The newest funding mark of the current period (tick or fill); None: never known."""
+        self.funding_ts: float | None = None
+        self.funding_period: int | None = None
+        self.settled_mark: float | None = None
+        """The funding mark of the last settlement (moves a late fill of that period into this one)."""
         self.opened_ts: float | None = None
         self.mark = 0.0
         self.unrealized_pnl = 0.0
@@ -329,7 +439,7 @@ class _Position:
             self.est_slippage,
         )
 
-    def accounting_state(self) -> list[float | None]:
+    def accounting_state(self) -> list[float | int | None]:
         return [
             self.position,
             self.avg_entry,
@@ -338,11 +448,18 @@ class _Position:
             self.funding_realized,
             self.funding_entry_value,
             self.opened_ts,
+            self.fees_estimated,
+            self.funding_mark,
+            self.funding_ts,
+            self.funding_period,
+            self.settled_mark,
         ]
 
     @classmethod
     def from_accounting_state(cls, instrument: str, state: list[Any]) -> _Position:
+        """From `accounting_state()`; a version-1 list (7 items) takes the defaults for the rest."""
         p = cls(instrument)
+        values = list(state) + [0.0, None, None, None, None][len(state) - 7:]
         (
             p.position,
             p.avg_entry,
@@ -351,7 +468,12 @@ class _Position:
             p.funding_realized,
             p.funding_entry_value,
             p.opened_ts,
-        ) = state
+            p.fees_estimated,
+            p.funding_mark,
+            p.funding_ts,
+            p.funding_period,
+            p.settled_mark,
+        ) = values
         return p
 
 
@@ -378,9 +500,18 @@ class Ledger:
         self._drift: dict[str, Drift] = {}
         self._sums = tuple(_RunningSum() for _ in range(6))
         self._rows: dict[str, SnapshotPosition] = {}
+        """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
         self._adopted_through: dict[str, float] = {}
         """instrument -> exchange_ts of the report whose position was adopted (see `apply_fill`)."""
-        """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
+        self._lots: dict[str, list[AdoptedLot]] = {}
+        """instrument -> what adoptions realised at the exchange's mark, awaiting the late trades."""
+        self._index: dict[str, tuple[float, float, str]] = {}
+        """underlying -> (index, exchange_ts, tick it came from): the newest of the latest ticks."""
+        self._on_underlying: dict[str, set[str]] = {}
+        """underlying -> the ticks held that belong to it (instruments, and its own index feed)."""
+        self._index_users: dict[str, set[str]] = {}
+        """underlying -> options of the book valued on its index (their own tick carries none)."""
+        self._settlements: list[FundingSettlement] = []
 
     # ----------------------------------------------------------------- reading
 
@@ -405,6 +536,11 @@ class Ledger:
         the service logs / exports this list.
         """
         return [name for name, p in self._positions.items() if p.exit.beyond_depth]
+
+    def take_settlements(self) -> list[FundingSettlement]:
+        """The funding settlements booked since the last call (the service checkpoints and logs them)."""
+        settled, self._settlements = self._settlements, []
+        return settled
 
     def totals(self) -> Totals:
         """The portfolio figures, O(1): the running sums kept on every tick and fill."""
@@ -448,6 +584,7 @@ class Ledger:
             math.fsum(r.est_slippage for r in rows),
             self._config.fee_estimation_buffer,
         )
+        estimated = math.fsum(r.fees_estimated for r in rows if r.fees_estimated is not None)
         return Snapshot(
             seq=seq,
             epoch=self._epoch,
@@ -462,6 +599,7 @@ class Ledger:
             gross_pnl=totals.gross_pnl,
             net_pnl=totals.net_pnl,
             net_after_close=totals.net_after_close,
+            fees_estimated=estimated if estimated != 0.0 else None,
             oldest_position_ts=oldest,
             stale_instruments=self.stale_instruments(now, stale_after_seconds),
             drift=list(self._drift.values()),
@@ -485,6 +623,7 @@ class Ledger:
             fees_paid=p.fees_paid,
             est_close_fee=p.est_close_fee,
             est_slippage=p.est_slippage,
+            fees_estimated=p.fees_estimated if p.fees_estimated != 0.0 else None,
             opened_ts=p.opened_ts,
             underlying=info.underlying if info else None,
             instrument_type=info.type if info else None,
@@ -499,62 +638,68 @@ class Ledger:
 
     def set_instrument(self, name: str, info: InstrumentInfo) -> None:
         """Register (or update) an instrument's metadata; its fee rates follow its type."""
+        old_underlying = self._underlying(name)
         self._instruments[name] = info
         self._rates[name] = self._config.fees.rates_for(name, info.type)
+        tick = self._ticks.get(name)
+        if tick is not None and old_underlying != info.underlying:  # its tick now speaks for the underlying
+            self._on_underlying.get(old_underlying, set()).discard(name)
+            self._rescan_index(old_underlying)
+            self._note_index(name, tick)
         p = self._positions.get(name)
         if p is not None:
-            before = p.contributions()
-            self._value(p)
-            self._move_sums(before, p.contributions())
+            self._revalue(p)
 
-    def in_snapshot(self, instrument: str) -> bool:
-        """Whether the snapshot has a row for `instrument` (a position of this epoch, open or closed).
+    def moves_snapshot(self, instrument: str) -> bool:
+        """Whether a price of `instrument` moves a figure of the snapshot.
 
-        A price of any other instrument (a watch-list ticker) changes no figure of the snapshot.
+        A position of this epoch (open or closed), or an index an option of the epoch is valued
+        on (its own tick carries none). A price of any other instrument (a watch-list ticker)
+        changes no figure of the snapshot.
         """
-        return instrument in self._positions
+        return instrument in self._positions or bool(self._index_users.get(self._underlying(instrument)))
 
     def apply_tick(self, tick: Tick) -> bool:
         """Take a new price; False (ignored) if it is older than the one held."""
-        held = self._ticks.get(tick.instrument)
+        name = tick.instrument
+        held = self._ticks.get(name)
         if held is not None and tick.exchange_ts < held.exchange_ts:
             return False
-        self._ticks[tick.instrument] = tick
+        self._ticks[name] = tick
         self._note_input(tick.ingest_ts)
-        p = self._positions.get(tick.instrument)
+        p = self._positions.get(name)
         if p is not None:
             before = p.contributions()
+            self._funding_input(p, tick.exchange_ts, tick.funding_mark)
             self._value(p)
             self._move_sums(before, p.contributions())
+        self._note_index(name, tick)
         return True
 
     def apply_fill(self, fill: Fill) -> FillOutcome:
-        """Count one trade of the account, at most once (see De-duplication)."""
+        """Count one trade of the account, at most once (see De-duplication and Trade types)."""
         if fill.trade_id in self._seen:
             return FillOutcome.DUPLICATE
         if self._horizon is not None and fill.exchange_ts <= self._horizon:
             return FillOutcome.BEFORE_HORIZON
         self._remember(fill.trade_id, fill.exchange_ts)
         self._note_input(fill.ingest_ts)
-        name = fill.instrument
-        p = self._positions.get(name)
-        if p is None:
-            p = self._positions[name] = _Position(name)
-        tick = self._ticks.get(name)
-        if fill.exchange_ts <= self._adopted_through.get(name, -math.inf):
-            # A fill that arrives after drift was adopted, from before the adopted report: the
-            # exchange's position already includes it. Count its fee, not its amount a second time.
-            before = p.contributions()
-            p.fees_paid += self._fee_of(fill, tick)
-            self._value(p)
-            self._move_sums(before, p.contributions())
-            return FillOutcome.APPLIED
-        funding_mark = fill.funding_mark
-        if funding_mark is None:
-            funding_mark = tick.funding_mark if tick is not None and tick.funding_mark is not None else 0.0
+        p = self._position_for(fill.instrument)
         before = p.contributions()
-        self._trade(p, fill.signed_amount, fill.price, funding_mark, fill.exchange_ts)
-        p.fees_paid += self._fee_of(fill, tick)
+        fee, estimated = self._fee_of(fill)
+        p.fees_paid += fee
+        p.fees_estimated += estimated
+        if fill.exchange_ts <= self._adopted_through.get(fill.instrument, -math.inf):
+            # A fill that arrives after drift was adopted, from before the adopted report: the
+            # exchange's position already includes it. Count its fee and correct what the adoption
+            # realised at the exchange's mark; never its amount a second time.
+            self._funding_input(p, fill.exchange_ts, fill.funding_mark)
+            self._correct_adoption(p, fill)
+        elif fill.trade_type is TradeType.DAILY_MARK:
+            self._funding_input(p, fill.exchange_ts, None)
+        else:
+            funding_mark = self._funding_mark_of(p, fill)
+            self._trade(p, fill.signed_amount, fill.price, funding_mark, fill.exchange_ts)
         self._value(p)
         self._move_sums(before, p.contributions())
         return FillOutcome.APPLIED
@@ -566,11 +711,14 @@ class Ledger:
         exchange's funding entry value (Thalex omits it when 0). `mark_at_start`:
         valued from `mark_price`, funding re-based so it starts at 0
         (`E = unrealised_perpetual_funding + perpetual_funding_entry_value`).
+        The funding mark is the exchange's, `(unrealised + E) / position`, until a
+        tick or fill brings a newer one; the funding period starts with it.
         `opened_ts` is `now` (the exchange does not say when a position was
         opened). Fills at or before the report's `exchange_ts` are already in
         it, so they become the de-duplication horizon.
         """
         self._positions = {}
+        self._index_users.clear()
         self._drift_since.clear()
         self._drift.clear()
         self._epoch_started_ts = now
@@ -588,6 +736,11 @@ class Ledger:
             p.position = ex.position
             p.opened_ts = now
             entry_value = ex.perpetual_funding_entry_value or 0.0
+            if ex.unrealised_perpetual_funding is not None:
+                p.funding_mark = (ex.unrealised_perpetual_funding + entry_value) / ex.position
+            tick = self._ticks[ex.instrument]
+            if tick.funding_mark is not None:
+                p.funding_mark = tick.funding_mark
             if baseline == "entry":
                 p.avg_entry = ex.average_price
                 p.funding_entry_value = entry_value
@@ -635,7 +788,7 @@ class Ledger:
                 exchange_position=exchange_position,
                 since=since,
             )
-            self._adopt(name, ex, now)
+            self._adopt(name, ex, now, report.exchange_ts)
             self._adopted_through[name] = report.exchange_ts
         return list(self._drift.values())
 
@@ -655,6 +808,8 @@ class Ledger:
             return False
         self._epoch += 1
         self._epoch_started_ts = now
+        self._lots.clear()
+        self._index_users.clear()
         kept: dict[str, _Position] = {}
         for name, p in self._positions.items():
             if p.position == 0.0:
@@ -662,10 +817,11 @@ class Ledger:
             tick = self._ticks.get(name)
             if tick is not None:
                 p.avg_entry = tick.mark
-                if tick.funding_mark is not None:
-                    p.funding_entry_value = tick.funding_mark * p.position
+            if p.funding_mark is not None:
+                p.funding_entry_value = p.funding_mark * p.position
             p.realized_pnl = 0.0
             p.fees_paid = 0.0
+            p.fees_estimated = 0.0
             p.funding_realized = 0.0
             self._value(p)
             kept[name] = p
@@ -680,7 +836,7 @@ class Ledger:
 
         `with_ticks=False` leaves out the latest tick per instrument: the service
         stores those incrementally (`tick_state`) because they change on every tick
-        while the accounting changes only on fills.
+        while the accounting changes only on fills (and settlements).
         """
         return {
             "version": STATE_VERSION,
@@ -698,13 +854,18 @@ class Ledger:
             "horizon": self._horizon,
             "drift_since": dict(self._drift_since),
             "adopted_through": dict(self._adopted_through),
+            "adopted_lots": {n: [lot.to_state() for lot in lots] for n, lots in self._lots.items() if lots},
             "drift": [d.model_dump(mode="json") for d in self._drift.values()],
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], config: LedgerConfig) -> Ledger:
-        """Rebuild a ledger from `to_state()`; valuations are recomputed, so snapshots are identical."""
-        if state.get("version") != STATE_VERSION:
+        """Rebuild a ledger from `to_state()`; valuations are recomputed, so snapshots are identical.
+
+        The latest ticks may be newer than the accounting (the service stores them apart): each
+        is folded into its position's funding mark exactly as `apply_tick` did.
+        """
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"ledger state version {state.get('version')!r} is not {STATE_VERSION}")
         ledger = cls(config)
         ledger._epoch = state["epoch"]
@@ -714,21 +875,38 @@ class Ledger:
             ledger._instruments[name] = info = InstrumentInfo.model_validate(data)
             ledger._rates[name] = config.fees.rates_for(name, info.type)
         ledger._ticks = {n: Tick.model_validate(t) for n, t in state["ticks"].items()}
+        for name, tick in ledger._ticks.items():
+            ledger._note_index(name, tick)
         ledger._horizon = state["horizon"]
         for trade_id, ts in state["seen"]:
             ledger._remember(trade_id, ts)
         ledger._drift_since = dict(state["drift_since"])
         ledger._adopted_through = dict(state.get("adopted_through", {}))
+        lots = state.get("adopted_lots", {})
+        ledger._lots = {n: [AdoptedLot(*lot) for lot in held] for n, held in lots.items()}
         for d in state["drift"]:
             drift = Drift.model_validate(d)
             ledger._drift[drift.instrument] = drift
         for name, data in state["positions"].items():
             p = ledger._positions[name] = _Position.from_accounting_state(name, data)
+            latest = ledger._ticks.get(name)
+            if latest is not None:
+                ledger._funding_input(p, latest.exchange_ts, latest.funding_mark)
             ledger._value(p)
         ledger._recount()
         return ledger
 
     # ------------------------------------------------------------- accounting
+
+    def _position_for(self, name: str) -> _Position:
+        """The instrument's position, opened flat (with its latest tick's funding) when new."""
+        p = self._positions.get(name)
+        if p is None:
+            p = self._positions[name] = _Position(name)
+            tick = self._ticks.get(name)
+            if tick is not None:
+                self._funding_input(p, tick.exchange_ts, tick.funding_mark)
+        return p
 
     def _trade(
         self, p: _Position, signed_amount: float, price: float, funding_mark: float, ts: float
@@ -769,37 +947,102 @@ class Ledger:
         p.funding_realized += funding_mark * size * direction - released
         p.funding_entry_value -= released
 
-    def _fee_of(self, fill: Fill, tick: Tick | None) -> float:
-        """The fee the exchange charged; the schedule only when it reported none."""
-        if fill.fee != 0.0 or fill.fee_rate is not None:
-            return fill.fee
+    def _funding_input(self, p: _Position, ts: float, funding_mark: float | None) -> None:
+        """An input of the position's instrument stamped `ts`: settle a period that ended, take its mark."""
+        period = funding_period(ts)
+        if p.funding_period is None:
+            p.funding_period = period
+        elif period > p.funding_period:
+            if p.funding_mark is not None:
+                self._settle(p, period)
+            p.funding_period = period
+        newer = p.funding_ts is None or ts >= p.funding_ts
+        if funding_mark is not None and period == p.funding_period and newer:
+            p.funding_mark = funding_mark
+            p.funding_ts = ts
+
+    def _settle(self, p: _Position, period: int) -> None:
+        """Thalex's daily settlement of the funding of the period(s) before `period`."""
+        assert p.funding_mark is not None and p.funding_period is not None
+        mark = p.funding_mark
+        realized = mark * p.position - p.funding_entry_value
+        p.funding_realized += realized
+        p.funding_entry_value = 0.0
+        p.settled_mark = mark
+        p.funding_mark = 0.0
+        p.funding_ts = settlement_ts(period)
+        if p.position == 0.0 and realized == 0.0:
+            return  # a flat instrument: nothing was settled (its next input restores the same state)
+        self._settlements.append(FundingSettlement(
+            instrument=p.instrument, settled_ts=settlement_ts(p.funding_period + 1), funding_mark=mark,
+            position=p.position, realized=realized, periods=period - p.funding_period))
+
+    def _funding_mark_of(self, p: _Position, fill: Fill) -> float:
+        """The funding mark a fill is booked at, in the position's current funding period."""
+        self._funding_input(p, fill.exchange_ts, fill.funding_mark)
+        if fill.funding_mark is None:
+            return p.funding_mark if p.funding_mark is not None else 0.0
+        if p.funding_period is not None and funding_period(fill.exchange_ts) < p.funding_period:
+            return fill.funding_mark - (p.settled_mark or 0.0)  # a late fill of the settled period
+        return fill.funding_mark
+
+    def _fee_of(self, fill: Fill) -> tuple[float, float]:
+        """`(fee, the part of it estimated)`: the exchange's figures, the schedule only where it gave none."""
+        fees = self._config.fees
+        trade_notional = fill.amount * fill.price
+        fee, estimated = fill.fee, 0.0
+        if fee is None:
+            if fill.trade_type is TradeType.EXPIRATION:
+                fee = fees.settlement_fee_rate * trade_notional
+            elif fill.trade_type is TradeType.DAILY_MARK:
+                fee = 0.0
+            else:
+                fee = self._estimated_trade_fee(fill)
+            estimated = fee
+        if fill.trade_type is TradeType.LIQUIDATION:
+            if fill.liquidation_fee is not None:
+                fee += fill.liquidation_fee
+            else:
+                extra = fees.liquidation_fee_rate * trade_notional
+                fee += extra
+                estimated += extra
+        return fee, estimated
+
+    def _estimated_trade_fee(self, fill: Fill) -> float:
+        """A trading fee the exchange did not report: its `fee_rate`, else the schedule (see Fees paid)."""
         rates = self._rates_for(fill.instrument)
         info = self._instruments.get(fill.instrument)
-        base = trade_fee_base(
-            fill.amount,
-            fill.price,
-            info.type if info is not None else None,
-            tick.index if tick is not None else None,
-        )
+        kind = info.type if info is not None else None
+        index = fill.index if fill.index is not None else self._index_of(fill.instrument)
+        base = trade_fee_base(fill.amount, fill.price, kind, index)
+        cap = premium_cap_of(kind, rates.premium_cap, fill.amount, fill.price)
+        if fill.fee_rate is not None:
+            return estimated_fee(base, fill.fee_rate, -math.inf, cap)
         rate = rate_for_liquidity(fill.liquidity, rates.maker_fee_rate, rates.taker_fee_rate)
-        return estimated_fee(base, rate, self._minimum_fee)
+        return estimated_fee(base, rate, self._minimum_fee, cap)
 
-    def _adopt(self, name: str, ex: ExchangePosition | None, now: float) -> None:
-        """Take the exchange's position, average price and funding entry value."""
-        p = self._positions.get(name)
-        if p is None:
-            p = self._positions[name] = _Position(name)
+    def _adopt(self, name: str, ex: ExchangePosition | None, now: float, report_ts: float) -> None:
+        """Take the exchange's position, average price and funding entry value.
+
+        The report is an input of its time: a funding period that ended before it is settled
+        first, so the exchange's funding entry value (of its new period) is never mixed with
+        the ledger's of the old one.
+        """
+        p = self._position_for(name)
         before = p.contributions()
+        self._funding_input(p, report_ts, None)
         q = p.position
         target = ex.position if ex is not None else 0.0
         same_side = q != 0.0 and target != 0.0 and (q > 0) == (target > 0)
         if q != 0.0:
             closed = abs(q) - abs(target) if same_side else abs(q)
             if closed > 0.0:
-                tick = self._ticks.get(name)
                 mark = ex.mark_price if ex is not None else p.mark
-                funding_mark = tick.funding_mark if tick is not None else None
-                self._close(p, closed, mark, funding_mark if funding_mark is not None else 0.0)
+                funding_mark = p.funding_mark if p.funding_mark is not None else 0.0
+                lots = self._lots.setdefault(name, [])
+                lots.append(AdoptedLot(closed, _sign(q), mark, funding_mark, report_ts))
+                del lots[:-MAX_ADOPTED_LOTS]
+                self._close(p, closed, mark, funding_mark)
         p.position = target
         if target == 0.0:
             p.avg_entry = 0.0
@@ -813,6 +1056,25 @@ class Ledger:
                 p.opened_ts = now
         self._value(p)
         self._move_sums(before, p.contributions())
+
+    def _correct_adoption(self, p: _Position, fill: Fill) -> None:
+        """A late trade closes what an adoption realised at the exchange's mark: book its real P&L."""
+        lots = self._lots.get(p.instrument)
+        rest = fill.amount
+        for lot in lots or ():
+            if rest <= 0.0:
+                break
+            belongs = fill.exchange_ts <= lot.through_ts and _sign(fill.signed_amount) != lot.side
+            if not belongs or lot.amount <= 0.0:
+                continue
+            size = min(rest, lot.amount)
+            p.realized_pnl += (fill.price - lot.mark) * size * lot.side
+            if fill.funding_mark is not None:
+                p.funding_realized += (fill.funding_mark - lot.funding_mark) * size * lot.side
+            lot.amount -= size
+            rest -= size
+        if lots:
+            lots[:] = [lot for lot in lots if lot.amount > FLAT_TOLERANCE * max(1.0, fill.amount)]
 
     def _agrees(self, name: str, ledger_position: float, exchange_position: float) -> bool:
         info = self._instruments.get(name)
@@ -832,23 +1094,81 @@ class Ledger:
         tick = self._ticks.get(name)
         if tick is None:
             mark = p.avg_entry
-            funding_mark = index = None
             p.exit = ExitQuote(mark, ExitPriceSource.MARK)
         else:
             mark = tick.mark
-            funding_mark = tick.funding_mark
-            index = tick.index
             p.exit = exit_quote(q, mark, tick.best_bid, tick.best_ask, tick.bids, tick.asks)
         p.mark = mark
         p.unrealized_pnl = (mark - p.avg_entry) * q
-        p.funding_unrealized = funding_mark * q - p.funding_entry_value if funding_mark is not None else 0.0
+        fm = p.funding_mark
+        p.funding_unrealized = fm * q - p.funding_entry_value if fm is not None else 0.0
         p.est_slippage = (mark - p.exit.price) * q
+        info = self._instruments.get(name)
+        kind = info.type if info is not None else None
+        index = tick.index if tick is not None else None
+        if kind is InstrumentType.OPTION:
+            assert info is not None
+            users = self._index_users.setdefault(info.underlying, set())
+            if index is None and q != 0.0:
+                users.add(name)
+                index = self._index_of(name)
+            else:
+                users.discard(name)
         if q == 0.0:
             p.est_close_fee = 0.0
             return
+        rates = self._rates_for(name)
+        base = close_fee_base(abs(q), p.exit.price, mark, kind, index)
+        cap = premium_cap_of(kind, rates.premium_cap, abs(q), p.exit.price)
+        p.est_close_fee = estimated_fee(base, rates.taker_fee_rate, self._minimum_fee, cap)
+
+    def _revalue(self, p: _Position) -> None:
+        before = p.contributions()
+        self._value(p)
+        self._move_sums(before, p.contributions())
+
+    def _underlying(self, name: str) -> str:
+        """What a tick of `name` is an index of: its instrument's underlying, else the name itself."""
         info = self._instruments.get(name)
-        base = close_fee_base(abs(q), p.exit.price, mark, info.type if info is not None else None, index)
-        p.est_close_fee = estimated_fee(base, self._rates_for(name).taker_fee_rate, self._minimum_fee)
+        return info.underlying if info is not None else name
+
+    def _index_of(self, name: str) -> float | None:
+        """The newest index of the instrument's underlying the guardian has, from any tick."""
+        best = self._index.get(self._underlying(name))
+        return best[0] if best is not None else None
+
+    def _note_index(self, name: str, tick: Tick) -> None:
+        """Keep the newest index per underlying over the latest ticks (see Prices and staleness)."""
+        underlying = self._underlying(name)
+        self._on_underlying.setdefault(underlying, set()).add(name)
+        best = self._index.get(underlying)
+        if tick.index is not None:
+            if best is None or (tick.exchange_ts, name) >= (best[1], best[2]):
+                self._set_index(underlying, (tick.index, tick.exchange_ts, name))
+        elif best is not None and best[2] == name:
+            self._rescan_index(underlying)
+
+    def _rescan_index(self, underlying: str) -> None:
+        candidates = [(t.exchange_ts, n, t.index) for n in self._on_underlying.get(underlying, ())
+                      if (t := self._ticks.get(n)) is not None and t.index is not None]
+        if candidates:
+            ts, name, index = max(candidates)
+            assert index is not None
+            self._set_index(underlying, (index, ts, name))
+        elif self._index.pop(underlying, None) is not None:
+            self._revalue_index_users(underlying)
+
+    def _set_index(self, underlying: str, best: tuple[float, float, str]) -> None:
+        old = self._index.get(underlying)
+        self._index[underlying] = best
+        if old is None or old[0] != best[0]:
+            self._revalue_index_users(underlying)
+
+    def _revalue_index_users(self, underlying: str) -> None:
+        for name in list(self._index_users.get(underlying, ())):
+            p = self._positions.get(name)
+            if p is not None:
+                self._revalue(p)
 
     def _rates_for(self, name: str) -> FeeRates:
         rates = self._rates.get(name)

@@ -46,6 +46,7 @@ from services.common.contracts import (
     halt_to_hash,
 )
 from services.common.service import Health, service_main
+from services.takeprofit.answers import EXPIRED, NOT_CLOSABLE, answer_control, expired
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command
 
 log = logging.getLogger("services.takeprofit")
@@ -153,6 +154,10 @@ class TakeProfitService:
         for delivery in batch:
             control = delivery.doc
             log.info("operator %s: %s", control.by, control.action.value)
+            if expired(control, now):
+                self._answer_control(pipe, delivery, None, None, now)
+                continue
+            failed_before = self.failed
             if control.action is ControlAction.RESUME:
                 pipe.delete(self.failed_key)
                 self.failed = None
@@ -161,7 +166,30 @@ class TakeProfitService:
                 await self._write_decision(decision, pipe, now)
             elif control.action is ControlAction.CLOSE_ALL:
                 log.warning("close_all by %s refused: %s", control.by, self.engine.last_skip)
+            self._answer_control(pipe, delivery, decision, failed_before, now)
         self._write_state(pipe, now)
+
+    def _answer_control(self, pipe: Pipeline, delivery: Delivery[Control], decision: Decision | None,
+                        failed_before: Halt | None, now: float) -> None:
+        """Queue take-profit's answer to one control (`tp:control:answers`, see answers.py)."""
+        control = delivery.doc
+        refusal = command_id = lifted = None
+        if expired(control, now):
+            refusal = EXPIRED
+        elif control.action is ControlAction.CLOSE_ALL:
+            in_flight = self.engine.in_flight
+            if decision is not None and in_flight is not None and in_flight.command_id == decision.command_id:
+                command_id = decision.command_id
+            else:
+                refusal = NOT_CLOSABLE if decision is not None else str(self.engine.last_skip or NOT_CLOSABLE)
+        elif control.action is ControlAction.RESUME and failed_before is not None:
+            lifted = failed_before.command_id
+        halt_after = self.engine.halt_document(now) or self.failed
+        answer = answer_control(control, delivery.entry_id, now, refusal=refusal, command_id=command_id,
+                                halt_after=halt_after, lifted_failure=lifted)
+        self.bus.queue_publish(pipe, self.names.control_answers, answer)
+        if refusal is not None:
+            log.warning("%s by %s refused: %s", control.action.value, control.by, answer.detail)
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
         """A closure's `completed` / `failed` releases it; the reports on the way change nothing."""

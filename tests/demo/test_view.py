@@ -26,3 +26,14 @@ def test_closing_fees_are_the_fills_fees_not_counted_twice() -> None:
     screen = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=TS + 4))
     assert "-> completed, closing fees 2.5000" in screen
     assert "HALT: take_profit c1, 6 s of cool-down left; acknowledged by quoter" in screen
+
+
+def test_the_view_says_how_to_talk_to_this_demo_and_shows_notifications() -> None:
+    from services.common.contracts import Notification
+
+    note = Notification(id="decision:c1", kind="decision", severity="info",
+                        title="Take profit: closing everything", text="", ts=TS)
+    state = DemoState(config="/tmp/d/demo.toml", notifications=[note])
+    screen = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=TS))
+    assert "thalex-tp status --config /tmp/d/demo.toml" in screen
+    assert "Take profit: closing everything" in screen

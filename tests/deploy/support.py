@@ -26,7 +26,7 @@ PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS_YML = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "thalex-tp.json"
 
-ACL_USERS = ("admin", "ingest", "portfolio", "takeprofit", "executor", "operator", "quoter")
+ACL_USERS = ("admin", "ingest", "portfolio", "takeprofit", "executor", "operator", "notify", "quoter")
 APT_HINT = "Debian/Ubuntu: apt-get install -y {}"
 
 

@@ -2,8 +2,9 @@
 secrets go where the design says: the trading key to the executor alone, the read-only key to
 ingest alone, no Thalex key to portfolio or takeprofit.
 
-CI has no Docker engine; `docker-compose config` (Debian's docker-compose, v1) still parses,
-interpolates and validates the file against the Compose schema.
+Static: `docker-compose config` (Debian's docker-compose, v1) parses, interpolates and validates
+the file against the Compose schema, with and without docker-compose.offline.yml. test_compose_up.py
+builds and runs it on a Docker engine of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import yaml
 from tests.deploy.support import COMPOSE_FILE, DEPLOY, need_binary
 
 SECRET_FILES = ("redis_admin.txt", "redis_ingest.txt", "redis_portfolio.txt", "redis_takeprofit.txt",
-                "redis_executor.txt", "redis_operator.txt", "redis_quoter.txt", "grafana_admin_password.txt",
+                "redis_executor.txt", "redis_operator.txt", "redis_notify.txt", "redis_quoter.txt",
+                "grafana_admin_password.txt",
                 "thalex_read_only.pem", "thalex_trading.pem")
 
 
@@ -32,17 +34,21 @@ def secrets_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def compose(secrets_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def compose(secrets_dir: Path, *args: str, files: tuple[Path, ...] = (COMPOSE_FILE,),
+            **env_extra: str) -> subprocess.CompletedProcess[str]:
     binary = need_binary("docker-compose", "docker-compose")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "TP_"))}
     env["TP_SECRETS_DIR"] = str(secrets_dir)
-    return subprocess.run([binary, "--project-directory", str(DEPLOY), "-f", str(COMPOSE_FILE), *args],
+    env.update(env_extra)
+    file_args = [a for f in files for a in ("-f", str(f))]
+    return subprocess.run([binary, "--project-directory", str(DEPLOY), *file_args, *args],
                           capture_output=True, text=True, env=env, cwd=DEPLOY, timeout=60, check=False)
 
 
-def resolved(secrets_dir: Path, *profiles: str) -> dict[str, Any]:
+def resolved(secrets_dir: Path, *profiles: str, files: tuple[Path, ...] = (COMPOSE_FILE,),
+             **env_extra: str) -> dict[str, Any]:
     args = [a for p in profiles for a in ("--profile", p)]
-    result = compose(secrets_dir, *args, "config")
+    result = compose(secrets_dir, *args, "config", files=files, **env_extra)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -65,6 +71,7 @@ def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
     assert secrets_of(services["portfolio"]) == {"redis_portfolio"}
     assert secrets_of(services["takeprofit"]) == {"redis_takeprofit"}
     assert secrets_of(services["operator"]) == {"redis_operator"}
+    assert secrets_of(services["notify"]) == secrets_of(services["paper-notify"]) == {"redis_notify"}
     holders = {name for name, s in services.items() if "thalex_trading" in secrets_of(s)}
     assert holders == {"executor"}
     for name in ("paper-ingest", "paper-portfolio", "paper-takeprofit", "paper-executor"):
@@ -77,7 +84,8 @@ def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
 
 def test_every_service_has_healthcheck_restart_policy_and_its_redis_user(secrets_dir: Path) -> None:
     services = resolved(secrets_dir, "live", "paper")["services"]
-    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104"}
+    ports = {"ingest": "9101", "portfolio": "9102", "takeprofit": "9103", "executor": "9104",
+             "notify": "9105"}
     for name, port in ports.items():
         for variant in (name, f"paper-{name}"):
             service = services[variant]
@@ -112,3 +120,42 @@ def test_default_profile_is_live() -> None:
     env = dict(line.split("=", 1) for line in (DEPLOY / ".env").read_text().splitlines()
                if line and not line.startswith("#"))
     assert env["COMPOSE_PROFILES"] == "live"
+
+
+
+def test_the_offline_override_builds_every_image_offline_and_swaps_the_public_ones(secrets_dir: Path) -> None:
+    """docker-compose.offline.yml: no service is left to pull from a registry or build from PyPI."""
+    offline = (COMPOSE_FILE, DEPLOY / "docker-compose.offline.yml")
+    services = resolved(secrets_dir, "live", "paper", "tools", "grafana", files=offline)["services"]
+    plain = resolved(secrets_dir, "live", "paper", "tools")["services"]
+    built = {name for name, service in plain.items() if "build" in service}
+    offline_args = {"PYTHON_IMAGE": "thalex-tp/python:bookworm", "PIP_SOURCE": "wheels"}
+    assert {name for name, s in services.items() if s.get("build", {}).get("args") == offline_args} == built
+    assert services["redis"]["image"] == "thalex-tp/redis:bookworm"
+    assert services["prometheus"]["image"] == "thalex-tp/prometheus:bookworm"
+    assert services["grafana"]["profiles"] == ["grafana"]  # no Debian package ships it: on demand only
+
+
+def published(config: dict[str, Any]) -> dict[str, set[str]]:
+    return {name: {str(p["published"]) if isinstance(p, dict) else str(p).rsplit(":", 2)[-2]
+                   for p in service["ports"]}
+            for name, service in config["services"].items() if service.get("ports")}
+
+
+def test_published_ports_default_to_the_documented_ones_and_can_move(secrets_dir: Path) -> None:
+    assert published(resolved(secrets_dir, "paper")) == {
+        "redis": {"6379"}, "paper": {"8765"}, "prometheus": {"9090"}, "grafana": {"3000"}}
+    moved = resolved(secrets_dir, "paper", TP_REDIS_HOST_PORT="16379", TP_PAPER_HOST_PORT="18765",
+                     TP_PROMETHEUS_HOST_PORT="19090", TP_GRAFANA_HOST_PORT="13000")
+    assert published(moved) == {"redis": {"16379"}, "paper": {"18765"}, "prometheus": {"19090"},
+                                "grafana": {"13000"}}
+    for service in moved["services"].values():  # still on loopback only
+        for port in service.get("ports", []):
+            assert (port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]) == "127.0.0.1"
+
+
+def test_the_classic_builder_ignores_what_buildkit_ignores() -> None:
+    """Compose v1 and Docker < 23 read only .dockerignore at the context root."""
+    def rules(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    assert rules(DEPLOY.parent / ".dockerignore") == rules(DEPLOY / "Dockerfile.dockerignore")

@@ -32,5 +32,6 @@ def test_every_service_is_scraped_and_every_required_alert_exists() -> None:
     assert targets["portfolio"] == ["portfolio:9102"]
     assert targets["takeprofit"] == ["takeprofit:9103"]
     assert targets["executor"] == ["executor:9104"]
+    assert targets["notify"] == ["notify:9105"]
     alerts = {r["alert"] for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]}
     assert REQUIRED_ALERTS <= alerts

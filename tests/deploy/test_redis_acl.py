@@ -120,6 +120,7 @@ def test_takeprofit_alone_writes_commands_and_the_halt(server: AclRedis) -> None
     with takeprofit.pipeline(transaction=True) as pipe:
         pipe.set(TP.key("takeprofit:lease"), "cmd-1", px=40000)
         pipe.xadd(TP.commands, DOC, maxlen=1000, approximate=True)
+        pipe.xadd(TP.control_answers, DOC, maxlen=1000, approximate=True)
         pipe.set(TP.key("takeprofit:state"), "{}")
         pipe.delete(TP.halt)
         pipe.hset(TP.halt, mapping={"v": "1", "reason": "take_profit", "since": "1.0"})
@@ -187,12 +188,13 @@ async def _executor_store(server: AclRedis) -> None:
 def test_operator_sends_controls_and_reads_the_state(server: AclRedis) -> None:
     operator = server.client("operator")
     operator.xadd(TP.control, DOC, maxlen=1000, approximate=True)
-    for stream in (TP.snapshots, TP.commands, TP.reports):
+    for stream in (TP.snapshots, TP.commands, TP.reports, TP.control_answers, PAPER.control_answers):
         operator.xrevrange(stream, count=1)
+    operator.xrange(TP.control_answers, min="(0-0", max="+", count=100)  # waiting for take-profit's answer
     operator.hgetall(TP.halt)
     operator.hgetall(TP.halt_acks)
     operator.xinfo_groups(TP.fills)
-    for stream in (TP.commands, TP.reports, TP.fills, TP.snapshots):
+    for stream in (TP.commands, TP.reports, TP.fills, TP.snapshots, TP.control_answers):
         refused(operator.xadd, stream, DOC)
     refused(operator.hset, TP.halt, "reason", "x")
     refused(operator.delete, TP.halt)

@@ -34,6 +34,19 @@ def test_a_fill_in_a_new_instrument_is_followed_at_once_even_without_position() 
     assert "ETH-PERPETUAL" in f.positions
 
 
+def test_an_option_held_brings_the_index_of_its_underlying_once() -> None:
+    f = follow(("BTC-27DEC24-90000-C",))
+    for option in ("BTC-27DEC24-100000-C", "BTC-27DEC24-90000-C"):
+        f.note_option(option, "BTCUSD")
+    assert "price_index.BTCUSD" not in f.wanted(0)  # a watched option is not held
+    f.on_portfolio([("BTC-27DEC24-100000-C", -1.0), ("BTC-27DEC24-90000-C", 2.0)], now=0, complete=True)
+    wanted = f.wanted(0)
+    assert wanted["price_index.BTCUSD"] == (Feed.INDEX, "BTCUSD")
+    assert sum(1 for feed, _ in wanted.values() if feed is Feed.INDEX) == 1
+    f.on_portfolio([], now=1, complete=True)
+    assert "price_index.BTCUSD" not in f.wanted(61)  # both flat for long enough: dropped with them
+
+
 def test_flat_instruments_are_dropped_after_the_configured_time() -> None:
     f = follow()
     f.on_portfolio([("BTC-PERPETUAL", 1.0)], now=0, complete=True)

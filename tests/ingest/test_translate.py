@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.ingest.translate import (
+    BOOKING_FIELDS,
     Book,
     MalformedMessage,
+    UnbookableTrade,
     fill_from_trade,
     instrument_info,
     position_from_entry,
     positions_from_portfolio,
+    tick_from_index,
     tick_from_ticker,
     with_book,
 )
@@ -46,8 +52,75 @@ def test_a_rebate_is_a_negative_fee_and_optional_fields_may_be_absent() -> None:
     assert fill.trade_type == "normal"
 
 
+TRADE_FIELDS = {  # api.yaml `Trade.properties`, none of them required there
+    "trade_type", "trade_id", "order_id", "instrument_name", "direction", "price", "amount", "label", "time",
+    "position_after", "session_realised_after", "position_pnl", "perpetual_funding_pnl", "fee", "index",
+    "fee_rate", "funding_mark", "liquidation_fee", "client_order_id", "maker_taker", "bot_id", "leg_index",
+}
+API_YAML = Path(__file__).resolve().parents[2] / ".." / "shared" / "thalex-api" / "api.yaml"
+
+
+def test_the_field_list_is_api_yamls_trade() -> None:
+    if not API_YAML.exists():
+        pytest.skip(f"Thalex api.yaml not found at {API_YAML} (the shared folder is a sibling of the repo)")
+    trade = yaml.safe_load(API_YAML.read_text())["components"]["schemas"]["Trade"]
+    assert set(trade["properties"]) == TRADE_FIELDS
+    assert "required" not in trade
+
+
+FULL_TRADE = TRADE | {"position_pnl": -3.5, "perpetual_funding_pnl": 0.1, "liquidation_fee": 0.0,
+                      "bot_id": "B1"}
+
+
+@pytest.mark.parametrize("name", sorted(TRADE_FIELDS))
+def test_a_trade_missing_any_field_is_kept_unless_it_cannot_be_booked(name: str) -> None:
+    trade = {k: v for k, v in FULL_TRADE.items() if k != name}
+    if name in BOOKING_FIELDS:
+        with pytest.raises(UnbookableTrade, match=f"cannot be booked without {name}"):
+            fill_from_trade(trade, 5.0)
+        return
+    fill = fill_from_trade(trade, 5.0)
+    assert (fill.trade_id, fill.instrument, fill.side, fill.price, fill.amount) == (
+        TRADE["trade_id"], "BTC-PERPETUAL", "sell", 47280, 0.1)
+    expected_missing = {"fee": "fee", "order_id": "order_id", "index": "index", "fee_rate": "fee_rate",
+                        "funding_mark": "funding_mark", "position_after": "position_after",
+                        "maker_taker": "liquidity", "client_order_id": "client_order_id",
+                        "liquidation_fee": "liquidation_fee"}
+    if name in expected_missing:
+        assert getattr(fill, expected_missing[name]) is None
+    if name == "time":
+        assert fill.exchange_ts == 5.0  # the receive time
+    if name == "trade_type":
+        assert fill.trade_type == "normal"
+
+
+def test_a_trade_without_fee_keeps_its_fee_unknown_and_null_is_missing() -> None:
+    for trade in ({k: v for k, v in TRADE.items() if k != "fee"}, TRADE | {"fee": None}):
+        fill = fill_from_trade(trade, 0.0)
+        assert fill.fee is None and fill.fee_rate == 0.00025 and fill.index == 47200
+        assert "fee" not in json.loads(fill.model_dump_json(exclude_none=True))
+    zero = fill_from_trade(TRADE | {"fee": 0}, 0.0)
+    assert zero.fee == 0.0  # a fee of 0 is the exchange's figure
+
+
+def test_an_expiration_and_a_liquidation_as_thalex_sends_them() -> None:
+    expiry = {"trade_type": "expiration", "trade_id": "X1", "instrument_name": "BTC-27DEC24-100000-C",
+              "direction": "sell", "price": 0, "amount": 10, "time": 1735286400, "fee": 0,
+              "position_after": 0, "index": 95000}
+    fill = fill_from_trade(expiry, 1.0)
+    assert (fill.trade_type, fill.order_id, fill.price, fill.fee) == ("expiration", None, 0, 0)
+    liquidation = TRADE | {"trade_type": "liquidation", "liquidation_fee": 23.64, "order_id": ""}
+    fill = fill_from_trade(liquidation, 1.0)
+    assert (fill.trade_type, fill.liquidation_fee, fill.fee) == ("liquidation", 23.64, 1.18)
+    assert fill.order_id is None  # "" is no order
+
+
+def test_a_trade_that_cannot_be_booked_names_every_missing_field() -> None:
+    with pytest.raises(UnbookableTrade, match="^Trade: cannot be booked without trade_id, price, amount$"):
+        fill_from_trade({"instrument_name": "X", "direction": "buy", "price": None}, 0.0)
+
+
 @pytest.mark.parametrize(("change", "expected"), [
-    ({"fee": None}, r"Trade: fee: "),
     ({"price": "47280"}, r"Trade: price: Input should be a valid number"),
     ({"direction": "up"}, r"Trade 0080.*side: Input should be 'buy' or 'sell'"),
     ({"amount": 0}, r"Trade 0080.*amount: Input should be greater than 0"),
@@ -90,6 +163,14 @@ def test_a_ticker_without_mark_is_malformed() -> None:
         tick_from_ticker("X", {"best_bid_price": 1}, 0.0)
     with pytest.raises(MalformedMessage, match="Ticker X does not fit the wire contract: mark"):
         tick_from_ticker("X", {"mark_price": -1}, 0.0)
+
+
+def test_an_index_notification_is_the_underlyings_own_tick() -> None:
+    tick = tick_from_index("BTCUSD", {"index_name": "BTCUSD", "price": 47389.1, "timestamp": 946684800}, 9.0)
+    assert (tick.instrument, tick.mark, tick.index, tick.exchange_ts, tick.ingest_ts) == (
+        "BTCUSD", 47389.1, 47389.1, 946684800, 9.0)
+    with pytest.raises(MalformedMessage, match="Index BTCUSD: price: Field required"):
+        tick_from_index("BTCUSD", {"index_name": "BTCUSD"}, 9.0)
 
 
 def test_book_snapshot_then_changes_give_the_top_levels_best_first() -> None:

@@ -66,18 +66,18 @@ def fill(
     side: str,
     amount: float,
     price: float,
-    fee: float = 0.0,
+    fee: float | None = 0.0,
     *,
-    fee_rate: float | None = 0.0,
+    fee_rate: float | None = None,
     liquidity: Liquidity | None = None,
     funding_mark: float | None = None,
     ts: float = 1_000.0,
     trade_id: str | None = None,
+    **extra: Any,
 ) -> Fill:
-    """A fill; `fee_rate=0.0` by default, i.e. the fee is reported (pass None for "not reported")."""
+    """A fill; `fee=None` is a trade whose fee the exchange did not report."""
     return Fill(
         trade_id=trade_id or f"T{next(_trade_ids)}",
-        order_id="O1",
         instrument=instrument,
         side=Side(side),
         price=price,
@@ -88,6 +88,7 @@ def fill(
         funding_mark=funding_mark,
         exchange_ts=ts,
         ingest_ts=ts,
+        **({"order_id": "O1"} | extra),
     )
 
 

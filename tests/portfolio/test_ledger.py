@@ -128,20 +128,28 @@ def test_fees_actual_when_reported_schedule_only_when_not() -> None:
     book = ledger()
     # maker rebate reported by the exchange: counted as it is (negative cost)
     book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=-0.3, fee_rate=-0.00005, liquidity=Liquidity.MAKER))
-    # a genuine zero fee comes with its fee_rate: 0
+    # a zero fee is the exchange's figure, with or without its fee_rate: 0
     book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=0.0, fee_rate=0.0))
+    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=0.0))
+    assert book.snapshot(1, 1, 10).fees_estimated is None
     # not reported, maker: schedule 1 bp of 2 * 3000 = 0.6
-    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=0.0, fee_rate=None, liquidity=Liquidity.MAKER))
+    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=None, liquidity=Liquidity.MAKER))
     # not reported, liquidity unknown: the taker rate, 5 bps of 6000 = 3.0
-    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=0.0, fee_rate=None))
-    row = only(book.snapshot(1, 1, 10).positions, ETH_FUTURE)
-    assert row.fees_paid == approx(-0.3 + 0 + 0.6 + 3.0)
+    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=None))
+    # not reported but its rate is: fee_rate x notional = 2 bps of 6000 = 1.2
+    book.apply_fill(fill(ETH_FUTURE, "buy", 2, 3_000, fee=None, fee_rate=0.0002))
+    snap = book.snapshot(2, 1, 10)
+    row = only(snap.positions, ETH_FUTURE)
+    assert row.fees_paid == approx(-0.3 + 0 + 0 + 0.6 + 3.0 + 1.2)
+    # flagged: 0.6 + 3.0 + 1.2 = 4.8 of the 4.5 paid are estimates (the rebate is the exchange's)
+    assert row.fees_estimated == approx(4.8)
+    assert snap.fees_estimated == approx(4.8)
 
 
 def test_estimated_fee_never_below_the_minimum() -> None:
     book = ledger()
-    # 0.001 * 10 * 5 bps = 0.000005 < minimum 0.0001
-    book.apply_fill(fill(ETH_FUTURE, "buy", 0.01, 10, fee=0.0, fee_rate=None))
+    # 0.01 * 10 * 5 bps = 0.00005 < minimum 0.0001
+    book.apply_fill(fill(ETH_FUTURE, "buy", 0.01, 10, fee=None))
     book.apply_tick(tick(ETH_FUTURE, 10))
     row = only(book.snapshot(1, 1000, 10).positions, ETH_FUTURE)
     assert row.fees_paid == 0.0001
@@ -419,7 +427,7 @@ def test_state_round_trip_gives_identical_snapshots_and_remembers_trade_ids() ->
     book = ledger(drift_grace_seconds=0.0)
     first = fill(BTC_PERP, "buy", 0.7, 50_000, fee=1.7, funding_mark=0.01, ts=1)
     book.apply_fill(first)
-    book.apply_fill(fill(BTC_CALL, "sell", 3, 1_234.5, fee=0.0, fee_rate=None, ts=2))
+    book.apply_fill(fill(BTC_CALL, "sell", 3, 1_234.5, fee=None, ts=2))
     book.apply_fill(fill("SOL-PERPETUAL", "buy", 10, 150.25, fee=0.3, ts=3))  # instrument unknown
     book.apply_tick(tick(BTC_PERP, 50_123.25, bids=[(50_120, 0.3), (50_110, 0.2)], funding_mark=0.015, ts=4))
     book.apply_tick(tick(BTC_CALL, 1_250, best_ask=1_260, index=101_000.5, ts=5))
@@ -458,6 +466,20 @@ def test_dedup_memory_is_bounded_and_never_counts_twice() -> None:
     late = fill(BTC_FUTURE, "buy", 1, 100, ts=2.5, trade_id="T-late")
     assert book.apply_fill(late) is FillOutcome.APPLIED
     assert book.position(BTC_FUTURE) == 6
+
+
+def test_a_version_1_checkpoint_is_still_read() -> None:
+    """Before issue 20 a position's state had 7 fields and there were no adoption lots."""
+    book = ledger()
+    book.apply_fill(fill(BTC_PERP, "buy", 1, 50_000, fee=2.5, funding_mark=0.1, ts=1))
+    book.apply_tick(tick(BTC_PERP, 50_100, funding_mark=0.3, ts=2))
+    state = json.loads(json.dumps(book.to_state()))
+    old = state | {"version": 1, "positions": {n: p[:7] for n, p in state["positions"].items()}}
+    del old["adopted_lots"]
+    restored = Ledger.from_state(old, config())
+    # the funding mark comes back from the latest tick: (0.3 - 0.1) * 1 = 0.2
+    assert restored.snapshot(1, 2, 10) == book.snapshot(1, 2, 10)
+    assert restored.totals().funding_pnl == approx(0.2)
 
 
 def test_state_version_is_checked() -> None:
