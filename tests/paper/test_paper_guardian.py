@@ -70,13 +70,6 @@ def _guardian_funding(snapshot: dict[str, Any] | None) -> float:
     return sum(p["funding_pnl"] for p in (snapshot or {}).get("positions", []) if p["instrument"] == PERP)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 (money2): ingest dead-letters the expiration trade ('Trade: order_id: Field required': "
-    "a "
-    "settlement trade has no order) and the ledger's funding P&L loses what the daily settlement realised "
-    "(funding_mark restarts at 0). Remove this marker when issue 20 is merged.",
-)
 async def test_the_guardian_agrees_with_the_paper_across_an_expiry_and_a_funding_settlement(
     pipeline: Pipeline,
 ) -> None:
