@@ -42,7 +42,7 @@ class Fill:
     time: float
     leg_index: int = 0
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {
             "trade_id": self.trade_id,
             "price": self.price,
@@ -93,7 +93,7 @@ class Order:
             return "filled"
         return "cancelled_partially_filled" if self.filled_amount > EPS else "cancelled"
 
-    def _legs(self, with_remaining: bool) -> list[dict]:
+    def _legs(self, with_remaining: bool) -> list[dict[str, Any]]:
         legs = []
         for name, quantity in self.instrument.legs:
             leg: dict[str, Any] = {
@@ -130,7 +130,7 @@ class Order:
             wire["reduce_only"] = True
         return wire
 
-    def to_wire(self, change_reason: str, fills: list[Fill] | None = None) -> dict:
+    def to_wire(self, change_reason: str, fills: list[Fill] | None = None) -> dict[str, Any]:
         """The ``OrderStatus`` object; ``fills`` are the new fills (all of them for ``existing``)."""
         wire = self._common(self.fills if fills is None else fills, with_remaining=True)
         wire.update(
@@ -144,7 +144,7 @@ class Order:
             wire["close_time"] = self.close_time
         return wire
 
-    def history_wire(self) -> dict:
+    def history_wire(self) -> dict[str, Any]:
         """The ``OrderHistory`` object of a closed order (at most 8 fills, as on Thalex)."""
         wire = self._common(self.fills[:ORDER_HISTORY_FILLS], with_remaining=False)
         wire["delete_reason"] = self.delete_reason
@@ -183,13 +183,13 @@ class Account:
     """The USDT balance: moves at the daily settlement (session P&L, fees, funding) and on transfers."""
     positions: dict[str, Position] = field(default_factory=dict)
     orders: dict[str, Order] = field(default_factory=dict)
-    trades: list[tuple[int, dict]] = field(default_factory=list)
-    order_history: list[tuple[int, dict]] = field(default_factory=list)
-    transactions: list[tuple[int, dict]] = field(default_factory=list)
-    daily_marks: list[tuple[int, dict]] = field(default_factory=list)
-    rfq_history: list[tuple[int, dict]] = field(default_factory=list)
+    trades: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    order_history: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    transactions: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    daily_marks: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    rfq_history: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     """Closed RFQs (``Rfq`` objects) of the account, for ``private/rfq_history``."""
-    inbox: list[dict] = field(default_factory=list)
+    inbox: list[dict[str, Any]] = field(default_factory=list)
     """``Notifications`` items, oldest first."""
     margin_state: str = "ok"
     """ok | initial (initial margin breached, told once) | maintenance (being liquidated)."""
@@ -205,7 +205,7 @@ class Session:
     """Logged in with a read-only key: may read and subscribe, not trade."""
     cancel_on_disconnect: bool = False
     client_orders: dict[int, str] = field(default_factory=dict)
-    order_times: deque = field(default_factory=deque)
+    order_times: deque[float] = field(default_factory=deque)
 
     @property
     def order_rate(self) -> int:
@@ -221,4 +221,4 @@ class Event:
     kind: str
     account_id: str
     session_id: int | None
-    payload: dict
+    payload: dict[str, Any]

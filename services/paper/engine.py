@@ -75,7 +75,7 @@ def _sign(value: float) -> int:
     return (value > EPS) - (value < -EPS)
 
 
-def _client_order_id(params: dict) -> int | None:
+def _client_order_id(params: dict[str, Any]) -> int | None:
     value = params.get("client_order_id")
     if value is None:
         return None
@@ -155,7 +155,7 @@ class Engine:
         description: str,
         now: float,
         instrument_name: str | None = None,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Move USDT in or out of the account's balance; recorded in its transaction history."""
         account.cash = clean(account.cash + amount)
         row: dict[str, Any] = {
@@ -193,7 +193,9 @@ class Engine:
 
     # Trading
 
-    def insert(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    def insert(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         """``private/insert`` (``direction`` already in ``params`` for buy/sell)."""
         self.check_throttle(session, now)
         self._require_trading(session)
@@ -233,12 +235,14 @@ class Engine:
         events.extend(self._trim_reduce_only(account, order.instrument, now))
         return wire, events
 
-    def _reject_post_only(self, order: Order, now: float) -> tuple[dict, list[Event]]:
+    def _reject_post_only(self, order: Order, now: float) -> tuple[dict[str, Any], list[Event]]:
         events = self._close(order, "immediate_cancel", now, None)
         wire = order.to_wire("insert", [])
         return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
 
-    def _new_order(self, session: Session, params: dict, now: float) -> tuple[Order, bool, bool, str]:
+    def _new_order(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[Order, bool, bool, str]:
         """Validate an insert; the order (without id yet), post_only, reject_post_only and collar."""
         direction = choice(params, "direction", ("buy", "sell"), None)
         if direction is None:
@@ -297,7 +301,9 @@ class Engine:
                 INVALID_REQUEST, "post_only and reduce_only are not supported for combination orders"
             )
 
-    def amend(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    def amend(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         self.check_throttle(session, now)
         self._require_trading(session)
         order = self._find_order(session, params)
@@ -340,7 +346,9 @@ class Engine:
         events.extend(self._trim_reduce_only(account, inst, now))
         return wire, events
 
-    def cancel(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    def cancel(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         self.check_throttle(session, now)
         self._require_trading(session)
         order = self._find_order(session, params)
@@ -381,7 +389,7 @@ class Engine:
         price: float | None,
         now: float,
         insert_reason: str = "client_request",
-    ) -> tuple[list[dict], list[Event]]:
+    ) -> tuple[list[dict[str, Any]], list[Event]]:
         """Control ``paper/trade``: an IOC market order for ``account_id``, or a fill at exactly ``price``."""
         account = self.account(account_id)
         inst = self._instrument(instrument_name)
@@ -486,20 +494,20 @@ class Engine:
 
     # Reading
 
-    def open_orders(self, account: Account) -> list[dict]:
+    def open_orders(self, account: Account) -> list[dict[str, Any]]:
         return [o.to_wire("existing") for o in account.orders.values()]
 
-    def session_orders(self, session: Session) -> list[dict]:
+    def session_orders(self, session: Session) -> list[dict[str, Any]]:
         return [
             o.to_wire("existing")
             for o in session.account.orders.values()
             if o.session_id == session.session_id
         ]
 
-    def portfolio(self, account: Account) -> list[dict]:
+    def portfolio(self, account: Account) -> list[dict[str, Any]]:
         return [self.portfolio_entry(p) for p in account.positions.values()]
 
-    def portfolio_entry(self, pos: Position) -> dict:
+    def portfolio_entry(self, pos: Position) -> dict[str, Any]:
         """``PortfolioEntry``: unrealised = (mark - start) * position; funding = fmark * pos - entry value."""
         mark = self.market.mark(pos.instrument.name)
         entry: dict[str, Any] = {
@@ -554,7 +562,7 @@ class Engine:
         """The margin model's requirement (``extra``: a hypothetical buy order, or sell order)."""
         return margin.account_margin(self.market, account, extra, without, extra_buys)
 
-    def account_summary(self, account: Account) -> dict:
+    def account_summary(self, account: Account) -> dict[str, Any]:
         """``AccountSummary``: the USDT balance, unsettled P&L and the margin model's requirement."""
         unrealised = self.unrealised(account)
         realised = self.session_realised(account)
@@ -571,7 +579,7 @@ class Engine:
         }
 
     @staticmethod
-    def cash_wire(account: Account) -> dict:
+    def cash_wire(account: Account) -> dict[str, Any]:
         return {
             "currency": "USDT",
             "balance": clean(account.cash),
@@ -580,7 +588,7 @@ class Engine:
             "transactable": True,
         }
 
-    def trade_history(self, account: Account, params: dict, now: float) -> dict:
+    def trade_history(self, account: Account, params: dict[str, Any], now: float) -> dict[str, Any]:
         """Trades filtered by ``time_low``/``time_high``/``instrument_names``/``bot_ids``, paged."""
         keeps = [
             f
@@ -599,7 +607,7 @@ class Engine:
             visible_until=now - self.history_delay,
         )
 
-    def order_history(self, account: Account, params: dict) -> dict:
+    def order_history(self, account: Account, params: dict[str, Any]) -> dict[str, Any]:
         keeps = [
             f
             for f in (
@@ -696,7 +704,7 @@ class Engine:
             raise RpcError(UNKNOWN_INSTRUMENT, f"unknown instrument {name}")
         return inst
 
-    def combination_of(self, params: dict) -> Instrument:
+    def combination_of(self, params: dict[str, Any]) -> Instrument:
         """The combination named by an insert's ``legs`` (``instrument_name`` must then be absent)."""
         if "instrument_name" in params:
             raise RpcError(INVALID_REQUEST, "give either instrument_name or legs, not both")
@@ -781,7 +789,7 @@ class Engine:
             raise RpcError(INVALID_STATE, "reduce-only order would not reduce the position")
         return min(amount, abs(held))
 
-    def _find_order(self, session: Session, params: dict) -> Order:
+    def _find_order(self, session: Session, params: dict[str, Any]) -> Order:
         order_id, client_order_id = params.get("order_id"), _client_order_id(params)
         if (order_id is None) == (client_order_id is None):
             raise RpcError(INVALID_REQUEST, "exactly one of order_id or client_order_id is required")

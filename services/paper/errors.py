@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 ORDER_NOT_FOUND = 1
 DUPLICATE_ORDER_ID = 2
 THROTTLE_EXCEEDED = 4
@@ -30,5 +32,5 @@ class RpcError(Exception):
         self.code = code
         self.message = message
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message}

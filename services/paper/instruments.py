@@ -16,6 +16,7 @@ import calendar
 import datetime as dt
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 SECONDS_PER_DAY = 86_400
 SETTLEMENT_HOUR = 8
@@ -54,9 +55,9 @@ class Instrument:
         """Ad-hoc combinations (``[A:1,B:-1]``) are not instruments of ``public/instruments``."""
         return not self.name.startswith("[")
 
-    def to_wire(self, settlement: tuple[float, float] | None = None) -> dict:
+    def to_wire(self, settlement: tuple[float, float] | None = None) -> dict[str, Any]:
         """The ``Instrument`` object of api.yaml; ``settlement`` (price, index) for an expired one."""
-        wire: dict = {
+        wire: dict[str, Any] = {
             "instrument_name": self.name,
             "product": self.product,
             "tick_size": self.tick_size,

@@ -22,7 +22,7 @@ maintenance requirement is 70 % of it. The paper keeps that structure with fewer
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.paper.market import Market, black_scholes
 
@@ -51,7 +51,7 @@ class Exposure:
 class Scenario:
     move: float
     pnl: float
-    positions: list[dict] = field(default_factory=list)
+    positions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class UnderlyingMargin:
     def required(self) -> float:
         return self.loss + self.roll_contingency + self.option_contingency
 
-    def summary_wire(self) -> dict:
+    def summary_wire(self) -> dict[str, Any]:
         """The lightweight breakdown of ``private/required_margin_for_order``."""
         return {
             "underlying": self.underlying,
@@ -82,7 +82,7 @@ class UnderlyingMargin:
             "options_contingency_margin": self.option_contingency,
         }
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """One underlying of ``PortfolioMarginBreakdown``."""
         roll_cash = self.roll_position * self.index
         common = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.paper.instruments import (
     MAX_COMBINATION_LEGS,
@@ -298,7 +299,7 @@ class Market:
             return price
         return (integral + price * (max(until, last) - last)) / (max(until, last) - first)
 
-    def expiration(self, underlying: str, now: float) -> dict | None:
+    def expiration(self, underlying: str, now: float) -> dict[str, Any] | None:
         """Thalex's expiration fields of the ``Index`` object while an expiration window runs."""
         expiry = self.next_expiry(underlying)
         if expiry is None or not expiry - EXPIRATION_WINDOW <= now < expiry:

@@ -12,13 +12,13 @@ from services.paper.params import choice, limit, number
 
 
 def page(
-    rows: list[tuple[int, dict]],
-    params: dict,
+    rows: list[tuple[int, dict[str, Any]]],
+    params: dict[str, Any],
     *,
     time_key: str,
     result_key: str,
     sortable: bool = True,
-    keep: Callable[[dict], bool] | None = None,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
     visible_until: float | None = None,
 ) -> dict[str, Any]:
     """One page of ``rows`` (``(sequence number, item)``, oldest first).
@@ -38,7 +38,7 @@ def page(
         after = int(bookmark)
     ascending = sort == "ascending"
     ordered = sorted(rows, key=lambda row: (row[1][time_key], row[0]), reverse=not ascending)
-    selected: list[tuple[int, dict]] = []
+    selected: list[tuple[int, dict[str, Any]]] = []
     passed = after is None
     for seq, item in ordered:
         if not passed:
@@ -60,7 +60,7 @@ def page(
     return result
 
 
-def names_filter(params: dict, param: str, field: str) -> Callable[[dict], bool] | None:
+def names_filter(params: dict[str, Any], param: str, field: str) -> Callable[[dict[str, Any]], bool] | None:
     """``instrument_names`` / ``bot_ids``: a comma-separated list matched against ``field``."""
     value = params.get(param)
     if value is None:

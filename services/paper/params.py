@@ -8,7 +8,7 @@ from typing import Any
 from services.paper.errors import INVALID_REQUEST, RpcError
 
 
-def number(params: dict, name: str, required: bool = False) -> float | None:
+def number(params: dict[str, Any], name: str, required: bool = False) -> float | None:
     """A finite JSON number (booleans are not numbers); None when absent and not required."""
     value = params.get(name)
     if value is None:
@@ -20,7 +20,7 @@ def number(params: dict, name: str, required: bool = False) -> float | None:
     return float(value)
 
 
-def positive(params: dict, name: str, default: float | None = None) -> float:
+def positive(params: dict[str, Any], name: str, default: float | None = None) -> float:
     """A number > 0 (``default`` when absent)."""
     value = params.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -30,7 +30,7 @@ def positive(params: dict, name: str, default: float | None = None) -> float:
     return float(value)
 
 
-def choice(params: dict, name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+def choice(params: dict[str, Any], name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
     value = params.get(name, default)
     if value is None:
         return None
@@ -39,14 +39,14 @@ def choice(params: dict, name: str, allowed: tuple[str, ...], default: str | Non
     return str(value)
 
 
-def flag(params: dict, name: str, default: bool = False) -> bool:
+def flag(params: dict[str, Any], name: str, default: bool = False) -> bool:
     value = params.get(name, default)
     if not isinstance(value, bool):
         raise RpcError(INVALID_REQUEST, f"{name} must be a boolean")
     return value
 
 
-def string(params: dict, name: str, required: bool = False) -> str | None:
+def string(params: dict[str, Any], name: str, required: bool = False) -> str | None:
     value = params.get(name)
     if value is None:
         if required:
@@ -57,7 +57,7 @@ def string(params: dict, name: str, required: bool = False) -> str | None:
     return value
 
 
-def limit(params: dict, default: int = 1000, maximum: int | None = 1000) -> int:
+def limit(params: dict[str, Any], default: int = 1000, maximum: int | None = 1000) -> int:
     """``limit`` of the history methods: an integer from 1 (to ``maximum``)."""
     value: Any = params.get("limit", default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (maximum and value > maximum):

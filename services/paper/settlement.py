@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.paper.accounts import EPS, Account, Event, Position, clean
 from services.paper.engine import Engine
 from services.paper.instruments import Instrument
@@ -91,7 +93,9 @@ def settle(engine: Engine, now: float) -> list[Event]:
     return events
 
 
-def _mark_to_market(engine: Engine, daily_marks: list[tuple[int, dict]], pos: Position, now: float) -> None:
+def _mark_to_market(
+    engine: Engine, daily_marks: list[tuple[int, dict[str, Any]]], pos: Position, now: float
+) -> None:
     """Futures-style: realise P&L to the mark and the funding accrued; record the daily mark."""
     if abs(pos.position) < EPS:
         return
