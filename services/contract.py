@@ -24,9 +24,11 @@ from services.common.contracts import (
     CONTRACT_VERSION,
     Command,
     Control,
+    ControlAnswer,
     DeadLetter,
     Document,
     Fill,
+    Notification,
     Positions,
     Report,
     Snapshot,
@@ -68,6 +70,9 @@ STREAMS = (
     Stream("commands", Command, "takeprofit", "Close `fraction` of the listed positions, at most once."),
     Stream("reports", Report, "executor", "One step of executing a command, up to completed or failed."),
     Stream("control", Control, "the operator (thalex-tp halt, resume, close-all)", "An operator's order."),
+    Stream("control:answers", ControlAnswer, "takeprofit",
+           "Take-profit's answer to each operator control: accepted or refused, and why."),
+    Stream("notifications", Notification, "notify", "Every notification notify decided to send, per event."),
     Stream("deadletter", DeadLetter, "any service", "An input that could not be used, with the reason."),
 )
 
@@ -80,6 +85,9 @@ GROUPS = (
     Group("control", "takeprofit", Control, "halt, resume, close-all"),
     Group("reports", "takeprofit", Report, "learns a closure's outcome; lifts or keeps the halt"),
     Group("commands", "executor", Command, "closes the positions on the exchange, once per command_id"),
+    Group("snapshots", "notify", Snapshot, "warns when net_after_close nears a barrier; drift adopted"),
+    Group("commands", "notify", Command, "tells the trader a decision was taken"),
+    Group("reports", "notify", Report, "tells the trader a closure completed or failed, and what it cost"),
 )
 
 DESCRIPTION = """\
