@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import websockets
 from redis.asyncio import Redis
 
 from services.common.bus import entry_document
@@ -48,6 +47,7 @@ from services.common.contracts import (
 from services.common.redis_server import RedisServer, free_port
 from services.demo.view import DemoState, operator_hint, render
 from services.paper.keys import generate_key
+from services.paper.testing import ControlClient
 
 log = logging.getLogger("demo")
 
@@ -247,9 +247,15 @@ ticker_delay = "raw"
 
     async def direct(self, paper_url: str, redis: Redis) -> None:
         """Play the market: fill one side of the quoter, move the index until the guardian takes profit."""
+        control = ControlClient(paper_url)
+        try:
+            await self._direct(control, redis)
+        finally:
+            await control.close()
+
+    async def _direct(self, control: ControlClient, redis: Redis) -> None:
         assert self.settings is not None
         names = self.settings.names
-        control = PaperControl(paper_url)
         await control.call("paper/pause")
         quiet_since = 0.0
         for cycle in itertools.count():
@@ -329,7 +335,11 @@ ticker_delay = "raw"
                         and r.status in (ReportStatus.COMPLETED, ReportStatus.FAILED)]
                 end = max(done) if done else time.time()
             windows.append((command.created_ts + HALT_RACE_GRACE_SECONDS, end))
-        rows = (await PaperControl(paper_url).call("paper/order_log", {"key_id": QUOTER_KEY}))["orders"]
+        control = ControlClient(paper_url)
+        try:
+            rows = (await control.call("paper/order_log", {"key_id": QUOTER_KEY}))["orders"]
+        finally:
+            await control.close()
         return [row for row in rows
                 if row.get("method") in ("private/insert", "private/amend", "private/buy", "private/sell")
                 and any(start <= row["time"] <= end for start, end in windows)]
@@ -346,25 +356,6 @@ ticker_delay = "raw"
                     await asyncio.to_thread(child.process.wait)
         if self.redis_server is not None:
             self.redis_server.stop()
-
-
-class PaperControl:
-    """The paper exchange's `paper/*` control methods over a websocket."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.ids = itertools.count(1)
-
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        async with websockets.connect(self.url, max_size=None) as ws:
-            request_id = next(self.ids)
-            await ws.send(json.dumps({"method": method, "params": params or {}, "id": request_id}))
-            while True:
-                answer = json.loads(await ws.recv())
-                if answer.get("id") == request_id:
-                    if "error" in answer:
-                        raise RuntimeError(f"{method}: {answer['error']}")
-                    return answer["result"]
 
 
 async def _run(args: argparse.Namespace) -> int:
