@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,11 @@ class Order:
     fills: list[Fill] = field(default_factory=list)
     close_time: float | None = None
     delete_reason: str | None = None
+    insert_reason: str = "client_request"
+    conditional_order_id: str | None = None
+    bot_id: str | None = None
+    mass_quote: bool = False
+    """A quote of ``private/mass_quote``: not cancelled by cancel/cancel_all/cancel_session."""
 
     @property
     def remaining(self) -> float:
@@ -119,7 +125,7 @@ class Order:
             "status": self.status,
             "fills": [f.to_wire() for f in (self.fills if fills is None else fills)],
             "change_reason": change_reason,
-            "insert_reason": "client_request",
+            "insert_reason": self.insert_reason,
             "create_time": self.create_time,
             "persistent": self.persistent,
         }
@@ -134,6 +140,10 @@ class Order:
             wire["close_time"] = self.close_time
         if self.reduce_only:
             wire["reduce_only"] = True
+        if self.conditional_order_id is not None:
+            wire["conditional_order_id"] = self.conditional_order_id
+        if self.bot_id is not None:
+            wire["bot_id"] = self.bot_id
         return wire
 
 
@@ -174,6 +184,9 @@ class Session:
     @property
     def order_rate(self) -> int:
         return ORDER_RATE_CANCEL_ON_DISCONNECT if self.cancel_on_disconnect else ORDER_RATE
+
+
+FillListener = Callable[["Account", "Order", "Fill", float], list["Event"]]
 
 
 @dataclass
@@ -240,6 +253,9 @@ class Engine:
         self._next_session = 0
         self._next_order = 0
         self._next_trade = 0
+        self.fill_listeners: list[FillListener] = []
+        """Called after every fill with (account, order, fill, now); their events follow the trade's
+        (market-maker protection counts quote executions here)."""
 
     # Sessions
 
@@ -283,6 +299,16 @@ class Engine:
         """``private/insert`` (``direction`` already in ``params`` for buy/sell)."""
         self.check_throttle(session, now)
         self._require_trading(session)
+        return self.place(session.account, params, now, session)
+
+    def place(
+        self, account: Account, params: dict, now: float, session: Session | None = None, **origin: Any
+    ) -> tuple[dict, list[Event]]:
+        """Validate and match an order of ``account``: a client's (``session``) or, without a session, one
+        the exchange inserts for the account (a triggered conditional order, a bot's; persistent).
+
+        ``origin`` sets ``insert_reason``, ``conditional_order_id``, ``bot_id`` or ``mass_quote``.
+        """
         direction = _choice(params, "direction", ("buy", "sell"), None)
         if direction is None:
             raise RpcError(INVALID_REQUEST, "missing parameter direction")
@@ -312,10 +338,9 @@ class Engine:
         label = params.get("label")
         if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):
             raise RpcError(INVALID_REQUEST, f"label must be a string of at most {MAX_LABEL_BYTES} bytes")
-        client_order_id = _client_order_id(params)
-        if client_order_id is not None and client_order_id in session.client_orders:
+        client_order_id = _client_order_id(params) if session is not None else None
+        if session is not None and client_order_id is not None and client_order_id in session.client_orders:
             raise RpcError(DUPLICATE_ORDER_ID, "duplicate client_order_id")
-        account = session.account
         if reduce_only:
             amount = self._reduce_only_amount(account, inst, direction, amount)
         mark = self.market.mark(inst.name).price
@@ -327,7 +352,7 @@ class Engine:
         order = Order(
             f"{self._next_order:016X}",
             account.account_id,
-            session.session_id,
+            session.session_id if session is not None else 0,
             inst,
             direction,
             order_type,
@@ -335,11 +360,13 @@ class Engine:
             price,
             amount,
             now,
-            not session.cancel_on_disconnect,
+            session is None or not session.cancel_on_disconnect,
             label,
             client_order_id,
             reduce_only,
         )
+        for name, value in origin.items():
+            setattr(order, name, value)
         if post_only and order.price is not None:
             opposite = asks if direction == "buy" else bids
             if opposite and self._crosses(direction, order.price, opposite[0][0]):
@@ -356,10 +383,10 @@ class Engine:
                 self._close(order, "immediate_cancel", now)
             else:
                 account.orders[order.order_id] = order
-                if client_order_id is not None:
+                if session is not None and client_order_id is not None:
                     session.client_orders[client_order_id] = order.order_id
         wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.account_id, session.session_id, wire))
+        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
         events.extend(self._trim_reduce_only(account, inst, now))
         return wire, events
 
@@ -399,12 +426,13 @@ class Engine:
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
         self._require_trading(session)
-        orders = list(session.account.orders.values())
+        orders = [o for o in session.account.orders.values() if not o.mass_quote]
         return len(orders), [self._cancel_bulk(order, now) for order in orders]
 
     def cancel_session(self, session: Session, now: float) -> list[Event]:
         self._require_trading(session)
-        orders = [o for o in session.account.orders.values() if o.session_id == session.session_id]
+        mine = session.session_id
+        orders = [o for o in session.account.orders.values() if o.session_id == mine and not o.mass_quote]
         return [self._cancel_bulk(order, now) for order in orders]
 
     def direct_trade(
@@ -456,6 +484,32 @@ class Engine:
         events.extend(self._trim_reduce_only(account, inst, now))
         return [e.payload for e in events if e.kind == "trade"], events
 
+    def book(
+        self,
+        account_id: str,
+        inst: Instrument,
+        direction: str,
+        amount: float,
+        price: float,
+        now: float,
+        *,
+        order_id: str,
+        label: str | None,
+        maker_taker: str,
+        **booking: Any,
+    ) -> list[Event]:
+        """A trade off the book (an RFQ leg), booked like a fill of order ``order_id`` at ``price``;
+        ``booking`` as for :meth:`_fill` (``trade_type``, ``leg_index``, ``fee_share``)."""
+        account = self.accounts.get(account_id)
+        if account is None:
+            account = self.accounts[account_id] = Account(account_id, account_number(account_id))
+        order = Order(
+            order_id, account_id, 0, inst, direction, "limit", "immediate_or_cancel", price, amount, now, True, label
+        )
+        _, events = self._fill(account, order, price, amount, maker_taker, now, **booking)
+        events.extend(self._trim_reduce_only(account, inst, now))
+        return events
+
     def fill_resting(
         self,
         now: float,
@@ -471,6 +525,8 @@ class Engine:
             if account_id is not None and account.account_id != account_id:
                 continue
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
                 if instrument_name is not None and order.instrument.name != instrument_name:
                     continue
                 if order_id is not None and order.order_id != order_id:
@@ -485,6 +541,8 @@ class Engine:
         events: list[Event] = []
         for account in list(self.accounts.values()):
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
                 bids, asks = self.market.book(order.instrument.name)
                 if (
                     order.direction == "buy"
@@ -675,7 +733,7 @@ class Engine:
         elif not isinstance(order_id, str):
             raise RpcError(INVALID_REQUEST, "order_id must be a string")
         order = session.account.orders.get(order_id or "")
-        if order is None:
+        if order is None or order.mass_quote:
             raise RpcError(ORDER_NOT_FOUND, "order not found")
         return order
 
@@ -707,8 +765,17 @@ class Engine:
         return events
 
     def _fill(
-        self, account: Account, order: Order, price: float, amount: float, maker_taker: str, now: float
+        self,
+        account: Account,
+        order: Order,
+        price: float,
+        amount: float,
+        maker_taker: str,
+        now: float,
+        **booking: Any,
     ) -> tuple[Fill, list[Event]]:
+        """Book one trade; ``booking`` (RFQ legs) may set ``trade_type``, ``leg_index`` and ``fee_share``
+        (the charged share of the fee, from the RFQ leg's ``fee_quantity``)."""
         inst = order.instrument
         mark = self.market.mark(inst.name)
         pos = account.positions.get(inst.name)
@@ -717,6 +784,9 @@ class Engine:
         signed = amount if order.direction == "buy" else -amount
         position_pnl, funding_pnl = self._apply(pos, signed, price, mark.funding_mark or 0.0)
         fee_rate, fee = self._fee(inst, price, amount, mark.index, maker_taker)
+        share = booking.get("fee_share", 1.0)
+        if share != 1.0:
+            fee_rate, fee = _clean(fee_rate * share), _clean(fee * share)
         pos.fees += fee
         account.cash -= fee
         self._next_trade += 1
@@ -727,7 +797,7 @@ class Engine:
         if order.remaining <= EPS and order.delete_reason is None:
             self._close(order, "filled", now)
         trade: dict[str, Any] = {
-            "trade_type": "normal",
+            "trade_type": booking.get("trade_type", "normal"),
             "trade_id": trade_id,
             "order_id": order.order_id,
             "instrument_name": inst.name,
@@ -741,7 +811,7 @@ class Engine:
             "index": mark.index,
             "fee_rate": fee_rate,
             "maker_taker": maker_taker,
-            "leg_index": 0,
+            "leg_index": booking.get("leg_index", 0),
         }
         if position_pnl is not None:
             trade["position_pnl"] = position_pnl
@@ -753,11 +823,15 @@ class Engine:
             trade["label"] = order.label
         if order.client_order_id is not None:
             trade["client_order_id"] = order.client_order_id
+        if order.bot_id is not None:
+            trade["bot_id"] = order.bot_id
         account.trades.append((self._next_trade, trade))
         events = [
             Event("trade", account.account_id, order.session_id, trade),
             Event("portfolio", account.account_id, None, self.portfolio_entry(pos)),
         ]
+        for listener in self.fill_listeners:
+            events.extend(listener(account, order, fill, now))
         return fill, events
 
     @staticmethod
@@ -815,6 +889,11 @@ class Engine:
                 order.amount = _clean(order.filled_amount + allowed)
             events.append(self._order_event(order, "amend", []))
         return events
+
+    def withdraw(self, order: Order, reason: str, now: float) -> Event:
+        """The exchange removes a resting order (a bot's, a pulled quote) for ``reason``; its notification."""
+        self._close(order, reason, now)
+        return self._order_event(order, "cancel", [])
 
     def _cancel_bulk(self, order: Order, now: float) -> Event:
         self._close(order, "client_bulk_cancel", now)

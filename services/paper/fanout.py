@@ -65,7 +65,8 @@ class Fanout:
         traded: set[str] = set()
         for event in events:
             if event.kind == "trade":
-                self.exchange.stats.note(event.payload)
+                if event.payload["trade_type"] != "rfq":  # block trades are not the book's last price
+                    self.exchange.stats.note(event.payload)
                 traded.add(event.account_id)
         if traded:
             self.exchange.market.version += 1
@@ -135,6 +136,7 @@ class Fanout:
         """Prices moved: maker fills for crossed orders, raw feeds, and portfolio lines that moved 1 %."""
         exchange = self.exchange
         self.publish(exchange.engine.on_market(now))
+        exchange.react(now)
         self.publish_channels(now, raw_only=True)
         moved: list[Event] = []
         for (account_id, name), sent_mark in list(self.portfolio_marks.items()):

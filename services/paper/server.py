@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from services.paper import methods  # noqa: F401  (registers every method family)
+from services.paper.automation import Automation
 from services.paper.channels import Channel, Subscriptions
 from services.paper.connection import Connection
 from services.paper.control import CONTROLS
@@ -74,6 +75,7 @@ class PaperExchange:
         self.market = Market(seed=seed, now=clock(), index_vol=index_vol, volatility=option_vol)
         self.engine = Engine(self.market)
         self.stats = TradeStats()
+        self.automation = Automation(self.engine, self.stats)
         self.connections: set[Connection] = set()
         self.subscriptions = Subscriptions(self)
         self.fanout = Fanout(self)
@@ -176,6 +178,10 @@ class PaperExchange:
         self.fanout.after_market_change(self.clock())
         return self.status()
 
+    def react(self, now: float) -> None:
+        """Conditional orders, bots, RFQ makers and takers and rogue bots act on the latest market."""
+        self.fanout.publish(self.automation.tick(now))
+
     def status(self) -> dict:
         return {
             "paused": self.market.paused,
@@ -198,6 +204,7 @@ class PaperExchange:
                     self._last_step = now
                     if self.market.step(now, self.tick_interval):
                         self.fanout.after_market_change(now)
+                self.react(now)
                 self.fanout.publish_channels(now, raw_only=False)
                 if now - self._last_summary >= SUMMARY_INTERVAL:
                     self._last_summary = now

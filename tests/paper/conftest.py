@@ -139,3 +139,22 @@ async def connect(paper: PaperHandle) -> AsyncIterator[Callable[[], Any]]:
     yield _connect
     for ws in opened:
         await ws.close()
+
+
+@pytest_asyncio.fixture
+async def official(paper: PaperHandle) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of logged-in official ``thalex`` clients (tests/paper/official.py) on ``paper``; closed at the end."""
+    from .official import OfficialClient
+
+    opened: list[OfficialClient] = []
+
+    async def _open(key: KeyFiles) -> OfficialClient:
+        client = await OfficialClient(paper.url).connect()
+        opened.append(client)
+        await client.login(key)
+        return client
+
+    yield _open
+    for client in opened:
+        if client.client.connected():
+            await client.close()
