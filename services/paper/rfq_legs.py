@@ -135,4 +135,4 @@ def leg_prices(quantities: list[int], marks: list[float], price: float) -> list[
     notional = sum(abs(q) * m for q, m in zip(quantities, marks, strict=True))
     residual = price - sum(q * m for q, m in zip(quantities, marks, strict=True))
     share = residual / notional if notional else 0.0
-    return [round(m * (1 + math.copysign(share, q)), 10) for q, m in zip(quantities, marks, strict=True)]
+    return [round(m * (1 + (share if q > 0 else -share)), 10) for q, m in zip(quantities, marks, strict=True)]
