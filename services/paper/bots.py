@@ -37,7 +37,7 @@ BOT_ID_BASE = 0x00B0_0000_0000_0000
 MAX_RUN = 7 * 24 * 3600.0
 """api.yaml: ``end_time`` must not be further away than a week."""
 TRADE_INTERVAL = 1.0
-"""Seconds between a bot's aggressive orders (a thin book or a tight slippage limit is retried, not hammered)."""
+"""Seconds between a bot's aggressive orders (a thin book or a tight slippage limit is retried)."""
 STOP_REASONS = (
     "client_cancel",
     "client_bulk_cancel",

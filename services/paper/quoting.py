@@ -1,4 +1,4 @@
-"""Mass quotes under market-maker protection: ``private/mass_quote``, ``set_mm_protection``, ``cancel_mass_quote``.
+"""Mass quotes under market-maker protection (``mass_quote``, ``set_mm_protection``, ``cancel_mass_quote``).
 
 Pure (every call takes ``now``). A quote is an order of the engine marked ``mass_quote``: it rests and
 fills like any order and is reported on ``account.orders`` / ``account.trade_history``, but the
@@ -98,7 +98,7 @@ class MassQuotes:
     # mass_quote
 
     def mass_quote(self, session: Session, params: dict[str, Any], now: float) -> tuple[dict, list[Event]]:
-        """Replace the quoted sides; a side fails alone (``errors``), the call only for a malformed request."""
+        """Replace the quoted sides; a side fails alone (``errors``), the call only when malformed."""
         sides = self._parse(params)
         label = params.get("label")
         if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):

@@ -107,7 +107,7 @@ class Rfq:
         return self.close_time is None
 
     def wire(self, quotes: list[RfqQuote] | None = None, event: str | None = None) -> dict[str, Any]:
-        """``Rfq``: with ``quotes`` the requester's view (label, reasons, best quotes), else a market maker's."""
+        """``Rfq``: with ``quotes`` the requester's view (label, reasons, best quotes), else a maker's."""
         wire: dict[str, Any] = {
             "rfq_id": self.rfq_id,
             "amount": self.amount,
@@ -497,7 +497,7 @@ class Rfqs:
         return events
 
     def _book(self, rfq: Rfq, quote: RfqQuote, amount: float, direction: str, now: float) -> list[Event]:
-        """Book the legs of ``amount`` combinations at ``quote.price`` on the requester and the quoting account."""
+        """Book ``amount`` combinations at ``quote.price``, leg by leg, on the requester and the quoter."""
         marks = [self.engine.market.mark(leg.instrument.name).price for leg in rfq.legs]
         prices = leg_prices([leg.quantity for leg in rfq.legs], marks, quote.price)
         events: list[Event] = []

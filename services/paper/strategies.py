@@ -9,6 +9,7 @@ open, the choice made here is written in the class docstring (and in docs/paper.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,7 +50,7 @@ class View:
         return self.market.mark(name or self.instrument.name).price
 
     def signal(self, signal: str) -> float | None:
-        """The price a ``signal`` names: ``mark``, ``index`` (of the underlying) or ``last`` (None before a trade)."""
+        """The price a ``signal`` names: ``mark``, ``index`` or ``last`` (None before the first trade)."""
         if signal == "mark":
             return self.mark()
         if signal == "index":
@@ -118,12 +119,12 @@ class Params:
     def spacing(self, name: str, levels: list[float], low: int, high: int) -> None:
         """Neighbouring levels ``low`` to ``high`` ticks apart."""
         tick = self.inst.tick_size
-        for a, b in zip(levels, levels[1:], strict=False):
+        for a, b in itertools.pairwise(levels):
             if not low * tick - EPS <= b - a <= high * tick + EPS:
                 raise RpcError(INVALID_REQUEST, f"{name} levels must be {low} to {high} ticks apart")
 
     def exits(self, lowest: float, highest: float) -> tuple[float, float]:
-        """``upside_exit_price`` above ``highest`` and ``downside_exit_price`` below ``lowest``, within 200 ticks."""
+        """The exit prices: above ``highest`` and below ``lowest``, within 200 ticks of them."""
         up, down = self.price("upside_exit_price"), self.price("downside_exit_price")
         reach = 200 * self.inst.tick_size + EPS
         if not highest < up <= highest + reach:
@@ -150,7 +151,7 @@ class Strategy:
 
 
 def _steps(position: float, base: float, step: float) -> int:
-    """Whole steps of ``step`` the position is away from ``base`` (+ long, - short; partial steps do not count)."""
+    """Whole steps of ``step`` the position is from ``base`` (+ long, - short; partial steps don't count)."""
     ratio = (position - base) / step
     return math.floor(ratio + 1e-9) if ratio >= 0 else math.ceil(ratio - 1e-9)
 

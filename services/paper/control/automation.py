@@ -65,7 +65,7 @@ async def create_bot(exchange: PaperExchange, params: dict, requester: Connectio
 
 @CONTROLS.method("paper/stop_bots")
 async def stop_bots(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
-    """Stop the account's bots (or ``bot_id``) with any of Thalex's stop reasons (default ``admin_cancel``)."""
+    """Stop the account's bots (or ``bot_id``) for any of Thalex's stop reasons (``admin_cancel``)."""
     _, account = _key_account(exchange, params)
     reason = params.get("reason", "admin_cancel")
     if reason not in STOP_REASONS:
@@ -93,7 +93,7 @@ async def create_conditional_order(
 
 @CONTROLS.method("paper/create_rfq")
 async def create_rfq(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
-    """An RFQ of a simulated taker (``legs``, ``label``?, ``valid_seconds``?), sent to every account's ``mm.rfqs``."""
+    """A simulated taker's RFQ (``legs``, ``label``?, ``valid_seconds``?) for every account's ``mm.rfqs``."""
     lifetime = positive(params, "valid_seconds", 300.0)
     rfq, events = exchange.automation.rfqs.create(None, params, exchange.clock(), lifetime)
     exchange.fanout.publish(events)
