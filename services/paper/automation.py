@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from services.paper.bots import Bots
 from services.paper.conditional import ConditionalOrders
-from services.paper.engine import Engine, Event, Session
+from services.paper.accounts import Event, Session
+from services.paper.engine import Engine
 from services.paper.marketdata import TradeStats
 from services.paper.quoting import MassQuotes
 from services.paper.rfq import Rfqs

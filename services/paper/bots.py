@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.paper.engine import EPS, MAX_LABEL_BYTES, Account, Engine, Event
+from services.paper.accounts import EPS, Account, Event
+from services.paper.engine import MAX_LABEL_BYTES, Engine
 from services.paper.errors import INVALID_REQUEST, ORDER_NOT_FOUND, RpcError
 from services.paper.market import Instrument, align_down, align_up
 from services.paper.marketdata import TradeStats
@@ -135,9 +136,10 @@ class Bots:
         order_reason = ORDER_DELETE_REASON.get(reason, "client_cancel")
         account = self.engine.accounts[bot.account_id]
         events = [
-            self.engine.withdraw(order, order_reason, now)
+            event
             for order in list(account.orders.values())
             if order.bot_id == bot.bot_id
+            for event in self.engine.withdraw(order, order_reason, now)
         ]
         bot.status, bot.stop_reason = "stopped", reason
         events.append(self._changed(bot.account_id))
@@ -207,7 +209,7 @@ class Bots:
             if match is not None:
                 wanted.remove(match)
             else:
-                events.append(self.engine.withdraw(order, "client_cancel", now))
+                events += self.engine.withdraw(order, "client_cancel", now)
         for direction, price, amount in wanted:
             params: dict[str, Any] = {
                 "instrument_name": bot.instrument.name,
@@ -257,6 +259,8 @@ class Bots:
         if strategy_name not in STRATEGIES:
             raise RpcError(INVALID_REQUEST, f"strategy must be one of {', '.join(STRATEGIES)}")
         inst = self.engine._instrument(params.get("instrument_name"))
+        if inst.is_combination:
+            raise RpcError(INVALID_REQUEST, "bots trade outright instruments")
         p = Params(params, inst)
         view = View(self.engine.market, self.stats, account, inst, now)
         instruments = self.engine.market.instruments

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.paper.engine import EPS, MAX_LABEL_BYTES, Account, Engine, Event
+from services.paper.accounts import EPS, Account, Event
+from services.paper.engine import MAX_LABEL_BYTES, Engine
 from services.paper.errors import INVALID_REQUEST, INVALID_STATE, ORDER_NOT_FOUND, RpcError
 from services.paper.market import Instrument, align_down, align_up
 from services.paper.marketdata import TradeStats
@@ -217,7 +218,9 @@ class ConditionalOrders:
         if direction is None:
             raise RpcError(INVALID_REQUEST, "missing parameter direction")
         inst = self.engine._instrument(params.get("instrument_name"))
-        amount = self.engine._amount(inst, number(params, "amount", required=True))
+        if inst.is_combination:
+            raise RpcError(INVALID_REQUEST, "conditional orders are for outright instruments")
+        amount = self.engine.checked_amount(inst, number(params, "amount", required=True))
         target = choice(params, "target", TARGETS, "mark")
         assert target is not None
         if target == "index" and inst.kind not in ("perpetual", "future"):

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.paper.errors import INVALID_REQUEST, NOT_LOGGED_IN, UNKNOWN_METHOD, RpcError
+from services.paper.errors import INVALID_REQUEST, NOT_LOGGED_IN, TEMPORARY_FAILURE, UNKNOWN_METHOD, RpcError
 from services.paper.rpc import METHODS, Call
 
 if TYPE_CHECKING:
     from services.paper.connection import Connection
     from services.paper.server import PaperExchange
+
+log = logging.getLogger(__name__)
 
 ORDER_LOG_SIZE = 100_000
 
@@ -78,6 +81,13 @@ class Dispatcher:
         except RpcError as exc:
             self._log_order(method, conn.key_id, received, params, {"error": exc.to_wire()})
             conn.reply(rid, error=exc.to_wire())
+            conn.after.clear()
+            return
+        except Exception:  # a bug of the paper: say so, keep the connection
+            log.exception("%s failed", method)
+            conn.reply(
+                rid, error=RpcError(TEMPORARY_FAILURE, f"temporary failure: {method} failed").to_wire()
+            )
             conn.after.clear()
             return
         self._log_order(method, conn.key_id, received, params, {"result": result})

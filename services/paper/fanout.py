@@ -13,8 +13,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from services.paper import risk
+from services.paper.accounts import Event
 from services.paper.channels.registry import CHANNELS, ROUTES, Channel, Route
-from services.paper.engine import Event
+from services.paper.instruments import Instrument
 
 if TYPE_CHECKING:
     from services.paper.connection import Connection
@@ -61,16 +63,21 @@ class Fanout:
                 family.on_events(exchange, channel, events)
 
     def _note_trades(self, events: list[Event]) -> set[str]:
-        """Trade statistics; the accounts that traded (the market version moves: last price changed)."""
-        traded: set[str] = set()
+        """Trade statistics; the accounts whose summary changed (a trade moves the market version:
+        the last price changed)."""
+        touched: set[str] = set()
+        traded = False
         for event in events:
             if event.kind == "trade":
                 if event.payload["trade_type"] != "rfq":  # block trades are not the book's last price
-                    self.exchange.stats.note(event.payload)
-                traded.add(event.account_id)
+                    self.exchange.stats.note(event.payload, event.account_id)
+                touched.add(event.account_id)
+                traded = True
+            elif event.kind == "summary":
+                touched.add(event.account_id)
         if traded:
             self.exchange.market.version += 1
-        return traded
+        return touched
 
     @staticmethod
     def _send_routes(conn: Connection, events: list[Event]) -> None:
@@ -100,11 +107,16 @@ class Fanout:
         """Re-send market-data channels whose prices changed (delayed ones at most once per delay)."""
         version = self.exchange.market.version
         for channel in list(self.exchange.subscriptions.channels.values()):
-            if channel.sent_version == version:
+            if channel.sent_version == version or (channel.target and not self._active(channel.target)):
                 continue
             if channel.delay > 0 and (raw_only or now - channel.last_sent < channel.delay):
                 continue
             self.send_channel(channel, now)
+
+    def _active(self, target: str) -> bool:
+        """A channel's instrument or underlying still trades (an expired one's channels go quiet)."""
+        market = self.exchange.market
+        return target in market.index or market.get(target) is not None
 
     def send_channel(self, channel: Channel, now: float) -> None:
         family = CHANNELS.family(channel.family)
@@ -133,8 +145,10 @@ class Fanout:
     # After prices moved
 
     def after_market_change(self, now: float) -> None:
-        """Prices moved: maker fills for crossed orders, raw feeds, and portfolio lines that moved 1 %."""
+        """Prices moved: maker fills for crossed orders, raw feeds, portfolio lines that moved 1 %,
+        margin breaches."""
         exchange = self.exchange
+        exchange.market.sample_index(now)
         self.publish(exchange.engine.on_market(now))
         exchange.react(now)
         self.publish_channels(now, raw_only=True)
@@ -143,11 +157,25 @@ class Fanout:
             account = exchange.engine.accounts.get(account_id)
             position = account.positions.get(name) if account else None
             if position is None:
+                del self.portfolio_marks[(account_id, name)]
                 continue
             mark = exchange.market.mark(name).price
             if sent_mark and abs(mark - sent_mark) > PORTFOLIO_MARK_MOVE * abs(sent_mark):
                 moved.append(Event("portfolio", account_id, None, exchange.engine.portfolio_entry(position)))
         self.publish(moved)
+        self.publish(risk.check(exchange.engine, now))
+
+    def instruments_changed(self, added: list[Instrument], removed: list[Instrument]) -> None:
+        """The ``instruments`` channel: ``{added: Instrument}`` / ``{removed: Instrument}`` items."""
+        market = self.exchange.market
+        items = [
+            {"removed": inst.to_wire(market.settlements.get(inst.name))} for inst in removed if inst.is_listed
+        ]
+        items += [{"added": inst.to_wire()} for inst in added]
+        if not items:
+            return
+        for channel in self.exchange.subscriptions.of_family("instruments"):
+            self.broadcast(channel, items)
 
 
 def _combine(route: Route, payloads: list[Any]) -> Any:
@@ -155,4 +183,6 @@ def _combine(route: Route, payloads: list[Any]) -> Any:
         return payloads[-1]
     if route.combine == "lines":
         return list({p["instrument_name"]: p for p in payloads}.values())
+    if route.combine == "notifications":
+        return {"notifications": list(reversed(payloads))}
     return payloads

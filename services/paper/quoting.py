@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from services.paper.engine import EPS, MAX_LABEL_BYTES, Account, Engine, Event, Fill, Order, Session
+from services.paper.accounts import EPS, Account, Event, Fill, Order, Session
+from services.paper.engine import MAX_LABEL_BYTES, Engine
 from services.paper.errors import (
     COLLAR_BREACH,
     INVALID_AMOUNT,
@@ -184,7 +185,7 @@ class MassQuotes:
             else:
                 to_insert.append((price, amount))
         for order in live:
-            events.append(self.engine.withdraw(order, "client_cancel", now))
+            events += self.engine.withdraw(order, "client_cancel", now)
         for price, amount in to_insert:
             params: dict[str, Any] = {
                 "instrument_name": inst.name,
@@ -205,9 +206,10 @@ class MassQuotes:
         """Quotes of every session of the account (of ``product``) go; their protection groups are deleted."""
         product = self._product(params.get("product"), required=False)
         events = [
-            self.engine.withdraw(order, "client_bulk_cancel", now)
+            event
             for order in list(account.orders.values())
             if order.mass_quote and (product is None or order.instrument.product == product)
+            for event in self.engine.withdraw(order, "client_bulk_cancel", now)
         ]
         for key, group in list(self.groups.items()):
             if group.account_id == account.account_id and (product is None or group.product == product):
@@ -238,9 +240,8 @@ class MassQuotes:
                     and quote.session_id == order.session_id
                     and (quote.instrument.product == group.product)
                 ):
-                    pulled = self.engine.withdraw(quote, "mm_protection", now)
-                    if quote is not order:  # the filling quote reports its end with its fill
-                        events.append(pulled)
+                    # the filling quote reports its end with its fill
+                    events += self.engine.withdraw(quote, "mm_protection", now, quietly=quote is order)
         return events
 
     def prune(self) -> None:

@@ -15,10 +15,12 @@ after, every other open quote of a quoting account that traded is cancelled (Tha
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from services.paper.engine import EPS, MAX_LABEL_BYTES, Engine, Event, Session, _clean
+from services.paper.accounts import EPS, Event, Session, clean
+from services.paper.engine import MAX_LABEL_BYTES, Engine
 from services.paper.errors import (
     DUPLICATE_ORDER_ID,
     INVALID_AMOUNT,
@@ -29,10 +31,11 @@ from services.paper.errors import (
     RpcError,
 )
 from services.paper.market import Instrument, is_aligned
-from services.paper.params import choice, limit, number
+from services.paper.params import choice, number
 from services.paper.rfq_legs import FeeLeg, LegError, fee_quantities, leg_prices, minimise
 
 INSUFFICIENT_LIQUIDITY = 41
+RECENTLY_TRADED = 100
 RFQ_LIFETIME = 300.0
 RFQ_ID_BASE = 0x00F0_0000_0000_0000
 QUOTE_ID_BASE = 0x00E0_0000_0000_0000
@@ -158,6 +161,8 @@ class Rfqs:
         self.engine = engine
         self.rfqs: dict[str, Rfq] = {}
         self.quotes: dict[str, RfqQuote] = {}
+        self.traded: deque[dict[str, Any]] = deque(maxlen=RECENTLY_TRADED)
+        """Recently traded RFQs (as market makers see them): the public ``rfqs`` channel's snapshot."""
         self._next_rfq = RFQ_ID_BASE
         self._next_quote = QUOTE_ID_BASE
 
@@ -189,27 +194,6 @@ class Rfqs:
             if rfq.open and rfq.requester == account_id:
                 feed += [q.wire("Existing", owner_view=False) for q in self.quotes_of(rfq) if not q.closed]
         return feed
-
-    def history(self, account_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        """``private/rfq_history``: the account's closed RFQs, newest first, paged by ``bookmark``."""
-        size = limit(params)
-        low, high = number(params, "time_low"), number(params, "time_high")
-        bookmark = params.get("bookmark")
-        if bookmark is not None and (not isinstance(bookmark, str) or not bookmark.isdigit()):
-            raise RpcError(INVALID_REQUEST, "invalid bookmark")
-        rows = [
-            r
-            for r in reversed(list(self.rfqs.values()))
-            if r.requester == account_id
-            and not r.open
-            and (low is None or r.create_time >= low)
-            and (high is None or r.create_time <= high)
-        ]
-        start = int(bookmark) if bookmark else 0
-        result: dict[str, Any] = {"rfqs": [self.requester_view(r) for r in rows[start : start + size]]}
-        if len(rows) > start + size:
-            result["bookmark"] = str(start + size)
-        return result
 
     # The requester's side
 
@@ -261,9 +245,9 @@ class Rfqs:
         fills: list[tuple[RfqQuote, float]] = []
         left = rfq.amount
         for quote in candidates:
-            take = _clean(min(quote.amount, left))
+            take = clean(min(quote.amount, left))
             fills.append((quote, take))
-            left = _clean(left - take)
+            left = clean(left - take)
             if left <= EPS:
                 break
         if not fills:
@@ -274,8 +258,8 @@ class Rfqs:
         for quote, take in fills:
             events.extend(self._book(rfq, quote, take, direction, now))
             quote.trade_price, quote.trade_amount = quote.price, take
-        traded = _clean(sum(take for _, take in fills))
-        rfq.trade_price = _clean(sum(q.price * take for q, take in fills) / traded)
+        traded = clean(sum(take for _, take in fills))
+        rfq.trade_price = clean(sum(q.price * take for q, take in fills) / traded)
         rfq.trade_amount = traded
         events.extend(self._close(rfq, now, "filled", filled={q.order_id for q, _ in fills}))
         for owner in {q.owner for q, _ in fills if q.owner is not None}:
@@ -289,7 +273,7 @@ class Rfqs:
                 {
                     "instrument_name": leg.instrument.name,
                     "direction": direction if leg.quantity > 0 else OPPOSITE[direction],
-                    "amount": _clean(abs(leg.quantity) * traded),
+                    "amount": clean(abs(leg.quantity) * traded),
                 }
                 for leg in rfq.legs
             ],
@@ -384,6 +368,8 @@ class Rfqs:
             if not isinstance(leg, dict):
                 raise RpcError(INVALID_REQUEST, "every leg is {instrument_name, amount}")
             inst = self.engine._instrument(leg.get("instrument_name"))
+            if inst.is_combination:
+                raise RpcError(INVALID_REQUEST, f"{inst.name}: every leg must be an outright instrument")
             amount = number(leg, "amount", required=True)
             assert amount is not None
             if abs(amount) < inst.min_order_amount - EPS or not is_aligned(amount, inst.volume_tick_size):
@@ -403,7 +389,7 @@ class Rfqs:
         fee_legs = []
         for inst, q in zip(instruments, quantities, strict=True):
             mark = self.engine.market.mark(inst.name)
-            fee = Engine._fee(inst, mark.price, 1.0, mark.index, "taker")[1]
+            fee = Engine.fee(inst, mark.price, 1.0, mark.index, "taker")[1]
             fee_legs.append(FeeLeg(inst.underlying, inst.kind == "option", q, mark.delta, fee))
         shares = fee_quantities(fee_legs)
         legs = [RfqLeg(i, q, f) for i, q, f in zip(instruments, quantities, shares, strict=True)]
@@ -429,7 +415,7 @@ class Rfqs:
             raise RpcError(
                 INVALID_PRICE, "price too far from the legs' marks: a leg would trade at or below zero"
             )
-        return price, _clean(amount)
+        return price, clean(amount)
 
     def _by_client_id(self, session: Session, client_order_id: int) -> RfqQuote | None:
         return next(
@@ -484,7 +470,12 @@ class Rfqs:
         if rfq.requester is not None:
             event = "Traded" if reason == "filled" else "Cancelled"
             events.insert(0, Event("rfq", rfq.requester, None, self.requester_view(rfq, event)))
-            events.append(Event("rfq_history", rfq.requester, None, self.requester_view(rfq)))
+            closed = self.requester_view(rfq)
+            self.engine.account(rfq.requester).rfq_history.append((self.engine.next_seq(), closed))
+            events.append(Event("rfq_history", rfq.requester, None, closed))
+        if reason == "filled":
+            self.traded.append(rfq.wire())
+            events.append(Event("rfq_traded", "", None, rfq.wire()))
         return events
 
     def _protect(self, owner: str, traded: Rfq) -> list[Event]:
@@ -503,42 +494,53 @@ class Rfqs:
         events: list[Event] = []
         for index, (leg, price) in enumerate(zip(rfq.legs, prices, strict=True)):
             taker_side = direction if leg.quantity > 0 else OPPOSITE[direction]
-            size = _clean(abs(leg.quantity) * amount)
-            booking = {
-                "trade_type": "rfq",
-                "leg_index": index,
-                "fee_share": leg.fee_quantity / abs(leg.quantity),
-            }
-            if rfq.requester is not None:
-                events.extend(
-                    self.engine.book(
-                        rfq.requester,
-                        leg.instrument,
-                        taker_side,
-                        size,
-                        price,
-                        now,
-                        order_id=rfq.rfq_id,
-                        label=rfq.label,
-                        maker_taker="taker",
-                        **booking,
-                    )
+            size = clean(abs(leg.quantity) * amount)
+            share = leg.fee_quantity / abs(leg.quantity)
+            sides = [
+                (rfq.requester, taker_side, "taker", rfq.rfq_id, rfq.label),
+                (quote.owner, OPPOSITE[taker_side], "maker", quote.order_id, quote.label),
+            ]
+            for account_id, side, maker_taker, order_id, label in sides:
+                if account_id is None:
+                    continue
+                extra: dict[str, Any] = {"order_id": order_id}
+                if label is not None:
+                    extra["label"] = label
+                events += self._book_leg(
+                    account_id, leg, index, side, size, price, maker_taker, now, share, extra
                 )
-            if quote.owner is not None:
-                events.extend(
-                    self.engine.book(
-                        quote.owner,
-                        leg.instrument,
-                        OPPOSITE[taker_side],
-                        size,
-                        price,
-                        now,
-                        order_id=quote.order_id,
-                        label=quote.label,
-                        maker_taker="maker",
-                        **booking,
-                    )
-                )
+        return events
+
+    def _book_leg(
+        self,
+        account_id: str,
+        leg: RfqLeg,
+        index: int,
+        direction: str,
+        size: float,
+        price: float,
+        maker_taker: str,
+        now: float,
+        share: float,
+        extra: dict[str, Any],
+    ) -> list[Event]:
+        """One leg of an RFQ trade on one account: an ``rfq`` trade paying ``share`` of the usual fee."""
+        inst = leg.instrument
+        fee_rate, fee = Engine.fee(inst, price, size, self.engine.market.mark(inst.name).index, maker_taker)
+        _, events = self.engine.book(
+            self.engine.account(account_id),
+            inst,
+            direction,
+            size,
+            price,
+            now,
+            trade_type="rfq",
+            fee_rate=clean(fee_rate * share),
+            fee=clean(fee * share),
+            maker_taker=maker_taker,
+            leg_index=index,
+            extra=extra,
+        )
         return events
 
     def _simulated_quotes(self, rfq: Rfq) -> list[Event]:
@@ -553,7 +555,7 @@ class Rfqs:
             bid += leg.quantity * (best_bid if leg.quantity > 0 else best_ask)
             ask += leg.quantity * (best_ask if leg.quantity > 0 else best_bid)
         events: list[Event] = []
-        for direction, price in (("buy", _clean(bid)), ("sell", _clean(ask))):
+        for direction, price in (("buy", clean(bid)), ("sell", clean(ask))):
             quote = next(
                 (
                     q

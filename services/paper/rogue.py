@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.paper.bots import Bots
-from services.paper.engine import EPS, Engine, Event, Session
+from services.paper.accounts import EPS, Event, Session
+from services.paper.engine import Engine
 from services.paper.errors import INVALID_REQUEST, RpcError
 from services.paper.market import Instrument, align_down
 from services.paper.quoting import MassQuotes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -25,8 +26,10 @@ from websockets.http11 import Request, Response
 from services.paper import methods  # noqa: F401  (registers every method family)
 from services.paper.automation import Automation
 from services.paper.channels import Channel, Subscriptions
+from services.paper.clock import PaperClock
 from services.paper.connection import Connection
 from services.paper.control import CONTROLS
+from services.paper.daily import DailyCycle
 from services.paper.dispatch import Dispatcher
 from services.paper.engine import Engine
 from services.paper.errors import INVALID_REQUEST, UNKNOWN_INSTRUMENT, UNKNOWN_METHOD, RpcError
@@ -34,6 +37,7 @@ from services.paper.fanout import Fanout
 from services.paper.keys import ApiKey
 from services.paper.market import Instrument, Market
 from services.paper.marketdata import TradeStats
+from services.paper.pricehistory import PriceHistory
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class PaperExchange:
         index_vol: float = 0.6,
         option_vol: float = 0.5,
         clock: Callable[[], float] = time.time,
+        start_time: float | None = None,
     ) -> None:
         self.keys = keys
         self.seed = seed
@@ -68,14 +73,18 @@ class PaperExchange:
         self.port = port
         self.tick_interval = tick_interval
         self.reconnect_grace = reconnect_grace
-        self.clock = clock
-        """The paper's time: every timestamp the exchange reports."""
+        self.clock = clock if isinstance(clock, PaperClock) else PaperClock(clock, start_time)
+        """The paper's time: every timestamp the exchange reports (``paper/advance_clock`` moves it)."""
         self.wall_clock: Callable[[], float] = time.time
         """Real time: login tokens and the control API's logs."""
-        self.market = Market(seed=seed, now=clock(), index_vol=index_vol, volatility=option_vol)
+        self.market = Market(seed=seed, now=self.clock(), index_vol=index_vol, volatility=option_vol)
         self.engine = Engine(self.market)
         self.stats = TradeStats()
         self.automation = Automation(self.engine, self.stats)
+        self.history = PriceHistory()
+        self.banners: list[dict] = []
+        """``Banner`` objects (``paper/set_banners``), on ``public/system_info`` and ``banners``."""
+        self.cycle = DailyCycle(self)
         self.connections: set[Connection] = set()
         self.subscriptions = Subscriptions(self)
         self.fanout = Fanout(self)
@@ -86,6 +95,7 @@ class PaperExchange:
         self._loop_task: asyncio.Task | None = None
         self._last_step = 0.0
         self._last_summary = 0.0
+        self._last_record = -math.inf
 
     # Lifecycle
 
@@ -157,10 +167,11 @@ class PaperExchange:
     # Shared helpers of methods and controls
 
     def instrument_named(self, name: Any) -> Instrument:
-        """The active instrument ``name`` (6 when not a string, 5 when unknown)."""
+        """The active instrument ``name``, or a combination ``[A:1,B:-1]`` of active ones (6 when not a
+        string, 5 when unknown)."""
         if not isinstance(name, str):
             raise RpcError(INVALID_REQUEST, "instrument_name must be a string")
-        inst = self.market.instruments.get(name)
+        inst = self.market.get(name)
         if inst is None:
             raise RpcError(UNKNOWN_INSTRUMENT, f"unknown instrument {name}")
         return inst
@@ -184,6 +195,10 @@ class PaperExchange:
 
     def status(self) -> dict:
         return {
+            "time": self.clock(),
+            "clock_speed": self.clock.speed,
+            "clock_offset": self.clock.offset,
+            "next_settlement": self.cycle.next,
             "paused": self.market.paused,
             "seed": self.seed,
             "url": self.url,
@@ -192,18 +207,56 @@ class PaperExchange:
             "pinned_marks": dict(self.market.pinned_marks),
         }
 
+    def advance_clock(self, seconds: float) -> int:
+        """Jump the paper's clock forward; every 08:00 UTC on the way is processed in order."""
+        self.clock.advance(seconds)
+        now = self.clock()
+        turned = self.cycle.advance_to(now)
+        self.market.version += 1
+        self.fanout.after_market_change(now)
+        self.record_prices(now, force=True)
+        return turned
+
+    def record_prices(self, now: float, force: bool = False) -> None:
+        """Index and marks into the price history (at most once a second unless forced)."""
+        if not force and now - self._last_record < 1.0:
+            return
+        self._last_record = now
+        market = self.market
+        for underlying, price in market.index.items():
+            self.history.record(f"index:{underlying}", now, price)
+        for name, inst in market.instruments.items():
+            mark = market.mark(name)
+            self.history.record(
+                name,
+                now,
+                mark.price,
+                funding=market.funding_paid.get(name, 0.0),
+                iv=mark.iv if inst.kind == "option" else None,
+                top=lambda n=name: self._top_of_book(n),
+            )
+
+    def _top_of_book(self, name: str) -> list[float | None]:
+        bids, asks = self.market.book(name)
+        bid, ask = (bids[0] if bids else [None, None]), (asks[0] if asks else [None, None])
+        return [bid[0], bid[1], ask[0], ask[1]]
+
     # The market loop
 
     async def _market_loop(self) -> None:
-        """Steps the random walk every ``tick_interval`` and serves the delayed channels."""
+        """Steps the random walk every ``tick_interval``, turns the days and serves the delayed channels."""
         while True:
             await asyncio.sleep(LOOP_INTERVAL)
             now = self.clock()
             try:
+                self.cycle.advance_to(now)
                 if now - self._last_step >= self.tick_interval:
                     self._last_step = now
-                    if self.market.step(now, self.tick_interval):
+                    if not self.market.paused:
+                        self.market.walk(self.tick_interval)
                         self.fanout.after_market_change(now)
+                    self.market.sample_index(now)
+                    self.record_prices(now)
                 self.react(now)
                 self.fanout.publish_channels(now, raw_only=False)
                 if now - self._last_summary >= SUMMARY_INTERVAL:

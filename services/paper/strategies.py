@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from services.paper.engine import EPS, Account
+from services.paper.accounts import EPS, Account
 from services.paper.errors import INVALID_REQUEST, RpcError
 from services.paper.market import Instrument, Market, align_down, align_up, is_aligned
 from services.paper.marketdata import TradeStats

@@ -152,8 +152,11 @@ async def running_paper_exchange(
     tick_interval: float = 0.25,
     reconnect_grace: float = 0.0,
     host: str = "127.0.0.1",
+    start_time: float | None = None,
 ) -> AsyncIterator[PaperHandle]:
-    """Start a paper exchange in-process on a free port; stop it (reconnect notice first) on exit."""
+    """Start a paper exchange in-process on a free port; stop it (reconnect notice first) on exit.
+
+    ``start_time`` starts the paper's clock there (Unix seconds) instead of now."""
     exchange = PaperExchange(
         load_keys(keys_dir),
         seed=seed,
@@ -162,6 +165,7 @@ async def running_paper_exchange(
         port=0,
         tick_interval=tick_interval,
         reconnect_grace=reconnect_grace,
+        start_time=start_time,
     )
     url = await exchange.start()
     handle = PaperHandle(url, exchange)

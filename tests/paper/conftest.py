@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -143,18 +144,19 @@ async def connect(paper: PaperHandle) -> AsyncIterator[Callable[[], Any]]:
 
 @pytest_asyncio.fixture
 async def official(paper: PaperHandle) -> AsyncIterator[Callable[..., Any]]:
-    """Factory of logged-in official ``thalex`` clients (tests/paper/official.py) on ``paper``; closed at the end."""
-    from .official import OfficialClient
+    """Factory of logged-in official ``thalex`` clients (:class:`tests.paper.official.Official`) on ``paper``."""
+    from .official import Official
 
-    opened: list[OfficialClient] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def _open(key: KeyFiles) -> OfficialClient:
-        client = await OfficialClient(paper.url).connect()
-        opened.append(client)
-        await client.login(key)
-        return client
+        async def _open(key: KeyFiles) -> Official:
+            bot = await stack.enter_async_context(Official(paper.url))
+            await bot.login(key)
+            return bot
 
-    yield _open
-    for client in opened:
-        if client.client.connected():
-            await client.close()
+        yield _open
+
+
+def problems(*bots: Any) -> list[str]:
+    """Everything the official clients received that api.yaml (strict) does not allow."""
+    return [problem for bot in bots for problem in bot.problems()]

@@ -68,12 +68,15 @@ async def test_trade_sequence_positions_average_price_realised_pnl_and_fees(
     assert line["position"] == 0 and line["realised_pnl"] == pytest.approx(1744.5)
 
     # Fees: 50.0005 + 25.0005 + 0.0005 * (100999 + 100998) + 0.0005 * 100501 * 0.5
-    #     = 75.001 + 100.9985 + 25.12525 = 201.12475; the USDT balance paid them.
+    #     = 75.001 + 100.9985 + 25.12525 = 201.12475. As on Thalex they are part of the session's
+    #     unsettled P&L until the daily settlement pays it into the balance:
+    #     session realised = 1744.5 - 201.12475 = 1543.37525; balance still 1,000,000.
     history = (await client.result("private/trade_history", {"sort": "ascending"}))["trades"]
     assert sum(t["fee"] for t in history) == pytest.approx(201.12475)
     summary = await client.result("private/account_summary")
-    assert summary["cash"][0]["balance"] == pytest.approx(1_000_000 - 201.12475)
-    assert summary["session_realised_pnl"] == pytest.approx(1744.5)
+    assert summary["cash"][0]["balance"] == pytest.approx(1_000_000)
+    assert summary["session_realised_pnl"] == pytest.approx(1543.37525)
+    assert summary["margin"] == pytest.approx(1_000_000 + 1543.37525)
 
 
 @pytest.mark.asyncio

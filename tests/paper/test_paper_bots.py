@@ -15,9 +15,8 @@ import thalex
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 
-from .conftest import PERP
-from .official import OfficialClient, methods_answered, problems
-from .test_paper_schema import api  # noqa: F401  (the api.yaml fixture)
+from .conftest import PERP, problems
+from .official import Official
 
 CHANNELS = ["account.bots", "account.orders", "account.trade_history", "account.portfolio"]
 
@@ -26,11 +25,11 @@ async def _mark(paper: PaperHandle, price: float) -> None:
     await paper.control("paper/set_mark", {"instrument_name": PERP, "price": price})
 
 
-async def _trader(official, keys: dict[str, KeyFiles]) -> OfficialClient:
-    client: OfficialClient = await official(keys["trader"])
+async def _trader(official, keys: dict[str, KeyFiles]) -> Official:
+    client: Official = await official(keys["trader"])
     await client.result("private_subscribe", CHANNELS)
     for snapshot in ("account.bots", "account.orders", "account.portfolio"):
-        await client.wait_for(snapshot)
+        await client.notification(snapshot)
     return client
 
 
@@ -38,22 +37,22 @@ def _resting(client_orders: list[dict], bot_id: str) -> list[tuple[str, float]]:
     return sorted((o["direction"], o["price"]) for o in client_orders if o.get("bot_id") == bot_id)
 
 
-async def _quotes(client: OfficialClient, bot_id: str, expected: list[tuple[str, float]]) -> None:
+async def _quotes(client: Official, bot_id: str, expected: list[tuple[str, float]]) -> None:
     """Wait until the bot's open orders are ``expected`` (direction, price)."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if _resting(await client.result("open_orders"), bot_id) == sorted(expected):
             return
-        await client.drain(0.05)
+        await client.settle(0.05)
     assert _resting(await client.result("open_orders"), bot_id) == sorted(expected)
 
 
-async def _position(client: OfficialClient, instrument: str = PERP) -> float:
+async def _position(client: Official, instrument: str = PERP) -> float:
     return next((p["position"] for p in await client.result("portfolio") if p["instrument_name"] == instrument), 0.0)
 
 
-async def _stopped(client: OfficialClient, bot_id: str) -> dict:
-    listing = await client.wait_for(
+async def _stopped(client: Official, bot_id: str) -> dict:
+    listing = await client.notification(
         "account.bots", lambda n: any(b["bot_id"] == bot_id and b["status"] == "stopped" for b in n)
     )
     return next(b for b in listing if b["bot_id"] == bot_id)
@@ -61,7 +60,7 @@ async def _stopped(client: OfficialClient, bot_id: str) -> dict:
 
 @pytest.mark.asyncio
 async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_downside_price(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     grid = [99850, 99900, 99950, 100050, 100100, 100150]
@@ -71,7 +70,7 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
     )
     assert (bot["strategy"], bot["status"], bot["base_position"], bot["label"]) == ("grid", "active", 0, "grid")
     bot_id = bot["bot_id"]
-    assert (await client.wait_for("account.bots"))[0]["bot_id"] == bot_id
+    assert (await client.notification("account.bots"))[0]["bot_id"] == bot_id
     # At the base position: bids below the mean (the mark, 100000), asks above.
     await _quotes(client, bot_id, [("buy", 99850), ("buy", 99900), ("buy", 99950)] + [
         ("sell", 100050), ("sell", 100100), ("sell", 100150)
@@ -79,7 +78,7 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
 
     # The mark falls to 99940: the 99950 bid is bought (maker), that level stays empty, the asks stay.
     await _mark(paper, 99940)
-    (trade,) = await client.wait_for("account.trade_history")
+    (trade,) = await client.notification("account.trade_history")
     assert (trade["price"], trade["amount"], trade["maker_taker"], trade["bot_id"], trade["label"]) == (
         99950, 0.01, "maker", bot_id, "grid"
     )
@@ -87,7 +86,7 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
 
     # Up to 100060: the 100050 ask sells the step back; the 99950 bid returns (100050 waits while crossed).
     await _mark(paper, 100060)
-    (trade,) = await client.wait_for("account.trade_history")
+    (trade,) = await client.notification("account.trade_history")
     assert (trade["direction"], trade["price"], trade["position_after"]) == ("sell", 100050, 0)
     await _quotes(client, bot_id, [("buy", 99850), ("buy", 99900), ("buy", 99950), ("sell", 100100), ("sell", 100150)])
 
@@ -105,13 +104,13 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
     )
     assert all(t["bot_id"] == bot_id and t["label"] == "grid" for t in trades)
     assert _resting(await client.result("open_orders"), bot_id) == []
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
@@ -123,10 +122,10 @@ async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
     await _quotes(client, bot_id, [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)])
 
     await _mark(paper, 100060)  # the 100050 ask sells: one step short, that level is used up
-    await client.wait_for("account.trade_history")
+    await client.notification("account.trade_history")
     await _quotes(client, bot_id, [("buy", 99900), ("buy", 99950), ("sell", 100100)])
     await _mark(paper, 100120)  # the 100100 ask sells: two steps short, no ask left
-    await client.wait_for("account.trade_history")
+    await client.notification("account.trade_history")
     await _quotes(client, bot_id, [("buy", 99900), ("buy", 99950)])
     assert await _position(client) == -0.02
 
@@ -136,13 +135,13 @@ async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
     assert await _position(client) == 0
     (last,) = (await client.result("trade_history", limit=1))["trades"]
     assert (last["direction"], last["amount"], last["price"], last["maker_taker"]) == ("buy", 0.02, 100301, "taker")
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     end = time.time() + 3600
@@ -166,7 +165,7 @@ async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot
     assert await client.result("cancel_bot", grid["bot_id"]) is None
     assert (await _stopped(client, grid["bot_id"]))["stop_reason"] == "client_cancel"
     assert await client.result("cancel_all_bots") is None
-    listing = await client.wait_for("account.bots", lambda n: all(b["status"] == "stopped" for b in n))
+    listing = await client.notification("account.bots", lambda n: all(b["status"] == "stopped" for b in n))
     assert {b["bot_id"]: b["stop_reason"] for b in listing} == {
         grid["bot_id"]: "client_cancel",
         levels["bot_id"]: "client_bulk_cancel",
@@ -174,14 +173,14 @@ async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot
     }
     assert await client.result("open_orders") == []
     assert [b["status"] for b in await client.result("bots")] == ["stopped"] * 3
-    assert (await client.error("cancel_bot", "00B0DEAD00000000"))["code"] == 1
-    await client.drain()
-    assert problems(api, client) == []
+    assert await client.error("cancel_bot", "00B0DEAD00000000") == 1
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_sgsl_holds_its_target_above_entry_reopens_after_a_close_and_exits_below_exit(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
@@ -190,29 +189,29 @@ async def test_sgsl_holds_its_target_above_entry_reopens_after_a_close_and_exits
     assert (bot["signal"], bot["entry_price"], bot["target_position"], bot["exit_price"], bot["exit_position"]) == (
         "mark", 100100, 0.02, 99900, 0
     )
-    await client.drain(0.2)
+    await client.settle(0.2)
     assert await _position(client) == 0  # between exit and entry: nothing decided yet
 
     await _mark(paper, 100200)
-    (trade,) = await client.wait_for("account.trade_history")
+    (trade,) = await client.notification("account.trade_history")
     assert (trade["direction"], trade["amount"], trade["bot_id"], trade["label"]) == ("buy", 0.02, bot["bot_id"], "sgsl")
 
     # A client closes the position: the bot buys it back (at most one aggressive order a second).
     await client.result("sell", PERP, 0.02, order_type=thalex.OrderType.MARKET, label="close")
-    await client.wait_for("account.trade_history")
-    (trade,) = await client.wait_for("account.trade_history", timeout=3)
+    await client.notification("account.trade_history")
+    (trade,) = await client.notification("account.trade_history", within=3)
     assert (trade["direction"], trade["amount"], trade["bot_id"]) == ("buy", 0.02, bot["bot_id"])
 
     await _mark(paper, 99800)
-    (trade,) = await client.wait_for("account.trade_history", timeout=3)
+    (trade,) = await client.notification("account.trade_history", within=3)
     assert (trade["direction"], trade["amount"], trade["position_after"]) == ("sell", 0.02, 0)
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_ocq_quotes_around_the_signal_within_its_position_bounds_and_stops_at_end_time(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
@@ -221,10 +220,10 @@ async def test_ocq_quotes_around_the_signal_within_its_position_bounds_and_stops
     bot_id = bot["bot_id"]
     await _quotes(client, bot_id, [("buy", 99950), ("sell", 100050)])
     await _mark(paper, 99940)  # the bid fills; quotes follow the mark: 99890 / 99990
-    await client.wait_for("account.trade_history")
+    await client.notification("account.trade_history")
     await _quotes(client, bot_id, [("buy", 99890), ("sell", 99990)])
     await _mark(paper, 99880)  # the bid fills again: at max_position 0.02 only the ask is left
-    await client.wait_for("account.trade_history")
+    await client.notification("account.trade_history")
     await _quotes(client, bot_id, [("sell", 99930)])
     orders = [o for o in await client.result("open_orders") if o.get("bot_id") == bot_id]
     assert [(o["amount"], o["label"]) for o in orders] == [(0.01, "ocq")]
@@ -233,13 +232,13 @@ async def test_ocq_quotes_around_the_signal_within_its_position_bounds_and_stops
     assert (stopped["stop_reason"], stopped["end_time"]) == ("end_time", bot["end_time"])
     assert await client.result("open_orders") == []
     assert await _position(client) == 0.02  # end_time leaves positions as they are
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_delta_hedger_and_delta_follower_trade_the_perpetual_after_their_period(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     instruments = await client.result("instruments")
@@ -253,31 +252,31 @@ async def test_delta_hedger_and_delta_follower_trade_the_perpetual_after_their_p
 
     hedger = await client.result("create_delta_hedger_bot", None, PERP, 1, threshold=0.05, label="dh")
     assert (hedger["strategy"], hedger["target_delta"], hedger["threshold"], hedger["period"]) == ("dhedge", 0, 0.05, 1)
-    trade = await client.wait_for("account.trade_history", lambda n: n[0].get("bot_id") == hedger["bot_id"], timeout=4)
+    trade = await client.notification("account.trade_history", lambda n: n[0].get("bot_id") == hedger["bot_id"], within=4)
     # Hedge the call's delta with the perpetual (delta 1): sell delta, to the volume tick 0.0001.
     assert trade[0]["direction"] == "sell"
     assert trade[0]["amount"] == pytest.approx(round(delta, 4), abs=0.0001)
     assert await client.result("cancel_bot", hedger["bot_id"]) is None
 
-    other: OfficialClient = await official(keys["other"])
+    other: Official = await official(keys["other"])
     await other.result("private_subscribe", ["account.trade_history", "account.bots"])
     follower = await other.result(
         "create_delta_follower_bot", time.time() + 600, PERP, call, 2.0, 1, threshold=0.01
     )
     assert (follower["target_instrument"], follower["target_amount"]) == (call, 2.0)
-    trades = await other.wait_for("account.trade_history", timeout=4)
+    trades = await other.notification("account.trade_history", within=4)
     # Follow 2 calls' delta with the perpetual: buy 2 * delta (through two 1.0 levels of the book).
     assert {t["direction"] for t in trades} == {"buy"}
     assert sum(t["amount"] for t in trades) == pytest.approx(2 * delta, abs=0.0002)
     await other.result("cancel_all_bots")
     for c in (client, other):
-        await c.drain()
-    assert problems(api, client, other) == []
+        await c.settle()
+    assert problems(client, other) == []
 
 
 @pytest.mark.asyncio
 async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     end = time.time() + 3600
@@ -298,9 +297,9 @@ async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
         ("create_ocq_bot", (end, PERP, thalex.Target.MARK, 50, -50, 0.01, -0.01, 0.01), {}),
     ]
     for name, args, kwargs in bad:
-        assert (await client.error(name, *args, **kwargs))["code"] == 6, name
-    reader: OfficialClient = await official(keys["reader"])
-    assert (await reader.error("cancel_all_bots"))["code"] == 28
-    await client.drain()
-    assert problems(api, client, reader) == []
-    assert {"private/create_bot", "private/subscribe"} <= methods_answered(client)
+        assert await client.error(name, *args, **kwargs) == 6, name
+    reader: Official = await official(keys["reader"])
+    assert await reader.error("cancel_all_bots") == 28
+    await client.settle()
+    assert problems(client, reader) == []
+    assert {"private/create_bot", "private/subscribe"} <= client.methods_answered()

@@ -13,9 +13,8 @@ import thalex
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 
-from .conftest import PERP
-from .official import OfficialClient, problems
-from .test_paper_schema import api  # noqa: F401  (the api.yaml fixture)
+from .conftest import PERP, problems
+from .official import Official
 
 BUY, SELL = thalex.Direction.BUY, thalex.Direction.SELL
 
@@ -24,11 +23,11 @@ async def _mark(paper: PaperHandle, price: float) -> None:
     await paper.control("paper/set_mark", {"instrument_name": PERP, "price": price})
 
 
-async def _trader(official, keys: dict[str, KeyFiles]) -> OfficialClient:
-    client: OfficialClient = await official(keys["trader"])
+async def _trader(official, keys: dict[str, KeyFiles]) -> Official:
+    client: Official = await official(keys["trader"])
     await client.result("private_subscribe", ["account.conditional_orders", "account.orders", "account.trade_history"])
-    assert await client.wait_for("account.conditional_orders") == []
-    assert await client.wait_for("account.orders") == []
+    assert await client.notification("account.conditional_orders") == []
+    assert await client.notification("account.orders") == []
     return client
 
 
@@ -38,12 +37,12 @@ def _status(listing: list[dict], order_id: str) -> dict:
 
 @pytest.mark.asyncio
 async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_label(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     await client.result("buy", PERP, 1.0, order_type=thalex.OrderType.MARKET)
-    await client.wait_for("account.trade_history")
-    await client.wait_for("account.orders")
+    await client.notification("account.trade_history")
+    await client.notification("account.orders")
 
     created = await client.result(
         "create_conditional_order", SELL, PERP, 2.0, 99500, target="mark", reduce_only=True, label="stop-1"
@@ -54,14 +53,14 @@ async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_labe
         "",
         True,
     )
-    assert _status(await client.wait_for("account.conditional_orders"), created["order_id"])["status"] == "active"
+    assert _status(await client.notification("account.conditional_orders"), created["order_id"])["status"] == "active"
     await _mark(paper, 99600)  # above the stop: nothing happens
-    await client.drain(0.2)
+    await client.settle(0.2)
     assert (await client.result("conditional_orders"))[0]["status"] == "active"
 
     # The mark at the stop: a market sell, cut to the 1.0 held (reduce-only as for orders), bids 99399...
     await _mark(paper, 99400)
-    (order,) = await client.wait_for("account.orders")
+    (order,) = await client.notification("account.orders")
     assert (order["insert_reason"], order["conditional_order_id"], order["label"]) == (
         "conditional_order",
         created["order_id"],
@@ -73,9 +72,9 @@ async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_labe
         1.0,
         "filled",
     )
-    (trade,) = await client.wait_for("account.trade_history")
+    (trade,) = await client.notification("account.trade_history")
     assert (trade["price"], trade["amount"], trade["label"], trade["position_after"]) == (99399, 1.0, "stop-1", 0)
-    converted = _status(await client.wait_for("account.conditional_orders"), created["order_id"])
+    converted = _status(await client.notification("account.conditional_orders"), created["order_id"])
     assert (converted["status"], converted["converted_order_id"]) == ("converted", order["order_id"])
     assert "convert_time" in converted
 
@@ -83,20 +82,20 @@ async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_labe
     second = await client.result("create_conditional_order", SELL, PERP, 1.0, 99500, target="mark", reduce_only=True)
     await _mark(paper, 99300)
     rejected = _status(
-        await client.wait_for(
+        await client.notification(
             "account.conditional_orders", lambda n: _status(n, second["order_id"]).get("status") == "rejected"
         ),
         second["order_id"],
     )
     assert "reduce" in rejected["reject_reason"]
     assert [o["status"] for o in await client.result("conditional_orders")] == ["converted", "rejected"]
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_stops_trigger_on_the_index_and_on_the_last_trade_not_on_other_prices(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     on_index = await client.result("create_conditional_order", BUY, PERP, 0.1, 101000, target="index", label="idx")
@@ -104,13 +103,13 @@ async def test_stops_trigger_on_the_index_and_on_the_last_trade_not_on_other_pri
 
     # The mark (pinned) moves above both stops: neither is the price they watch.
     await _mark(paper, 101500)
-    await client.drain(0.2)
+    await client.settle(0.2)
     assert [o["status"] for o in await client.result("conditional_orders")] == ["active", "active"]
     await _mark(paper, 100000)
 
     # The index at 101500 (the perpetual's mark stays pinned at 100000): the index stop fires.
     await paper.control("paper/set_index", {"underlying": "BTCUSD", "price": 101500})
-    (order,) = await client.wait_for("account.orders")
+    (order,) = await client.notification("account.orders")
     assert (order["conditional_order_id"], order["label"], order["fills"][0]["price"]) == (
         on_index["order_id"],
         "idx",
@@ -121,26 +120,25 @@ async def test_stops_trigger_on_the_index_and_on_the_last_trade_not_on_other_pri
     await paper.control(
         "paper/trade", {"key_id": "other", "instrument_name": PERP, "direction": "buy", "amount": 0.1, "price": 100600}
     )
-    (order,) = await client.wait_for("account.orders", lambda n: n[0]["conditional_order_id"] == on_last["order_id"])
+    (order,) = await client.notification("account.orders", lambda n: n[0]["conditional_order_id"] == on_last["order_id"])
     assert (order["label"], order["amount"], order["status"]) == ("lst", 0.2, "filled")
     assert [o["status"] for o in await client.result("conditional_orders")] == ["converted", "converted"]
 
     instruments = await client.result("instruments")
     option = next(i["instrument_name"] for i in instruments if i["type"] == "option")
-    error = await client.error("create_conditional_order", BUY, option, 0.1, 1000, target="index")
-    assert error["code"] == 6
-    await client.drain()
-    assert problems(api, client) == []
+    assert await client.error("create_conditional_order", BUY, option, 0.1, 1000, target="index") == 6
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_stop_limit_rests_bracket_takes_profit_trailing_stop_follows_then_fires(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     stop_limit = await client.result("create_conditional_order", BUY, PERP, 0.1, 100500, limit_price=100400)
     await _mark(paper, 100600)
-    (resting,) = await client.wait_for("account.orders")
+    (resting,) = await client.notification("account.orders")
     assert (resting["order_type"], resting["time_in_force"], resting["price"], resting["status"]) == (
         "limit",
         "good_till_cancelled",
@@ -150,17 +148,15 @@ async def test_stop_limit_rests_bracket_takes_profit_trailing_stop_follows_then_
     assert resting["conditional_order_id"] == stop_limit["order_id"]
     assert [o["order_id"] for o in await client.result("open_orders")] == [resting["order_id"]]
     await client.result("cancel_all")
-    await client.wait_for("account.orders")
+    await client.notification("account.orders")
 
     # Bracket: a sell that stops below 99000 or takes profit at or above 101000.
     await _mark(paper, 100000)
-    assert (await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, bracket_price=98000))["code"] == 6
-    assert (
-        await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, limit_price=98000, bracket_price=101000)
-    )["code"] == 6
+    assert await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, bracket_price=98000) == 6
+    assert await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, limit_price=98000, bracket_price=101000) == 6
     bracket = await client.result("create_conditional_order", SELL, PERP, 0.1, 99000, bracket_price=101000)
     await _mark(paper, 101100)
-    (order,) = await client.wait_for("account.orders", lambda n: n[0].get("conditional_order_id") == bracket["order_id"])
+    (order,) = await client.notification("account.orders", lambda n: n[0].get("conditional_order_id") == bracket["order_id"])
     assert (order["direction"], order["fills"][0]["price"]) == ("sell", 101099)
 
     # Trailing stop 1 %: the stop follows the mark up (mark * 0.99, to the tick) and fires on the way down.
@@ -168,31 +164,31 @@ async def test_stop_limit_rests_bracket_takes_profit_trailing_stop_follows_then_
         "create_conditional_order", SELL, PERP, 0.1, 95000, trailing_stop_callback_rate=0.01
     )
     oid = trailing["order_id"]
-    listing = await client.wait_for("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100089)
+    listing = await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100089)
     assert _status(listing, oid)["trailing_stop_callback_rate"] == 0.01  # 101100 * 0.99 = 100089
     await _mark(paper, 102000)
-    await client.wait_for("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100980)
+    await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100980)
     await _mark(paper, 101500)  # 101500 * 0.99 = 100485 < 100980: the stop stays
-    await client.drain(0.2)
+    await client.settle(0.2)
     assert _status(await client.result("conditional_orders"), oid)["stop_price"] == 100980
     await _mark(paper, 100900)
-    fired = await client.wait_for("account.conditional_orders", lambda n: _status(n, oid).get("status") == "converted")
+    fired = await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("status") == "converted")
     assert _status(fired, oid)["update_time"] >= _status(fired, oid)["create_time"]
-    await client.drain()
-    assert problems(api, client) == []
+    await client.settle()
+    assert problems(client) == []
 
 
 @pytest.mark.asyncio
 async def test_cancel_one_cancel_all_and_the_list_keeps_past_orders(
-    api: dict, paper: PaperHandle, official, keys: dict[str, KeyFiles]
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
     first = await client.result("create_conditional_order", BUY, PERP, 0.1, 101000)
     second = await client.result("create_conditional_order", SELL, PERP, 0.1, 99000)
     third = await client.result("create_conditional_order", SELL, PERP, 0.1, 98000)
     assert await client.result("cancel_conditional_order", order_id=first["order_id"]) is None
-    assert (await client.error("cancel_conditional_order", order_id=first["order_id"]))["code"] == 37
-    assert (await client.error("cancel_conditional_order", order_id="00C0FFEE00000000"))["code"] == 1
+    assert await client.error("cancel_conditional_order", order_id=first["order_id"]) == 37
+    assert await client.error("cancel_conditional_order", order_id="00C0FFEE00000000") == 1
     assert await client.result("cancel_all_conditional_orders") is None
     listing = await client.result("conditional_orders")
     assert [(o["order_id"], o["status"]) for o in listing] == [
@@ -200,9 +196,9 @@ async def test_cancel_one_cancel_all_and_the_list_keeps_past_orders(
         (second["order_id"], "cancelled"),
         (third["order_id"], "cancelled"),
     ]
-    assert (await client.wait_for("account.conditional_orders", lambda n: len(n) == 3 and n[2]["status"] == "cancelled"))
-    reader: OfficialClient = await official(keys["reader"])
-    assert (await reader.error("create_conditional_order", BUY, PERP, 0.1, 101000))["code"] == 28
-    assert (await reader.error("cancel_all_conditional_orders"))["code"] == 28
-    await client.drain()
-    assert problems(api, client, reader) == []
+    assert (await client.notification("account.conditional_orders", lambda n: len(n) == 3 and n[2]["status"] == "cancelled"))
+    reader: Official = await official(keys["reader"])
+    assert await reader.error("create_conditional_order", BUY, PERP, 0.1, 101000) == 28
+    assert await reader.error("cancel_all_conditional_orders") == 28
+    await client.settle()
+    assert problems(client, reader) == []

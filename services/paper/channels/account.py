@@ -1,4 +1,4 @@
-"""Private account channels: orders, trades, portfolio and summary of the logged-in account."""
+"""Private account channels: orders, trades, order history, portfolio, summary and the inbox."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ if TYPE_CHECKING:
 def _account_orders(exchange: PaperExchange, conn: Connection, channel: Channel) -> None:
     assert conn.session is not None
     conn.notify(channel.name, exchange.engine.open_orders(conn.session.account))
+
+
+def _persistent_orders(exchange: PaperExchange, conn: Connection, channel: Channel) -> None:
+    assert conn.session is not None
+    conn.notify(
+        channel.name, [o for o in exchange.engine.open_orders(conn.session.account) if o["persistent"]]
+    )
 
 
 def _session_orders(exchange: PaperExchange, conn: Connection, channel: Channel) -> None:
@@ -36,12 +43,19 @@ def _summary(exchange: PaperExchange, conn: Connection, channel: Channel) -> Non
 
 
 CHANNELS.register(Family("account.orders", True, snapshot=_account_orders))
+CHANNELS.register(Family("account.persistent_orders", True, snapshot=_persistent_orders))
 CHANNELS.register(Family("session.orders", True, snapshot=_session_orders))
 CHANNELS.register(Family("account.trade_history", True))
+CHANNELS.register(Family("account.order_history", True))
 CHANNELS.register(Family("account.portfolio", True, snapshot=_portfolio))
 CHANNELS.register(Family("account.summary", True, snapshot=_summary))
+# Only what happens after subscribing (api.yaml); the history is private/notifications_inbox.
+CHANNELS.register(Family("user.inbox_notifications", True))
 
 ROUTES.route("orders", "account.orders")
+ROUTES.route("orders", "account.persistent_orders", keep=lambda order: bool(order.get("persistent")))
 ROUTES.route("orders", "session.orders", scope="session")
 ROUTES.route("trade", "account.trade_history")
+ROUTES.route("order_history", "account.order_history")
 ROUTES.route("portfolio", "account.portfolio", combine="lines")
+ROUTES.route("inbox", "user.inbox_notifications", combine="notifications")

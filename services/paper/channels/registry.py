@@ -113,7 +113,8 @@ class Route:
     """Engine events of one kind go to one private channel of the account (or of the session).
 
     ``combine``: ``list`` sends the payloads as one list; ``last`` sends the last payload (channels
-    whose notification is a full set); ``lines`` keeps the last payload per ``instrument_name``.
+    whose notification is a full set); ``lines`` keeps the last payload per ``instrument_name``;
+    ``notifications`` wraps them, newest first, as a ``Notifications`` object.
     """
 
     kind: str
@@ -129,9 +130,16 @@ class Routes:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def route(self, kind: str, channel: str, *, scope: str = "account", combine: str = "list",
-              keep: Callable[[dict], bool] | None = None) -> None:
-        if scope not in ("account", "session") or combine not in ("list", "last", "lines"):
+    def route(
+        self,
+        kind: str,
+        channel: str,
+        *,
+        scope: str = "account",
+        combine: str = "list",
+        keep: Callable[[dict], bool] | None = None,
+    ) -> None:
+        if scope not in ("account", "session") or combine not in ("list", "last", "lines", "notifications"):
             raise ValueError(f"bad route for {kind}: scope {scope}, combine {combine}")
         self.routes.append(Route(kind, channel, scope, combine, keep))
 
@@ -143,7 +151,8 @@ ROUTES = Routes()
 
 
 def known_instrument(exchange: PaperExchange, name: str) -> None:
-    if name not in exchange.market.instruments:
+    """An active instrument, or a combination ``[A:1,B:-1]`` of active ones."""
+    if exchange.market.get(name) is None:
         raise NotAChannel(f"unknown instrument {name}")
 
 

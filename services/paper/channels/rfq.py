@@ -1,5 +1,6 @@
 """RFQ channels: ``account.rfqs`` and ``account.rfq_history`` (the requester's), ``mm.rfqs`` (RFQs the
-account may quote) and ``mm.rfq_quotes`` (its quotes and the quotes on its RFQs)."""
+account may quote), ``mm.rfq_quotes`` (its quotes and the quotes on its RFQs) and the public ``rfqs``
+(recently traded RFQs)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 from services.paper.channels.registry import CHANNELS, ROUTES, Channel, Family
 
 if TYPE_CHECKING:
+    from services.paper.accounts import Event
     from services.paper.connection import Connection
     from services.paper.server import PaperExchange
 
@@ -27,6 +29,17 @@ def _mm_rfq_quotes(exchange: PaperExchange, conn: Connection, channel: Channel) 
     conn.notify(channel.name, exchange.automation.rfqs.quote_feed(conn.session.account.account_id))
 
 
+def _traded_snapshot(exchange: PaperExchange, conn: Connection, channel: Channel) -> None:
+    conn.notify(channel.name, list(exchange.automation.rfqs.traded))
+
+
+def _traded(exchange: PaperExchange, channel: Channel, events: list[Event]) -> None:
+    traded = [e.payload for e in events if e.kind == "rfq_traded"]
+    if traded:
+        exchange.fanout.broadcast(channel, traded)
+
+
+CHANNELS.register(Family("rfqs", False, snapshot=_traded_snapshot, on_events=_traded))
 CHANNELS.register(Family("account.rfqs", True, snapshot=_account_rfqs))
 CHANNELS.register(Family("account.rfq_history", True))
 CHANNELS.register(Family("mm.rfqs", True, snapshot=_mm_rfqs))

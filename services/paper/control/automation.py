@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from services.paper.bots import STOP_REASONS
 from services.paper.control.registry import CONTROLS
-from services.paper.engine import Account, account_number
 from services.paper.errors import INVALID_REQUEST, ORDER_NOT_FOUND, RpcError
 from services.paper.params import number, positive
 
 if TYPE_CHECKING:
+    from services.paper.accounts import Account
     from services.paper.connection import Connection
     from services.paper.server import PaperExchange
 
@@ -24,9 +24,7 @@ def _key_account(exchange: PaperExchange, params: dict) -> tuple[str, Account]:
     key_id = params.get("key_id")
     if key_id not in exchange.keys:
         raise RpcError(INVALID_REQUEST, f"unknown key_id {key_id}")
-    account_id = exchange.keys[key_id].account
-    accounts = exchange.engine.accounts
-    return str(key_id), accounts.setdefault(account_id, Account(account_id, account_number(account_id)))
+    return str(key_id), exchange.engine.account(exchange.keys[key_id].account)
 
 
 def _request(params: dict) -> dict[str, Any]:

@@ -25,7 +25,11 @@ async def fill_orders(exchange: PaperExchange, params: dict, requester: Connecti
     if direction not in (None, "buy", "sell"):
         raise RpcError(INVALID_REQUEST, "direction must be buy or sell")
     events = exchange.engine.fill_resting(
-        exchange.clock(), account_of(exchange, params.get("key_id")), name, params.get("order_id"), amount,
+        exchange.clock(),
+        account_of(exchange, params.get("key_id")),
+        name,
+        params.get("order_id"),
+        amount,
         direction,
     )
     exchange.fanout.publish(events)

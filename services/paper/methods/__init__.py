@@ -4,14 +4,16 @@ A new family (say mass quotes) goes in a new module using ``@METHODS.method(...)
 line here.
 """
 
-from services.paper.methods import (  # noqa: F401  # noqa: F401
+from services.paper.methods import (  # noqa: F401
     accounting,
     bots,
     conditional,
     market_data,
     mass_quote,
+    notifications,
     rfq,
     session,
     subscriptions,
     trading,
+    wallet,
 )

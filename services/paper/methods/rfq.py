@@ -32,11 +32,6 @@ async def open_rfqs(call: Call) -> list[dict]:
     return call.exchange.automation.rfqs.open_rfqs(call.session.account.account_id)
 
 
-@METHODS.method("private/rfq_history")
-async def rfq_history(call: Call) -> dict:
-    return call.exchange.automation.rfqs.history(call.session.account.account_id, call.params)
-
-
 @METHODS.method("private/mm_rfqs")
 async def mm_rfqs(call: Call) -> list[dict]:
     return call.exchange.automation.rfqs.mm_rfqs(call.session.account.account_id)
