@@ -8,9 +8,9 @@ it after every price change and on every turn of its market loop.
 
 from __future__ import annotations
 
+from services.paper.accounts import Event, Session
 from services.paper.bots import Bots
 from services.paper.conditional import ConditionalOrders
-from services.paper.accounts import Event, Session
 from services.paper.engine import Engine
 from services.paper.marketdata import TradeStats
 from services.paper.quoting import MassQuotes

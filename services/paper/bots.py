@@ -107,7 +107,9 @@ class Bots:
     def get(self, account_id: str, bot_id: str) -> Bot | None:
         return self.bots.get(account_id, {}).get(bot_id)
 
-    def create(self, account: Account, params: dict[str, Any], now: float) -> tuple[dict, list[Event]]:
+    def create(
+        self, account: Account, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         bot = self._parse(account, params, now)
         self._next += 1
         bot.bot_id = f"{self._next:016X}"

@@ -116,7 +116,9 @@ class ConditionalOrders:
         """``private/conditional_orders`` and every ``account.conditional_orders`` notification."""
         return [order.to_wire() for order in self.books.get(account_id, {}).values()]
 
-    def create(self, account: Account, params: dict[str, Any], now: float) -> tuple[dict, list[Event]]:
+    def create(
+        self, account: Account, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         order = self._parse(account, params, now)
         self._next += 1
         order.order_id = f"{self._next:016X}"

@@ -98,7 +98,9 @@ class MassQuotes:
 
     # mass_quote
 
-    def mass_quote(self, session: Session, params: dict[str, Any], now: float) -> tuple[dict, list[Event]]:
+    def mass_quote(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         """Replace the quoted sides; a side fails alone (``errors``), the call only when malformed."""
         sides = self._parse(params)
         label = params.get("label")
@@ -134,7 +136,7 @@ class MassQuotes:
                     sides.append(SideQuote(quote["i"], direction, side, _levels(quote[key])))
         return sides
 
-    def _check(self, session: Session, side: SideQuote) -> list[dict]:
+    def _check(self, session: Session, side: SideQuote) -> list[dict[str, Any]]:
         """Why this side cannot be quoted (empty: it can); one error per bad level."""
         inst = self.engine.market.instruments.get(side.instrument_name)
         if inst is None:
@@ -150,7 +152,7 @@ class MassQuotes:
             return [_error(INVALID_STATE, message, side.side)]
         mark = self.engine.market.mark(inst.name).price
         low, high = self.engine.market.collar(inst.name, mark)
-        errors: list[dict] = []
+        errors: list[dict[str, Any]] = []
         for price, amount in side.levels:
             problem = _level_problem(inst, price, amount, group.quote_amount, low, high, side.direction)
             if problem is not None:

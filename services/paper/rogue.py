@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.paper.bots import Bots
 from services.paper.accounts import EPS, Event, Session
+from services.paper.bots import Bots
 from services.paper.engine import Engine
 from services.paper.errors import INVALID_REQUEST, RpcError
 from services.paper.market import Instrument, align_down

@@ -144,7 +144,7 @@ async def connect(paper: PaperHandle) -> AsyncIterator[Callable[[], Any]]:
 
 @pytest_asyncio.fixture
 async def official(paper: PaperHandle) -> AsyncIterator[Callable[..., Any]]:
-    """Factory of logged-in official ``thalex`` clients (:class:`tests.paper.official.Official`) on ``paper``."""
+    """Factory of logged-in official ``thalex`` clients (``tests.paper.official.Official``) on ``paper``."""
     from .official import Official
 
     async with contextlib.AsyncExitStack() as stack:

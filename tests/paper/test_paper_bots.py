@@ -48,7 +48,9 @@ async def _quotes(client: Official, bot_id: str, expected: list[tuple[str, float
 
 
 async def _position(client: Official, instrument: str = PERP) -> float:
-    return next((p["position"] for p in await client.result("portfolio") if p["instrument_name"] == instrument), 0.0)
+    return next(
+        (p["position"] for p in await client.result("portfolio") if p["instrument_name"] == instrument), 0.0
+    )
 
 
 async def _stopped(client: Official, bot_id: str) -> dict:
@@ -65,30 +67,51 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
     client = await _trader(official, keys)
     grid = [99850, 99900, 99950, 100050, 100100, 100150]
     bot = await client.result(
-        "create_grid_bot", time.time() + 3600, PERP, grid, 0.01,
-        upside_exit_price=100300, downside_exit_price=99700, label="grid",
+        "create_grid_bot",
+        time.time() + 3600,
+        PERP,
+        grid,
+        0.01,
+        upside_exit_price=100300,
+        downside_exit_price=99700,
+        label="grid",
     )
-    assert (bot["strategy"], bot["status"], bot["base_position"], bot["label"]) == ("grid", "active", 0, "grid")
+    assert (bot["strategy"], bot["status"], bot["base_position"], bot["label"]) == (
+        "grid",
+        "active",
+        0,
+        "grid",
+    )
     bot_id = bot["bot_id"]
     assert (await client.notification("account.bots"))[0]["bot_id"] == bot_id
     # At the base position: bids below the mean (the mark, 100000), asks above.
-    await _quotes(client, bot_id, [("buy", 99850), ("buy", 99900), ("buy", 99950)] + [
-        ("sell", 100050), ("sell", 100100), ("sell", 100150)
-    ])
+    await _quotes(
+        client,
+        bot_id,
+        [("buy", 99850), ("buy", 99900), ("buy", 99950), *[("sell", p) for p in (100050, 100100, 100150)]],
+    )
 
     # The mark falls to 99940: the 99950 bid is bought (maker), that level stays empty, the asks stay.
     await _mark(paper, 99940)
     (trade,) = await client.notification("account.trade_history")
     assert (trade["price"], trade["amount"], trade["maker_taker"], trade["bot_id"], trade["label"]) == (
-        99950, 0.01, "maker", bot_id, "grid"
+        99950,
+        0.01,
+        "maker",
+        bot_id,
+        "grid",
     )
-    await _quotes(client, bot_id, [("buy", 99850), ("buy", 99900), ("sell", 100050), ("sell", 100100), ("sell", 100150)])
+    await _quotes(
+        client, bot_id, [("buy", 99850), ("buy", 99900), ("sell", 100050), ("sell", 100100), ("sell", 100150)]
+    )
 
     # Up to 100060: the 100050 ask sells the step back; the 99950 bid returns (100050 waits while crossed).
     await _mark(paper, 100060)
     (trade,) = await client.notification("account.trade_history")
     assert (trade["direction"], trade["price"], trade["position_after"]) == ("sell", 100050, 0)
-    await _quotes(client, bot_id, [("buy", 99850), ("buy", 99900), ("buy", 99950), ("sell", 100100), ("sell", 100150)])
+    await _quotes(
+        client, bot_id, [("buy", 99850), ("buy", 99900), ("buy", 99950), ("sell", 100100), ("sell", 100150)]
+    )
 
     # Down through every bid and below the downside exit (99700): it buys 0.03, then sells it back and stops.
     await _mark(paper, 99690)
@@ -97,10 +120,15 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
     assert await _position(client) == 0
     trades = (await client.result("trade_history", sort=thalex.Sort.ASC))["trades"]
     assert sorted((t["direction"], t["price"], t["maker_taker"]) for t in trades[2:5]) == [
-        ("buy", 99850, "maker"), ("buy", 99900, "maker"), ("buy", 99950, "maker")
+        ("buy", 99850, "maker"),
+        ("buy", 99900, "maker"),
+        ("buy", 99950, "maker"),
     ]
     assert (trades[5]["direction"], trades[5]["amount"], trades[5]["price"], trades[5]["maker_taker"]) == (
-        "sell", 0.03, 99689, "taker"
+        "sell",
+        0.03,
+        99689,
+        "taker",
     )
     assert all(t["bot_id"] == bot_id and t["label"] == "grid" for t in trades)
     assert _resting(await client.result("open_orders"), bot_id) == []
@@ -114,8 +142,15 @@ async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
-        "create_levels_bot", time.time() + 3600, PERP, [99900, 99950], [100050, 100100], 0.01,
-        upside_exit_price=100250, downside_exit_price=99750, label="levels",
+        "create_levels_bot",
+        time.time() + 3600,
+        PERP,
+        [99900, 99950],
+        [100050, 100100],
+        0.01,
+        upside_exit_price=100250,
+        downside_exit_price=99750,
+        label="levels",
     )
     bot_id = bot["bot_id"]
     assert (bot["bids"], bot["asks"], bot["base_position"]) == ([99900, 99950], [100050, 100100], 0)
@@ -134,7 +169,12 @@ async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
     assert stopped["stop_reason"] == "strategy"
     assert await _position(client) == 0
     (last,) = (await client.result("trade_history", limit=1))["trades"]
-    assert (last["direction"], last["amount"], last["price"], last["maker_taker"]) == ("buy", 0.02, 100301, "taker")
+    assert (last["direction"], last["amount"], last["price"], last["maker_taker"]) == (
+        "buy",
+        0.02,
+        100301,
+        "taker",
+    )
     await client.settle()
     assert problems(client) == []
 
@@ -146,20 +186,36 @@ async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot
     client = await _trader(official, keys)
     end = time.time() + 3600
     grid = await client.result(
-        "create_grid_bot", end, PERP, [99900, 99950, 100050, 100100], 0.01,
-        upside_exit_price=100300, downside_exit_price=99700,
+        "create_grid_bot",
+        end,
+        PERP,
+        [99900, 99950, 100050, 100100],
+        0.01,
+        upside_exit_price=100300,
+        downside_exit_price=99700,
     )
     levels = await client.result(
-        "create_levels_bot", end, PERP, [99800], [100200], 0.01, upside_exit_price=100300, downside_exit_price=99700
+        "create_levels_bot",
+        end,
+        PERP,
+        [99800],
+        [100200],
+        0.01,
+        upside_exit_price=100300,
+        downside_exit_price=99700,
     )
     sgsl = await client.result(
         "create_sgsl_bot", end, PERP, thalex.Target.MARK, 100100, 0.02, 99900, 0, label="sgsl"
     )
-    await _quotes(client, grid["bot_id"], [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)])
+    await _quotes(
+        client, grid["bot_id"], [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)]
+    )
 
     # A client's cancel_all deletes the bots' orders; the bots quote again at once (they do not listen).
     assert await client.result("cancel_all") == 6
-    await _quotes(client, grid["bot_id"], [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)])
+    await _quotes(
+        client, grid["bot_id"], [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)]
+    )
     await _quotes(client, levels["bot_id"], [("buy", 99800), ("sell", 100200)])
 
     assert await client.result("cancel_bot", grid["bot_id"]) is None
@@ -186,15 +242,24 @@ async def test_sgsl_holds_its_target_above_entry_reopens_after_a_close_and_exits
     bot = await client.result(
         "create_sgsl_bot", time.time() + 3600, PERP, thalex.Target.MARK, 100100, 0.02, 99900, 0, label="sgsl"
     )
-    assert (bot["signal"], bot["entry_price"], bot["target_position"], bot["exit_price"], bot["exit_position"]) == (
-        "mark", 100100, 0.02, 99900, 0
-    )
+    assert (
+        bot["signal"],
+        bot["entry_price"],
+        bot["target_position"],
+        bot["exit_price"],
+        bot["exit_position"],
+    ) == ("mark", 100100, 0.02, 99900, 0)
     await client.settle(0.2)
     assert await _position(client) == 0  # between exit and entry: nothing decided yet
 
     await _mark(paper, 100200)
     (trade,) = await client.notification("account.trade_history")
-    assert (trade["direction"], trade["amount"], trade["bot_id"], trade["label"]) == ("buy", 0.02, bot["bot_id"], "sgsl")
+    assert (trade["direction"], trade["amount"], trade["bot_id"], trade["label"]) == (
+        "buy",
+        0.02,
+        bot["bot_id"],
+        "sgsl",
+    )
 
     # A client closes the position: the bot buys it back (at most one aggressive order a second).
     await client.result("sell", PERP, 0.02, order_type=thalex.OrderType.MARKET, label="close")
@@ -243,16 +308,26 @@ async def test_delta_hedger_and_delta_follower_trade_the_perpetual_after_their_p
     client = await _trader(official, keys)
     instruments = await client.result("instruments")
     call = next(
-        i["instrument_name"] for i in instruments
+        i["instrument_name"]
+        for i in instruments
         if i["type"] == "option" and i["option_type"] == "call" and i["strike_price"] == 100000
     )
-    await paper.control("paper/trade", {"key_id": "trader", "instrument_name": call, "direction": "buy", "amount": 1.0})
+    await paper.control(
+        "paper/trade", {"key_id": "trader", "instrument_name": call, "direction": "buy", "amount": 1.0}
+    )
     delta = (await client.result("ticker", call))["delta"]
     assert 0.3 < delta < 0.8
 
     hedger = await client.result("create_delta_hedger_bot", None, PERP, 1, threshold=0.05, label="dh")
-    assert (hedger["strategy"], hedger["target_delta"], hedger["threshold"], hedger["period"]) == ("dhedge", 0, 0.05, 1)
-    trade = await client.notification("account.trade_history", lambda n: n[0].get("bot_id") == hedger["bot_id"], within=4)
+    assert (hedger["strategy"], hedger["target_delta"], hedger["threshold"], hedger["period"]) == (
+        "dhedge",
+        0,
+        0.05,
+        1,
+    )
+    trade = await client.notification(
+        "account.trade_history", lambda n: n[0].get("bot_id") == hedger["bot_id"], within=4
+    )
     # Hedge the call's delta with the perpetual (delta 1): sell delta, to the volume tick 0.0001.
     assert trade[0]["direction"] == "sell"
     assert trade[0]["amount"] == pytest.approx(round(delta, 4), abs=0.0001)
@@ -281,18 +356,48 @@ async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
     client = await _trader(official, keys)
     end = time.time() + 3600
     bot = await client.result(
-        "create_levels_bot", end, PERP, [99800], [100200], 0.01, upside_exit_price=100300, downside_exit_price=99700
+        "create_levels_bot",
+        end,
+        PERP,
+        [99800],
+        [100200],
+        0.01,
+        upside_exit_price=100300,
+        downside_exit_price=99700,
     )
     # 250 BTC at 100000: required margin 10 % of 25M = 2.5M, above the 1M of cash.
-    await paper.control("paper/trade", {"key_id": "trader", "instrument_name": PERP, "direction": "buy", "amount": 250, "price": 100000})
+    await paper.control(
+        "paper/trade",
+        {"key_id": "trader", "instrument_name": PERP, "direction": "buy", "amount": 250, "price": 100000},
+    )
     assert (await _stopped(client, bot["bot_id"]))["stop_reason"] == "margin_breach"
 
     bad = [
-        ("create_grid_bot", (end, PERP, [99990, 99993], 0.01), {"upside_exit_price": 100100, "downside_exit_price": 99900}),
-        ("create_grid_bot", (end, PERP, [99900, 100000], 0.02), {"upside_exit_price": 100100, "downside_exit_price": 99800}),
-        ("create_grid_bot", (time.time() + 8 * 86400, PERP, [99900, 100000], 0.01), {"upside_exit_price": 100100, "downside_exit_price": 99800}),
-        ("create_grid_bot", (end, PERP, [99900, 100000], 0.01), {"upside_exit_price": 100300, "downside_exit_price": 99800}),
-        ("create_levels_bot", (end, PERP, [99980], [100000], 0.01), {"upside_exit_price": 100100, "downside_exit_price": 99900}),
+        (
+            "create_grid_bot",
+            (end, PERP, [99990, 99993], 0.01),
+            {"upside_exit_price": 100100, "downside_exit_price": 99900},
+        ),
+        (
+            "create_grid_bot",
+            (end, PERP, [99900, 100000], 0.02),
+            {"upside_exit_price": 100100, "downside_exit_price": 99800},
+        ),
+        (
+            "create_grid_bot",
+            (time.time() + 8 * 86400, PERP, [99900, 100000], 0.01),
+            {"upside_exit_price": 100100, "downside_exit_price": 99800},
+        ),
+        (
+            "create_grid_bot",
+            (end, PERP, [99900, 100000], 0.01),
+            {"upside_exit_price": 100300, "downside_exit_price": 99800},
+        ),
+        (
+            "create_levels_bot",
+            (end, PERP, [99980], [100000], 0.01),
+            {"upside_exit_price": 100100, "downside_exit_price": 99900},
+        ),
         ("create_sgsl_bot", (end, PERP, thalex.Target.MARK, 100002, 0.01, 100000, 0), {}),
         ("create_ocq_bot", (end, PERP, thalex.Target.MARK, 50, -50, 0.01, -0.01, 0.01), {}),
     ]

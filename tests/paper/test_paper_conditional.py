@@ -25,7 +25,9 @@ async def _mark(paper: PaperHandle, price: float) -> None:
 
 async def _trader(official, keys: dict[str, KeyFiles]) -> Official:
     client: Official = await official(keys["trader"])
-    await client.result("private_subscribe", ["account.conditional_orders", "account.orders", "account.trade_history"])
+    await client.result(
+        "private_subscribe", ["account.conditional_orders", "account.orders", "account.trade_history"]
+    )
     assert await client.notification("account.conditional_orders") == []
     assert await client.notification("account.orders") == []
     return client
@@ -53,7 +55,10 @@ async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_labe
         "",
         True,
     )
-    assert _status(await client.notification("account.conditional_orders"), created["order_id"])["status"] == "active"
+    assert (
+        _status(await client.notification("account.conditional_orders"), created["order_id"])["status"]
+        == "active"
+    )
     await _mark(paper, 99600)  # above the stop: nothing happens
     await client.settle(0.2)
     assert (await client.result("conditional_orders"))[0]["status"] == "active"
@@ -73,13 +78,20 @@ async def test_stop_on_the_mark_becomes_a_reduce_only_market_order_with_its_labe
         "filled",
     )
     (trade,) = await client.notification("account.trade_history")
-    assert (trade["price"], trade["amount"], trade["label"], trade["position_after"]) == (99399, 1.0, "stop-1", 0)
+    assert (trade["price"], trade["amount"], trade["label"], trade["position_after"]) == (
+        99399,
+        1.0,
+        "stop-1",
+        0,
+    )
     converted = _status(await client.notification("account.conditional_orders"), created["order_id"])
     assert (converted["status"], converted["converted_order_id"]) == ("converted", order["order_id"])
     assert "convert_time" in converted
 
     # Flat now: a reduce-only stop cannot become an order; it is rejected with the reason.
-    second = await client.result("create_conditional_order", SELL, PERP, 1.0, 99500, target="mark", reduce_only=True)
+    second = await client.result(
+        "create_conditional_order", SELL, PERP, 1.0, 99500, target="mark", reduce_only=True
+    )
     await _mark(paper, 99300)
     rejected = _status(
         await client.notification(
@@ -98,8 +110,12 @@ async def test_stops_trigger_on_the_index_and_on_the_last_trade_not_on_other_pri
     paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
-    on_index = await client.result("create_conditional_order", BUY, PERP, 0.1, 101000, target="index", label="idx")
-    on_last = await client.result("create_conditional_order", BUY, PERP, 0.2, 100500, target="last", label="lst")
+    on_index = await client.result(
+        "create_conditional_order", BUY, PERP, 0.1, 101000, target="index", label="idx"
+    )
+    on_last = await client.result(
+        "create_conditional_order", BUY, PERP, 0.2, 100500, target="last", label="lst"
+    )
 
     # The mark (pinned) moves above both stops: neither is the price they watch.
     await _mark(paper, 101500)
@@ -118,9 +134,12 @@ async def test_stops_trigger_on_the_index_and_on_the_last_trade_not_on_other_pri
 
     # An aggressive trade of another account at 100600: the last-price stop fires.
     await paper.control(
-        "paper/trade", {"key_id": "other", "instrument_name": PERP, "direction": "buy", "amount": 0.1, "price": 100600}
+        "paper/trade",
+        {"key_id": "other", "instrument_name": PERP, "direction": "buy", "amount": 0.1, "price": 100600},
     )
-    (order,) = await client.notification("account.orders", lambda n: n[0]["conditional_order_id"] == on_last["order_id"])
+    (order,) = await client.notification(
+        "account.orders", lambda n: n[0]["conditional_order_id"] == on_last["order_id"]
+    )
     assert (order["label"], order["amount"], order["status"]) == ("lst", 0.2, "filled")
     assert [o["status"] for o in await client.result("conditional_orders")] == ["converted", "converted"]
 
@@ -153,10 +172,17 @@ async def test_stop_limit_rests_bracket_takes_profit_trailing_stop_follows_then_
     # Bracket: a sell that stops below 99000 or takes profit at or above 101000.
     await _mark(paper, 100000)
     assert await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, bracket_price=98000) == 6
-    assert await client.error("create_conditional_order", SELL, PERP, 0.1, 99000, limit_price=98000, bracket_price=101000) == 6
+    assert (
+        await client.error(
+            "create_conditional_order", SELL, PERP, 0.1, 99000, limit_price=98000, bracket_price=101000
+        )
+        == 6
+    )
     bracket = await client.result("create_conditional_order", SELL, PERP, 0.1, 99000, bracket_price=101000)
     await _mark(paper, 101100)
-    (order,) = await client.notification("account.orders", lambda n: n[0].get("conditional_order_id") == bracket["order_id"])
+    (order,) = await client.notification(
+        "account.orders", lambda n: n[0].get("conditional_order_id") == bracket["order_id"]
+    )
     assert (order["direction"], order["fills"][0]["price"]) == ("sell", 101099)
 
     # Trailing stop 1 %: the stop follows the mark up (mark * 0.99, to the tick) and fires on the way down.
@@ -164,15 +190,21 @@ async def test_stop_limit_rests_bracket_takes_profit_trailing_stop_follows_then_
         "create_conditional_order", SELL, PERP, 0.1, 95000, trailing_stop_callback_rate=0.01
     )
     oid = trailing["order_id"]
-    listing = await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100089)
+    listing = await client.notification(
+        "account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100089
+    )
     assert _status(listing, oid)["trailing_stop_callback_rate"] == 0.01  # 101100 * 0.99 = 100089
     await _mark(paper, 102000)
-    await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100980)
+    await client.notification(
+        "account.conditional_orders", lambda n: _status(n, oid).get("stop_price") == 100980
+    )
     await _mark(paper, 101500)  # 101500 * 0.99 = 100485 < 100980: the stop stays
     await client.settle(0.2)
     assert _status(await client.result("conditional_orders"), oid)["stop_price"] == 100980
     await _mark(paper, 100900)
-    fired = await client.notification("account.conditional_orders", lambda n: _status(n, oid).get("status") == "converted")
+    fired = await client.notification(
+        "account.conditional_orders", lambda n: _status(n, oid).get("status") == "converted"
+    )
     assert _status(fired, oid)["update_time"] >= _status(fired, oid)["create_time"]
     await client.settle()
     assert problems(client) == []
@@ -196,7 +228,9 @@ async def test_cancel_one_cancel_all_and_the_list_keeps_past_orders(
         (second["order_id"], "cancelled"),
         (third["order_id"], "cancelled"),
     ]
-    assert (await client.notification("account.conditional_orders", lambda n: len(n) == 3 and n[2]["status"] == "cancelled"))
+    assert await client.notification(
+        "account.conditional_orders", lambda n: len(n) == 3 and n[2]["status"] == "cancelled"
+    )
     reader: Official = await official(keys["reader"])
     assert await reader.error("create_conditional_order", BUY, PERP, 0.1, 101000) == 28
     assert await reader.error("cancel_all_conditional_orders") == 28

@@ -17,7 +17,9 @@ from .official import Official
 
 
 async def _position(client: Official) -> float:
-    return next((p["position"] for p in await client.result("portfolio") if p["instrument_name"] == PERP), 0.0)
+    return next(
+        (p["position"] for p in await client.result("portfolio") if p["instrument_name"] == PERP), 0.0
+    )
 
 
 @pytest.mark.asyncio
@@ -32,7 +34,9 @@ async def test_control_api_leaves_mass_quotes_bots_and_conditional_orders_on_an_
     # Mass quotes from a second session of the account: the client's cancel_all leaves them,
     # its cancel_mass_quote (all sessions) removes them.
     quotes = [{"i": PERP, "b": [[99900, 0.1]], "a": [[100100, 0.1]]}]
-    result = await paper.control("paper/mass_quote", {"key_id": "trader", "quotes": quotes, "label": "second"})
+    result = await paper.control(
+        "paper/mass_quote", {"key_id": "trader", "quotes": quotes, "label": "second"}
+    )
     assert result == {"n_success": 2, "n_fail": 0, "errors": []}
     placed = await client.notification("account.orders")
     assert [(o["direction"], o["price"], o["label"], o["persistent"]) for o in placed] == [
@@ -63,13 +67,21 @@ async def test_control_api_leaves_mass_quotes_bots_and_conditional_orders_on_an_
     assert [(b["bot_id"], b["status"], b["label"]) for b in listing] == [(bot["bot_id"], "active", "outside")]
     conditional = await paper.control(
         "paper/create_conditional_order",
-        {"key_id": "trader", "direction": "sell", "instrument_name": PERP, "amount": 0.1, "stop_price": 95000},
+        {
+            "key_id": "trader",
+            "direction": "sell",
+            "instrument_name": PERP,
+            "amount": 0.1,
+            "stop_price": 95000,
+        },
     )
     listing = await client.notification("account.conditional_orders")
     assert [(o["order_id"], o["status"]) for o in listing] == [(conditional["order_id"], "active")]
 
     # Any of Thalex's stop reasons on demand (here: conflict).
-    assert await paper.control("paper/stop_bots", {"key_id": "trader", "reason": "conflict"}) == {"stopped": 1}
+    assert await paper.control("paper/stop_bots", {"key_id": "trader", "reason": "conflict"}) == {
+        "stopped": 1
+    }
     listing = await client.notification("account.bots", lambda n: n[0]["status"] == "stopped")
     assert listing[0]["stop_reason"] == "conflict"
     with pytest.raises(ControlError) as error:
@@ -89,23 +101,37 @@ async def test_rogue_bot_reopens_a_closed_position_with_orders_mass_quotes_and_a
     control = ControlClient(paper.url)
     try:
         rogue = await control.start_rogue_bot("trader", PERP, 0.02, delay=0.2)
-        assert (rogue["position"], rogue["modes"], rogue["active"]) == (0.02, ["orders", "mass_quotes", "grid"], True)
+        assert (rogue["position"], rogue["modes"], rogue["active"]) == (
+            0.02,
+            ["orders", "mass_quotes", "grid"],
+            True,
+        )
         (grid,) = await client.notification("account.bots")
         assert (grid["bot_id"], grid["strategy"], grid["base_position"], grid["label"]) == (
-            rogue["grid_bot_id"], "grid", 0.02, "rogue"
+            rogue["grid_bot_id"],
+            "grid",
+            0.02,
+            "rogue",
         )
 
         # Flat at the start: it opens 0.02 with a plain market order.
         (trade,) = await client.notification("account.trade_history", lambda n: n[0]["label"] == "rogue")
         assert (trade["direction"], trade["amount"], trade["maker_taker"], trade.get("bot_id")) == (
-            "buy", 0.02, "taker", None
+            "buy",
+            0.02,
+            "taker",
+            None,
         )
 
         # Closed: it comes back through a quote of its own session, filled by simulated flow (maker).
         await client.result("sell", PERP, 0.02, order_type=thalex.OrderType.MARKET, label="close")
-        trades = await client.notification("account.trade_history", lambda n: n[0]["label"] == "rogue", within=3)
+        trades = await client.notification(
+            "account.trade_history", lambda n: n[0]["label"] == "rogue", within=3
+        )
         assert [(t["direction"], t["amount"], t["maker_taker"]) for t in trades] == [("buy", 0.02, "maker")]
-        quote_orders = await client.notification("account.orders", lambda n: trades[0]["order_id"] in [o["order_id"] for o in n])
+        quote_orders = await client.notification(
+            "account.orders", lambda n: trades[0]["order_id"] in [o["order_id"] for o in n]
+        )
         assert {o["label"] for o in quote_orders if o["order_id"] == trades[0]["order_id"]} == {"rogue"}
 
         # Closed again: the grid bot's bids are filled by simulated flow (the grid bot's trades).
@@ -119,7 +145,8 @@ async def test_rogue_bot_reopens_a_closed_position_with_orders_mass_quotes_and_a
         # It does not listen: cancel_all_bots stops the grid, the rogue starts a new one.
         await client.result("cancel_all_bots")
         listing = await client.notification(
-            "account.bots", lambda n: any(b["status"] == "active" and b["bot_id"] != grid["bot_id"] for b in n)
+            "account.bots",
+            lambda n: any(b["status"] == "active" and b["bot_id"] != grid["bot_id"] for b in n),
         )
         assert {b["bot_id"]: b["status"] for b in listing}[grid["bot_id"]] == "stopped"
         rows = await control.call("paper/rogue_bots")

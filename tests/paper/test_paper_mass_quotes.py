@@ -50,7 +50,9 @@ def quote(instrument: str, bid: tuple[float, float] | None, ask: tuple[float, fl
 
 async def _future(client: Official) -> str:
     instruments = await client.result("instruments")
-    return next(i["instrument_name"] for i in instruments if i["type"] == "future" and i["underlying"] == "BTCUSD")
+    return next(
+        i["instrument_name"] for i in instruments if i["type"] == "future" and i["underlying"] == "BTCUSD"
+    )
 
 
 @pytest.mark.asyncio
@@ -74,7 +76,9 @@ async def test_mass_quotes_need_protection_replace_side_by_side_and_fill_like_or
 
     # A level above the protection's quote_amount fails alone (50: total order size too large).
     result = await mm1.result("mass_quote", [quote(PERP, (99990, 1.2), None)])
-    assert result["n_fail"] == 1 and result["errors"][0]["code"] == 50 and result["errors"][0]["price"] == 99990
+    assert (
+        result["n_fail"] == 1 and result["errors"][0]["code"] == 50 and result["errors"][0]["price"] == 99990
+    )
 
     result = await mm1.result("mass_quote", [quote(PERP, (99990, 0.5), (100010, 0.5))], label="mmq")
     assert result == {"n_success": 2, "n_fail": 0, "errors": []}
@@ -125,7 +129,9 @@ async def test_mass_quotes_need_protection_replace_side_by_side_and_fill_like_or
     await paper.control("paper/set_mark", {"instrument_name": PERP, "price": 99980})
     filled = await mm1.notification("account.orders", lambda n: n[0]["change_reason"] == "fill")
     assert filled[0]["order_id"] == bid_id and filled[0]["status"] == "filled"
-    assert [(f["price"], f["amount"], f["maker_taker"]) for f in filled[0]["fills"]] == [(99990, 0.5, "maker")]
+    assert [(f["price"], f["amount"], f["maker_taker"]) for f in filled[0]["fills"]] == [
+        (99990, 0.5, "maker")
+    ]
     (trade,) = await mm1.notification("account.trade_history")
     # maker fee 1 bp of 99990 * 0.5 = 4.9995
     assert (trade["trade_type"], trade["label"], trade["order_id"], trade["maker_taker"]) == (
@@ -150,8 +156,9 @@ async def test_cancel_mass_quote_from_a_third_session_removes_the_quotes_of_both
     mm1, mm2, mm3 = [await official(keys[k]) for k in ("mm1", "mm2", "mm3")]
     future = await _future(mm1)
     option = next(
-        i["instrument_name"] for i in await mm1.result("instruments") if i["type"] == "option"
-        and i["underlying"] == "BTCUSD"
+        i["instrument_name"]
+        for i in await mm1.result("instruments")
+        if i["type"] == "option" and i["underlying"] == "BTCUSD"
     )
     for client in (mm1, mm2):
         await client.result("private_subscribe", ["session.mm_protection", "session.orders"])
@@ -184,12 +191,14 @@ async def test_cancel_mass_quote_from_a_third_session_removes_the_quotes_of_both
 
     # Both sessions' protection groups were deleted (client_cancel) and must be set again.
     deleted = {"product": "OBTCUSD", "remaining_amount": 0.0, "reason": "client_cancel"}
-    assert await mm1.notification("session.mm_protection", lambda n: n[0]["reason"] == "client_cancel") == [deleted]
+    assert await mm1.notification("session.mm_protection", lambda n: n[0]["reason"] == "client_cancel") == [
+        deleted
+    ]
     deleted = {**deleted, "product": "FBTCUSD"}
     for client in (mm1, mm2):
-        assert await client.notification("session.mm_protection", lambda n: n[0]["reason"] == "client_cancel") == [
-            deleted
-        ]
+        assert await client.notification(
+            "session.mm_protection", lambda n: n[0]["reason"] == "client_cancel"
+        ) == [deleted]
     result = await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)])
     assert result["n_fail"] == 1 and result["errors"][0]["code"] == 37
     await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
@@ -205,7 +214,9 @@ async def test_protection_pulls_the_sessions_quotes_after_the_configured_executi
 ) -> None:
     mm1: Official = await official(keys["mm1"])
     future = await _future(mm1)
-    await mm1.result("private_subscribe", ["session.mm_protection", "account.orders", "account.trade_history"])
+    await mm1.result(
+        "private_subscribe", ["session.mm_protection", "account.orders", "account.trade_history"]
+    )
     await mm1.notification("account.orders")
     await mm1.result("set_mm_protection", FUTURES, trade_amount=0.3, quote_amount=0.3)
     await mm1.notification("session.mm_protection")
@@ -226,13 +237,18 @@ async def test_protection_pulls_the_sessions_quotes_after_the_configured_executi
     assert await mm1.notification("session.mm_protection") == [
         {"product": "FBTCUSD", "remaining_amount": -0.1, "reason": "executions"}
     ]
-    pulled = await mm1.notification("account.orders", lambda n: any(o.get("delete_reason") == "mm_protection" for o in n))
+    pulled = await mm1.notification(
+        "account.orders", lambda n: any(o.get("delete_reason") == "mm_protection" for o in n)
+    )
     assert sorted(o["order_id"] for o in pulled if o.get("delete_reason") == "mm_protection") == sorted(
         [ids[(PERP, "sell")], ids[(future, "sell")]]
     )
     assert await mm1.result("open_orders") == []
     trades = (await mm1.result("trade_history", sort=thalex.Sort.ASC))["trades"]
-    assert [(t["instrument_name"], t["amount"], t["label"]) for t in trades] == [(PERP, 0.2, "mmp"), (future, 0.2, "mmp")]
+    assert [(t["instrument_name"], t["amount"], t["label"]) for t in trades] == [
+        (PERP, 0.2, "mmp"),
+        (future, 0.2, "mmp"),
+    ]
 
     # The group needs refilling before quoting again.
     result = await mm1.result("mass_quote", quotes)

@@ -20,7 +20,8 @@ OPTION_FEE, PERP_TAKER, PERP_MAKER = 0.00025, 0.0005, 0.0001
 async def _calls(client: Official) -> tuple[str, str]:
     """The BTC calls at 95000 and 100000 of the last option expiry."""
     calls = [
-        i for i in await client.result("instruments")
+        i
+        for i in await client.result("instruments")
         if i["type"] == "option" and i["option_type"] == "call" and i["underlying"] == "BTCUSD"
     ]
     last = max(i["expiration_timestamp"] for i in calls)
@@ -40,9 +41,16 @@ async def test_requester_trades_a_hedged_call_spread_with_the_simulated_market_m
     client: Official = await official(keys["trader"])
     await client.result(
         "private_subscribe",
-        ["account.rfqs", "account.rfq_history", "mm.rfq_quotes", "account.trade_history", "account.portfolio"],
+        [
+            "account.rfqs",
+            "account.rfq_history",
+            "mm.rfq_quotes",
+            "account.trade_history",
+            "account.portfolio",
+        ],
     )
-    for snapshot in ("account.rfqs", "mm.rfq_quotes", "account.portfolio"):
+    await client.result("public_subscribe", ["rfqs"])
+    for snapshot in ("account.rfqs", "mm.rfq_quotes", "account.portfolio", "rfqs"):
         assert await client.notification(snapshot) == []
     low, high = await _calls(client)
     delta_low = (await client.result("ticker", low))["delta"]
@@ -52,9 +60,13 @@ async def test_requester_trades_a_hedged_call_spread_with_the_simulated_market_m
     rfq = await client.result("create_rfq", legs, label="rfq-1")
     # gcd(1, 1, 0.5) = 0.5 -> quantities 2 / -2 / -1; tick lcm(0.01/2, 0.0001/1) = 0.005.
     assert (rfq["amount"], rfq["volume_tick_size"], rfq["label"]) == (0.5, 0.005, "rfq-1")
-    assert [(leg["instrument_name"], leg["quantity"]) for leg in rfq["legs"]] == [(low, 2), (high, -2), (PERP, -1)]
-    # Fee quantities: the spread pays one leg (the 100000 call is free); the perpetual is free for the options'
-    # net delta 2 * d_low - 2 * d_high of its 1 contract.
+    assert [(leg["instrument_name"], leg["quantity"]) for leg in rfq["legs"]] == [
+        (low, 2),
+        (high, -2),
+        (PERP, -1),
+    ]
+    # Fee quantities: the spread pays one leg (the 100000 call is free); the perpetual is free for the
+    # options' net delta 2 * d_low - 2 * d_high of its 1 contract.
     hedge = min(1.0, 2 * delta_low - 2 * delta_high)
     fee_quantity = [leg["fee_quantity"] for leg in rfq["legs"]]
     assert fee_quantity == pytest.approx([2, 0, 1 - hedge])
@@ -70,7 +82,11 @@ async def test_requester_trades_a_hedged_call_spread_with_the_simulated_market_m
     assert rfq["quoted_ask"] == {"price": pytest.approx(ask), "amount": 0.5}
     assert rfq["quoted_bid"] == {"price": pytest.approx(bid), "amount": 0.5}
     (created,) = await client.notification("account.rfqs")
-    assert (created["event"], created["rfq_id"], created["insert_reason"]) == ("Created", rfq["rfq_id"], "client_request")
+    assert (created["event"], created["rfq_id"], created["insert_reason"]) == (
+        "Created",
+        rfq["rfq_id"],
+        "client_request",
+    )
     quotes = await client.notification("mm.rfq_quotes")
     assert sorted((q["direction"], q["event"]) for q in quotes) == [("buy", "Inserted"), ("sell", "Inserted")]
     assert [r["rfq_id"] for r in await client.result("open_rfqs")] == [rfq["rfq_id"]]
@@ -91,7 +107,8 @@ async def test_requester_trades_a_hedged_call_spread_with_the_simulated_market_m
         (PERP, "sell", 0.5, 2),
     ]
     assert all(
-        (t["trade_type"], t["label"], t["order_id"], t["maker_taker"]) == ("rfq", "rfq-1", rfq["rfq_id"], "taker")
+        (t["trade_type"], t["label"], t["order_id"], t["maker_taker"])
+        == ("rfq", "rfq-1", rfq["rfq_id"], "taker")
         for t in trades
     )
     # The legs add up to the traded price per combination: 0.5 * (2 p_low - 2 p_high - p_perp) = 0.5 * ask.
@@ -110,6 +127,8 @@ async def test_requester_trades_a_hedged_call_spread_with_the_simulated_market_m
 
     done = await client.notification("account.rfqs", lambda n: n[0]["event"] == "Traded")
     assert (done[0]["delete_reason"], done[0]["trade_amount"]) == ("filled", 0.5)
+    (public,) = await client.notification("rfqs")  # the public feed of traded RFQs: no label
+    assert (public["rfq_id"], public["trade_amount"], "label" in public) == (rfq["rfq_id"], 0.5, False)
     (history,) = await client.notification("account.rfq_history")
     assert history["trade_price"] == pytest.approx(ask)
     listed = (await client.result("rfq_history"))["rfqs"]
@@ -135,16 +154,30 @@ async def test_market_maker_quotes_simulated_takers_rfqs_and_is_filled(
     assert await mm.notification("mm.rfqs") == [] and await mm.notification("mm.rfq_quotes") == []
 
     first = await paper.control("paper/create_rfq", {"legs": [{"instrument_name": PERP, "amount": 0.3}]})
-    second = await paper.control("paper/create_rfq", {"legs": [{"instrument_name": PERP, "amount": -0.2}, {"instrument_name": PERP.replace("BTC", "ETH"), "amount": 3}]})
+    second = await paper.control(
+        "paper/create_rfq",
+        {
+            "legs": [
+                {"instrument_name": PERP, "amount": -0.2},
+                {"instrument_name": PERP.replace("BTC", "ETH"), "amount": 3},
+            ]
+        },
+    )
     seen = [r for n in [await mm.notification("mm.rfqs") for _ in range(2)] for r in n]
     assert [r["rfq_id"] for r in seen] == [first["rfq_id"], second["rfq_id"]]
     assert "label" not in seen[0] and [leg["quantity"] for leg in seen[0]["legs"]] == [1]
     assert [r["rfq_id"] for r in await mm.result("mm_rfqs")] == [first["rfq_id"], second["rfq_id"]]
 
     # Quotes away from the mark value (100000 per combination): the taker does not take them by itself.
-    ask = await mm.result("mm_rfq_insert_quote", SELL, 0.3, 100200, first["rfq_id"], client_order_id=7, label="mmq")
+    ask = await mm.result(
+        "mm_rfq_insert_quote", SELL, 0.3, 100200, first["rfq_id"], client_order_id=7, label="mmq"
+    )
     assert (ask["direction"], ask["price"], ask["amount"], ask["client_order_id"], ask["label"]) == (
-        "sell", 100200, 0.3, 7, "mmq"
+        "sell",
+        100200,
+        0.3,
+        7,
+        "mmq",
     )
     bid = await mm.result("mm_rfq_insert_quote", BUY, 0.3, 99800, first["rfq_id"], label="mmq")
     other = await mm.result("mm_rfq_insert_quote", BUY, 0.2, -80000, second["rfq_id"])
@@ -161,9 +194,13 @@ async def test_market_maker_quotes_simulated_takers_rfqs_and_is_filled(
     result = await paper.control("paper/rfq_trade", {"rfq_id": first["rfq_id"], "direction": "buy"})
     assert (result["price"], result["amount"]) == (100150, 0.3)
     (trade,) = await mm.notification("account.trade_history")
-    assert (trade["direction"], trade["price"], trade["amount"], trade["trade_type"], trade["maker_taker"]) == (
-        "sell", 100150, 0.3, "rfq", "maker"
-    )
+    assert (
+        trade["direction"],
+        trade["price"],
+        trade["amount"],
+        trade["trade_type"],
+        trade["maker_taker"],
+    ) == ("sell", 100150, 0.3, "rfq", "maker")
     assert (trade["order_id"], trade["label"], trade["leg_index"]) == (ask["order_id"], "mmq", 0)
     # maker fee 1 bp * 100150 * 0.3 = 3.0045 (the single leg pays fully)
     assert trade["fee"] == pytest.approx(3.0045)
@@ -171,7 +208,10 @@ async def test_market_maker_quotes_simulated_takers_rfqs_and_is_filled(
     events = [q for n in mm.of("mm.rfq_quotes") for q in n]
     filled = next(q for q in events if q["event"] == "Filled")
     assert (filled["order_id"], filled["trade_price"], filled["trade_amount"], filled["delete_reason"]) == (
-        ask["order_id"], 100150, 0.3, "filled"
+        ask["order_id"],
+        100150,
+        0.3,
+        "filled",
     )
     # Thalex's RFQ protection: the maker's quote on the other RFQ is cancelled right after the trade.
     protected = next(q for q in events if q["order_id"] == other["order_id"] and q["event"] == "Cancelled")
@@ -183,7 +223,9 @@ async def test_market_maker_quotes_simulated_takers_rfqs_and_is_filled(
     third = await paper.control("paper/create_rfq", {"legs": [{"instrument_name": PERP, "amount": 0.1}]})
     await mm.result("mm_rfq_insert_quote", BUY, 0.1, 100000, third["rfq_id"], label="auto")
     trades = await mm.notification("account.trade_history", within=3)
-    assert [(t["direction"], t["price"], t["amount"], t["label"]) for t in trades] == [("buy", 100000, 0.1, "auto")]
+    assert [(t["direction"], t["price"], t["amount"], t["label"]) for t in trades] == [
+        ("buy", 100000, 0.1, "auto")
+    ]
     assert await mm.error("mm_rfq_delete_quote", client_order_id=7) == 1
     await mm.settle()
     assert problems(mm) == []
@@ -213,11 +255,19 @@ async def test_an_rfq_between_two_accounts_books_both_sides(
     await taker.result("trade_rfq", rfq["rfq_id"], BUY, 100001)
     (bought,) = await taker.notification("account.trade_history")
     (sold,) = await maker.notification("account.trade_history")
-    assert (bought["direction"], bought["price"], bought["amount"], bought["label"], bought["maker_taker"]) == (
-        "buy", 100000.5, 0.4, "block", "taker"
-    )
+    assert (
+        bought["direction"],
+        bought["price"],
+        bought["amount"],
+        bought["label"],
+        bought["maker_taker"],
+    ) == ("buy", 100000.5, 0.4, "block", "taker")
     assert (sold["direction"], sold["price"], sold["amount"], sold["label"], sold["maker_taker"]) == (
-        "sell", 100000.5, 0.4, "theirs", "maker"
+        "sell",
+        100000.5,
+        0.4,
+        "theirs",
+        "maker",
     )
     # taker 5 bps and maker 1 bp of 100000.5 * 0.4 = 40000.2: 20.0001 and 4.00002
     assert (bought["fee"], sold["fee"]) == (pytest.approx(20.0001), pytest.approx(4.00002))

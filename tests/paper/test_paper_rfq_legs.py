@@ -72,15 +72,21 @@ def test_leg_prices_share_the_difference_to_the_marks_by_notional() -> None:
 @settings(max_examples=200, deadline=None)
 @given(
     legs=st.lists(
-        st.tuples(st.integers(-30, 30).filter(bool), st.floats(1, 200_000, allow_nan=False)), min_size=1, max_size=4
+        st.tuples(st.integers(-30, 30).filter(bool), st.floats(1, 200_000, allow_nan=False)),
+        min_size=1,
+        max_size=4,
     ),
     shift=st.floats(-0.5, 0.5),
 )
-def test_leg_prices_always_add_up_to_the_combination_price(legs: list[tuple[int, float]], shift: float) -> None:
+def test_leg_prices_always_add_up_to_the_combination_price(
+    legs: list[tuple[int, float]], shift: float
+) -> None:
     quantities, marks = [q for q, _ in legs], [m for _, m in legs]
     value = sum(q * m for q, m in legs)
     notional = sum(abs(q) * m for q, m in legs)
     price = value + shift * notional  # at most half the notional away: every leg stays positive
     prices = leg_prices(quantities, marks, price)
-    assert sum(q * p for q, p in zip(quantities, prices, strict=True)) == pytest.approx(price, rel=1e-9, abs=1e-4)
+    assert sum(q * p for q, p in zip(quantities, prices, strict=True)) == pytest.approx(
+        price, rel=1e-9, abs=1e-4
+    )
     assert all(p > 0 for p in prices)
