@@ -117,8 +117,10 @@ class MassQuotes:
                 result["n_fail"] += 1
                 result["errors"].extend(errors)
                 continue
-            events.extend(self._replace(session, side, label, flags, now))
-            result["n_success"] += 1
+            placed, refused = self._replace(session, side, label, flags, now)
+            events.extend(placed)
+            result["n_success" if not refused else "n_fail"] += 1
+            result["errors"].extend(refused)
         return result, events
 
     def _parse(self, params: dict[str, Any]) -> list[SideQuote]:
@@ -161,8 +163,11 @@ class MassQuotes:
 
     def _replace(
         self, session: Session, side: SideQuote, label: str | None, flags: dict[str, bool], now: float
-    ) -> list[Event]:
-        """The side's live quotes become ``levels``: an unchanged level (price and amount) keeps its order."""
+    ) -> tuple[list[Event], list[dict[str, Any]]]:
+        """The side's live quotes become ``levels``: an unchanged level (price and amount) keeps its order.
+
+        A level the order checks still refuse (the margin check: 24) is left out and reported.
+        """
         account = session.account
         inst = self.engine.market.instruments[side.instrument_name]
         live = [
@@ -174,6 +179,7 @@ class MassQuotes:
             and o.direction == side.direction
         ]
         events: list[Event] = []
+        refused: list[dict[str, Any]] = []
         to_insert: list[Level] = []
         for price, amount in side.levels:
             if amount <= EPS:
@@ -198,9 +204,13 @@ class MassQuotes:
             }
             if label is not None:
                 params["label"] = label
-            _, placed = self.engine.place(account, params, now, session, mass_quote=True)
+            try:
+                _, placed = self.engine.place(account, params, now, session, mass_quote=True)
+            except RpcError as exc:
+                refused.append(_error(exc.code, exc.message, side.side, price))
+                continue
             events.extend(placed)
-        return events
+        return events, refused
 
     # cancel_mass_quote
 

@@ -7,6 +7,7 @@ resting bid fills (as maker, at its price) once the mark falls to it, an ask onc
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -408,3 +409,50 @@ async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
     await client.settle()
     assert problems(client, reader) == []
     assert {"private/create_bot", "private/subscribe"} <= client.methods_answered()
+
+
+@pytest.mark.asyncio
+async def test_a_bot_and_a_conditional_order_on_a_future_stop_when_it_expires(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    client = await _trader(official, keys)
+    await client.result("private_subscribe", ["account.conditional_orders"])
+    await client.notification("account.conditional_orders")
+    status = await paper.control("paper/status")
+    futures = [
+        i for i in await client.result("instruments") if i["type"] == "future" and i["underlying"] == "BTCUSD"
+    ]
+    daily = min(futures, key=lambda i: i["expiration_timestamp"])
+    assert daily["expiration_timestamp"] == status["next_settlement"]
+    name = daily["instrument_name"]
+    bot = await client.result(
+        "create_ocq_bot", time.time() + 3600, name, thalex.Target.MARK, -50, 50, 0.01, -0.01, 0.01
+    )
+    stop = await client.result("create_conditional_order", thalex.Direction.BUY, name, 0.01, 200000)
+    await _quotes(
+        client,
+        bot["bot_id"],
+        [
+            ("buy", _off(await client.result("ticker", name), -50)),
+            ("sell", _off(await client.result("ticker", name), 50)),
+        ],
+    )
+
+    await paper.control("paper/advance_clock", {"seconds": status["next_settlement"] - status["time"] + 1})
+    assert (await _stopped(client, bot["bot_id"]))["stop_reason"] == "instrument_deactivated"
+    listing = await client.notification(
+        "account.conditional_orders", lambda n: n and n[0]["status"] == "cancelled"
+    )
+    assert (listing[0]["order_id"], listing[0]["reject_reason"]) == (
+        stop["order_id"],
+        "instrument_deactivated",
+    )
+    assert await client.result("open_orders") == []
+    await client.settle()
+    assert problems(client) == []
+
+
+def _off(ticker: dict, offset: float) -> float:
+    """The OCQ's quote price at ``offset`` from the mark, on the 1-USD tick, away from the mark."""
+    price = ticker["mark_price"] + offset
+    return float(math.floor(price)) if offset < 0 else float(math.ceil(price))

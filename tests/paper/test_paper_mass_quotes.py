@@ -285,6 +285,11 @@ async def test_quotes_of_a_cancel_on_disconnect_session_vanish_with_it_others_st
     await mm3.result("cancel_mass_quote")
     assert (await mm3.notification("account.orders"))[0]["delete_reason"] == "client_bulk_cancel"
 
+    # A level the margin check refuses (500 BTC bid on a 1M account) fails alone, with 24.
+    await mm3.result("set_mm_protection", FUTURES, trade_amount=1000.0, quote_amount=1000.0)
+    result = await mm3.result("mass_quote", [quote(PERP, (99000, 500), None)])
+    assert (result["n_fail"], result["errors"][0]["code"], result["errors"][0]["side"]) == (1, 24, "bid")
+
     reader = await official(keys["desk-read"])
     for name, args in (
         ("mass_quote", ([quote(PERP, (99900, 0.1), None)],)),
