@@ -9,6 +9,7 @@ import time
 import pytest
 import thalex
 
+from services.ingest.translate import fill_from_trade, position_from_entry
 from services.paper.keys import KeyFiles
 from services.paper.testing import ControlClient, ControlError, PaperHandle
 
@@ -161,4 +162,71 @@ async def test_rogue_bot_reopens_a_closed_position_with_orders_mass_quotes_and_a
         assert all(b["status"] == "stopped" for b in await client.result("bots"))
     finally:
         await control.close()
+    assert problems(client) == []
+
+
+@pytest.mark.asyncio
+async def test_every_kind_of_market_maker_fill_reaches_the_guardian_as_a_fill_and_a_position(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """What the guardian's ingest makes of the account's trades and portfolio (its own parser)."""
+    client: Official = await official(keys["trader"])
+    await client.result("private_subscribe", ["account.trade_history"])
+    # A mass quote of a second session filled by flow; a grid bot's bid filled by the market; a stop
+    # activated on the mark; an RFQ traded with the simulated makers; a rogue bot's market order.
+    result = await paper.control(
+        "paper/mass_quote", {"key_id": "trader", "quotes": [{"i": PERP, "b": [[99990, 0.1]]}], "label": "mq"}
+    )
+    assert result["n_success"] == 1
+    await paper.control("paper/fill_orders", {"key_id": "trader"})
+    grid = {
+        "key_id": "trader",
+        "strategy": "grid",
+        "instrument_name": PERP,
+        "grid": [99900, 99950, 100050, 100100],
+        "step_size": 0.01,
+        "upside_exit_price": 100300,
+        "downside_exit_price": 99700,
+        "end_time": time.time() + 600,
+        "label": "gb",
+    }
+    bot = await paper.control("paper/create_bot", grid)
+    await client.settle(0.2)
+    await paper.control(
+        "paper/create_conditional_order",
+        {
+            "key_id": "trader",
+            "direction": "sell",
+            "instrument_name": PERP,
+            "amount": 0.02,
+            "stop_price": 99945,
+            "label": "cs",
+        },
+    )
+    await paper.control(
+        "paper/set_mark", {"instrument_name": PERP, "price": 99940}
+    )  # grid bid 99950, then the stop
+    rfq = await client.result("create_rfq", [thalex.RfqLeg(0.05, PERP)], label="rq")
+    await client.result("trade_rfq", rfq["rfq_id"], thalex.Direction.BUY, 200000)
+    control = ControlClient(paper.url)
+    rogue = await control.start_rogue_bot("trader", PERP, 1.0, modes=("orders",), delay=0.0, label="rg")
+    await client.notification("account.trade_history", lambda n: any(t.get("label") == "rg" for t in n))
+
+    trades = (await client.result("trade_history", sort=thalex.Sort.ASC))["trades"]
+    fills = [fill_from_trade(t, time.time()) for t in trades]
+    kinds = {(f.label, f.trade_type.value, f.liquidity.value if f.liquidity else None) for f in fills}
+    assert kinds == {
+        ("mq", "normal", "maker"),
+        ("gb", "normal", "maker"),
+        ("cs", "normal", "taker"),
+        ("rq", "rfq", "taker"),
+        ("rg", "normal", "taker"),
+    }
+    assert next(t for t in trades if t.get("label") == "gb")["bot_id"] == bot["bot_id"]
+    assert len({f.trade_id for f in fills}) == len(fills)
+    # The guardian's positions agree with the fills it was given.
+    (line,) = [position_from_entry(p) for p in await client.result("portfolio")]
+    assert line.position == pytest.approx(sum(f.signed_amount for f in fills))
+    await control.stop_rogue_bot(rogue["rogue_id"])
+    await control.close()
     assert problems(client) == []
