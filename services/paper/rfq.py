@@ -334,8 +334,9 @@ class Rfqs:
     # Time passing
 
     def tick(self, now: float) -> list[Event]:
-        """Quotes of ended cancel-on-disconnect sessions go, RFQs expire, simulated makers follow the book,
-        simulated takers trade quotes at least as good as the package's mark value."""
+        """Quotes of ended cancel-on-disconnect sessions go, RFQs expire (or end with a leg that
+        expired), simulated makers follow the book, simulated takers trade quotes at least as good as
+        the package's mark value."""
         events: list[Event] = []
         for quote in list(self.quotes.values()):
             if (
@@ -349,7 +350,9 @@ class Rfqs:
         for rfq in list(self.rfqs.values()):
             if not rfq.open:
                 continue
-            if now >= rfq.valid_until:
+            if now >= rfq.valid_until or any(
+                leg.instrument.name not in self.engine.market.instruments for leg in rfq.legs
+            ):
                 events.extend(self._close(rfq, now, None))
             elif rfq.requester is not None:
                 events.extend(self._simulated_quotes(rfq))

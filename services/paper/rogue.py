@@ -126,6 +126,8 @@ class Rogues:
     def tick(self, now: float) -> list[Event]:
         events: list[Event] = []
         for rogue in self.rogues.values():
+            if rogue.active and rogue.instrument.name not in self.engine.market.instruments:
+                events.extend(self.stop(rogue.rogue_id, now)[1])  # its instrument expired
             if rogue.active:
                 events.extend(self._keep_grid(rogue, now))
                 events.extend(self._step(rogue, now))
@@ -159,12 +161,15 @@ class Rogues:
         rogue.turn += 1
         rogue.short_since = None
         direction = "buy" if missing > 0 else "sell"
-        if mode == "orders":
-            events = self._order(rogue, direction, abs(missing), now)
-        elif mode == "mass_quotes":
-            events = self._quote(rogue, direction, abs(missing), now)
-        else:
-            events = self._grid_flow(rogue, direction, abs(missing), now)
+        try:
+            if mode == "orders":
+                events = self._order(rogue, direction, abs(missing), now)
+            elif mode == "mass_quotes":
+                events = self._quote(rogue, direction, abs(missing), now)
+            else:
+                events = self._grid_flow(rogue, direction, abs(missing), now)
+        except RpcError:
+            return []  # refused (margin 24, an expired instrument): the next turn tries again
         if any(e.kind == "trade" for e in events):
             rogue.reopened[mode] += 1
         return events
@@ -252,6 +257,9 @@ class Rogues:
             "label": rogue.label,
         }
         account = self.engine.accounts[rogue.account_id]
-        wire, events = self.bots.create(account, params, now)
+        try:
+            wire, events = self.bots.create(account, params, now)
+        except RpcError:
+            return []  # e.g. the instrument expired: the rogue keeps its other modes
         rogue.grid_bot_id = wire["bot_id"]
         return events
