@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LAST_TICK_BEFORE = 0.001
+"""Seconds before 08:00 UTC the day's last market data is stamped (a tick stamped 08:00 is the new day's)."""
+
 
 class DailyCycle:
     def __init__(self, exchange: PaperExchange) -> None:
@@ -33,12 +36,22 @@ class DailyCycle:
         """Bring the market to ``now``; returns how many 08:00 UTC boundaries were processed."""
         turned = 0
         while self.next <= now:
-            self._accrue(self.next)
+            self.close_day()
             self._turn(self.next)
             self.next += SECONDS_PER_DAY
             turned += 1
         self._accrue(now)
         return turned
+
+    def close_day(self) -> None:
+        """The day's last market state, stamped just before the next 08:00: funding accrued up to it
+        and every market-data channel sent (so a subscriber sees the funding the settlement realises,
+        even when the clock jumped over the day)."""
+        last = self.next - LAST_TICK_BEFORE
+        if last > self.funded_until:
+            self._accrue(last)
+            self.exchange.market.version += 1
+            self.exchange.fanout.publish_channels(last, raw_only=False)
 
     def _accrue(self, until: float) -> None:
         market = self.exchange.market
@@ -51,6 +64,8 @@ class DailyCycle:
     def _turn(self, at: float) -> None:
         exchange = self.exchange
         market, engine = exchange.market, exchange.engine
+        self.funded_until = max(self.funded_until, at)  # the day's funding ends with its last tick
+        market.set_time(at)
         expired = market.expire(at)
         events = settlement.expire(engine, expired, at)
         events += settlement.settle(engine, at)

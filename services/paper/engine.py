@@ -794,7 +794,8 @@ class Engine:
         """Error 24 for an order that would raise the requirement above the margin balance."""
         exposures = margin.order_exposures(self.market, order, amount)  # a market order at the mark
         before = self.margin(account).required
-        after = self.margin(account, exposures, without=replacing, extra_buys=order.direction == "buy").required
+        buying = order.direction == "buy"
+        after = self.margin(account, exposures, without=replacing, extra_buys=buying).required
         if after > before + 1e-9 and after > self.margin_balance(account) + 1e-9:
             raise RpcError(
                 INSUFFICIENT_MARGIN,

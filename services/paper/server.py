@@ -45,6 +45,8 @@ WS_PATH = "/ws/api/v2"
 SYSTEM_CHANNEL = "system"
 """Thalex announces a coming disconnect here (`{"event": "reconnect"}`)."""
 LOOP_INTERVAL = 0.05
+DAY_END_PAUSE = 0.05
+"""Real seconds a clock jump pauses at each day's end so subscribers read its last market state."""
 SUMMARY_INTERVAL = 5.0
 
 
@@ -207,15 +209,25 @@ class PaperExchange:
             "pinned_marks": dict(self.market.pinned_marks),
         }
 
-    def advance_clock(self, seconds: float) -> int:
-        """Jump the paper's clock forward; every 08:00 UTC on the way is processed in order."""
-        self.clock.advance(seconds)
+    async def advance_clock(self, seconds: float) -> int:
+        """Jump the paper's clock forward; every 08:00 UTC on the way is processed in order. Before
+        each, the day's last market state goes out and subscribers get ``DAY_END_PAUSE`` seconds of
+        real time to read it (as they would have, had the day passed); returns the 08:00s crossed."""
+        target = self.clock() + seconds
+        crossed = 0
+        while self.cycle.next <= target:
+            crossed += 1
+            self.clock.advance(max(0.0, self.cycle.next - self.clock()))
+            self.cycle.close_day()
+            await asyncio.sleep(DAY_END_PAUSE)
+            self.cycle.advance_to(self.clock())
+        self.clock.advance(max(0.0, target - self.clock()))
         now = self.clock()
-        turned = self.cycle.advance_to(now)
+        self.cycle.advance_to(now)
         self.market.version += 1
         self.fanout.after_market_change(now)
         self.record_prices(now, force=True)
-        return turned
+        return crossed
 
     def record_prices(self, now: float, force: bool = False) -> None:
         """Index and marks into the price history (at most once a second unless forced)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import json
 import time
@@ -20,6 +21,9 @@ from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle, make_keys, running_paper_exchange
 
 PERP = "BTC-PERPETUAL"
+PAPER_START = dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC).timestamp()
+"""Where the ``paper`` fixture's clock starts: a Monday noon, far from the 08:00 UTC settlement, so a
+test crosses a settlement only when it moves the clock (instruments: BTC-3MAR26, BTC-4MAR26, ...)."""
 
 
 class RawClient:
@@ -106,7 +110,7 @@ def keys(keys_dir: Path) -> dict[str, KeyFiles]:
 @pytest_asyncio.fixture
 async def paper(keys: dict[str, KeyFiles], keys_dir: Path) -> AsyncIterator[PaperHandle]:
     """A paper exchange with the walk paused, BTC-PERPETUAL pinned at 100000, no funding, a 1.0-lot book."""
-    async with running_paper_exchange(keys_dir, seed=3) as handle:
+    async with running_paper_exchange(keys_dir, seed=3, start_time=PAPER_START) as handle:
         await handle.control("paper/pause")
         await handle.control("paper/set_index", {"underlying": "BTCUSD", "price": 100000})
         await handle.control("paper/set_mark", {"instrument_name": PERP, "price": 100000})

@@ -22,6 +22,11 @@ from .official import Official
 CHANNELS = ["account.bots", "account.orders", "account.trade_history", "account.portfolio"]
 
 
+async def _now(paper: PaperHandle) -> float:
+    """The paper's clock (the fixture starts it on a fixed day: bots' end times count from it)."""
+    return float((await paper.control("paper/status"))["time"])
+
+
 async def _mark(paper: PaperHandle, price: float) -> None:
     await paper.control("paper/set_mark", {"instrument_name": PERP, "price": price})
 
@@ -69,7 +74,7 @@ async def test_grid_bot_buys_low_sells_high_on_a_moving_market_and_exits_at_its_
     grid = [99850, 99900, 99950, 100050, 100100, 100150]
     bot = await client.result(
         "create_grid_bot",
-        time.time() + 3600,
+        await _now(paper) + 3600,
         PERP,
         grid,
         0.01,
@@ -144,7 +149,7 @@ async def test_levels_bot_sells_its_ask_levels_then_exits_at_its_upside_price(
     client = await _trader(official, keys)
     bot = await client.result(
         "create_levels_bot",
-        time.time() + 3600,
+        await _now(paper) + 3600,
         PERP,
         [99900, 99950],
         [100050, 100100],
@@ -185,7 +190,7 @@ async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot
     paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
-    end = time.time() + 3600
+    end = await _now(paper) + 3600
     grid = await client.result(
         "create_grid_bot",
         end,
@@ -241,7 +246,15 @@ async def test_sgsl_holds_its_target_above_entry_reopens_after_a_close_and_exits
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
-        "create_sgsl_bot", time.time() + 3600, PERP, thalex.Target.MARK, 100100, 0.02, 99900, 0, label="sgsl"
+        "create_sgsl_bot",
+        await _now(paper) + 3600,
+        PERP,
+        thalex.Target.MARK,
+        100100,
+        0.02,
+        99900,
+        0,
+        label="sgsl",
     )
     assert (
         bot["signal"],
@@ -281,7 +294,16 @@ async def test_ocq_quotes_around_the_signal_within_its_position_bounds_and_stops
 ) -> None:
     client = await _trader(official, keys)
     bot = await client.result(
-        "create_ocq_bot", time.time() + 2.0, PERP, thalex.Target.MARK, -50, 50, 0.01, -0.01, 0.02, label="ocq"
+        "create_ocq_bot",
+        await _now(paper) + 2.0,
+        PERP,
+        thalex.Target.MARK,
+        -50,
+        50,
+        0.01,
+        -0.01,
+        0.02,
+        label="ocq",
     )
     bot_id = bot["bot_id"]
     await _quotes(client, bot_id, [("buy", 99950), ("sell", 100050)])
@@ -337,7 +359,7 @@ async def test_delta_hedger_and_delta_follower_trade_the_perpetual_after_their_p
     other: Official = await official(keys["other"])
     await other.result("private_subscribe", ["account.trade_history", "account.bots"])
     follower = await other.result(
-        "create_delta_follower_bot", time.time() + 600, PERP, call, 2.0, 1, threshold=0.01
+        "create_delta_follower_bot", await _now(paper) + 600, PERP, call, 2.0, 1, threshold=0.01
     )
     assert (follower["target_instrument"], follower["target_amount"]) == (call, 2.0)
     trades = await other.notification("account.trade_history", within=4)
@@ -355,7 +377,7 @@ async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
     paper: PaperHandle, official, keys: dict[str, KeyFiles]
 ) -> None:
     client = await _trader(official, keys)
-    end = time.time() + 3600
+    end = await _now(paper) + 3600
     bot = await client.result(
         "create_levels_bot",
         end,
@@ -386,7 +408,7 @@ async def test_bots_stop_on_margin_breach_and_refuse_what_api_yaml_forbids(
         ),
         (
             "create_grid_bot",
-            (time.time() + 8 * 86400, PERP, [99900, 100000], 0.01),
+            (await _now(paper) + 8 * 86400, PERP, [99900, 100000], 0.01),
             {"upside_exit_price": 100100, "downside_exit_price": 99800},
         ),
         (
@@ -426,7 +448,7 @@ async def test_a_bot_and_a_conditional_order_on_a_future_stop_when_it_expires(
     assert daily["expiration_timestamp"] == status["next_settlement"]
     name = daily["instrument_name"]
     bot = await client.result(
-        "create_ocq_bot", time.time() + 3600, name, thalex.Target.MARK, -50, 50, 0.01, -0.01, 0.01
+        "create_ocq_bot", await _now(paper) + 3600, name, thalex.Target.MARK, -50, 50, 0.01, -0.01, 0.01
     )
     stop = await client.result("create_conditional_order", thalex.Direction.BUY, name, 0.01, 200000)
     await _quotes(

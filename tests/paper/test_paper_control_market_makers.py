@@ -4,8 +4,6 @@ checked strictly against api.yaml."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import thalex
 
@@ -15,6 +13,11 @@ from services.paper.testing import ControlClient, ControlError, PaperHandle
 
 from .conftest import PERP, problems
 from .official import Official
+
+
+async def _now(paper: PaperHandle) -> float:
+    """The paper's clock (the fixture starts it on a fixed day: bots' end times count from it)."""
+    return float((await paper.control("paper/status"))["time"])
 
 
 async def _position(client: Official) -> float:
@@ -60,7 +63,7 @@ async def test_control_api_leaves_mass_quotes_bots_and_conditional_orders_on_an_
             "step_size": 0.01,
             "upside_exit_price": 100300,
             "downside_exit_price": 99700,
-            "end_time": time.time() + 600,
+            "end_time": await _now(paper) + 600,
             "label": "outside",
         },
     )
@@ -187,7 +190,7 @@ async def test_every_kind_of_market_maker_fill_reaches_the_guardian_as_a_fill_an
         "step_size": 0.01,
         "upside_exit_price": 100300,
         "downside_exit_price": 99700,
-        "end_time": time.time() + 600,
+        "end_time": await _now(paper) + 600,
         "label": "gb",
     }
     bot = await paper.control("paper/create_bot", grid)
@@ -213,7 +216,7 @@ async def test_every_kind_of_market_maker_fill_reaches_the_guardian_as_a_fill_an
     await client.notification("account.trade_history", lambda n: any(t.get("label") == "rg" for t in n))
 
     trades = (await client.result("trade_history", sort=thalex.Sort.ASC))["trades"]
-    fills = [fill_from_trade(t, time.time()) for t in trades]
+    fills = [fill_from_trade(t, 0.0) for t in trades]
     kinds = {(f.label, f.trade_type.value, f.liquidity.value if f.liquidity else None) for f in fills}
     assert kinds == {
         ("mq", "normal", "maker"),

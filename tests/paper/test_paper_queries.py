@@ -5,8 +5,6 @@ every answer validates strictly against api.yaml. Paging as api.yaml documents i
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import thalex
 
@@ -73,7 +71,7 @@ async def test_order_and_trade_history_page_through_everything_once(
         assert [len(p) for p in trades] == [1, 1]
         assert [t["instrument_name"] for p in trades for t in p] == [option, PERP]
         assert (await bot.result("trade_history", bot_ids="no-such-bot"))["trades"] == []
-        late = time.time() + 10**6
+        late = (await paper.control("paper/status"))["time"] + 10**6
         assert (await bot.result("trade_history", time_low=late))["trades"] == []
         assert bot.problems() == []
 

@@ -24,7 +24,7 @@ async def advance_clock(exchange: PaperExchange, params: dict, requester: Connec
     step = seconds if seconds is not None else (to or 0.0) - exchange.clock()
     if step < 0:
         raise RpcError(INVALID_REQUEST, "the paper's clock never goes back")
-    turned = exchange.advance_clock(step)
+    turned = await exchange.advance_clock(step)
     return {**exchange.status(), "settlements": turned}
 
 
