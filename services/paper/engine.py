@@ -376,8 +376,8 @@ class Engine:
     def cancel_session(self, session: Session, now: float) -> list[Event]:
         self._require_trading(session)
         events: list[Event] = []
-        mine = session.session_id
-        for order in [o for o in session.account.orders.values() if o.session_id == mine and not o.mass_quote]:
+        mine = [o for o in session.account.orders.values() if o.session_id == session.session_id]
+        for order in [o for o in mine if not o.mass_quote]:
             events += self._close(order, "client_bulk_cancel", now, "cancel")
         return events
 
