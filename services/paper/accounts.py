@@ -80,6 +80,8 @@ class Order:
     """Inserted with ``legs`` (a combination order): the wire shows ``legs``, not ``instrument_name``."""
     bot_id: str | None = None
     conditional_order_id: str | None = None
+    mass_quote: bool = False
+    """A quote of ``private/mass_quote``: not cancelled by cancel/cancel_all/cancel_session."""
 
     @property
     def remaining(self) -> float:
@@ -221,4 +223,5 @@ class Event:
     kind: str
     account_id: str
     session_id: int | None
-    payload: dict[str, Any]
+    payload: Any
+    """Mostly one object; the full lists of ``conditional_orders`` and ``bots``."""

@@ -12,6 +12,7 @@ Expiry and the daily settlement are :mod:`services.paper.settlement`; margin is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from services.paper import margin
@@ -69,6 +70,7 @@ ROLL_FEE_SHARE = 0.5
 MAX_LABEL_BYTES = 32
 MAX_CLIENT_ORDER_ID = 2**64 - 1
 GTC, IOC = "good_till_cancelled", "immediate_or_cancel"
+FillListener = Callable[[Account, Order, Fill, float], list[Event]]
 
 
 def _sign(value: float) -> int:
@@ -100,6 +102,9 @@ class Engine:
         self._next_trade = 0
         self._next_seq = 0
         self._next_notification = 0
+        self.fill_listeners: list[FillListener] = []
+        """Called after every fill of an order with (account, order, fill, now); their events follow
+        the trade's (market-maker protection counts quote executions here)."""
 
     # Accounts and sessions
 
@@ -199,8 +204,19 @@ class Engine:
         """``private/insert`` (``direction`` already in ``params`` for buy/sell)."""
         self.check_throttle(session, now)
         self._require_trading(session)
-        order, post_only, reject_post_only, collar = self._new_order(session, params, now)
-        account = session.account
+        return self.place(session.account, params, now, session)
+
+    def place(
+        self, account: Account, params: dict, now: float, session: Session | None = None, **origin: Any
+    ) -> tuple[dict, list[Event]]:
+        """Validate and match an order of ``account``: a client's (``session``) or, without a session, one
+        the exchange inserts for the account (a triggered conditional order, a bot's; persistent).
+
+        ``origin`` sets ``insert_reason``, ``conditional_order_id``, ``bot_id`` or ``mass_quote``.
+        """
+        order, post_only, reject_post_only, collar = self._new_order(account, session, params, now)
+        for name, value in origin.items():
+            setattr(order, name, value)
         if order.reduce_only:
             order.amount = self._reduce_only_amount(account, order.instrument, order.direction, order.amount)
         mark = self.market.mark(order.instrument.name).price
@@ -226,12 +242,12 @@ class Engine:
                 events += self._close(order, "immediate_cancel", now, None)
             else:
                 account.orders[order.order_id] = order
-                if order.client_order_id is not None:
+                if session is not None and order.client_order_id is not None:
                     session.client_orders[order.client_order_id] = order.order_id
         elif order.delete_reason is not None:
             events += self._history_events(order)
         wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.account_id, session.session_id, wire))
+        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
         events.extend(self._trim_reduce_only(account, order.instrument, now))
         return wire, events
 
@@ -241,7 +257,7 @@ class Engine:
         return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
 
     def _new_order(
-        self, session: Session, params: dict[str, Any], now: float
+        self, account: Account, session: Session | None, params: dict[str, Any], now: float
     ) -> tuple[Order, bool, bool, str]:
         """Validate an insert; the order (without id yet), post_only, reject_post_only and collar."""
         direction = choice(params, "direction", ("buy", "sell"), None)
@@ -270,13 +286,13 @@ class Engine:
         label = params.get("label")
         if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):
             raise RpcError(INVALID_REQUEST, f"label must be a string of at most {MAX_LABEL_BYTES} bytes")
-        client_order_id = _client_order_id(params)
-        if client_order_id is not None and client_order_id in session.client_orders:
+        client_order_id = _client_order_id(params) if session is not None else None
+        if session is not None and client_order_id is not None and client_order_id in session.client_orders:
             raise RpcError(DUPLICATE_ORDER_ID, "duplicate client_order_id")
         order = Order(
             "",
-            session.account.account_id,
-            session.session_id,
+            account.account_id,
+            session.session_id if session is not None else 0,
             inst,
             direction,
             order_type,
@@ -284,7 +300,7 @@ class Engine:
             price,
             amount,
             now,
-            not session.cancel_on_disconnect,
+            session is None or not session.cancel_on_disconnect,
             label,
             client_order_id,
             reduce_only,
@@ -359,7 +375,7 @@ class Engine:
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
         self._require_trading(session)
-        orders = list(session.account.orders.values())
+        orders = [o for o in session.account.orders.values() if not o.mass_quote]
         events: list[Event] = []
         for order in orders:
             events += self._close(order, "client_bulk_cancel", now, "cancel")
@@ -368,9 +384,17 @@ class Engine:
     def cancel_session(self, session: Session, now: float) -> list[Event]:
         self._require_trading(session)
         events: list[Event] = []
-        for order in [o for o in session.account.orders.values() if o.session_id == session.session_id]:
+        mine = [o for o in session.account.orders.values() if o.session_id == session.session_id]
+        for order in [o for o in mine if not o.mass_quote]:
             events += self._close(order, "client_bulk_cancel", now, "cancel")
         return events
+
+    def withdraw(self, order: Order, reason: str, now: float, *, quietly: bool = False) -> list[Event]:
+        """The exchange removes a resting order (a bot's, a pulled quote) for ``reason``; ``quietly``
+        for the order being filled, whose fill reports (and records) its end."""
+        if quietly:
+            return self._close(order, reason, now, None, record=False)
+        return self._close(order, reason, now, "cancel")
 
     def cancel_orders(self, account: Account, orders: list[Order], reason: str, now: float) -> list[Event]:
         """Cancel ``orders`` of ``account`` for the exchange's own reason (expiry, margin breach)."""
@@ -432,6 +456,8 @@ class Engine:
             if account_id is not None and account.account_id != account_id:
                 continue
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
                 if instrument_name is not None and order.instrument.name != instrument_name:
                     continue
                 if order_id is not None and order.order_id != order_id:
@@ -446,6 +472,8 @@ class Engine:
         events: list[Event] = []
         for account in list(self.accounts.values()):
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
                 if self.market.get(order.instrument.name) is None or order.price is None:
                     continue
                 bids, asks = self.market.book(order.instrument.name)
@@ -798,7 +826,7 @@ class Engine:
         elif not isinstance(order_id, str):
             raise RpcError(INVALID_REQUEST, "order_id must be a string")
         order = session.account.orders.get(order_id or "")
-        if order is None:
+        if order is None or order.mass_quote:
             raise RpcError(ORDER_NOT_FOUND, "order not found")
         return order
 
@@ -890,6 +918,8 @@ class Engine:
         )
         fill = Fill(trade_id, price, amount, maker_taker, now)
         self._filled(order, amount, [fill], now)
+        for listener in self.fill_listeners:
+            events += listener(account, order, fill, now)
         return [fill], events
 
     def _fill_legs(

@@ -69,7 +69,8 @@ class Fanout:
         traded = False
         for event in events:
             if event.kind == "trade":
-                self.exchange.stats.note(event.payload, event.account_id)
+                if event.payload["trade_type"] != "rfq":  # block trades are not the book's last price
+                    self.exchange.stats.note(event.payload, event.account_id)
                 touched.add(event.account_id)
                 traded = True
             elif event.kind == "summary":
@@ -149,6 +150,7 @@ class Fanout:
         exchange = self.exchange
         exchange.market.sample_index(now)
         self.publish(exchange.engine.on_market(now))
+        exchange.react(now)
         self.publish_channels(now, raw_only=True)
         moved: list[Event] = []
         for (account_id, name), sent_mark in list(self.portfolio_marks.items()):

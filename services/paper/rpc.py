@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.paper.errors import NOT_LOGGED_IN, RpcError
+from services.paper.errors import NOT_LOGGED_IN, UNAUTHORIZED, RpcError
 
 if TYPE_CHECKING:
     from services.paper.connection import Connection
@@ -37,6 +37,14 @@ class Call:
         if self.conn.session is None:
             raise RpcError(NOT_LOGGED_IN, "not logged in")
         return self.conn.session
+
+    @property
+    def trading_session(self) -> Session:
+        """The session of a key that may trade (28 for a read-only key)."""
+        session = self.session
+        if session.read_only:
+            raise RpcError(UNAUTHORIZED, "unauthorized: read-only API key cannot trade")
+        return session
 
     def after_reply(self, action: Callable[[], None]) -> None:
         """Run ``action`` right after the answer is queued (notifications follow the answer, as on Thalex)."""

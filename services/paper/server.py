@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from services.paper import methods  # noqa: F401  (registers every method family)
+from services.paper.automation import Automation
 from services.paper.channels import Channel, Subscriptions
 from services.paper.clock import PaperClock
 from services.paper.connection import Connection
@@ -81,11 +82,10 @@ class PaperExchange:
         self.market = Market(seed=seed, now=self.clock(), index_vol=index_vol, volatility=option_vol)
         self.engine = Engine(self.market)
         self.stats = TradeStats()
+        self.automation = Automation(self.engine, self.stats)
         self.history = PriceHistory()
         self.banners: list[dict] = []
         """``Banner`` objects (``paper/set_banners``), on ``public/system_info`` and ``banners``."""
-        self.traded_rfqs: list[dict] = []
-        """Recently traded RFQs (``Rfq``), the ``rfqs`` channel's snapshot (filled by the RFQ family)."""
         self.cycle = DailyCycle(self)
         self.connections: set[Connection] = set()
         self.subscriptions = Subscriptions(self)
@@ -191,6 +191,10 @@ class PaperExchange:
         self.fanout.after_market_change(self.clock())
         return self.status()
 
+    def react(self, now: float) -> None:
+        """Conditional orders, bots, RFQ makers and takers and rogue bots act on the latest market."""
+        self.fanout.publish(self.automation.tick(now))
+
     def status(self) -> dict:
         return {
             "time": self.clock(),
@@ -265,6 +269,7 @@ class PaperExchange:
                         self.fanout.after_market_change(now)
                     self.market.sample_index(now)
                     self.record_prices(now)
+                self.react(now)
                 self.fanout.publish_channels(now, raw_only=False)
                 if now - self._last_summary >= SUMMARY_INTERVAL:
                     self._last_summary = now

@@ -95,6 +95,33 @@ class ControlClient:
             await self._ws.close()
             self._ws = None
 
+    async def start_rogue_bot(
+        self,
+        key_id: str,
+        instrument_name: str,
+        position: float,
+        *,
+        modes: tuple[str, ...] = ("orders", "mass_quotes", "grid"),
+        delay: float = 1.0,
+        label: str = "rogue",
+    ) -> dict:
+        """A bot that does not listen: whenever the key's account holds less than ``position`` (signed) of
+        the instrument for ``delay`` seconds it re-opens it, by turns with a plain order, a mass quote of
+        its own session and the fills of a grid bot it keeps running (docs/paper.md); the rogue's row."""
+        params = {
+            "key_id": key_id,
+            "instrument_name": instrument_name,
+            "position": position,
+            "modes": list(modes),
+            "delay": delay,
+            "label": label,
+        }
+        return await self.call("paper/start_rogue_bot", params)
+
+    async def stop_rogue_bot(self, rogue_id: str) -> dict:
+        """Stop re-opening; the rogue's grid bot stops (``admin_cancel``), positions stay."""
+        return await self.call("paper/stop_rogue_bot", {"rogue_id": rogue_id})
+
 
 @dataclass
 class PaperHandle:

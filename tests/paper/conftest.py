@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -143,3 +144,23 @@ async def connect(paper: PaperHandle) -> AsyncIterator[Callable[[], Any]]:
     yield _connect
     for ws in opened:
         await ws.close()
+
+
+@pytest_asyncio.fixture
+async def official(paper: PaperHandle) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of logged-in official ``thalex`` clients (``tests.paper.official.Official``) on ``paper``."""
+    from .official import Official
+
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def _open(key: KeyFiles) -> Official:
+            bot = await stack.enter_async_context(Official(paper.url))
+            await bot.login(key)
+            return bot
+
+        yield _open
+
+
+def problems(*bots: Any) -> list[str]:
+    """Everything the official clients received that api.yaml (strict) does not allow."""
+    return [problem for bot in bots for problem in bot.problems()]

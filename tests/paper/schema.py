@@ -8,7 +8,11 @@ fails. Two relaxations, where api.yaml contradicts itself:
   top of the book in price history at resolutions other than one minute), ``null`` is accepted
   beside the declared type;
 * an array whose ``minItems`` exceeds the items its ``prefixItems`` describe (the index price
-  history: five described, example with five, ``minItems: 6``) needs only the described ones.
+  history: five described, example with five, ``minItems: 6``) needs only the described ones;
+* the ``Bot`` variants of DHedge and DFollow list neither ``bot_id`` nor ``status`` nor
+  ``stop_reason``, yet ``cancel_bot`` takes "the bot_id returned when creating the bot, or calling
+  private/bots" and ``account.bots`` lists stopped bots: those two variants accept these three fields,
+  typed as in the other variants.
 """
 
 from __future__ import annotations
@@ -71,7 +75,20 @@ def _load() -> dict | None:
     document = yaml.safe_load(path.read_text())
     document = copy.deepcopy(document)
     document["components"]["schemas"] = strict(document["components"]["schemas"])
+    _bot_ids_for_every_strategy(document["components"]["schemas"]["Bot"]["oneOf"])
     return document
+
+
+BOT_FIELDS_API_YAML_LEAVES_OUT = ("bot_id", "status", "stop_reason")
+
+
+def _bot_ids_for_every_strategy(variants: list[dict]) -> None:
+    """DHedge and DFollow bots carry the id, status and stop reason every other bot carries."""
+    sgsl = next(v for v in variants if v["title"] == "SGSL")
+    for variant in variants:
+        if variant["title"] in ("DHedge", "DFollow"):
+            for name in BOT_FIELDS_API_YAML_LEAVES_OUT:
+                variant["properties"][name] = sgsl["properties"][name]
 
 
 def api() -> dict:

@@ -4,7 +4,7 @@ A new family (say conditional orders) goes in a new module registering its ``Fam
 ``ROUTES``, plus one import line here.
 """
 
-from services.paper.channels import account, market, system, trading  # noqa: F401
+from services.paper.channels import account, bots, conditional, market, mm_protection, rfq, system  # noqa: F401
 from services.paper.channels.registry import (
     CHANNELS,
     DELAYS,

@@ -1,4 +1,4 @@
-"""Public exchange-wide channels: ``instruments``, ``system``, ``banners`` and ``rfqs``."""
+"""Public exchange-wide channels: ``instruments``, ``system`` and ``banners`` (``rfqs``: channels/rfq.py)."""
 
 from __future__ import annotations
 
@@ -22,11 +22,4 @@ CHANNELS.register(Family("instruments", False, snapshot=_instruments))
 CHANNELS.register(Family("system", False))
 CHANNELS.register(
     Family("banners", False, snapshot=lambda ex, conn, ch: conn.notify(ch.name, list(ex.banners)))
-)
-CHANNELS.register(
-    Family(
-        "rfqs",
-        False,
-        snapshot=lambda ex, conn, ch: conn.notify(ch.name, list(ex.traded_rfqs)),
-    )
 )

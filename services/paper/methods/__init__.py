@@ -6,8 +6,12 @@ line here.
 
 from services.paper.methods import (  # noqa: F401
     accounting,
+    bots,
+    conditional,
     market_data,
+    mass_quote,
     notifications,
+    rfq,
     session,
     subscriptions,
     trading,
