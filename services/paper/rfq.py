@@ -392,7 +392,7 @@ class Rfqs:
         fee_legs = []
         for inst, q in zip(instruments, quantities, strict=True):
             mark = self.engine.market.mark(inst.name)
-            fee = Engine.fee(inst, mark.price, 1.0, mark.index, "taker")[1]
+            fee = self.engine.fee(inst, mark.price, 1.0, mark.index, "taker")[1]
             fee_legs.append(FeeLeg(inst.underlying, inst.kind == "option", q, mark.delta, fee))
         shares = fee_quantities(fee_legs)
         legs = [RfqLeg(i, q, f) for i, q, f in zip(instruments, quantities, shares, strict=True)]
@@ -529,7 +529,8 @@ class Rfqs:
     ) -> list[Event]:
         """One leg of an RFQ trade on one account: an ``rfq`` trade paying ``share`` of the usual fee."""
         inst = leg.instrument
-        fee_rate, fee = Engine.fee(inst, price, size, self.engine.market.mark(inst.name).index, maker_taker)
+        mark = self.engine.market.mark(inst.name)
+        fee_rate, fee = self.engine.fee(inst, price, size, mark.index, maker_taker)
         _, events = self.engine.book(
             self.engine.account(account_id),
             inst,
