@@ -187,11 +187,11 @@ def test_the_guardian_takes_profit_on_the_paper_exchange_inside_containers(
     assert [(d["reason"], d["outcome"]) for d in decisions][-1] == ("take_profit", "completed")
 
 
-def test_prometheus_scrapes_all_four_services(deployment: Deployment) -> None:
+def test_prometheus_scrapes_every_service(deployment: Deployment) -> None:
     def all_up() -> dict[str, str]:
         targets = deployment.prometheus("targets")["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}
-        every = all(health.get(s) == "up" for s in ("ingest", "portfolio", "takeprofit", "executor"))
+        every = all(health.get(s) == "up" for s in ("ingest", "portfolio", "takeprofit", "executor", "notify"))
         return health if every else {}
     wait_for(all_up, 30, "every service target up")
     result = deployment.prometheus("query?query=tp_bus_stream_lag_entries")["result"]
@@ -271,7 +271,7 @@ def test_the_paper_run_leaves_the_live_namespace_untouched(
     assert created == {(g.suffix, g.group) for g in GROUPS}  # as docs/asyncapi.yaml declares them
     for service in PAPER_SERVICES:
         logs = deployment.engine.docker("logs", deployment.containers()[service]["Id"]).stderr
-        assert "started (namespace paper)" in logs, (service, logs[-2000:])
+        assert "started: connected to Redis, consumers reading (namespace paper)" in logs, (service, logs[-2000:])
 
 
 def test_a_killed_service_is_restarted_and_reports_healthy(deployment: Deployment) -> None:

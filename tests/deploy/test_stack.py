@@ -36,7 +36,7 @@ from services.paper.keys import generate_key
 from tests.deploy.support import ALERTS_YML, PROMETHEUS_YML, REPO, AclRedis, acl_redis, need_binary
 from tests.deploy.test_metrics_exist import alert_exprs, dashboard_exprs
 
-SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
+SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
 PERP = "BTC-PERPETUAL"
 KEY_METRICS = (
     "tp_portfolio_net_after_close_usd", "tp_portfolio_fees_paid_usd", "tp_portfolio_est_close_fees_usd",
