@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass, field
 import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, entry_document, raise_if_cancelled
+from services.common.bus import Bus, Delivery, entry_document
 from services.common.config import Settings
 from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
-from services.common.service import Health, service_main
+from services.common.service import Health, run_timer, service_main
 from services.portfolio.ledger import (
     ClosedLeg,
     FillOutcome,
@@ -41,7 +40,7 @@ from services.portfolio.ledger import (
     estimated_close_cost,
 )
 
-log = logging.getLogger("services.portfolio")
+log = logging.getLogger(__name__)
 
 NET_AFTER_CLOSE = Gauge("tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs")
 NET_PNL = Gauge("tp_portfolio_net_pnl_usd", "Net P&L of the epoch (gross minus fees paid)")
@@ -336,16 +335,7 @@ class PortfolioService:
     async def run(self) -> None:
         """Idle work, every second or so (see `on_timer`)."""
         interval = min(1.0, self.settings.portfolio.stale_after_seconds / 2)
-        while True:
-            await asyncio.sleep(interval)
-            async with self.lock:
-                try:
-                    await self.bus.restore_if_due()
-                    await self.on_timer(time.time())
-                except (RedisError, OSError) as exc:  # Redis restarting: forget, reload, retry next time
-                    raise_if_cancelled()
-                    log.warning("timer: Redis unavailable (%s); retrying", exc)
-                    self.bus.must_restore(self.load)  # before the next batch or tick, whichever is first
+        await run_timer("portfolio", interval, self.bus, self.lock, self.on_timer, self.load)
 
     async def on_timer(self, now: float) -> None:
         """A snapshot when prices go stale without input, late instrument metadata, an overdue epoch end."""

@@ -31,9 +31,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, raise_if_cancelled
+from services.common.bus import Bus, Delivery
 from services.common.config import Settings
 from services.common.contracts import (
     Control,
@@ -45,10 +44,10 @@ from services.common.contracts import (
     Snapshot,
     halt_to_hash,
 )
-from services.common.service import Health, service_main
+from services.common.service import Health, run_timer, service_main
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command
 
-log = logging.getLogger("services.takeprofit")
+log = logging.getLogger(__name__)
 
 DECISIONS = Counter("tp_takeprofit_decisions_total", "Closures decided, by reason", ["reason"])
 SNAPSHOT_TO_COMMAND = Histogram(
@@ -115,17 +114,7 @@ class TakeProfitService:
     async def run(self) -> None:
         """The timer: time barriers, cool-down end, and leases that ran out with no report."""
         interval = self.settings.portfolio_take_profit.check_interval_seconds
-        while True:
-            await asyncio.sleep(interval)
-            async with self.lock:
-                try:
-                    await self.bus.restore_if_due()
-                    await self.on_timer(time.time())
-                except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
-                    raise_if_cancelled()
-                    # what the failed transaction changed in memory is not in Redis: reload first
-                    self.bus.must_restore(self.load)
-                    log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
+        await run_timer("takeprofit", interval, self.bus, self.lock, self.on_timer, self.load)
 
     async def _read_mirrors(self) -> None:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
