@@ -35,7 +35,7 @@ from services.common.contracts import (
 )
 from services.common.service import Health, Runnable, service_main
 from services.common.streams import Names
-from services.common.thalex_requests import ConnectionLost, ThalexError
+from services.common.thalex.requests import ConnectionLost, ThalexError
 from services.executor.plan import (
     INSUFFICIENT_LIQUIDITY,
     REDUCE_ONLY_REJECTED,

@@ -22,7 +22,7 @@ from typing import Any
 
 import thalex
 
-from services.common.thalex_requests import Requests
+from services.common.thalex.requests import Requests
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.thalex_requests import NO_CODE, ConnectionLost, Requests, ThalexError
+from services.common.thalex.requests import NO_CODE, ConnectionLost, Requests, ThalexError
 
 
 async def test_an_answer_resolves_its_request_by_id() -> None:

@@ -1,0 +1,162 @@
+"""Thalex's wire objects, typed: what ingest and the executor read from the exchange.
+
+Each model holds the fields of an api.yaml schema the guardian relies on (`Trade`, `Ticker`,
+`PortfolioEntry`, `Instrument`, `OrderStatus`, the `book.*` notification and `public/book`
+answer, `SystemEvent`). Unknown fields are Thalex's business and ignored; a wrong type, NaN or
+a missing required field is not: `parse` raises `MalformedMessage` naming the object and the
+field, so a service can dead-letter the raw text (or fail the one request) and keep running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from services.common.contracts import TradeType
+
+
+class MalformedMessage(ValueError):
+    """An exchange message the guardian cannot use; the text says which field and why."""
+
+
+class ThalexObject(BaseModel):
+    """An exchange object: unknown fields are ignored; a wrong type or NaN is refused."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
+
+
+class ThalexTrade(ThalexObject):
+    """The fields of api.yaml `Trade` a fill needs (`fee` is money: required)."""
+
+    trade_id: str
+    order_id: str
+    instrument_name: str
+    direction: str
+    price: float
+    amount: float
+    time: float
+    fee: float
+    fee_rate: float | None = None
+    maker_taker: str | None = None
+    position_after: float | None = None
+    funding_mark: float | None = None
+    label: str | None = None
+    client_order_id: float | None = None
+    trade_type: str = TradeType.NORMAL.value
+
+
+class ThalexTicker(ThalexObject):
+    """api.yaml `Ticker`: empty book sides are null or absent; `delta` only for options."""
+
+    mark_price: float
+    mark_timestamp: float | None = None
+    best_bid_price: float | None = None
+    best_bid_amount: float | None = None
+    best_ask_price: float | None = None
+    best_ask_amount: float | None = None
+    index: float | None = None
+    funding_mark: float | None = None
+    delta: float | None = None
+
+
+class ThalexPortfolioEntry(ThalexObject):
+    """api.yaml `PortfolioEntry`."""
+
+    instrument_name: str
+    position: float
+    mark_price: float
+    average_price: float | None = None
+    start_price: float | None = None
+    realised_pnl: float = 0.0
+    unrealised_pnl: float = 0.0
+    unrealised_perpetual_funding: float | None = None
+    perpetual_funding_entry_value: float | None = None
+
+
+class ThalexInstrument(ThalexObject):
+    """api.yaml `Instrument`."""
+
+    instrument_name: str
+    type: str
+    product: str
+    underlying: str
+    tick_size: float
+    volume_tick_size: float
+    min_order_amount: float
+    expiration_timestamp: float | None = None
+
+
+class ThalexBookUpdate(ThalexObject):
+    """The `book.<instrument>.<grouping>.<nlevels>.<delay>` notification (level changes)."""
+
+    bid_changes: list[list[Any]] = []
+    ask_changes: list[list[Any]] = []
+    time: float | None = None
+
+
+class ThalexBook(ThalexObject):
+    """The `public/book` answer: levels `[price, amount, ...]`, best first."""
+
+    bids: list[list[float]] = []
+    asks: list[list[float]] = []
+    time: float | None = None
+
+
+class ThalexOrderFill(ThalexObject):
+    """api.yaml `OrderFill`: one trade of an order, as the insert answer lists it."""
+
+    trade_id: str
+    price: float
+    amount: float
+
+
+class ThalexOrderStatus(ThalexObject):
+    """api.yaml `OrderStatus` (the answer to `private/insert`, the rows of `private/open_orders`)."""
+
+    order_id: str
+    instrument_name: str | None = None
+    filled_amount: float
+    fills: list[ThalexOrderFill]
+    label: str | None = None
+
+
+class ThalexTradeHistory(ThalexObject):
+    """The `private/trade_history` answer: a page of trades (each validated alone) and the next bookmark."""
+
+    trades: list[Any] = []
+    bookmark: str | None = None
+
+
+class ThalexSystemEvent(ThalexObject):
+    """api.yaml `SystemEvent` on the `system` channel (`reconnect`: the server will close this connection)."""
+
+    event: str
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def problems(error: ValidationError) -> str:
+    """A validation error as `field: message; ...`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or '<object>'}: {item['msg']}" for item in error.errors()
+    )
+
+
+def parse(model: type[M], what: str, data: Any) -> M:
+    """Validate one exchange object or raise `MalformedMessage` naming `what` and the fields."""
+    if not isinstance(data, Mapping):
+        raise MalformedMessage(f"{what}: expected an object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedMessage(f"{what}: {problems(exc)}") from None
+
+
+def parse_list(model: type[M], what: str, data: Any) -> list[M]:
+    """A JSON array of exchange objects, each validated (the first bad one raises)."""
+    if not isinstance(data, list):
+        raise MalformedMessage(f"{what}: expected an array, got {type(data).__name__}")
+    return [parse(model, what, item) for item in data]
