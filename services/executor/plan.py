@@ -160,7 +160,8 @@ def order_amount(remaining: float, position: float, info: InstrumentInfo) -> flo
     """
     if remaining * position <= 0:
         return 0.0
-    amount = round_to_tick(min(abs(remaining), abs(position)), info.volume_tick_size, up=False)
+    # + EPS: a remainder computed from fills (0.66 - 0.6500000000000001) must not lose its last lot
+    amount = round_to_tick(min(abs(remaining), abs(position)) + EPS, info.volume_tick_size, up=False)
     return amount if amount >= info.min_order_amount - EPS else 0.0
 
 

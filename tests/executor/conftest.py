@@ -154,8 +154,8 @@ async def running_executor(settings: Settings, replica: str = "1") -> AsyncItera
     runnable: Any = build(settings, bus, Health(), f"executor-{replica}")
     await bus.start()
     task = asyncio.create_task(runnable.run())
-    for _ in range(200):  # connected, as a service would be before its first command
-        if runnable.executor.session.connected:
+    for _ in range(200):  # logged in, as a service would be before its first command
+        if runnable.executor.session.ready:
             break
         await asyncio.sleep(0.01)
     try:
@@ -163,7 +163,7 @@ async def running_executor(settings: Settings, replica: str = "1") -> AsyncItera
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await runnable.executor.close()
+        await runnable.executor.session.close()
         await bus.stop()
 
 

@@ -61,11 +61,16 @@ class ThalexTicker(ThalexObject):
     delta: float | None = None
 
 
-class ThalexPortfolioEntry(ThalexObject):
-    """api.yaml `PortfolioEntry`."""
+class ThalexPosition(ThalexObject):
+    """The two fields of api.yaml `PortfolioEntry` a closure needs."""
 
     instrument_name: str
     position: float
+
+
+class ThalexPortfolioEntry(ThalexPosition):
+    """api.yaml `PortfolioEntry`, as the portfolio's ledger needs it."""
+
     mark_price: float
     average_price: float | None = None
     start_price: float | None = None
