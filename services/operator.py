@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ValidationError
 
-from services.common.bus import DATA_FIELD, encode_document, entry_document
+from services.common.bus import entry_document, entry_fields
 from services.common.config import ConfigError, Settings, load_config
 from services.common.contracts import (
     Command,
@@ -80,7 +80,7 @@ def _operator() -> str:
 
 def _send_control(client: redis.Redis, settings: Settings, action: ControlAction) -> Control:
     control = Control(action=action, by=_operator(), ts=time.time())
-    client.xadd(settings.names.control, {DATA_FIELD: encode_document(control)},
+    client.xadd(settings.names.control, entry_fields(control),
                 maxlen=settings.redis.stream_maxlen, approximate=True)
     return control
 

@@ -94,6 +94,11 @@ def encode_document(doc: BaseModel) -> str:
     return doc.model_dump_json(exclude_none=True)
 
 
+def entry_fields(doc: BaseModel) -> dict[str, str]:
+    """The fields of the stream entry that carries `doc`: the one way every producer writes one."""
+    return {DATA_FIELD: encode_document(doc)}
+
+
 class MalformedEntry(ValueError):
     """An entry that cannot become a contract document; the message says why."""
 
@@ -198,11 +203,11 @@ class Bus:
 
     async def publish(self, stream: str, doc: Document) -> None:
         """XADD `doc` as plain JSON (approximately capped) now."""
-        await self.redis.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
+        await self.redis.xadd(stream, entry_fields(doc), maxlen=self.maxlen, approximate=True)
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=maxlen or self.maxlen, approximate=True)
+        pipe.xadd(stream, entry_fields(doc), maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:
