@@ -133,8 +133,9 @@ def _published_product_rates() -> dict[InstrumentType, FeeRates]:
 class TradingFees(Section):
     """The fee schedule used to *estimate* trades that have not happened yet.
 
-    Lookup order: `instruments[name]`, then `products[type]`, then the
-    top-level rates. Fees already paid always come from the exchange's trades.
+    Lookup order (`services/portfolio/fees.rates_for`): `instruments[name]`, then
+    `products[type]`, then the top-level rates. Fees already paid always come from the
+    exchange's trades.
     """
 
     maker_fee_rate: FeeRate = 0.0001
@@ -143,14 +144,6 @@ class TradingFees(Section):
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
     products: dict[InstrumentType, FeeRates] = Field(default_factory=_published_product_rates)
     instruments: dict[str, FeeRates] = Field(default_factory=dict)
-
-    def rates_for(self, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
-        """The rates that apply to one instrument."""
-        if instrument in self.instruments:
-            return self.instruments[instrument]
-        if instrument_type is not None and instrument_type in self.products:
-            return self.products[instrument_type]
-        return FeeRates(maker_fee_rate=self.maker_fee_rate, taker_fee_rate=self.taker_fee_rate)
 
 
 class Network(StrEnum):

@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
@@ -29,16 +29,16 @@ from redis.asyncio.client import Pipeline
 
 from services.common.bus import Bus, Delivery, entry_document
 from services.common.config import Settings
-from services.common.contracts import Fill, InstrumentInfo, Positions, Report, ReportStatus, Snapshot, Tick
+from services.common.contracts import Fill, InstrumentInfo, Positions, Report, Snapshot, Tick
 from services.common.service import Health, run_timer, service_main
-from services.portfolio.ledger import (
-    ClosedLeg,
-    FillOutcome,
-    Ledger,
-    LedgerConfig,
-    check_close_cost,
-    estimated_close_cost,
+from services.portfolio.closures import (
+    EPOCH_END_WAIT_SECONDS,
+    Calibrations,
+    EpochEnd,
+    epoch_end_for,
+    epoch_ends,
 )
+from services.portfolio.ledger import FillOutcome, Ledger, LedgerConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,27 +67,6 @@ CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last clos
 CLOSE_COST_ACTUAL = Gauge("tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost")
 
 INSTRUMENT_RETRY_SECONDS = 5.0
-EPOCH_END_WAIT_SECONDS = 10.0
-"""How long a completed closure waits for its fills to come through ingest before the epoch ends anyway."""
-
-
-@dataclass
-class EpochEnd:
-    """A full closure the executor reported completed; the epoch ends when its fills are in."""
-
-    epoch: int
-    command_id: str
-    deadline: float
-
-
-@dataclass
-class _Calibration:
-    """What a closure was expected to cost, and what its fills really cost."""
-
-    estimated: float
-    marks: dict[str, float]
-    signs: dict[str, float]
-    legs: list[ClosedLeg] = field(default_factory=list)
 
 
 class PortfolioService:
@@ -105,7 +84,7 @@ class PortfolioService:
         self.seq = 0
         self.last_snapshot: Snapshot | None = None
         self.unknown_instruments: set[str] = set()
-        self.calibrations: dict[str, _Calibration] = {}
+        self.calibrations = Calibrations(self.config.fee_estimation_buffer)
         self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
         self._last_instrument_retry = 0.0
@@ -232,13 +211,8 @@ class PortfolioService:
         for delivery in batch:
             report = delivery.doc
             self._calibrate(report)
-            full = report.fraction is None or report.fraction >= 1.0
-            if report.status is ReportStatus.COMPLETED and full and report.epoch in (None, self.ledger.epoch):
-                # The executor saw the account flat; the closing fills may still be on their way
-                # through ingest. The epoch ends when they are in, so the exit's P&L and fees
-                # count in the epoch that decided it, never in the next one.
-                self.epoch_end = EpochEnd(self.ledger.epoch, report.command_id,
-                                          time.time() + EPOCH_END_WAIT_SECONDS)
+            # the closing fills may still be on their way: the epoch ends when they are in
+            self.epoch_end = epoch_end_for(report, self.ledger.epoch, time.time()) or self.epoch_end
         if self.epoch_end is epoch_end:
             return
         self._end_epoch_when_flat(pipe)
@@ -252,7 +226,7 @@ class PortfolioService:
             return
         now = time.time() if now is None else now
         flat = self.ledger.is_flat()
-        if not flat and now < end.deadline:
+        if not epoch_ends(end, flat, now):
             return
         if not flat:
             log.warning("closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
@@ -265,33 +239,14 @@ class PortfolioService:
 
     def _calibrate(self, report: Report) -> None:
         """Compare what closing was estimated to cost with what the executor's fills cost."""
-        if report.status is ReportStatus.RECEIVED and self.last_snapshot is not None:
-            snap = self.last_snapshot
-            self.calibrations[report.command_id] = _Calibration(
-                estimated=estimated_close_cost(snap, self.config.fee_estimation_buffer),
-                marks={p.instrument: p.mark for p in snap.positions},
-                signs={p.instrument: (1.0 if p.position > 0 else -1.0) for p in snap.positions},
-            )
+        check = self.calibrations.on_report(report, self.last_snapshot)
+        if check is None:
             return
-        calibration = self.calibrations.get(report.command_id)
-        if calibration is None:
-            return
-        if report.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED) and report.instrument \
-                and report.filled and report.avg_price is not None and report.instrument in calibration.marks:
-            calibration.legs.append(ClosedLeg(
-                position=report.filled * calibration.signs[report.instrument],
-                mark_at_decision=calibration.marks[report.instrument],
-                avg_price=report.avg_price, fee=report.fee or 0.0))
-        elif report.status in (ReportStatus.COMPLETED, ReportStatus.FAILED):
-            del self.calibrations[report.command_id]
-            if calibration.legs:
-                check = check_close_cost(calibration.estimated, calibration.legs)
-                CLOSE_COST_ESTIMATED.set(check.estimated)
-                CLOSE_COST_ACTUAL.set(check.actual)
-                CLOSE_COST_ERROR.set(check.error)
-                log.info("closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
-                         "fee_estimation_buffer from this", report.command_id, check.actual, check.estimated,
-                         check.error)
+        CLOSE_COST_ESTIMATED.set(check.estimated)
+        CLOSE_COST_ACTUAL.set(check.actual)
+        CLOSE_COST_ERROR.set(check.error)
+        log.info("closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
+                 "fee_estimation_buffer from this", report.command_id, check.actual, check.estimated, check.error)
 
     def _save_ledger(self, pipe: Pipeline) -> None:
         state = self.ledger.to_state(with_ticks=False)

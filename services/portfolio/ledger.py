@@ -168,6 +168,7 @@ from services.portfolio.fees import (
     close_fee_base,
     estimated_fee,
     rate_for_liquidity,
+    rates_for,
     trade_fee_base,
 )
 
@@ -500,7 +501,7 @@ class Ledger:
     def set_instrument(self, name: str, info: InstrumentInfo) -> None:
         """Register (or update) an instrument's metadata; its fee rates follow its type."""
         self._instruments[name] = info
-        self._rates[name] = self._config.fees.rates_for(name, info.type)
+        self._rates[name] = rates_for(self._config.fees, name, info.type)
         p = self._positions.get(name)
         if p is not None:
             before = p.contributions()
@@ -712,7 +713,7 @@ class Ledger:
         ledger._last_input_ts = state["last_input_ts"]
         for name, data in state["instruments"].items():
             ledger._instruments[name] = info = InstrumentInfo.model_validate(data)
-            ledger._rates[name] = config.fees.rates_for(name, info.type)
+            ledger._rates[name] = rates_for(config.fees, name, info.type)
         ledger._ticks = {n: Tick.model_validate(t) for n, t in state["ticks"].items()}
         ledger._horizon = state["horizon"]
         for trade_id, ts in state["seen"]:
@@ -853,7 +854,7 @@ class Ledger:
     def _rates_for(self, name: str) -> FeeRates:
         rates = self._rates.get(name)
         if rates is None:
-            rates = self._rates[name] = self._config.fees.rates_for(name, None)
+            rates = self._rates[name] = rates_for(self._config.fees, name, None)
         return rates
 
     def _move_sums(self, before: tuple[float, ...], after: tuple[float, ...]) -> None:

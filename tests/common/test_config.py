@@ -11,6 +11,8 @@ import pytest
 
 from services.cli import main
 from services.common.config import ConfigError, load_config
+from services.common.contracts import InstrumentType
+from services.portfolio.fees import rates_for
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -27,7 +29,7 @@ def test_defaults_follow_the_seed_and_thalex_schedule() -> None:
     assert (tp.partial_profit_threshold, tp.position_correlation_check, tp.fee_estimation_buffer) == (0.5, True, 1.1)
     fees = settings.trading_fees
     assert (fees.maker_fee_rate, fees.taker_fee_rate, fees.minimum_fee_usd) == (0.0001, 0.0005, 0.0001)
-    option = fees.rates_for("BTC-27DEC26-100000-C", "option")
+    option = rates_for(fees, "BTC-27DEC26-100000-C", InstrumentType.OPTION)
     assert (option.maker_fee_rate, option.taker_fee_rate) == (0.00025, 0.00025)
     assert settings.executor.close_price_buffer == 0.005 and settings.executor.deadline_seconds == 30
     assert settings.redis.namespace == "tp" and settings.names.fills == "tp:fills"
@@ -43,9 +45,9 @@ maker_fee_rate = 0.0
 taker_fee_rate = 0.0002
 """)
     fees = load_config(path).trading_fees
-    assert fees.rates_for("BTC-PERPETUAL", "perpetual").taker_fee_rate == 0.0002
-    assert fees.rates_for("ETH-PERPETUAL", "perpetual").taker_fee_rate == 0.00015
-    assert fees.rates_for("UNKNOWN", None).taker_fee_rate == 0.0005
+    assert rates_for(fees, "BTC-PERPETUAL", InstrumentType.PERPETUAL).taker_fee_rate == 0.0002
+    assert rates_for(fees, "ETH-PERPETUAL", InstrumentType.PERPETUAL).taker_fee_rate == 0.00015
+    assert rates_for(fees, "UNKNOWN", None).taker_fee_rate == 0.0005
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from services.common.config import TradingFees
 from services.common.contracts import Fill, InstrumentType, Liquidity, Side, Tick
+from services.portfolio.fees import rates_for
 from services.portfolio.ledger import FillOutcome, Ledger
 from tests.portfolio.factories import BTC_CALL, BTC_PERP, ETH_FUTURE, INFOS, config
 
@@ -218,7 +219,7 @@ class Reference:
             return exact(f.fee)
         info = INFOS.get(f.instrument)
         kind = info.type if info else None
-        rates = FEES.rates_for(f.instrument, kind)
+        rates = rates_for(FEES, f.instrument, kind)
         rate = exact(rates.maker_fee_rate if f.liquidity is Liquidity.MAKER else rates.taker_fee_rate)
         last = self.last_tick.get(f.instrument)
         base = amount * price
@@ -255,7 +256,7 @@ class Reference:
         funding = funding_realized + (exact(fm_now) * q - funding_entry if fm_now is not None else 0)
         exit_price = self.exit_price(q, mark, tick)
         info = INFOS.get(name)
-        rates = FEES.rates_for(name, info.type if info else None)
+        rates = rates_for(FEES, name, info.type if info else None)
         if q == 0:
             close_fee = Fraction(0)
         else:
