@@ -48,7 +48,7 @@ from services.common.redis_server import RedisServer, free_port
 from services.demo.view import DemoState, render
 from services.paper.keys import generate_key
 
-log = logging.getLogger("demo")
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 QUOTER = REPO / "examples" / "quoter.py"
