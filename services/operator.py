@@ -87,7 +87,8 @@ def _send_control(client: redis.Redis, settings: Settings, action: ControlAction
 
 def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int = 1) -> list[Any]:
     docs = []
-    for _, fields in client.xrevrange(stream, count=count):
+    rows: Any = client.xrevrange(stream, count=count)  # redis-py's result types are wider than what it returns
+    for _, fields in rows:
         try:
             docs.append(model.model_validate(entry_document(fields)[1]))
         except (ValueError, ValidationError):
@@ -97,7 +98,8 @@ def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int
 
 def read_halt(client: redis.Redis, settings: Settings) -> Halt | None:
     """The `tp:halt` hash as a document, or None when no halt is set."""
-    return halt_from_hash(client.hgetall(settings.names.halt))
+    fields: Any = client.hgetall(settings.names.halt)
+    return halt_from_hash(fields)
 
 
 def _money(value: float) -> str:
@@ -177,7 +179,8 @@ def _lags(client: redis.Redis, settings: Settings) -> dict[str, int | None]:
 
 def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
     acks = {}
-    for name, raw in client.hgetall(settings.names.halt_acks).items():
+    stored: Any = client.hgetall(settings.names.halt_acks)
+    for name, raw in stored.items():
         try:
             acks[name.decode()] = HaltAck.model_validate_json(raw)
         except ValidationError:
@@ -259,7 +262,7 @@ def history_main(argv: list[str]) -> int:
             print("no decisions yet")
         else:
             for row in rows:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(row["created"])))
                 print(f"{when}  {row['command_id']:<32} {row['reason']:<20} figure {row['figure']:+.4f} "
                       f"vs {row['threshold']:+.4f}  {row['positions']} positions  -> {row['outcome']}"
                       f"  fees {row['fees']:.4f}")

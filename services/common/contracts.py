@@ -10,11 +10,11 @@ field changes meaning.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, Final, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION: Final = 1
 
 Price = Annotated[float, Field(ge=0.0)]
 """A price or a mark; zero is legal (an expiring worthless option)."""

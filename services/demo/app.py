@@ -191,10 +191,14 @@ ticker_delay = "raw"
         latest = await redis.xrevrange(names.snapshots, count=1)
         if latest:
             state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
-        state.halt = halt_from_hash(await redis.hgetall(names.halt))
-        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in (await redis.hgetall(names.halt_acks)).items()}
-        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrevrange(names.commands, count=5)][::-1]
-        for _, fields in await redis.xrevrange(names.reports, count=200):
+        halt: Any = await redis.hgetall(names.halt)  # redis-py's result types are wider than what it returns
+        acks: Any = await redis.hgetall(names.halt_acks)
+        commands: Any = await redis.xrevrange(names.commands, count=5)
+        reports: Any = await redis.xrevrange(names.reports, count=200)
+        state.halt = halt_from_hash(halt)
+        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in acks.items()}
+        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in commands][::-1]
+        for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
         return state
@@ -275,9 +279,10 @@ ticker_delay = "raw"
     async def summarize(self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]) -> dict[str, Any]:
         assert self.settings is not None
         names = self.settings.names
-        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.snapshots)]
-        commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.commands)]
-        reports = [Report.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.reports)]
+        entries: Any = await asyncio.gather(*(redis.xrange(s) for s in (names.snapshots, names.commands, names.reports)))
+        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in entries[0]]
+        commands = [Command.model_validate(entry_document(f)[1]) for _, f in entries[1]]
+        reports = [Report.model_validate(entry_document(f)[1]) for _, f in entries[2]]
         completed = {r.command_id for r in reports if r.status is ReportStatus.COMPLETED}
         last_of_epoch: dict[int, Snapshot] = {}
         first_of_epoch: dict[int, Snapshot] = {}

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -42,10 +42,10 @@ from services.common.service import Health, service_main
 from services.common.streams import Names
 from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
 from services.common.thalex.connection import SYSTEM
+from services.common.thalex.models import MalformedMessage
 from services.ingest.follow import Feed, Follow
 from services.ingest.translate import (
     Book,
-    MalformedMessage,
     as_list,
     fill_from_trade,
     instrument_info,
@@ -182,7 +182,7 @@ class FillStore:
     async def since(self, now: float) -> float:
         """The first start of this guardian (recorded once, kept across restarts)."""
         await self.bus.redis.set(self.since_key, repr(now), nx=True)
-        return float(await self.bus.redis.get(self.since_key))
+        return float(cast(bytes, await self.bus.redis.get(self.since_key)))
 
     async def checkpoint(self) -> float | None:
         value = await self.bus.redis.get(self.checkpoint_key)

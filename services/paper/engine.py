@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from services.paper.market import Instrument, Market, align_down, is_aligned
 
@@ -217,6 +217,10 @@ def _number(params: dict, name: str, required: bool = False) -> float | None:
     return float(value)
 
 
+@overload
+def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str) -> str: ...
+@overload
+def _choice(params: dict, name: str, allowed: tuple[str, ...], default: None) -> str | None: ...
 def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
     value = params.get(name, default)
     if value is None:

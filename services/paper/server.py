@@ -8,6 +8,7 @@ All matching and accounting lives in :mod:`services.paper.engine`, all prices in
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -522,7 +523,7 @@ class PaperExchange:
                     item.sent_version, item.last_sent = self.market.version, self.clock()
                     self.channels[name] = item
                 self.channels[name].subscribers.add(conn)
-            conn.after.append(lambda c=conn, n=name: self._snapshot(c, n))
+            conn.after.append(functools.partial(self._snapshot, conn, name))
         return names
 
     def _parse_channel(self, name: str) -> Channel:

@@ -22,12 +22,13 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from typing import Any, cast
 
 import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 
-from services.common.bus import Bus, Delivery, entry_document
+from services.common.bus import Bus, Delivery, Handler, entry_document
 from services.common.config import Settings
 from services.common.contracts import Fill, InstrumentInfo, Positions, Report, Snapshot, Tick
 from services.common.service import Health, run_timer, service_main
@@ -90,12 +91,13 @@ class PortfolioService:
         self._last_instrument_retry = 0.0
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
-        for stream, model, handler in (
+        consumers: list[tuple[str, type[Any], Handler[Any]]] = [
             (self.names.fills, Fill, self.on_fills),
             (self.names.ticks, Tick, self.on_ticks),
             (self.names.positions, Positions, self.on_positions),
             (self.names.reports, Report, self.on_reports),
-        ):
+        ]
+        for stream, model, handler in consumers:
             bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock,
                          on_failure=self.load)
         self.lock = lock
@@ -111,7 +113,7 @@ class PortfolioService:
         self.seq = int(seq or 0)
         if raw:
             state = json.loads(raw)
-            state["ticks"] = {k.decode(): json.loads(v) for k, v in ticks.items()}
+            state["ticks"] = {k.decode(): json.loads(v) for k, v in cast(dict[bytes, bytes], ticks).items()}
             pending = state.pop("epoch_end", None)
             self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
@@ -132,7 +134,8 @@ class PortfolioService:
         """Instrument metadata comes from ingest's `tp:instruments` hash."""
         redis = self.bus.redis
         if names is None:
-            items = {k.decode(): v for k, v in (await redis.hgetall(self.names.instruments)).items()}
+            listed = cast(dict[bytes, bytes], await redis.hgetall(self.names.instruments))
+            items: dict[str, bytes | str] = {k.decode(): v for k, v in listed.items()}
         else:
             ordered = sorted(names)
             items = {n: v for n, v in zip(ordered, await redis.hmget(self.names.instruments, ordered)) if v}

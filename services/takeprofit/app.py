@@ -245,7 +245,8 @@ class TakeProfitService:
             halt = self.failed
         pipe.delete(self.names.halt)
         if halt is not None:
-            pipe.hset(self.names.halt, mapping=halt_to_hash(halt))
+            fields: dict[Any, Any] = halt_to_hash(halt)  # redis-py's key type is wider than str
+            pipe.hset(self.names.halt, mapping=fields)
         HALT_ACTIVE.set(0 if halt is None else 1)
         LEASE_HELD.set(0 if self.engine.in_flight is None else 1)
         for barrier, distance in self.engine.distances(now).items():
