@@ -46,9 +46,13 @@ def _parser(prog: str, text: str) -> argparse.ArgumentParser:
 
 
 def _connect(settings: Settings) -> redis.Redis:
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=3, socket_connect_timeout=3,
-                                  **({"username": settings.redis.username} if settings.redis.username else {}),
-                                  **({"password": p} if (p := read_secret(settings.redis.password_file)) else {}))
+    client = redis.Redis.from_url(
+        settings.redis.url,
+        socket_timeout=3,
+        socket_connect_timeout=3,
+        **({"username": settings.redis.username} if settings.redis.username else {}),
+        **({"password": p} if (p := read_secret(settings.redis.password_file)) else {}),
+    )
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -87,7 +91,9 @@ def _send_control(client: redis.Redis, settings: Settings, action: ControlAction
 
 def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int = 1) -> list[Any]:
     docs = []
-    rows: Any = client.xrevrange(stream, count=count)  # redis-py's result types are wider than what it returns
+    rows: Any = client.xrevrange(
+        stream, count=count
+    )  # redis-py's result types are wider than what it returns
     for _, fields in rows:
         try:
             docs.append(model.model_validate(entry_document(fields)[1]))
@@ -138,20 +144,32 @@ def format_status(snapshot: Snapshot | None, halt: Halt | None, acks: dict[str, 
         if tp.partial_close_fraction > 0:
             lines.append(f"  partial          {_money(tp.partial_profit_threshold - figure):>14}"
                          f"  (at {tp.partial_profit_threshold}, closes {tp.partial_close_fraction:.0%})")
-        lines.append(f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
-                     f"  (at {tp.emergency_close_threshold})")
+        lines.append(
+            f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
+            f"  (at {tp.emergency_close_threshold})"
+        )
         if snapshot.oldest_position_ts is not None:
             hours = (now - snapshot.oldest_position_ts) / 3600
-            lines.append(f"  max age          {tp.max_position_age_hours - hours:>13.2f}h  (at {tp.max_position_age_hours} h)")
+            lines.append(
+                f"  max age          {tp.max_position_age_hours - hours:>13.2f}h  "
+                f"(at {tp.max_position_age_hours} h)"
+            )
         if snapshot.stale_instruments:
             lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
         for drift in snapshot.drift:
-            lines.append(f"DRIFT {drift.instrument}: ledger {drift.ledger_position} vs exchange {drift.exchange_position}")
+            lines.append(
+                f"DRIFT {drift.instrument}: ledger {drift.ledger_position} "
+                f"vs exchange {drift.exchange_position}"
+            )
     lines.append("")
     if halt is None:
         lines.append("halt: none (quoters may trade)")
     else:
-        until = "until resume" if halt.until is None else f"until {time.strftime('%H:%M:%S', time.localtime(halt.until))}"
+        until = (
+            "until resume"
+            if halt.until is None
+            else f"until {time.strftime('%H:%M:%S', time.localtime(halt.until))}"
+        )
         lines.append(f"halt: {halt.reason} {halt.command_id or ''} {until}")
         seen = [name for name, ack in acks.items() if ack.command_id == halt.command_id]
         lines.append(f"  acknowledged by: {', '.join(seen) if seen else 'no quoter yet'}")
@@ -251,11 +269,19 @@ def history_main(argv: list[str]) -> int:
         for command in reversed(commands):
             steps = by_command.get(command.command_id, [])
             outcome = steps[-1].status.value if steps else "no report yet"
-            rows.append({"command_id": command.command_id, "reason": command.reason.value,
-                         "figure": command.net_pnl, "threshold": command.threshold,
-                         "fraction": command.fraction, "positions": len(command.positions),
-                         "created": command.created_ts, "outcome": outcome,
-                         "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))})
+            rows.append(
+                {
+                    "command_id": command.command_id,
+                    "reason": command.reason.value,
+                    "figure": command.net_pnl,
+                    "threshold": command.threshold,
+                    "fraction": command.fraction,
+                    "positions": len(command.positions),
+                    "created": command.created_ts,
+                    "outcome": outcome,
+                    "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled")),
+                }
+            )
         if args.json:
             print(json.dumps(rows, indent=2))
         elif not rows:

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from services.common.redis_server import HOW_TO_GET_REDIS, RedisServer, redis_server_binary
 from services.common.streams import Names
 
+
 def _docker_answers() -> bool:
     if shutil.which("docker") is None:
         return False

@@ -368,7 +368,9 @@ class StreamConsumer(Generic[M]):
             except Exception:
                 raise_if_cancelled()
                 BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
-                log.exception("handling %d entries of %s failed; they stay pending", len(entries), self.stream)
+                log.exception(
+                    "handling %d entries of %s failed; they stay pending", len(entries), self.stream
+                )
                 if self.on_failure is not None:
                     try:
                         await self.on_failure()

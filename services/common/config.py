@@ -368,7 +368,7 @@ def _problems_from(error: ValidationError) -> list[Problem]:
         ctx_error = (item.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _RuleError):
             prefix = loc[:-1] if loc and loc[-1] == ctx_error.key else loc
-            key = ".".join(prefix + [ctx_error.key]) if "." not in ctx_error.key else ctx_error.key
+            key = ".".join([*prefix, ctx_error.key]) if "." not in ctx_error.key else ctx_error.key
             problems.append(Problem(key, ctx_error.value, ctx_error.rule))
             continue
         rule = item["msg"].removeprefix("Value error, ")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -128,7 +129,7 @@ watch_list = ["{INSTRUMENT}"]
 ticker_delay = "raw"
 
 [metrics]
-{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports))}
+{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports, strict=True))}
 """)
         return config
 
@@ -139,14 +140,15 @@ ticker_delay = "raw"
                "PYTHONUNBUFFERED": "1"}
         env.pop("REDIS_URL", None)
         # Own session: a Ctrl-C reaches only the demo, which then stops children in order.
-        process = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO, start_new_session=True)
+        with open(log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                       start_new_session=True)
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
 
-    async def wait_for_port(self, port: int, child: Child, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_port(self, port: int, child: Child, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
@@ -163,10 +165,24 @@ ticker_delay = "raw"
         keys = self.make_keys()
         paper_port = free_port()
         paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
-        paper_args = [sys.executable, "-m", "services.paper", "--host", "127.0.0.1", "--port", str(paper_port),
-                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0"]
+        paper_args = [
+            sys.executable,
+            "-m",
+            "services.paper",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(paper_port),
+            "--keys",
+            str(keys),
+            "--control",
+            "--seed",
+            str(self.args.seed),
+            "--reconnect-grace",
+            "0",
+        ]
         if self.args.scenario:
-            paper_args += ["--scenario", str(Path(self.args.scenario).resolve())]
+            paper_args += ["--scenario", str(await asyncio.to_thread(Path(self.args.scenario).resolve))]
         paper = self.spawn("paper", paper_args)
         await self.wait_for_port(paper_port, paper)
         config = self.write_config(redis_url, paper_url, keys)
@@ -219,7 +235,9 @@ ticker_delay = "raw"
                     print(line, flush=True)
                     last_line, last_progress = line, time.monotonic()
             else:
-                screen = render(state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer)
+                screen = render(
+                    state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer
+                )
                 sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(screen) + "\n")
                 sys.stdout.flush()
             dead = [c for c in self.children if c.process.poll() is not None]
@@ -234,12 +252,16 @@ ticker_delay = "raw"
         parts = [time.strftime("%H:%M:%S")]
         if snap is not None:
             position = sum(p.position for p in snap.positions)
-            parts.append(f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}")
+            parts.append(
+                f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}"
+            )
         if state.halt is not None:
             parts.append(f"HALT {state.halt.reason} {state.halt.command_id or ''}")
         for command in state.commands[-1:]:
             steps = state.reports.get(command.command_id, [])
-            parts.append(f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}")
+            parts.append(
+                f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}"
+            )
         return " | ".join(parts)
 
     async def direct(self, paper_url: str, redis: Redis) -> None:
@@ -260,8 +282,9 @@ ticker_delay = "raw"
             if self.stop.is_set():
                 return
             await asyncio.sleep(1.0)
-            filled = await control.call("paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT,
-                                                              "direction": side})
+            filled = await control.call(
+                "paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT, "direction": side}
+            )
             if not filled["trades"]:  # the quotes were pulled meanwhile (an operator halt): start over
                 quiet_since = time.time()
                 continue
@@ -271,15 +294,21 @@ ticker_delay = "raw"
                 await asyncio.sleep(1.0)
                 await control.call("paper/move_index", {"underlying": "BTCUSD", "pct": step})
             quiet_since = time.time()  # halted now: any insert from here on comes after the halt lifts
-            while not self.stop.is_set() and await redis.exists(names.halt):
+            while True:  # until the halt lifts (or the demo stops)
+                if self.stop.is_set() or not await redis.exists(names.halt):
+                    break
                 await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ the end
 
-    async def summarize(self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]) -> dict[str, Any]:
+    async def summarize(
+        self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]
+    ) -> dict[str, Any]:
         assert self.settings is not None
         names = self.settings.names
-        entries: Any = await asyncio.gather(*(redis.xrange(s) for s in (names.snapshots, names.commands, names.reports)))
+        entries: Any = await asyncio.gather(
+            *(redis.xrange(s) for s in (names.snapshots, names.commands, names.reports))
+        )
         snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in entries[0]]
         commands = [Command.model_validate(entry_document(f)[1]) for _, f in entries[1]]
         reports = [Report.model_validate(entry_document(f)[1]) for _, f in entries[2]]
@@ -294,14 +323,20 @@ ticker_delay = "raw"
             done = command.command_id in completed
             following = first_of_epoch.get(command.epoch + 1)
             banked = last_of_epoch.get(command.epoch)
-            closures.append({
-                "command_id": command.command_id, "reason": command.reason.value, "completed": done,
-                "figure": command.net_pnl,
-                # None: the demo stopped before the next epoch's first snapshot
-                "flat_after": None if following is None else all(abs(p.position) < 1e-9 for p in following.positions),
-                "banked_net_pnl": banked.net_pnl if banked and done else None,
-                "fees": banked.fees_paid if banked and done else None,
-            })
+            closures.append(
+                {
+                    "command_id": command.command_id,
+                    "reason": command.reason.value,
+                    "completed": done,
+                    "figure": command.net_pnl,
+                    # None: the demo stopped before the next epoch's first snapshot
+                    "flat_after": None
+                    if following is None
+                    else all(abs(p.position) < 1e-9 for p in following.positions),
+                    "banked_net_pnl": banked.net_pnl if banked and done else None,
+                    "fees": banked.fees_paid if banked and done else None,
+                }
+            )
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
         closed = [c for c in closures if c["completed"]]
         return {
@@ -313,8 +348,13 @@ ticker_delay = "raw"
             "children": {c.name: c.status() for c in self.children},
         }
 
-    async def _quoter_orders_while_halted(self, paper_url: str, halts: dict[str, tuple[float, float | None]],
-                                          commands: list[Command], reports: list[Report]) -> list[dict[str, Any]]:
+    async def _quoter_orders_while_halted(
+        self,
+        paper_url: str,
+        halts: dict[str, tuple[float, float | None]],
+        commands: list[Command],
+        reports: list[Report],
+    ) -> list[dict[str, Any]]:
         """Quoter inserts/amends the exchange received inside a halt window (beyond the race grace)."""
         windows = []
         for command in commands:
@@ -380,10 +420,8 @@ async def _run(args: argparse.Namespace) -> int:
         tasks = [asyncio.create_task(demo.show(redis, halts))]
         if not args.scenario:
             tasks.append(asyncio.create_task(demo.direct(paper_url, redis)))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(demo.stop.wait(), timeout=args.duration or None)
-        except TimeoutError:
-            pass
         demo.stop.set()
         for task in tasks:
             task.cancel()
@@ -399,8 +437,10 @@ async def _run(args: argparse.Namespace) -> int:
         await demo.shutdown()
     if summary is not None:
         print("\n=== thalex-tp demo summary ===")
-        print(f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
-              f"fees: {summary['fees_usd']:.4f} USD")
+        print(
+            f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
+            f"fees: {summary['fees_usd']:.4f} USD"
+        )
         for closure in summary["closures"]:
             print(f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
                   f"{'completed' if closure['completed'] else 'not completed'}"
@@ -408,7 +448,7 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
         print(f"logs and keys: {workdir}")
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+            await asyncio.to_thread(Path(args.summary_json).write_text, json.dumps(summary, indent=2))
     if not keep and exit_code == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     return exit_code
@@ -418,14 +458,21 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="thalex-tp demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--scenario", help="a paper-exchange scenario file to play instead of the built-in director")
-    parser.add_argument("--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)")
+    parser.add_argument(
+        "--scenario", help="a paper-exchange scenario file to play instead of the built-in director"
+    )
+    parser.add_argument(
+        "--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)"
+    )
     parser.add_argument("--workdir", help="keep keys, config and logs here (default: a temporary directory)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     parser.add_argument("--seed", type=int, default=7, help="paper exchange seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not QUOTER.exists():
-        print(f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)", file=sys.stderr)
+        print(
+            f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(_run(args))

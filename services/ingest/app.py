@@ -203,7 +203,7 @@ class FillStore:
                     await pipe.watch(self.ids_key, self.checkpoint_key)
                     scores = await pipe.zmscore(self.ids_key, [f.trade_id for f in unique])
                     raw_checkpoint = await pipe.get(self.checkpoint_key)
-                    new = [f for f, score in zip(unique, scores) if score is None]
+                    new = [f for f, score in zip(unique, scores, strict=True) if score is None]
                     if not new:
                         await pipe.unwatch()
                         break

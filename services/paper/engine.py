@@ -217,6 +217,31 @@ def _number(params: dict, name: str, required: bool = False) -> float | None:
     return float(value)
 
 
+def _order_terms(params: dict) -> tuple[str, str, str, bool, bool]:
+    """An insert's order type, time in force, collar, post-only and reject-post-only, checked together."""
+    order_type = _choice(params, "order_type", ("limit", "market"), "limit")
+    default_tif = "good_till_cancelled" if order_type == "limit" else "immediate_or_cancel"
+    tif = _choice(params, "time_in_force", ("good_till_cancelled", "immediate_or_cancel"), default_tif)
+    post_only, reject_post_only = _flag(params, "post_only"), _flag(params, "reject_post_only")
+    if order_type == "market" and tif == "good_till_cancelled":
+        raise RpcError(INVALID_TIME_IN_FORCE, "market orders must be immediate_or_cancel")
+    if post_only and tif == "immediate_or_cancel":
+        raise RpcError(INVALID_TIME_IN_FORCE, "post_only orders cannot be immediate_or_cancel")
+    collar = _choice(
+        params, "collar", ("ignore", "reject", "clamp"), "clamp" if order_type == "market" else "reject"
+    )
+    if order_type == "market" and collar == "ignore":
+        raise RpcError(INVALID_REQUEST, "collar ignore is not allowed for market orders")
+    return order_type, tif, collar, post_only, reject_post_only
+
+
+def _label(params: dict) -> str | None:
+    label = params.get("label")
+    if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):
+        raise RpcError(INVALID_REQUEST, f"label must be a string of at most {MAX_LABEL_BYTES} bytes")
+    return label
+
+
 @overload
 def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str) -> str: ...
 @overload
@@ -309,28 +334,14 @@ class Engine:
             raise RpcError(INVALID_REQUEST, "combination orders are not supported by the paper exchange")
         inst = self._instrument(params.get("instrument_name"))
         amount = self._amount(inst, _number(params, "amount", required=True))
-        order_type = _choice(params, "order_type", ("limit", "market"), "limit")
-        default_tif = "good_till_cancelled" if order_type == "limit" else "immediate_or_cancel"
-        tif = _choice(params, "time_in_force", ("good_till_cancelled", "immediate_or_cancel"), default_tif)
-        post_only, reject_post_only = _flag(params, "post_only"), _flag(params, "reject_post_only")
+        order_type, tif, collar, post_only, reject_post_only = _order_terms(params)
         reduce_only = _flag(params, "reduce_only")
-        if order_type == "market" and tif == "good_till_cancelled":
-            raise RpcError(INVALID_TIME_IN_FORCE, "market orders must be immediate_or_cancel")
-        if post_only and tif == "immediate_or_cancel":
-            raise RpcError(INVALID_TIME_IN_FORCE, "post_only orders cannot be immediate_or_cancel")
-        collar = _choice(
-            params, "collar", ("ignore", "reject", "clamp"), "clamp" if order_type == "market" else "reject"
-        )
-        if order_type == "market" and collar == "ignore":
-            raise RpcError(INVALID_REQUEST, "collar ignore is not allowed for market orders")
         price = (
             self._price(inst, _number(params, "price", required=order_type == "limit"))
             if order_type == "limit"
             else None
         )
-        label = params.get("label")
-        if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):
-            raise RpcError(INVALID_REQUEST, f"label must be a string of at most {MAX_LABEL_BYTES} bytes")
+        label = _label(params)
         client_order_id = _client_order_id(params)
         if client_order_id is not None and client_order_id in session.client_orders:
             raise RpcError(DUPLICATE_ORDER_ID, "duplicate client_order_id")
@@ -506,12 +517,12 @@ class Engine:
             for order in list(account.orders.values()):
                 bids, asks = self.market.book(order.instrument.name)
                 if (
-                    order.direction == "buy"
+                    (order.direction == "buy"
                     and asks
-                    and asks[0][0] <= (order.price or 0.0)
-                    or order.direction == "sell"
+                    and asks[0][0] <= (order.price or 0.0))
+                    or (order.direction == "sell"
                     and bids
-                    and bids[0][0] >= (order.price or math.inf)
+                    and bids[0][0] >= (order.price or math.inf))
                 ):
                     events.extend(self._maker_fill(account, order, None, now))
         return events
@@ -586,7 +597,7 @@ class Engine:
         }
 
     def trade_history(self, account: Account, params: dict, now: float) -> dict:
-        """Trades filtered by ``time_low``/``time_high``/``instrument_names``, paged by ``limit``/``bookmark``."""
+        """Trades by ``time_low``/``time_high``/``instrument_names``, paged by ``limit``/``bookmark``."""
         limit = params.get("limit", 1000)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise RpcError(INVALID_REQUEST, "limit must be an integer between 1 and 1000")
@@ -604,21 +615,23 @@ class Engine:
                 raise RpcError(INVALID_REQUEST, "invalid bookmark")
             after = int(bookmark)
         rows = account.trades if sort == "ascending" else list(reversed(account.trades))
+
+        def listed(seq: int, trade: dict) -> bool:
+            """In the page's window, old enough to be in the history (its delay), of a wanted instrument."""
+            return not (
+                (after is not None and (seq <= after if sort == "ascending" else seq >= after))
+                or (time_low is not None and trade["time"] < time_low)
+                or (time_high is not None and trade["time"] > time_high)
+                or trade["time"] > now - self.history_delay
+                or (wanted is not None and trade["instrument_name"] not in wanted)
+            )
+
         selected: list[tuple[int, dict]] = []
         for seq, trade in rows:
-            if after is not None and (seq <= after if sort == "ascending" else seq >= after):
-                continue
-            if time_low is not None and trade["time"] < time_low:
-                continue
-            if time_high is not None and trade["time"] > time_high:
-                continue
-            if trade["time"] > now - self.history_delay:
-                continue
-            if wanted is not None and trade["instrument_name"] not in wanted:
-                continue
-            selected.append((seq, trade))
-            if len(selected) > limit:
-                break
+            if listed(seq, trade):
+                selected.append((seq, trade))
+                if len(selected) > limit:
+                    break
         result: dict[str, Any] = {"trades": [t for _, t in selected[:limit]]}
         if len(selected) > limit:
             result["bookmark"] = str(selected[limit - 1][0])

@@ -300,10 +300,7 @@ class Market:
     def collar(self, name: str, mark: float) -> tuple[float, float]:
         """Price collar (low checks new asks, high checks new bids): 2 % for futures, wider for options."""
         inst = self.instruments[name]
-        if inst.kind == "option":
-            width = 0.5 * mark + 20 * inst.tick_size
-        else:
-            width = 0.02 * mark
+        width = 0.5 * mark + 20 * inst.tick_size if inst.kind == "option" else 0.02 * mark
         return max(inst.tick_size, align_up(mark - width, inst.tick_size)), align_down(
             mark + width, inst.tick_size
         )

@@ -259,9 +259,11 @@ class PaperExchange:
             conn.notify(SYSTEM_CHANNEL, {"event": "reconnect"})
 
     @staticmethod
-    async def _drain(conn: Connection, timeout: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not conn.queue.empty() and time.monotonic() < deadline:
+    async def _drain(conn: Connection, within: float = 1.0) -> None:
+        deadline = time.monotonic() + within
+        while True:  # sent, or out of time
+            if conn.queue.empty() or time.monotonic() >= deadline:
+                return
             await asyncio.sleep(0.01)
 
     @staticmethod
@@ -617,29 +619,32 @@ class PaperExchange:
                 continue
             account_id = conn.session.account.account_id
             mine = [e for e in events if e.account_id == account_id]
-            if not mine:
-                continue
-            orders = [e.payload for e in mine if e.kind == "orders"]
-            if orders and "account.orders" in conn.channels:
-                conn.notify("account.orders", orders)
-            session_orders = [
-                e.payload for e in mine if e.kind == "orders" and e.session_id == conn.session.session_id
-            ]
-            if session_orders and "session.orders" in conn.channels:
-                conn.notify("session.orders", session_orders)
-            trades = [e.payload for e in mine if e.kind == "trade"]
-            if trades and "account.trade_history" in conn.channels:
-                conn.notify("account.trade_history", trades)
-            lines = {e.payload["instrument_name"]: e.payload for e in mine if e.kind == "portfolio"}
-            if lines and "account.portfolio" in conn.channels:
-                conn.notify("account.portfolio", list(lines.values()))
-            if account_id in traded and "account.summary" in conn.channels:
-                conn.notify("account.summary", self.engine.account_summary(conn.session.account))
+            if mine:
+                self._notify_account(conn, conn.session, mine, account_id in traded)
         for event in events:
             if event.kind == "portfolio":
                 self.portfolio_marks[(event.account_id, event.payload["instrument_name"])] = event.payload[
                     "mark_price"
                 ]
+
+    def _notify_account(self, conn: Connection, session: Session, mine: list[Event], traded: bool) -> None:
+        """One connection's private channels: the account's events, one notification per channel."""
+        orders = [e.payload for e in mine if e.kind == "orders"]
+        if orders and "account.orders" in conn.channels:
+            conn.notify("account.orders", orders)
+        session_orders = [
+            e.payload for e in mine if e.kind == "orders" and e.session_id == session.session_id
+        ]
+        if session_orders and "session.orders" in conn.channels:
+            conn.notify("session.orders", session_orders)
+        trades = [e.payload for e in mine if e.kind == "trade"]
+        if trades and "account.trade_history" in conn.channels:
+            conn.notify("account.trade_history", trades)
+        lines = {e.payload["instrument_name"]: e.payload for e in mine if e.kind == "portfolio"}
+        if lines and "account.portfolio" in conn.channels:
+            conn.notify("account.portfolio", list(lines.values()))
+        if traded and "account.summary" in conn.channels:
+            conn.notify("account.summary", self.engine.account_summary(session.account))
 
     def _publish_channels(self, now: float, raw_only: bool) -> None:
         version = self.market.version
@@ -901,7 +906,7 @@ class PaperExchange:
         return self._status()
 
     async def _c_step(self, params: dict, requester: Connection | None) -> dict:
-        """Advance the random walk ``count`` times by ``dt`` seconds of market time each (even when paused)."""
+        """Advance the random walk ``count`` times by ``dt`` seconds of market time each (even paused)."""
         count = int(self._positive(params, "count", 1))
         dt = self._positive(params, "dt", self.tick_interval)
         for _ in range(count):
@@ -924,7 +929,12 @@ class PaperExchange:
         if direction not in (None, "buy", "sell"):
             raise RpcError(INVALID_REQUEST, "direction must be buy or sell")
         events = self.engine.fill_resting(
-            self.clock(), self._account_of(params.get("key_id")), name, params.get("order_id"), amount, direction
+            self.clock(),
+            self._account_of(params.get("key_id")),
+            name,
+            params.get("order_id"),
+            amount,
+            direction,
         )
         self._publish(events)
         return {"trades": [e.payload for e in events if e.kind == "trade"]}

@@ -43,7 +43,9 @@ from services.portfolio.ledger import FillOutcome, Ledger, LedgerConfig
 
 log = logging.getLogger(__name__)
 
-NET_AFTER_CLOSE = Gauge("tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs")
+NET_AFTER_CLOSE = Gauge(
+    "tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs"
+)
 NET_PNL = Gauge("tp_portfolio_net_pnl_usd", "Net P&L of the epoch (gross minus fees paid)")
 GROSS_PNL = Gauge("tp_portfolio_gross_pnl_usd", "Realised + unrealised + funding P&L of the epoch")
 FEES_PAID = Gauge("tp_portfolio_fees_paid_usd", "Fees the exchange charged in this epoch")
@@ -51,10 +53,13 @@ EST_CLOSE_FEES = Gauge("tp_portfolio_est_close_fees_usd", "Estimated taker fees 
 EST_SLIPPAGE = Gauge("tp_portfolio_est_slippage_usd", "Estimated cost of closing into the book against mark")
 EPOCH = Gauge("tp_portfolio_epoch", "Current epoch")
 OPEN_POSITIONS = Gauge("tp_portfolio_open_positions", "Instruments with a non-zero position")
-INSTRUMENT_PNL = Gauge("tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"])
+INSTRUMENT_PNL = Gauge(
+    "tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"]
+)
 STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
 SNAPSHOT_LATENCY = Histogram(
-    "tp_portfolio_snapshot_latency_seconds", "From the newest input's ingest_ts to its snapshot being written",
+    "tp_portfolio_snapshot_latency_seconds",
+    "From the newest input's ingest_ts to its snapshot being written",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
 )
 BATCH_SIZE = Histogram("tp_portfolio_batch_entries", "Entries folded into one snapshot",
@@ -62,10 +67,14 @@ BATCH_SIZE = Histogram("tp_portfolio_batch_entries", "Entries folded into one sn
 DRIFT_EVENTS = Counter("tp_portfolio_drift_events_total", "Positions on which ledger and exchange disagreed",
                        ["instrument"])
 FILLS = Counter("tp_portfolio_fills_total", "Fills by what the ledger did with them", ["outcome"])
-CLOSE_COST_ERROR = Gauge("tp_portfolio_close_cost_error_usd",
-                         "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)")
+CLOSE_COST_ERROR = Gauge(
+    "tp_portfolio_close_cost_error_usd",
+    "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)",
+)
 CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last closure: estimated closing cost")
-CLOSE_COST_ACTUAL = Gauge("tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost")
+CLOSE_COST_ACTUAL = Gauge(
+    "tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost"
+)
 
 INSTRUMENT_RETRY_SECONDS = 5.0
 
@@ -138,7 +147,8 @@ class PortfolioService:
             items: dict[str, bytes | str] = {k.decode(): v for k, v in listed.items()}
         else:
             ordered = sorted(names)
-            items = {n: v for n, v in zip(ordered, await redis.hmget(self.names.instruments, ordered)) if v}
+            values = await redis.hmget(self.names.instruments, ordered)
+            items = {n: v for n, v in zip(ordered, values, strict=True) if v}
         for name, value in items.items():
             self.ledger.set_instrument(name, InstrumentInfo.model_validate_json(value))
             self.unknown_instruments.discard(name)
@@ -146,7 +156,11 @@ class PortfolioService:
             self.unknown_instruments |= names - set(items)
 
     async def _know(self, instruments: set[str]) -> None:
-        new = {i for i in instruments if not self.ledger.knows_instrument(i) and i not in self.unknown_instruments}
+        new = {
+            i
+            for i in instruments
+            if not self.ledger.knows_instrument(i) and i not in self.unknown_instruments
+        }
         if new:
             await self._load_instruments(new)
 
@@ -162,7 +176,9 @@ class PortfolioService:
             if self.ledger.apply_tick(delivery.doc):
                 changed[delivery.doc.instrument] = delivery.doc
         if changed:
-            pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
+            pipe.hset(
+                self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
+            )
         if any(self.ledger.in_snapshot(name) for name in changed):
             self._publish_snapshot(pipe, len(batch))
 
@@ -172,9 +188,14 @@ class PortfolioService:
             outcome = self.ledger.apply_fill(delivery.doc)
             FILLS.labels(outcome.value).inc()
             if outcome is FillOutcome.BEFORE_HORIZON:
-                self.bus.queue_deadletter(pipe, self.names.fills, delivery.entry_id, delivery.doc.model_dump_json(),
-                                          "fill older than the de-duplication horizon: refused, "
-                                          "reconciliation with the exchange will heal the position")
+                self.bus.queue_deadletter(
+                    pipe,
+                    self.names.fills,
+                    delivery.entry_id,
+                    delivery.doc.model_dump_json(),
+                    "fill older than the de-duplication horizon: refused, "
+                    "reconciliation with the exchange will heal the position",
+                )
             elif outcome is FillOutcome.DUPLICATE:
                 log.info("duplicate fill %s ignored", delivery.doc.trade_id)
         self._end_epoch_when_flat(pipe)
@@ -197,8 +218,13 @@ class PortfolioService:
                 if drift.instrument not in known:
                     known.add(drift.instrument)
                     DRIFT_EVENTS.labels(drift.instrument).inc()
-                    log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
-                                drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
+                    log.warning(
+                        "DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
+                        drift.instrument,
+                        drift.ledger_position,
+                        drift.exchange_position,
+                        drift.since,
+                    )
         if self.ledger.reconciliation_state() == before:
             return
         self._save_ledger(pipe)
@@ -232,9 +258,13 @@ class PortfolioService:
         if not epoch_ends(end, flat, now):
             return
         if not flat:
-            log.warning("closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
-                        "(reconciliation with the exchange heals the rest)", end.command_id,
-                        EPOCH_END_WAIT_SECONDS, end.epoch + 1)
+            log.warning(
+                "closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
+                "(reconciliation with the exchange heals the rest)",
+                end.command_id,
+                EPOCH_END_WAIT_SECONDS,
+                end.epoch + 1,
+            )
         self._publish_snapshot(pipe, 0)  # the closed epoch's final figures: what was banked
         if self.ledger.advance_epoch(now, end.epoch):
             log.info("closure %s completed: epoch %d begins", end.command_id, self.ledger.epoch)
@@ -248,8 +278,14 @@ class PortfolioService:
         CLOSE_COST_ESTIMATED.set(check.estimated)
         CLOSE_COST_ACTUAL.set(check.actual)
         CLOSE_COST_ERROR.set(check.error)
-        log.info("closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
-                 "fee_estimation_buffer from this", report.command_id, check.actual, check.estimated, check.error)
+        log.info(
+            "closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
+            "fee_estimation_buffer from this",
+            report.command_id,
+            check.actual,
+            check.estimated,
+            check.error,
+        )
 
     def _save_ledger(self, pipe: Pipeline) -> None:
         state = self.ledger.to_state(with_ticks=False)
@@ -263,7 +299,9 @@ class PortfolioService:
         self.seq += 1
         snapshot = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
         pipe.set(self.seq_key, self.seq)
-        self.bus.queue_publish(pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen)
+        self.bus.queue_publish(
+            pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
+        )
         self.last_snapshot = snapshot
         BATCH_SIZE.observe(entries)
         if snapshot.last_input_ts is not None:

@@ -60,7 +60,9 @@ BARRIER_DISTANCE = Gauge(
     "tp_takeprofit_barrier_distance", "How far each barrier is from firing (<= 0: holds); USD or seconds",
     ["barrier"],
 )
-CLOSURES_FINISHED = Counter("tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"])
+CLOSURES_FINISHED = Counter(
+    "tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"]
+)
 NET_AFTER_CLOSE = Gauge("tp_takeprofit_net_after_close_usd", "net_after_close of the last snapshot evaluated")
 THRESHOLD = Gauge("tp_takeprofit_threshold_usd", "Configured money barriers", ["barrier"])
 
@@ -220,9 +222,16 @@ class TakeProfitService:
         self.lease_held = True
         self.bus.queue_publish(pipe, self.names.commands, command)
         DECISIONS.labels(decision.reason.value).inc()
-        log.warning("DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
-                    command.command_id, decision.sentence, decision.snapshot_seq, decision.figure,
-                    decision.threshold, len(command.positions), self.settings.executor.deadline_seconds)
+        log.warning(
+            "DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
+            command.command_id,
+            decision.sentence,
+            decision.snapshot_seq,
+            decision.figure,
+            decision.threshold,
+            len(command.positions),
+            self.settings.executor.deadline_seconds,
+        )
 
     async def _volume_ticks(self, instruments: list[str]) -> dict[str, float]:
         """Cached: a decision costs no Redis round trip for instruments seen before."""
@@ -232,7 +241,8 @@ class TakeProfitService:
         return {i: self.volume_ticks[i] for i in instruments if i in self.volume_ticks}
 
     async def _read_volume_ticks(self, instruments: list[str], now: float) -> None:
-        for instrument, value in zip(instruments, await self.bus.redis.hmget(self.names.instruments, instruments)):
+        values = await self.bus.redis.hmget(self.names.instruments, instruments)
+        for instrument, value in zip(instruments, values, strict=True):
             if value:
                 self.volume_ticks[instrument] = InstrumentInfo.model_validate_json(value).volume_tick_size
         self._volume_ticks_read = now

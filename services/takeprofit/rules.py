@@ -631,7 +631,9 @@ class RulesEngine:
             figure=figure,
             threshold=threshold,
             unit=unit,
-            positions=tuple(_to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions),
+            positions=tuple(
+                _to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
+            ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,
             overrode_halt=overrode_halt,

@@ -1,4 +1,5 @@
-"""Executor test fixtures: a paper exchange with a trading key, positions on it, an executor on a real Redis."""
+"""Executor test fixtures: a paper exchange with a trading key, positions on it, an executor on a real
+Redis."""
 
 from __future__ import annotations
 
@@ -127,15 +128,15 @@ async def reports(redis: Redis, names: Names, command_id: str | None = None) -> 
 
 
 async def wait_outcome(redis: Redis, names: Names, command_id: str, count: int = 1,
-                       timeout: float = 20.0) -> list[Report]:
+                       within: float = 20.0) -> list[Report]:
     """Every report of the command once `count` outcome reports (completed/failed/...) are in."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         got = await reports(redis, names, command_id)
         if sum(r.status in OUTCOMES for r in got) >= count:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"no outcome for {command_id} within {timeout} s: {[r.status for r in got]}")
+            raise AssertionError(f"no outcome for {command_id} within {within} s: {[r.status for r in got]}")
         await asyncio.sleep(0.02)
 
 

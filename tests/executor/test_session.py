@@ -115,7 +115,7 @@ async def test_not_logged_in_is_unhealthy_with_the_reason_and_a_command_still_en
         assert health is not True and "not logged in" in str(health), health
         assert connected_gauge() == 0
         await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id, timeout=15)
+        got = await wait_outcome(redis, names, command.command_id, within=15)
     assert got[-1].status is ReportStatus.FAILED and got[-1].error is not None, got[-1]
     assert account_positions(paper)[PERP] == 0.1
     assert not await redis.xlen(names.deadletter)
