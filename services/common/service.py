@@ -311,6 +311,7 @@ async def run_timer(name: str, interval: float, bus: Bus, lock: asyncio.Lock,
     before the next batch or tick, whichever comes first; the next tick tries again.
     """
     while True:
+        raise_if_cancelled()  # a cancellation redis-py swallowed must still end the loop
         await asyncio.sleep(interval)
         async with lock:
             try:

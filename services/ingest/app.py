@@ -132,6 +132,9 @@ class TickWriter:
 
     async def run(self) -> None:
         while True:
+            # a cancellation redis-py swallowed mid-write would otherwise leave this loop waiting here
+            # forever and the service unable to stop (seen in a test under load)
+            raise_if_cancelled()
             await self._wake.wait()
             self._wake.clear()
             try:
@@ -268,6 +271,7 @@ class Ingest:
             thalex_cfg.url, key,
             account=thalex_cfg.account,
             idle_timeout=cfg.idle_timeout_seconds,
+            request_timeout=max(cfg.idle_timeout_seconds, 5.0),
             backoff_max=cfg.reconnect_max_seconds,
             on_notification=self.on_notification,
             on_garbage=self.on_garbage,
@@ -343,6 +347,7 @@ class Ingest:
 
     async def _account_worker(self) -> None:
         while True:
+            raise_if_cancelled()  # see TickWriter.run
             item: tuple[str, Any, str, float] | None = None
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
                 async with asyncio.timeout(FOLLOW_INTERVAL_SECONDS):

@@ -51,7 +51,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.common.bus import entry_document
+from services.common.bus import entry_document, raise_if_cancelled
 from services.common.redis_server import RedisServer, free_port
 from services.common.streams import Names
 from services.paper.keys import generate_key
@@ -747,9 +747,12 @@ class Trader:
         self.task: asyncio.Task[None] | None = None
         self.made = 0
         self.errors = 0
+        self.stopping = False
 
     async def _run(self) -> None:
-        while True:
+        # the flag, not only the cancel: redis-py can turn a cancellation into one of its errors,
+        # which the `except` below would swallow, and stop() would then wait forever (seen in a full run)
+        while not self.stopping:
             name = self.random.choice(self.instruments)
             amount = 0.001 if name == PERP else 0.01
             # mostly buys: the account keeps something to close
@@ -759,6 +762,7 @@ class Trader:
                     await self.pipeline.trade(name, side, amount)
                     self.made += 1
             except Exception:
+                raise_if_cancelled()
                 self.errors += 1
             await asyncio.sleep(self.interval)
 
@@ -766,6 +770,7 @@ class Trader:
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)

@@ -1,13 +1,17 @@
-"""Ingest on the shared Thalex session: a key that can never log in stops it, trouble never makes it spin.
+"""Ingest on the shared Thalex session: a key that can never log in stops it, trouble never makes it
+spin, and stopping always stops it.
 
 Seen by a probe before the fix: with an unparseable PEM ingest retried the login forever; with
 Redis at `maxmemory` (every write refused) it re-connected to the exchange in a tight loop
 (`reconnecting in 0.00 s` 29 times): each refused write asked for a new connection "at once".
+Seen in tests under load (about one run in four of the robustness tests, four at once): stopping
+ingest hung, its tick writer waiting for ticks after redis-py had swallowed its cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -15,8 +19,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from services.common.bus import Bus
+from services.common.contracts import Tick
 from services.common.redis_server import RedisServer
 from services.common.streams import Names
+from services.ingest.app import TickWriter
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.ingest.conftest import PERP, WATCHER, Trader, ingest_settings, running_ingest, write_config
@@ -67,3 +74,29 @@ async def test_redis_refusing_every_write_makes_ingest_back_off_never_spin(
     assert delays, "the refused writes should have made ingest re-connect to fill the gap"
     assert all(d > 0 for d in delays), delays
     assert len(delays) <= 5, delays  # 0.25-0.5, 0.5-1, 1-2, 2-4 s: a handful in 3 s, not a loop
+
+
+async def test_the_tick_writer_stops_even_when_a_write_swallows_its_cancellation(
+        redis_url: str, names: Names) -> None:
+    bus = Bus(redis_url, names, "ingest")
+    writer = TickWriter(bus)
+    writing = asyncio.Event()
+
+    async def swallowing_flush() -> list[Tick]:
+        writing.set()
+        with contextlib.suppress(asyncio.CancelledError):  # what redis-py can do to a cancellation
+            await asyncio.sleep(3600)
+        return []
+
+    writer.flush = swallowing_flush  # type: ignore[method-assign]
+    task = asyncio.create_task(writer.run())
+    try:
+        writer._wake.set()
+        await writing.wait()
+        task.cancel()
+        async with asyncio.timeout(2):
+            await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await bus.redis.aclose()

@@ -186,6 +186,7 @@ class Session:
         """Connect, and re-connect, until cancelled or the login is refused (`LoginRejected`)."""
         attempt = 0
         while True:
+            raise_if_cancelled()  # a cancellation a library swallowed must still end the loop
             self._reconnect.clear()
             self._at_once = False
             self._ready_since = None
