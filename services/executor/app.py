@@ -77,10 +77,7 @@ class Executor:
         self.consumer = bus.consumer(self.names.commands, GROUP, consumer_name, Command, self.handle,
                                      batch_size=1,
                                      claim_idle_seconds=config.deadline_seconds + CLAIM_MARGIN_SECONDS)
-        bus.before_start.append(self.start_session)  # up before pending commands are resumed
-
-    async def start_session(self) -> None:
-        self.session.start()
+        bus.before_start.append(self.session.started)  # up before pending commands are resumed
 
     async def run(self) -> None:
         """Keep the session up; a refused login ends the command in hand (`failed`), then the service."""
@@ -255,7 +252,7 @@ class Executor:
         """Send the first wave planned at the claim (its `order_sent` is in Redis already)."""
         TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
         # the outbox (`received`, `order_sent`) and `orders_cancelled` are published as the orders leave
-        sends = asyncio.gather(*(self._send(work, order) for order in wave))
+        sends = asyncio.gather(*(self.session.send(order, work.progress.label, work.check) for order in wave))
         outcomes, _ = await asyncio.gather(sends, self.store.commit(work))
         pause = await self._settle(work, outcomes, from_decision=True)
         if pause:
@@ -323,12 +320,8 @@ class Executor:
         if first:
             TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
         await self.store.commit(work)  # order_sent and position_before in Redis before any order leaves
-        outcomes = await asyncio.gather(*(self._send(work, order) for order in orders))
+        outcomes = await asyncio.gather(*(self.session.send(o, progress.label, work.check) for o in orders))
         return await self._settle(work, outcomes)
-
-    async def _send(self, work: Work, order: Order) -> Outcome:
-        work.check()
-        return await self.session.send(order, work.progress.label)
 
     async def _settle(self, work: Work, outcomes: list[Outcome], from_decision: bool = False) -> float:
         """Count fills (with their fees), apply the error rules; returns the pause before the next wave."""

@@ -74,6 +74,10 @@ class TradingSession:
             self._task = asyncio.create_task(self.session.run(), name="executor-session")
         return self._task
 
+    async def started(self) -> None:
+        """`start` as a bus start-up hook: the session is up before pending commands are resumed."""
+        self.start()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -109,8 +113,12 @@ class TradingSession:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
-    async def send(self, order: Order, label: str) -> Outcome:
-        """One reduce-only, immediate-or-cancel limit order, collar clamp; its outcome."""
+    async def send(self, order: Order, label: str, check: Callable[[], None]) -> Outcome:
+        """One reduce-only, immediate-or-cancel limit order, collar clamp; its outcome.
+
+        `check()` runs first (it raises when the command's lease is lost: nothing is sent then).
+        """
+        check()
         outcome = Outcome(order)
         direction = thalex.Direction.SELL if order.side is Side.SELL else thalex.Direction.BUY
         try:

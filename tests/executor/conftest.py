@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from services.common.bus import Bus, encode_document
+from services.common.bus import Bus, entry_fields
 from services.common.config import Settings
 from services.common.contracts import CloseReason, Command, HedgeGroup, PositionToClose, Report, ReportStatus
 from services.common.service import Health
@@ -118,7 +118,7 @@ def make_command(positions: dict[str, float], *, fraction: float = 1.0, deadline
 
 
 async def send(redis: Redis, names: Names, command: Command) -> None:
-    await redis.xadd(names.commands, {"__data__": encode_document(command)})
+    await redis.xadd(names.commands, entry_fields(command))
 
 
 async def reports(redis: Redis, names: Names, command_id: str | None = None) -> list[Report]:
