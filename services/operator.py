@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ValidationError
 
-from services.common.bus import DATA_FIELD, encode_document, entry_document
+from services.common.bus import entry_document, entry_fields
 from services.common.config import ConfigError, Settings, load_config, redacted
 from services.common.contracts import (
     CONTROL_MAX_AGE_SECONDS,
@@ -101,7 +101,7 @@ def _send_control(client: redis.Redis, settings: Settings, action: ControlAction
     latest = client.xrevrange(settings.names.control_answers, count=1)
     after = _text(latest[0][0]) if latest else "0-0"
     control = Control(action=action, by=_operator(), ts=time.time())
-    entry_id = client.xadd(settings.names.control, {DATA_FIELD: encode_document(control)},
+    entry_id = client.xadd(settings.names.control, entry_fields(control),
                            maxlen=settings.redis.stream_maxlen, approximate=True)
     return control, _text(entry_id), after
 

@@ -53,6 +53,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from services.common.contracts import DeadLetter, Document
 from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES, BUS_STREAM_LAG
@@ -92,6 +93,11 @@ def _text(value: Any) -> Any:
 def encode_document(doc: BaseModel) -> str:
     """The exact text stored in `__data__` for a document."""
     return doc.model_dump_json(exclude_none=True)
+
+
+def entry_fields(doc: BaseModel) -> dict[FieldT, EncodableT]:
+    """The fields of the stream entry that carries `doc`: the one way every producer writes one."""
+    return {DATA_FIELD: encode_document(doc)}
 
 
 class MalformedEntry(ValueError):
@@ -178,7 +184,7 @@ class Bus:
         self.names = names
         self.service = service
         self.maxlen = maxlen
-        credentials = {k: v for k, v in (("username", username), ("password", password)) if v}
+        credentials: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
         self.redis: Redis = Redis.from_url(url, **credentials)
         self.consumers: list[StreamConsumer[Any]] = []
         self.before_start: list[Callable[[], Awaitable[None]]] = []
@@ -198,11 +204,11 @@ class Bus:
 
     async def publish(self, stream: str, doc: Document) -> None:
         """XADD `doc` as plain JSON (approximately capped) now."""
-        await self.redis.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
+        await self.redis.xadd(stream, entry_fields(doc), maxlen=self.maxlen, approximate=True)
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=maxlen or self.maxlen, approximate=True)
+        pipe.xadd(stream, entry_fields(doc), maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:
@@ -362,7 +368,9 @@ class StreamConsumer(Generic[M]):
             except Exception:
                 raise_if_cancelled()
                 BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
-                log.exception("handling %d entries of %s failed; they stay pending", len(entries), self.stream)
+                log.exception(
+                    "handling %d entries of %s failed; they stay pending", len(entries), self.stream
+                )
                 if self.on_failure is not None:
                     try:
                         await self.on_failure()
@@ -395,7 +403,7 @@ class StreamConsumer(Generic[M]):
                     log.exception("handler failed on %s entries %s..%s; left pending",
                                   self.stream, good[0].entry_id, good[-1].entry_id)
                     BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
-                    await pipe.reset()
+                    await pipe.reset()  # type: ignore[no-untyped-call]
                     good = []  # still settle the malformed ones
             for entry_id, raw, error in letters:
                 self.bus.queue_deadletter(pipe, self.stream, entry_id, raw, error)
@@ -420,7 +428,7 @@ class StreamConsumer(Generic[M]):
             if not rows:
                 return 0
             ids = [_text(r["message_id"]) for r in rows]
-            claimed = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
+            claimed: Any = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
                                                   min_idle_time=int(self.retry_idle_seconds * 1000),
                                                   message_ids=ids)
             counts = {_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
@@ -462,7 +470,7 @@ class StreamConsumer(Generic[M]):
         """Finish what this consumer had read but not acked before it stopped."""
         after = "0"
         while True:
-            reply = await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: after},
+            reply: Any = await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: after},
                                                     count=self.batch_size)
             entries = reply[0][1] if reply else []
             if not entries:

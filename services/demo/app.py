@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -49,7 +50,7 @@ from services.demo.view import DemoState, operator_hint, render
 from services.paper.keys import generate_key
 from services.paper.testing import ControlClient
 
-log = logging.getLogger("demo")
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 QUOTER = REPO / "examples" / "quoter.py"
@@ -130,7 +131,7 @@ watch_list = ["{INSTRUMENT}"]
 ticker_delay = "raw"
 
 [metrics]
-{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports))}
+{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports, strict=True))}
 """)
         return config
 
@@ -141,14 +142,15 @@ ticker_delay = "raw"
                "PYTHONUNBUFFERED": "1"}
         env.pop("REDIS_URL", None)
         # Own session: a Ctrl-C reaches only the demo, which then stops children in order.
-        process = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO, start_new_session=True)
+        with open(log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                       start_new_session=True)
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
 
-    async def wait_for_port(self, port: int, child: Child, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_port(self, port: int, child: Child, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
@@ -171,7 +173,7 @@ ticker_delay = "raw"
                       "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0",
                       "--config", str(config)]
         if self.args.scenario:
-            paper_args += ["--scenario", str(Path(self.args.scenario).resolve())]
+            paper_args += ["--scenario", str(await asyncio.to_thread(Path(self.args.scenario).resolve))]
         paper = self.spawn("paper", paper_args)
         await self.wait_for_port(paper_port, paper)
         self.settings = load_config(config)
@@ -196,10 +198,14 @@ ticker_delay = "raw"
         latest = await redis.xrevrange(names.snapshots, count=1)
         if latest:
             state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
-        state.halt = halt_from_hash(await redis.hgetall(names.halt))
-        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in (await redis.hgetall(names.halt_acks)).items()}
-        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrevrange(names.commands, count=5)][::-1]
-        for _, fields in await redis.xrevrange(names.reports, count=200):
+        halt: Any = await redis.hgetall(names.halt)  # redis-py's result types are wider than what it returns
+        acks: Any = await redis.hgetall(names.halt_acks)
+        commands: Any = await redis.xrevrange(names.commands, count=5)
+        reports: Any = await redis.xrevrange(names.reports, count=200)
+        state.halt = halt_from_hash(halt)
+        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in acks.items()}
+        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in commands][::-1]
+        for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
         state.notifications = [Notification.model_validate(entry_document(f)[1])
@@ -222,7 +228,9 @@ ticker_delay = "raw"
                     print(line, flush=True)
                     last_line, last_progress = line, time.monotonic()
             else:
-                screen = render(state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer)
+                screen = render(
+                    state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer
+                )
                 sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(screen) + "\n")
                 sys.stdout.flush()
             dead = [c for c in self.children if c.process.poll() is not None]
@@ -237,12 +245,16 @@ ticker_delay = "raw"
         parts = [time.strftime("%H:%M:%S")]
         if snap is not None:
             position = sum(p.position for p in snap.positions)
-            parts.append(f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}")
+            parts.append(
+                f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}"
+            )
         if state.halt is not None:
             parts.append(f"HALT {state.halt.reason} {state.halt.command_id or ''}")
         for command in state.commands[-1:]:
             steps = state.reports.get(command.command_id, [])
-            parts.append(f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}")
+            parts.append(
+                f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}"
+            )
         return " | ".join(parts)
 
     async def direct(self, paper_url: str, redis: Redis) -> None:
@@ -269,8 +281,9 @@ ticker_delay = "raw"
             if self.stop.is_set():
                 return
             await asyncio.sleep(1.0)
-            filled = await control.call("paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT,
-                                                              "direction": side})
+            filled = await control.call(
+                "paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT, "direction": side}
+            )
             if not filled["trades"]:  # the quotes were pulled meanwhile (an operator halt): start over
                 quiet_since = time.time()
                 continue
@@ -280,17 +293,24 @@ ticker_delay = "raw"
                 await asyncio.sleep(1.0)
                 await control.call("paper/move_index", {"underlying": "BTCUSD", "pct": step})
             quiet_since = time.time()  # halted now: any insert from here on comes after the halt lifts
-            while not self.stop.is_set() and await redis.exists(names.halt):
+            while True:  # until the halt lifts (or the demo stops)
+                if self.stop.is_set() or not await redis.exists(names.halt):
+                    break
                 await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ the end
 
-    async def summarize(self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]) -> dict[str, Any]:
+    async def summarize(
+        self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]
+    ) -> dict[str, Any]:
         assert self.settings is not None
         names = self.settings.names
-        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.snapshots)]
-        commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.commands)]
-        reports = [Report.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.reports)]
+        entries: Any = await asyncio.gather(
+            *(redis.xrange(s) for s in (names.snapshots, names.commands, names.reports))
+        )
+        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in entries[0]]
+        commands = [Command.model_validate(entry_document(f)[1]) for _, f in entries[1]]
+        reports = [Report.model_validate(entry_document(f)[1]) for _, f in entries[2]]
         completed = {r.command_id for r in reports if r.status is ReportStatus.COMPLETED}
         last_of_epoch: dict[int, Snapshot] = {}
         first_of_epoch: dict[int, Snapshot] = {}
@@ -324,8 +344,13 @@ ticker_delay = "raw"
             "children": {c.name: c.status() for c in self.children},
         }
 
-    async def _quoter_orders_while_halted(self, paper_url: str, halts: dict[str, tuple[float, float | None]],
-                                          commands: list[Command], reports: list[Report]) -> list[dict[str, Any]]:
+    async def _quoter_orders_while_halted(
+        self,
+        paper_url: str,
+        halts: dict[str, tuple[float, float | None]],
+        commands: list[Command],
+        reports: list[Report],
+    ) -> list[dict[str, Any]]:
         """Quoter inserts/amends the exchange received inside a halt window (beyond the race grace)."""
         windows = []
         for command in commands:
@@ -378,10 +403,8 @@ async def _run(args: argparse.Namespace) -> int:
         tasks = [asyncio.create_task(demo.show(redis, halts))]
         if not args.scenario:
             tasks.append(asyncio.create_task(demo.direct(paper_url, redis)))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(demo.stop.wait(), timeout=args.duration or None)
-        except TimeoutError:
-            pass
         demo.stop.set()
         for task in tasks:
             task.cancel()
@@ -397,8 +420,10 @@ async def _run(args: argparse.Namespace) -> int:
         await demo.shutdown()
     if summary is not None:
         print("\n=== thalex-tp demo summary ===")
-        print(f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
-              f"fees: {summary['fees_usd']:.4f} USD")
+        print(
+            f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
+            f"fees: {summary['fees_usd']:.4f} USD"
+        )
         for closure in summary["closures"]:
             print(f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
                   f"{'completed' if closure['completed'] else 'not completed'}"
@@ -430,14 +455,21 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="thalex-tp demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--scenario", help="a paper-exchange scenario file to play instead of the built-in director")
-    parser.add_argument("--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)")
+    parser.add_argument(
+        "--scenario", help="a paper-exchange scenario file to play instead of the built-in director"
+    )
+    parser.add_argument(
+        "--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)"
+    )
     parser.add_argument("--workdir", help="keep keys, config and logs here (default: a temporary directory)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     parser.add_argument("--seed", type=int, default=7, help="paper exchange seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not QUOTER.exists():
-        print(f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)", file=sys.stderr)
+        print(
+            f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(_run(args))

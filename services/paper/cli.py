@@ -15,7 +15,7 @@ from services.paper.keys import generate_key, load_keys
 from services.paper.scenario import Step, load_scenario, run_scenario
 from services.paper.server import PaperExchange
 
-log = logging.getLogger("services.paper")
+log = logging.getLogger(__name__)
 
 
 def keygen_main(argv: list[str]) -> int:

@@ -48,7 +48,9 @@ class ControlError(Exception):
         self.message = message
 
 
-def make_keys(directory: Path | str, kid: str, read_only: bool = False, account: str | None = None) -> KeyFiles:
+def make_keys(
+    directory: Path | str, kid: str, read_only: bool = False, account: str | None = None
+) -> KeyFiles:
     """Create a key pair ``kid`` in ``directory`` (see :mod:`services.paper.keys` for the layout).
 
     Keys given the same ``account`` share one paper account (a read-only key for ingest

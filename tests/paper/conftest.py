@@ -36,12 +36,12 @@ class RawClient:
         self.sent: dict[int, str] = {}
         self.notifications: list[dict] = []
 
-    async def call(self, method: str, params: dict | None = None, timeout: float = 5.0) -> dict:
+    async def call(self, method: str, params: dict | None = None, within: float = 5.0) -> dict:
         """Send a request and return the whole answer (``result`` or ``error``)."""
         rid = next(self.ids)
         self.sent[rid] = method
         await self.ws.send(json.dumps({"method": method, "params": params or {}, "id": rid}))
-        return await self.answer(rid, timeout)
+        return await self.answer(rid, within)
 
     async def result(self, method: str, params: dict | None = None) -> Any:
         answer = await self.call(method, params)
@@ -53,28 +53,28 @@ class RawClient:
         assert "error" in answer, answer
         return answer["error"]["code"]
 
-    async def answer(self, rid: int | None, timeout: float = 5.0) -> dict:
+    async def answer(self, rid: int | None, within: float = 5.0) -> dict:
         while True:
-            message = await self._next(timeout)
+            message = await self._next(within)
             if "channel_name" not in message and message.get("id") == rid:
                 return message
 
-    async def _next(self, timeout: float) -> dict:
-        message = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def _next(self, within: float) -> dict:
+        message = json.loads(await asyncio.wait_for(self.ws.recv(), within))
         self.received.append(message)
         if "channel_name" in message:
             self.notifications.append(message)
         return message
 
     async def wait_for(
-        self, channel: str, predicate: Callable[[Any], bool] = lambda n: True, timeout: float = 5.0
+        self, channel: str, predicate: Callable[[Any], bool] = lambda n: True, within: float = 5.0
     ) -> Any:
         """The first (already received or future) notification of ``channel`` matching ``predicate``."""
         for message in self.notifications:
             if message["channel_name"] == channel and predicate(message["notification"]):
                 self.notifications.remove(message)
                 return message["notification"]
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             message = await self._next(max(0.01, deadline - asyncio.get_running_loop().time()))
             if message.get("channel_name") == channel and predicate(message["notification"]):

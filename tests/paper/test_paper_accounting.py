@@ -97,7 +97,8 @@ async def test_perpetual_funding_follows_thalex_definition(
     # unrealised funding = 25 * 2 - 20 = 30
     assert line["unrealised_perpetual_funding"] == pytest.approx(30.0)
     # The buy took 1.0 @ 100001 + 1.0 @ 100002: average 100001.5.
-    # Selling half realises half the funding: 0.5 * (25 * 2 - 20) = 15; position pnl (99999 - 100001.5) * 1 = -2.5
+    # Selling half realises half the funding: 0.5 * (25 * 2 - 20) = 15;
+    # position pnl (99999 - 100001.5) * 1 = -2.5
     await client.result("private/sell", {"instrument_name": PERP, "amount": 1.0, "order_type": "market"})
     trades = (await client.result("private/trade_history", {"sort": "descending", "limit": 1}))["trades"]
     assert trades[0]["funding_mark"] == 25.0

@@ -118,7 +118,7 @@ async def test_the_guardian_agrees_with_the_paper_across_an_expiry_and_a_funding
         return abs(_guardian_funding(await pipeline.latest_snapshot()) - exchange_funding) < 1e-6
 
     try:
-        await eventually(funding_agrees, timeout=10.0, interval=0.2)
+        await eventually(funding_agrees, within=10.0, interval=0.2)
     except AssertionError:
         snapshot = await pipeline.latest_snapshot()
         raise AssertionError(
