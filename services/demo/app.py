@@ -169,9 +169,24 @@ ticker_delay = "raw"
         paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
         config = self.write_config(redis_url, paper_url, keys)
         # the guardian's configuration for the paper too: its option fees follow [trading_fees]
-        paper_args = [sys.executable, "-m", "services.paper", "--host", "127.0.0.1", "--port", str(paper_port),
-                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0",
-                      "--config", str(config)]
+        paper_args = [
+            sys.executable,
+            "-m",
+            "services.paper",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(paper_port),
+            "--keys",
+            str(keys),
+            "--control",
+            "--seed",
+            str(self.args.seed),
+            "--reconnect-grace",
+            "0",
+            "--config",
+            str(config),
+        ]
         if self.args.scenario:
             paper_args += ["--scenario", str(await asyncio.to_thread(Path(self.args.scenario).resolve))]
         paper = self.spawn("paper", paper_args)
@@ -182,10 +197,29 @@ ticker_delay = "raw"
         for name in SERVICES:
             child = next(c for c in self.children if c.name == name)
             await self.wait_for_port(getattr(self.settings.metrics, f"{name}_port"), child)
-        self.spawn("quoter", [sys.executable, str(QUOTER), "--url", paper_url, "--key-id", QUOTER_KEY,
-                              "--key-file", str(keys / f"{QUOTER_KEY}.pem"), "--redis-url", redis_url,
-                              "--namespace", NAMESPACE, "--name", "demo-quoter", "--instrument", INSTRUMENT,
-                              "--size", str(QUOTER_SIZE)])
+        self.spawn(
+            "quoter",
+            [
+                sys.executable,
+                str(QUOTER),
+                "--url",
+                paper_url,
+                "--key-id",
+                QUOTER_KEY,
+                "--key-file",
+                str(keys / f"{QUOTER_KEY}.pem"),
+                "--redis-url",
+                redis_url,
+                "--namespace",
+                NAMESPACE,
+                "--name",
+                "demo-quoter",
+                "--instrument",
+                INSTRUMENT,
+                "--size",
+                str(QUOTER_SIZE),
+            ],
+        )
         return paper_url, config
 
     # ------------------------------------------------------------------ running
@@ -193,8 +227,9 @@ ticker_delay = "raw"
     async def read_state(self, redis: Redis) -> DemoState:
         assert self.settings is not None
         names = self.settings.names
-        state = DemoState(processes={c.name: c.status() for c in self.children},
-                          config=str(self.workdir / "demo.toml"))
+        state = DemoState(
+            processes={c.name: c.status() for c in self.children}, config=str(self.workdir / "demo.toml")
+        )
         latest = await redis.xrevrange(names.snapshots, count=1)
         if latest:
             state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
@@ -208,8 +243,8 @@ ticker_delay = "raw"
         for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
-        state.notifications = [Notification.model_validate(entry_document(f)[1])
-                               for _, f in await redis.xrevrange(names.notifications, count=3)][::-1]
+        notes: Any = await redis.xrevrange(names.notifications, count=3)
+        state.notifications = [Notification.model_validate(entry_document(f)[1]) for _, f in notes][::-1]
         return state
 
     async def show(self, redis: Redis, halts: dict[str, tuple[float, float | None]]) -> None:
@@ -273,8 +308,10 @@ ticker_delay = "raw"
         for cycle in itertools.count():
             side, step = ("buy", 0.02) if cycle % 2 == 0 else ("sell", -0.02)
             while not self.stop.is_set():  # wait until the quoter quotes again after the last halt
-                placed = await control.call("paper/order_log", {"key_id": QUOTER_KEY, "since": quiet_since,
-                                                                "method": "private/insert"})
+                placed = await control.call(
+                    "paper/order_log",
+                    {"key_id": QUOTER_KEY, "since": quiet_since, "method": "private/insert"},
+                )
                 if placed["orders"] and not await redis.exists(names.halt):
                     break
                 await asyncio.sleep(0.5)
@@ -322,16 +359,22 @@ ticker_delay = "raw"
             done = command.command_id in completed
             following = first_of_epoch.get(command.epoch + 1)
             banked = last_of_epoch.get(command.epoch)
-            closures.append({
-                "command_id": command.command_id, "reason": command.reason.value, "completed": done,
-                "figure": command.net_pnl,
-                # None: the demo stopped before the next epoch's first snapshot
-                "flat_after": None if following is None else all(abs(p.position) < 1e-9 for p in following.positions),
-                "banked_net_pnl": banked.net_pnl if banked and done else None,
-                "fees": banked.fees_paid if banked and done else None,
-            })
-        notes = [Notification.model_validate(entry_document(f)[1])
-                 for _, f in await redis.xrange(names.notifications)]
+            closures.append(
+                {
+                    "command_id": command.command_id,
+                    "reason": command.reason.value,
+                    "completed": done,
+                    "figure": command.net_pnl,
+                    # None: the demo stopped before the next epoch's first snapshot
+                    "flat_after": None
+                    if following is None
+                    else all(abs(p.position) < 1e-9 for p in following.positions),
+                    "banked_net_pnl": banked.net_pnl if banked and done else None,
+                    "fees": banked.fees_paid if banked and done else None,
+                }
+            )
+        sent: Any = await redis.xrange(names.notifications)
+        notes = [Notification.model_validate(entry_document(f)[1]) for _, f in sent]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
         closed = [c for c in closures if c["completed"]]
         return {
@@ -356,8 +399,12 @@ ticker_delay = "raw"
         for command in commands:
             end = halts.get(command.command_id, (command.created_ts, None))[1]
             if end is None:  # no cool-down seen: the halt held at least until the closure ended
-                done = [r.ts for r in reports if r.command_id == command.command_id
-                        and r.status in (ReportStatus.COMPLETED, ReportStatus.FAILED)]
+                done = [
+                    r.ts
+                    for r in reports
+                    if r.command_id == command.command_id
+                    and r.status in (ReportStatus.COMPLETED, ReportStatus.FAILED)
+                ]
                 end = max(done) if done else time.time()
             windows.append((command.created_ts + HALT_RACE_GRACE_SECONDS, end))
         control = ControlClient(paper_url)
@@ -365,9 +412,12 @@ ticker_delay = "raw"
             rows = (await control.call("paper/order_log", {"key_id": QUOTER_KEY}))["orders"]
         finally:
             await control.close()
-        return [row for row in rows
-                if row.get("method") in ("private/insert", "private/amend", "private/buy", "private/sell")
-                and any(start <= row["time"] <= end for start, end in windows)]
+        return [
+            row
+            for row in rows
+            if row.get("method") in ("private/insert", "private/amend", "private/buy", "private/sell")
+            and any(start <= row["time"] <= end for start, end in windows)
+        ]
 
     async def shutdown(self) -> None:
         """Stop children in the reverse order of their start: the quoter and services before the exchange."""
@@ -425,14 +475,18 @@ async def _run(args: argparse.Namespace) -> int:
             f"fees: {summary['fees_usd']:.4f} USD"
         )
         for closure in summary["closures"]:
-            print(f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
-                  f"{'completed' if closure['completed'] else 'not completed'}"
-                  f"{', flat afterwards' if closure['flat_after'] else ''}")
+            print(
+                f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
+                f"{'completed' if closure['completed'] else 'not completed'}"
+                f"{', flat afterwards' if closure['flat_after'] else ''}"
+            )
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
-        print(f"notifications: {len(summary['notifications'])} "
-              "(sent to the [notify] targets; the demo has none)")
+        print(
+            f"notifications: {len(summary['notifications'])} "
+            "(sent to the [notify] targets; the demo has none)"
+        )
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+            await asyncio.to_thread(Path(args.summary_json).write_text, json.dumps(summary, indent=2))
     removed = not keep and exit_code == 0
     if removed:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -443,17 +497,22 @@ async def _run(args: argparse.Namespace) -> int:
 def _where_things_are(workdir: Path, keep: bool, removed: bool) -> str:
     """The summary's last line: never a directory that no longer exists."""
     if removed:
-        return ("keys, config and logs were in a temporary directory, now removed; "
-                "`thalex-tp demo --workdir DIR` keeps them (and `thalex-tp status --config DIR/demo.toml` "
-                "talks to a running demo)")
+        return (
+            "keys, config and logs were in a temporary directory, now removed; "
+            "`thalex-tp demo --workdir DIR` keeps them (and `thalex-tp status --config DIR/demo.toml` "
+            "talks to a running demo)"
+        )
     kept = "kept" if keep else "kept because something went wrong"
-    return (f"keys, config and logs {kept} in {workdir} (operator commands while it runs: "
-            f"thalex-tp status --config {workdir / 'demo.toml'})")
+    return (
+        f"keys, config and logs {kept} in {workdir} (operator commands while it runs: "
+        f"thalex-tp status --config {workdir / 'demo.toml'})"
+    )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="thalex-tp demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="thalex-tp demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
     parser.add_argument(
         "--scenario", help="a paper-exchange scenario file to play instead of the built-in director"

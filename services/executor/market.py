@@ -25,11 +25,11 @@ from services.common.thalex import NO_CODE, ThalexError
 from services.common.thalex.models import (
     MalformedMessage,
     ThalexBook,
+    ThalexClosingTrade,
     ThalexInstrument,
     ThalexOrderStatus,
     ThalexPosition,
     ThalexTicker,
-    ThalexClosingTrade,
     ThalexTrade,
     ThalexTradeHistory,
     parse,

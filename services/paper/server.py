@@ -79,9 +79,9 @@ class PaperExchange:
         """The paper's time: every timestamp the exchange reports (``paper/advance_clock`` moves it)."""
         self.wall_clock: Callable[[], float] = time.time
         """Real time: login tokens and the control API's logs."""
-        self.market = Market(seed=seed, now=self.clock(), index_vol=index_vol, volatility=option_vol)
+        self.market: Market = Market(seed=seed, now=self.clock(), index_vol=index_vol, volatility=option_vol)
         self.engine = Engine(self.market)
-        self.stats = TradeStats()
+        self.stats: TradeStats = TradeStats()
         self.automation = Automation(self.engine, self.stats)
         self.history = PriceHistory()
         self.banners: list[dict] = []
@@ -89,7 +89,7 @@ class PaperExchange:
         self.cycle = DailyCycle(self)
         self.connections: set[Connection] = set()
         self.subscriptions = Subscriptions(self)
-        self.fanout = Fanout(self)
+        self.fanout: Fanout = Fanout(self)
         self.dispatcher = Dispatcher(self)
         self.url = ""
         self._next_conn = 0

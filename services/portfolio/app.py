@@ -71,8 +71,10 @@ FUNDING_SETTLEMENTS = Counter("tp_portfolio_funding_settlements_total",
                               "Daily funding settlements booked (a perpetual position crossing 08:00 UTC)")
 FEES_ESTIMATED = Gauge("tp_portfolio_fees_estimated_usd",
                        "Part of the epoch's fees paid that is estimated (trades that reported no fee)")
-CLOSE_COST_ERROR = Gauge("tp_portfolio_close_cost_error_usd",
-                         "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)")
+CLOSE_COST_ERROR = Gauge(
+    "tp_portfolio_close_cost_error_usd",
+    "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)",
+)
 CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last closure: estimated closing cost")
 CLOSE_COST_ACTUAL = Gauge(
     "tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost"
@@ -109,8 +111,16 @@ class PortfolioService:
             (self.names.reports, Report, self.on_reports),
         ]
         for stream, model, handler in consumers:
-            bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock,
-                         on_failure=self.load)
+            bus.consumer(
+                stream,
+                "portfolio",
+                consumer_name,
+                model,
+                handler,
+                batch_size=batch,
+                lock=lock,
+                on_failure=self.load,
+            )
         self.lock = lock
 
     async def load(self) -> None:
@@ -119,8 +129,9 @@ class PortfolioService:
         Also called after a failed batch, to forget what it changed in memory.
         """
         redis = self.bus.redis
-        raw, ticks, seq = await asyncio.gather(redis.get(self.ledger_key), redis.hgetall(self.ticks_key),
-                                               redis.get(self.seq_key))
+        raw, ticks, seq = await asyncio.gather(
+            redis.get(self.ledger_key), redis.hgetall(self.ticks_key), redis.get(self.seq_key)
+        )
         self.seq = int(seq or 0)
         if raw:
             state = json.loads(raw)
@@ -128,8 +139,12 @@ class PortfolioService:
             pending = state.pop("epoch_end", None)
             self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
-            log.info("restored ledger: epoch %d, %d positions, snapshot #%d", self.ledger.epoch,
-                     len(state["positions"]), self.seq)
+            log.info(
+                "restored ledger: epoch %d, %d positions, snapshot #%d",
+                self.ledger.epoch,
+                len(state["positions"]),
+                self.seq,
+            )
             return
         self.ledger = Ledger(self.config)
         self.epoch_end = None
@@ -138,8 +153,11 @@ class PortfolioService:
         if latest:
             report = Positions.model_validate(entry_document(latest[0][1])[1])
             self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
-            log.info("first start: seeded %d positions from the exchange (%s)", len(report.positions),
-                     self.settings.portfolio.baseline)
+            log.info(
+                "first start: seeded %d positions from the exchange (%s)",
+                len(report.positions),
+                self.settings.portfolio.baseline,
+            )
 
     async def _load_instruments(self, names: set[str] | None) -> None:
         """Instrument metadata comes from ingest's `tp:instruments` hash."""
@@ -178,7 +196,9 @@ class PortfolioService:
             if self.ledger.apply_tick(delivery.doc):
                 changed[delivery.doc.instrument] = delivery.doc
         if changed:
-            pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
+            pipe.hset(
+                self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
+            )
         if self._settlements():  # a tick of a new day settled funding: that is accounting
             self._save_ledger(pipe)
         if any(self.ledger.moves_snapshot(name) for name in changed):
@@ -210,10 +230,17 @@ class PortfolioService:
         settled = self.ledger.take_settlements()
         for s in settled:
             FUNDING_SETTLEMENTS.inc()
-            log.info("funding of %s settled at %s: funding mark %.10g, position %s, %+.6f USD realised%s",
-                     s.instrument, s.settled_ts, s.funding_mark, s.position, s.realized,
-                     f" ({s.periods - 1} day(s) without any input: their funding is not counted)"
-                     if s.periods > 1 else "")
+            log.info(
+                "funding of %s settled at %s: funding mark %.10g, position %s, %+.6f USD realised%s",
+                s.instrument,
+                s.settled_ts,
+                s.funding_mark,
+                s.position,
+                s.realized,
+                f" ({s.periods - 1} day(s) without any input: their funding is not counted)"
+                if s.periods > 1
+                else "",
+            )
         return bool(settled)
 
     async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
@@ -232,8 +259,13 @@ class PortfolioService:
                 if drift.instrument not in known:
                     known.add(drift.instrument)
                     DRIFT_EVENTS.labels(drift.instrument).inc()
-                    log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
-                                drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
+                    log.warning(
+                        "DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
+                        drift.instrument,
+                        drift.ledger_position,
+                        drift.exchange_position,
+                        drift.since,
+                    )
         settled = self._settlements()
         if self.ledger.reconciliation_state() == before and not settled:
             return

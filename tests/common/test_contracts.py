@@ -134,14 +134,25 @@ VALID: dict[type[BaseModel], dict[str, Any]] = {
         ts=TS,
     ),
     c.Control: dict(action="close_all", by="operator@host", ts=TS),
-    c.ControlAnswer: dict(control_id="1700000000000-0", action="close_all", by="operator@host",
-                          outcome="refused", reason="no_positions", detail="there is no open position to close",
-                          halt="take_profit", ts=TS),
-    c.Notification: dict(id="decision:e1-take_profit-s3-n1", kind="decision", severity="info",
-                         title="Take profit: closing everything",
-                         text="net after close +1.12 vs target +1.10",
-                         facts={"figure": 1.12, "threshold": 1.1, "command_id": "e1-take_profit-s3-n1"},
-                         ts=TS),
+    c.ControlAnswer: dict(
+        control_id="1700000000000-0",
+        action="close_all",
+        by="operator@host",
+        outcome="refused",
+        reason="no_positions",
+        detail="there is no open position to close",
+        halt="take_profit",
+        ts=TS,
+    ),
+    c.Notification: dict(
+        id="decision:e1-take_profit-s3-n1",
+        kind="decision",
+        severity="info",
+        title="Take profit: closing everything",
+        text="net after close +1.12 vs target +1.10",
+        facts={"figure": 1.12, "threshold": 1.1, "command_id": "e1-take_profit-s3-n1"},
+        ts=TS,
+    ),
     c.Halt: dict(reason="take_profit", command_id="e1-take_profit-s3", since=TS, until=TS + 60),
     c.HaltAck: dict(command_id="e1-take_profit-s3", ts=TS),
     c.DeadLetter: dict(
@@ -205,8 +216,9 @@ INVALID: list[tuple[type[BaseModel], str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("model", "field", "value", "named"), INVALID,
-                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID])
+@pytest.mark.parametrize(
+    ("model", "field", "value", "named"), INVALID, ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID]
+)
 def test_invalid_document_is_rejected_naming_the_field(
     model: type[BaseModel], field: str, value: Any, named: str
 ) -> None:
@@ -247,10 +259,12 @@ def test_a_stream_entry_validates_like_the_document(model: type[BaseModel]) -> N
         assert validate_entry(model, fields) == model.model_validate(json.loads(text))
 
 
-@pytest.mark.parametrize(("model", "field", "value", "named"), INVALID,
-                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID])
-def test_a_bad_stream_entry_is_malformed_naming_the_field(model: type[BaseModel], field: str, value: Any,
-                                                          named: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "field", "value", "named"), INVALID, ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID]
+)
+def test_a_bad_stream_entry_is_malformed_naming_the_field(
+    model: type[BaseModel], field: str, value: Any, named: str
+) -> None:
     data = dict(VALID[model])
     data[field] = value
     with pytest.raises(MalformedEntry, match=f"{model.__name__} invalid: .*{named.split(' ')[0]}"):

@@ -120,7 +120,7 @@ def test_an_expiration_and_a_liquidation_as_thalex_sends_them() -> None:
 
 
 def test_a_trade_that_cannot_be_booked_names_every_missing_field() -> None:
-    with pytest.raises(UnbookableTrade, match="^Trade: cannot be booked without trade_id, price, amount$"):
+    with pytest.raises(UnbookableTrade, match=r"^Trade: cannot be booked without trade_id, price, amount$"):
         fill_from_trade({"instrument_name": "X", "direction": "buy", "price": None}, 0.0)
 
 

@@ -189,7 +189,7 @@ async def test_injected_failures_and_order_log(
 
 @pytest.mark.asyncio
 async def test_what_the_paper_cannot_do_answers_thalex_errors(connect, keys: dict[str, KeyFiles]) -> None:
-    """Funds never move on the paper: the wallet's transfers answer 28 (no permission), its lists are empty."""
+    """Funds never move on the paper: wallet transfers answer 28 (no permission), its lists are empty."""
     client: RawClient = await connect()
     await client.login(keys["trader"])
     assert await client.result("private/crypto_deposits") == {"confirmed": [], "unconfirmed": []}
@@ -201,5 +201,9 @@ async def test_what_the_paper_cannot_do_answers_thalex_errors(connect, keys: dic
     order = {"direction": "buy", "amount": 0.1, "order_type": "market"}
     assert await client.error_code("private/insert", {**order, "legs": legs}) == 6  # two underlyings
     assert await client.error_code("private/insert", {**order, "legs": legs, "instrument_name": PERP}) == 6
-    assert await client.error_code("private/insert", {**order, "legs": [{"instrument_name": PERP, "quantity": 0.5},
-                                                                        legs[1]]}) == 6
+    assert (
+        await client.error_code(
+            "private/insert", {**order, "legs": [{"instrument_name": PERP, "quantity": 0.5}, legs[1]]}
+        )
+        == 6
+    )

@@ -227,7 +227,8 @@ async def test_options_expire_at_their_value_and_worthless_ones_pay_no_fee(
         expired = {t["instrument_name"]: t for t in trades if t["trade_type"] == "expiration"}
         # The call is worth 100000 - 95000 = 5000 at delivery; the final settlement fee is 1 bps of
         # the amount settled: 0.0001 * 5000 * 2 = 1.0. The put expires worthless: price 0, fee 0.
-        assert (expired[call]["direction"], expired[call]["price"], expired[call]["fee"]) == ("sell", 5000, 1.0)
+        call_trade = expired[call]
+        assert (call_trade["direction"], call_trade["price"], call_trade["fee"]) == ("sell", 5000, 1.0)
         assert expired[call]["position_pnl"] == pytest.approx(0.0)
         assert (expired[put]["direction"], expired[put]["price"], expired[put]["fee"]) == ("buy", 0.0, 0.0)
         assert expired[put]["position_pnl"] == pytest.approx(200.0)  # -1 * (0 - 200)

@@ -16,6 +16,7 @@ else is left out of it, and the call itself never fails for a bad channel name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -198,7 +199,7 @@ class Subscriptions:
                 channel.subscribers.add(conn)
             if family.snapshot is not None:
                 snapshot = family.snapshot
-                conn.after.append(lambda c=conn, ch=channel, s=snapshot: self._snapshot(c, ch, s))
+                conn.after.append(functools.partial(self._snapshot, conn, channel, snapshot))
         return accepted
 
     def unsubscribe(self, conn: Connection, names: list[Any]) -> list[str]:
