@@ -34,24 +34,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pydantic_core  # noqa: E402
-from portfolio_throughput import INFO, instrument, opening_fill, ticks_for  # noqa: E402
+import pydantic_core
+from portfolio_throughput import INFO, instrument, opening_fill, ticks_for
 
-from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry  # noqa: E402
-from services.common.config import Settings  # noqa: E402
-from services.common.contracts import (  # noqa: E402
-    CloseReason,
-    Command,
-    InstrumentType,
-    PositionToClose,
-    Snapshot,
-    Tick,
-)
-from services.common.signing import sign_command, verify_command  # noqa: E402
-from services.portfolio.prices import PriceGuard  # noqa: E402
-from services.portfolio.ledger import Ledger, LedgerConfig  # noqa: E402
-from services.takeprofit.app import TakeProfitService  # noqa: E402
-from services.takeprofit.rules import External, RulesEngine  # noqa: E402
+from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry
+from services.common.config import Settings
+from services.common.contracts import CloseReason, Command, InstrumentType, PositionToClose, Snapshot, Tick
+from services.common.signing import sign_command, verify_command
+from services.portfolio.ledger import Ledger, LedgerConfig
+from services.portfolio.prices import PriceGuard
+from services.takeprofit.app import TakeProfitService
+from services.takeprofit.rules import External, RulesEngine
 
 
 def per_call_ms(call: Any, seconds: float = 1.0) -> float:
@@ -66,7 +59,9 @@ def row(what: str, now_ms: float, before_ms: float) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--positions", type=int, default=1000)
     parser.add_argument("--trade-ids", type=int, default=10_000)
     args = parser.parse_args()
@@ -82,12 +77,15 @@ def main() -> int:
     snapshot = ledger.snapshot(1, now, 3600.0)
     tick = ticks_for(1, 1, now)[0]
 
-    print(f"1) validating one stream entry (now: validate_entry; before: json.loads + model_validate)")
-    for name, model, doc in (("tick", Tick, tick), (f"snapshot, {args.positions} positions", Snapshot, snapshot)):
+    print("1) validating one stream entry (now: validate_entry; before: json.loads + model_validate)")
+    for name, model, doc in (
+        ("tick", Tick, tick),
+        (f"snapshot, {args.positions} positions", Snapshot, snapshot),
+    ):
         text = encode_document(doc)
         fields = {DATA_FIELD.encode(): text.encode()}
-        row(f"{name} ({len(text):,} bytes)", per_call_ms(lambda: validate_entry(model, fields)),
-            per_call_ms(lambda: model.model_validate(json.loads(text))))
+        row(f"{name} ({len(text):,} bytes)", per_call_ms(lambda m=model, f=fields: validate_entry(m, f)),
+            per_call_ms(lambda m=model, t=text: m.model_validate(json.loads(t))))
 
     engine = RulesEngine(Settings().portfolio_take_profit)
     engine.on_snapshot(snapshot, now, External())
@@ -97,17 +95,26 @@ def main() -> int:
 
     state = ledger.to_state(with_ticks=False)
     size = len(pydantic_core.to_json(state))
-    print(f"3) the portfolio's ledger checkpoint ({args.positions} instruments, "
-          f"{min(args.trade_ids, LedgerConfig.from_settings(Settings()).dedup_window):,} remembered trade ids, "
-          f"{size / 1000:,.0f} KB)")
-    row("to_state + pydantic_core.to_json",
-        per_call_ms(lambda: pydantic_core.to_json(ledger.to_state(with_ticks=False), inf_nan_mode="constants")),
-        per_call_ms(lambda: json.dumps(ledger.to_state(with_ticks=False))))
+    print(
+        f"3) the portfolio's ledger checkpoint ({args.positions} instruments, "
+        f"{min(args.trade_ids, LedgerConfig.from_settings(Settings()).dedup_window):,} remembered trade ids, "
+        f"{size / 1000:,.0f} KB)"
+    )
+    row(
+        "to_state + pydantic_core.to_json",
+        per_call_ms(
+            lambda: pydantic_core.to_json(ledger.to_state(with_ticks=False), inf_nan_mode="constants")
+        ),
+        per_call_ms(lambda: json.dumps(ledger.to_state(with_ticks=False))),
+    )
 
     print("4) take-profit's snapshot handler when it decides (one position, pipeline never sent)")
     logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),  # noqa: SIM115 - open until exit
                         format="%(asctime)s takeprofit %(levelname)s %(name)s: %(message)s")
-    print(f"  {'TakeProfitService.on_snapshots, median of 2,000':<58} {asyncio.run(deciding_handler_ms()):9.4f} ms")
+    print(
+        f"  {'TakeProfitService.on_snapshots, median of 2,000':<58} "
+        f"{asyncio.run(deciding_handler_ms()):9.4f} ms"
+    )
 
     print("5) issue 21's checks on the reaction's path")
     guard = PriceGuard()
@@ -115,13 +122,15 @@ def main() -> int:
     guard.trust(tick)
     later = tick.model_copy(update={"exchange_ts": tick.exchange_ts + 1.0})
     print(f"  {'PriceGuard.check, one plausible tick':<58} {per_call_ms(lambda: guard.check(later)):9.4f} ms")
+    position = PositionToClose(instrument=tick.instrument, amount=0.01, exit_price=1.0, mark=1.0)
     command = Command(command_id="e1-take_profit-s1-n1", epoch=1, reason=CloseReason.TAKE_PROFIT,
-                      positions=[PositionToClose(instrument=tick.instrument, amount=0.01, exit_price=1.0, mark=1.0)],
-                      snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=now, deadline_ts=now + 30)
+                      positions=[position], snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=now,
+                      deadline_ts=now + 30)
     key = b"k" * 32
     signed = sign_command(command, key)
     print(f"  {'sign_command, one position':<58} {per_call_ms(lambda: sign_command(command, key)):9.4f} ms")
-    print(f"  {'verify_command, one position':<58} {per_call_ms(lambda: verify_command(signed, key)):9.4f} ms")
+    verifying = per_call_ms(lambda: verify_command(signed, key))
+    print(f"  {'verify_command, one position':<58} {verifying:9.4f} ms")
     return 0
 
 

@@ -26,12 +26,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from redis.asyncio import Redis  # noqa: E402
+from redis.asyncio import Redis
 
-from services.common.bus import Bus, Delivery  # noqa: E402
-from services.common.contracts import Tick  # noqa: E402
-from services.common.redis_server import RedisServer  # noqa: E402
-from services.common.streams import Names  # noqa: E402
+from services.common.bus import Bus, Delivery
+from services.common.contracts import Tick
+from services.common.redis_server import RedisServer
+from services.common.streams import Names
 
 PRODUCER = r"""
 import json, sys, time
@@ -89,10 +89,16 @@ async def run(count: int, gap_ms: float) -> None:
         finally:
             server.stop()
     print(f"bus hop, {len(arrival)} entries one at a time ({gap_ms:g} ms apart), producer in another process")
-    for name, values in (("XADD sent -> handler has it", arrival), ("handler -> ack transaction answered", handled),
-                         ("bare redis-py: XADD sent -> reply read", bare)):
-        print(f"  {name:<38} p50 {pct(values, 50):6.3f}  p90 {pct(values, 90):6.3f}  p99 {pct(values, 99):6.3f}  "
-              f"mean {statistics.fmean(values):6.3f} ms")
+    for name, values in (
+        ("XADD sent -> handler has it", arrival),
+        ("handler -> ack transaction answered", handled),
+        ("bare redis-py: XADD sent -> reply read", bare),
+    ):
+        print(
+            f"  {name:<38} p50 {pct(values, 50):6.3f}  p90 {pct(values, 90):6.3f}  "
+            f"p99 {pct(values, 99):6.3f}  "
+            f"mean {statistics.fmean(values):6.3f} ms"
+        )
 
 
 async def bare_hops(url: str, stream: str, count: int, gap_ms: float) -> list[float]:
@@ -116,7 +122,9 @@ async def bare_hops(url: str, stream: str, count: int, gap_ms: float) -> list[fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--gap-ms", type=float, default=5.0)
     args = parser.parse_args()

@@ -56,7 +56,7 @@ async def one_run(redis_url: str, workdir: Path, run: int, rate: float) -> float
             command = make_command(held, deadline=30)
             started = time.perf_counter()
             await send(redis, names, command)
-            got = await wait_outcome(redis, names, command.command_id, timeout=60)
+            got = await wait_outcome(redis, names, command.command_id, within=60)
             elapsed = time.perf_counter() - started
         assert got[-1].status is ReportStatus.COMPLETED, got[-1]
         assert all(p == 0 for p in account_positions(paper).values())

@@ -34,20 +34,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.bus import Bus
 from services.common.config import Settings
 from services.common.contracts import Tick
 from services.common.redis_server import RedisServer
-from services.common.service import Health
+from services.common.service import Health, tune_gc_for_latency
 from services.common.streams import Names
-from services.common.service import tune_gc_for_latency
 from services.ingest.app import Ingest
 from services.paper.testing import make_keys
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,6 +81,14 @@ async def control(url: str, method: str, params: dict) -> dict:
             answer = json.loads(await ws.recv())
             if answer.get("id") == 1:
                 return answer["result"]
+
+
+async def until(condition: Callable[[], bool], interval: float = 0.05) -> None:
+    """Poll `condition`: the state of other processes, which nothing here can signal."""
+    while True:
+        if condition():
+            return
+        await asyncio.sleep(interval)
 
 
 async def bench(redis_url: str, count: int, instruments: int, profile: bool, backlog: float) -> None:
@@ -117,8 +126,8 @@ async def bench(redis_url: str, count: int, instruments: int, profile: bool, bac
 
         ingest.on_notification = counting  # type: ignore[method-assign]
         task = asyncio.create_task(ingest.run())
-        while not (ingest.session and ingest.session.ready and len(ingest.channels) >= len(watch)):
-            await asyncio.sleep(0.05)
+        await until(lambda: bool(ingest.session and ingest.session.ready)  # logged in, following all
+                    and len(ingest.channels) >= len(watch))
         await asyncio.sleep(0.5)
         received.clear()
         written.clear()
@@ -136,8 +145,7 @@ async def bench(redis_url: str, count: int, instruments: int, profile: bool, bac
         thawed = time.time()
         results = await bursts
         expected = per_instrument * len(watch)
-        while len(received) < expected and time.time() - started < 120:
-            await asyncio.sleep(0.05)
+        await until(lambda: len(received) >= expected or time.time() - started >= 120)  # all, or 2 minutes
         await asyncio.sleep(0.2)
         if profiler:
             profiler.disable()
@@ -158,15 +166,21 @@ async def bench(redis_url: str, count: int, instruments: int, profile: bool, bac
     exchange_latency = [(at - t.exchange_ts) * 1000 for at, ticks in written for t in ticks]
     wire_latency = [(t.ingest_ts - t.exchange_ts) * 1000 for _, ticks in written for t in ticks]
     ingest_latency = [(at - t.ingest_ts) * 1000 for at, ticks in written for t in ticks]
-    print(f"instruments: {len(watch)}  ticker updates sent: {expected} (paper sent them in {send_seconds:.2f} s)")
+    print(
+        f"instruments: {len(watch)}  ticker updates sent: {expected} "
+        f"(paper sent them in {send_seconds:.2f} s)"
+    )
     print(f"received by ingest: {len(received)} in {span:.2f} s = {len(received) / span:,.0f} ticks/s")
     print(f"written to Redis:   {len(entries)} entries in {len(written)} round trips "
           f"= {len(entries) / span:,.0f} entries/s (newest per instrument kept while a round trip runs)")
     for label, values in (("exchange mark -> in Redis", exchange_latency),
                           ("exchange mark -> ingest receive (the paper's send queue)", wire_latency),
                           ("ingest receive -> in Redis (what ingest adds)", ingest_latency)):
-        print(f"latency {label}:\n    p50 {statistics.median(values):.2f} ms  p99 {percentile(values, 0.99):.2f} ms"
-              f"  max {max(values):.2f} ms")
+        print(
+            f"latency {label}:\n    p50 {statistics.median(values):.2f} ms  "
+            f"p99 {percentile(values, 0.99):.2f} ms"
+            f"  max {max(values):.2f} ms"
+        )
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
@@ -184,13 +198,20 @@ async def _instrument_names(url: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--instruments", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="cProfile ingest during the burst")
-    parser.add_argument("--backlog", type=float, default=0.0, metavar="SECONDS",
-                        help="freeze ingest this long while the exchange queues the burst, then measure how "
-                             "fast it drains the backlog (ingest's own ceiling, not the exchange's send rate)")
+    parser.add_argument(
+        "--backlog",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="freeze ingest this long while the exchange queues the burst, then measure how "
+        "fast it drains the backlog (ingest's own ceiling, not the exchange's send rate)",
+    )
     args = parser.parse_args()
     tune_gc_for_latency()  # ingest runs in this process: tune it as service_main does in production
     if url := os.environ.get("REDIS_URL"):

@@ -80,8 +80,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(name: str, values_ms: list[float]) -> str:
-    return (f"{name:<34} n={len(values_ms):<4} p50 {pct(values_ms, 50):8.2f}  p90 {pct(values_ms, 90):8.2f}  "
-            f"p99 {pct(values_ms, 99):8.2f}  max {max(values_ms):8.2f}  mean {statistics.fmean(values_ms):8.2f} ms")
+    return (
+        f"{name:<34} n={len(values_ms):<4} p50 {pct(values_ms, 50):8.2f}  p90 {pct(values_ms, 90):8.2f}  "
+        f"p99 {pct(values_ms, 99):8.2f}  max {max(values_ms):8.2f}  "
+        f"mean {statistics.fmean(values_ms):8.2f} ms"
+    )
 
 
 async def snapshots_since(pipeline: Pipeline, since: float) -> list[dict[str, Any]]:
@@ -110,7 +113,8 @@ async def last_id(pipeline: Pipeline, stream: str) -> str:
 
 
 async def crossing_tick(pipeline: Pipeline, since: float, sent: float) -> tuple[int, dict[str, Any]]:
-    """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time (id, ms)."""
+    """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time
+    (id, ms)."""
     for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
         if doc and doc.get("instrument") == PERP and doc.get("bids") and doc["bids"][0][0] > P0 + CROSS / 2 \
                 and doc["ingest_ts"] >= sent:
@@ -128,9 +132,11 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         held = {p["instrument"]: p["position"] for p in snap["positions"]}
         return abs(held.get(PERP, 0.0) - AMOUNT) < 1e-9 and snap["net_after_close"] < 0
 
-    await pipeline.control("paper/trade", {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy",
-                                           "amount": AMOUNT, "price": P0})
-    await eventually(ready, timeout=20, interval=0.01)
+    await pipeline.control(
+        "paper/trade",
+        {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy", "amount": AMOUNT, "price": P0},
+    )
+    await eventually(ready, within=20, interval=0.01)
     commands_from, reports_from = await last_id(pipeline, pipeline.names.commands), \
         await last_id(pipeline, pipeline.names.reports)
     await asyncio.sleep(0.05)
@@ -144,7 +150,7 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
                  if doc and "command_id" in doc]
         return fresh[0] if fresh else None
 
-    command = await eventually_value(new_command, timeout=20, interval=0.05)
+    command = await eventually_value(new_command, within=20, interval=0.05)
 
     async def outcome() -> list[dict[str, Any]] | None:
         reports = [doc for _, doc in await _range_of(pipeline, pipeline.names.reports, f"({reports_from}")
@@ -152,15 +158,19 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         done = any(r["status"] in ("completed", "failed") and not r.get("instrument") for r in reports)
         return reports if done else None
 
-    reports = await eventually_value(outcome, timeout=20, interval=0.05)
-    final = next(r["status"] for r in reports if r["status"] in ("completed", "failed") and not r.get("instrument"))
+    reports = await eventually_value(outcome, within=20, interval=0.05)
+    final = next(
+        r["status"] for r in reports if r["status"] in ("completed", "failed") and not r.get("instrument")
+    )
     if final != "completed":
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
     tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
     crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
-    ticker_row, book_row = (next(r for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book"))
+    ticker_row, book_row = (
+        next(r for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book")
+    )
     first = min(ticker_row, book_row, key=lambda r: r["sent"] or r["time"])
     t_tick = first["sent"] or first["time"]
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
@@ -175,15 +185,25 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
     received = next(r["ts"] for r in reports if r["status"] == "received")
     # flat again and the cool-down over before the next trial
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
-    return {"latency": t_order - t_tick, "tick_to_snapshot": crossing["ts"] - t_tick,
-            "tick_to_ingest": tick["ingest_ts"] - t_tick, "ingest_to_redis": tick_id / 1000 - tick["ingest_ts"],
-            "redis_to_snapshot": crossing["ts"] - tick_id / 1000,
-            "command_to_received": received - command["created_ts"], "received_to_order": t_order - received,
-            "received_to_cancel": t_cancel - received, "cancel_at_exchange": t_cancel_done - t_cancel,
-            "cancel_to_order": t_order - t_cancel_done,
-            "snapshot_to_command": command["created_ts"] - crossing["ts"], "paper_queue": t_tick - first["time"],
-            "book_after_ticker": (book_row["sent"] or book_row["time"]) - (ticker_row["sent"] or ticker_row["time"]),
-            "command_to_order": t_order - command["created_ts"], "t_tick": t_tick, "t_snap": crossing["ts"]}
+    return {
+        "latency": t_order - t_tick,
+        "tick_to_snapshot": crossing["ts"] - t_tick,
+        "tick_to_ingest": tick["ingest_ts"] - t_tick,
+        "ingest_to_redis": tick_id / 1000 - tick["ingest_ts"],
+        "redis_to_snapshot": crossing["ts"] - tick_id / 1000,
+        "command_to_received": received - command["created_ts"],
+        "received_to_order": t_order - received,
+        "received_to_cancel": t_cancel - received,
+        "cancel_at_exchange": t_cancel_done - t_cancel,
+        "cancel_to_order": t_order - t_cancel_done,
+        "snapshot_to_command": command["created_ts"] - crossing["ts"],
+        "paper_queue": t_tick - first["time"],
+        "book_after_ticker": (book_row["sent"] or book_row["time"])
+        - (ticker_row["sent"] or ticker_row["time"]),
+        "command_to_order": t_order - command["created_ts"],
+        "t_tick": t_tick,
+        "t_snap": crossing["ts"],
+    }
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -210,7 +230,10 @@ async def main_async(args: argparse.Namespace) -> int:
     for r in rows:
         wait = (phase - r["t_snap"]) % POLL_SECONDS
         baseline.append(r["tick_to_snapshot"] + wait + r["command_to_order"])
-    ms = lambda key: [r[key] * 1000 for r in rows]
+
+    def ms(key: str) -> list[float]:
+        return [r[key] * 1000 for r in rows]
+
     print(f"\nreaction latency, {len(rows)} trials (services as processes, Redis AOF, paper exchange; "
           f"{args.warmup} warm-up trials not counted)")
     for label, key in BREAKDOWN:
@@ -218,14 +241,19 @@ async def main_async(args: argparse.Namespace) -> int:
     base_ms = [b * 1000 for b in baseline]
     print(summary("baseline: 2 s polling loop (sim.)", base_ms))
     ours = ms("latency")
-    print(f"ratio baseline/ours: p50 {pct(base_ms, 50) / pct(ours, 50):.0f}x, p99 {pct(base_ms, 99) / pct(ours, 99):.0f}x"
-          f", mean {statistics.fmean(base_ms) / statistics.fmean(ours):.0f}x")
+    print(
+        f"ratio baseline/ours: p50 {pct(base_ms, 50) / pct(ours, 50):.0f}x, "
+        f"p99 {pct(base_ms, 99) / pct(ours, 99):.0f}x"
+        f", mean {statistics.fmean(base_ms) / statistics.fmean(ours):.0f}x"
+    )
     print(f"invariants after the run: {figures}")
     return 0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)

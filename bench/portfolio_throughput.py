@@ -42,9 +42,19 @@ def instrument(i: int) -> str:
 
 
 def opening_fill(i: int, now: float) -> Fill:
-    return Fill(trade_id=f"open-{i}", order_id=f"o{i}", instrument=instrument(i), side="buy" if i % 2 else "sell",
-                price=100.0 + i, amount=0.01, fee=0.0005, fee_rate=0.0005, liquidity="taker",
-                exchange_ts=now, ingest_ts=now)
+    return Fill(
+        trade_id=f"open-{i}",
+        order_id=f"o{i}",
+        instrument=instrument(i),
+        side="buy" if i % 2 else "sell",
+        price=100.0 + i,
+        amount=0.01,
+        fee=0.0005,
+        fee_rate=0.0005,
+        liquidity="taker",
+        exchange_ts=now,
+        ingest_ts=now,
+    )
 
 
 def ticks_for(n: int, count: int, now: float) -> list[Tick]:
@@ -98,7 +108,9 @@ hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split(
 print(int(hwm) / 1024, state_bytes)
 """
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     print(f"2) {count:,} fills on 1,000 instruments: peak RSS {float(out[0]):.0f} MB "
           f"(checkpoint {int(out[1]) / 1e6:.1f} MB), {count / (time.perf_counter() - start):,.0f} fills/s")
 
@@ -111,7 +123,9 @@ async def service_throughput(tick_count: int, batch_size: int) -> None:
             names = Names("bench")
             redis = Redis.from_url(server.url)
             now = time.time()
-            await redis.hset(names.instruments, mapping={instrument(i): INFO.model_dump_json() for i in range(1000)})
+            await redis.hset(
+                names.instruments, mapping={instrument(i): INFO.model_dump_json() for i in range(1000)}
+            )
             async with redis.pipeline(transaction=False) as pipe:
                 for i in range(1000):
                     pipe.xadd(names.fills, {DATA_FIELD: encode_document(opening_fill(i, now))})
@@ -127,8 +141,9 @@ async def service_throughput(tick_count: int, batch_size: int) -> None:
                               f"[portfolio]\nbatch_size = {batch_size}\nstale_after_seconds = 100000\n")
             env = {**os.environ, "PYTHONPATH": str(REPO), "TP_LOG_LEVEL": "WARNING"}
             start = time.perf_counter()
-            process = subprocess.Popen([sys.executable, "-m", "services.portfolio", "--config", str(config),
-                                        "--metrics-port", "0"], env=env, cwd=REPO)
+            process = subprocess.Popen(  # noqa: ASYNC220 - started once, the bench's only work meanwhile
+                [sys.executable, "-m", "services.portfolio", "--config", str(config), "--metrics-port", "0"],
+                env=env, cwd=REPO)
             try:
                 while True:
                     groups = await redis.xinfo_groups(names.ticks) if await redis.exists(names.ticks) else []
@@ -161,7 +176,9 @@ def _child_usage(pid: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ticks", type=int, default=200_000)
     parser.add_argument("--fills", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=500)

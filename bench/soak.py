@@ -33,27 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.harness import EXECUTOR_KEY, INGEST_KEY, SERVICES, Pipeline, Trader
 
-MALFORMED = [{"__data__": "not json {"}, {"__data__": "[]"}, {"__data__": '{"v": 1}'}, {"unexpected": "x"},
-             {"__data__": '{"v": 1, "instrument": "BTC-PERPETUAL", "mark": NaN, "exchange_ts": 1, "ingest_ts": 1}'}]
+MALFORMED = [
+    {"__data__": "not json {"},
+    {"__data__": "[]"},
+    {"__data__": '{"v": 1}'},
+    {"unexpected": "x"},
+    {"__data__": '{"v": 1, "instrument": "BTC-PERPETUAL", "mark": NaN, "exchange_ts": 1, "ingest_ts": 1}'},
+]
 
 
 async def fault(pipeline: Pipeline, kind: str, rng: random.Random) -> tuple[str, Any]:
     """Inject one fault; returns (detail, the `during` callback for the closure that follows or None)."""
     if kind.startswith("kill "):
-        service = kind.split()[1]
-        if rng.random() < 0.5:
-            await asyncio.sleep(rng.uniform(0, 1.5))
-            pipeline.kill(service)
-            await asyncio.sleep(rng.uniform(0.1, 1.0))
-            took = await pipeline.start_service(service)
-            return f"random moment, healthy in {took:.2f} s", None
-
-        async def mid(command: dict[str, Any]) -> None:
-            await asyncio.sleep(rng.uniform(0, 0.2))
-            pipeline.kill(service)
-            await asyncio.sleep(0.3)
-            await pipeline.start_service(service)
-        return "mid-closure", mid
+        return await _kill(pipeline, kind.split()[1], rng)
     if kind == "redis restart":
         took = await pipeline.restart_redis(down_seconds=rng.uniform(0.1, 1.0))
         return f"all healthy {took:.2f} s after Redis was back", None
@@ -66,37 +58,71 @@ async def fault(pipeline: Pipeline, kind: str, rng: random.Random) -> tuple[str,
         return "mid-closure, insert in flight", mid_order
     if kind.startswith("drop "):
         key = INGEST_KEY if kind.endswith("ingest") else EXECUTOR_KEY
-        n = (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": rng.random() < 0.5}))["dropped"]
+        n = (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": rng.random() < 0.5}))[
+            "dropped"
+        ]
         return f"{n} dropped", None
     if kind.startswith("error "):
         code = int(kind.split()[1])
         count = rng.randint(1, 3)
-        await pipeline.control("paper/fail_next", {"count": count, "code": code, "methods": ["private/insert"],
-                                                   "key_id": EXECUTOR_KEY})
+        await pipeline.control(
+            "paper/fail_next",
+            {"count": count, "code": code, "methods": ["private/insert"], "key_id": EXECUTOR_KEY},
+        )
         return f"next {count} inserts refused", None
     if kind == "duplicate+reorder":
-        assert pipeline.redis is not None
-        fills = await pipeline.redis.xrevrange(pipeline.names.fills, count=50)
-        ticks = await pipeline.redis.xrevrange(pipeline.names.ticks, count=100)
-        for _, fields in fills:
-            await pipeline.xadd_raw(pipeline.names.fills, fields)
-        for _, fields in ticks:
-            await pipeline.xadd_raw(pipeline.names.ticks, fields)
-        return f"{len(fills)} fills and {len(ticks)} ticks re-added newest first", None
+        return await _duplicate_and_reorder(pipeline), None
     if kind == "malformed":
-        assert pipeline.redis is not None
-        streams = [pipeline.names.fills, pipeline.names.ticks, pipeline.names.snapshots, pipeline.names.commands,
-                   pipeline.names.reports]
-        async with pipeline.redis.pipeline(transaction=False) as pipe:
-            for n in range(1000):
-                pipe.xadd(streams[n % len(streams)], MALFORMED[n % len(MALFORMED)])
-            ids = await pipe.execute()
-        for n, entry_id in enumerate(ids):
-            stream = streams[n % len(streams)]
-            pipeline.injected[stream].add(entry_id.decode())
-            pipeline.malformed[stream].add(entry_id.decode())
-        return "1,000 entries on 5 streams", None
+        return await _malformed(pipeline), None
     raise ValueError(kind)
+
+
+async def _kill(pipeline: Pipeline, service: str, rng: random.Random) -> tuple[str, Any]:
+    """kill -9 of one service at a random moment, or in the middle of the next closure."""
+    if rng.random() < 0.5:
+        await asyncio.sleep(rng.uniform(0, 1.5))
+        pipeline.kill(service)
+        await asyncio.sleep(rng.uniform(0.1, 1.0))
+        took = await pipeline.start_service(service)
+        return f"random moment, healthy in {took:.2f} s", None
+
+    async def mid(command: dict[str, Any]) -> None:
+        await asyncio.sleep(rng.uniform(0, 0.2))
+        pipeline.kill(service)
+        await asyncio.sleep(0.3)
+        await pipeline.start_service(service)
+    return "mid-closure", mid
+
+
+async def _duplicate_and_reorder(pipeline: Pipeline) -> str:
+    assert pipeline.redis is not None
+    fills = await pipeline.redis.xrevrange(pipeline.names.fills, count=50)
+    ticks = await pipeline.redis.xrevrange(pipeline.names.ticks, count=100)
+    for _, fields in fills:
+        await pipeline.xadd_raw(pipeline.names.fills, fields)
+    for _, fields in ticks:
+        await pipeline.xadd_raw(pipeline.names.ticks, fields)
+    return f"{len(fills)} fills and {len(ticks)} ticks re-added newest first"
+
+
+async def _malformed(pipeline: Pipeline) -> str:
+    assert pipeline.redis is not None
+    streams = [
+        pipeline.names.fills,
+        pipeline.names.ticks,
+        pipeline.names.snapshots,
+        pipeline.names.commands,
+        pipeline.names.reports,
+    ]
+    async with pipeline.redis.pipeline(transaction=False) as pipe:
+        for n in range(1000):
+            pipe.xadd(streams[n % len(streams)], MALFORMED[n % len(MALFORMED)])
+        ids = await pipe.execute()
+    for n, entry_id in enumerate(ids):
+        stream = streams[n % len(streams)]
+        pipeline.injected[stream].add(entry_id.decode())
+        pipeline.malformed[stream].add(entry_id.decode())
+    return "1,000 entries on 5 streams"
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -133,7 +159,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     trader.start()
                 result = f"ok ({outcome}; {figures['trades']} trades, {figures['commands']} closures so far)"
                 outcomes[kind]["ok"] += 1
-            except Exception as exc:  # noqa: BLE001 - a violated invariant ends the soak, reported
+            except Exception as exc:
                 result = f"FAILED: {exc!s:.300}"
                 outcomes[kind]["failed"] += 1
                 traceback.print_exc()
@@ -156,7 +182,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir")

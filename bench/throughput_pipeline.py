@@ -1,4 +1,5 @@
-"""Throughput of ingest -> portfolio -> takeprofit, services as processes, with 10 / 100 / 1,000 open positions.
+"""Throughput of ingest -> portfolio -> takeprofit, services as processes, with 10 / 100 / 1,000 open
+positions.
 
     .venv/bin/python bench/throughput_pipeline.py [--positions 10 100 1000] [--rates 500 1000 2000 4000 8000]
                                                   [--seconds 5] [--profile DIR]
@@ -31,17 +32,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.harness import PERP, TRADER_KEY, Pipeline
 
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+
 OVERRIDES = {
-    "portfolio_take_profit": {"min_profit_usd": 1e9, "partial_profit_threshold": 1e8, "partial_close_fraction": 0.0,
-                              "emergency_close_threshold": -1e9, "max_position_age_hours": 1e6,
-                              "close_before_expiry_minutes": 0.0},
+    "portfolio_take_profit": {
+        "min_profit_usd": 1e9,
+        "partial_profit_threshold": 1e8,
+        "partial_close_fraction": 0.0,
+        "emergency_close_threshold": -1e9,
+        "max_position_age_hours": 1e6,
+        "close_before_expiry_minutes": 0.0,
+    },
     "portfolio": {"stale_after_seconds": 3600.0},
     "ingest": {"watch_list": [PERP], "ticker_delay": "raw"},
 }
@@ -60,7 +68,9 @@ def serve_paper(argv: list[str]) -> int:
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         market = self.market
-        template = next(i for i in market.instruments.values() if i.kind == "option" and i.underlying == "BTCUSD")
+        template = next(
+            i for i in market.instruments.values() if i.kind == "option" and i.underlying == "BTCUSD"
+        )
         for n in range(extra):
             strike = 60000 + 50 * n
             name = f"BTC-X{n}-{strike}-{'C' if n % 2 else 'P'}"
@@ -101,7 +111,7 @@ async def open_positions(pipeline: Pipeline, count: int) -> None:
         snap = await pipeline.latest_snapshot()
         return snap is not None and sum(1 for p in snap["positions"] if p["position"] != 0) >= count
     from tests.e2e.harness import eventually
-    await eventually(followed, timeout=120, interval=0.5)
+    await eventually(followed, within=120, interval=0.5)
 
 
 async def ingest_counters(pipeline: Pipeline) -> tuple[float, float]:
@@ -134,7 +144,9 @@ async def stream_len(pipeline: Pipeline, stream: str) -> int:
     return int(info.get("entries-added", info["length"]))
 
 
-async def offer(pipeline: Pipeline, rate: int, seconds: float, profile: Path | None, n: int) -> dict[str, Any]:
+async def offer(
+    pipeline: Pipeline, rate: int, seconds: float, profile: Path | None, n: int
+) -> dict[str, Any]:
     procs = {name: psutil.Process(pipeline.procs[name].pid) for name in (*SERVICE_NAMES, "paper")}
     cpu0 = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
     ticks0 = await stream_len(pipeline, pipeline.names.ticks)
@@ -142,7 +154,7 @@ async def offer(pipeline: Pipeline, rate: int, seconds: float, profile: Path | N
     snaps0 = await stream_len(pipeline, pipeline.names.snapshots)
     spies = []
     if profile is not None and shutil.which("py-spy"):
-        profile.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(profile.mkdir, parents=True, exist_ok=True)
         for name in ("ingest", "portfolio"):
             spies.append(subprocess.Popen(["py-spy", "record", "--pid", str(procs[name].pid), "--duration",  # noqa: ASYNC220 - py-spy, fire and forget
                                            str(int(seconds)), "--rate", "200", "--output",
@@ -184,10 +196,12 @@ async def offer(pipeline: Pipeline, rate: int, seconds: float, profile: Path | N
             "cpu": {name: 100 * (cpu1[name] - cpu0[name]) / elapsed for name in procs}, "rss": rss}
 
 
-async def run_for(count: int, rates: list[int], seconds: float, profile: Path | None, workdir: Path) -> list[dict]:
+async def run_for(
+    count: int, rates: list[int], seconds: float, profile: Path | None, workdir: Path
+) -> list[dict]:
     extra = max(0, count - 20)
     pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace="tp",
-                        paper_module=[str(Path(__file__).resolve()), "--serve-paper", "--extra", str(extra)])
+                        paper_module=[str(HERE), "--serve-paper", "--extra", str(extra)])
     await pipeline.start()
     rows = []
     try:
@@ -197,12 +211,19 @@ async def run_for(count: int, rates: list[int], seconds: float, profile: Path | 
         for i, rate in enumerate(rates):
             row = await offer(pipeline, rate, seconds, profile if i == len(rates) - 1 else None, count)
             rows.append(row)
-            print(f"  {count:>5} positions  offered {rate:>6}/s  sent {row['sent_per_s']:8.0f}/s  "
-                  f"ingest got {row['received_per_s']:7.0f}/s wrote {row['ingest_per_s']:6.0f}/s  snapshots {row['snapshots_per_s']:6.0f}/s  "
-                  f"lag pf {row['lag_portfolio']:>6} tp {row['lag_takeprofit']:>5}  drain {row['drain_s']:5.2f} s  "
-                  f"{'bounded' if row['bounded'] else 'NOT bounded'}  "
-                  f"CPU% " + " ".join(f"{k[:4]} {v:4.0f}" for k, v in row["cpu"].items()) + "  RSS MB " +
-                  " ".join(f"{k[:4]} {v:4.0f}" for k, v in row["rss"].items()), flush=True)
+            print(
+                f"  {count:>5} positions  offered {rate:>6}/s  sent {row['sent_per_s']:8.0f}/s  "
+                f"ingest got {row['received_per_s']:7.0f}/s wrote {row['ingest_per_s']:6.0f}/s  "
+                f"snapshots {row['snapshots_per_s']:6.0f}/s  "
+                f"lag pf {row['lag_portfolio']:>6} tp {row['lag_takeprofit']:>5}  "
+                f"drain {row['drain_s']:5.2f} s  "
+                f"{'bounded' if row['bounded'] else 'NOT bounded'}  "
+                f"CPU% "
+                + " ".join(f"{k[:4]} {v:4.0f}" for k, v in row["cpu"].items())
+                + "  RSS MB "
+                + " ".join(f"{k[:4]} {v:4.0f}" for k, v in row["rss"].items()),
+                flush=True,
+            )
             if not row["bounded"] and i + 1 < len(rates) and rows[-2:-1] and not rows[-2]["bounded"]:
                 break  # two unbounded in a row: no point going higher
     finally:
@@ -214,11 +235,14 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-throughput-"))
     results = {}
     for count in args.positions:
-        results[count] = await run_for(count, args.rates, args.seconds, Path(args.profile) if args.profile else None,
-                                       workdir)
-    print("\n| open positions | largest offered rate with bounded lag (ticks/s) | "
-          "CPU % of a core at that rate: ingest / portfolio / takeprofit / paper | RSS MB ingest / portfolio / "
-          "takeprofit |")
+        results[count] = await run_for(
+            count, args.rates, args.seconds, Path(args.profile) if args.profile else None, workdir
+        )
+    print(
+        "\n| open positions | largest offered rate with bounded lag (ticks/s) | "
+        "CPU % of a core at that rate: ingest / portfolio / takeprofit / paper | RSS MB ingest / portfolio / "
+        "takeprofit |"
+    )
     print("|---|---|---|---|")
     for count, rows in results.items():
         good = [r for r in rows if r["bounded"]]
@@ -227,18 +251,23 @@ async def main_async(args: argparse.Namespace) -> int:
             continue
         best = max(good, key=lambda r: r["received_per_s"])
         c, m = best["cpu"], best["rss"]
-        print(f"| {count} | {best['received_per_s']:.0f} received by ingest (offered {best['rate']}; "
-              f"{best['ingest_per_s']:.0f} written after coalescing, {best['snapshots_per_s']:.0f} snapshots/s) | "
-              f"{c['ingest']:.0f} / "
-              f"{c['portfolio']:.0f} / {c['takeprofit']:.0f} / {c['paper']:.0f} | {m['ingest']:.0f} / "
-              f"{m['portfolio']:.0f} / {m['takeprofit']:.0f} |")
+        print(
+            f"| {count} | {best['received_per_s']:.0f} received by ingest (offered {best['rate']}; "
+            f"{best['ingest_per_s']:.0f} written after coalescing, "
+            f"{best['snapshots_per_s']:.0f} snapshots/s) | "
+            f"{c['ingest']:.0f} / "
+            f"{c['portfolio']:.0f} / {c['takeprofit']:.0f} / {c['paper']:.0f} | {m['ingest']:.0f} / "
+            f"{m['portfolio']:.0f} / {m['takeprofit']:.0f} |"
+        )
     return 0
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-paper":
         return serve_paper(sys.argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--positions", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rates", type=int, nargs="+", default=[2000, 5000, 10000, 20000])
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
@@ -85,10 +87,12 @@ class Quoter:
     async def run(self) -> None:
         await self.client.connect()
         receiver = asyncio.create_task(self.receive())
-        key = open(self.args.key_file, encoding="utf-8").read()
+        key = await asyncio.to_thread(Path(self.args.key_file).read_text, encoding="utf-8")
         answer = await self.request("login", key_id=self.args.key_id, private_key=key)
         if "error" in answer:
-            raise SystemExit(f"quoter: login failed for key id {self.args.key_id}: {answer['error']['message']}")
+            raise SystemExit(
+                f"quoter: login failed for key id {self.args.key_id}: {answer['error']['message']}"
+            )
         await self.request("set_cancel_on_disconnect", timeout_secs=5)
         instrument = await self.request("instrument", instrument_name=self.args.instrument)
         self.tick_size = float(instrument["result"]["tick_size"])
@@ -139,9 +143,16 @@ class Quoter:
     async def place(self, side: str, price: float) -> None:
         if await self.redis.exists(self.halt_key):  # re-checked right before sending: the race is ~1 ms
             return
-        answer = await self.request("insert", direction=thalex.Direction(side), instrument_name=self.args.instrument,
-                                    amount=self.args.size, price=price, order_type=thalex.OrderType.LIMIT,
-                                    post_only=True, label=f"quoter-{self.args.name}"[:32])
+        answer = await self.request(
+            "insert",
+            direction=thalex.Direction(side),
+            instrument_name=self.args.instrument,
+            amount=self.args.size,
+            price=price,
+            order_type=thalex.OrderType.LIMIT,
+            post_only=True,
+            label=f"quoter-{self.args.name}"[:32],
+        )
         if "result" in answer and answer["result"].get("status") in ("open", "partially_filled"):
             self.quotes[side] = {"order_id": answer["result"]["order_id"], "price": price}
 
@@ -175,10 +186,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between quote cycles")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s quoter %(levelname)s %(message)s")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Quoter(args).run())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

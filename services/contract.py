@@ -166,7 +166,7 @@ def render(document: dict[str, Any], as_json: bool = False) -> str:
         return json.dumps(document, indent=2) + "\n"
     import yaml
 
-    class Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no type hints
+    class Dumper(yaml.SafeDumper):
         pass
 
     def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ValidationError
 
-from services.common.bus import DATA_FIELD, encode_document, entry_document
+from services.common.bus import entry_document, entry_fields
 from services.common.config import ConfigError, Settings, load_config, redacted
 from services.common.contracts import (
     CONTROL_MAX_AGE_SECONDS,
@@ -101,7 +101,7 @@ def _send_control(client: redis.Redis, settings: Settings, action: ControlAction
     latest = client.xrevrange(settings.names.control_answers, count=1)
     after = _text(latest[0][0]) if latest else "0-0"
     control = Control(action=action, by=_operator(), ts=time.time())
-    entry_id = client.xadd(settings.names.control, {DATA_FIELD: encode_document(control)},
+    entry_id = client.xadd(settings.names.control, entry_fields(control),
                            maxlen=settings.redis.stream_maxlen, approximate=True)
     return control, _text(entry_id), after
 
@@ -111,7 +111,7 @@ def await_answer(client: redis.Redis, settings: Settings, control_id: str, after
     """Take-profit's answer to the control `control_id`, or None if none came within `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
-        entries = client.xrange(settings.names.control_answers, min=f"({after}", max="+", count=100)
+        entries: Any = client.xrange(settings.names.control_answers, min=f"({after}", max="+", count=100)
         for entry_id, fields in entries:
             after = _text(entry_id)
             try:
@@ -177,7 +177,8 @@ def _add_timeout(parser: argparse.ArgumentParser) -> None:
 
 def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int = 1) -> list[Any]:
     docs = []
-    for _, fields in client.xrevrange(stream, count=count):
+    rows: Any = client.xrevrange(stream, count=count)  # redis-py's result types are wider than its results
+    for _, fields in rows:
         try:
             docs.append(model.model_validate(entry_document(fields)[1]))
         except (ValueError, ValidationError):
@@ -187,12 +188,13 @@ def _latest(client: redis.Redis, stream: str, model: type[BaseModel], count: int
 
 def read_halt(client: redis.Redis, settings: Settings) -> Halt | None:
     """The `tp:halt` hash as a document, or None when no halt is set (raises on an unreadable one)."""
-    return halt_from_hash(client.hgetall(settings.names.halt))
+    fields: Any = client.hgetall(settings.names.halt)
+    return halt_from_hash(fields)
 
 
 def _halt_or_why_not(client: redis.Redis, settings: Settings) -> Halt | str | None:
     """The halt, None, or a sentence saying why `tp:halt` cannot be read (status must not crash)."""
-    raw = client.hgetall(settings.names.halt)
+    raw: Any = client.hgetall(settings.names.halt)
     try:
         return halt_from_hash(raw)
     except (ValueError, ValidationError) as exc:
@@ -327,7 +329,8 @@ def _lags(client: redis.Redis, settings: Settings) -> dict[str, int | None]:
 
 def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
     acks = {}
-    for name, raw in client.hgetall(settings.names.halt_acks).items():
+    stored: Any = client.hgetall(settings.names.halt_acks)
+    for name, raw in stored.items():
         try:
             acks[name.decode()] = HaltAck.model_validate_json(raw)
         except ValidationError:

@@ -55,13 +55,15 @@ def write_config(path: Path, settings: Settings) -> Path:
     return path
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within: float = 10.0, interval: float = 0.02
+) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():
             return
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition {check.__name__} not met within {timeout} s")
+    raise AssertionError(f"condition {check.__name__} not met within {within} s")
 
 
 async def read_stream(redis: Redis, stream: str, model: type[M]) -> list[M]:
@@ -99,11 +101,25 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.service}", "--config", str(self.config), "--metrics-port", "0",
-             *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+        with open(self.log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+            self.process = self._spawn(log)
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                f"services.{self.service}",
+                "--config",
+                str(self.config),
+                "--metrics-port",
+                "0",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
         )
 
     def kill(self) -> None:

@@ -59,6 +59,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from services.common.contracts import DeadLetter, Document
 from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES, BUS_STREAM_LAG
@@ -109,6 +110,11 @@ def _text(value: Any) -> Any:
 def encode_document(doc: BaseModel) -> str:
     """The exact text stored in `__data__` for a document."""
     return doc.model_dump_json(exclude_none=True)
+
+
+def entry_fields(doc: BaseModel) -> dict[FieldT, EncodableT]:
+    """The fields of the stream entry that carries `doc`: the one way every producer writes one."""
+    return {DATA_FIELD: encode_document(doc)}
 
 
 class MalformedEntry(ValueError):
@@ -234,7 +240,7 @@ class Bus:
         self.names = names
         self.service = service
         self.maxlen = maxlen
-        credentials = {k: v for k, v in (("username", username), ("password", password)) if v}
+        credentials: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
         self.redis: Redis = Redis.from_url(url, **credentials)
         self.consumers: list[StreamConsumer[Any]] = []
         self.before_start: list[Callable[[], Awaitable[None]]] = []
@@ -254,11 +260,11 @@ class Bus:
 
     async def publish(self, stream: str, doc: Document) -> None:
         """XADD `doc` as plain JSON (approximately capped) now."""
-        await self.redis.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=self.maxlen, approximate=True)
+        await self.redis.xadd(stream, entry_fields(doc), maxlen=self.maxlen, approximate=True)
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, {DATA_FIELD: encode_document(doc)}, maxlen=maxlen or self.maxlen, approximate=True)
+        pipe.xadd(stream, entry_fields(doc), maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:
@@ -475,7 +481,7 @@ class StreamConsumer(Generic[M]):
                     if poison is None and not letters:
                         raise
                     handler_failed = True
-                    await pipe.reset()
+                    await pipe.reset()  # type: ignore[no-untyped-call]
                     if poison is not None:  # past max_deliveries, alone, and it is its own fault
                         letters.append((good[0].entry_id, good[0].doc.model_dump_json(), poison))
                     else:  # still settle the malformed ones; the valid ones stay pending
@@ -535,8 +541,8 @@ class StreamConsumer(Generic[M]):
                 counts: dict[str, int] = {}
                 if rows:
                     ids = [_text(r["message_id"]) for r in rows]
-                    claimed = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
-                                                          min_idle_time=idle_ms, message_ids=ids)
+                    claimed: Any = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
+                                                               min_idle_time=idle_ms, message_ids=ids)
                     counts = {_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
                     entries = [(_text(i), fields) for i, fields in claimed]
             for entry in entries:  # one at a time: isolate a poison entry
@@ -586,7 +592,7 @@ class StreamConsumer(Generic[M]):
         """Finish what this consumer had read but not acked before it stopped."""
         after = "0"
         while True:
-            reply = await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: after},
+            reply: Any = await self.bus.redis.xreadgroup(self.group, self.consumer, {self.stream: after},
                                                     count=self.batch_size)
             entries = reply[0][1] if reply else []
             if not entries:

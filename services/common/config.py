@@ -198,9 +198,9 @@ def _published_product_rates() -> dict[InstrumentType, FeeRates]:
 class TradingFees(Section):
     """The fee schedule used to *estimate* trades that have not happened yet.
 
-    Lookup order: `instruments[name]`, then `products[type]`, then the
-    top-level rates. Fees already paid come from the exchange's trades; these
-    rates estimate the close, and a past trade's fee only when it reported none.
+    Lookup order (`services/portfolio/fees.rates_for`): `instruments[name]`, then
+    `products[type]`, then the top-level rates. Fees already paid come from the exchange's
+    trades; these rates estimate the close, and a past trade's fee only when it reported none.
     """
 
     maker_fee_rate: FeeRate = 0.0001
@@ -221,14 +221,6 @@ class TradingFees(Section):
                 raise _RuleError(f"trading_fees.products.{product.value}.premium_cap", rates.premium_cap,
                                  "applies to options only (their fee is on the index notional)")
         return self
-
-    def rates_for(self, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
-        """The rates that apply to one instrument."""
-        if instrument in self.instruments:
-            return self.instruments[instrument]
-        if instrument_type is not None and instrument_type in self.products:
-            return self.products[instrument_type]
-        return FeeRates(maker_fee_rate=self.maker_fee_rate, taker_fee_rate=self.taker_fee_rate)
 
 
 class Network(StrEnum):
@@ -569,7 +561,7 @@ def _problems_from(error: ValidationError) -> list[Problem]:
         ctx_error = (item.get("ctx") or {}).get("error")
         if isinstance(ctx_error, _RuleError):
             prefix = loc[:-1] if loc and loc[-1] == ctx_error.key else loc
-            key = ".".join(prefix + [ctx_error.key]) if "." not in ctx_error.key else ctx_error.key
+            key = ".".join([*prefix, ctx_error.key]) if "." not in ctx_error.key else ctx_error.key
             problems.append(Problem(key, ctx_error.value, ctx_error.rule))
             continue
         rule = item["msg"].removeprefix("Value error, ")

@@ -10,11 +10,11 @@ field changes meaning.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, TypeAlias
+from typing import Annotated, Final, TypeAlias
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION: Final = 1
 
 
 def _known_version(value: int) -> int:
@@ -148,9 +148,9 @@ class Tick(Document):
 
     @model_validator(mode="after")
     def _levels_best_first(self) -> Tick:
-        if self.bids and any(a[0] < b[0] for a, b in zip(self.bids, self.bids[1:])):
+        if self.bids and any(a[0] < b[0] for a, b in zip(self.bids, self.bids[1:], strict=False)):
             raise ValueError("bids must be sorted best (highest) first")
-        if self.asks and any(a[0] > b[0] for a, b in zip(self.asks, self.asks[1:])):
+        if self.asks and any(a[0] > b[0] for a, b in zip(self.asks, self.asks[1:], strict=False)):
             raise ValueError("asks must be sorted best (lowest) first")
         return self
 

@@ -81,7 +81,9 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.workdir}/redis.log")
+                raise RuntimeError(
+                    f"redis-server exited with {self.process.returncode}; see {self.workdir}/redis.log"
+                )
             try:
                 redis_sync.Redis(port=self.port, socket_timeout=0.2).ping()
                 return

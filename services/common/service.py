@@ -1,26 +1,28 @@
-"""The thin shell every service shares: arguments, config, logging, HTTP, lifecycle.
+"""The thin shell every service shares: arguments, config, logging, HTTP, lifecycle, timer.
 
-A service supplies a `build(settings, bus, health, replica) -> Runnable` function;
-this module parses `--config/--replica`, loads and validates the configuration
+A service supplies a `build(settings, bus, health, consumer_name) -> Runnable` function; this
+module parses `--config/--replica`, loads and validates the configuration
 (exit 2 on a bad value), connects the bus, serves `/metrics` and `/health`, and
-stops cleanly on SIGINT/SIGTERM.
+stops on SIGINT/SIGTERM — always: stopping is bounded (`STOP_TIMEOUT_SECONDS` per step), and a
+task that will not stop (a cancellation swallowed by a library) is left behind, with an error in
+the log, rather than keeping the process alive. `run_timer` is the periodic loop portfolio and
+take-profit share.
 
-Health means "guarding", not "the process answers" (`Health`). Every service
-gets these checks for free:
+Health means "guarding", not "the process answers" (`Health`, issue 21). Every service
+gets these checks for free (`add_framework_checks`):
 
 * `redis` — a write succeeds (a tiny `SET` of `<ns>:<service>:health` every
   second): red with Redis' own words when it is unreachable, at `maxmemory`
-  with `noeviction` ("OOM command not allowed"), a read-only replica
-  ("READONLY") or refuses the user (ACL);
+  with `noeviction`, a read-only replica, or refusing the user (ACL);
 * `consuming` — every stream reader is alive;
 * `handlers` — no entry's handling is failing (`StreamConsumer.problem`): a
   handler that fails on every entry, or again and again on one, is red from its
   first failure until the entry is handled or dead-lettered.
 
-A service adds its own with `health.add(name, check)`; a check returns a bool,
-or raises `Unhealthy(reason, detail)` to say why. The reason is on `/health`
-(`problems`), in `tp_service_health_problem{service,check,reason}` and in the
-log (once per change, not every second).
+A service adds its own with `health.add(name, check)`; a check (plain or async) returns True,
+or False, or the reason it fails (text), or raises `Unhealthy(reason, detail)`. The reasons are on
+`/health` (`reasons`), in `tp_service_health_problem{service,check,reason}` and in the log (once
+per change, not every second).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import os
@@ -36,10 +39,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
@@ -52,9 +55,9 @@ from services.common.redact import install_redaction, redact
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[], Awaitable[bool]]
-"""A health check: True when fine; False, or `Unhealthy` raised with the reason, when not."""
-HEALTH_CHECK_TIMEOUT = 2.0
+HealthCheck = Callable[[], Awaitable[bool | str] | bool | str]
+"""True: healthy; False, a reason (text), or `Unhealthy` raised: not healthy. Plain or async."""
+HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
 HEALTH_KEY_TTL_MS = 30_000
 
 
@@ -64,6 +67,8 @@ class Unhealthy(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+STOP_TIMEOUT_SECONDS = 5.0
+"""How long each step of stopping (the service's tasks, then the bus) may take."""
 
 
 class Runnable(Protocol):
@@ -80,8 +85,8 @@ class Health:
     service: str = ""
     checks: dict[str, HealthCheck] = field(default_factory=dict)
     latest: dict[str, bool] = field(default_factory=dict)
-    problems: dict[str, str] = field(default_factory=dict)
-    """Check → why it is red ("reason: detail"), for the checks that are."""
+    reasons: dict[str, str] = field(default_factory=dict)
+    """Why each failing check fails ("reason: detail"), redacted."""
     checked_ts: float = 0.0
     _labels: dict[str, str] = field(default_factory=dict)
     """Check → the reason label its `tp_service_health_problem` series carries now."""
@@ -91,17 +96,15 @@ class Health:
 
     async def refresh(self) -> None:
         results: dict[str, bool] = {}
-        problems: dict[str, str] = {}
+        reasons: dict[str, str] = {}
         for name, check in self.checks.items():
             reason, detail = await self._evaluate(check)
             results[name] = reason is None
             if reason is not None:
-                problems[name] = redact(f"{reason}: {detail}" if detail else reason)
-                self._label(name, reason)
-            else:
-                self._label(name, None)
-        self._log_changes(problems)
-        self.latest, self.problems, self.checked_ts = results, problems, time.time()
+                reasons[name] = redact(f"{reason}: {detail}" if detail else reason)
+            self._label(name, reason)
+        self._log_changes(reasons)
+        self.latest, self.reasons, self.checked_ts = results, reasons, time.time()
         for name, ok in results.items():
             SERVICE_HEALTHY.labels(self.service, name).set(1 if ok else 0)
 
@@ -109,17 +112,25 @@ class Health:
     async def _evaluate(check: HealthCheck) -> tuple[str | None, str]:
         """(reason, detail) of a failing check; (None, "") when it passes."""
         try:
-            ok = await asyncio.wait_for(check(), timeout=HEALTH_CHECK_TIMEOUT)
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_SECONDS):
+                answer = check()
+                if inspect.isawaitable(answer):
+                    answer = await answer
         except Unhealthy as exc:
             raise_if_cancelled()  # redis-py turns a cancellation into its own error: stop must stop
             return exc.reason, exc.detail
         except TimeoutError:
             raise_if_cancelled()
-            return "check timed out", f"no answer within {HEALTH_CHECK_TIMEOUT:.0f} s"
+            return "check timed out", f"no answer within {HEALTH_CHECK_TIMEOUT_SECONDS:.0f} s"
         except Exception as exc:  # a failing check is an unhealthy answer, not a crash
             raise_if_cancelled()
             return f"check raised {type(exc).__name__}", str(exc)
-        return (None, "") if ok else ("check failed", "")
+        if answer is True:
+            return None, ""
+        if isinstance(answer, str):  # "reason: particulars" — the part before the colon is the label
+            reason, _, detail = answer.partition(": ")
+            return reason, detail
+        return "check failed", ""
 
     def _label(self, name: str, reason: str | None) -> None:
         label = None if reason is None else redact(reason)[:80]
@@ -133,11 +144,11 @@ class Health:
             SERVICE_HEALTH_PROBLEM.labels(self.service, name, label).set(1)
             self._labels[name] = label
 
-    def _log_changes(self, problems: dict[str, str]) -> None:
-        for name, why in problems.items():
-            if self.problems.get(name) != why:
+    def _log_changes(self, reasons: dict[str, str]) -> None:
+        for name, why in reasons.items():
+            if self.reasons.get(name) != why:
                 log.warning("%s UNHEALTHY: %s: %s", self.service, name, why)
-        for name in self.problems.keys() - problems.keys():
+        for name in self.reasons.keys() - reasons.keys():
             log.info("%s: %s healthy again", self.service, name)
 
     @property
@@ -147,7 +158,7 @@ class Health:
     def document(self) -> dict[str, Any]:
         """What `/health` answers."""
         return {"service": self.service, "healthy": self.healthy, "checks": self.latest,
-                "problems": self.problems, "checked_ts": self.checked_ts}
+                "reasons": self.reasons, "checked_ts": self.checked_ts}
 
 
 def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
@@ -180,7 +191,7 @@ def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would drown the service's own log."""
 
 
@@ -260,55 +271,117 @@ def service_main(service: str, argv: list[str], build: Build, metrics_port: Call
         return ConfigError.exit_code
     port = metrics_port(settings) if args.metrics_port is None else args.metrics_port
     tune_gc_for_latency()
-    try:
-        return asyncio.run(_run(service, settings, args.replica, build, port))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return ConfigError.exit_code
+    return asyncio.run(_run(service, settings, args.replica, build, port))
 
 
 async def _run(service: str, settings: Settings, replica: str, build: Build, port: int) -> int:
+    """Run until a signal or until the work ends; returns the exit code (2: a fatal config error)."""
     bus = make_bus(settings, service)
     health = Health(service)
     add_framework_checks(health, bus, settings.names.key(f"{service}:health"))
-    runnable = build(settings, bus, health, f"{service}-{replica}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    http = serve_http(settings.metrics.host, port, health, service)
+    tasks: list[asyncio.Task[Any]] = []
+    http: list[WSGIServer] = []
+    code = 1
+    try:
+        code = await _serve(service, settings, replica, build, port, bus, health, stop, tasks, http)
+    finally:
+        stop.set()
+        clean = await _cancel_and_wait(tasks, service)
+        clean = await _stopped_within(bus.stop(), "the bus") and clean
+        for server in http:
+            server.shutdown()
+        clean = await _cancel_and_wait(_others(), service) and clean
+        log.info("%s stopped", service)
+        if not clean:  # asyncio.run's own clean-up would wait for the stuck task forever
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
-    async def refresh_health() -> None:
-        while True:
-            await health.refresh()
-            await asyncio.sleep(1.0)
 
-    refresher = asyncio.create_task(refresh_health())  # from the start: /health says why it waits
-    if not await _start_bus_when_redis_answers(bus, stop):
-        log.warning("%s stopped before Redis ever answered: it never started", service)
-        refresher.cancel()
-        await asyncio.gather(refresher, return_exceptions=True)
-        await bus.stop()
-        http.shutdown()
+async def _serve(service: str, settings: Settings, replica: str, build: Build, port: int, bus: Bus,
+                 health: Health, stop: asyncio.Event, tasks: list[asyncio.Task[Any]],
+                 http: list[WSGIServer]) -> int:
+    """Build, serve HTTP, start the bus, run the work; the tasks and server it starts are left in
+    `tasks` and `http` for `_run` to stop."""
+    try:
+        runnable = build(settings, bus, health, f"{service}-{replica}")
+        http.append(serve_http(settings.metrics.host, port, health, service))
+        tasks.append(asyncio.create_task(_refresh_health(health, stop), name=f"{service}-health"))
+        starting = asyncio.create_task(_start_bus_when_redis_answers(bus, stop), name=f"{service}-bus")
+        tasks.append(starting)
+        if not await _until_stopped(starting, stop) or not starting.result():
+            log.warning("%s stopped before Redis ever answered: it never started", service)
+            return 0
+        log.info("%s started: connected to Redis, consumers reading (namespace %s)", service,
+                 settings.names.namespace)
+        work = asyncio.create_task(runnable.run(), name=f"{service}-work")
+        tasks.append(work)
+        if not await _until_stopped(work, stop):
+            return 0
+        work.result()
         return 0
-    work = asyncio.create_task(runnable.run(), name=f"{service}-work")
-    log.info("%s started: connected to Redis, consumers reading (namespace %s)", service,
-             settings.names.namespace)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return ConfigError.exit_code
+    except Exception:
+        log.exception("%s stopped on an error", service)
+        return 1
+
+
+async def _until_stopped(task: asyncio.Task[Any], stop: asyncio.Event) -> bool:
+    """Wait for `task` unless a stop signal comes first; False when stopped first."""
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    exit_code = 0
-    if work in done and (exc := work.exception()) is not None:
-        if isinstance(exc, ConfigError):
-            raise exc
-        log.error("%s stopped on an error", service, exc_info=exc)
-        exit_code = 1
-    for task in (work, refresher, stopper):
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    return task.done()
+
+
+async def _refresh_health(health: Health, stop: asyncio.Event) -> None:
+    """Re-evaluate the checks every second; ends on `stop` even if a cancellation got swallowed."""
+    while not stop.is_set():
+        await health.refresh()
+        await asyncio.sleep(1.0)
+
+
+async def _cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], service: str) -> bool:
+    """Cancel and wait at most `STOP_TIMEOUT_SECONDS`; False (logged) when one would not stop."""
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
         task.cancel()
-    await asyncio.gather(work, refresher, stopper, return_exceptions=True)
-    await bus.stop()
-    http.shutdown()
-    log.info("%s stopped", service)
-    return exit_code
+    if pending:
+        _, stuck = await asyncio.wait(pending, timeout=STOP_TIMEOUT_SECONDS)
+        if stuck:
+            log.error("%s: %d task(s) did not stop within %.0f s (%s); exiting without them", service,
+                      len(stuck), STOP_TIMEOUT_SECONDS, ", ".join(t.get_name() for t in stuck))
+            return False
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: never "exception was never retrieved"
+    return True
+
+
+async def _stopped_within(aw: Awaitable[None], what: str) -> bool:
+    try:
+        async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
+            await aw
+    except TimeoutError:
+        log.error("stopping %s took over %.0f s; exiting without it", what, STOP_TIMEOUT_SECONDS)
+        return False
+    except Exception:  # stopping must not fail the exit code
+        log.exception("stopping %s failed", what)
+    return True
+
+
+def _others() -> list[asyncio.Task[Any]]:
+    """Tasks a service left behind (asyncio.run would wait for them without a bound)."""
+    return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
 
 async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> bool:
@@ -334,3 +407,25 @@ async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> bool:
             await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, 5.0)
     return False
+
+
+async def run_timer(name: str, interval: float, bus: Bus, lock: asyncio.Lock,
+                    on_timer: Callable[[float], Awaitable[None]],
+                    restore: Callable[[], Awaitable[None]]) -> NoReturn:
+    """Call `on_timer(now)` every `interval` seconds under the service's lock (portfolio, take-profit).
+
+    A restore still due from a failed batch runs first. When Redis fails (restarting, full), what
+    the failed transaction changed in memory is not in Redis: `restore` is made due, so it runs
+    before the next batch or tick, whichever comes first; the next tick tries again.
+    """
+    while True:
+        raise_if_cancelled()  # a cancellation redis-py swallowed must still end the loop
+        await asyncio.sleep(interval)
+        async with lock:
+            try:
+                await bus.restore_if_due()
+                await on_timer(time.time())
+            except (RedisError, OSError) as exc:
+                raise_if_cancelled()
+                bus.must_restore(restore)
+                log.warning("%s timer: Redis unavailable (%s); retrying in %.1f s", name, exc, interval)

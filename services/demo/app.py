@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import websockets
 from redis.asyncio import Redis
 
 from services.common.bus import entry_document
@@ -49,8 +49,9 @@ from services.common.contracts import (
 from services.common.redis_server import RedisServer, free_port
 from services.demo.view import DemoState, operator_hint, render
 from services.paper.keys import generate_key
+from services.paper.testing import ControlClient
 
-log = logging.getLogger("demo")
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 QUOTER = REPO / "examples" / "quoter.py"
@@ -142,7 +143,7 @@ watch_list = ["{INSTRUMENT}"]
 ticker_delay = "raw"
 
 [metrics]
-{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports))}
+{chr(10).join(f"{name}_port = {port}" for name, port in zip(SERVICES, ports, strict=True))}
 """)
         return config
 
@@ -153,14 +154,15 @@ ticker_delay = "raw"
                "PYTHONUNBUFFERED": "1"}
         env.pop("REDIS_URL", None)
         # Own session: a Ctrl-C reaches only the demo, which then stops children in order.
-        process = subprocess.Popen(argv, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO, start_new_session=True)
+        with open(log_path, "ab") as log:  # the child writes to its own copy of the descriptor
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                       start_new_session=True)
         child = Child(name, process, log_path)
         self.children.append(child)
         return child
 
-    async def wait_for_port(self, port: int, child: Child, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for_port(self, port: int, child: Child, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
@@ -179,11 +181,26 @@ ticker_delay = "raw"
         paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
         config = self.write_config(redis_url, paper_url, keys)
         # the guardian's configuration for the paper too: its option fees follow [trading_fees]
-        paper_args = [sys.executable, "-m", "services.paper", "--host", "127.0.0.1", "--port", str(paper_port),
-                      "--keys", str(keys), "--control", "--seed", str(self.args.seed), "--reconnect-grace", "0",
-                      "--config", str(config)]
+        paper_args = [
+            sys.executable,
+            "-m",
+            "services.paper",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(paper_port),
+            "--keys",
+            str(keys),
+            "--control",
+            "--seed",
+            str(self.args.seed),
+            "--reconnect-grace",
+            "0",
+            "--config",
+            str(config),
+        ]
         if self.args.scenario:
-            paper_args += ["--scenario", str(Path(self.args.scenario).resolve())]
+            paper_args += ["--scenario", str(await asyncio.to_thread(Path(self.args.scenario).resolve))]
         paper = self.spawn("paper", paper_args)
         await self.wait_for_port(paper_port, paper)
         self.settings = load_config(config)
@@ -192,10 +209,29 @@ ticker_delay = "raw"
         for name in SERVICES:
             child = next(c for c in self.children if c.name == name)
             await self.wait_for_port(getattr(self.settings.metrics, f"{name}_port"), child)
-        self.spawn("quoter", [sys.executable, str(QUOTER), "--url", paper_url, "--key-id", QUOTER_KEY,
-                              "--key-file", str(keys / f"{QUOTER_KEY}.pem"), "--redis-url", redis_url,
-                              "--namespace", NAMESPACE, "--name", "demo-quoter", "--instrument", INSTRUMENT,
-                              "--size", str(QUOTER_SIZE)])
+        self.spawn(
+            "quoter",
+            [
+                sys.executable,
+                str(QUOTER),
+                "--url",
+                paper_url,
+                "--key-id",
+                QUOTER_KEY,
+                "--key-file",
+                str(keys / f"{QUOTER_KEY}.pem"),
+                "--redis-url",
+                redis_url,
+                "--namespace",
+                NAMESPACE,
+                "--name",
+                "demo-quoter",
+                "--instrument",
+                INSTRUMENT,
+                "--size",
+                str(QUOTER_SIZE),
+            ],
+        )
         return paper_url, config
 
     # ------------------------------------------------------------------ running
@@ -203,19 +239,24 @@ ticker_delay = "raw"
     async def read_state(self, redis: Redis) -> DemoState:
         assert self.settings is not None
         names = self.settings.names
-        state = DemoState(processes={c.name: c.status() for c in self.children},
-                          config=str(self.workdir / "demo.toml"))
+        state = DemoState(
+            processes={c.name: c.status() for c in self.children}, config=str(self.workdir / "demo.toml")
+        )
         latest = await redis.xrevrange(names.snapshots, count=1)
         if latest:
             state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
-        state.halt = halt_from_hash(await redis.hgetall(names.halt))
-        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in (await redis.hgetall(names.halt_acks)).items()}
-        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrevrange(names.commands, count=5)][::-1]
-        for _, fields in await redis.xrevrange(names.reports, count=200):
+        halt: Any = await redis.hgetall(names.halt)  # redis-py's result types are wider than what it returns
+        acks: Any = await redis.hgetall(names.halt_acks)
+        commands: Any = await redis.xrevrange(names.commands, count=5)
+        reports: Any = await redis.xrevrange(names.reports, count=200)
+        state.halt = halt_from_hash(halt)
+        state.acks = {k.decode(): HaltAck.model_validate_json(v) for k, v in acks.items()}
+        state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in commands][::-1]
+        for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
-        state.notifications = [Notification.model_validate(entry_document(f)[1])
-                               for _, f in await redis.xrevrange(names.notifications, count=3)][::-1]
+        notes: Any = await redis.xrevrange(names.notifications, count=3)
+        state.notifications = [Notification.model_validate(entry_document(f)[1]) for _, f in notes][::-1]
         return state
 
     async def show(self, redis: Redis, halts: dict[str, tuple[float, float | None]]) -> None:
@@ -234,7 +275,9 @@ ticker_delay = "raw"
                     print(line, flush=True)
                     last_line, last_progress = line, time.monotonic()
             else:
-                screen = render(state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer)
+                screen = render(
+                    state, self.settings.portfolio_take_profit, self.settings.fee_estimation_buffer
+                )
                 sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(screen) + "\n")
                 sys.stdout.flush()
             dead = [c for c in self.children if c.process.poll() is not None]
@@ -249,34 +292,47 @@ ticker_delay = "raw"
         parts = [time.strftime("%H:%M:%S")]
         if snap is not None:
             position = sum(p.position for p in snap.positions)
-            parts.append(f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}")
+            parts.append(
+                f"epoch {snap.epoch} net_after_close {snap.net_after_close:+.2f} position {position:+.3f}"
+            )
         if state.halt is not None:
             parts.append(f"HALT {state.halt.reason} {state.halt.command_id or ''}")
         for command in state.commands[-1:]:
             steps = state.reports.get(command.command_id, [])
-            parts.append(f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}")
+            parts.append(
+                f"last decision {command.command_id} -> {steps[-1].status.value if steps else 'sent'}"
+            )
         return " | ".join(parts)
 
     async def direct(self, paper_url: str, redis: Redis) -> None:
         """Play the market: fill one side of the quoter, move the index until the guardian takes profit."""
+        control = ControlClient(paper_url)
+        try:
+            await self._direct(control, redis)
+        finally:
+            await control.close()
+
+    async def _direct(self, control: ControlClient, redis: Redis) -> None:
         assert self.settings is not None
         names = self.settings.names
-        control = PaperControl(paper_url)
         await control.call("paper/pause")
         quiet_since = 0.0
         for cycle in itertools.count():
             side, step = ("buy", 0.02) if cycle % 2 == 0 else ("sell", -0.02)
             while not self.stop.is_set():  # wait until the quoter quotes again after the last halt
-                placed = await control.call("paper/order_log", {"key_id": QUOTER_KEY, "since": quiet_since,
-                                                                "method": "private/insert"})
+                placed = await control.call(
+                    "paper/order_log",
+                    {"key_id": QUOTER_KEY, "since": quiet_since, "method": "private/insert"},
+                )
                 if placed["orders"] and not await redis.exists(names.halt):
                     break
                 await asyncio.sleep(0.5)
             if self.stop.is_set():
                 return
             await asyncio.sleep(1.0)
-            filled = await control.call("paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT,
-                                                              "direction": side})
+            filled = await control.call(
+                "paper/fill_orders", {"key_id": QUOTER_KEY, "instrument_name": INSTRUMENT, "direction": side}
+            )
             if not filled["trades"]:  # the quotes were pulled meanwhile (an operator halt): start over
                 quiet_since = time.time()
                 continue
@@ -286,17 +342,24 @@ ticker_delay = "raw"
                 await asyncio.sleep(1.0)
                 await control.call("paper/move_index", {"underlying": "BTCUSD", "pct": step})
             quiet_since = time.time()  # halted now: any insert from here on comes after the halt lifts
-            while not self.stop.is_set() and await redis.exists(names.halt):
+            while True:  # until the halt lifts (or the demo stops)
+                if self.stop.is_set() or not await redis.exists(names.halt):
+                    break
                 await asyncio.sleep(0.5)
 
     # ------------------------------------------------------------------ the end
 
-    async def summarize(self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]) -> dict[str, Any]:
+    async def summarize(
+        self, redis: Redis, paper_url: str, halts: dict[str, tuple[float, float | None]]
+    ) -> dict[str, Any]:
         assert self.settings is not None
         names = self.settings.names
-        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.snapshots)]
-        commands = [Command.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.commands)]
-        reports = [Report.model_validate(entry_document(f)[1]) for _, f in await redis.xrange(names.reports)]
+        entries: Any = await asyncio.gather(
+            *(redis.xrange(s) for s in (names.snapshots, names.commands, names.reports))
+        )
+        snapshots = [Snapshot.model_validate(entry_document(f)[1]) for _, f in entries[0]]
+        commands = [Command.model_validate(entry_document(f)[1]) for _, f in entries[1]]
+        reports = [Report.model_validate(entry_document(f)[1]) for _, f in entries[2]]
         completed = {r.command_id for r in reports if r.status is ReportStatus.COMPLETED}
         last_of_epoch: dict[int, Snapshot] = {}
         first_of_epoch: dict[int, Snapshot] = {}
@@ -308,16 +371,22 @@ ticker_delay = "raw"
             done = command.command_id in completed
             following = first_of_epoch.get(command.epoch + 1)
             banked = last_of_epoch.get(command.epoch)
-            closures.append({
-                "command_id": command.command_id, "reason": command.reason.value, "completed": done,
-                "figure": command.net_pnl,
-                # None: the demo stopped before the next epoch's first snapshot
-                "flat_after": None if following is None else all(abs(p.position) < 1e-9 for p in following.positions),
-                "banked_net_pnl": banked.net_pnl if banked and done else None,
-                "fees": banked.fees_paid if banked and done else None,
-            })
-        notes = [Notification.model_validate(entry_document(f)[1])
-                 for _, f in await redis.xrange(names.notifications)]
+            closures.append(
+                {
+                    "command_id": command.command_id,
+                    "reason": command.reason.value,
+                    "completed": done,
+                    "figure": command.net_pnl,
+                    # None: the demo stopped before the next epoch's first snapshot
+                    "flat_after": None
+                    if following is None
+                    else all(abs(p.position) < 1e-9 for p in following.positions),
+                    "banked_net_pnl": banked.net_pnl if banked and done else None,
+                    "fees": banked.fees_paid if banked and done else None,
+                }
+            )
+        sent: Any = await redis.xrange(names.notifications)
+        notes = [Notification.model_validate(entry_document(f)[1]) for _, f in sent]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
         closed = [c for c in closures if c["completed"]]
         return {
@@ -330,21 +399,37 @@ ticker_delay = "raw"
             "children": {c.name: c.status() for c in self.children},
         }
 
-    async def _quoter_orders_while_halted(self, paper_url: str, halts: dict[str, tuple[float, float | None]],
-                                          commands: list[Command], reports: list[Report]) -> list[dict[str, Any]]:
+    async def _quoter_orders_while_halted(
+        self,
+        paper_url: str,
+        halts: dict[str, tuple[float, float | None]],
+        commands: list[Command],
+        reports: list[Report],
+    ) -> list[dict[str, Any]]:
         """Quoter inserts/amends the exchange received inside a halt window (beyond the race grace)."""
         windows = []
         for command in commands:
             end = halts.get(command.command_id, (command.created_ts, None))[1]
             if end is None:  # no cool-down seen: the halt held at least until the closure ended
-                done = [r.ts for r in reports if r.command_id == command.command_id
-                        and r.status in (ReportStatus.COMPLETED, ReportStatus.FAILED)]
+                done = [
+                    r.ts
+                    for r in reports
+                    if r.command_id == command.command_id
+                    and r.status in (ReportStatus.COMPLETED, ReportStatus.FAILED)
+                ]
                 end = max(done) if done else time.time()
             windows.append((command.created_ts + HALT_RACE_GRACE_SECONDS, end))
-        rows = (await PaperControl(paper_url).call("paper/order_log", {"key_id": QUOTER_KEY}))["orders"]
-        return [row for row in rows
-                if row.get("method") in ("private/insert", "private/amend", "private/buy", "private/sell")
-                and any(start <= row["time"] <= end for start, end in windows)]
+        control = ControlClient(paper_url)
+        try:
+            rows = (await control.call("paper/order_log", {"key_id": QUOTER_KEY}))["orders"]
+        finally:
+            await control.close()
+        return [
+            row
+            for row in rows
+            if row.get("method") in ("private/insert", "private/amend", "private/buy", "private/sell")
+            and any(start <= row["time"] <= end for start, end in windows)
+        ]
 
     async def shutdown(self) -> None:
         """Stop children in the reverse order of their start: the quoter and services before the exchange."""
@@ -358,25 +443,6 @@ ticker_delay = "raw"
                     await asyncio.to_thread(child.process.wait)
         if self.redis_server is not None:
             self.redis_server.stop()
-
-
-class PaperControl:
-    """The paper exchange's `paper/*` control methods over a websocket."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.ids = itertools.count(1)
-
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        async with websockets.connect(self.url, max_size=None) as ws:
-            request_id = next(self.ids)
-            await ws.send(json.dumps({"method": method, "params": params or {}, "id": request_id}))
-            while True:
-                answer = json.loads(await ws.recv())
-                if answer.get("id") == request_id:
-                    if "error" in answer:
-                        raise RuntimeError(f"{method}: {answer['error']}")
-                    return answer["result"]
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -399,10 +465,8 @@ async def _run(args: argparse.Namespace) -> int:
         tasks = [asyncio.create_task(demo.show(redis, halts))]
         if not args.scenario:
             tasks.append(asyncio.create_task(demo.direct(paper_url, redis)))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(demo.stop.wait(), timeout=args.duration or None)
-        except TimeoutError:
-            pass
         demo.stop.set()
         for task in tasks:
             task.cancel()
@@ -418,17 +482,23 @@ async def _run(args: argparse.Namespace) -> int:
         await demo.shutdown()
     if summary is not None:
         print("\n=== thalex-tp demo summary ===")
-        print(f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
-              f"fees: {summary['fees_usd']:.4f} USD")
+        print(
+            f"epochs closed: {summary['epochs_closed']}   P&L banked: {summary['pnl_banked_usd']:+.4f} USD   "
+            f"fees: {summary['fees_usd']:.4f} USD"
+        )
         for closure in summary["closures"]:
-            print(f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
-                  f"{'completed' if closure['completed'] else 'not completed'}"
-                  f"{', flat afterwards' if closure['flat_after'] else ''}")
+            print(
+                f"  {closure['command_id']}: {closure['reason']} at {closure['figure']:+.4f} -> "
+                f"{'completed' if closure['completed'] else 'not completed'}"
+                f"{', flat afterwards' if closure['flat_after'] else ''}"
+            )
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
-        print(f"notifications: {len(summary['notifications'])} "
-              "(sent to the [notify] targets; the demo has none)")
+        print(
+            f"notifications: {len(summary['notifications'])} "
+            "(sent to the [notify] targets; the demo has none)"
+        )
         if args.summary_json:
-            Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+            await asyncio.to_thread(Path(args.summary_json).write_text, json.dumps(summary, indent=2))
     removed = not keep and exit_code == 0
     if removed:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -439,26 +509,38 @@ async def _run(args: argparse.Namespace) -> int:
 def _where_things_are(workdir: Path, keep: bool, removed: bool) -> str:
     """The summary's last line: never a directory that no longer exists."""
     if removed:
-        return ("keys, config and logs were in a temporary directory, now removed; "
-                "`thalex-tp demo --workdir DIR` keeps them (and `thalex-tp status --config DIR/demo.toml` "
-                "talks to a running demo)")
+        return (
+            "keys, config and logs were in a temporary directory, now removed; "
+            "`thalex-tp demo --workdir DIR` keeps them (and `thalex-tp status --config DIR/demo.toml` "
+            "talks to a running demo)"
+        )
     kept = "kept" if keep else "kept because something went wrong"
-    return (f"keys, config and logs {kept} in {workdir} (operator commands while it runs: "
-            f"thalex-tp status --config {workdir / 'demo.toml'})")
+    return (
+        f"keys, config and logs {kept} in {workdir} (operator commands while it runs: "
+        f"thalex-tp status --config {workdir / 'demo.toml'})"
+    )
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="thalex-tp demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="thalex-tp demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (default: until Ctrl-C)")
-    parser.add_argument("--scenario", help="a paper-exchange scenario file to play instead of the built-in director")
-    parser.add_argument("--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)")
+    parser.add_argument(
+        "--scenario", help="a paper-exchange scenario file to play instead of the built-in director"
+    )
+    parser.add_argument(
+        "--no-ui", action="store_true", help="plain log lines instead of the live view (for CI)"
+    )
     parser.add_argument("--workdir", help="keep keys, config and logs here (default: a temporary directory)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     parser.add_argument("--seed", type=int, default=7, help="paper exchange seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not QUOTER.exists():
-        print(f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)", file=sys.stderr)
+        print(
+            f"demo: {QUOTER} not found (the demo runs from a source checkout: pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(_run(args))

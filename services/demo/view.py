@@ -57,7 +57,9 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
     if snap is None:
         lines.append("waiting for the first snapshot ...")
     else:
-        lines.append(f"epoch {snap.epoch}   snapshot #{snap.seq}   net after close {snap.net_after_close:+.4f} USD")
+        lines.append(
+            f"epoch {snap.epoch}   snapshot #{snap.seq}   net after close {snap.net_after_close:+.4f} USD"
+        )
         lines.append("  " + barrier_bar(snap.net_after_close, tp.emergency_close_threshold, tp.min_profit_usd)
                      + "   emergency stop … take profit")
         lines.append(f"  gross {snap.gross_pnl:+.4f}   fees paid {snap.fees_paid:.4f}   est. close fees "
@@ -75,7 +77,11 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
     if state.halt is None:
         lines.append("halt: none — quoters may trade")
     else:
-        left = "" if state.halt.until is None else f", {max(0.0, state.halt.until - now):.0f} s of cool-down left"
+        left = (
+            ""
+            if state.halt.until is None
+            else f", {max(0.0, state.halt.until - now):.0f} s of cool-down left"
+        )
         acked = [n for n, a in state.acks.items() if a.command_id == state.halt.command_id]
         lines.append(f"HALT: {state.halt.reason} {state.halt.command_id or ''}{left}; "
                      f"acknowledged by {', '.join(acked) or 'nobody yet'}")
@@ -88,8 +94,11 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         outcome = steps[-1].status.value if steps else "sent"
         fees = sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))
         when = time.strftime("%H:%M:%S", time.localtime(command.created_ts))
-        lines.append(f"  {when} {command.reason.value:<20} at {command.net_pnl:+.4f} (barrier {command.threshold:+.2f})"
-                     f"  {len(command.positions)} position(s) -> {outcome}, closing fees {fees:.4f}")
+        lines.append(
+            f"  {when} {command.reason.value:<20} at {command.net_pnl:+.4f} "
+            f"(barrier {command.threshold:+.2f})"
+            f"  {len(command.positions)} position(s) -> {outcome}, closing fees {fees:.4f}"
+        )
     lines.append("")
     lines.append("notifications (sent to no one until [notify] targets are configured, README):")
     if not state.notifications:

@@ -99,7 +99,8 @@ def _dec(value: float) -> Decimal:
 
 
 def round_to_tick(value: float | Decimal, tick: float, *, up: bool) -> float:
-    """`value` rounded to a multiple of `tick`, up or down, in decimal (0.1 + 0.2 is not 0.30000000000000004)."""
+    """`value` rounded to a multiple of `tick`, up or down, in decimal (0.1 + 0.2 is not
+    0.30000000000000004)."""
     exact = value if isinstance(value, Decimal) else _dec(value)
     steps = (exact / _dec(tick)).to_integral_value(rounding=ROUND_CEILING if up else ROUND_FLOOR)
     return float(steps * _dec(tick))
@@ -111,7 +112,8 @@ def close_side(signed_amount: float) -> Side:
 
 
 def reference_price(side: Side, best_bid: float | None, best_ask: float | None, mark: float) -> float:
-    """The best price a close would hit (best bid for a sell, best ask for a buy); mark when that side is empty."""
+    """The best price a close would hit (best bid for a sell, best ask for a buy); mark when that side
+    is empty."""
     best = best_bid if side is Side.SELL else best_ask
     return best if best is not None and best > 0 else mark
 
@@ -160,7 +162,8 @@ def order_amount(remaining: float, position: float, info: InstrumentInfo) -> flo
     """
     if remaining * position <= 0:
         return 0.0
-    amount = round_to_tick(min(abs(remaining), abs(position)), info.volume_tick_size, up=False)
+    # + EPS: a remainder computed from fills (0.66 - 0.6500000000000001) must not lose its last lot
+    amount = round_to_tick(min(abs(remaining), abs(position)) + EPS, info.volume_tick_size, up=False)
     return amount if amount >= info.min_order_amount - EPS else 0.0
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -36,17 +36,16 @@ from redis.exceptions import RedisError, WatchError
 from thalex import Sort
 
 from services.common.bus import Bus, encode_document, raise_if_cancelled
-from services.common.config import ConfigError, Problem, Settings, require_key
+from services.common.config import Settings
 from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, InstrumentType, Tick
 from services.common.service import Health, service_main
 from services.common.streams import Names
-from services.common.thalex_requests import ConnectionLost, ThalexError
-from services.ingest.exchange import ExchangeSession, Link, LoginRejected
+from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
+from services.common.thalex.connection import SYSTEM
+from services.common.thalex.models import MalformedMessage, UnbookableTrade
 from services.ingest.follow import Feed, Follow
 from services.ingest.translate import (
     Book,
-    MalformedMessage,
-    UnbookableTrade,
     as_list,
     fill_from_trade,
     instrument_info,
@@ -62,7 +61,6 @@ log = logging.getLogger(__name__)
 SERVICE = "ingest"
 TRADES = "account.trade_history"
 PORTFOLIO = "account.portfolio"
-SYSTEM = "system"
 HISTORY_PAGE = 1000
 HISTORY_OVERLAP_SECONDS = 600.0
 """Each gap fill re-reads this much before the checkpoint: Thalex's trade history
@@ -138,6 +136,9 @@ class TickWriter:
 
     async def run(self) -> None:
         while True:
+            # a cancellation redis-py swallowed mid-write would otherwise leave this loop waiting here
+            # forever and the service unable to stop (seen in a test under load)
+            raise_if_cancelled()
             await self._wake.wait()
             self._wake.clear()
             try:
@@ -157,8 +158,7 @@ class TickWriter:
             return []
         async with self.bus.redis.pipeline(transaction=False) as pipe:
             for tick in ticks:
-                pipe.xadd(self.stream, {"__data__": encode_document(tick)}, maxlen=self.bus.maxlen,
-                          approximate=True)
+                self.bus.queue_publish(pipe, self.stream, tick)
             for source, entry_id, raw, error in letters:
                 self.bus.queue_deadletter(pipe, source, entry_id, raw, error)
             await pipe.execute()
@@ -189,7 +189,7 @@ class FillStore:
     async def since(self, now: float) -> float:
         """The first start of this guardian (recorded once, kept across restarts)."""
         await self.bus.redis.set(self.since_key, repr(now), nx=True)
-        return float(await self.bus.redis.get(self.since_key))
+        return float(cast(bytes, await self.bus.redis.get(self.since_key)))
 
     async def checkpoint(self) -> float | None:
         value = await self.bus.redis.get(self.checkpoint_key)
@@ -210,7 +210,7 @@ class FillStore:
                     await pipe.watch(self.ids_key, self.checkpoint_key)
                     scores = await pipe.zmscore(self.ids_key, [f.trade_id for f in unique])
                     raw_checkpoint = await pipe.get(self.checkpoint_key)
-                    new = [f for f, score in zip(unique, scores) if score is None]
+                    new = [f for f, score in zip(unique, scores, strict=True) if score is None]
                     if not new:
                         await pipe.unwatch()
                         break
@@ -257,22 +257,26 @@ class Ingest:
         self.since = 0.0
         self.history_recheck_at: float | None = None
         """When to read the trade history once more after a gap fill (None: not due)."""
-        self.session: ExchangeSession | None = None
+        self.session: Session | None = None
         self._counters: dict[str, Any] = {}
         health.add("exchange", self._exchange_healthy)
 
     # Life
 
     async def run(self) -> None:
+        """Follow the account until cancelled; a key the exchange can never accept raises `ConfigError`
+        (exit 2 naming it): an unusable key file at once, a refused login when the exchange says so."""
         thalex_cfg = self.settings.thalex
-        key_id, pem = require_key("thalex", thalex_cfg.key_id, thalex_cfg.private_key_file)
+        key = ThalexKey.load("thalex", thalex_cfg.key_id, thalex_cfg.private_key_file,
+                             hint="a read-only key is enough")
         cfg = self.settings.ingest
         self.since = await self.fills.since(time.time())
-        self.session = ExchangeSession(
-            thalex_cfg.url, key_id, pem,
+        self.session = Session(
+            thalex_cfg.url, key,
             account=thalex_cfg.account,
             idle_timeout=cfg.idle_timeout_seconds,
-            reconnect_max=cfg.reconnect_max_seconds,
+            request_timeout=max(cfg.idle_timeout_seconds, 5.0),
+            backoff_max=cfg.reconnect_max_seconds,
             on_notification=self.on_notification,
             on_garbage=self.on_garbage,
             on_connected=self.on_connected,
@@ -284,22 +288,14 @@ class Ingest:
         try:
             done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                task.result()
-        except LoginRejected as exc:
-            log.error("%s", exc)
-            raise ConfigError([Problem("thalex.key_id", key_id, (
-                f"the exchange at {thalex_cfg.url} refused the login of this key: {exc.reason}; "
-                "check the key id, thalex.private_key_file and that the key is enabled "
-                "(a read-only key is enough)"))], "thalex login") from None
+                task.result()  # the login refused (LoginRejected, a ConfigError) ends ingest here
         finally:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _exchange_healthy(self) -> bool:
-        session = self.session
-        return session is not None and session.ready and (
-            time.monotonic() - session.last_message < self.settings.ingest.idle_timeout_seconds)
+    async def _exchange_healthy(self) -> bool | str:
+        return self.session.health() if self.session is not None else "not started"
 
     def on_disconnected(self, reason: str) -> None:
         RECONNECTS.inc()
@@ -339,12 +335,8 @@ class Ingest:
         elif channel in (TRADES, PORTFOLIO):
             self._count(channel, received)
             self.account_queue.put_nowait((channel, notification, raw, received))
-        elif channel == SYSTEM:
+        elif channel == SYSTEM:  # the session acts on the reconnect notice
             self._count(channel, received)
-            if isinstance(notification, dict) and notification.get("event") == "reconnect":
-                log.warning("the exchange announced a reconnect")
-                assert self.session is not None
-                self.session.reconnect_soon()
         # else: a late message of a channel just unsubscribed — nothing to do
 
     def on_garbage(self, raw: str, reason: str, received: float) -> None:
@@ -353,7 +345,7 @@ class Ingest:
 
     # The account worker (one item at a time, in order)
 
-    async def on_connected(self, link: Link) -> None:
+    async def on_connected(self, link: Connection) -> None:
         """Bootstrap on the worker (behind anything it still holds, ahead of the live feed)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.account_queue.put_nowait(("<bootstrap>", (link, done), "", time.time()))
@@ -361,13 +353,14 @@ class Ingest:
 
     async def _account_worker(self) -> None:
         while True:
+            raise_if_cancelled()  # see TickWriter.run
             item: tuple[str, Any, str, float] | None = None
             try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
                 async with asyncio.timeout(FOLLOW_INTERVAL_SECONDS):
                     item = await self.account_queue.get()
             except TimeoutError:
                 pass  # time to re-check the flat-since timers
-            link = self.session.link if self.session is not None else None
+            link = self.session.connection if self.session is not None else None
             try:
                 if item is not None:
                     channel, notification, raw, received = item
@@ -394,11 +387,11 @@ class Ingest:
                 # What could not be written is still on the exchange: a new connection's gap fill
                 # publishes it (once) as soon as Redis answers again.
                 log.error("account worker: Redis failed (%s); re-connecting to fill the gap", exc)
-                if self.session is not None:
-                    self.session.reconnect_soon()
+                if self.session is not None:  # with backoff: Redis refusing every write must not make it spin
+                    self.session.reconnect(f"Redis failed: {exc}")
                 await asyncio.sleep(REDIS_RETRY_SECONDS)
 
-    async def _bootstrap_into(self, link: Link, done: asyncio.Future[None]) -> None:
+    async def _bootstrap_into(self, link: Connection, done: asyncio.Future[None]) -> None:
         try:
             await self.bootstrap(link)
         except BaseException as exc:
@@ -410,23 +403,17 @@ class Ingest:
             if not done.done():
                 done.set_result(None)
 
-    async def bootstrap(self, link: Link) -> None:
+    async def bootstrap(self, link: Connection) -> None:
         """After every login: private feeds first (nothing slips between), then the gap fill."""
-        client = link.client
         # A new connection holds no public channel and no book view: start from nothing.
         self.channels.clear()
         self.refused.clear()
         self.books.clear()
         self.portfolio_snapshot_due = True
-        await link.call("private/subscribe",
-                        lambda rid: client.private_subscribe([TRADES, PORTFOLIO], id=rid))
-        try:
-            await link.call("public/subscribe", lambda rid: client.public_subscribe([SYSTEM], id=rid))
-        except ThalexError as exc:
-            log.info("no system channel on this exchange (%s); relying on the idle watchdog", exc.message)
+        await link.request("private_subscribe", [TRADES, PORTFOLIO])
         await self.load_instruments(link)
         received = time.time()
-        lines = await link.call("private/portfolio", lambda rid: client.portfolio(id=rid))
+        lines = await link.request("portfolio")
         await self.on_portfolio(lines, None, received, complete=True)
         await self.gap_fill(link)
         # Thalex lists trades in the history with a slight delay: one made just before this
@@ -437,15 +424,14 @@ class Ingest:
             if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>"):
                 del LAST_MESSAGE[channel]
 
-    async def gap_fill(self, link: Link) -> None:
+    async def gap_fill(self, link: Connection) -> None:
         """Page `private/trade_history` (ascending) from the checkpoint; publish what is new."""
         checkpoint = await self.fills.checkpoint()
         time_low = self.since if checkpoint is None else max(self.since, checkpoint - HISTORY_OVERLAP_SECONDS)
         bookmark: str | None = None
         while True:
-            result = await link.call("private/trade_history", lambda rid, page=bookmark: (
-                link.client.trade_history(limit=HISTORY_PAGE, time_low=time_low, sort=Sort.ASC,
-                                          bookmark=page, id=rid)))
+            result = await link.request("trade_history", limit=HISTORY_PAGE, time_low=time_low,
+                                        sort=Sort.ASC, bookmark=bookmark)
             received = time.time()
             if not isinstance(result, dict):
                 await self.bus.deadletter("thalex:private/trade_history", f"history@{received:.6f}",
@@ -505,9 +491,9 @@ class Ingest:
 
     # Instruments and subscriptions
 
-    async def load_instruments(self, link: Link) -> None:
+    async def load_instruments(self, link: Connection) -> None:
         """`public/instruments` → the `tp:instruments` hash (every active instrument)."""
-        listed = await link.call("public/instruments", lambda rid: link.client.instruments(id=rid))
+        listed = await link.request("instruments")
         try:
             items = as_list(listed, "public/instruments result")
         except MalformedMessage as exc:
@@ -534,7 +520,7 @@ class Ingest:
             PUBLISHED.labels(self.names.instruments).inc(len(infos))
             self.known_instruments.update(infos)
 
-    async def sync_subscriptions(self, link: Link) -> None:
+    async def sync_subscriptions(self, link: Connection) -> None:
         """Make the exchange's subscriptions match what is followed now."""
         now = time.time()
         wanted = self.follow.wanted(now)
@@ -542,8 +528,7 @@ class Ingest:
                          - self.known_instruments)
         for name in unknown:  # e.g. expired instruments still in a position
             try:
-                item = await link.call("public/instrument",
-                                       lambda rid, n=name: link.client.instrument(n, id=rid))
+                item = await link.request("instrument", name)
             except ThalexError as exc:
                 log.warning("no metadata for %s: %s", name, exc.message)
                 self.known_instruments.add(name)  # do not ask again on this connection
@@ -556,13 +541,14 @@ class Ingest:
                 LAST_MESSAGE.pop(channel, None)  # no longer followed: its silence is no news
                 if channel.startswith("book."):
                     self.books.pop(instrument, None)
-            await link.call("unsubscribe", lambda rid: link.client.unsubscribe(plan.unsubscribe, id=rid))
+            await link.request("unsubscribe", plan.unsubscribe)
             log.info("unsubscribed %s", ", ".join(plan.unsubscribe))
         subscribe = [c for c in plan.subscribe if c not in self.refused]
         if subscribe:
             await self._subscribe(link, subscribe, wanted)
 
-    async def _subscribe(self, link: Link, channels: list[str], wanted: dict[str, tuple[Feed, str]]) -> None:
+    async def _subscribe(self, link: Connection, channels: list[str],
+                         wanted: dict[str, tuple[Feed, str]]) -> None:
         """Register first (the snapshot can arrive right behind the answer), then subscribe.
 
         A channel the exchange refuses (unknown instrument on the watch list) is
@@ -573,7 +559,7 @@ class Ingest:
             if wanted[channel][0] is Feed.BOOK:
                 self.books[wanted[channel][1]] = Book()
         try:
-            await link.call("public/subscribe", lambda rid: link.client.public_subscribe(channels, id=rid))
+            await link.request("public_subscribe", channels)
             log.info("subscribed %s", ", ".join(channels))
             return
         except ThalexError as exc:

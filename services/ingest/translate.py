@@ -1,8 +1,9 @@
 """Thalex messages → wire documents (pure: no I/O, no clock; `ingest_ts` is passed in).
 
 The exchange's objects (api.yaml: `Trade`, `Ticker`, `PortfolioEntry`,
-`Instrument`, the `book.*` notification) are validated here against the parts of
-the schema the guardian relies on, and turned into the contract documents of
+`Instrument`, the `book.*` notification) are validated against the parts of the
+schema the guardian relies on (the typed models in `services/common/thalex/models.py`,
+shared with the executor), and turned into the contract documents of
 `services/common/contracts.py`. Anything that does not fit raises
 `MalformedMessage` naming the object and the field, so the shell can
 dead-letter the raw text and keep running: one bad message must never cost the
@@ -12,10 +13,10 @@ account its other fills.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from services.common.contracts import (
     ExchangePosition,
@@ -25,128 +26,21 @@ from services.common.contracts import (
     Tick,
     TradeType,
 )
-
-
-class MalformedMessage(ValueError):
-    """An exchange message the guardian cannot use; the text says which field and why."""
-
-
-class UnbookableTrade(MalformedMessage):
-    """A trade without what booking needs: its id, instrument, direction, price or amount."""
-
-
-BOOKING_FIELDS = ("trade_id", "instrument_name", "direction", "price", "amount")
-"""What a trade cannot be booked without. `trade_id` too: fills are de-duplicated by it, and a trade
-that may come twice (live and from the history) without one could be counted twice. Such a trade is
-refused loudly; reconciliation with the exchange's portfolio heals the position."""
-
-
-class _Thalex(BaseModel):
-    """An exchange object: unknown fields are Thalex's business; a wrong type or NaN is not."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True, strict=True)
-
-
-class ThalexTrade(_Thalex):
-    """api.yaml `Trade`, which requires no field: anything may be missing (None).
-
-    Booking needs `trade_id` (de-duplication), `instrument_name`, `direction`, `price` and
-    `amount` (see `fill_from_trade`). `session_realised_after`, `position_pnl`,
-    `perpetual_funding_pnl`, `bot_id` and `leg_index` are not carried: the ledger computes
-    P&L from its own epoch's basis, and a combination's legs come as trades of their own.
-    """
-
-    trade_id: str | None = None
-    order_id: str | None = None
-    instrument_name: str | None = None
-    direction: str | None = None
-    price: float | None = None
-    amount: float | None = None
-    time: float | None = None
-    fee: float | None = None
-    liquidation_fee: float | None = None
-    index: float | None = None
-    fee_rate: float | None = None
-    maker_taker: str | None = None
-    position_after: float | None = None
-    funding_mark: float | None = None
-    label: str | None = None
-    client_order_id: float | None = None
-    trade_type: str | None = None
-
-
-class ThalexTicker(_Thalex):
-    """api.yaml `Ticker`: empty book sides are null or absent."""
-
-    mark_price: float
-    mark_timestamp: float | None = None
-    best_bid_price: float | None = None
-    best_bid_amount: float | None = None
-    best_ask_price: float | None = None
-    best_ask_amount: float | None = None
-    index: float | None = None
-    funding_mark: float | None = None
-
-
-class ThalexIndex(_Thalex):
-    """api.yaml `Index` (the `price_index.<underlying>` notification)."""
-
-    price: float
-    timestamp: float | None = None
-
-
-class ThalexPortfolioEntry(_Thalex):
-    """api.yaml `PortfolioEntry`."""
-
-    instrument_name: str
-    position: float
-    mark_price: float
-    average_price: float | None = None
-    start_price: float | None = None
-    realised_pnl: float = 0.0
-    unrealised_pnl: float = 0.0
-    unrealised_perpetual_funding: float | None = None
-    perpetual_funding_entry_value: float | None = None
-
-
-class ThalexInstrument(_Thalex):
-    """api.yaml `Instrument`."""
-
-    instrument_name: str
-    type: str
-    product: str
-    underlying: str
-    tick_size: float
-    volume_tick_size: float
-    min_order_amount: float
-    expiration_timestamp: float | None = None
-
-
-class ThalexBookUpdate(_Thalex):
-    """The `book.<instrument>.<grouping>.<nlevels>.<delay>` notification (level changes)."""
-
-    bid_changes: list[list[Any]] = []
-    ask_changes: list[list[Any]] = []
-    time: float | None = None
-
+from services.common.thalex.models import (
+    BOOKING_FIELDS,
+    MalformedMessage,
+    ThalexBookUpdate,
+    ThalexIndex,
+    ThalexInstrument,
+    ThalexPortfolioEntry,
+    ThalexTicker,
+    ThalexTrade,
+    UnbookableTrade,
+    parse,
+    problems,
+)
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def _problems(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in item['loc']) or '<object>'}: {item['msg']}" for item in error.errors()
-    )
-
-
-def parse(model: type[M], what: str, data: Any) -> M:
-    """Validate one exchange object or raise `MalformedMessage` naming `what` and the fields."""
-    if not isinstance(data, Mapping):
-        raise MalformedMessage(f"{what}: expected an object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise MalformedMessage(f"{what}: {_problems(exc)}") from None
 
 
 def _contract(model: type[M], what: str, **fields: Any) -> M:
@@ -154,7 +48,7 @@ def _contract(model: type[M], what: str, **fields: Any) -> M:
     try:
         return model(**fields)
     except ValidationError as exc:
-        raise MalformedMessage(f"{what} does not fit the wire contract: {_problems(exc)}") from None
+        raise MalformedMessage(f"{what} does not fit the wire contract: {problems(exc)}") from None
 
 
 def as_list(data: Any, what: str) -> list[Any]:

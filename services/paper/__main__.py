@@ -1,4 +1,5 @@
-"""``python -m services.paper [paper args]`` runs the exchange; ``python -m services.paper keygen ...`` makes keys."""
+"""``python -m services.paper [paper args]`` runs the exchange; ``python -m services.paper keygen ...``
+makes keys."""
 
 import sys
 

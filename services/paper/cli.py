@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import signal
 from pathlib import Path
@@ -14,7 +15,7 @@ from services.paper.keys import generate_key, load_keys
 from services.paper.scenario import Step, load_scenario, run_scenario
 from services.paper.server import PaperExchange
 
-log = logging.getLogger("services.paper")
+log = logging.getLogger(__name__)
 
 
 def keygen_main(argv: list[str]) -> int:
@@ -41,6 +42,16 @@ def keygen_main(argv: list[str]) -> int:
         f"{' (read-only)' if files.read_only else ''}"
     )
     return 0
+
+
+def _iso_time(text: str) -> float:
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
 
 
 def paper_main(argv: list[str]) -> int:
@@ -70,6 +81,17 @@ def paper_main(argv: list[str]) -> int:
         "--option-vol", type=float, default=0.5, help="implied volatility used to price options"
     )
     parser.add_argument(
+        "--start-time",
+        type=_iso_time,
+        help="the paper's clock starts here (ISO 8601, e.g. 2026-03-27T07:55:00Z) instead of now",
+    )
+    parser.add_argument(
+        "--clock-speed",
+        type=float,
+        default=1.0,
+        help="the paper's time runs this many times as fast as real time",
+    )
+    parser.add_argument(
         "--config", type=Path, help="the guardian's configuration: option fees are capped as its "
         "[trading_fees.products.option] premium_cap says (none by default), so both agree"
     )
@@ -97,7 +119,11 @@ def paper_main(argv: list[str]) -> int:
         reconnect_grace=args.reconnect_grace,
         index_vol=args.index_vol,
         option_vol=args.option_vol,
+        start_time=args.start_time,
     )
+    if args.clock_speed < 0:
+        parser.exit(2, "thalex-tp paper: --clock-speed must be >= 0\n")
+    exchange.clock.set_speed(args.clock_speed)
     if args.config is not None:
         try:
             exchange.engine.option_fee_cap = option_fee_cap(load_config(args.config))

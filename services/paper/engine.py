@@ -4,239 +4,80 @@ Pure and deterministic: no I/O and no clock (every call takes ``now``). The serv
 the returned :class:`Event` objects into Thalex notifications. Orders trade only against
 the synthetic book of :class:`~services.paper.market.Market` (as takers) or against
 simulated flow (as makers); accounts never trade with each other, which keeps them isolated.
+A combination (a roll, or an order given ``legs``) trades on its legs: one trade per leg.
+Expiry and the daily settlement are :mod:`services.paper.settlement`; margin is
+:mod:`services.paper.margin`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
+from services.paper import margin
+from services.paper.accounts import (
+    EPS,
+    STARTING_CASH,
+    Account,
+    Event,
+    Fill,
+    Order,
+    Position,
+    Session,
+    account_number,
+    clean,
+)
+from services.paper.errors import (
+    COLLAR_BREACH,
+    DUPLICATE_ORDER_ID,
+    INSUFFICIENT_MARGIN,
+    INVALID_AMOUNT,
+    INVALID_PRICE,
+    INVALID_REQUEST,
+    INVALID_STATE,
+    INVALID_TIME_IN_FORCE,
+    ORDER_NOT_FOUND,
+    PRICE_NOT_ALIGNED,
+    THROTTLE_EXCEEDED,
+    UNAUTHORIZED,
+    UNKNOWN_INSTRUMENT,
+    RpcError,
+)
 from services.paper.market import Instrument, Market, align_down, is_aligned
+from services.paper.paging import names_filter, page
+from services.paper.params import choice, flag, number
+
+__all__ = [
+    "STARTING_CASH",
+    "Account",
+    "Engine",
+    "Event",
+    "Fill",
+    "Order",
+    "Position",
+    "Session",
+    "account_number",
+]
 
 MAKER_FEE_FUTURES = 0.0001
 TAKER_FEE_FUTURES = 0.0005
 OPTION_FEE = 0.00025
 OPTION_FEE_CAP = 0.125
-"""Default share of the premium an option fee never exceeds (`Engine.option_fee_cap`; None: no cap).
-Thalex's published schedule has none; `thalex-tp paper --config` takes the guardian's
-`[trading_fees.products.option] premium_cap` so both charge and estimate alike."""
-STARTING_CASH = 1_000_000.0
-ORDER_RATE = 10
-ORDER_RATE_CANCEL_ON_DISCONNECT = 50
+"""Default share of the premium an option fee never exceeds (`Engine.option_fee_cap`; None: no cap)."""
+ROLL_FEE_SHARE = 0.5
+"""A roll is charged the fee once for its two legs: half the rate on each (Thalex: "50% fee discount")."""
 MAX_LABEL_BYTES = 32
 MAX_CLIENT_ORDER_ID = 2**64 - 1
-EPS = 1e-9
-
-# Error codes of NOTES.md.
-ORDER_NOT_FOUND = 1
-DUPLICATE_ORDER_ID = 2
-THROTTLE_EXCEEDED = 4
-UNKNOWN_INSTRUMENT = 5
-INVALID_REQUEST = 6
-NOT_LOGGED_IN = 7
-INVALID_PRICE = 13
-INVALID_AMOUNT = 14
-PRICE_NOT_ALIGNED = 15
-AUTHENTICATION_FAILED = 19
-TEMPORARY_FAILURE = 20
-INVALID_TIME_IN_FORCE = 25
-UNAUTHORIZED = 28
-UNKNOWN_METHOD = 31
-INVALID_STATE = 37
-COLLAR_BREACH = 43
-
-
-class RpcError(Exception):
-    """A Thalex error object ``{code, message}``."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def to_wire(self) -> dict:
-        return {"code": self.code, "message": self.message}
-
-
-def _clean(value: float) -> float:
-    """Drop float noise so amounts and prices print like the exchange's."""
-    cleaned = round(value, 10)
-    return 0.0 if cleaned == 0 else cleaned
+GTC, IOC = "good_till_cancelled", "immediate_or_cancel"
+FillListener = Callable[[Account, Order, Fill, float], list[Event]]
 
 
 def _sign(value: float) -> int:
     return (value > EPS) - (value < -EPS)
 
 
-@dataclass
-class Fill:
-    trade_id: str
-    price: float
-    amount: float
-    maker_taker: str
-    time: float
-
-    def to_wire(self) -> dict:
-        return {
-            "trade_id": self.trade_id,
-            "price": self.price,
-            "amount": self.amount,
-            "time": self.time,
-            "maker_taker": self.maker_taker,
-            "leg_index": 0,
-        }
-
-
-@dataclass
-class Order:
-    order_id: str
-    account_id: str
-    session_id: int
-    instrument: Instrument
-    direction: str
-    order_type: str
-    time_in_force: str
-    price: float | None
-    amount: float
-    create_time: float
-    persistent: bool
-    label: str | None = None
-    client_order_id: int | None = None
-    reduce_only: bool = False
-    filled_amount: float = 0.0
-    fills: list[Fill] = field(default_factory=list)
-    close_time: float | None = None
-    delete_reason: str | None = None
-
-    @property
-    def remaining(self) -> float:
-        return 0.0 if self.delete_reason else _clean(self.amount - self.filled_amount)
-
-    @property
-    def status(self) -> str:
-        if self.delete_reason is None:
-            return "partially_filled" if self.filled_amount > EPS else "open"
-        if self.delete_reason == "filled":
-            return "filled"
-        return "cancelled_partially_filled" if self.filled_amount > EPS else "cancelled"
-
-    def to_wire(self, change_reason: str, fills: list[Fill] | None = None) -> dict:
-        """The ``OrderStatus`` object; ``fills`` are the new fills (all of them for ``existing``)."""
-        wire: dict[str, Any] = {
-            "order_id": self.order_id,
-            "order_type": self.order_type,
-            "time_in_force": self.time_in_force,
-            "instrument_name": self.instrument.name,
-            "direction": self.direction,
-            "amount": self.amount,
-            "filled_amount": _clean(self.filled_amount),
-            "remaining_amount": self.remaining,
-            "status": self.status,
-            "fills": [f.to_wire() for f in (self.fills if fills is None else fills)],
-            "change_reason": change_reason,
-            "insert_reason": "client_request",
-            "create_time": self.create_time,
-            "persistent": self.persistent,
-        }
-        if self.price is not None:
-            wire["price"] = self.price
-        if self.label is not None:
-            wire["label"] = self.label
-        if self.client_order_id is not None:
-            wire["client_order_id"] = self.client_order_id
-        if self.delete_reason is not None:
-            wire["delete_reason"] = self.delete_reason
-            wire["close_time"] = self.close_time
-        if self.reduce_only:
-            wire["reduce_only"] = True
-        return wire
-
-
-@dataclass
-class Position:
-    """Average-cost position of one instrument; ``realised_pnl`` includes realised perpetual funding."""
-
-    instrument: Instrument
-    position: float = 0.0
-    average_price: float = 0.0
-    realised_pnl: float = 0.0
-    funding_entry_value: float = 0.0
-    fees: float = 0.0
-
-
-@dataclass
-class Account:
-    account_id: str
-    number: str
-    cash: float = STARTING_CASH
-    positions: dict[str, Position] = field(default_factory=dict)
-    orders: dict[str, Order] = field(default_factory=dict)
-    trades: list[tuple[int, dict]] = field(default_factory=list)
-
-
-@dataclass
-class Session:
-    """One websocket login: client order ids and the message-rate window live here."""
-
-    session_id: int
-    account: Account
-    read_only: bool = False
-    """Logged in with a read-only key: may read and subscribe, not trade."""
-    cancel_on_disconnect: bool = False
-    client_orders: dict[int, str] = field(default_factory=dict)
-    order_times: deque = field(default_factory=deque)
-
-    @property
-    def order_rate(self) -> int:
-        return ORDER_RATE_CANCEL_ON_DISCONNECT if self.cancel_on_disconnect else ORDER_RATE
-
-
-@dataclass
-class Event:
-    """Something subscribers must hear about: ``orders`` (OrderStatus), ``trade`` (Trade) or ``portfolio``."""
-
-    kind: str
-    account_id: str
-    session_id: int | None
-    payload: dict
-
-
-def account_number(account_id: str) -> str:
-    """A stable account number per key id, so restarts keep the same numbers."""
-    return "A" + str(int(hashlib.sha256(account_id.encode()).hexdigest(), 16) % 10**9).zfill(9)
-
-
-def _number(params: dict, name: str, required: bool = False) -> float | None:
-    value = params.get(name)
-    if value is None:
-        if required:
-            raise RpcError(INVALID_REQUEST, f"missing parameter {name}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RpcError(INVALID_REQUEST, f"{name} must be a number")
-    return float(value)
-
-
-def _choice(params: dict, name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
-    value = params.get(name, default)
-    if value is None:
-        return None
-    if value not in allowed:
-        raise RpcError(INVALID_REQUEST, f"{name} must be one of {', '.join(allowed)}")
-    return value
-
-
-def _flag(params: dict, name: str) -> bool:
-    value = params.get(name, False)
-    if not isinstance(value, bool):
-        raise RpcError(INVALID_REQUEST, f"{name} must be a boolean")
-    return value
-
-
-def _client_order_id(params: dict) -> int | None:
+def _client_order_id(params: dict[str, Any]) -> int | None:
     value = params.get("client_order_id")
     if value is None:
         return None
@@ -259,14 +100,25 @@ class Engine:
         self._next_session = 0
         self._next_order = 0
         self._next_trade = 0
+        self._next_seq = 0
+        self._next_notification = 0
+        self.fill_listeners: list[FillListener] = []
+        """Called after every fill of an order with (account, order, fill, now); their events follow
+        the trade's (market-maker protection counts quote executions here)."""
 
-    # Sessions
+    # Accounts and sessions
+
+    def account(self, account_id: str) -> Account:
+        """The account (opened on first use with the starting balance, recorded as a deposit)."""
+        account = self.accounts.get(account_id)
+        if account is None:
+            account = self.accounts[account_id] = Account(account_id, account_number(account_id), cash=0.0)
+            self.transfer(account, STARTING_CASH, "deposit", "paper account opened", self.market.now)
+        return account
 
     def open_session(self, account_id: str, read_only: bool) -> Session:
         """A login; several keys (read-only or trading) may share one account."""
-        account = self.accounts.get(account_id)
-        if account is None:
-            account = self.accounts[account_id] = Account(account_id, account_number(account_id))
+        account = self.account(account_id)
         self._next_session += 1
         session = Session(self._next_session, account, read_only)
         self.sessions[session.session_id] = session
@@ -282,8 +134,7 @@ class Engine:
         events: list[Event] = []
         for order in list(session.account.orders.values()):
             if order.session_id == session.session_id and not order.persistent:
-                self._close(order, "session_end", now)
-                events.append(self._order_event(order, "cancel", []))
+                events += self._close(order, "session_end", now, "cancel")
         session.client_orders.clear()
         return events
 
@@ -296,57 +147,152 @@ class Engine:
             raise RpcError(THROTTLE_EXCEEDED, "throttle exceeded")
         window.append(now)
 
+    def next_seq(self) -> int:
+        """One sequence for every history row (bookmarks are these numbers)."""
+        self._next_seq += 1
+        return self._next_seq
+
+    def transfer(
+        self,
+        account: Account,
+        amount: float,
+        kind: str,
+        description: str,
+        now: float,
+        instrument_name: str | None = None,
+    ) -> dict[str, Any]:
+        """Move USDT in or out of the account's balance; recorded in its transaction history."""
+        account.cash = clean(account.cash + amount)
+        row: dict[str, Any] = {
+            "time": now,
+            "asset": "USDT",
+            "amount": clean(amount),
+            "transaction_type": kind,
+            "description": description,
+            "balance_after": account.cash,
+        }
+        if instrument_name is not None:
+            row["instrument_name"] = instrument_name
+        account.transactions.append((self.next_seq(), row))
+        return row
+
+    def post_notification(
+        self, account: Account, category: str, title: str, message: str, display_type: str, now: float
+    ) -> Event:
+        """A notification in the account's inbox (``private/notifications_inbox``)."""
+        self._next_notification += 1
+        item = {
+            "id": f"{self._next_notification:016X}",
+            "time": now,
+            "category": category,
+            "title": title,
+            "message": message,
+            "display_type": display_type,
+            "read": False,
+            "account_name": account.account_id,
+            "account_number": account.number,
+            "popup": True,
+        }
+        account.inbox.append(item)
+        return Event("inbox", account.account_id, None, item)
+
     # Trading
 
-    def insert(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    def insert(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         """``private/insert`` (``direction`` already in ``params`` for buy/sell)."""
         self.check_throttle(session, now)
         self._require_trading(session)
-        direction = _choice(params, "direction", ("buy", "sell"), None)
+        return self.place(session.account, params, now, session)
+
+    def place(
+        self, account: Account, params: dict, now: float, session: Session | None = None, **origin: Any
+    ) -> tuple[dict, list[Event]]:
+        """Validate and match an order of ``account``: a client's (``session``) or, without a session, one
+        the exchange inserts for the account (a triggered conditional order, a bot's; persistent).
+
+        ``origin`` sets ``insert_reason``, ``conditional_order_id``, ``bot_id`` or ``mass_quote``.
+        """
+        order, post_only, reject_post_only, collar = self._new_order(account, session, params, now)
+        for name, value in origin.items():
+            setattr(order, name, value)
+        if order.reduce_only:
+            order.amount = self._reduce_only_amount(account, order.instrument, order.direction, order.amount)
+        mark = self.market.mark(order.instrument.name).price
+        limit = self._collared(order.instrument, order.direction, order.price, collar, mark)
+        if order.price is not None:
+            order.price = limit
+        if not order.reduce_only:
+            self._check_margin(account, order, order.amount, None)
+        bids, asks = self.market.book(order.instrument.name, mark)
+        self._next_order += 1
+        order.order_id = f"{self._next_order:016X}"
+        if post_only and order.price is not None:
+            opposite = asks if order.direction == "buy" else bids
+            if opposite and self._crosses(order.direction, order.price, opposite[0][0]):
+                tick = order.instrument.tick_size
+                adjusted = clean(opposite[0][0] - tick if order.direction == "buy" else opposite[0][0] + tick)
+                if reject_post_only or adjusted <= 0:
+                    return self._reject_post_only(order, now)
+                order.price = limit = adjusted
+        fills, events = self._take(order, account, limit, asks if order.direction == "buy" else bids, now)
+        if order.remaining > EPS:
+            if order.time_in_force == IOC:
+                events += self._close(order, "immediate_cancel", now, None)
+            else:
+                account.orders[order.order_id] = order
+                if session is not None and order.client_order_id is not None:
+                    session.client_orders[order.client_order_id] = order.order_id
+        elif order.delete_reason is not None:
+            events += self._history_events(order)
+        wire = order.to_wire("insert", fills)
+        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        events.extend(self._trim_reduce_only(account, order.instrument, now))
+        return wire, events
+
+    def _reject_post_only(self, order: Order, now: float) -> tuple[dict[str, Any], list[Event]]:
+        events = self._close(order, "immediate_cancel", now, None)
+        wire = order.to_wire("insert", [])
+        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
+
+    def _new_order(
+        self, account: Account, session: Session | None, params: dict[str, Any], now: float
+    ) -> tuple[Order, bool, bool, str]:
+        """Validate an insert; the order (without id yet), post_only, reject_post_only and collar."""
+        direction = choice(params, "direction", ("buy", "sell"), None)
         if direction is None:
             raise RpcError(INVALID_REQUEST, "missing parameter direction")
-        if "legs" in params:
-            raise RpcError(INVALID_REQUEST, "combination orders are not supported by the paper exchange")
-        inst = self._instrument(params.get("instrument_name"))
-        amount = self._amount(inst, _number(params, "amount", required=True))
-        order_type = _choice(params, "order_type", ("limit", "market"), "limit")
-        default_tif = "good_till_cancelled" if order_type == "limit" else "immediate_or_cancel"
-        tif = _choice(params, "time_in_force", ("good_till_cancelled", "immediate_or_cancel"), default_tif)
-        post_only, reject_post_only = _flag(params, "post_only"), _flag(params, "reject_post_only")
-        reduce_only = _flag(params, "reduce_only")
-        if order_type == "market" and tif == "good_till_cancelled":
+        by_legs = "legs" in params
+        inst = self.combination_of(params) if by_legs else self._instrument(params.get("instrument_name"))
+        amount = self.checked_amount(inst, number(params, "amount", required=True))
+        order_type = choice(params, "order_type", ("limit", "market"), "limit") or "limit"
+        default_tif = GTC if order_type == "limit" and not by_legs else IOC
+        tif = choice(params, "time_in_force", (GTC, IOC), default_tif) or default_tif
+        post_only, reject_post_only = flag(params, "post_only"), flag(params, "reject_post_only")
+        reduce_only = flag(params, "reduce_only")
+        if order_type == "market" and tif == GTC:
             raise RpcError(INVALID_TIME_IN_FORCE, "market orders must be immediate_or_cancel")
-        if post_only and tif == "immediate_or_cancel":
+        if post_only and tif == IOC:
             raise RpcError(INVALID_TIME_IN_FORCE, "post_only orders cannot be immediate_or_cancel")
-        collar = _choice(
+        if inst.is_combination:
+            self._check_combination_flags(by_legs, tif, post_only or reject_post_only, reduce_only)
+        collar = choice(
             params, "collar", ("ignore", "reject", "clamp"), "clamp" if order_type == "market" else "reject"
         )
         if order_type == "market" and collar == "ignore":
             raise RpcError(INVALID_REQUEST, "collar ignore is not allowed for market orders")
-        price = (
-            self._price(inst, _number(params, "price", required=order_type == "limit"))
-            if order_type == "limit"
-            else None
-        )
+        price = self._price(inst, number(params, "price", required=True)) if order_type == "limit" else None
         label = params.get("label")
         if label is not None and (not isinstance(label, str) or len(label.encode()) > MAX_LABEL_BYTES):
             raise RpcError(INVALID_REQUEST, f"label must be a string of at most {MAX_LABEL_BYTES} bytes")
-        client_order_id = _client_order_id(params)
-        if client_order_id is not None and client_order_id in session.client_orders:
+        client_order_id = _client_order_id(params) if session is not None else None
+        if session is not None and client_order_id is not None and client_order_id in session.client_orders:
             raise RpcError(DUPLICATE_ORDER_ID, "duplicate client_order_id")
-        account = session.account
-        if reduce_only:
-            amount = self._reduce_only_amount(account, inst, direction, amount)
-        mark = self.market.mark(inst.name).price
-        limit = self._collared(inst, direction, price, collar, mark)
-        if price is not None:
-            price = limit
-        bids, asks = self.market.book(inst.name, mark)
-        self._next_order += 1
         order = Order(
-            f"{self._next_order:016X}",
+            "",
             account.account_id,
-            session.session_id,
+            session.session_id if session is not None else 0,
             inst,
             direction,
             order_type,
@@ -354,49 +300,56 @@ class Engine:
             price,
             amount,
             now,
-            not session.cancel_on_disconnect,
+            session is None or not session.cancel_on_disconnect,
             label,
             client_order_id,
             reduce_only,
+            by_legs=by_legs,
         )
-        if post_only and order.price is not None:
-            opposite = asks if direction == "buy" else bids
-            if opposite and self._crosses(direction, order.price, opposite[0][0]):
-                adjusted = _clean(
-                    opposite[0][0] - inst.tick_size if direction == "buy" else opposite[0][0] + inst.tick_size
-                )
-                if reject_post_only or adjusted <= 0:
-                    self._close(order, "immediate_cancel", now)
-                    return order.to_wire("insert"), [self._order_event(order, "insert", [])]
-                order.price = limit = adjusted
-        fills, events = self._take(order, account, limit, asks if direction == "buy" else bids, now)
-        if order.remaining > EPS:
-            if tif == "immediate_or_cancel":
-                self._close(order, "immediate_cancel", now)
-            else:
-                account.orders[order.order_id] = order
-                if client_order_id is not None:
-                    session.client_orders[client_order_id] = order.order_id
-        wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.account_id, session.session_id, wire))
-        events.extend(self._trim_reduce_only(account, inst, now))
-        return wire, events
+        return order, post_only, reject_post_only, str(collar)
 
-    def amend(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    @staticmethod
+    def _check_combination_flags(by_legs: bool, tif: str, post_only: bool, reduce_only: bool) -> None:
+        if by_legs and tif != IOC:
+            raise RpcError(INVALID_TIME_IN_FORCE, "combination orders must be immediate_or_cancel")
+        if post_only or reduce_only:
+            raise RpcError(
+                INVALID_REQUEST, "post_only and reduce_only are not supported for combination orders"
+            )
+
+    def amend(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         self.check_throttle(session, now)
         self._require_trading(session)
         order = self._find_order(session, params)
         inst = order.instrument
-        price = self._price(inst, _number(params, "price", required=True))
-        amount = self._amount(inst, _number(params, "amount", required=True))
-        collar = _choice(params, "collar", ("ignore", "reject", "clamp"), "reject")
+        price = self._price(inst, number(params, "price", required=True))
+        amount = self.checked_amount(inst, number(params, "amount", required=True))
+        collar = choice(params, "collar", ("ignore", "reject", "clamp"), "reject") or "reject"
         account = session.account
         if amount <= order.filled_amount + EPS:
-            self._close(order, "client_cancel", now)
+            events = self._close(order, "client_cancel", now, None)
             wire = order.to_wire("amend", [])
-            return wire, [Event("orders", account.account_id, order.session_id, wire)]
+            return wire, [Event("orders", account.account_id, order.session_id, wire), *events]
         mark = self.market.mark(inst.name).price
-        order.price = self._collared(inst, order.direction, price, collar, mark)
+        new_price = self._collared(inst, order.direction, price, collar, mark)
+        if not order.reduce_only:
+            probe = Order(
+                order.order_id,
+                order.account_id,
+                order.session_id,
+                inst,
+                order.direction,
+                order.order_type,
+                order.time_in_force,
+                new_price,
+                amount,
+                now,
+                order.persistent,
+            )
+            self._check_margin(account, probe, amount - order.filled_amount, order.order_id)
+        order.price = new_price
         order.amount = amount
         bids, asks = self.market.book(inst.name, mark)
         fills, events = self._take(
@@ -404,27 +357,52 @@ class Engine:
         )
         wire = order.to_wire("amend", fills)
         events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        if order.delete_reason is not None:
+            events += self._history_events(order)
         events.extend(self._trim_reduce_only(account, inst, now))
         return wire, events
 
-    def cancel(self, session: Session, params: dict, now: float) -> tuple[dict, list[Event]]:
+    def cancel(
+        self, session: Session, params: dict[str, Any], now: float
+    ) -> tuple[dict[str, Any], list[Event]]:
         self.check_throttle(session, now)
         self._require_trading(session)
         order = self._find_order(session, params)
-        self._close(order, "client_cancel", now)
+        events = self._close(order, "client_cancel", now, None)
         wire = order.to_wire("cancel", [])
-        return wire, [Event("orders", order.account_id, order.session_id, wire)]
+        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
 
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
         self._require_trading(session)
-        orders = list(session.account.orders.values())
-        return len(orders), [self._cancel_bulk(order, now) for order in orders]
+        orders = [o for o in session.account.orders.values() if not o.mass_quote]
+        events: list[Event] = []
+        for order in orders:
+            events += self._close(order, "client_bulk_cancel", now, "cancel")
+        return len(orders), events
 
     def cancel_session(self, session: Session, now: float) -> list[Event]:
         self._require_trading(session)
-        orders = [o for o in session.account.orders.values() if o.session_id == session.session_id]
-        return [self._cancel_bulk(order, now) for order in orders]
+        events: list[Event] = []
+        mine = [o for o in session.account.orders.values() if o.session_id == session.session_id]
+        for order in [o for o in mine if not o.mass_quote]:
+            events += self._close(order, "client_bulk_cancel", now, "cancel")
+        return events
+
+    def withdraw(self, order: Order, reason: str, now: float, *, quietly: bool = False) -> list[Event]:
+        """The exchange removes a resting order (a bot's, a pulled quote) for ``reason``; ``quietly``
+        for the order being filled, whose fill reports (and records) its end."""
+        if quietly:
+            return self._close(order, reason, now, None, record=False)
+        return self._close(order, reason, now, "cancel")
+
+    def cancel_orders(self, account: Account, orders: list[Order], reason: str, now: float) -> list[Event]:
+        """Cancel ``orders`` of ``account`` for the exchange's own reason (expiry, margin breach)."""
+        events: list[Event] = []
+        for order in orders:
+            if order.order_id in account.orders:
+                events += self._close(order, reason, now, "cancel")
+        return events
 
     def direct_trade(
         self,
@@ -434,43 +412,31 @@ class Engine:
         amount: float,
         price: float | None,
         now: float,
-    ) -> tuple[list[dict], list[Event]]:
+        insert_reason: str = "client_request",
+    ) -> tuple[list[dict[str, Any]], list[Event]]:
         """Control ``paper/trade``: an IOC market order for ``account_id``, or a fill at exactly ``price``."""
-        account = self.accounts.get(account_id)
-        if account is None:
-            account = self.accounts[account_id] = Account(account_id, account_number(account_id))
+        account = self.account(account_id)
         inst = self._instrument(instrument_name)
-        amount = self._amount(inst, amount)
+        amount = self.checked_amount(inst, amount)
         if direction not in ("buy", "sell"):
             raise RpcError(INVALID_REQUEST, "direction must be buy or sell")
-        self._next_order += 1
-        order = Order(
-            f"{self._next_order:016X}",
-            account_id,
-            0,
-            inst,
-            direction,
-            "market",
-            "immediate_or_cancel",
-            None,
-            amount,
-            now,
-            True,
-        )
+        order = self.new_order(account_id, inst, direction, amount, now, insert_reason)
         if price is None:
             bids, asks = self.market.book(inst.name)
             fills, events = self._take(
                 order,
                 account,
-                math.inf if direction == "buy" else 0.0,
+                math.inf if direction == "buy" else -math.inf,
                 asks if direction == "buy" else bids,
                 now,
             )
         else:
             order.order_type, order.price = "limit", price
-            fills, events = self._take(order, account, price, [[price, amount]], now)
+            fills, events = self._fill(order, account, price, amount, "taker", now)
         if order.remaining > EPS:
-            self._close(order, "immediate_cancel", now)
+            events += self._close(order, "immediate_cancel", now, None)
+        else:
+            events += self._history_events(order)
         events.insert(0, Event("orders", account_id, None, order.to_wire("insert", fills)))
         events.extend(self._trim_reduce_only(account, inst, now))
         return [e.payload for e in events if e.kind == "trade"], events
@@ -490,6 +456,8 @@ class Engine:
             if account_id is not None and account.account_id != account_id:
                 continue
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
                 if instrument_name is not None and order.instrument.name != instrument_name:
                     continue
                 if order_id is not None and order.order_id != order_id:
@@ -504,34 +472,70 @@ class Engine:
         events: list[Event] = []
         for account in list(self.accounts.values()):
             for order in list(account.orders.values()):
+                if order.order_id not in account.orders:
+                    continue
+                if self.market.get(order.instrument.name) is None or order.price is None:
+                    continue
                 bids, asks = self.market.book(order.instrument.name)
-                if (
-                    order.direction == "buy"
-                    and asks
-                    and asks[0][0] <= (order.price or 0.0)
-                    or order.direction == "sell"
-                    and bids
-                    and bids[0][0] >= (order.price or math.inf)
-                ):
+                crossed = (
+                    (asks and asks[0][0] <= order.price)
+                    if order.direction == "buy"
+                    else (bids and bids[0][0] >= order.price)
+                )
+                if crossed:
                     events.extend(self._maker_fill(account, order, None, now))
         return events
 
+    def new_order(
+        self,
+        account_id: str,
+        inst: Instrument,
+        direction: str,
+        amount: float,
+        now: float,
+        insert_reason: str = "client_request",
+    ) -> Order:
+        """A market IOC order the exchange makes for an account (simulated flow, liquidations)."""
+        self._next_order += 1
+        return Order(
+            f"{self._next_order:016X}",
+            account_id,
+            0,
+            inst,
+            direction,
+            "market",
+            IOC,
+            None,
+            amount,
+            now,
+            True,
+            insert_reason=insert_reason,
+        )
+
+    def finish_order(self, order: Order, fills: list[Fill], units: float, now: float) -> list[Event]:
+        """An exchange-made order filled by ``fills``: its ``orders`` event and its history."""
+        self._filled(order, units, fills, now)
+        return [
+            Event("orders", order.account_id, None, order.to_wire("insert", fills)),
+            *self._history_events(order),
+        ]
+
     # Reading
 
-    def open_orders(self, account: Account) -> list[dict]:
+    def open_orders(self, account: Account) -> list[dict[str, Any]]:
         return [o.to_wire("existing") for o in account.orders.values()]
 
-    def session_orders(self, session: Session) -> list[dict]:
+    def session_orders(self, session: Session) -> list[dict[str, Any]]:
         return [
             o.to_wire("existing")
             for o in session.account.orders.values()
             if o.session_id == session.session_id
         ]
 
-    def portfolio(self, account: Account) -> list[dict]:
+    def portfolio(self, account: Account) -> list[dict[str, Any]]:
         return [self.portfolio_entry(p) for p in account.positions.values()]
 
-    def portfolio_entry(self, pos: Position) -> dict:
+    def portfolio_entry(self, pos: Position) -> dict[str, Any]:
         """``PortfolioEntry``: unrealised = (mark - start) * position; funding = fmark * pos - entry value."""
         mark = self.market.mark(pos.instrument.name)
         entry: dict[str, Any] = {
@@ -539,90 +543,180 @@ class Engine:
             "position": pos.position,
             "mark_price": mark.price,
             "index": mark.index,
-            "start_price": pos.average_price,
+            "start_price": pos.start_price,
             "average_price": pos.average_price,
-            "unrealised_pnl": _clean((mark.price - pos.average_price) * pos.position),
-            "realised_pnl": _clean(pos.realised_pnl),
-            "entry_value": _clean(pos.average_price * pos.position),
+            "unrealised_pnl": clean((mark.price - pos.start_price) * pos.position),
+            "realised_pnl": clean(pos.realised_pnl),
+            "entry_value": clean(pos.start_price * pos.position),
         }
         if mark.iv is not None:
             entry["iv"] = mark.iv
         if pos.instrument.kind == "perpetual":
             if abs(pos.funding_entry_value) > EPS:
-                entry["perpetual_funding_entry_value"] = _clean(pos.funding_entry_value)
-            entry["unrealised_perpetual_funding"] = _clean(
-                (mark.funding_mark or 0.0) * pos.position - pos.funding_entry_value
-            )
+                entry["perpetual_funding_entry_value"] = clean(pos.funding_entry_value)
+            entry["unrealised_perpetual_funding"] = self.unrealised_funding(pos)
         return entry
 
-    def account_summary(self, account: Account) -> dict:
-        """``AccountSummary``: cash is the USDT balance after fees; margin is a flat 10 % of notional."""
-        unrealised = realised = required = 0.0
+    def unrealised_funding(self, pos: Position) -> float:
+        if pos.instrument.kind != "perpetual":
+            return 0.0
+        funding_mark = self.market.funding_marks.get(pos.instrument.name, 0.0)
+        return clean(funding_mark * pos.position - pos.funding_entry_value)
+
+    def unrealised(self, account: Account) -> float:
+        """Unrealised P&L of every position, perpetual funding included."""
+        total = 0.0
         for pos in account.positions.values():
-            entry = self.portfolio_entry(pos)
-            unrealised += entry["unrealised_pnl"] + entry.get("unrealised_perpetual_funding", 0.0)
-            realised += pos.realised_pnl
-            if pos.instrument.kind == "option":
-                required += 0.15 * entry["index"] * -pos.position if pos.position < 0 else 0.0
-            else:
-                required += 0.1 * abs(pos.position) * entry["mark_price"]
-        margin = account.cash + unrealised + realised
+            mark = self.market.mark(pos.instrument.name).price
+            total += (mark - pos.start_price) * pos.position + self.unrealised_funding(pos)
+        return total
+
+    @staticmethod
+    def session_realised(account: Account) -> float:
+        """The session's realised P&L net of its fees (what the next settlement pays into the balance)."""
+        return sum(p.realised_pnl - p.session_fees for p in account.positions.values())
+
+    def margin_balance(self, account: Account) -> float:
+        """Cash plus the unsettled P&L (unrealised, and realised since the last settlement)."""
+        return account.cash + self.unrealised(account) + self.session_realised(account)
+
+    def margin(
+        self,
+        account: Account,
+        extra: list[margin.Exposure] | None = None,
+        without: str | None = None,
+        extra_buys: bool = True,
+    ) -> margin.AccountMargin:
+        """The margin model's requirement (``extra``: a hypothetical buy order, or sell order)."""
+        return margin.account_margin(self.market, account, extra, without, extra_buys)
+
+    def account_summary(self, account: Account) -> dict[str, Any]:
+        """``AccountSummary``: the USDT balance, unsettled P&L and the margin model's requirement."""
+        unrealised = self.unrealised(account)
+        realised = self.session_realised(account)
+        balance = account.cash + unrealised + realised
+        required = self.margin(account).required
         return {
-            "cash": [
-                {
-                    "currency": "USDT",
-                    "balance": _clean(account.cash),
-                    "collateral_factor": 1.0,
-                    "collateral_index_price": 1.0,
-                    "transactable": True,
-                }
-            ],
-            "unrealised_pnl": _clean(unrealised),
-            "cash_collateral": _clean(account.cash),
-            "margin": _clean(margin),
-            "required_margin": _clean(required),
-            "remaining_margin": _clean(margin - required),
-            "session_realised_pnl": _clean(realised),
+            "cash": [self.cash_wire(account)],
+            "unrealised_pnl": clean(unrealised),
+            "cash_collateral": clean(account.cash),
+            "margin": clean(balance),
+            "required_margin": clean(required),
+            "remaining_margin": clean(balance - required),
+            "session_realised_pnl": clean(realised),
         }
 
-    def trade_history(self, account: Account, params: dict, now: float) -> dict:
-        """Trades filtered by ``time_low``/``time_high``/``instrument_names``, paged by ``limit``/``bookmark``."""
-        limit = params.get("limit", 1000)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
-            raise RpcError(INVALID_REQUEST, "limit must be an integer between 1 and 1000")
-        time_low = _number(params, "time_low")
-        time_high = _number(params, "time_high")
-        sort = _choice(params, "sort", ("ascending", "descending"), "descending")
-        names = params.get("instrument_names")
-        if names is not None and not isinstance(names, str):
-            raise RpcError(INVALID_REQUEST, "instrument_names must be a comma-separated string")
-        wanted = set(names.split(",")) if names else None
-        bookmark = params.get("bookmark")
-        after: int | None = None
-        if bookmark is not None:
-            if not isinstance(bookmark, str) or not bookmark.isdigit():
-                raise RpcError(INVALID_REQUEST, "invalid bookmark")
-            after = int(bookmark)
-        rows = account.trades if sort == "ascending" else list(reversed(account.trades))
-        selected: list[tuple[int, dict]] = []
-        for seq, trade in rows:
-            if after is not None and (seq <= after if sort == "ascending" else seq >= after):
-                continue
-            if time_low is not None and trade["time"] < time_low:
-                continue
-            if time_high is not None and trade["time"] > time_high:
-                continue
-            if trade["time"] > now - self.history_delay:
-                continue
-            if wanted is not None and trade["instrument_name"] not in wanted:
-                continue
-            selected.append((seq, trade))
-            if len(selected) > limit:
-                break
-        result: dict[str, Any] = {"trades": [t for _, t in selected[:limit]]}
-        if len(selected) > limit:
-            result["bookmark"] = str(selected[limit - 1][0])
-        return result
+    @staticmethod
+    def cash_wire(account: Account) -> dict[str, Any]:
+        return {
+            "currency": "USDT",
+            "balance": clean(account.cash),
+            "collateral_factor": 1.0,
+            "collateral_index_price": 1.0,
+            "transactable": True,
+        }
+
+    def trade_history(self, account: Account, params: dict[str, Any], now: float) -> dict[str, Any]:
+        """Trades filtered by ``time_low``/``time_high``/``instrument_names``/``bot_ids``, paged."""
+        keeps = [
+            f
+            for f in (
+                names_filter(params, "instrument_names", "instrument_name"),
+                names_filter(params, "bot_ids", "bot_id"),
+            )
+            if f is not None
+        ]
+        return page(
+            account.trades,
+            params,
+            time_key="time",
+            result_key="trades",
+            keep=(lambda t: all(f(t) for f in keeps)) if keeps else None,
+            visible_until=now - self.history_delay,
+        )
+
+    def order_history(self, account: Account, params: dict[str, Any]) -> dict[str, Any]:
+        keeps = [
+            f
+            for f in (
+                names_filter(params, "instrument_names", "instrument_name"),
+                names_filter(params, "bot_ids", "bot_id"),
+            )
+            if f is not None
+        ]
+        return page(
+            account.order_history,
+            params,
+            time_key="close_time",
+            result_key="orders",
+            keep=(lambda o: all(f(o) for f in keeps)) if keeps else None,
+        )
+
+    # Booking trades
+
+    def book(
+        self,
+        account: Account,
+        inst: Instrument,
+        direction: str,
+        amount: float,
+        price: float,
+        now: float,
+        *,
+        trade_type: str,
+        fee_rate: float,
+        fee: float,
+        order: Order | None = None,
+        maker_taker: str | None = None,
+        leg_index: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> tuple[str, list[Event]]:
+        """Book one trade on one outright instrument: position, session figures, trade record, events."""
+        mark = self.market.mark(inst.name)
+        pos = account.positions.get(inst.name)
+        if pos is None:
+            pos = account.positions[inst.name] = Position(inst)
+        signed = amount if direction == "buy" else -amount
+        funding_mark = mark.funding_mark or 0.0
+        position_pnl, funding_pnl = self._apply(pos, signed, price, funding_mark)
+        pos.session_fees = clean(pos.session_fees + fee + (extra or {}).get("liquidation_fee", 0.0))
+        self._next_trade += 1
+        trade_id = f"{self._next_trade:032X}"
+        trade: dict[str, Any] = {
+            "trade_type": trade_type,
+            "trade_id": trade_id,
+            "instrument_name": inst.name,
+            "direction": direction,
+            "price": price,
+            "amount": amount,
+            "time": now,
+            "position_after": pos.position,
+            "session_realised_after": clean(pos.realised_pnl),
+            "fee": fee,
+            "index": mark.index,
+            "fee_rate": fee_rate,
+            "leg_index": leg_index,
+        }
+        if order is not None:
+            trade["order_id"] = order.order_id
+            for name in ("label", "client_order_id", "bot_id"):
+                if getattr(order, name) is not None:
+                    trade[name] = getattr(order, name)
+        if maker_taker is not None:
+            trade["maker_taker"] = maker_taker
+        if position_pnl is not None:
+            trade["position_pnl"] = position_pnl
+            if inst.kind == "perpetual":
+                trade["perpetual_funding_pnl"] = funding_pnl
+        if inst.kind == "perpetual":
+            trade["funding_mark"] = mark.funding_mark
+        trade.update(extra or {})
+        account.trades.append((self.next_seq(), trade))
+        events = [
+            Event("trade", account.account_id, order.session_id if order else None, trade),
+            Event("portfolio", account.account_id, None, self.portfolio_entry(pos)),
+        ]
+        return trade_id, events
 
     # Internals
 
@@ -638,8 +732,33 @@ class Engine:
             raise RpcError(UNKNOWN_INSTRUMENT, f"unknown instrument {name}")
         return inst
 
+    def combination_of(self, params: dict[str, Any]) -> Instrument:
+        """The combination named by an insert's ``legs`` (``instrument_name`` must then be absent)."""
+        if "instrument_name" in params:
+            raise RpcError(INVALID_REQUEST, "give either instrument_name or legs, not both")
+        legs = params.get("legs")
+        if not isinstance(legs, list):
+            raise RpcError(INVALID_REQUEST, "legs must be a list of {instrument_name, quantity}")
+        parsed: list[tuple[str, int]] = []
+        for leg in legs:
+            quantity = leg.get("quantity") if isinstance(leg, dict) else None
+            name = leg.get("instrument_name") if isinstance(leg, dict) else None
+            if (
+                not isinstance(name, str)
+                or isinstance(quantity, bool)
+                or not isinstance(quantity, (int, float))
+                or not float(quantity).is_integer()
+            ):
+                raise RpcError(INVALID_REQUEST, "each leg needs an instrument_name and an integer quantity")
+            parsed.append((name, int(quantity)))
+        try:
+            return self.market.combination(tuple(parsed))
+        except ValueError as exc:
+            code = UNKNOWN_INSTRUMENT if str(exc).startswith("unknown instrument") else INVALID_REQUEST
+            raise RpcError(code, str(exc)) from None
+
     @staticmethod
-    def _amount(inst: Instrument, amount: float | None) -> float:
+    def checked_amount(inst: Instrument, amount: float | None) -> float:
         if amount is None or amount <= 0:
             raise RpcError(INVALID_AMOUNT, "amount must be positive")
         if not is_aligned(amount, inst.volume_tick_size):
@@ -648,15 +767,16 @@ class Engine:
             )
         if amount < inst.min_order_amount - EPS:
             raise RpcError(INVALID_AMOUNT, f"amount below minimum order amount {inst.min_order_amount}")
-        return _clean(round(amount / inst.volume_tick_size) * inst.volume_tick_size)
+        return clean(round(amount / inst.volume_tick_size) * inst.volume_tick_size)
 
     @staticmethod
     def _price(inst: Instrument, price: float | None) -> float:
-        if price is None or price <= 0:
+        """A limit price on the tick (a combination's price may be zero or negative, a roll's often is)."""
+        if price is None or (price <= 0 and not inst.is_combination):
             raise RpcError(INVALID_PRICE, "price must be positive")
         if not is_aligned(price, inst.tick_size):
             raise RpcError(PRICE_NOT_ALIGNED, f"price not aligned with tick size {inst.tick_size}")
-        return _clean(round(price / inst.tick_size) * inst.tick_size)
+        return clean(round(price / inst.tick_size) * inst.tick_size)
 
     @staticmethod
     def _crosses(direction: str, limit: float, level: float) -> bool:
@@ -678,6 +798,18 @@ class Engine:
             raise RpcError(COLLAR_BREACH, f"price collar breach: collar is {low} .. {high}")
         return high if direction == "buy" else low
 
+    def _check_margin(self, account: Account, order: Order, amount: float, replacing: str | None) -> None:
+        """Error 24 for an order that would raise the requirement above the margin balance."""
+        exposures = margin.order_exposures(self.market, order, amount)  # a market order at the mark
+        before = self.margin(account).required
+        buying = order.direction == "buy"
+        after = self.margin(account, exposures, without=replacing, extra_buys=buying).required
+        if after > before + 1e-9 and after > self.margin_balance(account) + 1e-9:
+            raise RpcError(
+                INSUFFICIENT_MARGIN,
+                f"insufficient margin: required {after:.2f} > margin {self.margin_balance(account):.2f}",
+            )
+
     def _reduce_only_amount(self, account: Account, inst: Instrument, direction: str, amount: float) -> float:
         pos = account.positions.get(inst.name)
         held = pos.position if pos else 0.0
@@ -685,7 +817,7 @@ class Engine:
             raise RpcError(INVALID_STATE, "reduce-only order would not reduce the position")
         return min(amount, abs(held))
 
-    def _find_order(self, session: Session, params: dict) -> Order:
+    def _find_order(self, session: Session, params: dict[str, Any]) -> Order:
         order_id, client_order_id = params.get("order_id"), _client_order_id(params)
         if (order_id is None) == (client_order_id is None):
             raise RpcError(INVALID_REQUEST, "exactly one of order_id or client_order_id is required")
@@ -694,23 +826,56 @@ class Engine:
         elif not isinstance(order_id, str):
             raise RpcError(INVALID_REQUEST, "order_id must be a string")
         order = session.account.orders.get(order_id or "")
-        if order is None:
+        if order is None or order.mass_quote:
             raise RpcError(ORDER_NOT_FOUND, "order not found")
         return order
 
     def _take(
         self, order: Order, account: Account, limit: float, levels: list[list[float]], now: float
     ) -> tuple[list[Fill], list[Event]]:
-        """Walk the opposite side of the book up to ``limit``: one taker trade per level."""
+        """Walk the opposite side of the book up to ``limit``: one taker trade per level (and leg)."""
+        if order.instrument.is_combination:
+            return self._take_combination(order, account, limit, now)
         fills: list[Fill] = []
         events: list[Event] = []
         for level_price, level_amount in levels:
             if order.remaining <= EPS or not self._crosses(order.direction, limit, level_price):
                 break
             amount = min(order.remaining, level_amount)
-            fill, trade_events = self._fill(account, order, level_price, amount, "taker", now)
-            fills.append(fill)
-            events.extend(trade_events)
+            new_fills, trade_events = self._fill(order, account, level_price, amount, "taker", now)
+            fills += new_fills
+            events += trade_events
+        return fills, events
+
+    def _take_combination(
+        self, order: Order, account: Account, limit: float, now: float
+    ) -> tuple[list[Fill], list[Event]]:
+        """A combination takes level k of every leg's book at once (the implied book)."""
+        buying = order.direction == "buy"
+        legs = self.market.leg_instruments(order.instrument)
+        books = [self.market.book(inst.name) for inst, _ in legs]
+        fills: list[Fill] = []
+        events: list[Event] = []
+        depth = 0
+        while order.remaining > EPS:
+            prices: list[float] = []
+            units = math.inf
+            for (bids, asks), (_, quantity) in zip(books, legs, strict=True):
+                side = asks if (quantity > 0) == buying else bids
+                if depth >= len(side):
+                    return fills, events
+                prices.append(side[depth][0])
+                units = min(units, side[depth][1] / abs(quantity))
+            price = sum(p * q for p, (_, q) in zip(prices, legs, strict=True))
+            if not self._crosses(order.direction, limit, price):
+                break
+            units = align_down(min(order.remaining, units), order.instrument.volume_tick_size)
+            if units <= EPS:
+                break
+            new_fills, trade_events = self._fill_legs(order, account, prices, units, "taker", now)
+            fills += new_fills
+            events += trade_events
+            depth += 1
         return fills, events
 
     def _maker_fill(self, account: Account, order: Order, amount: float | None, now: float) -> list[Event]:
@@ -718,105 +883,136 @@ class Engine:
         size = align_down(size, order.instrument.volume_tick_size)
         if size <= EPS:
             return []
-        fill, events = self._fill(account, order, order.price or 0.0, size, "maker", now)
+        fills, events = self._fill(order, account, order.price or 0.0, size, "maker", now)
         if order.remaining <= EPS:
             account.orders.pop(order.order_id, None)
-        events.insert(0, self._order_event(order, "fill", [fill]))
+        events.insert(0, self._order_event(order, "fill", fills))
+        if order.delete_reason is not None:
+            events += self._history_events(order)
         events.extend(self._trim_reduce_only(account, order.instrument, now))
         return events
 
     def _fill(
-        self, account: Account, order: Order, price: float, amount: float, maker_taker: str, now: float
-    ) -> tuple[Fill, list[Event]]:
+        self, order: Order, account: Account, price: float, amount: float, maker_taker: str, now: float
+    ) -> tuple[list[Fill], list[Event]]:
+        """``amount`` of ``order`` trades at ``price`` (a combination's price is split over its legs)."""
+        if order.instrument.is_combination:
+            return self._fill_legs(
+                order, account, self._leg_prices(order.instrument, price), amount, maker_taker, now
+            )
         inst = order.instrument
         mark = self.market.mark(inst.name)
-        pos = account.positions.get(inst.name)
-        if pos is None:
-            pos = account.positions[inst.name] = Position(inst)
-        signed = amount if order.direction == "buy" else -amount
-        position_pnl, funding_pnl = self._apply(pos, signed, price, mark.funding_mark or 0.0)
-        fee_rate, fee = self._fee(inst, price, amount, mark.index, maker_taker)
-        pos.fees += fee
-        account.cash -= fee
-        self._next_trade += 1
-        trade_id = f"{self._next_trade:032X}"
-        order.filled_amount = _clean(order.filled_amount + amount)
+        fee_rate, fee = self.fee(inst, price, amount, mark.index, maker_taker)
+        trade_id, events = self.book(
+            account,
+            inst,
+            order.direction,
+            amount,
+            price,
+            now,
+            trade_type="normal",
+            fee_rate=fee_rate,
+            fee=fee,
+            order=order,
+            maker_taker=maker_taker,
+        )
         fill = Fill(trade_id, price, amount, maker_taker, now)
-        order.fills.append(fill)
+        self._filled(order, amount, [fill], now)
+        for listener in self.fill_listeners:
+            events += listener(account, order, fill, now)
+        return [fill], events
+
+    def _fill_legs(
+        self, order: Order, account: Account, prices: list[float], units: float, maker_taker: str, now: float
+    ) -> tuple[list[Fill], list[Event]]:
+        """``units`` of a combination: one ``combo`` trade per leg, at that leg's price."""
+        fills: list[Fill] = []
+        events: list[Event] = []
+        share = ROLL_FEE_SHARE if order.instrument.is_listed else 1.0
+        for index, ((inst, quantity), price) in enumerate(
+            zip(self.market.leg_instruments(order.instrument), prices, strict=True)
+        ):
+            amount = clean(units * abs(quantity))
+            buying = (order.direction == "buy") == (quantity > 0)
+            mark = self.market.mark(inst.name)
+            fee_rate, fee = self.fee(inst, price, amount, mark.index, maker_taker)
+            trade_id, trade_events = self.book(
+                account,
+                inst,
+                "buy" if buying else "sell",
+                amount,
+                price,
+                now,
+                trade_type="combo",
+                fee_rate=clean(fee_rate * share),
+                fee=clean(fee * share),
+                order=order,
+                maker_taker=maker_taker,
+                leg_index=index,
+            )
+            fills.append(Fill(trade_id, price, amount, maker_taker, now, index))
+            events += trade_events
+        self._filled(order, units, fills, now)
+        return fills, events
+
+    def _leg_prices(self, inst: Instrument, price: float) -> list[float]:
+        """Reference prices of the legs that add up to ``price``: every leg at its mark (on its tick)
+        but the first with quantity +-1, which takes the rest (Thalex: "suitable reference prices")."""
+        legs = self.market.leg_instruments(inst)
+        prices = [round(self.market.mark(leg.name).price / leg.tick_size) * leg.tick_size for leg, _ in legs]
+        free = next((i for i, (_, q) in enumerate(legs) if abs(q) == 1), 0)
+        rest = sum(p * q for i, (p, (_, q)) in enumerate(zip(prices, legs, strict=True)) if i != free)
+        prices[free] = (price - rest) / legs[free][1]
+        return [clean(p) for p in prices]
+
+    def _filled(self, order: Order, units: float, fills: list[Fill], now: float) -> None:
+        order.filled_amount = clean(order.filled_amount + units)
+        order.fills.extend(fills)
         if order.remaining <= EPS and order.delete_reason is None:
-            self._close(order, "filled", now)
-        trade: dict[str, Any] = {
-            "trade_type": "normal",
-            "trade_id": trade_id,
-            "order_id": order.order_id,
-            "instrument_name": inst.name,
-            "direction": order.direction,
-            "price": price,
-            "amount": amount,
-            "time": now,
-            "position_after": pos.position,
-            "session_realised_after": _clean(pos.realised_pnl),
-            "fee": fee,
-            "index": mark.index,
-            "fee_rate": fee_rate,
-            "maker_taker": maker_taker,
-            "leg_index": 0,
-        }
-        if position_pnl is not None:
-            trade["position_pnl"] = position_pnl
-            if inst.kind == "perpetual":
-                trade["perpetual_funding_pnl"] = funding_pnl
-        if inst.kind == "perpetual":
-            trade["funding_mark"] = mark.funding_mark
-        if order.label is not None:
-            trade["label"] = order.label
-        if order.client_order_id is not None:
-            trade["client_order_id"] = order.client_order_id
-        account.trades.append((self._next_trade, trade))
-        events = [
-            Event("trade", account.account_id, order.session_id, trade),
-            Event("portfolio", account.account_id, None, self.portfolio_entry(pos)),
-        ]
-        return fill, events
+            self._close(order, "filled", now, None, record=False)
 
     @staticmethod
     def _apply(pos: Position, signed: float, price: float, funding_mark: float) -> tuple[float | None, float]:
-        """Average-cost accounting; a flip realises the closed part and opens the rest at ``price``."""
+        """Average-cost accounting against the start price; a flip realises the closed part and opens
+        the rest at ``price``. Returns (positional P&L, funding P&L) realised (None: nothing closed)."""
         held = pos.position
         if _sign(held) == 0 or _sign(held) == _sign(signed):
             total = abs(held) + abs(signed)
-            pos.average_price = _clean((abs(held) * pos.average_price + abs(signed) * price) / total)
-            pos.funding_entry_value = _clean(pos.funding_entry_value + funding_mark * signed)
-            pos.position = _clean(held + signed)
+            pos.average_price = clean((abs(held) * pos.average_price + abs(signed) * price) / total)
+            pos.start_price = clean((abs(held) * pos.start_price + abs(signed) * price) / total)
+            pos.funding_entry_value = clean(pos.funding_entry_value + funding_mark * signed)
+            pos.position = clean(held + signed)
             return None, 0.0
         closed = min(abs(signed), abs(held))
         share = closed / abs(held)
-        position_pnl = _clean(closed * (price - pos.average_price) * _sign(held))
-        funding_pnl = _clean(share * (funding_mark * held - pos.funding_entry_value))
-        pos.funding_entry_value = _clean(pos.funding_entry_value * (1.0 - share))
-        pos.realised_pnl = _clean(pos.realised_pnl + position_pnl + funding_pnl)
-        pos.position = _clean(held + signed)
+        position_pnl = clean(closed * (price - pos.start_price) * _sign(held))
+        funding_pnl = clean(share * (funding_mark * held - pos.funding_entry_value))
+        pos.funding_entry_value = clean(pos.funding_entry_value * (1.0 - share))
+        pos.session_position_pnl = clean(pos.session_position_pnl + position_pnl)
+        pos.session_funding_pnl = clean(pos.session_funding_pnl + funding_pnl)
+        pos.position = clean(held + signed)
         if abs(signed) > abs(held) + EPS:
-            pos.average_price = price
-            pos.funding_entry_value = _clean(funding_mark * pos.position)
+            pos.average_price = pos.start_price = price
+            pos.funding_entry_value = clean(funding_mark * pos.position)
         elif _sign(pos.position) == 0:
             pos.position = 0.0
-            pos.average_price = 0.0
+            pos.average_price = pos.start_price = 0.0
             pos.funding_entry_value = 0.0
         return position_pnl, funding_pnl
 
-    def _fee(
+    def fee(
         self, inst: Instrument, price: float, amount: float, index: float, maker_taker: str
     ) -> tuple[float, float]:
         """Tier-1 schedule. Futures: rate * price * amount. Options: 2.5 bps of index notional,
         capped at `option_fee_cap` of the premium (12.5 % unless configured)."""
         if inst.kind == "option":
-            fee = OPTION_FEE * index * amount
-            if self.option_fee_cap is not None:
-                fee = min(fee, self.option_fee_cap * price * amount)
-            return OPTION_FEE, _clean(fee)
+            return OPTION_FEE, clean(self.capped(OPTION_FEE * index * amount, price * amount))
         rate = MAKER_FEE_FUTURES if maker_taker == "maker" else TAKER_FEE_FUTURES
-        return rate, _clean(rate * price * amount)
+        return rate, clean(rate * price * amount)
+
+    def capped(self, fee: float, premium: float) -> float:
+        """An option fee under the premium cap (``option_fee_cap``; None: no cap)."""
+        return fee if self.option_fee_cap is None else min(fee, self.option_fee_cap * premium)
 
     def _trim_reduce_only(self, account: Account, inst: Instrument, now: float) -> list[Event]:
         """Resting reduce-only orders shrink to the position (best effort, like Thalex)."""
@@ -831,17 +1027,17 @@ class Engine:
             if order.remaining <= allowed + EPS:
                 continue
             if allowed <= EPS:
-                self._close(order, "client_cancel", now)
+                events += self._close(order, "client_cancel", now, "amend")
             else:
-                order.amount = _clean(order.filled_amount + allowed)
-            events.append(self._order_event(order, "amend", []))
+                order.amount = clean(order.filled_amount + allowed)
+                events.append(self._order_event(order, "amend", []))
         return events
 
-    def _cancel_bulk(self, order: Order, now: float) -> Event:
-        self._close(order, "client_bulk_cancel", now)
-        return self._order_event(order, "cancel", [])
-
-    def _close(self, order: Order, reason: str, now: float) -> None:
+    def _close(
+        self, order: Order, reason: str, now: float, change_reason: str | None, record: bool = True
+    ) -> list[Event]:
+        """Close an order; with ``change_reason`` its ``orders`` event; with ``record`` its history events
+        (an order closed while its answer is being built records them itself)."""
         order.delete_reason = reason
         order.close_time = now
         account = self.accounts.get(order.account_id)
@@ -850,6 +1046,19 @@ class Engine:
         session = self.sessions.get(order.session_id)
         if session is not None and order.client_order_id is not None:
             session.client_orders.pop(order.client_order_id, None)
+        events = [self._order_event(order, change_reason, [])] if change_reason is not None else []
+        if record:
+            events += self._history_events(order)
+        return events
+
+    def _history_events(self, order: Order) -> list[Event]:
+        """A closed order enters the order history (and ``account.order_history``)."""
+        account = self.accounts.get(order.account_id)
+        if account is None or not order.order_id:
+            return []
+        wire = order.history_wire()
+        account.order_history.append((self.next_seq(), wire))
+        return [Event("order_history", order.account_id, order.session_id, wire)]
 
     @staticmethod
     def _order_event(order: Order, change_reason: str, fills: list[Fill]) -> Event:

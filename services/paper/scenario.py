@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.paper.engine import RpcError
+from services.paper.errors import RpcError
 
 log = logging.getLogger(__name__)
 

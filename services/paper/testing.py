@@ -15,6 +15,8 @@ Usage::
         log = await paper.control("paper/order_log", {"key_id": "trader"})
 
 ``paper.control`` raises :class:`ControlError` (with ``code``) when the method fails.
+:class:`ControlClient` is the same control channel for an exchange running elsewhere (e.g. a
+``thalex-tp paper`` process): ``await ControlClient(url).call("paper/status")``.
 ``paper.exchange`` is the in-process :class:`~services.paper.server.PaperExchange` for direct
 inspection (e.g. ``paper.exchange.engine.accounts``). Keys are loaded when the exchange starts,
 so create them first. The market walk ticks every ``tick_interval`` seconds unless paused.
@@ -46,7 +48,9 @@ class ControlError(Exception):
         self.message = message
 
 
-def make_keys(directory: Path | str, kid: str, read_only: bool = False, account: str | None = None) -> KeyFiles:
+def make_keys(
+    directory: Path | str, kid: str, read_only: bool = False, account: str | None = None
+) -> KeyFiles:
     """Create a key pair ``kid`` in ``directory`` (see :mod:`services.paper.keys` for the layout).
 
     Keys given the same ``account`` share one paper account (a read-only key for ingest
@@ -55,24 +59,34 @@ def make_keys(directory: Path | str, kid: str, read_only: bool = False, account:
     return generate_key(directory, kid, read_only, account)
 
 
-@dataclass
-class PaperHandle:
-    """A running paper exchange: its ``url`` and a ``control`` channel on its own websocket."""
+class ControlClient:
+    """The ``paper/*`` control API of a paper exchange at ``url``, over one websocket of its own.
 
-    url: str
-    exchange: PaperExchange
-    _ws: ClientConnection | None = None
-    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    The websocket is opened on first use and reopened once if it was dropped; answers are
+    matched by id (notifications such as the reconnect notice are skipped).
+    """
 
-    async def control(self, method: str, params: dict | None = None) -> Any:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._ws: ClientConnection | None = None
+        self._ids = itertools.count(1)
+
+    async def call(self, method: str, params: dict | None = None) -> Any:
         """Call a ``paper/*`` method and return its result (raises ControlError on error)."""
+        try:
+            return await self._call(method, params)
+        except websockets.ConnectionClosed:
+            self._ws = None
+            return await self._call(method, params)
+
+    async def _call(self, method: str, params: dict | None) -> Any:
         if self._ws is None:
             self._ws = await websockets.connect(self.url, max_size=None)
         rid = next(self._ids)
         await self._ws.send(json.dumps({"method": method, "params": params or {}, "id": rid}))
         while True:
             answer = json.loads(await self._ws.recv())
-            if answer.get("id") == rid:
+            if answer.get("id") == rid and "channel_name" not in answer:
                 break
         if "error" in answer:
             raise ControlError(answer["error"]["code"], answer["error"]["message"])
@@ -82,6 +96,53 @@ class PaperHandle:
         if self._ws is not None:
             await self._ws.close()
             self._ws = None
+
+    async def start_rogue_bot(
+        self,
+        key_id: str,
+        instrument_name: str,
+        position: float,
+        *,
+        modes: tuple[str, ...] = ("orders", "mass_quotes", "grid"),
+        delay: float = 1.0,
+        label: str = "rogue",
+    ) -> dict:
+        """A bot that does not listen: whenever the key's account holds less than ``position`` (signed) of
+        the instrument for ``delay`` seconds it re-opens it, by turns with a plain order, a mass quote of
+        its own session and the fills of a grid bot it keeps running (docs/paper.md); the rogue's row."""
+        params = {
+            "key_id": key_id,
+            "instrument_name": instrument_name,
+            "position": position,
+            "modes": list(modes),
+            "delay": delay,
+            "label": label,
+        }
+        return await self.call("paper/start_rogue_bot", params)
+
+    async def stop_rogue_bot(self, rogue_id: str) -> dict:
+        """Stop re-opening; the rogue's grid bot stops (``admin_cancel``), positions stay."""
+        return await self.call("paper/stop_rogue_bot", {"rogue_id": rogue_id})
+
+
+@dataclass
+class PaperHandle:
+    """A running paper exchange: its ``url`` and a ``control`` channel on its own websocket."""
+
+    url: str
+    exchange: PaperExchange
+    _client: ControlClient | None = field(default=None, repr=False)
+
+    async def control(self, method: str, params: dict | None = None) -> Any:
+        """Call a ``paper/*`` method and return its result (raises ControlError on error)."""
+        if self._client is None:
+            self._client = ControlClient(self.url)
+        return await self._client.call(method, params)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 @asynccontextmanager
@@ -93,8 +154,11 @@ async def running_paper_exchange(
     tick_interval: float = 0.25,
     reconnect_grace: float = 0.0,
     host: str = "127.0.0.1",
+    start_time: float | None = None,
 ) -> AsyncIterator[PaperHandle]:
-    """Start a paper exchange in-process on a free port; stop it (reconnect notice first) on exit."""
+    """Start a paper exchange in-process on a free port; stop it (reconnect notice first) on exit.
+
+    ``start_time`` starts the paper's clock there (Unix seconds) instead of now."""
     exchange = PaperExchange(
         load_keys(keys_dir),
         seed=seed,
@@ -103,6 +167,7 @@ async def running_paper_exchange(
         port=0,
         tick_interval=tick_interval,
         reconnect_grace=reconnect_grace,
+        start_time=start_time,
     )
     url = await exchange.start()
     handle = PaperHandle(url, exchange)

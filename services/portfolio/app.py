@@ -21,40 +21,33 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from typing import Any, cast
 
 import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, MalformedEntry, raise_if_cancelled, validate_entry
+from services.common.bus import Bus, Delivery, Handler, MalformedEntry, validate_entry
 from services.common.config import Settings
-from services.common.contracts import (
-    Fill,
-    InstrumentInfo,
-    InstrumentType,
-    Positions,
-    Report,
-    ReportStatus,
-    Snapshot,
-    Tick,
-)
+from services.common.contracts import Fill, InstrumentInfo, InstrumentType, Positions, Report, Snapshot, Tick
 from services.common.reference import ReferenceReader
-from services.common.service import Health, Unhealthy, service_main
-from services.portfolio.ledger import (
-    ClosedLeg,
-    FillOutcome,
-    Ledger,
-    LedgerConfig,
-    check_close_cost,
-    estimated_close_cost,
+from services.common.service import Health, Unhealthy, run_timer, service_main
+from services.portfolio.closures import (
+    EPOCH_END_WAIT_SECONDS,
+    Calibrations,
+    EpochEnd,
+    epoch_end_for,
+    epoch_ends,
 )
+from services.portfolio.ledger import FillOutcome, Ledger, LedgerConfig
 from services.portfolio.prices import PriceGuard
 
-log = logging.getLogger("services.portfolio")
+log = logging.getLogger(__name__)
 
-NET_AFTER_CLOSE = Gauge("tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs")
+NET_AFTER_CLOSE = Gauge(
+    "tp_portfolio_net_after_close_usd", "Net P&L of the epoch after estimated closing costs"
+)
 NET_PNL = Gauge("tp_portfolio_net_pnl_usd", "Net P&L of the epoch (gross minus fees paid)")
 GROSS_PNL = Gauge("tp_portfolio_gross_pnl_usd", "Realised + unrealised + funding P&L of the epoch")
 FEES_PAID = Gauge("tp_portfolio_fees_paid_usd", "Fees the exchange charged in this epoch")
@@ -62,12 +55,15 @@ EST_CLOSE_FEES = Gauge("tp_portfolio_est_close_fees_usd", "Estimated taker fees 
 EST_SLIPPAGE = Gauge("tp_portfolio_est_slippage_usd", "Estimated cost of closing into the book against mark")
 EPOCH = Gauge("tp_portfolio_epoch", "Current epoch")
 OPEN_POSITIONS = Gauge("tp_portfolio_open_positions", "Instruments with a non-zero position")
-INSTRUMENT_PNL = Gauge("tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"])
+INSTRUMENT_PNL = Gauge(
+    "tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"]
+)
 STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
 SUSPECT = Gauge("tp_portfolio_suspect_instruments", "Positions whose latest tick is held as implausible")
 TICKS_HELD = Counter("tp_portfolio_ticks_held_total", "Ticks held back as implausible until confirmed")
 SNAPSHOT_LATENCY = Histogram(
-    "tp_portfolio_snapshot_latency_seconds", "From the newest input's ingest_ts to its snapshot being written",
+    "tp_portfolio_snapshot_latency_seconds",
+    "From the newest input's ingest_ts to its snapshot being written",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
 )
 BATCH_SIZE = Histogram("tp_portfolio_batch_entries", "Entries folded into one snapshot",
@@ -79,33 +75,16 @@ FUNDING_SETTLEMENTS = Counter("tp_portfolio_funding_settlements_total",
                               "Daily funding settlements booked (a perpetual position crossing 08:00 UTC)")
 FEES_ESTIMATED = Gauge("tp_portfolio_fees_estimated_usd",
                        "Part of the epoch's fees paid that is estimated (trades that reported no fee)")
-CLOSE_COST_ERROR = Gauge("tp_portfolio_close_cost_error_usd",
-                         "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)")
+CLOSE_COST_ERROR = Gauge(
+    "tp_portfolio_close_cost_error_usd",
+    "Last closure: actual closing cost minus the estimate (> 0: estimate was optimistic)",
+)
 CLOSE_COST_ESTIMATED = Gauge("tp_portfolio_close_cost_estimated_usd", "Last closure: estimated closing cost")
-CLOSE_COST_ACTUAL = Gauge("tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost")
+CLOSE_COST_ACTUAL = Gauge(
+    "tp_portfolio_close_cost_actual_usd", "Last closure: fees + slippage it really cost"
+)
 
 INSTRUMENT_RETRY_SECONDS = 5.0
-EPOCH_END_WAIT_SECONDS = 10.0
-"""How long a completed closure waits for its fills to come through ingest before the epoch ends anyway."""
-
-
-@dataclass
-class EpochEnd:
-    """A full closure the executor reported completed; the epoch ends when its fills are in."""
-
-    epoch: int
-    command_id: str
-    deadline: float
-
-
-@dataclass
-class _Calibration:
-    """What a closure was expected to cost, and what its fills really cost."""
-
-    estimated: float
-    marks: dict[str, float]
-    signs: dict[str, float]
-    legs: list[ClosedLeg] = field(default_factory=list)
 
 
 class PortfolioService:
@@ -123,7 +102,7 @@ class PortfolioService:
         self.seq = 0
         self.last_snapshot: Snapshot | None = None
         self.unknown_instruments: set[str] = set()
-        self.calibrations: dict[str, _Calibration] = {}
+        self.calibrations = Calibrations(self.config.fee_estimation_buffer)
         self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
         self._last_instrument_retry = 0.0
@@ -133,14 +112,23 @@ class PortfolioService:
         self._suspects_shown: list[str] = []
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
-        for stream, model, handler in (
+        consumers: list[tuple[str, type[Any], Handler[Any]]] = [
             (self.names.fills, Fill, self.on_fills),
             (self.names.ticks, Tick, self.on_ticks),
             (self.names.positions, Positions, self.on_positions),
             (self.names.reports, Report, self.on_reports),
-        ):
-            bus.consumer(stream, "portfolio", consumer_name, model, handler, batch_size=batch, lock=lock,
-                         on_failure=self.load)
+        ]
+        for stream, model, handler in consumers:
+            bus.consumer(
+                stream,
+                "portfolio",
+                consumer_name,
+                model,
+                handler,
+                batch_size=batch,
+                lock=lock,
+                on_failure=self.load,
+            )
         self.lock = lock
 
     async def load(self) -> None:
@@ -149,13 +137,14 @@ class PortfolioService:
         Also called after a failed batch, to forget what it changed in memory.
         """
         redis = self.bus.redis
-        raw, ticks, seq = await asyncio.gather(redis.get(self.ledger_key), redis.hgetall(self.ticks_key),
-                                               redis.get(self.seq_key))
+        raw, ticks, seq = await asyncio.gather(
+            redis.get(self.ledger_key), redis.hgetall(self.ticks_key), redis.get(self.seq_key)
+        )
         self.seq = int(seq or 0)
         self.prices = PriceGuard(self.settings.portfolio.suspect_price_move)
         if raw:
             state = json.loads(raw)
-            state["ticks"] = {k.decode(): json.loads(v) for k, v in ticks.items()}
+            state["ticks"] = {k.decode(): json.loads(v) for k, v in cast(dict[bytes, bytes], ticks).items()}
             for name, info in state["instruments"].items():
                 self.prices.set_type(name, InstrumentType(info["type"]))
             for tick in state["ticks"].values():  # what was applied was plausible
@@ -163,8 +152,12 @@ class PortfolioService:
             pending = state.pop("epoch_end", None)
             self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
-            log.info("restored ledger: epoch %d, %d positions, snapshot #%d", self.ledger.epoch,
-                     len(state["positions"]), self.seq)
+            log.info(
+                "restored ledger: epoch %d, %d positions, snapshot #%d",
+                self.ledger.epoch,
+                len(state["positions"]),
+                self.seq,
+            )
             return
         self.ledger = Ledger(self.config)
         self.epoch_end = None
@@ -177,8 +170,11 @@ class PortfolioService:
                 log.warning("first start: the latest tp:positions entry is unusable (%s); not seeded", exc)
                 return
             self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
-            log.info("first start: seeded %d positions from the exchange (%s)", len(report.positions),
-                     self.settings.portfolio.baseline)
+            log.info(
+                "first start: seeded %d positions from the exchange (%s)",
+                len(report.positions),
+                self.settings.portfolio.baseline,
+            )
 
     async def _load_instruments(self, names: set[str] | None) -> None:
         """Instrument metadata comes from ingest's `tp:instruments` hash.
@@ -188,10 +184,12 @@ class PortfolioService:
         """
         redis = self.bus.redis
         if names is None:
-            raw = {k.decode(): v for k, v in (await redis.hgetall(self.names.instruments)).items()}
+            listed = cast(dict[bytes, bytes], await redis.hgetall(self.names.instruments))
+            raw: dict[str, bytes | str | None] = {k.decode(): v for k, v in listed.items()}
         else:
             ordered = sorted(names)
-            raw = dict(zip(ordered, await redis.hmget(self.names.instruments, ordered), strict=True))
+            values = await redis.hmget(self.names.instruments, ordered)
+            raw = dict(zip(ordered, values, strict=True))
         items = await self.instrument_reader.documents(raw)
         for name, info in items.items():
             self.ledger.set_instrument(name, info)
@@ -201,7 +199,11 @@ class PortfolioService:
             self.unknown_instruments |= names - set(items)
 
     async def _know(self, instruments: set[str]) -> None:
-        new = {i for i in instruments if not self.ledger.knows_instrument(i) and i not in self.unknown_instruments}
+        new = {
+            i
+            for i in instruments
+            if not self.ledger.knows_instrument(i) and i not in self.unknown_instruments
+        }
         if new:
             await self._load_instruments(new)
 
@@ -220,7 +222,9 @@ class PortfolioService:
             elif self.ledger.apply_tick(tick):
                 changed[tick.instrument] = tick
         if changed:
-            pipe.hset(self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()})
+            pipe.hset(
+                self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
+            )
         if self._settlements():  # a tick of a new day settled funding: that is accounting
             self._save_ledger(pipe)
         if any(self.ledger.moves_snapshot(n) for n in changed) or self._suspects() != self._suspects_shown:
@@ -234,7 +238,7 @@ class PortfolioService:
                         held.reason)
 
     def _suspects(self) -> list[str]:
-        """Positions of the snapshot whose latest tick is held (the snapshot's `suspect_instruments`)."""
+        """Instruments of the snapshot whose latest tick is held (the snapshot's `suspect_instruments`)."""
         return [name for name in self.prices.suspects if self.ledger.moves_snapshot(name)]
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
@@ -243,9 +247,14 @@ class PortfolioService:
             outcome = self.ledger.apply_fill(delivery.doc)
             FILLS.labels(outcome.value).inc()
             if outcome is FillOutcome.BEFORE_HORIZON:
-                self.bus.queue_deadletter(pipe, self.names.fills, delivery.entry_id, delivery.doc.model_dump_json(),
-                                          "fill older than the de-duplication horizon: refused, "
-                                          "reconciliation with the exchange will heal the position")
+                self.bus.queue_deadletter(
+                    pipe,
+                    self.names.fills,
+                    delivery.entry_id,
+                    delivery.doc.model_dump_json(),
+                    "fill older than the de-duplication horizon: refused, "
+                    "reconciliation with the exchange will heal the position",
+                )
             elif outcome is FillOutcome.DUPLICATE:
                 log.info("duplicate fill %s ignored", delivery.doc.trade_id)
         self._settlements()
@@ -258,10 +267,17 @@ class PortfolioService:
         settled = self.ledger.take_settlements()
         for s in settled:
             FUNDING_SETTLEMENTS.inc()
-            log.info("funding of %s settled at %s: funding mark %.10g, position %s, %+.6f USD realised%s",
-                     s.instrument, s.settled_ts, s.funding_mark, s.position, s.realized,
-                     f" ({s.periods - 1} day(s) without any input: their funding is not counted)"
-                     if s.periods > 1 else "")
+            log.info(
+                "funding of %s settled at %s: funding mark %.10g, position %s, %+.6f USD realised%s",
+                s.instrument,
+                s.settled_ts,
+                s.funding_mark,
+                s.position,
+                s.realized,
+                f" ({s.periods - 1} day(s) without any input: their funding is not counted)"
+                if s.periods > 1
+                else "",
+            )
         return bool(settled)
 
     async def on_positions(self, batch: list[Delivery[Positions]], pipe: Pipeline) -> None:
@@ -280,8 +296,13 @@ class PortfolioService:
                 if drift.instrument not in known:
                     known.add(drift.instrument)
                     DRIFT_EVENTS.labels(drift.instrument).inc()
-                    log.warning("DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
-                                drift.instrument, drift.ledger_position, drift.exchange_position, drift.since)
+                    log.warning(
+                        "DRIFT %s: ledger %s, exchange %s since %.3f; the exchange's position is adopted",
+                        drift.instrument,
+                        drift.ledger_position,
+                        drift.exchange_position,
+                        drift.since,
+                    )
         settled = self._settlements()
         if self.ledger.reconciliation_state() == before and not settled:
             return
@@ -298,13 +319,8 @@ class PortfolioService:
         for delivery in batch:
             report = delivery.doc
             self._calibrate(report)
-            full = report.fraction is None or report.fraction >= 1.0
-            if report.status is ReportStatus.COMPLETED and full and report.epoch in (None, self.ledger.epoch):
-                # The executor saw the account flat; the closing fills may still be on their way
-                # through ingest. The epoch ends when they are in, so the exit's P&L and fees
-                # count in the epoch that decided it, never in the next one.
-                self.epoch_end = EpochEnd(self.ledger.epoch, report.command_id,
-                                          time.time() + EPOCH_END_WAIT_SECONDS)
+            # the closing fills may still be on their way: the epoch ends when they are in
+            self.epoch_end = epoch_end_for(report, self.ledger.epoch, time.time()) or self.epoch_end
         if self.epoch_end is epoch_end:
             return
         self._end_epoch_when_flat(pipe)
@@ -318,12 +334,16 @@ class PortfolioService:
             return
         now = time.time() if now is None else now
         flat = self.ledger.is_flat()
-        if not flat and now < end.deadline:
+        if not epoch_ends(end, flat, now):
             return
         if not flat:
-            log.warning("closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
-                        "(reconciliation with the exchange heals the rest)", end.command_id,
-                        EPOCH_END_WAIT_SECONDS, end.epoch + 1)
+            log.warning(
+                "closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
+                "(reconciliation with the exchange heals the rest)",
+                end.command_id,
+                EPOCH_END_WAIT_SECONDS,
+                end.epoch + 1,
+            )
         self._publish_snapshot(pipe, 0)  # the closed epoch's final figures: what was banked
         if self.ledger.advance_epoch(now, end.epoch):
             log.info("closure %s completed: epoch %d begins", end.command_id, self.ledger.epoch)
@@ -331,33 +351,20 @@ class PortfolioService:
 
     def _calibrate(self, report: Report) -> None:
         """Compare what closing was estimated to cost with what the executor's fills cost."""
-        if report.status is ReportStatus.RECEIVED and self.last_snapshot is not None:
-            snap = self.last_snapshot
-            self.calibrations[report.command_id] = _Calibration(
-                estimated=estimated_close_cost(snap, self.config.fee_estimation_buffer),
-                marks={p.instrument: p.mark for p in snap.positions},
-                signs={p.instrument: (1.0 if p.position > 0 else -1.0) for p in snap.positions},
-            )
+        check = self.calibrations.on_report(report, self.last_snapshot)
+        if check is None:
             return
-        calibration = self.calibrations.get(report.command_id)
-        if calibration is None:
-            return
-        if report.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED) and report.instrument \
-                and report.filled and report.avg_price is not None and report.instrument in calibration.marks:
-            calibration.legs.append(ClosedLeg(
-                position=report.filled * calibration.signs[report.instrument],
-                mark_at_decision=calibration.marks[report.instrument],
-                avg_price=report.avg_price, fee=report.fee or 0.0))
-        elif report.status in (ReportStatus.COMPLETED, ReportStatus.FAILED):
-            del self.calibrations[report.command_id]
-            if calibration.legs:
-                check = check_close_cost(calibration.estimated, calibration.legs)
-                CLOSE_COST_ESTIMATED.set(check.estimated)
-                CLOSE_COST_ACTUAL.set(check.actual)
-                CLOSE_COST_ERROR.set(check.error)
-                log.info("closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
-                         "fee_estimation_buffer from this", report.command_id, check.actual, check.estimated,
-                         check.error)
+        CLOSE_COST_ESTIMATED.set(check.estimated)
+        CLOSE_COST_ACTUAL.set(check.actual)
+        CLOSE_COST_ERROR.set(check.error)
+        log.info(
+            "closure %s cost %.6f USD against an estimate of %.6f (error %+.6f): tune "
+            "fee_estimation_buffer from this",
+            report.command_id,
+            check.actual,
+            check.estimated,
+            check.error,
+        )
 
     def _save_ledger(self, pipe: Pipeline) -> None:
         state = self.ledger.to_state(with_ticks=False)
@@ -381,7 +388,9 @@ class PortfolioService:
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
-        self.bus.queue_publish(pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen)
+        self.bus.queue_publish(
+            pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
+        )
         self.last_snapshot = snapshot
         BATCH_SIZE.observe(entries)
         if snapshot.last_input_ts is not None:
@@ -412,22 +421,13 @@ class PortfolioService:
     async def run(self) -> None:
         """Idle work, every second or so (see `on_timer`)."""
         interval = min(1.0, self.settings.portfolio.stale_after_seconds / 2)
-        while True:
-            await asyncio.sleep(interval)
-            async with self.lock:
-                try:
-                    await self.bus.restore_if_due()
-                    await self.on_timer(time.time())
-                except (RedisError, OSError) as exc:  # Redis restarting: forget, reload, retry next time
-                    raise_if_cancelled()
-                    log.warning("timer: Redis unavailable (%s); retrying", exc)
-                    self.bus.must_restore(self.load)  # before the next batch or tick, whichever is first
+        await run_timer("portfolio", interval, self.bus, self.lock, self.on_timer, self.load)
 
     async def prices_fresh(self) -> bool:
-        """Health: every open position has a price younger than `stale_after_seconds`.
+        """Health: every open position has a price younger than `stale_after_seconds`, and plausible.
 
-        Stale prices leave the profit barriers waiting (take-profit decides nothing on them): the
-        portfolio is not doing its job, whatever the reason upstream.
+        Stale or suspect prices leave the profit barriers waiting (take-profit decides nothing on
+        them): the portfolio is not doing its job, whatever the reason upstream.
         """
         stale_after = self.settings.portfolio.stale_after_seconds
         stale = self.ledger.stale_instruments(time.time(), stale_after)

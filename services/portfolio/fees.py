@@ -25,7 +25,17 @@ with no minimum (a worthless option settles for nothing and pays nothing).
 
 from __future__ import annotations
 
+from services.common.config import FeeRates, TradingFees
 from services.common.contracts import InstrumentType, Liquidity
+
+
+def rates_for(schedule: TradingFees, instrument: str, instrument_type: InstrumentType | None) -> FeeRates:
+    """The rates that apply to one instrument: its own, else its product's, else the top-level rates."""
+    if instrument in schedule.instruments:
+        return schedule.instruments[instrument]
+    if instrument_type is not None and instrument_type in schedule.products:
+        return schedule.products[instrument_type]
+    return FeeRates(maker_fee_rate=schedule.maker_fee_rate, taker_fee_rate=schedule.taker_fee_rate)
 
 
 def close_fee_base(

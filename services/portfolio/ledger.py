@@ -218,6 +218,7 @@ from services.portfolio.fees import (
     estimated_fee,
     premium_cap_of,
     rate_for_liquidity,
+    rates_for,
     trade_fee_base,
 )
 
@@ -640,7 +641,7 @@ class Ledger:
         """Register (or update) an instrument's metadata; its fee rates follow its type."""
         old_underlying = self._underlying(name)
         self._instruments[name] = info
-        self._rates[name] = self._config.fees.rates_for(name, info.type)
+        self._rates[name] = rates_for(self._config.fees, name, info.type)
         tick = self._ticks.get(name)
         if tick is not None and old_underlying != info.underlying:  # its tick now speaks for the underlying
             self._on_underlying.get(old_underlying, set()).discard(name)
@@ -873,7 +874,7 @@ class Ledger:
         ledger._last_input_ts = state["last_input_ts"]
         for name, data in state["instruments"].items():
             ledger._instruments[name] = info = InstrumentInfo.model_validate(data)
-            ledger._rates[name] = config.fees.rates_for(name, info.type)
+            ledger._rates[name] = rates_for(config.fees, name, info.type)
         ledger._ticks = {n: Tick.model_validate(t) for n, t in state["ticks"].items()}
         for name, tick in ledger._ticks.items():
             ledger._note_index(name, tick)
@@ -1173,7 +1174,7 @@ class Ledger:
     def _rates_for(self, name: str) -> FeeRates:
         rates = self._rates.get(name)
         if rates is None:
-            rates = self._rates[name] = self._config.fees.rates_for(name, None)
+            rates = self._rates[name] = rates_for(self._config.fees, name, None)
         return rates
 
     def _move_sums(self, before: tuple[float, ...], after: tuple[float, ...]) -> None:

@@ -35,9 +35,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
-from services.common.bus import Bus, Delivery, raise_if_cancelled
+from services.common.bus import Bus, Delivery
 from services.common.config import Settings
 from services.common.contracts import (
     Control,
@@ -50,12 +49,12 @@ from services.common.contracts import (
     halt_to_hash,
 )
 from services.common.reference import ReferenceReader
-from services.common.service import Health, Unhealthy, service_main
+from services.common.service import Health, Unhealthy, run_timer, service_main
 from services.common.signing import require_command_key, sign_command
 from services.takeprofit.answers import EXPIRED, NOT_CLOSABLE, answer_control, expired
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
 
-log = logging.getLogger("services.takeprofit")
+log = logging.getLogger(__name__)
 
 DECISIONS = Counter("tp_takeprofit_decisions_total", "Closures decided, by reason", ["reason"])
 SNAPSHOT_TO_COMMAND = Histogram(
@@ -68,7 +67,9 @@ BARRIER_DISTANCE = Gauge(
     "tp_takeprofit_barrier_distance", "How far each barrier is from firing (<= 0: holds); USD or seconds",
     ["barrier"],
 )
-CLOSURES_FINISHED = Counter("tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"])
+CLOSURES_FINISHED = Counter(
+    "tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"]
+)
 NET_AFTER_CLOSE = Gauge("tp_takeprofit_net_after_close_usd", "net_after_close of the last snapshot evaluated")
 THRESHOLD = Gauge("tp_takeprofit_threshold_usd", "Configured money barriers", ["barrier"])
 
@@ -125,17 +126,7 @@ class TakeProfitService:
     async def run(self) -> None:
         """The timer: time barriers, cool-down end, and leases that ran out with no report."""
         interval = self.settings.portfolio_take_profit.check_interval_seconds
-        while True:
-            await asyncio.sleep(interval)
-            async with self.lock:
-                try:
-                    await self.bus.restore_if_due()
-                    await self.on_timer(time.time())
-                except (RedisError, OSError) as exc:  # Redis restarting: the next tick retries
-                    raise_if_cancelled()
-                    # what the failed transaction changed in memory is not in Redis: reload first
-                    self.bus.must_restore(self.load)
-                    log.warning("timer: Redis unavailable (%s); retrying in %.1f s", exc, interval)
+        await run_timer("takeprofit", interval, self.bus, self.lock, self.on_timer, self.load)
 
     async def _read_mirrors(self) -> None:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
@@ -282,9 +273,16 @@ class TakeProfitService:
         self.lease_held = True
         self.bus.queue_publish(pipe, self.names.commands, command)
         DECISIONS.labels(decision.reason.value).inc()
-        log.warning("DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
-                    command.command_id, decision.sentence, decision.snapshot_seq, decision.figure,
-                    decision.threshold, len(command.positions), self.settings.executor.deadline_seconds)
+        log.warning(
+            "DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
+            command.command_id,
+            decision.sentence,
+            decision.snapshot_seq,
+            decision.figure,
+            decision.threshold,
+            len(command.positions),
+            self.settings.executor.deadline_seconds,
+        )
 
     async def _volume_ticks(self, instruments: list[str]) -> dict[str, float]:
         """Cached: a decision costs no Redis round trip for instruments seen before."""
@@ -315,7 +313,8 @@ class TakeProfitService:
             halt = self.failed
         pipe.delete(self.names.halt)
         if halt is not None:
-            pipe.hset(self.names.halt, mapping=halt_to_hash(halt))
+            fields: dict[Any, Any] = halt_to_hash(halt)  # redis-py's key type is wider than str
+            pipe.hset(self.names.halt, mapping=fields)
         HALT_ACTIVE.set(0 if halt is None else 1)
         LEASE_HELD.set(0 if self.engine.in_flight is None else 1)
         for barrier, distance in self.engine.distances(now).items():

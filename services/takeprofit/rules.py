@@ -87,7 +87,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,7 +105,7 @@ from services.common.contracts import (
     SnapshotPosition,
 )
 
-STATE_VERSION = 1
+STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
 """USD of float noise tolerated when comparing a money figure with its barrier."""
 _TICK_EPSILON = 1e-9
@@ -635,7 +635,9 @@ class RulesEngine:
             figure=figure,
             threshold=threshold,
             unit=unit,
-            positions=tuple(_to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions),
+            positions=tuple(
+                _to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
+            ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,
             overrode_halt=overrode_halt,
@@ -647,8 +649,10 @@ class RulesEngine:
 
     # --- small helpers -----------------------------------------------------------------
 
-    def _skip(self, why: Skip) -> None:
+    def _skip(self, why: Skip) -> Decision | None:
+        """Note why nothing was decided; no decision."""
         self.last_skip = why
+        return None
 
     def _profit_figure(self, snap: Snapshot) -> float:
         return snap.net_after_close if self.config.profit_after_fees else snap.net_pnl

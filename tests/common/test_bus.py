@@ -21,8 +21,8 @@ def control(by: str) -> Control:
     return Control(action=ControlAction.HALT, by=by, ts=1_700_000_000.0)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():
             return
@@ -59,11 +59,13 @@ async def make_bus(redis_url: str, names: Any, redis: Redis) -> AsyncIterator[Ca
         await bus.stop()
 
 
-async def test_published_document_is_plain_json_in_data_field(make_bus: Any, redis: Redis, names: Any) -> None:
+async def test_published_document_is_plain_json_in_data_field(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
     bus = make_bus()
     await bus.publish(names.control, control("alice"))
 
-    [(entry_id, fields)] = await redis.xrange(names.control)
+    [(_, fields)] = await redis.xrange(names.control)
     assert set(fields) == {b"__data__"}
     document = json.loads(fields[b"__data__"])
     assert document == {"v": 1, "action": "halt", "by": "alice", "ts": 1_700_000_000.0}
@@ -88,7 +90,9 @@ async def test_plain_xadd_is_consumed_by_the_bus(
     }
 
 
-async def test_entries_written_before_first_start_are_consumed(make_bus: Any, redis: Redis, names: Any) -> None:
+async def test_entries_written_before_first_start_are_consumed(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
     """The group is created at 0, not `$` (FastStream's default would skip these)."""
     for who in ("early1", "early2"):
         await redis.xadd(names.control, {"__data__": control(who).model_dump_json()})
@@ -167,7 +171,9 @@ async def test_malformed_entry_is_dead_lettered_and_next_good_entry_processed(
     bus.consumer(names.control, "g", "c1", Control, recorder)
     await bus.start()
     bad_json = await redis.xadd(names.control, {"__data__": "{not json"})
-    bad_doc = await redis.xadd(names.control, {"__data__": json.dumps({"v": 1, "action": "explode", "by": "x", "ts": 1})})
+    bad_doc = await redis.xadd(
+        names.control, {"__data__": json.dumps({"v": 1, "action": "explode", "by": "x", "ts": 1})}
+    )
     no_field = await redis.xadd(names.control, {"other": "1"})
     await redis.xadd(names.control, {"__data__": control("good").model_dump_json()})
 
@@ -175,7 +181,9 @@ async def test_malformed_entry_is_dead_lettered_and_next_good_entry_processed(
         return recorder.seen == ["good"] and await redis.xlen(names.deadletter) == 3
 
     await eventually(settled)
-    letters = [DeadLetter.model_validate_json(f[b"__data__"]) for _, f in await redis.xrange(names.deadletter)]
+    letters = [
+        DeadLetter.model_validate_json(f[b"__data__"]) for _, f in await redis.xrange(names.deadletter)
+    ]
     assert [letter.entry_id for letter in letters] == [i.decode() for i in (bad_json, bad_doc, no_field)]
     assert "not valid JSON" in letters[0].error and letters[0].raw == "{not json"
     assert "action" in letters[1].error
@@ -185,7 +193,9 @@ async def test_malformed_entry_is_dead_lettered_and_next_good_entry_processed(
     assert (await redis.xpending(names.control, "g"))["pending"] == 0
 
 
-async def test_poison_entry_is_dead_lettered_after_max_deliveries(make_bus: Any, redis: Redis, names: Any) -> None:
+async def test_poison_entry_is_dead_lettered_after_max_deliveries(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
     recorder = Recorder()
     recorder.crash_on = {"poison"}
     bus = make_bus()
@@ -251,7 +261,7 @@ async def test_group_lost_with_redis_restart_is_recreated_from_start(
     async def recovered() -> bool:
         return "after-loss" in recorder.seen
 
-    await eventually(recovered, timeout=15)
+    await eventually(recovered, within=15)
     await client.aclose()
 
 
@@ -268,7 +278,7 @@ async def test_a_reader_that_died_is_restarted_and_what_it_held_is_handled_once(
     read_new = consumer._read_new
 
     async def dies_holding_an_entry() -> Any:
-        while not (reply := await read_new()):
+        while not await read_new():
             pass
         consumer._read_new = read_new  # type: ignore[method-assign]  # the restarted reader reads normally
         raise RuntimeError("unexpected")
@@ -341,11 +351,13 @@ async def test_consumer_survives_a_redis_restart_with_aof(
     async def second() -> bool:
         return recorder.seen == ["one", "two"]
 
-    await eventually(second, timeout=20)
+    await eventually(second, within=20)
     await client.aclose()
 
 
-async def test_own_failed_entry_is_retried_soon_and_state_restored(make_bus: Any, redis: Redis, names: Any) -> None:
+async def test_own_failed_entry_is_retried_soon_and_state_restored(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
     """A batch that failed (handler or EXEC) is retried within seconds, not after claim_idle_seconds,
     and the service's on_failure hook runs first so it can reload its checkpoint."""
     recorder = Recorder()
@@ -366,11 +378,13 @@ async def test_own_failed_entry_is_retried_soon_and_state_restored(make_bus: Any
     async def retried() -> bool:
         return recorder.seen == ["flaky"] and (await redis.xpending(names.control, "g"))["pending"] == 0
 
-    await eventually(retried, timeout=5)
+    await eventually(retried, within=5)
     assert restored == 1
 
 
-async def test_a_restore_that_failed_runs_before_the_next_batch(make_bus: Any, redis: Redis, names: Any) -> None:
+async def test_a_restore_that_failed_runs_before_the_next_batch(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
     """Redis still away when the service tried to reload: the next batch (of any consumer of the
     service) first restores, so nothing is handled on memory that is ahead of Redis."""
     recorder = Recorder()
@@ -396,13 +410,13 @@ async def test_a_restore_that_failed_runs_before_the_next_batch(make_bus: Any, r
     async def restore_due() -> bool:
         return bus.restore_due is not None
 
-    await eventually(restore_due, timeout=5)
+    await eventually(restore_due, within=5)
     await redis.xadd(names.halt_acks, {"__data__": control("next").model_dump_json()})
 
     async def handled() -> bool:
         return "handled next" in calls and recorder.seen == ["flaky"]
 
-    await eventually(handled, timeout=5)
+    await eventually(handled, within=5)
     assert calls[:3] == ["restore", "restore", "handled next"] and bus.restore_due is None
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from services.cli import main
 from services.common.config import ConfigError, load_config
+from services.common.contracts import InstrumentType
+from services.portfolio.fees import rates_for
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,11 +25,19 @@ def test_defaults_follow_the_seed_and_thalex_schedule() -> None:
     settings = load_config(None)
     tp = settings.portfolio_take_profit
     assert (tp.enable_portfolio_tp, tp.min_profit_usd, tp.profit_after_fees) == (True, 1.1, True)
-    assert (tp.check_interval_seconds, tp.max_position_age_hours, tp.emergency_close_threshold) == (2.0, 24, -10.0)
-    assert (tp.partial_profit_threshold, tp.position_correlation_check, tp.fee_estimation_buffer) == (0.5, True, 1.1)
+    assert (tp.check_interval_seconds, tp.max_position_age_hours, tp.emergency_close_threshold) == (
+        2.0,
+        24,
+        -10.0,
+    )
+    assert (tp.partial_profit_threshold, tp.position_correlation_check, tp.fee_estimation_buffer) == (
+        0.5,
+        True,
+        1.1,
+    )
     fees = settings.trading_fees
     assert (fees.maker_fee_rate, fees.taker_fee_rate, fees.minimum_fee_usd) == (0.0001, 0.0005, 0.0001)
-    option = fees.rates_for("BTC-27DEC26-100000-C", "option")
+    option = rates_for(fees, "BTC-27DEC26-100000-C", InstrumentType.OPTION)
     assert (option.maker_fee_rate, option.taker_fee_rate) == (0.00025, 0.00025)
     assert settings.executor.close_price_buffer == 0.005 and settings.executor.deadline_seconds == 30
     assert settings.redis.namespace == "tp" and settings.names.fills == "tp:fills"
@@ -43,9 +53,9 @@ maker_fee_rate = 0.0
 taker_fee_rate = 0.0002
 """)
     fees = load_config(path).trading_fees
-    assert fees.rates_for("BTC-PERPETUAL", "perpetual").taker_fee_rate == 0.0002
-    assert fees.rates_for("ETH-PERPETUAL", "perpetual").taker_fee_rate == 0.00015
-    assert fees.rates_for("UNKNOWN", None).taker_fee_rate == 0.0005
+    assert rates_for(fees, "BTC-PERPETUAL", InstrumentType.PERPETUAL).taker_fee_rate == 0.0002
+    assert rates_for(fees, "ETH-PERPETUAL", InstrumentType.PERPETUAL).taker_fee_rate == 0.00015
+    assert rates_for(fees, "UNKNOWN", None).taker_fee_rate == 0.0005
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,39 +69,76 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 # (file text, key that must be named, words of the rule)
 RULES = [
     ("[portfolio_take_profit]\nmin_profit_usd = 0", "portfolio_take_profit.min_profit_usd", "greater than 0"),
-    ("[portfolio_take_profit]\ncheck_interval_seconds = 0.5", "portfolio_take_profit.check_interval_seconds",
-     "greater than or equal to 1"),
-    ("[portfolio_take_profit]\npartial_profit_threshold = 1.1", "portfolio_take_profit.partial_profit_threshold",
-     "must be < min_profit_usd"),
-    ("[portfolio_take_profit]\nemergency_close_threshold = 0", "portfolio_take_profit.emergency_close_threshold",
-     "less than 0"),
-    ("[portfolio_take_profit]\ntrailing_activation_usd = 1.5", "portfolio_take_profit.trailing_activation_usd",
-     "must be < min_profit_usd"),
-    ("[portfolio_take_profit]\ntrailing_activation_usd = 0.4\ntrailing_retrace_usd = 0.5",
-     "portfolio_take_profit.trailing_activation_usd", "could close at a loss"),
+    (
+        "[portfolio_take_profit]\ncheck_interval_seconds = 0.5",
+        "portfolio_take_profit.check_interval_seconds",
+        "greater than or equal to 1",
+    ),
+    (
+        "[portfolio_take_profit]\npartial_profit_threshold = 1.1",
+        "portfolio_take_profit.partial_profit_threshold",
+        "must be < min_profit_usd",
+    ),
+    (
+        "[portfolio_take_profit]\nemergency_close_threshold = 0",
+        "portfolio_take_profit.emergency_close_threshold",
+        "less than 0",
+    ),
+    (
+        "[portfolio_take_profit]\ntrailing_activation_usd = 1.5",
+        "portfolio_take_profit.trailing_activation_usd",
+        "must be < min_profit_usd",
+    ),
+    (
+        "[portfolio_take_profit]\ntrailing_activation_usd = 0.4\ntrailing_retrace_usd = 0.5",
+        "portfolio_take_profit.trailing_activation_usd",
+        "could close at a loss",
+    ),
     ("[trading_fees]\nmaker_fee_rate = -0.0001", "trading_fees.maker_fee_rate", "within [0, 0.01]"),
     ("[trading_fees]\ntaker_fee_rate = 0.011", "trading_fees.taker_fee_rate", "within [0, 0.01]"),
-    ("[trading_fees.products.option]\nmaker_fee_rate = 0.02\ntaker_fee_rate = 0.0",
-     "trading_fees.products.option.maker_fee_rate", "within [0, 0.01]"),
-    ("[trading_fees.instruments.X]\nmaker_fee_rate = 0.0\ntaker_fee_rate = 1",
-     "trading_fees.instruments.X.taker_fee_rate", "within [0, 0.01]"),
+    (
+        "[trading_fees.products.option]\nmaker_fee_rate = 0.02\ntaker_fee_rate = 0.0",
+        "trading_fees.products.option.maker_fee_rate",
+        "within [0, 0.01]",
+    ),
+    (
+        "[trading_fees.instruments.X]\nmaker_fee_rate = 0.0\ntaker_fee_rate = 1",
+        "trading_fees.instruments.X.taker_fee_rate",
+        "within [0, 0.01]",
+    ),
     ("[trading_fees]\nfee_estimation_buffer = 0.99", "trading_fees.fee_estimation_buffer", ">= 1"),
-    ("[portfolio_take_profit]\nfee_estimation_buffer = 0.5", "portfolio_take_profit.fee_estimation_buffer", ">= 1"),
-    ("[portfolio_take_profit]\nfee_estimation_buffer = 1.2\n[trading_fees]\nfee_estimation_buffer = 1.3",
-     "trading_fees.fee_estimation_buffer", "must equal portfolio_take_profit.fee_estimation_buffer"),
+    (
+        "[portfolio_take_profit]\nfee_estimation_buffer = 0.5",
+        "portfolio_take_profit.fee_estimation_buffer",
+        ">= 1",
+    ),
+    (
+        "[portfolio_take_profit]\nfee_estimation_buffer = 1.2\n[trading_fees]\nfee_estimation_buffer = 1.3",
+        "trading_fees.fee_estimation_buffer",
+        "must equal portfolio_take_profit.fee_estimation_buffer",
+    ),
     ("[portfolio_take_profit]\nmin_proft_usd = 2", "portfolio_take_profit.min_proft_usd", "unknown key"),
     ("[portfolio_take_profits]\nmin_profit_usd = 2", "portfolio_take_profits", "unknown key"),
-    ("[trading_fees.instruments.X]\nmaker_fee_rate = 0.0001", "trading_fees.instruments.X.taker_fee_rate",
-     "required key is missing"),
+    (
+        "[trading_fees.instruments.X]\nmaker_fee_rate = 0.0001",
+        "trading_fees.instruments.X.taker_fee_rate",
+        "required key is missing",
+    ),
     ("[portfolio_take_profit]\nmin_profit_usd = nan", "portfolio_take_profit.min_profit_usd", "finite"),
-    ("[portfolio_take_profit]\nenable_portfolio_tp = 'maybe'", "portfolio_take_profit.enable_portfolio_tp",
-     "valid boolean"),
+    (
+        "[portfolio_take_profit]\nenable_portfolio_tp = 'maybe'",
+        "portfolio_take_profit.enable_portfolio_tp",
+        "valid boolean",
+    ),
     ("[thalex]\nnetwork = 'mainnet'", "thalex.network", "'test', 'prod' or a ws://"),
     ("[redis]\nurl = 'http://localhost'", "redis.url", "redis://"),
     ("[redis]\nnamespace = 'a b'", "redis.namespace", "1-64 characters"),
     ("[executor]\nclose_price_buffer = 0", "executor.close_price_buffer", "greater than 0"),
-    ("[executor]\nclose_price_buffer = 0.1\nmax_close_price_buffer = 0.05", "executor.max_close_price_buffer",
-     ">= close_price_buffer"),
+    (
+        "[executor]\nclose_price_buffer = 0.1\nmax_close_price_buffer = 0.05",
+        "executor.max_close_price_buffer",
+        ">= close_price_buffer",
+    ),
     ("[executor]\ndeadline_seconds = -1", "executor.deadline_seconds", "greater than 0"),
     ("[portfolio]\nbaseline = 'yesterday'", "portfolio.baseline", "'entry' or 'mark_at_start'"),
     ("[ingest]\nhistory_recheck_seconds = 0", "ingest.history_recheck_seconds", "greater than 0"),
@@ -122,7 +169,9 @@ def test_every_rule_exits_2_naming_key_and_rule(
 
 
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
-    path = write(tmp_path, "[portfolio_take_profit]\nmin_profit_usd = -1\ncheck_interval_seconds = 0\n[redis]\nx = 1")
+    path = write(
+        tmp_path, "[portfolio_take_profit]\nmin_profit_usd = -1\ncheck_interval_seconds = 0\n[redis]\nx = 1"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert {p.key for p in info.value.problems} == {

@@ -14,44 +14,150 @@ from services.common.bus import ALT_DATA_FIELD, DATA_FIELD, MalformedEntry, vali
 TS = 1_700_000_000.0
 
 VALID: dict[type[BaseModel], dict[str, Any]] = {
-    c.Fill: dict(trade_id="T1", order_id="O1", client_order_id=7, instrument="BTC-PERPETUAL", side="buy",
-                 price=65000.5, amount=0.01, fee=0.325, fee_rate=0.0005, liquidity="taker", position_after=0.01,
-                 funding_mark=0.12, label="tp-e1-take_profit", trade_type="normal", exchange_ts=TS, ingest_ts=TS + 0.01),
-    c.Tick: dict(instrument="BTC-PERPETUAL", mark=65000.0, best_bid=64999.0, best_ask=65001.0,
-                 bids=[[64999.0, 1.0], [64990.0, 2.0]], asks=[[65001.0, 0.5]], index=64998.0, funding_mark=0.1,
-                 exchange_ts=TS, ingest_ts=TS),
-    c.Positions: dict(positions=[dict(instrument="BTC-PERPETUAL", position=-0.5, mark_price=65000.0, average_price=64000.0,
-                                      realised_pnl=1.0, unrealised_pnl=-500.0, unrealised_perpetual_funding=0.2)],
-                      exchange_ts=TS, ingest_ts=TS),
-    c.InstrumentInfo: dict(type="future", product="FBTCUSD", underlying="BTCUSD", tick_size=1.0, volume_tick_size=0.001,
-                           min_order_amount=0.001, expiry_ts=TS + 86400),
-    c.Snapshot: dict(seq=3, epoch=1, ts=TS, positions=[dict(
-        instrument="BTC-PERPETUAL", position=0.5, avg_entry=64000.0, mark=65000.0, exit_price=64990.0,
-        exit_price_source="book", realized_pnl=0.0, unrealized_pnl=500.0, funding_pnl=-0.1, fees_paid=0.16,
-        est_close_fee=16.25, est_slippage=5.0, opened_ts=TS - 60, underlying="BTCUSD", instrument_type="perpetual")],
-        realized_pnl=0.0, unrealized_pnl=500.0, funding_pnl=-0.1, fees_paid=0.16, est_close_fees=16.25,
-        est_slippage=5.0, gross_pnl=499.9, net_pnl=499.74, net_after_close=476.865, oldest_position_ts=TS - 60,
-        stale_instruments=[], drift=[dict(instrument="ETH-PERPETUAL", ledger_position=0.0, exchange_position=1.0, since=TS)]),
-    c.Command: dict(command_id="e1-take_profit-s3", epoch=1, reason="take_profit", fraction=1.0,
-                    positions=[dict(instrument="BTC-PERPETUAL", amount=0.5), dict(instrument="BTC-27DEC26", amount=-0.2)],
-                    groups=[dict(underlying="BTCUSD", instruments=["BTC-PERPETUAL", "BTC-27DEC26"])],
-                    snapshot_seq=3, net_pnl=1.2, threshold=1.1, created_ts=TS, deadline_ts=TS + 30),
-    c.Report: dict(command_id="e1-take_profit-s3", status="filled", epoch=1, fraction=1.0, instrument="BTC-PERPETUAL",
-                   order_id="O9", label="tp-e1-take_profit-s3", amount=0.5, filled=0.5, avg_price=64990.0, fee=16.2,
-                   error=dict(code=4, message="throttle exceeded"),
-                   orders=[dict(instrument="BTC-PERPETUAL", side="sell", amount=0.5, price=64670.0, label="tp-x")], ts=TS),
+    c.Fill: dict(
+        trade_id="T1",
+        order_id="O1",
+        client_order_id=7,
+        instrument="BTC-PERPETUAL",
+        side="buy",
+        price=65000.5,
+        amount=0.01,
+        fee=0.325,
+        fee_rate=0.0005,
+        liquidity="taker",
+        position_after=0.01,
+        funding_mark=0.12,
+        label="tp-e1-take_profit",
+        trade_type="normal",
+        exchange_ts=TS,
+        ingest_ts=TS + 0.01,
+    ),
+    c.Tick: dict(
+        instrument="BTC-PERPETUAL",
+        mark=65000.0,
+        best_bid=64999.0,
+        best_ask=65001.0,
+        bids=[[64999.0, 1.0], [64990.0, 2.0]],
+        asks=[[65001.0, 0.5]],
+        index=64998.0,
+        funding_mark=0.1,
+        exchange_ts=TS,
+        ingest_ts=TS,
+    ),
+    c.Positions: dict(
+        positions=[
+            dict(
+                instrument="BTC-PERPETUAL",
+                position=-0.5,
+                mark_price=65000.0,
+                average_price=64000.0,
+                realised_pnl=1.0,
+                unrealised_pnl=-500.0,
+                unrealised_perpetual_funding=0.2,
+            )
+        ],
+        exchange_ts=TS,
+        ingest_ts=TS,
+    ),
+    c.InstrumentInfo: dict(
+        type="future",
+        product="FBTCUSD",
+        underlying="BTCUSD",
+        tick_size=1.0,
+        volume_tick_size=0.001,
+        min_order_amount=0.001,
+        expiry_ts=TS + 86400,
+    ),
+    c.Snapshot: dict(
+        seq=3,
+        epoch=1,
+        ts=TS,
+        positions=[
+            dict(
+                instrument="BTC-PERPETUAL",
+                position=0.5,
+                avg_entry=64000.0,
+                mark=65000.0,
+                exit_price=64990.0,
+                exit_price_source="book",
+                realized_pnl=0.0,
+                unrealized_pnl=500.0,
+                funding_pnl=-0.1,
+                fees_paid=0.16,
+                est_close_fee=16.25,
+                est_slippage=5.0,
+                opened_ts=TS - 60,
+                underlying="BTCUSD",
+                instrument_type="perpetual",
+            )
+        ],
+        realized_pnl=0.0,
+        unrealized_pnl=500.0,
+        funding_pnl=-0.1,
+        fees_paid=0.16,
+        est_close_fees=16.25,
+        est_slippage=5.0,
+        gross_pnl=499.9,
+        net_pnl=499.74,
+        net_after_close=476.865,
+        oldest_position_ts=TS - 60,
+        stale_instruments=[],
+        drift=[dict(instrument="ETH-PERPETUAL", ledger_position=0.0, exchange_position=1.0, since=TS)],
+    ),
+    c.Command: dict(
+        command_id="e1-take_profit-s3",
+        epoch=1,
+        reason="take_profit",
+        fraction=1.0,
+        positions=[dict(instrument="BTC-PERPETUAL", amount=0.5), dict(instrument="BTC-27DEC26", amount=-0.2)],
+        groups=[dict(underlying="BTCUSD", instruments=["BTC-PERPETUAL", "BTC-27DEC26"])],
+        snapshot_seq=3,
+        net_pnl=1.2,
+        threshold=1.1,
+        created_ts=TS,
+        deadline_ts=TS + 30,
+    ),
+    c.Report: dict(
+        command_id="e1-take_profit-s3",
+        status="filled",
+        epoch=1,
+        fraction=1.0,
+        instrument="BTC-PERPETUAL",
+        order_id="O9",
+        label="tp-e1-take_profit-s3",
+        amount=0.5,
+        filled=0.5,
+        avg_price=64990.0,
+        fee=16.2,
+        error=dict(code=4, message="throttle exceeded"),
+        orders=[dict(instrument="BTC-PERPETUAL", side="sell", amount=0.5, price=64670.0, label="tp-x")],
+        ts=TS,
+    ),
     c.Control: dict(action="close_all", by="operator@host", ts=TS),
-    c.ControlAnswer: dict(control_id="1700000000000-0", action="close_all", by="operator@host",
-                          outcome="refused", reason="no_positions", detail="there is no open position to close",
-                          halt="take_profit", ts=TS),
-    c.Notification: dict(id="decision:e1-take_profit-s3-n1", kind="decision", severity="info",
-                         title="Take profit: closing everything",
-                         text="net after close +1.12 vs target +1.10",
-                         facts={"figure": 1.12, "threshold": 1.1, "command_id": "e1-take_profit-s3-n1"},
-                         ts=TS),
+    c.ControlAnswer: dict(
+        control_id="1700000000000-0",
+        action="close_all",
+        by="operator@host",
+        outcome="refused",
+        reason="no_positions",
+        detail="there is no open position to close",
+        halt="take_profit",
+        ts=TS,
+    ),
+    c.Notification: dict(
+        id="decision:e1-take_profit-s3-n1",
+        kind="decision",
+        severity="info",
+        title="Take profit: closing everything",
+        text="net after close +1.12 vs target +1.10",
+        facts={"figure": 1.12, "threshold": 1.1, "command_id": "e1-take_profit-s3-n1"},
+        ts=TS,
+    ),
     c.Halt: dict(reason="take_profit", command_id="e1-take_profit-s3", since=TS, until=TS + 60),
     c.HaltAck: dict(command_id="e1-take_profit-s3", ts=TS),
-    c.DeadLetter: dict(service="portfolio", source_stream="tp:fills", entry_id="1-0", raw="{oops", error="not JSON", ts=TS),
+    c.DeadLetter: dict(
+        service="portfolio", source_stream="tp:fills", entry_id="1-0", raw="{oops", error="not JSON", ts=TS
+    ),
 }
 
 
@@ -81,8 +187,12 @@ INVALID: list[tuple[type[BaseModel], str, Any, str]] = [
     (c.Tick, "bids", [[1.0, 0.0]], "bids"),
     (c.Tick, "bids", [[1.0, 1.0], [2.0, 1.0]], "bids sorted"),
     (c.Tick, "asks", [[2.0, 1.0], [1.0, 1.0]], "asks sorted"),
-    (c.Positions, "positions", [{"instrument": "X", "position": float("nan"), "mark_price": 1, "average_price": 1}],
-     "positions.0.position"),
+    (
+        c.Positions,
+        "positions",
+        [{"instrument": "X", "position": float("nan"), "mark_price": 1, "average_price": 1}],
+        "positions.0.position",
+    ),
     (c.InstrumentInfo, "type", "swap", "type"),
     (c.InstrumentInfo, "tick_size", 0, "tick_size"),
     (c.InstrumentInfo, "min_order_amount", 0.0001, "min_order_amount must be >= volume_tick_size"),
@@ -106,9 +216,12 @@ INVALID: list[tuple[type[BaseModel], str, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("model", "field", "value", "named"), INVALID,
-                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID])
-def test_invalid_document_is_rejected_naming_the_field(model: type[BaseModel], field: str, value: Any, named: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "field", "value", "named"), INVALID, ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID]
+)
+def test_invalid_document_is_rejected_naming_the_field(
+    model: type[BaseModel], field: str, value: Any, named: str
+) -> None:
     data = dict(VALID[model])
     data[field] = value
     with pytest.raises(ValidationError) as info:
@@ -138,14 +251,20 @@ def test_fill_signed_amount_follows_the_side() -> None:
 def test_a_stream_entry_validates_like_the_document(model: type[BaseModel]) -> None:
     """`validate_entry`'s one-pass JSON validation gives what `json.loads` + `model_validate` gives."""
     text = json.dumps(VALID[model])
-    for fields in ({DATA_FIELD.encode(): text.encode()}, {DATA_FIELD: text}, {ALT_DATA_FIELD.encode(): text.encode()}):
+    for fields in (
+        {DATA_FIELD.encode(): text.encode()},
+        {DATA_FIELD: text},
+        {ALT_DATA_FIELD.encode(): text.encode()},
+    ):
         assert validate_entry(model, fields) == model.model_validate(json.loads(text))
 
 
-@pytest.mark.parametrize(("model", "field", "value", "named"), INVALID,
-                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID])
-def test_a_bad_stream_entry_is_malformed_naming_the_field(model: type[BaseModel], field: str, value: Any,
-                                                          named: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "field", "value", "named"), INVALID, ids=[f"{m.__name__}.{f}={v!r}" for m, f, v, _ in INVALID]
+)
+def test_a_bad_stream_entry_is_malformed_naming_the_field(
+    model: type[BaseModel], field: str, value: Any, named: str
+) -> None:
     data = dict(VALID[model])
     data[field] = value
     with pytest.raises(MalformedEntry, match=f"{model.__name__} invalid: .*{named.split(' ')[0]}"):

@@ -65,7 +65,7 @@ async def test_redis_at_maxmemory_is_red_with_the_reason_and_green_again(
         await health.refresh()
         await health.refresh()
     assert not health.healthy and health.latest["redis"] is False
-    assert health.problems["redis"].startswith("Redis refuses writes: OutOfMemoryError: command not allowed "
+    assert health.reasons["redis"].startswith("Redis refuses writes: OutOfMemoryError: command not allowed "
                                                "when used memory > 'maxmemory'")
     assert problem_metric("oom", "redis", "Redis refuses writes") == 1.0
     assert REGISTRY.get_sample_value("tp_service_healthy", {"service": "oom", "check": "redis"}) == 0.0
@@ -74,7 +74,7 @@ async def test_redis_at_maxmemory_is_red_with_the_reason_and_green_again(
 
     await admin.config_set("maxmemory", 0)
     await health.refresh()
-    assert health.latest["redis"] is True and "redis" not in health.problems
+    assert health.latest["redis"] is True and "redis" not in health.reasons
     assert problem_metric("oom", "redis", "Redis refuses writes") is None
     await bus.redis.aclose()
 
@@ -87,7 +87,7 @@ async def test_a_read_only_replica_is_red_with_the_reason(
     try:
         await health.refresh()
         assert health.latest["redis"] is False
-        assert health.problems["redis"].startswith("Redis refuses writes: ReadOnlyError: You can't write "
+        assert health.reasons["redis"].startswith("Redis refuses writes: ReadOnlyError: You can't write "
                                                    "against a read only replica")
     finally:
         await admin.execute_command("REPLICAOF", "NO", "ONE")
@@ -117,7 +117,7 @@ async def test_a_handler_failing_on_every_entry_is_red_until_it_succeeds(redis_u
         await asyncio.sleep(0.2)
         await health.refresh()
         assert not health.healthy and health.latest == {"redis": True, "consuming": True, "handlers": False}
-        why = health.problems["handlers"]
+        why = health.reasons["handlers"]
         assert why.startswith("handlers failing: 3 entries of") and "ValueError: bad reference data" in why
         assert problem_metric("failing", "handlers", "handlers failing") == 1.0
 
@@ -164,7 +164,7 @@ async def test_the_health_endpoint_carries_every_reason() -> None:
         server.shutdown()
     assert body["healthy"] is False
     assert body["checks"] == {"redis": True, "prices": False, "exchange": False}
-    assert body["problems"] == {"prices": "prices stale: no tick within 10 s for BTC-PERPETUAL",
+    assert body["reasons"] == {"prices": "prices stale: no tick within 10 s for BTC-PERPETUAL",
                                 "exchange": "check failed"}
 
 
@@ -176,4 +176,4 @@ async def test_a_reason_never_shows_a_password() -> None:
 
     health.add("redis", unreachable)
     await health.refresh()
-    assert "hunter2" not in health.problems["redis"] and "portfolio:***@redis" in health.problems["redis"]
+    assert "hunter2" not in health.reasons["redis"] and "portfolio:***@redis" in health.reasons["redis"]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.thalex_requests import NO_CODE, ConnectionLost, Requests, ThalexError
+from services.common.thalex.requests import NO_CODE, ConnectionLost, Requests, ThalexError
 
 
 async def test_an_answer_resolves_its_request_by_id() -> None:
@@ -73,7 +73,7 @@ async def test_silence_and_a_failed_send_are_a_lost_connection() -> None:
     async def broken(rid: int) -> None:
         raise OSError("socket closed")
 
-    with pytest.raises(ConnectionLost, match="no answer within 0.05 s"):
+    with pytest.raises(ConnectionLost, match=r"no answer within 0\.05 s"):
         await requests.call("public/system_info", silent)
     with pytest.raises(ConnectionLost, match="socket closed"):
         await requests.call("private/insert", broken)

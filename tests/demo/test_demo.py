@@ -98,7 +98,9 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
             return any(r.status is ReportStatus.COMPLETED for r in reports)
 
         wait_for(a_closure_completed, 90, "the first take-profit")
-        status = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO)
+        status = subprocess.run(
+            [*CLI, "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO
+        )
         assert status.returncode == 0, status.stderr
         assert "net after close" in status.stdout and "take profit" in status.stdout
 
@@ -113,7 +115,9 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
         wait_for(lambda: not halted_by_operator(), 10, "the halt to be lifted")
 
         def manual_command() -> bool:
-            commands = [Command.model_validate(entry_document(f)[1]) for _, f in client.xrange(names.commands)]
+            commands = [
+                Command.model_validate(entry_document(f)[1]) for _, f in client.xrange(names.commands)
+            ]
             return any(c.reason == "manual" for c in commands)
 
         deadline = time.monotonic() + 90

@@ -16,10 +16,21 @@ def test_bar_places_net_after_close_between_the_barriers() -> None:
 
 
 def test_closing_fees_are_the_fills_fees_not_counted_twice() -> None:
-    command = Command(command_id="c1", epoch=0, reason="take_profit", positions=[{"instrument": "X", "amount": 1}],
-                      snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=TS, deadline_ts=TS + 30)
-    reports = [Report(command_id="c1", status="filled", instrument="X", filled=1, avg_price=1, fee=2.5, ts=TS),
-               Report(command_id="c1", status="completed", fee=2.5, ts=TS + 1)]
+    command = Command(
+        command_id="c1",
+        epoch=0,
+        reason="take_profit",
+        positions=[{"instrument": "X", "amount": 1}],
+        snapshot_seq=1,
+        net_pnl=1.2,
+        threshold=1.1,
+        created_ts=TS,
+        deadline_ts=TS + 30,
+    )
+    reports = [
+        Report(command_id="c1", status="filled", instrument="X", filled=1, avg_price=1, fee=2.5, ts=TS),
+        Report(command_id="c1", status="completed", fee=2.5, ts=TS + 1),
+    ]
     state = DemoState(commands=[command], reports={"c1": reports},
                       halt=Halt(reason="take_profit", command_id="c1", since=TS, until=TS + 10),
                       acks={"quoter": HaltAck(command_id="c1", ts=TS)})

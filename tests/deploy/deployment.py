@@ -38,7 +38,7 @@ from tests.deploy.support import REPO
 SUITE = "bookworm"
 PYTHON_IMAGE = f"thalex-tp/python:{SUITE}"
 PROJECT = "thalex-tp"  # deploy/.env's COMPOSE_PROJECT_NAME
-PAPER_SERVICES = ("paper-ingest", "paper-portfolio", "paper-takeprofit", "paper-executor")
+PAPER_SERVICES = ("paper-ingest", "paper-portfolio", "paper-takeprofit", "paper-executor", "paper-notify")
 LONG_RUNNING = ("redis", "prometheus", "paper", *PAPER_SERVICES)
 DEFAULT_MIRRORS = ("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
 

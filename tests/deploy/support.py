@@ -87,7 +87,9 @@ class AclRedis:
     def acl_denials(self) -> list[dict[str, object]]:
         """ACL LOG entries (refused commands/keys), oldest first, decoded."""
         entries = self.client("admin").acl_log(count=1000)
-        return [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in e.items()} for e in reversed(entries)]
+        return [
+            {k: (v.decode() if isinstance(v, bytes) else v) for k, v in e.items()} for e in reversed(entries)
+        ]
 
 
 @contextmanager
@@ -109,7 +111,9 @@ def acl_redis(workdir: Path) -> Iterator[AclRedis]:
         deadline = time.monotonic() + 10
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"redis-server refused users.acl: {(workdir / 'redis.log').read_text()[-2000:]}")
+                raise AssertionError(
+                    f"redis-server refused users.acl: {(workdir / 'redis.log').read_text()[-2000:]}"
+                )
             try:
                 if server.client(None).ping():
                     break

@@ -187,12 +187,14 @@ def test_the_guardian_takes_profit_on_the_paper_exchange_inside_containers(
     assert [(d["reason"], d["outcome"]) for d in decisions][-1] == ("take_profit", "completed")
 
 
-def test_prometheus_scrapes_all_four_services(deployment: Deployment) -> None:
+def test_prometheus_scrapes_every_service(deployment: Deployment) -> None:
     def all_up() -> dict[str, str]:
         targets = deployment.prometheus("targets")["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}
-        every = all(health.get(s) == "up" for s in ("ingest", "portfolio", "takeprofit", "executor"))
+        services = ("ingest", "portfolio", "takeprofit", "executor", "notify")
+        every = all(health.get(s) == "up" for s in services)
         return health if every else {}
+
     wait_for(all_up, 30, "every service target up")
     result = deployment.prometheus("query?query=tp_bus_stream_lag_entries")["result"]
     assert {r["metric"]["job"] for r in result} >= {"portfolio", "takeprofit", "executor"}
@@ -227,8 +229,13 @@ def test_each_service_can_do_only_what_its_redis_user_allows(
 ) -> None:
     admin.acl_log_reset()
     for user, (allowed, forbidden) in ACL_CASES.items():
-        probe = deployment.exec(f"paper-{user}", "python", "-c", ACL_PROBE,
-                                json.dumps({"allowed": allowed, "forbidden": forbidden}))
+        probe = deployment.exec(
+            f"paper-{user}",
+            "python",
+            "-c",
+            ACL_PROBE,
+            json.dumps({"allowed": allowed, "forbidden": forbidden}),
+        )
         assert probe.returncode == 0, probe.stderr
         answers = json.loads(probe.stdout)
         assert answers["allowed"] == "ok", (user, allowed, answers)
@@ -240,8 +247,10 @@ def test_each_service_can_do_only_what_its_redis_user_allows(
     assert all("acl_probe" not in json.dumps(d) for d in documents(admin, "paper:fills"))
 
 
-KEY_SCAN = ("grep -rlsI 'PRIVATE KEY' /run /var /etc /tmp /data /prometheus /root /home /srv /opt/thalex-tp "
-            "2>/dev/null | xargs -r sha256sum")
+KEY_SCAN = (
+    "grep -rlsI 'PRIVATE KEY' /run /var /etc /tmp /data /prometheus /root /home /srv /opt/thalex-tp "
+    "2>/dev/null | xargs -r sha256sum"
+)
 
 
 def test_only_the_executor_holds_the_trading_key(deployment: Deployment) -> None:
@@ -250,10 +259,12 @@ def test_only_the_executor_holds_the_trading_key(deployment: Deployment) -> None
         scan = deployment.exec(service, "sh", "-c", KEY_SCAN, user="0")
         held[service] = {line.split()[0] for line in scan.stdout.splitlines()}
     keys = "/var/lib/thalex-tp/keys"
-    trading = deployment.exec("paper-executor", "sha256sum", f"{keys}/executor/paper-executor.pem",
-                              user="0").stdout.split()[0]
-    read_only = deployment.exec("paper-ingest", "sha256sum", f"{keys}/ingest/paper-ingest.pem",
-                                user="0").stdout.split()[0]
+    trading = deployment.exec(
+        "paper-executor", "sha256sum", f"{keys}/executor/paper-executor.pem", user="0"
+    ).stdout.split()[0]
+    read_only = deployment.exec(
+        "paper-ingest", "sha256sum", f"{keys}/ingest/paper-ingest.pem", user="0"
+    ).stdout.split()[0]
     assert {s for s, hashes in held.items() if trading in hashes} == {"paper-executor"}, held
     assert {s for s, hashes in held.items() if read_only in hashes} == {"paper-ingest"}, held
     assert {s for s, hashes in held.items() if hashes} == {"paper-executor", "paper-ingest"}, held
@@ -265,13 +276,19 @@ def test_the_paper_run_leaves_the_live_namespace_untouched(
     assert list(admin.scan_iter("tp:*")) == []
     paper_keys = {k.decode() for k in admin.scan_iter("paper:*")}
     assert {"paper:fills", "paper:ticks", "paper:snapshots", "paper:commands", "paper:reports"} <= paper_keys
-    created = {(stream.suffix, text(group["name"]))
-               for stream in STREAMS if admin.exists(f"paper:{stream.suffix}")
-               for group in admin.xinfo_groups(f"paper:{stream.suffix}")}
+    created = {
+        (stream.suffix, text(group["name"]))
+        for stream in STREAMS
+        if admin.exists(f"paper:{stream.suffix}")
+        for group in admin.xinfo_groups(f"paper:{stream.suffix}")
+    }
     assert created == {(g.suffix, g.group) for g in GROUPS}  # as docs/asyncapi.yaml declares them
     for service in PAPER_SERVICES:
         logs = deployment.engine.docker("logs", deployment.containers()[service]["Id"]).stderr
-        assert "started (namespace paper)" in logs, (service, logs[-2000:])
+        assert "started: connected to Redis, consumers reading (namespace paper)" in logs, (
+            service,
+            logs[-2000:],
+        )
 
 
 def test_a_killed_service_is_restarted_and_reports_healthy(deployment: Deployment) -> None:
@@ -280,8 +297,12 @@ def test_a_killed_service_is_restarted_and_reports_healthy(deployment: Deploymen
 
     def back() -> bool:
         now = deployment.containers()["paper-executor"]
-        return (now["Id"] == before["Id"] and now["RestartCount"] > before["RestartCount"]
-                and now["State"]["Health"]["Status"] == "healthy")
+        return (
+            now["Id"] == before["Id"]
+            and now["RestartCount"] > before["RestartCount"]
+            and now["State"]["Health"]["Status"] == "healthy"
+        )
+
     wait_for(back, 90, "the executor restarted by Docker and healthy again", interval=1.0)
     assert deployment.containers()["paper-executor"]["State"]["Pid"] != before["State"]["Pid"]
     deployment.wait_healthy(60)
@@ -306,9 +327,22 @@ def test_the_redis_fixture_falls_back_when_the_engine_cannot_pull(engine: Docker
     env = engine.env()
     env.pop("REDIS_URL", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/common/test_bus.py::test_published_document_is_plain_json_in_data_field"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/common/test_bus.py::test_published_document_is_plain_json_in_data_field",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Redis for the tests: a local redis-server" in result.stdout, result.stdout[-3000:]
     assert "testcontainers could not start redis:7-alpine" in result.stdout, result.stdout[-3000:]

@@ -18,7 +18,12 @@ from prometheus_client import REGISTRY
 
 from tests.deploy.support import ALERTS_YML, DASHBOARD
 
-SERVICE_APPS = ("services.ingest.app", "services.portfolio.app", "services.takeprofit.app", "services.executor.app")
+SERVICE_APPS = (
+    "services.ingest.app",
+    "services.portfolio.app",
+    "services.takeprofit.app",
+    "services.executor.app",
+)
 PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "deriv", "histogram_quantile", "and", "or", "le", "changes",
                 "min_over_time", "max_over_time", "without", "on", "ignoring"}
@@ -79,11 +84,19 @@ def test_every_alert_metric_is_exported() -> None:
 
 def test_the_dashboard_covers_what_traders_watch() -> None:
     used = {name for expr in dashboard_exprs() for name in metric_names(expr)}
-    for name in ("tp_portfolio_net_after_close_usd", "tp_takeprofit_threshold_usd", "tp_portfolio_instrument_pnl_usd",
-                 "tp_portfolio_fees_paid_usd", "tp_portfolio_est_close_fees_usd", "tp_portfolio_est_slippage_usd",
-                 "tp_takeprofit_decisions_total", "tp_takeprofit_closures_finished_total",
-                 "tp_bus_stream_lag_entries", "tp_ingest_reconnects_total",
-                 "tp_portfolio_snapshot_latency_seconds_bucket"):
+    for name in (
+        "tp_portfolio_net_after_close_usd",
+        "tp_takeprofit_threshold_usd",
+        "tp_portfolio_instrument_pnl_usd",
+        "tp_portfolio_fees_paid_usd",
+        "tp_portfolio_est_close_fees_usd",
+        "tp_portfolio_est_slippage_usd",
+        "tp_takeprofit_decisions_total",
+        "tp_takeprofit_closures_finished_total",
+        "tp_bus_stream_lag_entries",
+        "tp_ingest_reconnects_total",
+        "tp_portfolio_snapshot_latency_seconds_bucket",
+    ):
         assert name in used, name
 
 

@@ -217,7 +217,9 @@ def test_quoters_read_the_halt_and_acknowledge_it(server: AclRedis) -> None:
 
 
 def test_a_missing_password_stops_the_render_with_the_users_name(tmp_path: Path) -> None:
-    write_passwords(tmp_path / "secrets", ("admin", "ingest", "portfolio", "takeprofit", "executor", "operator"))
+    write_passwords(
+        tmp_path / "secrets", ("admin", "ingest", "portfolio", "takeprofit", "executor", "operator")
+    )
     result = render_acl(tmp_path / "secrets", tmp_path / "users.acl")
     assert result.returncode != 0
     assert "quoter" in result.stderr and "make-secrets.sh" in result.stderr

@@ -90,7 +90,7 @@ async def test_every_path_of_the_bus_runs_under_the_services_acl_user(server: Ac
         await eventually(settled, timeout=20)
         assert await consumer.record_lag() == 0
         await health.refresh()
-        assert health.latest == {"redis": True, "consuming": True, "handlers": True}, health.problems
+        assert health.latest == {"redis": True, "consuming": True, "handlers": True}, health.reasons
     finally:
         await bus.stop()
     letters = [fields[b"__data__"].decode() for _, fields in admin.xrange(TP.deadletter)]

@@ -36,7 +36,7 @@ from services.paper.keys import generate_key
 from tests.deploy.support import ALERTS_YML, PROMETHEUS_YML, REPO, AclRedis, acl_redis, need_binary
 from tests.deploy.test_metrics_exist import alert_exprs, dashboard_exprs
 
-SERVICES = ("ingest", "portfolio", "takeprofit", "executor")
+SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
 PERP = "BTC-PERPETUAL"
 KEY_METRICS = (
     "tp_portfolio_net_after_close_usd", "tp_portfolio_fees_paid_usd", "tp_portfolio_est_close_fees_usd",
@@ -159,8 +159,16 @@ ticker_delay = "raw"
             job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
-        self.spawn("prometheus", [binary, f"--config.file={path}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                                  f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn"])
+        self.spawn(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={path}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                "--log.level=warn",
+            ],
+        )
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
@@ -222,7 +230,11 @@ def closed(stack: Stack) -> Stack:
 
     try:
         wait_for(all_up, 40, "every service target up")
-        wait_for(lambda: stack.query('tp_ingest_messages_total{channel=~"ticker.*"}'), 20, "ticks from the exchange")
+        wait_for(
+            lambda: stack.query('tp_ingest_messages_total{channel=~"ticker.*"}'),
+            20,
+            "ticks from the exchange",
+        )
         stack.paper("paper/trade", {"key_id": "executor", "instrument_name": PERP, "direction": "buy",
                                     "amount": 0.01})
         wait_for(lambda: stack.query("tp_portfolio_open_positions == 1"), 20, "the position in a snapshot")
@@ -272,7 +284,9 @@ def test_every_dashboard_and_alert_expression_evaluates(closed: Stack) -> None:
     groups = closed.api("rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
     assert len(rules) == sum(1 for _ in alert_exprs())
-    assert all(r["health"] in ("ok", "unknown") for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    assert all(r["health"] in ("ok", "unknown") for r in rules), [
+        (r["name"], r.get("lastError")) for r in rules
+    ]
 
 
 def test_the_operator_reads_status_as_its_acl_user(closed: Stack) -> None:

@@ -54,8 +54,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     head = "| fault | where / when | closures | trades | healthy after restart (s) | outcome |"
     lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['fault']} | {r.get('detail', '')} | {r.get('closures', '')} | {r.get('trades', '')} | "
-                     f"{r.get('health', '')} | {r['outcome']} |")
+        lines.append(
+            f"| {r['fault']} | {r.get('detail', '')} | {r.get('closures', '')} | {r.get('trades', '')} | "
+            f"{r.get('health', '')} | {r['outcome']} |"
+        )
     return "\n".join(lines)
 
 
@@ -71,7 +73,9 @@ def fault_log(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     elif call is not None and call.passed:
         row["outcome"] = "all invariants hold"
     else:
-        row["outcome"] = f"FAILED: {str(call.longrepr).splitlines()[-1][:120] if call is not None else 'setup'}"
+        row["outcome"] = (
+            f"FAILED: {str(call.longrepr).splitlines()[-1][:120] if call is not None else 'setup'}"
+        )
     FAULT_ROWS.append(row)
 
 

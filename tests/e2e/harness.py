@@ -57,7 +57,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.common.bus import entry_document
+from services.common.bus import entry_document, raise_if_cancelled
 from services.common.contracts import Command
 from services.common.redis_server import RedisServer, free_port
 from services.common.signing import is_authentic
@@ -90,12 +90,24 @@ def config_text(redis_url: str, paper_url: str, keys: Path, namespace: str, port
     sections: dict[str, dict[str, Any]] = {
         "redis": {"url": redis_url, "namespace": namespace},
         "commands": {"signing_key_file": str(keys / COMMAND_KEY_FILE)},
-        "thalex": {"network": paper_url, "key_id": INGEST_KEY, "private_key_file": str(keys / f"{INGEST_KEY}.pem")},
-        "executor": {"key_id": EXECUTOR_KEY, "private_key_file": str(keys / f"{EXECUTOR_KEY}.pem"),
-                     "deadline_seconds": 10.0},
-        "portfolio_take_profit": {"min_profit_usd": 1.1, "cooldown_seconds": 0.5, "partial_close_fraction": 0.0,
-                                  "check_interval_seconds": 1.0, "emergency_close_threshold": -1000.0,
-                                  "max_position_age_hours": 24.0},
+        "thalex": {
+            "network": paper_url,
+            "key_id": INGEST_KEY,
+            "private_key_file": str(keys / f"{INGEST_KEY}.pem"),
+        },
+        "executor": {
+            "key_id": EXECUTOR_KEY,
+            "private_key_file": str(keys / f"{EXECUTOR_KEY}.pem"),
+            "deadline_seconds": 10.0,
+        },
+        "portfolio_take_profit": {
+            "min_profit_usd": 1.1,
+            "cooldown_seconds": 0.5,
+            "partial_close_fraction": 0.0,
+            "check_interval_seconds": 1.0,
+            "emergency_close_threshold": -1000.0,
+            "max_position_age_hours": 24.0,
+        },
         "portfolio": {"drift_grace_seconds": 3600.0, "stale_after_seconds": 30.0},
         "ingest": {"watch_list": [PERP, ETH_PERP], "ticker_delay": "raw"},
         "metrics": {f"{name}_port": port for name, port in ports.items()},
@@ -134,8 +146,10 @@ class Proc:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**child_env(), **self.env}, cwd=REPO, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**child_env(), **self.env}, cwd=REPO,
+            start_new_session=True,
+        )
         log.close()
         self.started_at = time.time()
 
@@ -171,7 +185,7 @@ def http_health(port: int, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as answer:
             return answer.status == 200
-    except Exception:  # connection refused, 503, timeout: not healthy (yet)  # noqa: BLE001
+    except Exception:  # connection refused, 503, timeout: not healthy (yet)
         return False
 
 
@@ -193,7 +207,9 @@ class PaperControl:
                     if self.ws is None:
                         self.ws = await websockets.connect(self.url, max_size=None)
                     request_id = next(self.ids)
-                    await self.ws.send(json.dumps({"method": method, "params": params or {}, "id": request_id}))
+                    await self.ws.send(
+                        json.dumps({"method": method, "params": params or {}, "id": request_id})
+                    )
                     while True:
                         answer = json.loads(await asyncio.wait_for(self.ws.recv(), ANSWER_TIMEOUT))
                         if answer.get("id") == request_id:
@@ -241,7 +257,11 @@ class AccountReader:
 
     async def positions(self) -> dict[str, float]:
         (portfolio,) = await self._calls([("private/portfolio", {})])
-        return {row["instrument_name"]: float(row["position"]) for row in portfolio if float(row["position"]) != 0.0}
+        return {
+            row["instrument_name"]: float(row["position"])
+            for row in portfolio
+            if float(row["position"]) != 0.0
+        }
 
     async def trades(self) -> list[dict[str, Any]]:
         """The account's whole trade history, oldest first."""
@@ -309,11 +329,30 @@ class Pipeline:
         generate_key(keys, TRADER_KEY, account=ACCOUNT)
         paper_port = free_port()
         self.paper_url = f"ws://127.0.0.1:{paper_port}/ws/api/v2"
-        paper = Proc("paper", [sys.executable, *self.paper_module, "--host", "127.0.0.1", "--port", str(paper_port),
-                               "--keys", str(keys), "--control", "--seed", str(self.seed), "--reconnect-grace", "0",
-                               "--tick-interval", str(self.tick_interval), "--log-level", "WARNING",
-                               *self.paper_argv_extra],
-                     self.workdir / "logs" / "paper.log")
+        paper = Proc(
+            "paper",
+            [
+                sys.executable,
+                *self.paper_module,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(paper_port),
+                "--keys",
+                str(keys),
+                "--control",
+                "--seed",
+                str(self.seed),
+                "--reconnect-grace",
+                "0",
+                "--tick-interval",
+                str(self.tick_interval),
+                "--log-level",
+                "WARNING",
+                *self.paper_argv_extra,
+            ],
+            self.workdir / "logs" / "paper.log",
+        )
         self.procs["paper"] = paper
         paper.start()
         await self._wait_port(paper, paper_port)
@@ -321,20 +360,29 @@ class Pipeline:
         self.reader = AccountReader(self.paper_url, READER_KEY, (keys / f"{READER_KEY}.pem").read_text())
         ports = {name: free_port() for name in SERVICES}
         self.config_path = self.workdir / "e2e.toml"
-        self.config_path.write_text(config_text(self.redis_server.url, self.paper_url, keys, self.namespace, ports,
-                                                self.overrides))
+        self.config_path.write_text(
+            config_text(self.redis_server.url, self.paper_url, keys, self.namespace, ports, self.overrides)
+        )
         # the harness' own client rides out a Redis restart (the services have their own ways)
         # the socket timeouts turn a hung call into an error naming it, instead of a pytest-timeout
-        self.redis = Redis.from_url(self.redis_server.url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
-                                    **self.credentials("admin"),
-                                    retry_on_error=[RedisConnectionError, OSError],
-                                    socket_timeout=ANSWER_TIMEOUT, socket_connect_timeout=ANSWER_TIMEOUT)
+        self.redis = Redis.from_url(
+            self.redis_server.url,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
+            retry_on_error=[RedisConnectionError, OSError],
+            **self.credentials("admin"),
+            socket_timeout=ANSWER_TIMEOUT,
+            socket_connect_timeout=ANSWER_TIMEOUT,
+        )
         for name in SERVICES:
-            self.procs[name] = Proc(name, [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)],
-                                    self.workdir / "logs" / f"{name}.log", port=ports[name],
-                                    env=self.user_env(name))
+            self.procs[name] = Proc(
+                name,
+                [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)],
+                self.workdir / "logs" / f"{name}.log",
+                port=ports[name],
+                env=self.user_env(name),
+            )
             self.procs[name].start()
-        await asyncio.gather(*(self.wait_healthy(name, timeout=30) for name in SERVICES))
+        await asyncio.gather(*(self.wait_healthy(name, within=30) for name in SERVICES))
         await self.wait_ingest_ready()
 
     def _acl_args(self) -> list[str]:
@@ -374,7 +422,7 @@ class Pipeline:
         decoded = [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in e.items()} for e in entries]
         return [d for d in decoded if d.get("object") != "client|setinfo"]
 
-    async def wait_ingest_ready(self, timeout: float = 20.0) -> None:
+    async def wait_ingest_ready(self, within: float = 20.0) -> None:
         """Ingest has published instrument metadata and ticks flow."""
         assert self.redis is not None
 
@@ -382,7 +430,7 @@ class Pipeline:
             assert self.redis is not None
             return bool(await self.redis.hexists(self.names.instruments, PERP)) and \
                 await self.redis.xlen(self.names.ticks) > 0
-        await eventually(ready, timeout)
+        await eventually(ready, within)
 
     async def stop(self) -> None:
         # the control connection first: a paper exchange stopping waits for its open connections to
@@ -399,8 +447,8 @@ class Pipeline:
         if self.redis_server is not None:
             self.redis_server.stop()
 
-    async def _wait_port(self, proc: Proc, port: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def _wait_port(self, proc: Proc, port: int, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited early:\n{proc.log()[-3000:]}")
@@ -419,21 +467,21 @@ class Pipeline:
         assert port is not None
         return await asyncio.to_thread(http_health, port)
 
-    async def wait_healthy(self, name: str, timeout: float = 5.0) -> float:
+    async def wait_healthy(self, name: str, within: float = 5.0) -> float:
         """Seconds from the process' start to /health 200 (raises after `timeout` s from now)."""
         proc = self.procs[name]
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             if not proc.alive():
                 raise AssertionError(f"{name} died:\n{proc.log()[-3000:]}")
             if await self.health(name):
                 return time.time() - proc.started_at
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{name} not healthy within {timeout} s:\n{proc.log()[-3000:]}")
+        raise AssertionError(f"{name} not healthy within {within} s:\n{proc.log()[-3000:]}")
 
-    async def healthy_since(self, name: str, since: float, timeout: float = 5.0) -> float:
+    async def healthy_since(self, name: str, since: float, within: float = 5.0) -> float:
         """Seconds from `since` (a fault) until /health 200 again; raises after `timeout`."""
-        await self.wait_healthy(name, timeout=timeout - (time.time() - since))
+        await self.wait_healthy(name, within=within - (time.time() - since))
         return time.time() - since
 
     def kill(self, name: str) -> None:
@@ -444,7 +492,7 @@ class Pipeline:
         proc = self.procs[name]
         proc.restarts += 1
         proc.start()
-        took = await self.wait_healthy(name, timeout=health_timeout + 1.0)
+        took = await self.wait_healthy(name, within=health_timeout + 1.0)
         self.health_times.append((name, took))
         return took
 
@@ -455,12 +503,26 @@ class Pipeline:
     async def add_executor_replica(self) -> None:
         assert self.config_path is not None
         port = free_port()
-        proc = Proc("executor-2", [sys.executable, "-m", "services.executor", "--config", str(self.config_path),
-                                   "--replica", "2", "--metrics-port", str(port)],
-                    self.workdir / "logs" / "executor-2.log", port=port, env=self.user_env("executor-2"))
+        proc = Proc(
+            "executor-2",
+            [
+                sys.executable,
+                "-m",
+                "services.executor",
+                "--config",
+                str(self.config_path),
+                "--replica",
+                "2",
+                "--metrics-port",
+                str(port),
+            ],
+            self.workdir / "logs" / "executor-2.log",
+            port=port,
+            env=self.user_env("executor-2"),
+        )
         self.procs["executor-2"] = proc
         proc.start()
-        self.health_times.append(("executor-2", await self.wait_healthy("executor-2", timeout=30)))
+        self.health_times.append(("executor-2", await self.wait_healthy("executor-2", within=30)))
 
     async def restart_redis(self, down_seconds: float = 0.5) -> float:
         """Stop Redis gracefully (AOF flushed), keep it down a moment, start it on the same port.
@@ -474,7 +536,7 @@ class Pipeline:
         back = time.time()
         services = [n for n in self.procs if n != "paper"]
         for name in services:
-            await self.wait_healthy(name, timeout=10)
+            await self.wait_healthy(name, within=10)
         took = time.time() - back
         self.health_times.append(("all after redis restart", took))
         return took
@@ -505,7 +567,7 @@ class Pipeline:
         for entry_id, fields in await self.redis.xrange(stream):
             try:
                 out.append((entry_id.decode(), entry_document(fields)[1]))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 out.append((entry_id.decode(), None))
         return out
 
@@ -526,7 +588,7 @@ class Pipeline:
         assert self.redis is not None
         return bool(await self.redis.exists(self.names.halt))
 
-    async def force_closure(self, timeout: float = 40.0, step_pct: float = 0.15,
+    async def force_closure(self, within: float = 40.0, step_pct: float = 0.15,
                             during: Any = None) -> dict[str, Any]:
         """Move each underlying the way that makes the account money until a take-profit command appears,
         then wait for its outcome. `during` (an async callable taking the command) runs as soon as
@@ -534,7 +596,7 @@ class Pipeline:
         Returns the command; raises if none came or it did not complete.
         """
         known = {c["command_id"] for c in await self.commands()}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         command = None
         while time.monotonic() < deadline and command is None:
             new = [c for c in await self.commands() if c["command_id"] not in known]
@@ -550,10 +612,14 @@ class Pipeline:
                                                                 "pct": step_pct if held > 0 else -step_pct})
             await asyncio.sleep(0.15)
         if command is None:
-            raise AssertionError(f"no closure decided within {timeout} s; last snapshot {await self.latest_snapshot()}")
+            raise AssertionError(
+                f"no closure decided within {within} s; last snapshot {await self.latest_snapshot()}"
+            )
         if during is not None:
             await during(command)
-        await eventually_value(lambda: self.outcome(command["command_id"]), max(5.0, deadline - time.monotonic()) + 20)
+        await eventually_value(
+            lambda: self.outcome(command["command_id"]), max(5.0, deadline - time.monotonic()) + 20
+        )
         return command
 
     async def ensure_position(self, minimum: float = 0.002) -> None:
@@ -574,7 +640,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- invariants
 
-    async def wait_settled(self, timeout: float = 20.0) -> None:
+    async def wait_settled(self, within: float = 20.0) -> None:
         """Portfolio's latest snapshot equals the exchange's positions (what ingest has to deliver)."""
         last: list[Any] = []
 
@@ -586,9 +652,11 @@ class Pipeline:
             last[:] = [exchange, ledger]
             return positions_equal(exchange, ledger)
         try:
-            await eventually(equal, timeout, interval=0.2)
+            await eventually(equal, within, interval=0.2)
         except AssertionError:
-            raise AssertionError(f"portfolio positions != exchange positions: exchange {last[0]}, ledger {last[1]}")
+            raise AssertionError(
+                f"portfolio positions != exchange positions: exchange {last[0]}, ledger {last[1]}"
+            ) from None
 
     async def check_invariants(self, settle_timeout: float = 20.0) -> dict[str, Any]:
         """Every invariant of the issue; returns figures for the faults table (raises on a violation)."""
@@ -617,7 +685,9 @@ class Pipeline:
         for stream, ids in self.malformed.items():
             lost = ids - dead.get(stream, set())
             if lost:
-                problems.append(f"{len(lost)} of {len(ids)} malformed entries on {stream} not in tp:deadletter")
+                problems.append(
+                    f"{len(lost)} of {len(ids)} malformed entries on {stream} not in tp:deadletter"
+                )
         # every service alive
         for name, proc in self.procs.items():
             if not proc.alive():
@@ -631,8 +701,12 @@ class Pipeline:
                 problems.append(f"command {command['command_id']} does not verify under the command key")
         assert not problems, "\n".join(problems)
         executor_trades = [t for t in trades if str(t.get("label") or "").startswith(EXECUTOR_LABEL_PREFIX)]
-        return {"trades": len(trades), "closing_trades": len(executor_trades), "commands": len(await self.commands()),
-                "malformed": sum(len(v) for v in self.malformed.values())}
+        return {
+            "trades": len(trades),
+            "closing_trades": len(executor_trades),
+            "commands": len(await self.commands()),
+            "malformed": sum(len(v) for v in self.malformed.values()),
+        }
 
     async def deadlettered(self) -> dict[str, set[str]]:
         assert self.redis is not None
@@ -644,11 +718,11 @@ class Pipeline:
                 batch = batch[1:]
             if not batch:
                 return out
-            for entry_id, fields in batch:
+            for _, fields in batch:
                 try:
                     doc = entry_document(fields)[1]
                     out[doc["source_stream"]].add(doc["entry_id"])
-                except Exception:  # noqa: BLE001, S110
+                except Exception:
                     pass
             last = batch[-1][0].decode()
 
@@ -675,6 +749,14 @@ def closing_problems(trades: list[dict[str, Any]], commands: list[dict[str, Any]
     * a partial closure never closes more than it listed (+ one volume tick of rounding);
     * every closing label belongs to a command.
     """
+    problems, closed, allowance = _replay_closing_trades(trades)
+    return problems + _closed_beyond_commands(closed, allowance, commands)
+
+
+def _replay_closing_trades(
+    trades: list[dict[str, Any]],
+) -> tuple[list[str], dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """The flips and closes of flat positions; what each (label, instrument) closed, and may close."""
     problems = []
     position: dict[str, float] = defaultdict(float)
     closed: dict[tuple[str, str], float] = defaultdict(float)
@@ -698,6 +780,13 @@ def closing_problems(trades: list[dict[str, Any]], commands: list[dict[str, Any]
                 if key[1] == name:
                     allowance[key] += abs(signed)
         position[name] = 0.0 if abs(after) <= 1e-9 else after
+    return problems, closed, allowance
+
+
+def _closed_beyond_commands(closed: dict[tuple[str, str], float], allowance: dict[tuple[str, str], float],
+                            commands: list[dict[str, Any]]) -> list[str]:
+    """Closing labels of no command, and closes beyond what their command lists (or may close)."""
+    problems = []
     listed: dict[tuple[str, str], float] = {}
     full: dict[str, bool] = {}
     labels = {}
@@ -715,7 +804,9 @@ def closing_problems(trades: list[dict[str, Any]], commands: list[dict[str, Any]
             problems.append(f"partial command {labels[label]} traded {name}, which it did not list")
         limit = allowance[(label, name)] if full[label] else listed.get((label, name), 0.0)
         if amount > limit + 1e-6:
-            problems.append(f"command {labels[label]} closed {amount} of {name}, more than {limit}: closed twice")
+            problems.append(
+                f"command {labels[label]} closed {amount} of {name}, more than {limit}: closed twice"
+            )
     return problems
 
 
@@ -733,9 +824,12 @@ class Trader:
         self.task: asyncio.Task[None] | None = None
         self.made = 0
         self.errors = 0
+        self.stopping = False
 
     async def _run(self) -> None:
-        while True:
+        # the flag, not only the cancel: redis-py can turn a cancellation into one of its errors,
+        # which the `except` below would swallow, and stop() would then wait forever (seen in a full run)
+        while not self.stopping:
             name = self.random.choice(self.instruments)
             amount = 0.001 if name == PERP else 0.01
             # mostly buys: the account keeps something to close
@@ -744,7 +838,8 @@ class Trader:
                 if not await self.pipeline.halted():  # a quoter stands down while halted
                     await self.pipeline.trade(name, side, amount)
                     self.made += 1
-            except Exception:  # noqa: BLE001 - a refusal, Redis restarting: the stream goes on
+            except Exception:
+                raise_if_cancelled()
                 self.errors += 1
             await asyncio.sleep(self.interval)
 
@@ -752,6 +847,7 @@ class Trader:
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
@@ -759,20 +855,20 @@ class Trader:
 
 # ----------------------------------------------------------------------------- helpers
 
-async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(check: Any, within: float = 10.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():
             return
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition {getattr(check, '__name__', check)} not met within {timeout} s")
+    raise AssertionError(f"condition {getattr(check, '__name__', check)} not met within {within} s")
 
 
-async def eventually_value(get: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
+async def eventually_value(get: Any, within: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         value = await get()
         if value:
             return value
         await asyncio.sleep(interval)
-    raise AssertionError(f"no value within {timeout} s")
+    raise AssertionError(f"no value within {within} s")

@@ -10,6 +10,7 @@ running, injects its fault, makes at least one closure happen, and then checks e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -65,16 +66,22 @@ async def test_kill_9_and_restart(pipeline: Pipeline, fault_log: dict[str, Any],
     finally:
         await trader.stop()
     figures = await pipeline.check_invariants()
-    fault_log.update(fault=f"kill -9 {service} (random moment, then mid-closure)",
-                     detail="2 kills + restarts; executor killed with an insert in flight" if service == "executor"
-                     else "2 kills + restarts",
-                     closures=figures["commands"], trades=figures["trades"],
-                     health=" / ".join(f"{t:.2f}" for t in took))
+    fault_log.update(
+        fault=f"kill -9 {service} (random moment, then mid-closure)",
+        detail="2 kills + restarts; executor killed with an insert in flight"
+        if service == "executor"
+        else "2 kills + restarts",
+        closures=figures["commands"],
+        trades=figures["trades"],
+        health=" / ".join(f"{t:.2f}" for t in took),
+    )
     for t in took:
         healthy_within(t, service)
 
 
-async def test_redis_restart_mid_stream_and_mid_closure(pipeline: Pipeline, fault_log: dict[str, Any]) -> None:
+async def test_redis_restart_mid_stream_and_mid_closure(
+    pipeline: Pipeline, fault_log: dict[str, Any]
+) -> None:
     trader = Trader(pipeline, interval=0.25, seed=SEED)
     trader.start()
     took: list[float] = []
@@ -101,9 +108,14 @@ async def test_redis_restart_mid_stream_and_mid_closure(pipeline: Pipeline, faul
         healthy_within(t, "every service")
 
 
-async def test_redis_restart_with_a_closing_order_in_flight(pipeline: Pipeline, fault_log: dict[str, Any]) -> None:
-    fault_log.update(fault="restart Redis with a closing order in flight",
-                     detail="insert held 0.3 s by the exchange; Redis down 1 s from the command on", closures=1)
+async def test_redis_restart_with_a_closing_order_in_flight(
+    pipeline: Pipeline, fault_log: dict[str, Any]
+) -> None:
+    fault_log.update(
+        fault="restart Redis with a closing order in flight",
+        detail="insert held 0.3 s by the exchange; Redis down 1 s from the command on",
+        closures=1,
+    )
     await pipeline.ensure_position(0.01)
     await insert_latency(pipeline, 0.3)
 
@@ -117,17 +129,17 @@ async def test_redis_restart_with_a_closing_order_in_flight(pipeline: Pipeline, 
 
     async def closure() -> None:
         nonlocal command
-        command = await pipeline.force_closure(during=restart_mid_order, timeout=15)
+        command = await pipeline.force_closure(during=restart_mid_order, within=15)
 
-    try:
-        await asyncio.wait_for(closure(), timeout=25)  # deadline 10 s: a healthy closure reports well before
-    except TimeoutError:
-        pass
+    with contextlib.suppress(TimeoutError):  # deadline 10 s: a healthy closure reports well before
+        await asyncio.wait_for(closure(), timeout=25)
     assert command is not None or (await pipeline.commands()), "no command decided"
     cid = (command or (await pipeline.commands())[-1])["command_id"]
     assert await pipeline.outcome(cid) == "completed", "no outcome within the command's deadline"
     assert pipeline.redis is not None
-    assert not await pipeline.redis.exists(pipeline.names.key("takeprofit:failed_closure")), "quoters left halted"
+    assert not await pipeline.redis.exists(pipeline.names.key("takeprofit:failed_closure")), (
+        "quoters left halted"
+    )
 
 
 @pytest.mark.parametrize("who", ["ingest", "executor"])
@@ -139,7 +151,9 @@ async def test_exchange_drops_the_connection(pipeline: Pipeline, fault_log: dict
     try:
         await pipeline.ensure_position()
         await asyncio.sleep(0.5)
-        drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))["dropped"]
+        drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))[
+            "dropped"
+        ]
         await asyncio.sleep(0.5)
         drops += (await pipeline.control("paper/drop_connections", {"key_id": key}))["dropped"]
         if who == "executor":
@@ -148,7 +162,9 @@ async def test_exchange_drops_the_connection(pipeline: Pipeline, fault_log: dict
         async def drop_mid_closure(command: dict[str, Any]) -> None:
             nonlocal drops
             await asyncio.sleep(0.15)
-            drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))["dropped"]
+            drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))[
+                "dropped"
+            ]
             if who == "executor":
                 await insert_latency(pipeline, 0)
 
@@ -158,7 +174,9 @@ async def test_exchange_drops_the_connection(pipeline: Pipeline, fault_log: dict
         await pipeline.force_closure()
         await asyncio.sleep(1.5)  # health is re-evaluated every second: let it see the drop
         dropped_at = time.time()
-        drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))["dropped"]
+        drops += (await pipeline.control("paper/drop_connections", {"key_id": key, "abrupt": True}))[
+            "dropped"
+        ]
         await asyncio.sleep(1.5)
         healthy_after = await pipeline.healthy_since(who, dropped_at, HEALTHY_WITHIN)
     finally:
@@ -185,7 +203,9 @@ async def test_exchange_errors_on_the_executors_orders(pipeline: Pipeline, fault
             assert await pipeline.outcome(command["command_id"]) == "completed"
     finally:
         await trader.stop()
-    orders = (await pipeline.control("paper/order_log", {"key_id": EXECUTOR_KEY, "method": "private/insert"}))["orders"]
+    orders = (
+        await pipeline.control("paper/order_log", {"key_id": EXECUTOR_KEY, "method": "private/insert"})
+    )["orders"]
     refused = sum(1 for o in orders if o["outcome"].get("error", {}).get("code") == code)
     assert refused == 4
     figures = await pipeline.check_invariants()
@@ -194,7 +214,9 @@ async def test_exchange_errors_on_the_executors_orders(pipeline: Pipeline, fault
                      closures=figures["commands"], trades=figures["trades"], health="no restart")
 
 
-async def test_duplicated_and_reordered_fills_and_ticks(pipeline: Pipeline, fault_log: dict[str, Any]) -> None:
+async def test_duplicated_and_reordered_fills_and_ticks(
+    pipeline: Pipeline, fault_log: dict[str, Any]
+) -> None:
     trader = Trader(pipeline, interval=0.15, seed=SEED)
     trader.start()
     try:
@@ -204,7 +226,9 @@ async def test_duplicated_and_reordered_fills_and_ticks(pipeline: Pipeline, faul
         assert pipeline.redis is not None
         names = pipeline.names
         fills = await pipeline.redis.xrange(names.fills)
-        ticks = (await pipeline.redis.xrevrange(names.ticks, count=300))  # newest first: re-added, they go back in time
+        ticks = await pipeline.redis.xrevrange(
+            names.ticks, count=300
+        )  # newest first: re-added, they go back in time
         for _, fields in reversed(fills):  # every fill again, in reverse order
             await pipeline.xadd_raw(names.fills, fields)
         for _, fields in ticks:
@@ -228,12 +252,29 @@ MALFORMED_KINDS = [
     {"__data__": "[]"},
     {"__data__": json.dumps({"v": 1})},
     {"__data__": json.dumps({"v": 2, "trade_id": "x"})},
-    {"data": "{\"v\": 1, \"instrument\": \"BTC-PERPETUAL\", \"mark\": \"NaN\"}"},
+    {"data": '{"v": 1, "instrument": "BTC-PERPETUAL", "mark": "NaN"}'},
     {"__data__": '{"v": 1, "instrument": "BTC-PERPETUAL", "mark": NaN, "exchange_ts": 1, "ingest_ts": 1}'},
-    {"__data__": json.dumps({"v": 1, "instrument": "BTC-PERPETUAL", "mark": -5.0, "exchange_ts": 1.0,
-                             "ingest_ts": 1.0})},
-    {"__data__": json.dumps({"v": 1, "trade_id": "t", "order_id": "o", "instrument": "BTC-PERPETUAL", "side": "up",
-                             "price": 1.0, "amount": 1.0, "fee": 0.0, "exchange_ts": 1.0, "ingest_ts": 1.0})},
+    {
+        "__data__": json.dumps(
+            {"v": 1, "instrument": "BTC-PERPETUAL", "mark": -5.0, "exchange_ts": 1.0, "ingest_ts": 1.0}
+        )
+    },
+    {
+        "__data__": json.dumps(
+            {
+                "v": 1,
+                "trade_id": "t",
+                "order_id": "o",
+                "instrument": "BTC-PERPETUAL",
+                "side": "up",
+                "price": 1.0,
+                "amount": 1.0,
+                "fee": 0.0,
+                "exchange_ts": 1.0,
+                "ingest_ts": 1.0,
+            }
+        )
+    },
     {"unexpected": "field"},
     {"__data__": "\xff\xfe binary"},
 ]
@@ -260,7 +301,7 @@ async def test_ten_thousand_malformed_entries(pipeline: Pipeline, fault_log: dic
             dead = await pipeline.deadlettered()
             return all(ids <= dead.get(s, set()) for s, ids in pipeline.malformed.items())
         from tests.e2e.harness import eventually
-        await eventually(all_dead_lettered, timeout=40, interval=0.5)
+        await eventually(all_dead_lettered, within=40, interval=0.5)
         await pipeline.ensure_position()
         await pipeline.force_closure()
     finally:
@@ -268,9 +309,13 @@ async def test_ten_thousand_malformed_entries(pipeline: Pipeline, fault_log: dic
     figures = await pipeline.check_invariants()
     for name in SERVICES:
         assert await pipeline.health(name)
-    fault_log.update(fault="10,000 malformed entries",
-                     detail="2,000 each on tp:fills, tp:ticks, tp:snapshots, tp:commands, tp:reports; 10 kinds",
-                     closures=figures["commands"], trades=figures["trades"], health="no restart")
+    fault_log.update(
+        fault="10,000 malformed entries",
+        detail="2,000 each on tp:fills, tp:ticks, tp:snapshots, tp:commands, tp:reports; 10 kinds",
+        closures=figures["commands"],
+        trades=figures["trades"],
+        health="no restart",
+    )
 
 
 async def test_second_executor_replica(pipeline: Pipeline, fault_log: dict[str, Any]) -> None:

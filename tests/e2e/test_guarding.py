@@ -78,17 +78,17 @@ async def test_redis_at_maxmemory_is_red_everywhere_and_the_closure_comes_when_w
         async def every_service_red() -> bool:
             for name in SERVICES:
                 status, body = await asyncio.to_thread(health_document, pipeline, name)
-                if status == 503 and "Redis refuses writes" in body.get("problems", {}).get("redis", ""):
-                    red[name] = body["problems"]["redis"]
+                if status == 503 and "Redis refuses writes" in body.get("reasons", {}).get("redis", ""):
+                    red[name] = body["reasons"]["redis"]
             return set(red) == set(SERVICES)
 
-        await eventually(every_service_red, timeout=15, interval=0.2)
+        await eventually(every_service_red, within=15, interval=0.2)
         assert all("OutOfMemoryError" in why for why in red.values()), red
         await asyncio.sleep(3.0)  # trades go on at the exchange meanwhile; nothing can be written
         await pipeline.redis.config_set("maxmemory", 0)
         back = time.monotonic()
         for name in SERVICES:
-            await pipeline.wait_healthy(name, timeout=20)
+            await pipeline.wait_healthy(name, within=20)
         healthy_after = time.monotonic() - back
         await pipeline.ensure_position()
         command = await pipeline.force_closure()

@@ -53,7 +53,7 @@ async def test_the_bot_stands_down_on_the_guardians_command_and_hears_the_outcom
         async def listening() -> bool:
             assert bot.poll() is None, log_path.read_text()
             return await xread_blocked(redis) >= blocked_before + 2
-        await eventually(listening, timeout=30, interval=0.1)
+        await eventually(listening, within=30, interval=0.1)
 
         key = tmp_path / "command_key.txt"  # take-profit signs every command (issue 21)
         key.write_text("ab" * 32 + "\n")
@@ -66,13 +66,13 @@ async def test_the_bot_stands_down_on_the_guardians_command_and_hears_the_outcom
 
             async def decided() -> bool:
                 return bool(await read_stream(redis, names.commands, Command))
-            await eventually(decided, timeout=10)
+            await eventually(decided, within=10)
             [command] = await read_stream(redis, names.commands, Command)
 
             async def acknowledged() -> bool:
                 raw = await redis.hget(names.halt_acks, BOT_NAME)
                 return raw is not None and json.loads(raw).get("command_id") == command.command_id
-            await eventually(acknowledged, timeout=10, interval=0.05)
+            await eventually(acknowledged, within=10, interval=0.05)
 
             completed = Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
                                epoch=command.epoch, fraction=1.0, ts=time.time())
@@ -80,7 +80,7 @@ async def test_the_bot_stands_down_on_the_guardians_command_and_hears_the_outcom
 
             async def heard() -> bool:
                 return f"closure {command.command_id} completed" in log_path.read_text()
-            await eventually(heard, timeout=10, interval=0.05)
+            await eventually(heard, within=10, interval=0.05)
     finally:
         bot.send_signal(signal.SIGTERM)
         try:

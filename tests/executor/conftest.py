@@ -1,4 +1,5 @@
-"""Executor test fixtures: a paper exchange with a trading key, positions on it, an executor on a real Redis."""
+"""Executor test fixtures: a paper exchange with a trading key, positions on it, an executor on a real
+Redis."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from services.common.bus import Bus, encode_document
+from services.common.bus import Bus, entry_fields
 from services.common.config import Settings
 from services.common.contracts import CloseReason, Command, HedgeGroup, PositionToClose, Report, ReportStatus
 from services.common.service import Health
@@ -117,7 +118,7 @@ def make_command(positions: dict[str, float], *, fraction: float = 1.0, deadline
 
 
 async def send(redis: Redis, names: Names, command: Command) -> None:
-    await redis.xadd(names.commands, {"__data__": encode_document(command)})
+    await redis.xadd(names.commands, entry_fields(command))
 
 
 async def reports(redis: Redis, names: Names, command_id: str | None = None) -> list[Report]:
@@ -127,15 +128,15 @@ async def reports(redis: Redis, names: Names, command_id: str | None = None) -> 
 
 
 async def wait_outcome(redis: Redis, names: Names, command_id: str, count: int = 1,
-                       timeout: float = 20.0) -> list[Report]:
+                       within: float = 20.0) -> list[Report]:
     """Every report of the command once `count` outcome reports (completed/failed/...) are in."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         got = await reports(redis, names, command_id)
         if sum(r.status in OUTCOMES for r in got) >= count:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"no outcome for {command_id} within {timeout} s: {[r.status for r in got]}")
+            raise AssertionError(f"no outcome for {command_id} within {within} s: {[r.status for r in got]}")
         await asyncio.sleep(0.02)
 
 
@@ -154,8 +155,8 @@ async def running_executor(settings: Settings, replica: str = "1") -> AsyncItera
     runnable: Any = build(settings, bus, Health(), f"executor-{replica}")
     await bus.start()
     task = asyncio.create_task(runnable.run())
-    for _ in range(200):  # connected, as a service would be before its first command
-        if runnable.executor.session.connected:
+    for _ in range(200):  # logged in, as a service would be before its first command
+        if runnable.executor.session.ready:
             break
         await asyncio.sleep(0.01)
     try:
@@ -163,7 +164,7 @@ async def running_executor(settings: Settings, replica: str = "1") -> AsyncItera
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await runnable.executor.close()
+        await runnable.executor.session.close()
         await bus.stop()
 
 

@@ -41,7 +41,9 @@ def _closed_per_instrument(paper: PaperHandle, start: int) -> Counter[str]:
 
 
 def _never_flipped(paper: PaperHandle, held: dict[str, float], start: int) -> bool:
-    return all(trade["position_after"] * held[trade["instrument_name"]] >= 0 for trade in trades(paper)[start:])
+    return all(
+        trade["position_after"] * held[trade["instrument_name"]] >= 0 for trade in trades(paper)[start:]
+    )
 
 
 async def test_same_command_twice_closes_once_and_reports_duplicate(
@@ -103,7 +105,9 @@ executor_port = 0
     await send(redis, names, command)
     first = await _start_executor(config)
     try:
-        while not any(r.status is ReportStatus.FILLED for r in await reports(redis, names, command.command_id)):
+        while not any(
+            r.status is ReportStatus.FILLED for r in await reports(redis, names, command.command_id)
+        ):
             assert first.returncode is None, "executor exited early"
             await asyncio.sleep(0.01)
         first.send_signal(signal.SIGKILL)
@@ -114,7 +118,7 @@ executor_port = 0
         await paper.control("paper/set_latency", {"seconds": 0.0, "methods": ["private/insert"]})
         second = await _start_executor(config)
         try:
-            got = await wait_outcome(redis, names, command.command_id, timeout=30)
+            got = await wait_outcome(redis, names, command.command_id, within=30)
         finally:
             second.send_signal(signal.SIGTERM)
             await second.wait()
@@ -125,7 +129,11 @@ executor_port = 0
     assert got[-1].status is ReportStatus.COMPLETED, got[-1]
     assert all(account_positions(paper)[name] == 0 for name in held)
     closed = _closed_per_instrument(paper, start)
-    assert {name: round(amount, 10) for name, amount in closed.items()} == {n: abs(a) for n, a in held.items()}
+    assert {name: round(amount, 10) for name, amount in closed.items()} == {
+        n: abs(a) for n, a in held.items()
+    }
     assert _never_flipped(paper, held, start)
     log = (await paper.control("paper/order_log", {"key_id": TRADER, "method": "private/insert"}))["orders"]
-    assert all("result" in row["outcome"] for row in log), "no reduce-only rejection: nothing re-sent after flat"
+    assert all("result" in row["outcome"] for row in log), (
+        "no reduce-only rejection: nothing re-sent after flat"
+    )

@@ -195,5 +195,7 @@ def test_a_trading_executor_without_a_key_stops_with_exit_2(tmp_path, redis_url:
     from services.executor.app import main
 
     config = tmp_path / "executor.toml"
-    config.write_text(f'[redis]\nurl = "{redis_url}"\n[executor]\ndry_run = false\n[metrics]\nexecutor_port = 0\n')
+    config.write_text(
+        f'[redis]\nurl = "{redis_url}"\n[executor]\ndry_run = false\n[metrics]\nexecutor_port = 0\n'
+    )
     assert main(["--config", str(config)]) == 2

@@ -89,8 +89,9 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
             at_insert.append((Progress.model_validate_json(raw),
                               [r.status for r in published if r.command_id == command.command_id]))
 
-    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command,
-                                         saved_before_insert)
+    got, events = await closed_recording(
+        redis, names, make_settings(redis_url, names, paper, trader), command, saved_before_insert
+    )
     assert account_positions(paper)[PERP] == 0
     # (instrument metadata is asked once per instrument and cached; it is not the market)
     events = [e for e in events if not e[0].startswith("instrument:")]
@@ -110,8 +111,13 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     assert statuses + [r.status for r in progress.outbox] in (
         [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT],
         [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED])
-    assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED,
-                                       ReportStatus.FILLED, ReportStatus.COMPLETED]
+    assert [r.status for r in got] == [
+        ReportStatus.RECEIVED,
+        ReportStatus.ORDER_SENT,
+        ReportStatus.ORDERS_CANCELLED,
+        ReportStatus.FILLED,
+        ReportStatus.COMPLETED,
+    ]
 
 
 async def test_an_exit_price_the_market_left_behind_is_closed_by_the_next_wave(
@@ -121,7 +127,9 @@ async def test_an_exit_price_the_market_left_behind_is_closed_by_the_next_wave(
     await open_positions(paper, {PERP: 0.2})
     bid = best_bid(paper)
     command = make_command({PERP: 0.2}, exit_prices={PERP: bid * 1.03})
-    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
+    got, events = await closed_recording(
+        redis, names, make_settings(redis_url, names, paper, trader), command
+    )
     assert account_positions(paper)[PERP] == 0
     inserts = [kwargs["price"] for name, _, _, kwargs in events if name == "insert:sent"]
     assert len(inserts) == 2 and inserts[0] == pytest.approx(-(-bid * 1.03 * 0.995 // 1.0))
@@ -149,9 +157,16 @@ async def test_any_other_command_reads_the_market_before_its_first_order(
     exit_prices = None if kind == "no exit price" else {PERP: bid}
     # 5 % below the mark: deeper than max_close_price_buffer (5 %) less close_price_buffer allows
     marks = {PERP: bid / 0.95} if kind == "exit far through the book" else None
-    command = make_command({PERP: 0.4}, exit_prices=exit_prices, marks=marks, age=5.0 if kind == "old" else 0.0,
-                           fraction=0.5 if kind == "partial" else 1.0)
-    got, events = await closed_recording(redis, names, make_settings(redis_url, names, paper, trader), command)
+    command = make_command(
+        {PERP: 0.4},
+        exit_prices=exit_prices,
+        marks=marks,
+        age=5.0 if kind == "old" else 0.0,
+        fraction=0.5 if kind == "partial" else 1.0,
+    )
+    got, events = await closed_recording(
+        redis, names, make_settings(redis_url, names, paper, trader), command
+    )
     names_in_order = [name for name, *_ in events]
     assert "ticker:sent" in names_in_order[:names_in_order.index("insert:sent")]
     assert [r.status for r in got][:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED,
@@ -169,7 +184,9 @@ async def test_a_replayed_fresh_command_cancels_nothing(
         before = len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"])
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id, count=2)
-    assert time.time() - command.created_ts < 1.0, "the replay must have been fresh for this test to mean anything"
+    assert time.time() - command.created_ts < 1.0, (
+        "the replay must have been fresh for this test to mean anything"
+    )
     assert got[-1].status is ReportStatus.DUPLICATE
     assert len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]) == before
 
@@ -187,8 +204,13 @@ async def test_reports_a_crash_left_in_the_outbox_are_published_when_the_command
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id)
     statuses = [r.status for r in got]
-    assert statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT] and got[-1].status is ReportStatus.COMPLETED
+    assert (
+        statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
+        and got[-1].status is ReportStatus.COMPLETED
+    )
     assert statuses.count(ReportStatus.RECEIVED) == 1
     assert account_positions(paper)[PERP] == 0
-    saved = Progress.model_validate_json(await redis.get(names.key(f"executor:progress:{command.command_id}")))
+    saved = Progress.model_validate_json(
+        await redis.get(names.key(f"executor:progress:{command.command_id}"))
+    )
     assert saved.outbox == []

@@ -72,8 +72,11 @@ async def test_first_order_waits_for_cancel_all_and_saved_progress_while_reads_o
     assert progress.stage is Stage.CLOSING
     assert progress.legs[PERP].position_before == 0.5
     assert statuses[:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT]
-    inserts = [row["params"] for row in (await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]
-               if row["method"] == "private/insert"]
+    inserts = [
+        row["params"]
+        for row in (await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]
+        if row["method"] == "private/insert"
+    ]
     assert inserts and all(p["reduce_only"] for p in inserts)
 
 

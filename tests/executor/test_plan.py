@@ -59,7 +59,9 @@ def test_reference_is_the_best_opposite_price_or_mark_when_that_side_is_empty() 
 
 
 @given(reference=PRICES, buffer=BUFFERS, tick=TICKS)
-def test_a_sell_is_never_priced_below_what_the_buffer_allows(reference: float, buffer: float, tick: float) -> None:
+def test_a_sell_is_never_priced_below_what_the_buffer_allows(
+    reference: float, buffer: float, tick: float
+) -> None:
     price = close_price(Side.SELL, reference, buffer, tick)
     assert on_tick(price, tick)
     assert price >= reference * (1 - buffer) - 1e-9 * reference
@@ -70,7 +72,9 @@ def test_a_sell_is_never_priced_below_what_the_buffer_allows(reference: float, b
 
 
 @given(reference=PRICES, buffer=BUFFERS, tick=TICKS)
-def test_a_buy_is_never_priced_above_what_the_buffer_allows(reference: float, buffer: float, tick: float) -> None:
+def test_a_buy_is_never_priced_above_what_the_buffer_allows(
+    reference: float, buffer: float, tick: float
+) -> None:
     price = close_price(Side.BUY, reference, buffer, tick)
     assert on_tick(price, tick)
     assert price <= max(tick, reference * (1 + buffer) + 1e-9 * reference)
@@ -78,8 +82,12 @@ def test_a_buy_is_never_priced_above_what_the_buffer_allows(reference: float, bu
     assert close_price(Side.BUY, best, buffer, tick) >= best
 
 
-@given(remaining=st.floats(-50, 50), position=st.floats(-50, 50), lot=st.sampled_from([0.0001, 0.001, 0.01, 0.1]),
-       minimum_lots=st.integers(1, 10))
+@given(
+    remaining=st.floats(-50, 50),
+    position=st.floats(-50, 50),
+    lot=st.sampled_from([0.0001, 0.001, 0.01, 0.1]),
+    minimum_lots=st.integers(1, 10),
+)
 def test_an_order_never_exceeds_the_position_nor_the_remainder(remaining: float, position: float, lot: float,
                                                                   minimum_lots: int) -> None:
     spec = info(lot=lot, minimum=lot * minimum_lots)

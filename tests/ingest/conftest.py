@@ -77,7 +77,7 @@ async def running_ingest(settings: Settings) -> AsyncIterator[Ingest]:
     ingest = Ingest(settings, bus, Health())
     task = asyncio.create_task(ingest.run())
     try:
-        await wait_until(lambda: ingest.session is not None and ingest.session.ready or task.done(), 10)
+        await wait_until(lambda: (ingest.session is not None and ingest.session.ready) or task.done(), 10)
         if task.done():
             task.result()
         yield ingest
@@ -87,8 +87,8 @@ async def running_ingest(settings: Settings) -> AsyncIterator[Ingest]:
         await bus.stop()
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_until(predicate: Callable[[], Any], within: float, interval: float = 0.02) -> Any:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         value = predicate()
         if asyncio.iscoroutine(value):
@@ -96,7 +96,7 @@ async def wait_until(predicate: Callable[[], Any], timeout: float, interval: flo
         if value:
             return value
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
 
 

@@ -1,11 +1,10 @@
-"""What ingest follows: positions, fresh fills, the watch list, flat-since timers; and its backoff."""
+"""What ingest follows: positions, fresh fills, the watch list, flat-since timers."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.ingest.exchange import backoff_delay
 from services.ingest.follow import Feed, Follow, book_channel, ticker_channel
 
 T, B = ticker_channel, book_channel
@@ -102,9 +101,3 @@ def test_plans_converge(events: list[tuple[str, float, float]]) -> None:
         assert T("W", "100ms") in held
         for instrument, pos in f.positions.items():
             assert pos != 0 and B(instrument, 10, "100ms") in held
-
-
-def test_backoff_grows_is_capped_and_jittered() -> None:
-    assert [backoff_delay(a, 30, lambda: 0.0) for a in range(8)] == [0.25, 0.5, 1, 2, 4, 8, 15, 15]
-    assert [backoff_delay(a, 30, lambda: 1.0) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-    assert backoff_delay(10_000, 30, lambda: 0.5) == 22.5

@@ -126,7 +126,9 @@ async def test_dropped_connection_while_trading_loses_and_repeats_nothing(
 
 
 def _watcher_connected(paper: PaperHandle) -> bool:
-    return any(c.key is not None and c.key.kid == "watcher" and c.channels for c in paper.exchange.connections)
+    return any(
+        c.key is not None and c.key.kid == "watcher" and c.channels for c in paper.exchange.connections
+    )
 
 
 async def test_a_maker_fill_carries_the_maker_rate(

@@ -102,6 +102,8 @@ async def test_a_wrong_private_key_is_refused_not_retried(
 ) -> None:
     impostor = make_keys(tmp_path / "other", "watcher", read_only=True)  # right id, wrong key
     settings = ingest_settings(paper.url, redis_url, names, impostor)
-    with pytest.raises(ConfigError, match="thalex.key_id = 'watcher'.*refused the login.*authentication failed"):
+    with pytest.raises(
+        ConfigError, match=r"thalex\.key_id = 'watcher'.*refused the login.*authentication failed"
+    ):
         async with running_ingest(settings):
             pass

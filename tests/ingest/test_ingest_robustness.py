@@ -135,7 +135,10 @@ async def test_fill_store_publishes_each_trade_once_and_keeps_its_set_bounded(
     bus = Bus(redis_url, names, "ingest")
     store = FillStore(bus)
     try:
-        assert [f.trade_id for f in await store.publish([fill("a", 10), fill("b", 11), fill("a", 10)])] == ["a", "b"]
+        assert [f.trade_id for f in await store.publish([fill("a", 10), fill("b", 11), fill("a", 10)])] == [
+            "a",
+            "b",
+        ]
         assert [f.trade_id for f in await store.publish([fill("b", 11), fill("c", 12)])] == ["c"]
         assert await store.publish([fill("a", 10)]) == []
         racing = await asyncio.gather(*(store.publish([fill("d", 13), fill("e", 14)]) for _ in range(5)))

@@ -36,7 +36,11 @@ TRADE = {  # api.yaml's example Trade, with the fields the paper exchange adds
 
 def test_trade_becomes_a_fill_with_fee_liquidity_and_position() -> None:
     fill = fill_from_trade(TRADE, ingest_ts=1630059869.0)
-    assert (fill.trade_id, fill.order_id, fill.instrument) == (TRADE["trade_id"], TRADE["order_id"], "BTC-PERPETUAL")
+    assert (fill.trade_id, fill.order_id, fill.instrument) == (
+        TRADE["trade_id"],
+        TRADE["order_id"],
+        "BTC-PERPETUAL",
+    )
     assert (fill.side, fill.price, fill.amount, fill.signed_amount) == ("sell", 47280, 0.1, -0.1)
     assert (fill.fee, fill.fee_rate, fill.liquidity) == (1.18, 0.00025, "maker")
     assert (fill.position_after, fill.funding_mark, fill.client_order_id) == (-1.1, 0.014, 7)
@@ -116,7 +120,7 @@ def test_an_expiration_and_a_liquidation_as_thalex_sends_them() -> None:
 
 
 def test_a_trade_that_cannot_be_booked_names_every_missing_field() -> None:
-    with pytest.raises(UnbookableTrade, match="^Trade: cannot be booked without trade_id, price, amount$"):
+    with pytest.raises(UnbookableTrade, match=r"^Trade: cannot be booked without trade_id, price, amount$"):
         fill_from_trade({"instrument_name": "X", "direction": "buy", "price": None}, 0.0)
 
 
@@ -189,13 +193,19 @@ def test_a_book_change_reissues_the_last_tick_with_new_levels() -> None:
     tick = tick_from_ticker("X", {"mark_price": 100, "mark_timestamp": 10.0}, 10.5, book, 5)
     book.apply({"ask_changes": [[101, 0, 0], [102, 5, 5]], "time": 11.0})
     again = with_book(tick, book, 5, 11.0, 11.2)
-    assert again.asks == [(102, 5)] and again.mark == 100 and (again.exchange_ts, again.ingest_ts) == (11.0, 11.2)
+    assert (
+        again.asks == [(102, 5)]
+        and again.mark == 100
+        and (again.exchange_ts, again.ingest_ts) == (11.0, 11.2)
+    )
 
 
 def test_a_ticker_newer_than_the_book_tops_it_with_its_best_levels() -> None:
     """The ticker and the book of one move arrive as two messages; the first must not mix them."""
     book = Book()
-    book.apply({"bid_changes": [[99, 1, 1], [98, 2, 2]], "ask_changes": [[101, 1, 1], [102, 2, 2]], "time": 5.0})
+    book.apply(
+        {"bid_changes": [[99, 1, 1], [98, 2, 2]], "ask_changes": [[101, 1, 1], [102, 2, 2]], "time": 5.0}
+    )
     # the price moved up: the ticker (time 6) has a best bid of 100.5 x 0.5 and a best ask of 101.5 x 3
     up = {"mark_price": 101, "mark_timestamp": 6.0, "best_bid_price": 100.5, "best_bid_amount": 0.5,
           "best_ask_price": 101.5, "best_ask_amount": 3}
@@ -212,7 +222,9 @@ def test_a_ticker_newer_than_the_book_tops_it_with_its_best_levels() -> None:
 
 def test_a_ticker_moving_down_or_emptying_a_side_drops_the_levels_it_shows_gone() -> None:
     book = Book()
-    book.apply({"bid_changes": [[99, 1, 1], [98, 2, 2], [97, 3, 3]], "ask_changes": [[101, 1, 1]], "time": 5.0})
+    book.apply(
+        {"bid_changes": [[99, 1, 1], [98, 2, 2], [97, 3, 3]], "ask_changes": [[101, 1, 1]], "time": 5.0}
+    )
     down = {"mark_price": 98, "mark_timestamp": 6.0, "best_bid_price": 98, "best_bid_amount": 0.4}
     tick = tick_from_ticker("X", down, 6.1, book, 5)
     assert tick.bids == [(98, 0.4), (97, 3)]  # 99 is gone; 98 is the ticker's amount, the newer one
@@ -226,8 +238,20 @@ def test_a_book_newer_than_the_ticker_gives_the_best_bid_and_ask() -> None:
     """The mirror case: the book of a move arrives first; its top is the newer best bid and ask."""
     book = Book()
     book.apply({"bid_changes": [[99, 1, 1]], "ask_changes": [[101, 1, 1]], "time": 5.0})
-    tick = tick_from_ticker("X", {"mark_price": 100, "mark_timestamp": 5.0, "best_bid_price": 99,
-                                  "best_bid_amount": 1, "best_ask_price": 101, "best_ask_amount": 1}, 5.1, book, 5)
+    tick = tick_from_ticker(
+        "X",
+        {
+            "mark_price": 100,
+            "mark_timestamp": 5.0,
+            "best_bid_price": 99,
+            "best_bid_amount": 1,
+            "best_ask_price": 101,
+            "best_ask_amount": 1,
+        },
+        5.1,
+        book,
+        5,
+    )
     book.apply({"bid_changes": [[99, 0, 0], [100.5, 2, 2]], "ask_changes": [[101, 0, 0]], "time": 6.0})
     again = with_book(tick, book, 5, 6.0, 6.1)
     assert (again.best_bid, again.bids, again.best_ask, again.asks) == (100.5, [(100.5, 2)], None, [])
@@ -280,7 +304,12 @@ def test_portfolio_entry_and_the_whole_view() -> None:
              "start_price": 90, "average_price": 95, "unrealised_pnl": -2.5, "realised_pnl": 1,
              "entry_value": -45, "perpetual_funding_entry_value": 0.2, "unrealised_perpetual_funding": 0.1}
     pos = position_from_entry(entry)
-    assert (pos.instrument, pos.position, pos.average_price, pos.realised_pnl) == ("BTC-PERPETUAL", -0.5, 95, 1)
+    assert (pos.instrument, pos.position, pos.average_price, pos.realised_pnl) == (
+        "BTC-PERPETUAL",
+        -0.5,
+        95,
+        1,
+    )
     assert (pos.perpetual_funding_entry_value, pos.unrealised_perpetual_funding) == (0.2, 0.1)
     no_average = position_from_entry({k: v for k, v in entry.items() if k != "average_price"})
     assert no_average.average_price == 90
@@ -298,7 +327,12 @@ def test_instrument_metadata() -> None:
               "strike_price": 70000, "base_currency": "USD", "create_time": 1631250800.103645}
     name, info = instrument_info(option)
     assert name == "BTC-10SEP21-70000-C"
-    assert (info.type, info.product, info.underlying, info.expiry_ts) == ("option", "OBTCUSD", "BTCUSD", 1631260800)
+    assert (info.type, info.product, info.underlying, info.expiry_ts) == (
+        "option",
+        "OBTCUSD",
+        "BTCUSD",
+        1631260800,
+    )
     assert (info.tick_size, info.volume_tick_size, info.min_order_amount) == (5, 0.1, 0.1)
     with pytest.raises(MalformedMessage, match="min_order_amount must be >= volume_tick_size"):
         instrument_info(option | {"min_order_amount": 0.01})

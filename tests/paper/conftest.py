@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import itertools
 import json
 import time
@@ -19,6 +21,9 @@ from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle, make_keys, running_paper_exchange
 
 PERP = "BTC-PERPETUAL"
+PAPER_START = dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC).timestamp()
+"""Where the ``paper`` fixture's clock starts: a Monday noon, far from the 08:00 UTC settlement, so a
+test crosses a settlement only when it moves the clock (instruments: BTC-3MAR26, BTC-4MAR26, ...)."""
 
 
 class RawClient:
@@ -31,12 +36,12 @@ class RawClient:
         self.sent: dict[int, str] = {}
         self.notifications: list[dict] = []
 
-    async def call(self, method: str, params: dict | None = None, timeout: float = 5.0) -> dict:
+    async def call(self, method: str, params: dict | None = None, within: float = 5.0) -> dict:
         """Send a request and return the whole answer (``result`` or ``error``)."""
         rid = next(self.ids)
         self.sent[rid] = method
         await self.ws.send(json.dumps({"method": method, "params": params or {}, "id": rid}))
-        return await self.answer(rid, timeout)
+        return await self.answer(rid, within)
 
     async def result(self, method: str, params: dict | None = None) -> Any:
         answer = await self.call(method, params)
@@ -48,28 +53,28 @@ class RawClient:
         assert "error" in answer, answer
         return answer["error"]["code"]
 
-    async def answer(self, rid: int | None, timeout: float = 5.0) -> dict:
+    async def answer(self, rid: int | None, within: float = 5.0) -> dict:
         while True:
-            message = await self._next(timeout)
+            message = await self._next(within)
             if "channel_name" not in message and message.get("id") == rid:
                 return message
 
-    async def _next(self, timeout: float) -> dict:
-        message = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def _next(self, within: float) -> dict:
+        message = json.loads(await asyncio.wait_for(self.ws.recv(), within))
         self.received.append(message)
         if "channel_name" in message:
             self.notifications.append(message)
         return message
 
     async def wait_for(
-        self, channel: str, predicate: Callable[[Any], bool] = lambda n: True, timeout: float = 5.0
+        self, channel: str, predicate: Callable[[Any], bool] = lambda n: True, within: float = 5.0
     ) -> Any:
         """The first (already received or future) notification of ``channel`` matching ``predicate``."""
         for message in self.notifications:
             if message["channel_name"] == channel and predicate(message["notification"]):
                 self.notifications.remove(message)
                 return message["notification"]
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             message = await self._next(max(0.01, deadline - asyncio.get_running_loop().time()))
             if message.get("channel_name") == channel and predicate(message["notification"]):
@@ -105,7 +110,7 @@ def keys(keys_dir: Path) -> dict[str, KeyFiles]:
 @pytest_asyncio.fixture
 async def paper(keys: dict[str, KeyFiles], keys_dir: Path) -> AsyncIterator[PaperHandle]:
     """A paper exchange with the walk paused, BTC-PERPETUAL pinned at 100000, no funding, a 1.0-lot book."""
-    async with running_paper_exchange(keys_dir, seed=3) as handle:
+    async with running_paper_exchange(keys_dir, seed=3, start_time=PAPER_START) as handle:
         await handle.control("paper/pause")
         await handle.control("paper/set_index", {"underlying": "BTCUSD", "price": 100000})
         await handle.control("paper/set_mark", {"instrument_name": PERP, "price": 100000})
@@ -139,3 +144,23 @@ async def connect(paper: PaperHandle) -> AsyncIterator[Callable[[], Any]]:
     yield _connect
     for ws in opened:
         await ws.close()
+
+
+@pytest_asyncio.fixture
+async def official(paper: PaperHandle) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of logged-in official ``thalex`` clients (``tests.paper.official.Official``) on ``paper``."""
+    from .official import Official
+
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def _open(key: KeyFiles) -> Official:
+            bot = await stack.enter_async_context(Official(paper.url))
+            await bot.login(key)
+            return bot
+
+        yield _open
+
+
+def problems(*bots: Any) -> list[str]:
+    """Everything the official clients received that api.yaml (strict) does not allow."""
+    return [problem for bot in bots for problem in bot.problems()]

@@ -68,12 +68,15 @@ async def test_trade_sequence_positions_average_price_realised_pnl_and_fees(
     assert line["position"] == 0 and line["realised_pnl"] == pytest.approx(1744.5)
 
     # Fees: 50.0005 + 25.0005 + 0.0005 * (100999 + 100998) + 0.0005 * 100501 * 0.5
-    #     = 75.001 + 100.9985 + 25.12525 = 201.12475; the USDT balance paid them.
+    #     = 75.001 + 100.9985 + 25.12525 = 201.12475. As on Thalex they are part of the session's
+    #     unsettled P&L until the daily settlement pays it into the balance:
+    #     session realised = 1744.5 - 201.12475 = 1543.37525; balance still 1,000,000.
     history = (await client.result("private/trade_history", {"sort": "ascending"}))["trades"]
     assert sum(t["fee"] for t in history) == pytest.approx(201.12475)
     summary = await client.result("private/account_summary")
-    assert summary["cash"][0]["balance"] == pytest.approx(1_000_000 - 201.12475)
-    assert summary["session_realised_pnl"] == pytest.approx(1744.5)
+    assert summary["cash"][0]["balance"] == pytest.approx(1_000_000)
+    assert summary["session_realised_pnl"] == pytest.approx(1543.37525)
+    assert summary["margin"] == pytest.approx(1_000_000 + 1543.37525)
 
 
 @pytest.mark.asyncio
@@ -94,7 +97,8 @@ async def test_perpetual_funding_follows_thalex_definition(
     # unrealised funding = 25 * 2 - 20 = 30
     assert line["unrealised_perpetual_funding"] == pytest.approx(30.0)
     # The buy took 1.0 @ 100001 + 1.0 @ 100002: average 100001.5.
-    # Selling half realises half the funding: 0.5 * (25 * 2 - 20) = 15; position pnl (99999 - 100001.5) * 1 = -2.5
+    # Selling half realises half the funding: 0.5 * (25 * 2 - 20) = 15;
+    # position pnl (99999 - 100001.5) * 1 = -2.5
     await client.result("private/sell", {"instrument_name": PERP, "amount": 1.0, "order_type": "market"})
     trades = (await client.result("private/trade_history", {"sort": "descending", "limit": 1}))["trades"]
     assert trades[0]["funding_mark"] == 25.0

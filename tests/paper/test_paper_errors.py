@@ -185,3 +185,25 @@ async def test_injected_failures_and_order_log(
     assert [row["outcome"].get("error", {}).get("code") for row in log] == [20, 20, None, None]
     assert all(row["params"]["label"] == "q" and row["time"] <= row["done_time"] for row in log)
     assert log[2]["outcome"]["result"]["status"] == "open"
+
+
+@pytest.mark.asyncio
+async def test_what_the_paper_cannot_do_answers_thalex_errors(connect, keys: dict[str, KeyFiles]) -> None:
+    """Funds never move on the paper: wallet transfers answer 28 (no permission), its lists are empty."""
+    client: RawClient = await connect()
+    await client.login(keys["trader"])
+    assert await client.result("private/crypto_deposits") == {"confirmed": [], "unconfirmed": []}
+    assert await client.result("private/crypto_withdrawals") == []
+    for method in ("private/withdraw", "private/btc_deposit_address", "private/internal_transfer"):
+        assert await client.error_code(method, {}) == 28
+    # combination orders: legs and an instrument name at once, or legs that are no combination
+    legs = [{"instrument_name": PERP, "quantity": 1}, {"instrument_name": "ETH-PERPETUAL", "quantity": -1}]
+    order = {"direction": "buy", "amount": 0.1, "order_type": "market"}
+    assert await client.error_code("private/insert", {**order, "legs": legs}) == 6  # two underlyings
+    assert await client.error_code("private/insert", {**order, "legs": legs, "instrument_name": PERP}) == 6
+    assert (
+        await client.error_code(
+            "private/insert", {**order, "legs": [{"instrument_name": PERP, "quantity": 0.5}, legs[1]]}
+        )
+        == 6
+    )

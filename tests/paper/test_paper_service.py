@@ -33,7 +33,11 @@ def test_keygen_writes_private_key_0600_public_key_and_permissions(tmp_path: Pat
     assert keygen_main(["--kid", "ingest", "--out", str(tmp_path), "--read-only"]) == 0
     assert stat.S_IMODE(os.stat(tmp_path / "exec.pem").st_mode) == 0o600
     assert (tmp_path / "exec.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY-----")
-    assert json.loads((tmp_path / "ingest.json").read_text()) == {"kid": "ingest", "read_only": True, "account": "ingest"}
+    assert json.loads((tmp_path / "ingest.json").read_text()) == {
+        "kid": "ingest",
+        "read_only": True,
+        "account": "ingest",
+    }
     keys = load_keys(tmp_path)
     assert {k: v.read_only for k, v in keys.items()} == {"exec": False, "ingest": True}
 
@@ -194,7 +198,8 @@ async def test_burst_ticks_feed_and_ticker_log(paper: PaperHandle, connect) -> N
 async def test_scenario_runs_control_steps_in_time(paper: PaperHandle, tmp_path: Path) -> None:
     path = tmp_path / "scenario.toml"
     path.write_text(
-        '[[steps]]\nat = 0.0\nmethod = "paper/set_index"\nparams = { underlying = "ETHUSD", price = 4000 }\n\n'
+        '[[steps]]\nat = 0.0\nmethod = "paper/set_index"\n'
+        'params = { underlying = "ETHUSD", price = 4000 }\n\n'
         '[[steps]]\nat = 0.05\nmethod = "paper/move_index"\nrepeat = 3\nevery = 0.02\n'
         'params = { underlying = "ETHUSD", delta = 10 }\n'
     )

@@ -12,6 +12,7 @@ import pytest
 
 from services.common.config import ConfigError, FeeRates, TradingFees, load_config
 from services.common.contracts import InstrumentType, Liquidity, Tick, TradeType
+from services.portfolio.fees import rates_for
 from services.portfolio.ledger import FillOutcome, Ledger, funding_period
 from tests.portfolio.factories import (
     BTC_CALL,
@@ -307,7 +308,7 @@ def test_fee_settings_are_validated_naming_the_key(tmp_path: Path) -> None:
     fees = load_config(None).trading_fees
     # Thalex's published schedule: final settlement 1 bps, liquidation 50 bps, no option premium cap
     assert (fees.settlement_fee_rate, fees.liquidation_fee_rate) == (0.0001, 0.005)
-    assert fees.rates_for(BTC_CALL, InstrumentType.OPTION).premium_cap is None
+    assert rates_for(fees, BTC_CALL, InstrumentType.OPTION).premium_cap is None
 
 
 # ------------------------------------------------ 7. every trade type and fee

@@ -83,13 +83,13 @@ async def test_a_bad_instrument_entry_never_makes_a_real_fill_or_the_exchanges_p
         async def both_counted() -> bool:
             return await held(redis, names) == {BTC: 0.01, ETH: 0.5}
 
-        await eventually(both_counted, timeout=10)
+        await eventually(both_counted, within=10)
         await xadd(redis, names.fills, fill("T3", ETH, 0.5, 3_000.0, now + 1))  # the timer retried: still bad
 
         async def third() -> bool:
             return await held(redis, names) == {BTC: 0.01, ETH: 1.0}
 
-        await eventually(third, timeout=10)
+        await eventually(third, within=10)
     letters = await read_stream(redis, names.deadletter, DeadLetter)
     assert [(d.source_stream, d.entry_id) for d in letters] == [(names.instruments, ETH)]
     assert "InstrumentInfo invalid" in letters[0].error and "treated as unknown" in letters[0].error
@@ -117,7 +117,7 @@ async def test_a_bad_instrument_entry_at_start_up_is_no_traceback(redis_url: str
         async def counted() -> bool:
             return await held(redis, names) == {BTC: 0.01, ETH: 0.5}
 
-        await eventually(counted, timeout=20)
+        await eventually(counted, within=20)
         assert service.process is not None and service.process.poll() is None
         assert "Traceback" not in service.log()
         assert f"{names.instruments} {ETH} is unusable" in service.log()
@@ -146,7 +146,7 @@ async def test_redis_at_maxmemory_is_red_and_the_fill_counts_when_writes_work(
         await redis.config_set("maxmemory", 1)
         os.kill(service.process.pid, signal.SIGCONT)
         body = await wait_health(port, 503)
-        assert body["problems"]["redis"].startswith("Redis refuses writes: OutOfMemoryError")
+        assert body["reasons"]["redis"].startswith("Redis refuses writes: OutOfMemoryError")
         await asyncio.sleep(6)  # retried past max_deliveries meanwhile: never poison
         assert await redis.xlen(names.snapshots) == before
 
@@ -155,7 +155,7 @@ async def test_redis_at_maxmemory_is_red_and_the_fill_counts_when_writes_work(
         async def counted() -> bool:
             return await held(redis, names) == {BTC: 0.01}
 
-        await eventually(counted, timeout=15)
+        await eventually(counted, within=15)
         await xadd(redis, names.ticks, tick(BTC, 60_000.0, time.time()))  # priced: nothing stale
         await wait_health(port, 200)
         assert await redis.xlen(names.deadletter) == 0
@@ -178,7 +178,7 @@ async def test_health_is_red_while_an_open_position_has_no_fresh_price(redis_url
         await xadd(redis, names.fills, fill("T1", BTC, 0.01, 60_000.0, time.time()))
         await xadd(redis, names.ticks, tick(BTC, 60_000.0, time.time()))
         body = await wait_health(port, 503, within=10)  # no further tick: stale after 2 s
-        assert body["problems"]["prices"] == f"prices stale: no tick within 2 s for {BTC}"
+        assert body["reasons"]["prices"] == f"prices stale: no tick within 2 s for {BTC}"
         await xadd(redis, names.ticks, tick(BTC, 60_010.0, time.time()))
         await wait_health(port, 200)
     finally:

@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 
 from services.common.config import FeeRates, TradingFees
 from services.common.contracts import ExchangePosition, Fill, InstrumentType, Liquidity, Positions, Side, Tick
+from services.portfolio.fees import rates_for
 from services.portfolio.ledger import FillOutcome, Ledger, LedgerConfig
 from tests.portfolio.factories import BTC_CALL, BTC_PERP, ETH_FUTURE, INFOS, config
 
@@ -339,7 +340,7 @@ class Reference:
             return exact(f.fee), Fraction(0)
         info = INFOS.get(f.instrument) if f.instrument != UNKNOWN else None
         kind = info.type if info else None
-        rates = FEES.rates_for(f.instrument, kind)
+        rates = rates_for(FEES, f.instrument, kind)
         rate = exact(rates.maker_fee_rate if f.liquidity is Liquidity.MAKER else rates.taker_fee_rate)
         base = amount * price
         fee = base * rate
@@ -378,7 +379,7 @@ class Reference:
         unrealized = (mark - avg) * q
         exit_price = self.exit_price(q, mark, tick)
         info = INFOS.get(name) if name != UNKNOWN else None
-        rates = FEES.rates_for(name, info.type if info else None)
+        rates = rates_for(FEES, name, info.type if info else None)
         if q == 0:
             close_fee = Fraction(0)
         elif info is not None and info.type is InstrumentType.OPTION:

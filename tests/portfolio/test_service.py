@@ -24,7 +24,15 @@ from services.common.contracts import (
 )
 from services.common.streams import Names
 from services.portfolio.app import build
-from tests.support import ServiceProcess, eventually, in_process, read_stream, settings_for, write_config, xadd
+from tests.support import (
+    ServiceProcess,
+    eventually,
+    in_process,
+    read_stream,
+    settings_for,
+    write_config,
+    xadd,
+)
 
 PERP = "BTC-PERPETUAL"
 PERP_INFO = InstrumentInfo(type=InstrumentType.PERPETUAL, product="FBTCUSD", underlying="BTCUSD",
@@ -97,7 +105,9 @@ async def test_duplicate_fill_entry_is_counted_once(redis_url: str, names: Names
     assert snap.fees_paid == pytest.approx(3.0)
 
 
-async def test_completed_full_closure_starts_a_new_epoch_from_zero(redis_url: str, names: Names, redis: Redis) -> None:
+async def test_completed_full_closure_starts_a_new_epoch_from_zero(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
     now = time.time()
     settings = settings_for(redis_url, names)
     async with in_process(build, settings, "portfolio"):
@@ -149,18 +159,31 @@ async def test_reports_and_agreeing_positions_neither_publish_nor_checkpoint(
         await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
         await xadd(redis, names.ticks, tick(60_000.0, now))
         await eventually(lambda: settled(redis, names))
-        snapshots, checkpoint = await redis.xlen(names.snapshots), await redis.get(names.key("portfolio:ledger"))
+        snapshots, checkpoint = (
+            await redis.xlen(names.snapshots),
+            await redis.get(names.key("portfolio:ledger")),
+        )
 
         await xadd(redis, names.positions, agreeing)
         for status in (ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT):
-            await xadd(redis, names.reports, Report(command_id="c1", status=status, epoch=0, fraction=1.0, ts=now))
+            await xadd(
+                redis, names.reports, Report(command_id="c1", status=status, epoch=0, fraction=1.0, ts=now)
+            )
         await eventually(lambda: settled(redis, names))
         assert await redis.xlen(names.snapshots) == snapshots
         assert await redis.get(names.key("portfolio:ledger")) == checkpoint
 
         # the exchange disagrees: the disagreement's start is checkpointed (it survives a restart)
-        await xadd(redis, names.positions, agreeing.model_copy(update={
-            "positions": [agreeing.positions[0].model_copy(update={"position": 0.3})], "exchange_ts": now + 1}))
+        await xadd(
+            redis,
+            names.positions,
+            agreeing.model_copy(
+                update={
+                    "positions": [agreeing.positions[0].model_copy(update={"position": 0.3})],
+                    "exchange_ts": now + 1,
+                }
+            ),
+        )
         await eventually(lambda: settled(redis, names))
         assert await redis.get(names.key("portfolio:ledger")) != checkpoint
         assert await redis.xlen(names.snapshots) == snapshots + 1
@@ -185,7 +208,9 @@ async def test_a_watch_list_tick_publishes_no_snapshot(redis_url: str, names: Na
         assert await redis.xlen(names.snapshots) == snapshots + 1
 
 
-async def test_malformed_fill_is_dead_lettered_and_service_goes_on(redis_url: str, names: Names, redis: Redis) -> None:
+async def test_malformed_fill_is_dead_lettered_and_service_goes_on(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
     now = time.time()
     settings = settings_for(redis_url, names)
     async with in_process(build, settings, "portfolio"):
@@ -207,13 +232,24 @@ def script(seed: int, now: float) -> list[tuple[str, Fill | Tick]]:
         mark += rng.choice((-5.0, 5.0))
         if rng.random() < 0.3:
             side = rng.choice(("buy", "sell"))
-            steps.append(("fills", fill(f"T{i}", side, rng.choice((0.001, 0.002, 0.005)), mark, 0.01, now + i * 0.001)))
+            steps.append(
+                ("fills", fill(f"T{i}", side, rng.choice((0.001, 0.002, 0.005)), mark, 0.01, now + i * 0.001))
+            )
         steps.append(("ticks", tick(mark, now + i * 0.001)))
     return steps
 
 
-MONEY_FIELDS = ("realized_pnl", "unrealized_pnl", "funding_pnl", "fees_paid", "est_close_fees", "est_slippage",
-                "gross_pnl", "net_pnl", "net_after_close")
+MONEY_FIELDS = (
+    "realized_pnl",
+    "unrealized_pnl",
+    "funding_pnl",
+    "fees_paid",
+    "est_close_fees",
+    "est_slippage",
+    "gross_pnl",
+    "net_pnl",
+    "net_after_close",
+)
 
 
 async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
@@ -226,7 +262,7 @@ async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
     async with in_process(build, settings_for(redis_url, reference_names), "portfolio"):
         for stream, doc in steps:
             await xadd(redis, reference_names.key(stream), doc)
-        await eventually(lambda: settled(redis, reference_names), timeout=30)
+        await eventually(lambda: settled(redis, reference_names), within=30)
         reference = await last_snapshot(redis, reference_names)
     # the same inputs, with the service killed -9 twice while it works
     config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names, portfolio={"batch_size": 20}))
@@ -238,13 +274,13 @@ async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
             for stream, doc in chunk:
                 await xadd(redis, names.key(stream), doc)
 
-            async def working() -> bool:
+            async def working(seen: int = seen) -> bool:
                 return await redis.xlen(names.snapshots) > seen + 2
 
-            await eventually(working, timeout=30, interval=0.001)
+            await eventually(working, within=30, interval=0.001)
             process.kill()  # mid-stream: the rest of the chunk is unread or read-but-unacked
             process.start()
-        await eventually(lambda: settled(redis, names), timeout=30)
+        await eventually(lambda: settled(redis, names), within=30)
         final = await last_snapshot(redis, names)
     finally:
         process.stop()
@@ -253,10 +289,14 @@ async def test_kill_9_mid_stream_and_restart_gives_the_uninterrupted_snapshot(
     assert reference is not None and final is not None, process.log()
     for name in MONEY_FIELDS:
         assert getattr(final, name) == pytest.approx(getattr(reference, name), rel=1e-9, abs=1e-9), name
-    assert [(p.instrument, p.position) for p in final.positions] == [(p.instrument, p.position) for p in reference.positions]
+    assert [(p.instrument, p.position) for p in final.positions] == [
+        (p.instrument, p.position) for p in reference.positions
+    ]
 
 
-async def test_epoch_ends_only_when_the_closing_fills_are_in(redis_url: str, names: Names, redis: Redis) -> None:
+async def test_epoch_ends_only_when_the_closing_fills_are_in(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
     """The executor's `completed` may overtake its fills through ingest: the exit's P&L stays in its epoch."""
     now = time.time()
     settings = settings_for(redis_url, names)

@@ -67,7 +67,7 @@ async def test_a_bad_instrument_entry_written_while_running_never_stops_a_decisi
         async def decided() -> bool:
             return len(await read_stream(redis, names.commands, Command)) == 1
 
-        await eventually(decided, timeout=10)
+        await eventually(decided, within=10)
         await xadd(redis, names.snapshots, crash(2, 0.8, positions=both))
         await xadd(redis, names.snapshots, crash(3, 0.9, positions=both))
 
@@ -94,7 +94,7 @@ async def test_a_bad_instrument_entry_never_delays_an_emergency_stop(redis_url: 
         async def decided() -> bool:
             return len(await read_stream(redis, names.commands, Command)) == 1
 
-        await eventually(decided, timeout=5)
+        await eventually(decided, within=5)
     [command] = await read_stream(redis, names.commands, Command)
     assert command.reason == "emergency_stop" and command.positions[0].amount == 1.0
 
@@ -118,7 +118,7 @@ async def wait_health(port: int, status: int, within: float = 15.0) -> dict[str,
         return code == status
 
     try:
-        await eventually(reached, timeout=within, interval=0.1)
+        await eventually(reached, within=within, interval=0.1)
     except AssertionError:
         raise AssertionError(f"/health never answered {status}; last {seen}") from None
     return seen[1]
@@ -145,8 +145,8 @@ async def test_redis_at_maxmemory_is_red_with_the_reason_and_the_decision_comes_
         os.kill(service.process.pid, signal.SIGCONT)
         body = await wait_health(port, 503)
         assert body["checks"]["redis"] is False
-        assert body["problems"]["redis"].startswith("Redis refuses writes: OutOfMemoryError")
-        await eventually(lambda: _problem(port, "handlers", "OutOfMemoryError"), timeout=10, interval=0.2)
+        assert body["reasons"]["redis"].startswith("Redis refuses writes: OutOfMemoryError")
+        await eventually(lambda: _problem(port, "handlers", "OutOfMemoryError"), within=10, interval=0.2)
         assert await redis.xlen(names.commands) == 0  # nothing can be written: no command yet
 
         await redis.config_set("maxmemory", 0)
@@ -154,7 +154,7 @@ async def test_redis_at_maxmemory_is_red_with_the_reason_and_the_decision_comes_
         async def decided() -> bool:
             return await redis.xlen(names.commands) == 1
 
-        await eventually(decided, timeout=15)
+        await eventually(decided, within=15)
         [command] = await read_stream(redis, names.commands, Command)
         assert command.reason == "emergency_stop" and command.snapshot_seq == 2
         await wait_health(port, 200)
@@ -167,7 +167,7 @@ async def test_redis_at_maxmemory_is_red_with_the_reason_and_the_decision_comes_
 
 
 async def _problem(port: int, check: str, text: str) -> bool:
-    return text in health(port)[1].get("problems", {}).get(check, "")
+    return text in health(port)[1].get("reasons", {}).get(check, "")
 
 
 async def test_health_is_red_while_the_last_snapshot_has_stale_prices(
@@ -182,7 +182,7 @@ async def test_health_is_red_while_the_last_snapshot_has_stale_prices(
         await wait_health(port, 200)
         await xadd(redis, names.snapshots, crash(1, 0.5, stale=[BTC]))
         body = await wait_health(port, 503)
-        assert body["problems"]["snapshots"] == (f"prices stale: snapshot #1 flags {BTC} (stale or suspect): "
+        assert body["reasons"]["snapshots"] == (f"prices stale: snapshot #1 flags {BTC} (stale or suspect): "
                                                  "profit barriers wait")
         await xadd(redis, names.snapshots, crash(2, 0.5))
         await wait_health(port, 200)

@@ -167,7 +167,7 @@ def test_partial_amounts_are_exactly_fraction_times_position_on_every_leg(legs, 
     command = build_command(decision, NOW, 30.0)
     assert [p.instrument for p in command.positions] == [p.instrument for p in positions]
     ratios: dict[str, list[float]] = defaultdict(list)
-    for leg, close in zip(positions, command.positions):
+    for leg, close in zip(positions, command.positions, strict=True):
         assert close.amount == fraction * leg.position
         assert math.copysign(1.0, close.amount) == math.copysign(1.0, leg.position)
         ratios[leg.underlying].append(close.amount / leg.position)

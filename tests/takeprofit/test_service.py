@@ -43,13 +43,13 @@ async def commands(redis: Redis, names: Names) -> list[Command]:
     return await read_stream(redis, names.commands, Command)
 
 
-async def one_command(redis: Redis, names: Names, timeout: float = 10.0) -> Command:
+async def one_command(redis: Redis, names: Names, within: float = 10.0) -> Command:
     """Wait until the service has written exactly one command, and return it."""
 
     async def decided() -> bool:
         return len(await commands(redis, names)) == 1
 
-    await eventually(decided, timeout=timeout)
+    await eventually(decided, within=within)
     [command] = await commands(redis, names)
     return command
 
@@ -61,7 +61,7 @@ async def all_snapshots_handled(redis: Redis, names: Names, count: int) -> None:
         info = await redis.xinfo_groups(names.snapshots)
         return info[0]["pending"] == 0 and info[0]["entries-read"] == count
 
-    await eventually(handled, timeout=30)
+    await eventually(handled, within=30)
 
 
 async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
@@ -110,14 +110,18 @@ async def test_completed_report_releases_lease_then_cooldown_then_halt_cleared(
 
         async def cooling() -> bool:
             halt = halt_from_hash(await redis.hgetall(names.halt))
-            return halt is not None and halt.until is not None and not await redis.exists(names.key("takeprofit:lease"))
+            return (
+                halt is not None
+                and halt.until is not None
+                and not await redis.exists(names.key("takeprofit:lease"))
+            )
 
         await eventually(cooling)
 
         async def cleared() -> bool:
             return not await redis.exists(names.halt)
 
-        await eventually(cleared, timeout=5)  # cool-down 0.5 s, timer every 1 s
+        await eventually(cleared, within=5)  # cool-down 0.5 s, timer every 1 s
         # the epoch is closed: later snapshots of the same epoch decide nothing
         await xadd(redis, names.snapshots, live(2, 3.0))
         await xadd(redis, names.snapshots, live(3, 3.0, epoch=2))
@@ -217,7 +221,10 @@ async def test_partial_take_profit_keeps_hedge_ratio_and_fires_once(
         await asyncio.sleep(0.3)
     [command] = await commands(redis, names)
     assert command.reason == "partial_take_profit" and command.fraction == 0.5
-    assert {p.instrument: p.amount for p in command.positions} == {"BTC-PERPETUAL": 1.0, "BTC-27DEC26-100000-C": -5.0}
+    assert {p.instrument: p.amount for p in command.positions} == {
+        "BTC-PERPETUAL": 1.0,
+        "BTC-27DEC26-100000-C": -5.0,
+    }
     assert command.groups and command.groups[0].underlying == "BTCUSD"
 
 
@@ -234,7 +241,7 @@ async def test_killed_after_publishing_a_command_and_restarted_makes_no_second_c
         async def decided() -> bool:
             return len(await commands(redis, names)) == 1
 
-        await eventually(decided, timeout=20)
+        await eventually(decided, within=20)
         process.kill()
         for seq in range(2, 12):
             await xadd(redis, names.snapshots, live(seq, 2.0))
@@ -244,7 +251,7 @@ async def test_killed_after_publishing_a_command_and_restarted_makes_no_second_c
             groups = await redis.xinfo_groups(names.snapshots)
             return groups[0]["entries-read"] == 11 and groups[0]["pending"] == 0
 
-        await eventually(all_read, timeout=20)
+        await eventually(all_read, within=20)
         assert len(await commands(redis, names)) == 1, process.log()
     finally:
         process.stop()
@@ -257,7 +264,9 @@ async def command_calls(redis: Redis, *commands: str) -> int:
 
 async def test_snapshots_below_target_cost_no_redis_reads(redis_url: str, names: Names, redis: Redis) -> None:
     """The lease and the failed-closure halt are mirrored in memory: the hot path only writes."""
-    settings = settings_for(redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0})
+    settings = settings_for(
+        redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0}
+    )
     async with in_process(build, settings, "takeprofit"):
         before = await command_calls(redis, "exists", "get", "hmget")
         for seq in range(1, 201):
@@ -269,15 +278,21 @@ async def test_snapshots_below_target_cost_no_redis_reads(redis_url: str, names:
     assert reads < 10, reads
 
 
-async def test_reports_on_the_way_to_completed_write_nothing(redis_url: str, names: Names, redis: Redis) -> None:
+async def test_reports_on_the_way_to_completed_write_nothing(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
     """`received`, `order_sent`, ... arrive while a closure runs; only `completed` / `failed` matter."""
-    settings = settings_for(redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0})
+    settings = settings_for(
+        redis_url, names, portfolio_take_profit={**NO_PARTIAL, "check_interval_seconds": 60.0}
+    )
     async with in_process(build, settings, "takeprofit"):
         await xadd(redis, names.snapshots, live(1, 2.0))
         command = await one_command(redis, names)
         before = await command_calls(redis, "set", "del", "hset")
         for status in (ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT):
-            await xadd(redis, names.reports, Report(command_id=command.command_id, status=status, ts=time.time()))
+            await xadd(
+                redis, names.reports, Report(command_id=command.command_id, status=status, ts=time.time())
+            )
 
         async def reports_handled() -> bool:
             info = await redis.xinfo_groups(names.reports)
@@ -290,7 +305,9 @@ async def test_reports_on_the_way_to_completed_write_nothing(redis_url: str, nam
         await eventually(lambda: _lease_gone(redis, names))
 
 
-async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(redis_url: str, names: Names, redis: Redis) -> None:
+async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
     """A Redis restart that lost the lease key: the timer re-reads it and ends the closure as failed."""
     settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
     async with in_process(build, settings, "takeprofit"):
@@ -300,9 +317,11 @@ async def test_a_lease_lost_in_redis_is_noticed_by_the_timer(redis_url: str, nam
 
         async def failed_halt() -> bool:
             halt = halt_from_hash(await redis.hgetall(names.halt))
-            return halt is not None and halt.reason == "closure_failed" and halt.command_id == command.command_id
+            return (
+                halt is not None and halt.reason == "closure_failed" and halt.command_id == command.command_id
+            )
 
-        await eventually(failed_halt, timeout=5)
+        await eventually(failed_halt, within=5)
 
 
 async def test_a_failed_timer_transaction_is_forgotten_before_anything_else(
@@ -324,7 +343,7 @@ async def test_a_failed_timer_transaction_is_forgotten_before_anything_else(
         async def restore_due() -> bool:
             return service.bus.restore_due is not None
 
-        await eventually(restore_due, timeout=5)
+        await eventually(restore_due, within=5)
         await xadd(redis, names.snapshots, live(1, 2.0))  # handled only after the reload
         command = await one_command(redis, names)
     assert command.snapshot_seq == 1 and service.bus.restore_due is None

@@ -1,4 +1,4 @@
-"""Requests and their answers on one Thalex websocket, for ingest and the executor alike.
+"""Requests and their answers on one Thalex websocket (a `Connection` is one of these).
 
 The official `thalex` client only sends: every answer arrives on the same `receive()` stream as
 the notifications, matched to its request by `id`. `Requests` gives each request a fresh id and

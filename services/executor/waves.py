@@ -1,0 +1,247 @@
+"""Planning a wave of closing orders (pure: no I/O, no clock — `now` is passed in).
+
+A wave is one round of closing orders, at most one per leg, sent back to back. Before it, each
+open leg is sorted (`sort_legs`): closed already, stopped by a rejection, dust below the minimum
+order, or still to close by how much. The legs still to close are sized and priced together
+(`plan_wave`): per underlying, hedge-aware (`plan.hedge_wave`: the net delta after the wave
+never exceeds its value at the decision, if every order fills what the book shows), each limit
+`buffer` through the best opposite price, the side carrying the net delta first. `wave_sent`
+writes the wave into the progress before it leaves.
+
+The first wave of a fresh full closure can be planned from the command alone
+(`decision_wave`), and a dry run prices what the first wave would send (`dry_run_orders`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.common.contracts import (
+    Command,
+    ExchangeError,
+    HedgeGroup,
+    InstrumentInfo,
+    PlannedOrder,
+    Report,
+    ReportStatus,
+    Side,
+)
+from services.executor.plan import (
+    REDUCE_ONLY_REJECTED,
+    HedgeLeg,
+    LegState,
+    Progress,
+    Stage,
+    book_depth,
+    close_price,
+    close_side,
+    decision_order,
+    group_legs,
+    hedge_wave,
+    lead_first,
+    order_amount,
+    reference_price,
+)
+
+DUST_CODE = 14
+"""Thalex's "invalid quantity": what a remainder below `min_order_amount` would be refused with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Buffers:
+    """How far through the book a close is priced: `base` first and per widening, `ceiling` at most."""
+
+    base: float
+    ceiling: float
+
+
+@dataclass(slots=True)
+class Quote:
+    """What a wave needs of the market for one instrument (the book only for a hedged leg)."""
+
+    mark: float
+    best_bid: float | None
+    best_ask: float | None
+    delta: float
+    """Per unit of the instrument: 1 for perpetuals and futures, the ticker's for an option."""
+    bids: list[list[float]] | None = None
+    asks: list[list[float]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One closing order: reduce-only, immediate-or-cancel, the command's label."""
+
+    instrument: str
+    side: Side
+    amount: float
+    """Positive; the side gives the direction."""
+    price: float
+
+
+def hedged(instruments: Sequence[str], infos: Mapping[str, InstrumentInfo],
+           groups: Sequence[HedgeGroup]) -> set[str]:
+    """The instruments sharing an underlying with another one (their book depth is needed)."""
+    grouped = group_legs(instruments, groups, {n: i.underlying for n, i in infos.items()})
+    return {name for members in grouped.values() if len(members) > 1 for name in members}
+
+
+# The first wave, from the command
+
+
+def fresh_full_closure(command: Command, now: float, max_age: float) -> bool:
+    """A full closure at most `max_age` seconds after its decision, every leg with the portfolio's
+    exit price and mark: its first wave may be priced from the command (`decision_wave`)."""
+    return command.fraction >= 1.0 and now - command.created_ts <= max_age \
+        and all(p.exit_price and p.mark for p in command.positions)
+
+
+def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
+                  now: float, max_age: float) -> list[Order] | None:
+    """The first wave priced from the command itself, or None for the usual path.
+
+    Only for a `fresh_full_closure` with no leg hedged against another (a hedged unwind is
+    sized against the book's depth, read fresh) and every limit within `buffers.ceiling` of its
+    mark (no deeper through the book than the usual waves may go).
+    """
+    if not fresh_full_closure(command, now, max_age):
+        return None
+    if hedged([p.instrument for p in command.positions], infos, command.groups or []):
+        return None
+    wave = []
+    for p in command.positions:
+        assert p.exit_price is not None and p.mark is not None
+        order = decision_order(p.amount, p.exit_price, buffers.base, infos[p.instrument])
+        if order is None or abs(order[2] - p.mark) > buffers.ceiling * p.mark:
+            return None
+        wave.append(Order(p.instrument, *order))
+    return wave
+
+
+def plan_decision_wave(progress: Progress, wave: Iterable[Order], now: float) -> list[Report]:
+    """Write the first wave into a new progress; returns its `order_sent` reports (for the outbox)."""
+    reports = []
+    for order in wave:
+        leg = progress.legs[order.instrument]
+        leg.position_before = leg.listed  # what the decision saw; a full closure closes what is there
+        leg.orders_sent = 1
+        reports.append(_order_sent(progress, order, now))
+    progress.first_order_ts = now
+    return reports
+
+
+# The usual waves, from the exchange's figures
+
+
+def sort_legs(progress: Progress, positions: Mapping[str, float], infos: Mapping[str, InstrumentInfo],
+              now: float) -> tuple[dict[str, float], list[Report]]:
+    """Before a wave: each open leg becomes closed, stopped or dust, or stays open with its remainder.
+
+    Returns the signed remainder of each leg still to close, and the reports of legs found to
+    be dust (what is left is below `min_order_amount`: reported once, not looped on). The first
+    time a leg is seen here, the exchange's position is kept as its `position_before`.
+    """
+    remaining: dict[str, float] = {}
+    reports: list[Report] = []
+    for leg in progress.open_legs():
+        position = positions.get(leg.instrument, 0.0)
+        info = infos[leg.instrument]
+        if leg.position_before is None:
+            leg.position_before = position
+        if leg.is_done(position, progress.full, info):
+            leg.state = LegState.CLOSED
+            continue
+        if leg.error is not None and leg.error.code in REDUCE_ONLY_REJECTED:
+            leg.state = LegState.STOPPED  # rejected as not reducing, yet the position is there
+            continue
+        left = leg.remaining(position, progress.full)
+        if order_amount(left, position, info) == 0:
+            leg.state = LegState.DUST
+            reports.append(progress.report(
+                ReportStatus.PARTIALLY_FILLED, now, instrument=leg.instrument, label=progress.label,
+                amount=abs(left), filled=0.0, error=ExchangeError(
+                    code=DUST_CODE, message=f"remainder {abs(left):g} below min_order_amount "
+                                            f"{info.min_order_amount:g}; not sent")))
+            continue
+        remaining[leg.instrument] = left
+    return remaining, reports
+
+
+def plan_wave(progress: Progress, remaining: Mapping[str, float], positions: Mapping[str, float],
+              quotes: Mapping[str, Quote], infos: Mapping[str, InstrumentInfo]) -> list[Order]:
+    """Size (hedge-aware) and price this wave's orders, the lead side of each underlying first.
+
+    `quotes` must hold every leg of `remaining`, with the book for the legs `hedged` names.
+    The first wave of an underlying fixes its hedge bound (the net delta at the decision; at
+    least one minimum order's delta) in the progress.
+    """
+    names = list(remaining)
+    grouped = group_legs(names, progress.groups, {n: i.underlying for n, i in infos.items()})
+    orders: list[Order] = []
+    for underlying, members in grouped.items():
+        if not members:
+            continue
+        legs = []
+        prices: dict[str, tuple[Side, float]] = {}
+        signs = {remaining[n] * quotes[n].delta > 0 for n in members if abs(quotes[n].delta) > 0}
+        several = len(signs) > 1
+        for name in members:
+            leg, quote, info = progress.legs[name], quotes[name], infos[name]
+            side = close_side(remaining[name])
+            price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
+                                leg.buffer, info.tick_size)
+            prices[name] = (side, price)
+            fillable = None
+            if several:
+                levels = quote.bids if side is Side.SELL else quote.asks
+                fillable = book_depth(levels or [], side, price)
+            legs.append(HedgeLeg(name, remaining[name], quote.delta, fillable, info.volume_tick_size))
+        if underlying not in progress.hedge_bounds:
+            progress.hedge_bounds[underlying] = abs(sum(leg.exposure for leg in legs))
+        quantum = max(infos[leg.instrument].min_order_amount * abs(leg.delta) for leg in legs)
+        amounts = hedge_wave(legs, max(progress.hedge_bounds[underlying], quantum))
+        for name in lead_first(legs):
+            amount = order_amount(math.copysign(amounts.get(name, 0.0), remaining[name]),
+                                  positions.get(name, 0.0), infos[name])
+            if amount > 0:
+                side, price = prices[name]
+                orders.append(Order(name, side, amount, price))
+    return orders
+
+
+def wave_sent(progress: Progress, orders: Iterable[Order], now: float) -> list[Report]:
+    """Count the wave's orders on their legs (and the command's first order); their `order_sent` reports.
+
+    Saved before the orders leave, so a crash after this point finds them by label.
+    """
+    reports = []
+    for order in orders:
+        progress.legs[order.instrument].orders_sent += 1
+        reports.append(_order_sent(progress, order, now))
+    if progress.first_order_ts is None:
+        progress.first_order_ts = now
+    return reports
+
+
+def _order_sent(progress: Progress, order: Order, now: float) -> Report:
+    return progress.report(
+        ReportStatus.ORDER_SENT, now, instrument=order.instrument, label=progress.label, amount=order.amount,
+        orders=[progress.planned(order.instrument, order.side, order.amount, order.price)])
+
+
+def dry_run_orders(progress: Progress, quotes: Mapping[str, Quote],
+                   infos: Mapping[str, InstrumentInfo], now: float) -> list[Report]:
+    """Price every listed position as a first wave would; the `dry_run` outcome listing those orders."""
+    orders: list[PlannedOrder] = []
+    for leg in progress.legs.values():
+        info, quote = infos[leg.instrument], quotes[leg.instrument]
+        side = close_side(leg.listed)
+        amount = order_amount(leg.listed, leg.listed, info)
+        if amount > 0:
+            price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
+                                leg.buffer, info.tick_size)
+            orders.append(progress.planned(leg.instrument, side, amount, price))
+    progress.to(Stage.DRY_RUN)
+    return [progress.report(ReportStatus.DRY_RUN, now, orders=orders)]
