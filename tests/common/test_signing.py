@@ -30,7 +30,8 @@ TS = 1_700_000_000.0
 def command(**changes: object) -> Command:
     values: dict[str, object] = dict(
         command_id="e3-take_profit-s41-n1", epoch=3, reason=CloseReason.TAKE_PROFIT, fraction=1.0,
-        positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01, exit_price=60_000.5, mark=60_010.0)],
+        positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01, exit_price=60_000.5,
+                                   mark=60_010.0)],
         snapshot_seq=41, net_pnl=1.25, threshold=1.1, created_ts=TS, deadline_ts=TS + 30)
     values.update(changes)
     return Command(**values)  # type: ignore[arg-type]
@@ -54,10 +55,12 @@ def test_the_signature_covers_the_canonical_json_of_everything_else() -> None:
     import hmac
     doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
     text = canonical_command(doc).decode()
-    assert text == ('{"command_id":"e3-take_profit-s41-n1","created_ts":1700000000.0,"deadline_ts":1700000030.0,'
+    assert text == ('{"command_id":"e3-take_profit-s41-n1","created_ts":1700000000.0,'
+                    '"deadline_ts":1700000030.0,'
                     '"epoch":3,"fraction":1.0,"net_pnl":1.25,"positions":[{"amount":0.01,'
                     '"instrument":"BTC-PERPETUAL"}],"reason":"take_profit","snapshot_seq":41,"threshold":1.1,"v":1}')
-    assert command_signature(doc, KEY) == "hmac-sha256:" + hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
+    expected = hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
+    assert command_signature(doc, KEY) == "hmac-sha256:" + expected
     assert canonical_command(sign_command(doc, KEY)) == text.encode()  # the signature is not signed
 
 
@@ -69,7 +72,8 @@ FORGERIES = [
     ("another instrument", lambda signed: signed.model_copy(update={"positions": [
         PositionToClose(instrument="ETH-PERPETUAL", amount=0.01, exit_price=60_000.5, mark=60_010.0)]}),
      "invalid signature"),
-    ("later deadline", lambda signed: signed.model_copy(update={"deadline_ts": TS + 3600}), "invalid signature"),
+    ("later deadline", lambda signed: signed.model_copy(update={"deadline_ts": TS + 3600}),
+     "invalid signature"),
     ("other reason", lambda signed: signed.model_copy(update={"reason": CloseReason.EMERGENCY_STOP}),
      "invalid signature"),
     ("another key", lambda signed: sign_command(command(), b"x" * 32), "invalid signature"),
@@ -99,8 +103,8 @@ amounts = st.floats(min_value=1e-8, max_value=1e6, allow_nan=False).filter(lambd
 
 @settings(max_examples=200, deadline=None)
 @given(amount=amounts, sign=st.sampled_from([1.0, -1.0]), pnl=st.floats(-1e6, 1e6, allow_nan=False),
-       fraction=st.floats(0.01, 1.0), instrument=st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF),
-                                                         min_size=1, max_size=30))
+       fraction=st.floats(0.01, 1.0),
+       instrument=st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=30))
 def test_any_command_signed_verifies_after_the_wire_and_any_change_is_caught(
         amount: float, sign: float, pnl: float, fraction: float, instrument: str) -> None:
     doc = command(positions=[PositionToClose(instrument=instrument, amount=sign * amount)], net_pnl=pnl,

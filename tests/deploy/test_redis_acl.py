@@ -55,8 +55,9 @@ def consume(client: redis_sync.Redis, stream: str, group: str) -> None:
 def test_unauthenticated_clients_may_do_nothing(server: AclRedis) -> None:
     """`default` is off (it has every permission only so Redis can replay the AOF as it)."""
     anonymous = server.client(None)
-    for call, args in ((anonymous.ping, ()), (anonymous.get, ("tp:halt",)), (anonymous.xadd, (TP.commands, DOC)),
-                       (anonymous.keys, ("*",))):
+    calls = ((anonymous.ping, ()), (anonymous.get, ("tp:halt",)), (anonymous.xadd, (TP.commands, DOC)),
+             (anonymous.keys, ("*",)))
+    for call, args in calls:
         with pytest.raises(redis_sync.AuthenticationError):
             call(*args)
     with pytest.raises(redis_sync.AuthenticationError):

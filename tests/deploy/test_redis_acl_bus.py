@@ -38,8 +38,8 @@ def doc(by: str) -> str:
     return Control(action=ControlAction.HALT, by=by, ts=time.time()).model_dump_json()
 
 
-async def eventually(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def eventually(check, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await check():
             return
@@ -68,7 +68,7 @@ async def test_every_path_of_the_bus_runs_under_the_services_acl_user(server: Ac
     admin.xadd(stream, {"__data__": doc("orphan")})
     try:
         admin.xgroup_create(stream, user, id="0", mkstream=True)
-    except Exception as exc:  # noqa: BLE001 - the module's Redis is shared by the parametrized users
+    except Exception as exc:  # the module's Redis is shared by the parametrized users
         assert "BUSYGROUP" in str(exc)
     admin.xreadgroup(user, f"{user}-dead", {stream: ">"}, count=10)
     # a malformed entry and a valid one in one batch; the handler fails on the valid one once
@@ -87,7 +87,7 @@ async def test_every_path_of_the_bus_runs_under_the_services_acl_user(server: Ac
             pending = admin.xpending(stream, user)["pending"]
             return sorted(seen) == ["fill", "orphan"] and pending == 0
 
-        await eventually(settled, timeout=20)
+        await eventually(settled, within=20)
         assert await consumer.record_lag() == 0
         await health.refresh()
         assert health.latest == {"redis": True, "consuming": True, "handlers": True}, health.reasons

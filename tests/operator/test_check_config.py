@@ -85,7 +85,8 @@ def test_a_trading_key_readable_by_others_is_an_error(tmp_path: Path, keys: Path
     (keys / "trade.pem").chmod(0o644)
     assert main(["check-config", config(tmp_path, good(keys)), "--service", "executor"]) == 2
     err = capsys.readouterr().err
-    assert "ERROR: executor.private_key_file" in err and "mode 0644" in err and "the executor refuses it" in err
+    assert "ERROR: executor.private_key_file" in err and "mode 0644" in err
+    assert "the executor refuses it" in err
 
 
 def test_the_executor_without_a_key_is_an_error_unless_dry_run(tmp_path: Path, capsys: Capture) -> None:

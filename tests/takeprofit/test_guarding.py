@@ -205,8 +205,8 @@ async def test_every_command_is_signed_with_the_command_key(redis_url: str, name
 
         await eventually(lambda: commands(1))
         [first] = await read_stream(redis, names.commands, Command)
-        await xadd(redis, names.reports, Report(command_id=first.command_id, status=ReportStatus.FAILED, epoch=1,
-                                                fraction=1.0, ts=time.time()))
+        await xadd(redis, names.reports, Report(command_id=first.command_id, status=ReportStatus.FAILED,
+                                                epoch=1, fraction=1.0, ts=time.time()))
         await xadd(redis, names.control, Control(action=ControlAction.CLOSE_ALL, by="op", ts=time.time()))
         await eventually(lambda: commands(2))
     emergency, manual = await read_stream(redis, names.commands, Command)
@@ -223,7 +223,8 @@ def test_takeprofit_without_a_command_key_exits_2_naming_it(tmp_path: Path, redi
     config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
     done = subprocess.run([sys.executable, "-m", "services.takeprofit", "--config", str(config),
-                           "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=60, check=False)
+                           "--metrics-port", "0"], capture_output=True, text=True, env=env, timeout=60,
+                          check=False)
     assert done.returncode == 2, done.stderr
     assert "commands.signing_key_file = None: required by takeprofit and the executor" in done.stderr
     assert "Traceback" not in done.stderr
