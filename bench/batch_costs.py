@@ -12,7 +12,9 @@ Pure CPU, no Redis, no processes. Prints, for a tick and for a snapshot of `--po
    trade ids: `pydantic_core.to_json` (what the service writes) against `json.dumps`;
 4. take-profit's whole snapshot handler when it decides (one position): rules, command, lease,
    checkpoint and halt queued on a transaction pipeline that is never sent — the handler's own
-   CPU, hot, to set against its 0.3-0.4 ms of wall time at a move (docs/performance.md).
+   CPU, hot, to set against its 0.3-0.4 ms of wall time at a move (docs/performance.md);
+5. issue 21's checks on the reaction's path: the portfolio's `PriceGuard.check` of one plausible
+   tick (every tick), and signing / verifying one command (take-profit, the executor).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from portfolio_throughput import INFO, instrument, opening_fill, ticks_for
 
 from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry
 from services.common.config import Settings
-from services.common.contracts import Snapshot, Tick
+from services.common.contracts import CloseReason, Command, InstrumentType, PositionToClose, Snapshot, Tick
+from services.common.signing import sign_command, verify_command
 from services.portfolio.ledger import Ledger, LedgerConfig
+from services.portfolio.prices import PriceGuard
 from services.takeprofit.app import TakeProfitService
 from services.takeprofit.rules import External, RulesEngine
 
@@ -111,6 +115,22 @@ def main() -> int:
         f"  {'TakeProfitService.on_snapshots, median of 2,000':<58} "
         f"{asyncio.run(deciding_handler_ms()):9.4f} ms"
     )
+
+    print("5) issue 21's checks on the reaction's path")
+    guard = PriceGuard()
+    guard.set_type(tick.instrument, InstrumentType.PERPETUAL)
+    guard.trust(tick)
+    later = tick.model_copy(update={"exchange_ts": tick.exchange_ts + 1.0})
+    print(f"  {'PriceGuard.check, one plausible tick':<58} {per_call_ms(lambda: guard.check(later)):9.4f} ms")
+    position = PositionToClose(instrument=tick.instrument, amount=0.01, exit_price=1.0, mark=1.0)
+    command = Command(command_id="e1-take_profit-s1-n1", epoch=1, reason=CloseReason.TAKE_PROFIT,
+                      positions=[position], snapshot_seq=1, net_pnl=1.2, threshold=1.1, created_ts=now,
+                      deadline_ts=now + 30)
+    key = b"k" * 32
+    signed = sign_command(command, key)
+    print(f"  {'sign_command, one position':<58} {per_call_ms(lambda: sign_command(command, key)):9.4f} ms")
+    verifying = per_call_ms(lambda: verify_command(signed, key))
+    print(f"  {'verify_command, one position':<58} {verifying:9.4f} ms")
     return 0
 
 
@@ -123,7 +143,7 @@ async def deciding_handler_ms(calls: int = 2000) -> float:
     settings = settings.model_copy(update={"portfolio_take_profit": settings.portfolio_take_profit.model_copy(
         update={"cooldown_seconds": 0.0})})
     bus = Bus("redis://127.0.0.1:1", settings.names, "takeprofit")  # never connected: nothing is sent
-    service = TakeProfitService(settings, bus, "bench")
+    service = TakeProfitService(settings, bus, "bench", command_key=b"k" * 32)  # signing is part of the cost
     one = ledger_with_one_position()
     service.volume_ticks = {p.instrument: 0.001 for p in one.positions}
     times = []

@@ -208,7 +208,7 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-latency-"))
-    pipeline = Pipeline(workdir, seed=args.seed, overrides=OVERRIDES, namespace="lat")
+    pipeline = Pipeline(workdir, seed=args.seed, overrides=OVERRIDES, namespace="tp")  # the shipped ACL
     await pipeline.start()
     try:
         await pipeline.control("paper/pause")

@@ -132,7 +132,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.with_known_bugs:
         kinds.append("redis restart, order in flight")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-soak-"))
-    pipeline = Pipeline(workdir, seed=args.seed, namespace="soak")
+    pipeline = Pipeline(workdir, seed=args.seed, namespace="tp")  # the shipped ACL: production-like
     await pipeline.start()
     trader = Trader(pipeline, interval=0.25, seed=args.seed)
     trader.start()

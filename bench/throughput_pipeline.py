@@ -200,7 +200,7 @@ async def run_for(
     count: int, rates: list[int], seconds: float, profile: Path | None, workdir: Path
 ) -> list[dict]:
     extra = max(0, count - 20)
-    pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace=f"thr{count}",
+    pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace="tp",
                         paper_module=[str(HERE), "--serve-paper", "--extra", str(extra)])
     await pipeline.start()
     rows = []

@@ -3,12 +3,14 @@
 #
 #   redis_<user>.txt            a random password per Redis ACL user (ingest portfolio takeprofit
 #                               executor operator notify quoter admin); Redis gets their SHA-256 only
+#   command_key.txt             the secret take-profit signs every command with and the executor
+#                               checks (32 random bytes, hex); only those two services mount it
 #   notify/                     your notification targets' secrets (bot token, webhook URL, ...),
 #                               mounted read-only into the notify container at /run/secrets/notify
 #   grafana_admin_password.txt  Grafana's admin password
 #
 # Existing files are kept (re-running never locks a running stack out); `--rotate` replaces the
-# Redis and Grafana passwords (then: docker compose up -d --force-recreate).
+# Redis and Grafana passwords and the command key (then: docker compose up -d --force-recreate).
 #
 # Your Thalex API keys are not created here: copy them in yourself (see docs/operations.md):
 #   secrets/thalex_read_only.pem   the read-only key (ingest)
@@ -45,6 +47,7 @@ write() {
 for user in ingest portfolio takeprofit executor operator notify quoter admin; do
   write "redis_$user.txt"
 done
+write command_key.txt
 write grafana_admin_password.txt
 mkdir -p "$dir/notify"
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from services.common.config import ConfigError, load_config, redacted
 from services.common.preflight import SERVICES, check
+from services.common.redact import redact
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -59,7 +60,7 @@ def check_config_main(argv: list[str]) -> int:
     findings = check(settings, services)
     errors = [f for f in findings if f.level == "error"]
     for finding in findings:
-        print(f"  - {finding}", file=sys.stderr)
+        print(redact(f"  - {finding}"), file=sys.stderr)
     if errors:
         checked = f" for {', '.join(services)}" if services else ""
         print(f"check-config: {len(errors)} error(s){checked}; fix them before starting", file=sys.stderr)

@@ -16,9 +16,15 @@ At-least-once is the project's guarantee and lives here once, in `StreamConsumer
 * entries left pending by a consumer that died (or by a failed handler) are
   re-claimed with `XAUTOCLAIM` after `claim_idle_seconds` and handled again,
   one at a time so one poison entry cannot hold a batch hostage;
-* an entry delivered more than `max_deliveries` times is dead-lettered;
-* an entry that is not valid JSON or fails its contract model is acked and
-  written to `tp:deadletter` with the reason, and processing goes on;
+* an entry delivered more than `max_deliveries` times is handled once more, alone;
+  if the handler fails on it with an error of its own (not Redis or the network:
+  `TRANSIENT_ERRORS`), it is dead-lettered with that error as the reason. An entry
+  whose handling keeps failing on Redis (down, at `maxmemory`, a read-only
+  replica) is never dead-lettered: it waits, pending, and the service's health
+  says so (`StreamConsumer.problem`);
+* an entry that is not valid JSON or fails its contract model (validated strictly:
+  no bool or string becomes a number) is acked and written to `tp:deadletter` with
+  the reason, and processing goes on; so is one whose JSON is too deeply nested;
 * the handler receives a Redis transaction (`MULTI`) pipeline: it queues its
   effects there (state, checkpoints, published documents) and the consumer
   queues the `XACK` in the same transaction, so an ack is never saved without
@@ -51,7 +57,7 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
@@ -68,6 +74,17 @@ STOP_TIMEOUT_SECONDS = 5.0
 
 class GroupLost(Exception):
     """The consumer group was gone (a Redis restart without persistence) and has been recreated."""
+
+
+class Transient(Exception):
+    """Raised by a handler: this failure is not the entry's fault (retry it; never dead-letter it)."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError, Transient)
+"""Failures of Redis, the network or a dependency: an entry failing with one of these is not poison."""
+
+PROBLEM_TEXT_LIMIT = 300
+"""Characters of an error kept as the reason a consumer is failing (health, log)."""
 
 
 def raise_if_cancelled() -> None:
@@ -105,6 +122,7 @@ class MalformedEntry(ValueError):
 
 
 DATA_FIELD_BYTES = DATA_FIELD.encode()
+ALT_DATA_FIELD_BYTES = ALT_DATA_FIELD.encode()
 
 
 def entry_document(fields: Mapping[Any, Any] | None) -> tuple[str, Any]:
@@ -113,43 +131,81 @@ def entry_document(fields: Mapping[Any, Any] | None) -> tuple[str, Any]:
     Accepts the document in `__data__` (our producers, FastStream) or `data`
     (hand-written producers). Raises `MalformedEntry` with the reason.
     """
-    if not fields:
-        raise MalformedEntry("entry has no fields (trimmed or deleted before it was handled)")
-    decoded = {_text(k): v for k, v in fields.items()}
-    raw = decoded.get(DATA_FIELD, decoded.get(ALT_DATA_FIELD))
-    if raw is None:
-        raise MalformedEntry(f"entry has neither a '{DATA_FIELD}' nor a '{ALT_DATA_FIELD}' field")
-    text = _text(raw)
+    text = _text(_data_of(fields))
     try:
         return text, json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedEntry(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedEntry("not valid JSON: nested too deeply") from None
+
+
+def _data_of(fields: Mapping[Any, Any] | None) -> Any:
+    """The raw document of an entry (`__data__`, else `data`), or `MalformedEntry` saying why not."""
+    if not fields:
+        raise MalformedEntry("entry has no fields (trimmed or deleted before it was handled)")
+    for key in (DATA_FIELD_BYTES, DATA_FIELD, ALT_DATA_FIELD_BYTES, ALT_DATA_FIELD):
+        raw = fields.get(key)
+        if raw is not None:
+            return raw
+    raise MalformedEntry(f"entry has neither a '{DATA_FIELD}' nor a '{ALT_DATA_FIELD}' field")
 
 
 def validate_entry(model: type[M], fields: Mapping[Any, Any] | None) -> M:
     """Turn an entry into a contract document or raise `MalformedEntry` naming the fields.
 
-    A good entry is parsed and validated in one pass by pydantic (`model_validate_json`: about
-    2.7 times faster than `json.loads` + `model_validate` on a 1,000-position snapshot); a bad
-    one takes the slow path below, which says precisely what is wrong.
+    Parsed and validated in one pass by pydantic (`model_validate_json`: about 2.7 times faster
+    than `json.loads` + `model_validate` on a 1,000-position snapshot), strictly: on the wire no
+    bool or string becomes a number. A bad entry's reason comes from that same pass, so nothing
+    about it (its depth, its encoding) can make the reason itself fail.
     """
-    if fields:
-        raw = fields.get(DATA_FIELD_BYTES, fields.get(DATA_FIELD))
-        if raw is not None:
-            try:
-                return model.model_validate_json(raw)
-            except ValidationError:
-                pass
-    raw, data = entry_document(fields)
-    if not isinstance(data, dict):
-        raise MalformedEntry(f"document must be a JSON object, got {type(data).__name__}")
+    return read_document(model, _data_of(fields))
+
+
+def read_document(model: type[M], raw: str | bytes) -> M:
+    """One wire document (a stream entry's data, a value of a hash such as `tp:instruments`).
+
+    Raises `MalformedEntry` with the reason: not JSON (or nested too deeply), not an object, or
+    which fields break which rule.
+    """
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<document>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise MalformedEntry(f"{model.__name__} invalid: {problems}") from None
+        raise MalformedEntry(_describe(model, exc)) from None
+    except (ValueError, RecursionError) as exc:  # pydantic-core guards depth itself; belt and braces
+        raise MalformedEntry(f"cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _describe(model: type[BaseModel], error: ValidationError) -> str:
+    errors = error.errors(include_url=False)
+    first = errors[0] if errors else None
+    if first is not None and first["type"] == "json_invalid":
+        return f"not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
+    if first is not None and not first["loc"] and first["type"] in ("model_type", "model_attributes_type"):
+        return f"document must be a JSON object, got {_json_type(first.get('input'))}"
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<document>'}: {err['msg']}"
+                         for err in errors)
+    return f"{model.__name__} invalid: {problems}"
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _error_text(exc: BaseException) -> str:
+    """An error as a short reason: its type and message, bounded."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:PROBLEM_TEXT_LIMIT]
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
 
 
 def raw_text(fields: Mapping[Any, Any] | None) -> str:
@@ -276,11 +332,29 @@ class StreamConsumer(Generic[M]):
     _stopping: bool = field(default=False, init=False)
     _in_hand: set[str] = field(default_factory=set, init=False)
     """Entries the reader holds and has not settled yet (waiting for the lock, or being handled)."""
+    failing: dict[str, str] = field(default_factory=dict, init=False)
+    """Entries whose handling failed and that are still pending → why (until acked or dead-lettered)."""
 
     @property
     def is_consuming(self) -> bool:
         """The reader and the claimer are alive (for the health endpoint)."""
         return bool(self._tasks) and all(not t.done() for t in self._tasks)
+
+    def problem(self) -> str | None:
+        """Why this consumer is not doing its job, or None: a dead reader, or entries it fails on.
+
+        An entry stays here from the failed attempt until it is acked (handled, or dead-lettered
+        as poison), so a handler that fails on every entry — or on one real fill, again and
+        again — is visible for as long as it lasts, not only at the moment it raised.
+        """
+        if not self.is_consuming:
+            return f"the reader of {self.stream} is not running"
+        if not self.failing:
+            return None
+        oldest = min(self.failing, key=_entry_order)
+        count = len(self.failing)
+        what = "1 entry" if count == 1 else f"{count} entries"
+        return f"{what} of {self.stream} failing (oldest {oldest}): {self.failing[oldest]}"
 
     async def ensure_group(self) -> None:
         """Create the group at the start of the stream (never `$`)."""
@@ -359,87 +433,135 @@ class StreamConsumer(Generic[M]):
         Returns False when the handler or the transaction failed: the entries
         stay pending and are retried (`retry_failed_own`), and the service's
         `on_failure` hook restores its state from the last committed checkpoint,
-        so what the failed batch changed in memory is forgotten with it.
+        so what the failed batch changed in memory is forgotten with it. An entry
+        past `max_deliveries` is always handled alone, so a poison verdict names one entry.
         """
+        if len(entries) > 1 and any(deliveries.get(i, 1) > self.max_deliveries for i, _ in entries):
+            results = [await self.handle([entry], deliveries) for entry in entries]
+            return all(results)
         async with self.lock:
             try:
                 await self.bus.restore_if_due()
                 return await self._handle_locked(entries, deliveries)
-            except Exception:
+            except Exception as exc:
                 raise_if_cancelled()
-                BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
-                log.exception(
-                    "handling %d entries of %s failed; they stay pending", len(entries), self.stream
-                )
-                if self.on_failure is not None:
-                    try:
-                        await self.on_failure()
-                    except Exception:  # Redis still away: the next batch restores first
-                        self.bus.must_restore(self.on_failure)
-                        log.exception("could not restore the checkpoint after the failure")
+                self._note_failure([entry_id for entry_id, _ in entries], exc)
+                log.exception("handling %d entries of %s failed; they stay pending", len(entries),
+                              self.stream)
+                await self._forget_failed_batch()
                 return False
+
+    async def _forget_failed_batch(self) -> None:
+        """Restore the service's state (`on_failure`): what a failed handler changed in memory is gone."""
+        if self.on_failure is not None:
+            try:
+                await self.on_failure()
+            except Exception:  # Redis still away: the next batch restores first
+                self.bus.must_restore(self.on_failure)
+                log.exception("could not restore the checkpoint after the failure")
 
     async def _handle_locked(self, entries: Sequence[tuple[str, Mapping[Any, Any] | None]],
                              deliveries: Mapping[str, int]) -> bool:
         good: list[Delivery[M]] = []
         letters: list[tuple[str, str, str]] = []
+        handler_failed = False
         for entry_id, fields in entries:
-            count = deliveries.get(entry_id, 1)
-            if count > self.max_deliveries:
-                letters.append((entry_id, raw_text(fields),
-                                f"delivered {count} times without being handled (poison entry)"))
-                continue
             try:
-                good.append(Delivery(entry_id, validate_entry(self.model, fields), count))
+                doc = validate_entry(self.model, fields)
+                good.append(Delivery(entry_id, doc, deliveries.get(entry_id, 1)))
             except MalformedEntry as exc:
                 letters.append((entry_id, raw_text(fields), str(exc)))
         async with self.bus.redis.pipeline(transaction=True) as pipe:
             if good:
                 try:
                     await self.handler(good, pipe)
-                except Exception:
-                    if not letters:
+                except Exception as exc:
+                    raise_if_cancelled()
+                    poison = self._poison(good, exc)
+                    if poison is None and not letters:
                         raise
-                    log.exception("handler failed on %s entries %s..%s; left pending",
-                                  self.stream, good[0].entry_id, good[-1].entry_id)
-                    BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
+                    handler_failed = True
                     await pipe.reset()  # type: ignore[no-untyped-call]
-                    good = []  # still settle the malformed ones
+                    if poison is not None:  # past max_deliveries, alone, and it is its own fault
+                        letters.append((good[0].entry_id, good[0].doc.model_dump_json(), poison))
+                    else:  # still settle the malformed ones; the valid ones stay pending
+                        self._note_failure([d.entry_id for d in good], exc)
+                        log.exception("handler failed on %s entries %s..%s; left pending",
+                                      self.stream, good[0].entry_id, good[-1].entry_id)
+                    good = []
             for entry_id, raw, error in letters:
                 self.bus.queue_deadletter(pipe, self.stream, entry_id, raw, error)
             ack_ids = [d.entry_id for d in good] + [entry_id for entry_id, _, _ in letters]
             pipe.xack(self.stream, self.group, *ack_ids)
             await pipe.execute()
+        if handler_failed:  # what it changed before raising was not committed: forget it
+            await self._forget_failed_batch()
+        if self.failing:
+            for entry_id in ack_ids:
+                self.failing.pop(entry_id, None)
         return not (entries and len(ack_ids) < len(entries))
+
+    def _poison(self, good: list[Delivery[M]], exc: Exception) -> str | None:
+        """The dead-letter reason if `good` is one entry past `max_deliveries` failing of its own accord."""
+        if len(good) != 1 or good[0].deliveries <= self.max_deliveries or isinstance(exc, TRANSIENT_ERRORS):
+            return None
+        return (f"delivered {good[0].deliveries} times without being handled (poison entry); "
+                f"the handler fails on it alone: {_error_text(exc)}")
+
+    def _note_failure(self, entry_ids: Sequence[str], exc: BaseException) -> None:
+        BUS_HANDLER_FAILURES.labels(self.bus.service, self.stream).inc()
+        why = _error_text(exc)
+        for entry_id in entry_ids:
+            self.failing[entry_id] = why
 
     async def retry_failed_own(self) -> int:
         """Retry this consumer's own entries whose handling failed, without waiting for `claim_idle`.
 
         An own pending entry idle longer than `retry_idle_seconds` that the reader
         does not hold (`_in_hand`: read, waiting for the lock or being handled) is
-        one whose batch failed, or one read by a reader that died. Returns how many
-        were retried.
+        one whose batch failed, or one read by a reader that died. Every such entry
+        is retried, one at a time, page after page. Returns how many were retried.
         """
-        async with self.lock:
-            rows = await self.bus.redis.xpending_range(
-                self.stream, self.group, min="-", max="+", count=self.batch_size,
-                consumername=self.consumer, idle=int(self.retry_idle_seconds * 1000))
-            rows = [r for r in rows if _text(r["message_id"]) not in self._in_hand]
-            if not rows:
-                return 0
-            ids = [_text(r["message_id"]) for r in rows]
-            claimed: Any = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
-                                                  min_idle_time=int(self.retry_idle_seconds * 1000),
-                                                  message_ids=ids)
-            counts = {_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
-            entries = [(_text(i), fields) for i, fields in claimed]
-        for entry in entries:  # one at a time: isolate a poison entry
-            await self.handle([entry], counts)
-        return len(entries)
+        retried = 0
+        after = "-"
+        idle_ms = int(self.retry_idle_seconds * 1000)
+        while not self._stopping:
+            async with self.lock:
+                rows = await self.bus.redis.xpending_range(
+                    self.stream, self.group, min=after, max="+", count=self.batch_size,
+                    consumername=self.consumer)
+                if after == "-":
+                    self._forget_settled(rows)
+                if not rows:
+                    return retried
+                after = "(" + _text(rows[-1]["message_id"])
+                rows = [r for r in rows if int(r["time_since_delivered"]) >= idle_ms
+                        and _text(r["message_id"]) not in self._in_hand]
+                entries: list[tuple[str, Any]] = []
+                counts: dict[str, int] = {}
+                if rows:
+                    ids = [_text(r["message_id"]) for r in rows]
+                    claimed: Any = await self.bus.redis.xclaim(self.stream, self.group, self.consumer,
+                                                               min_idle_time=idle_ms, message_ids=ids)
+                    counts = {_text(r["message_id"]): int(r["times_delivered"]) + 1 for r in rows}
+                    entries = [(_text(i), fields) for i, fields in claimed]
+            for entry in entries:  # one at a time: isolate a poison entry
+                await self.handle([entry], counts)
+            retried += len(entries)
+        return retried
+
+    def _forget_settled(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Entries noted as failing that are no longer pending (trimmed, deleted, acked elsewhere)."""
+        if self.failing and len(rows) < self.batch_size:
+            pending = {_text(r["message_id"]) for r in rows}
+            for entry_id in [i for i in self.failing if i not in pending]:
+                del self.failing[entry_id]
 
     async def _claim_forever(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self.claim_interval_seconds)
+            # entries failing: retry them as soon as they count as failed, not a claim interval later
+            await asyncio.sleep(min(self.retry_idle_seconds, self.claim_interval_seconds) if self.failing
+                                else self.claim_interval_seconds)
             if self._stopping:
                 return
             try:

@@ -9,14 +9,31 @@ a default the trader never chose.
 
 Environment overrides use the prefix `TP_` and `__` between levels, for example
 `TP_REDIS__URL=redis://10.0.0.5:6379/0` or
-`TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD=2.5`.
+`TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD=2.5`. They are held to the file's rules:
+a variable naming an unknown section or key is an error like a typo in the file
+(`ENVIRONMENT_ONLY` lists the few `TP_*` variables that are not settings), and a
+list or table given in the environment must be JSON.
+
+Types are strict where a file has types: `min_profit_usd = true` is refused (a
+boolean is not a number), as is `enable_portfolio_tp = 1`. The environment only
+has strings, which are parsed as before ("2.5" is a number there).
+
+Every message quoting a value passes `services.common.redact.redact` first: a
+password in a URL or a key pasted where a file name belongs never reaches the
+terminal or the log.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import re
+import stat
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,10 +52,14 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from services.common.contracts import InstrumentType, NotificationKind
+from services.common.redact import redact
 from services.common.streams import NAMESPACE_RULE, Names
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FEE_ESTIMATION_BUFFER = 1.1
 FEE_RATE_RULE = "must be a fee rate within [0, 0.01]"
@@ -58,12 +79,52 @@ def _buffer(value: float) -> float:
 
 FeeRate = Annotated[float, AfterValidator(_fee_rate)]
 Buffer = Annotated[float, AfterValidator(_buffer)]
+KEY_IN_PLACE_OF_A_FILE = ("looks like the key itself, not a file name: put the key in a file and name the "
+                          "file here")
+
+
+def _secret_file_name(value: Path) -> Path:
+    if "-----BEGIN" in str(value) or "\n" in str(value):
+        raise ValueError(KEY_IN_PLACE_OF_A_FILE)
+    return value
+
+
+SecretFile = Annotated[Path, AfterValidator(_secret_file_name)]
+"""The name of a file holding a secret (a key, a password), never the secret itself."""
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are an error, numbers must be finite."""
+    """A config section: unknown keys are an error, numbers must be finite and not booleans."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, data: Any) -> Any:
+        """`min_profit_usd = true` would become 1.0, and `enable_portfolio_tp = 0` false: refuse both."""
+        if isinstance(data, dict):
+            kinds = _field_kinds(cls)
+            for key, value in data.items():
+                kind = kinds.get(key)
+                if kind == "number" and isinstance(value, bool):
+                    raise _RuleError(key, value, "must be a number, not true/false")
+                if kind == "boolean" and isinstance(value, int | float) and not isinstance(value, bool):
+                    raise _RuleError(key, value, "must be true or false")
+        return data
+
+
+def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
+    """Field name → "number" or "boolean" for the fields a TOML boolean or number could be mistaken for."""
+    kinds: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+        if annotation is bool:
+            kinds[name] = "boolean"
+        elif annotation in (int, float):
+            kinds[name] = "number"
+    return kinds
 
 
 class PortfolioTakeProfit(Section):
@@ -176,7 +237,7 @@ class Thalex(Section):
     network: str = "ws://127.0.0.1:8765/ws/api/v2"
     """`test`, `prod`, or a websocket URL (the paper exchange)."""
     key_id: str | None = None
-    private_key_file: Path | None = None
+    private_key_file: SecretFile | None = None
     account: str | None = None
 
     @field_validator("network")
@@ -200,7 +261,7 @@ class Redis(Section):
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "tp"
     username: str | None = None
-    password_file: Path | None = None
+    password_file: SecretFile | None = None
     """A file (e.g. a Docker secret) holding the ACL password of this service's user."""
     stream_maxlen: Annotated[int, Field(ge=1000)] = 1_000_000
     """Approximate cap of every stream (XADD MAXLEN ~) but the snapshots."""
@@ -230,7 +291,7 @@ class Executor(Section):
     """The closing hand: the only section that names a trading key."""
 
     key_id: str | None = None
-    private_key_file: Path | None = None
+    private_key_file: SecretFile | None = None
     close_price_buffer: Annotated[float, Field(gt=0.0, le=0.2)] = 0.005
     """How far through the best opposite price a close is priced (0.005 = 0.5%)."""
     max_close_price_buffer: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
@@ -252,6 +313,14 @@ class Executor(Section):
         return self
 
 
+class Commands(Section):
+    """How take-profit's commands are tied to it (`services.common.signing`)."""
+
+    signing_key_file: SecretFile | None = None
+    """A file holding the secret take-profit signs every command with and the executor checks
+    (HMAC-SHA256, at least 32 bytes). Required by both; no other service should see it."""
+
+
 class Portfolio(Section):
     stale_after_seconds: Annotated[float, Field(gt=0.0)] = 10.0
     """A position whose instrument had no tick for this long is stale."""
@@ -261,6 +330,9 @@ class Portfolio(Section):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     dedup_window: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
     """Trade ids remembered to refuse a duplicated fill (checkpointed with the ledger)."""
+    suspect_price_move: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    """A tick whose mark is this far from its index, its previous mark or its book is held as suspect
+    until the exchange's next figures confirm it (services/portfolio/prices.py)."""
 
 
 class Ingest(Section):
@@ -401,6 +473,7 @@ class Settings(BaseSettings):
     thalex: Thalex = Field(default_factory=Thalex)
     redis: Redis = Field(default_factory=Redis)
     executor: Executor = Field(default_factory=Executor)
+    commands: Commands = Field(default_factory=Commands)
     portfolio: Portfolio = Field(default_factory=Portfolio)
     ingest: Ingest = Field(default_factory=Ingest)
     metrics: Metrics = Field(default_factory=Metrics)
@@ -466,7 +539,7 @@ class Problem:
     rule: str
 
     def __str__(self) -> str:
-        return f"{self.key} = {self.value!r}: {self.rule}"
+        return redact(f"{self.key} = {self.value!r}: {self.rule}")
 
 
 class ConfigError(Exception):
@@ -478,7 +551,7 @@ class ConfigError(Exception):
         self.problems = problems
         self.source = source
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid configuration ({source}):\n{lines}")
+        super().__init__(redact(f"invalid configuration ({source}):\n{lines}"))
 
 
 def _problems_from(error: ValidationError) -> list[Problem]:
@@ -500,51 +573,194 @@ def _problems_from(error: ValidationError) -> list[Problem]:
     return problems
 
 
-def load_config(path: str | Path | None = None) -> Settings:
+ENVIRONMENT_ONLY = frozenset({"TP_LOG_LEVEL", "TP_REPLICA", "TP_HEALTH_PORT", "TP_SECRETS_DIR", "TP_VERSION"})
+"""`TP_*` variables that are not settings: log level, replica name, the container healthcheck's
+port, and for docker compose the secrets directory (`deploy/make-secrets.sh`) and image tag."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (if any), apply `TP_*` environment overrides, validate.
 
     Raises `ConfigError` listing every problem.
     """
     source = str(path) if path else "built-in defaults"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([Problem("--config", str(path), "file does not exist")], source) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([Problem("--config", str(path), f"not valid TOML: {exc}")], source) from None
+    data = _read_toml(path, source) if path is not None else {}
+    problems = environment_problems(os.environ if environ is None else environ)
+    if problems:
+        raise ConfigError(problems, source)
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_problems_from(exc), source) from None
+    except SettingsError as exc:  # the environment could not be parsed (caught above in most forms)
+        raise ConfigError([Problem("environment", None, str(exc))], source) from None
+
+
+def _read_toml(path: str | Path, source: str) -> dict[str, Any]:
+    """The file's tables, or `ConfigError` naming `--config` and what is wrong with the file."""
+    def refuse(rule: str) -> ConfigError:
+        return ConfigError([Problem("--config", str(path), rule)], source)
+
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise refuse("file does not exist") from None
+    except IsADirectoryError:
+        raise refuse("is a directory, not a TOML file") from None
+    except PermissionError:
+        raise refuse("cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise refuse("is not a text (UTF-8) file: is it really the TOML configuration?") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise refuse(f"not valid TOML: {exc}") from None
+
+
+def environment_problems(environ: typing.Mapping[str, str]) -> list[Problem]:
+    """`TP_*` variables that name no setting, or hold a list or table that is not JSON.
+
+    pydantic-settings reads only the variables that match a field, so a misspelt section
+    (`TP_PORTFOLIO_TAKEPROFIT__MIN_PROFIT_USD`) would be ignored without a word, and a broken
+    JSON list would end in a traceback.
+    """
+    problems = []
+    for name, value in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith("TP_"):
+            continue
+        if upper == "TP_LOG_LEVEL":
+            if value.strip().upper() not in LOG_LEVELS:
+                problems.append(Problem(name, value, f"unknown log level; one of {', '.join(LOG_LEVELS)}"))
+            continue
+        if upper in ENVIRONMENT_ONLY:
+            continue
+        problem = _environment_problem(name, value, upper[3:].lower().split("__"))
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _environment_problem(name: str, value: str, path: list[str]) -> Problem | None:
+    sections = Settings.model_fields
+    section = sections.get(path[0])
+    if section is None or not path[0]:
+        return Problem(name, value, "unknown setting: no section "
+                       f"'{path[0]}' (sections: {', '.join(sections)}); TP_<SECTION>__<KEY>, e.g. "
+                       "TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD")
+    model = section.annotation
+    assert isinstance(model, type) and issubclass(model, BaseModel)
+    if len(path) == 1:
+        return _json_problem(name, value, dict)
+    field = model.model_fields.get(path[1])
+    if field is None:
+        return Problem(name, value, f"unknown key '{path[1]}' of [{path[0]}] (check the spelling; see the "
+                       "README's configuration reference)")
+    if len(path) == 2:
+        origin = typing.get_origin(field.annotation) or field.annotation
+        if origin in (list, dict) or (isinstance(origin, type) and issubclass(origin, BaseModel)):
+            return _json_problem(name, value, list if origin is list else dict)
+    return None
+
+
+def _json_problem(name: str, value: str, expected: type) -> Problem | None:
+    what = "a JSON list, e.g. '[\"BTC-PERPETUAL\"]'" if expected is list else \
+        "a JSON object, e.g. '{\"key\": 1}'"
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return Problem(name, value, f"not valid JSON: lists and tables are written in the environment as "
+                       f"{what}")
+    if not isinstance(parsed, expected):
+        return Problem(name, value, f"must be {what}")
+    return None
 
 
 def require_key(section: str, key_id: str | None, private_key_file: Path | None) -> tuple[str, str]:
     """Load a Thalex API key for a service that needs one.
 
     The private key comes from a file (or Docker secret) only and is returned
-    to the caller, never logged.
+    to the caller, never logged. A trading key (`executor`) readable by others is
+    refused (see `check_secret_file`).
     """
     problems = []
     if not key_id:
         problems.append(Problem(f"{section}.key_id", key_id, "required key is missing"))
     if private_key_file is None:
         problems.append(Problem(f"{section}.private_key_file", None, "required key is missing"))
-    elif not private_key_file.is_file():
-        problems.append(Problem(f"{section}.private_key_file", str(private_key_file), "file does not exist"))
     if problems:
         raise ConfigError(problems, section)
     assert key_id is not None and private_key_file is not None
-    return key_id, private_key_file.read_text(encoding="utf-8")
+    text = read_secret_file(f"{section}.private_key_file", private_key_file, trading=section == "executor")
+    return key_id, text
+
+
+def read_secret_file(key: str, path: Path, *, trading: bool = False) -> str:
+    """A secret's text from its file, or `ConfigError` naming `key` (never quoting the content)."""
+    def refuse(rule: str) -> ConfigError:
+        return ConfigError([Problem(key, str(path), rule)], key)
+
+    if "-----BEGIN" in str(path) or "\n" in str(path):
+        raise refuse(KEY_IN_PLACE_OF_A_FILE)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise refuse("file does not exist") from None
+    except IsADirectoryError:
+        raise refuse("is a directory, not a key file") from None
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    check_secret_file(key, path, trading=trading)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refuse("is not a text (UTF-8) file: a key or password file holds text (PEM, hex)") from None
+
+
+CONTAINER_SECRETS = Path("/run/secrets")
+"""Where Docker and Kubernetes mount secrets: the container is the boundary there, and the mode
+is the orchestrator's (docker compose's file secrets keep the host file's mode)."""
+
+
+def check_secret_file(key: str, path: Path, *, trading: bool = False) -> None:
+    """Warn about a secret readable by group or others; refuse such a trading key.
+
+    A trading key can close and open positions: one that other users of the machine can read is
+    refused (exit 2). Every other secret (read-only key, Redis password, the command signing key)
+    only draws a warning: none moves money by itself, and refusing it would stop a guardian that is
+    otherwise guarding. Files under /run/secrets are left alone: that is a container's secret mount,
+    the container is the boundary, and docker compose's file secrets keep the host file's mode
+    (deploy/make-secrets.sh makes them 0644 in a 0700 directory so the non-root service can read them).
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO) or path.resolve().is_relative_to(CONTAINER_SECRETS):
+        return
+    advice = f"readable by group or others (mode {mode:04o}); `chmod 600 {path}`"
+    if trading:
+        raise ConfigError([Problem(key, str(path), f"trading key {advice}")], key)
+    log.warning("%s: %s", key, advice)
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective configuration, safe to print: passwords in URLs hidden."""
-    data = settings.model_dump(mode="json")
-    data["redis"]["url"] = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", data["redis"]["url"])
+    """The effective configuration, safe to print: every string has passed `redact`."""
+    data = _redact_strings(settings.model_dump(mode="json"))
     data["fee_estimation_buffer (effective)"] = settings.fee_estimation_buffer
+    assert isinstance(data, dict)
     return data
+
+
+def _redact_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _redact_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(item) for item in value]
+    return value
 
 
 __all__ = [
@@ -552,7 +768,10 @@ __all__ = [
     "FeeRates",
     "Problem",
     "Settings",
+    "check_secret_file",
+    "environment_problems",
     "load_config",
+    "read_secret_file",
     "redacted",
     "require_key",
 ]

@@ -10,11 +10,22 @@ field changes meaning.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Final, Literal, TypeAlias
+from typing import Annotated, Final, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 CONTRACT_VERSION: Final = 1
+
+
+def _known_version(value: int) -> int:
+    if value != CONTRACT_VERSION:
+        raise ValueError(f"unsupported contract version {value} (this reader knows v{CONTRACT_VERSION})")
+    return value
+
+
+Version = Annotated[int, Field(strict=True, json_schema_extra={"const": CONTRACT_VERSION}),
+                    AfterValidator(_known_version)]
+"""`v`: exactly the integer 1 — `true` or `1.0` is not a version (Python's `True == 1` would let it pass)."""
 
 Price = Annotated[float, Field(ge=0.0)]
 """A price or a mark; zero is legal (an expiring worthless option)."""
@@ -28,7 +39,13 @@ BookLevel = tuple[Price, PositiveAmount]
 
 
 class Document(BaseModel):
-    """Base of every wire document: strict, finite, versioned."""
+    """Base of every wire document: strict, finite, versioned.
+
+    Readers of the wire validate with `strict=True` (`services.common.bus.validate_entry`,
+    `read_document`): no bool or string becomes a number there (`"amount": true`,
+    `"fee": "0.05"` are refused). Python code building documents keeps pydantic's usual
+    conversions (a `"buy"` becomes `Side.BUY`).
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -37,7 +54,7 @@ class Document(BaseModel):
         str_strip_whitespace=True,
     )
 
-    v: Literal[1] = CONTRACT_VERSION
+    v: Version = CONTRACT_VERSION
 
 
 class Side(StrEnum):
@@ -246,6 +263,9 @@ class Snapshot(Document):
     """The part of `fees_paid` that is estimated, not the exchange's figure; absent: none."""
     oldest_position_ts: Timestamp | None = None
     stale_instruments: list[str] = Field(default_factory=list)
+    suspect_instruments: list[str] | None = None
+    """Positions whose latest tick was implausible and is held until confirmed (issue 21); their
+    figures are the last plausible prices. Absent when there is none."""
     drift: list[Drift] = Field(default_factory=list)
     last_input_ts: Timestamp | None = None
     """`ingest_ts` of the newest input folded into this snapshot (for latency)."""
@@ -305,6 +325,9 @@ class Command(Document):
     threshold: float
     created_ts: Timestamp
     deadline_ts: Timestamp
+    signature: Annotated[str, Field(pattern=r"^hmac-sha256:[0-9a-f]{64}$")] | None = None
+    """`hmac-sha256:<hex>` over the rest of the command, by take-profit (`services.common.signing`).
+    The executor acts only on a valid one: without it a command is anyone's who can write the stream."""
 
     @model_validator(mode="after")
     def _deadline_after_creation(self) -> Command:

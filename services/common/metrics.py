@@ -32,3 +32,8 @@ SERVICE_HEALTHY = Gauge(
     "1 when the named health check of the service passes (the same checks as /health)",
     ["service", "check"],
 )
+SERVICE_HEALTH_PROBLEM = Gauge(
+    "tp_service_health_problem",
+    "1 while the named health check fails for this reason (the detail is on /health and in the log)",
+    ["service", "check", "reason"],
+)

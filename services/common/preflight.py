@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from services.common.config import Settings
+from services.common.config import CONTAINER_SECRETS, Settings
 
 SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
 PLACEHOLDER = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]key|<[^<>]+>", re.IGNORECASE)
@@ -51,8 +51,13 @@ def placeholders(settings: Settings) -> list[Finding]:
     return found
 
 
-def secret_file(key: str, path: Path | None, *, required: bool, pem: bool = False) -> list[Finding]:
-    """A file holding a secret: present, readable, not readable by group or others."""
+def secret_file(key: str, path: Path | None, *, required: bool, pem: bool = False,
+                trading: bool = False) -> list[Finding]:
+    """A file holding a secret: present, readable, not readable by group or others.
+
+    A trading key readable by others is an error, as the executor refuses it at start
+    (`config.check_secret_file`), unless it is a container's secret mount (/run/secrets).
+    """
     if path is None:
         return [Finding("error", key, "", "required by this service")] if required else []
     if not path.is_file():
@@ -61,7 +66,11 @@ def secret_file(key: str, path: Path | None, *, required: bool, pem: bool = Fals
         return [Finding("error", key, str(path), "file is not readable by this user")]
     findings = []
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if mode & 0o077 and trading and not path.resolve().is_relative_to(CONTAINER_SECRETS):
+        rule = f"trading key readable by group or others (mode {mode:04o}): the executor refuses it; " \
+            "chmod 600 it"
+        findings.append(Finding("error", key, str(path), rule))
+    elif mode & 0o077:
         findings.append(Finding("warning", key, str(path), f"readable by group or others (mode {mode:04o}); "
                                                            f"chmod 600 it (or 640 for a service group)"))
     if pem and not _is_private_key(path):
@@ -97,7 +106,8 @@ def service_findings(settings: Settings, service: str) -> list[Finding]:
                                     "no trading key configured: fine for a dry run, required to trade"))
         else:
             findings += _required("executor.key_id", ex.key_id)
-            findings += secret_file("executor.private_key_file", ex.private_key_file, required=True, pem=True)
+            findings += secret_file("executor.private_key_file", ex.private_key_file, required=True, pem=True,
+                                    trading=True)
         if ex.key_id and ex.key_id == settings.thalex.key_id:
             findings.append(Finding("warning", "executor.key_id", ex.key_id,
                                     "the same key as ingest's: ingest should hold a READ-ONLY key, "
@@ -106,6 +116,14 @@ def service_findings(settings: Settings, service: str) -> list[Finding]:
             findings.append(Finding("warning", "executor.dry_run", "true", "no order will be sent"))
     elif service == "notify":
         findings += _notify_findings(settings)
+    if service in ("takeprofit", "executor"):  # take-profit signs every command, the executor checks
+        key = settings.commands.signing_key_file
+        if service == "executor" and settings.executor.dry_run and key is None:
+            findings.append(Finding("warning", "commands.signing_key_file", "",
+                                    "no command key: fine for a dry run (nothing is sent), required to "
+                                    "trade"))
+        else:
+            findings += secret_file("commands.signing_key_file", key, required=True)
     return findings
 
 

@@ -60,6 +60,8 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     prefer_bundled: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    """More redis-server arguments (e.g. `--aclfile FILE`: the e2e suite runs the shipped ACL)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,7 +76,7 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec", "--protected-mode", "no", "--loglevel", "warning",
-                "--logfile", str(self.workdir / "redis.log")]
+                "--logfile", str(self.workdir / "redis.log"), *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -84,6 +86,8 @@ class RedisServer:
                 )
             try:
                 redis_sync.Redis(port=self.port, socket_timeout=0.2).ping()
+                return
+            except redis_sync.AuthenticationError:  # an ACL without an unauthenticated user: it answers
                 return
             except redis_sync.ConnectionError:
                 time.sleep(0.02)

@@ -7,6 +7,22 @@ stops on SIGINT/SIGTERM — always: stopping is bounded (`STOP_TIMEOUT_SECONDS` 
 task that will not stop (a cancellation swallowed by a library) is left behind, with an error in
 the log, rather than keeping the process alive. `run_timer` is the periodic loop portfolio and
 take-profit share.
+
+Health means "guarding", not "the process answers" (`Health`, issue 21). Every service
+gets these checks for free (`add_framework_checks`):
+
+* `redis` — a write succeeds (a tiny `SET` of `<ns>:<service>:health` every
+  second): red with Redis' own words when it is unreachable, at `maxmemory`
+  with `noeviction`, a read-only replica, or refusing the user (ACL);
+* `consuming` — every stream reader is alive;
+* `handlers` — no entry's handling is failing (`StreamConsumer.problem`): a
+  handler that fails on every entry, or again and again on one, is red from its
+  first failure until the entry is handled or dead-lettered.
+
+A service adds its own with `health.add(name, check)`; a check (plain or async) returns True,
+or False, or the reason it fails (text), or raises `Unhealthy(reason, detail)`. The reasons are on
+`/health` (`reasons`), in `tp_service_health_problem{service,check,reason}` and in the log (once
+per change, not every second).
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import logging
 import os
@@ -24,21 +41,32 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from services.common.bus import Bus, raise_if_cancelled
-from services.common.config import ConfigError, Settings, load_config
-from services.common.metrics import SERVICE_HEALTHY
+from services.common.config import LOG_LEVELS, ConfigError, Problem, Settings, load_config, read_secret_file
+from services.common.metrics import SERVICE_HEALTH_PROBLEM, SERVICE_HEALTHY
+from services.common.redact import install_redaction, redact
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[], Awaitable[bool | str]]
-"""True: healthy; False or a reason (text): not healthy."""
+HealthCheck = Callable[[], Awaitable[bool | str] | bool | str]
+"""True: healthy; False, a reason (text), or `Unhealthy` raised: not healthy. Plain or async."""
 HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
+HEALTH_KEY_TTL_MS = 30_000
+
+
+class Unhealthy(Exception):
+    """Raised by a health check: `reason` is short and stable (a metric label), `detail` the particulars."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
 STOP_TIMEOUT_SECONDS = 5.0
 """How long each step of stopping (the service's tasks, then the bus) may take."""
 
@@ -52,14 +80,16 @@ class Runnable(Protocol):
 
 @dataclass
 class Health:
-    """Named checks, evaluated on the event loop, read by the HTTP thread."""
+    """Named checks, evaluated on the event loop every second, read by the HTTP thread."""
 
     service: str = ""
     checks: dict[str, HealthCheck] = field(default_factory=dict)
     latest: dict[str, bool] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
-    """Why each failing check fails (when it said)."""
+    """Why each failing check fails ("reason: detail"), redacted."""
     checked_ts: float = 0.0
+    _labels: dict[str, str] = field(default_factory=dict)
+    """Check → the reason label its `tp_service_health_problem` series carries now."""
 
     def add(self, name: str, check: HealthCheck) -> None:
         self.checks[name] = check
@@ -68,24 +98,96 @@ class Health:
         results: dict[str, bool] = {}
         reasons: dict[str, str] = {}
         for name, check in self.checks.items():
-            try:
-                async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_SECONDS):
-                    answer = await check()
-            except Exception as exc:  # a failing check is an unhealthy answer, not a crash
-                raise_if_cancelled()
-                answer = f"check failed: {type(exc).__name__}: {exc}"
-            results[name] = answer is True
-            if isinstance(answer, str):
-                reasons[name] = answer
-        if reasons.keys() - self.reasons.keys():
-            log.warning("unhealthy: %s", "; ".join(f"{n}: {r}" for n, r in reasons.items()))
+            reason, detail = await self._evaluate(check)
+            results[name] = reason is None
+            if reason is not None:
+                reasons[name] = redact(f"{reason}: {detail}" if detail else reason)
+            self._label(name, reason)
+        self._log_changes(reasons)
         self.latest, self.reasons, self.checked_ts = results, reasons, time.time()
         for name, ok in results.items():
             SERVICE_HEALTHY.labels(self.service, name).set(1 if ok else 0)
 
+    @staticmethod
+    async def _evaluate(check: HealthCheck) -> tuple[str | None, str]:
+        """(reason, detail) of a failing check; (None, "") when it passes."""
+        try:
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_SECONDS):
+                answer = check()
+                if inspect.isawaitable(answer):
+                    answer = await answer
+        except Unhealthy as exc:
+            raise_if_cancelled()  # redis-py turns a cancellation into its own error: stop must stop
+            return exc.reason, exc.detail
+        except TimeoutError:
+            raise_if_cancelled()
+            return "check timed out", f"no answer within {HEALTH_CHECK_TIMEOUT_SECONDS:.0f} s"
+        except Exception as exc:  # a failing check is an unhealthy answer, not a crash
+            raise_if_cancelled()
+            return f"check raised {type(exc).__name__}", str(exc)
+        if answer is True:
+            return None, ""
+        if isinstance(answer, str):  # "reason: particulars" — the part before the colon is the label
+            reason, _, detail = answer.partition(": ")
+            return reason, detail
+        return "check failed", ""
+
+    def _label(self, name: str, reason: str | None) -> None:
+        label = None if reason is None else redact(reason)[:80]
+        previous = self._labels.get(name)
+        if previous == label:
+            return
+        if previous is not None:
+            SERVICE_HEALTH_PROBLEM.remove(self.service, name, previous)
+            del self._labels[name]
+        if label is not None:
+            SERVICE_HEALTH_PROBLEM.labels(self.service, name, label).set(1)
+            self._labels[name] = label
+
+    def _log_changes(self, reasons: dict[str, str]) -> None:
+        for name, why in reasons.items():
+            if self.reasons.get(name) != why:
+                log.warning("%s UNHEALTHY: %s: %s", self.service, name, why)
+        for name in self.reasons.keys() - reasons.keys():
+            log.info("%s: %s healthy again", self.service, name)
+
     @property
     def healthy(self) -> bool:
         return bool(self.latest) and all(self.latest.values()) and time.time() - self.checked_ts < 10
+
+    def document(self) -> dict[str, Any]:
+        """What `/health` answers."""
+        return {"service": self.service, "healthy": self.healthy, "checks": self.latest,
+                "reasons": self.reasons, "checked_ts": self.checked_ts}
+
+
+def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
+    """The checks every service gets: `redis` (a write to `key` succeeds), `consuming`, `handlers`."""
+
+    async def redis_writable() -> bool:
+        try:
+            await bus.redis.set(key, str(time.time()), px=HEALTH_KEY_TTL_MS)
+        except ResponseError as exc:  # OutOfMemoryError at maxmemory, ReadOnlyError, NoPermissionError
+            raise Unhealthy("Redis refuses writes", f"{type(exc).__name__}: {exc}") from None
+        except (RedisError, OSError) as exc:
+            raise Unhealthy("Redis unreachable", f"{type(exc).__name__}: {exc}") from None
+        return True
+
+    async def consuming() -> bool:
+        dead = [c.stream for c in bus.consumers if not c.is_consuming]
+        if dead:
+            raise Unhealthy("a stream reader is not running", ", ".join(dead))
+        return True
+
+    async def handlers() -> bool:
+        failing = [problem for c in bus.consumers if c.is_consuming and (problem := c.problem())]
+        if failing:
+            raise Unhealthy("handlers failing", "; ".join(failing))
+        return True
+
+    health.add("redis", redis_writable)
+    health.add("consuming", consuming)
+    health.add("handlers", handlers)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -103,8 +205,7 @@ def serve_http(host: str, port: int, health: Health, service: str) -> WSGIServer
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         if environ.get("PATH_INFO") == "/health":
-            body = json.dumps({"service": service, "healthy": health.healthy, "checks": health.latest,
-                               "reasons": health.reasons, "checked_ts": health.checked_ts}).encode()
+            body = json.dumps(health.document()).encode()
             status = "200 OK" if health.healthy else "503 Service Unavailable"
             start_response(status, [("Content-Type", "application/json")])
             return [body]
@@ -131,14 +232,19 @@ def tune_gc_for_latency() -> None:
 
 
 def setup_logging(service: str) -> None:
-    level = os.environ.get("TP_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr,
+    """Log to stderr through the redaction rule; an unknown TP_LOG_LEVEL is refused by `load_config`."""
+    level = os.environ.get("TP_LOG_LEVEL", "INFO").strip().upper()
+    logging.basicConfig(level=level if level in LOG_LEVELS else "INFO", stream=sys.stderr,
                         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    install_redaction()
 
 
-def read_secret(path: Any) -> str | None:
-    """A password from a file (Docker secret), stripped; None when not configured."""
-    return None if path is None else open(path, encoding="utf-8").read().strip()
+def read_secret(path: Any, key: str = "redis.password_file") -> str | None:
+    """A password from a file (Docker secret), stripped; None when not configured.
+
+    A file that cannot be read is a `ConfigError` naming `key` (exit 2), never a traceback.
+    """
+    return None if path is None else read_secret_file(key, Path(path)).strip()
 
 
 def make_bus(settings: Settings, service: str) -> Bus:
@@ -172,15 +278,7 @@ async def _run(service: str, settings: Settings, replica: str, build: Build, por
     """Run until a signal or until the work ends; returns the exit code (2: a fatal config error)."""
     bus = make_bus(settings, service)
     health = Health(service)
-
-    async def redis_up() -> bool:
-        return bool(await bus.redis.ping())
-
-    async def consuming() -> bool:
-        return all(c.is_consuming for c in bus.consumers)
-
-    health.add("redis", redis_up)
-    health.add("consuming", consuming)
+    add_framework_checks(health, bus, settings.names.key(f"{service}:health"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -287,22 +385,25 @@ def _others() -> list[asyncio.Task[Any]]:
 
 
 async def _start_bus_when_redis_answers(bus: Bus, stop: asyncio.Event) -> bool:
-    """Redis may come up after us (compose, a restart): wait for it, loudly.
+    """Redis may come up after us (compose, a restart), or refuse writes for a while: wait, loudly.
 
-    False when told to stop before Redis ever answered (nothing was started).
+    False when told to stop before Redis ever answered (nothing was started). A refused user or
+    password is a configuration error (exit 2), not something to wait out.
     """
     delay = 0.2
     while not stop.is_set():
         try:
             await bus.start()
             return True
-        except (ConnectionError, OSError) as exc:
+        except (AuthenticationError, NoPermissionError) as exc:
+            raise ConfigError([Problem("redis.username", None, f"Redis refused this service's user: {exc} "
+                                       "(check [redis] username, password_file and the ACL)")],
+                              "redis") from None
+        except ResponseError as exc:  # at maxmemory, a read-only replica, still loading its data
+            log.warning("Redis refuses to start the consumers (%s); retrying in %.1f s", exc, delay)
+        except (RedisError, OSError) as exc:
             log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
-        except Exception as exc:  # redis-py raises its own ConnectionError subclasses
-            if "connect" not in str(exc).lower():
-                raise
-            log.warning("Redis not reachable (%s); retrying in %.1f s", exc, delay)
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):  # a stop ends the wait at once
             await asyncio.wait_for(stop.wait(), timeout=delay)
         delay = min(delay * 2, 5.0)
     return False

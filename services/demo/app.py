@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,14 @@ class Demo:
         generate_key(keys, QUOTER_KEY, account=ACCOUNT)
         return keys
 
+    @staticmethod
+    def make_command_key(keys: Path) -> Path:
+        """The secret take-profit signs commands with and the executor checks (owner-only, like the keys)."""
+        path = keys / "command_key.txt"
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+        return path
+
     def write_config(self, redis_url: str, paper_url: str, keys: Path) -> Path:
         config = self.workdir / "demo.toml"
         ports = [free_port() for _ in SERVICES]
@@ -120,6 +129,9 @@ private_key_file = "{keys / 'demo-ingest.pem'}"
 key_id = "demo-executor"
 private_key_file = "{keys / 'demo-executor.pem'}"
 deadline_seconds = 20
+
+[commands]
+signing_key_file = "{self.make_command_key(keys)}"
 
 [portfolio_take_profit]
 cooldown_seconds = 10

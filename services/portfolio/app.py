@@ -28,10 +28,11 @@ import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 
-from services.common.bus import Bus, Delivery, Handler, entry_document
+from services.common.bus import Bus, Delivery, Handler, MalformedEntry, validate_entry
 from services.common.config import Settings
-from services.common.contracts import Fill, InstrumentInfo, Positions, Report, Snapshot, Tick
-from services.common.service import Health, run_timer, service_main
+from services.common.contracts import Fill, InstrumentInfo, InstrumentType, Positions, Report, Snapshot, Tick
+from services.common.reference import ReferenceReader
+from services.common.service import Health, Unhealthy, run_timer, service_main
 from services.portfolio.closures import (
     EPOCH_END_WAIT_SECONDS,
     Calibrations,
@@ -40,6 +41,7 @@ from services.portfolio.closures import (
     epoch_ends,
 )
 from services.portfolio.ledger import FillOutcome, Ledger, LedgerConfig
+from services.portfolio.prices import PriceGuard
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ INSTRUMENT_PNL = Gauge(
     "tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"]
 )
 STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
+SUSPECT = Gauge("tp_portfolio_suspect_instruments", "Positions whose latest tick is held as implausible")
+TICKS_HELD = Counter("tp_portfolio_ticks_held_total", "Ticks held back as implausible until confirmed")
 SNAPSHOT_LATENCY = Histogram(
     "tp_portfolio_snapshot_latency_seconds",
     "From the newest input's ingest_ts to its snapshot being written",
@@ -102,6 +106,10 @@ class PortfolioService:
         self.epoch_end: EpochEnd | None = None
         self._instrument_gauges: dict[str, Gauge] = {}
         self._last_instrument_retry = 0.0
+        self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
+        self.prices = PriceGuard(settings.portfolio.suspect_price_move)
+        """Holds an implausible tick back until the exchange confirms it (issue 21, item 5)."""
+        self._suspects_shown: list[str] = []
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         consumers: list[tuple[str, type[Any], Handler[Any]]] = [
@@ -133,9 +141,14 @@ class PortfolioService:
             redis.get(self.ledger_key), redis.hgetall(self.ticks_key), redis.get(self.seq_key)
         )
         self.seq = int(seq or 0)
+        self.prices = PriceGuard(self.settings.portfolio.suspect_price_move)
         if raw:
             state = json.loads(raw)
             state["ticks"] = {k.decode(): json.loads(v) for k, v in cast(dict[bytes, bytes], ticks).items()}
+            for name, info in state["instruments"].items():
+                self.prices.set_type(name, InstrumentType(info["type"]))
+            for tick in state["ticks"].values():  # what was applied was plausible
+                self.prices.trust(Tick.model_validate(tick))
             pending = state.pop("epoch_end", None)
             self.epoch_end = None if pending is None else EpochEnd(**pending)
             self.ledger = Ledger.from_state(state, self.config)
@@ -151,7 +164,11 @@ class PortfolioService:
         await self._load_instruments(None)
         latest = await redis.xrevrange(self.names.positions, count=1)
         if latest:
-            report = Positions.model_validate(entry_document(latest[0][1])[1])
+            try:
+                report = validate_entry(Positions, latest[0][1])
+            except MalformedEntry as exc:  # the consumer dead-letters it; seed from the next one
+                log.warning("first start: the latest tp:positions entry is unusable (%s); not seeded", exc)
+                return
             self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
             log.info(
                 "first start: seeded %d positions from the exchange (%s)",
@@ -160,17 +177,23 @@ class PortfolioService:
             )
 
     async def _load_instruments(self, names: set[str] | None) -> None:
-        """Instrument metadata comes from ingest's `tp:instruments` hash."""
+        """Instrument metadata comes from ingest's `tp:instruments` hash.
+
+        A bad value is dead-lettered and its instrument stays unknown (valued at the fallback fee
+        rates, retried by the timer): it never fails the fill, tick or report being handled.
+        """
         redis = self.bus.redis
         if names is None:
             listed = cast(dict[bytes, bytes], await redis.hgetall(self.names.instruments))
-            items: dict[str, bytes | str] = {k.decode(): v for k, v in listed.items()}
+            raw: dict[str, bytes | str | None] = {k.decode(): v for k, v in listed.items()}
         else:
             ordered = sorted(names)
             values = await redis.hmget(self.names.instruments, ordered)
-            items = {n: v for n, v in zip(ordered, values, strict=True) if v}
-        for name, value in items.items():
-            self.ledger.set_instrument(name, InstrumentInfo.model_validate_json(value))
+            raw = dict(zip(ordered, values, strict=True))
+        items = await self.instrument_reader.documents(raw)
+        for name, info in items.items():
+            self.ledger.set_instrument(name, info)
+            self.prices.set_type(name, info.type)
             self.unknown_instruments.discard(name)
         if names:
             self.unknown_instruments |= names - set(items)
@@ -193,16 +216,30 @@ class PortfolioService:
         await self._know({d.doc.instrument for d in batch})
         changed: dict[str, Tick] = {}
         for delivery in batch:
-            if self.ledger.apply_tick(delivery.doc):
-                changed[delivery.doc.instrument] = delivery.doc
+            tick = self.prices.check(delivery.doc)
+            if tick is None:
+                self._held(delivery.doc.instrument)
+            elif self.ledger.apply_tick(tick):
+                changed[tick.instrument] = tick
         if changed:
             pipe.hset(
                 self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
             )
         if self._settlements():  # a tick of a new day settled funding: that is accounting
             self._save_ledger(pipe)
-        if any(self.ledger.moves_snapshot(name) for name in changed):
+        if any(self.ledger.moves_snapshot(n) for n in changed) or self._suspects() != self._suspects_shown:
             self._publish_snapshot(pipe, len(batch))
+
+    def _held(self, instrument: str) -> None:
+        held = self.prices.held[instrument]
+        TICKS_HELD.inc()
+        if instrument not in self._suspects_shown:
+            log.warning("price of %s held as suspect until the exchange confirms it: %s", instrument,
+                        held.reason)
+
+    def _suspects(self) -> list[str]:
+        """Instruments of the snapshot whose latest tick is held (the snapshot's `suspect_instruments`)."""
+        return [name for name in self.prices.suspects if self.ledger.moves_snapshot(name)]
 
     async def on_fills(self, batch: list[Delivery[Fill]], pipe: Pipeline) -> None:
         await self._know({d.doc.instrument for d in batch})
@@ -340,6 +377,16 @@ class PortfolioService:
         now = time.time()
         self.seq += 1
         snapshot = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+        suspects = self._suspects()
+        if suspects:
+            snapshot = snapshot.model_copy(update={"suspect_instruments": suspects})
+        if suspects != self._suspects_shown:
+            cleared = set(self._suspects_shown) - set(suspects)
+            if cleared:
+                log.info("prices of %s plausible again (confirmed, or back in line)",
+                         ", ".join(sorted(cleared)))
+            self._suspects_shown = suspects
+            SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
         self.bus.queue_publish(
             pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
@@ -376,6 +423,23 @@ class PortfolioService:
         interval = min(1.0, self.settings.portfolio.stale_after_seconds / 2)
         await run_timer("portfolio", interval, self.bus, self.lock, self.on_timer, self.load)
 
+    async def prices_fresh(self) -> bool:
+        """Health: every open position has a price younger than `stale_after_seconds`, and plausible.
+
+        Stale or suspect prices leave the profit barriers waiting (take-profit decides nothing on
+        them): the portfolio is not doing its job, whatever the reason upstream.
+        """
+        stale_after = self.settings.portfolio.stale_after_seconds
+        stale = self.ledger.stale_instruments(time.time(), stale_after)
+        if stale:
+            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise Unhealthy("prices stale", f"no tick within {stale_after:g} s for {shown}")
+        suspects = self._suspects()
+        if suspects:
+            reasons = "; ".join(f"{name}: {self.prices.held[name].reason}" for name in suspects[:5])
+            raise Unhealthy("prices suspect", f"held until the exchange confirms them: {reasons}")
+        return True
+
     async def on_timer(self, now: float) -> None:
         """A snapshot when prices go stale without input, late instrument metadata, an overdue epoch end."""
         learned = False
@@ -404,6 +468,7 @@ def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> P
     """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
     service = PortfolioService(settings, bus, consumer_name)
     bus.before_start.append(service.load)
+    health.add("prices", service.prices_fresh)
     return service
 
 

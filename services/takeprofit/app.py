@@ -14,6 +14,10 @@ one for the same trigger:
   cool-down, during an operator halt, and after a failed closure until
   `thalex-tp resume` (the failure keeps quoters down until a human looks).
 
+Every command is signed (`services.common.signing`, `[commands] signing_key_file`, required:
+without it the service exits 2): the executor acts only on commands it can tie to take-profit.
+The operator's `close_all` comes here as a control and leaves as a signed command like any other.
+
 Runs as a single replica: two deciders would race for one lease. Being the only
 writer of the lease and of the failed-closure halt, the service mirrors both in
 memory (`lease_held`, `failed`) instead of asking Redis on every snapshot: the
@@ -44,9 +48,11 @@ from services.common.contracts import (
     Snapshot,
     halt_to_hash,
 )
-from services.common.service import Health, run_timer, service_main
+from services.common.reference import ReferenceReader
+from services.common.service import Health, Unhealthy, run_timer, service_main
+from services.common.signing import require_command_key, sign_command
 from services.takeprofit.answers import EXPIRED, NOT_CLOSABLE, answer_control, expired
-from services.takeprofit.rules import Decision, External, RulesEngine, build_command
+from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +83,10 @@ FAILED_HALT_REASON = "closure_failed"
 class TakeProfitService:
     """Feeds the rules engine from the streams and writes its decisions back, atomically."""
 
-    def __init__(self, settings: Settings, bus: Bus, consumer_name: str) -> None:
+    def __init__(self, settings: Settings, bus: Bus, consumer_name: str, *, command_key: bytes) -> None:
         self.settings = settings
+        self.command_key = command_key
+        """Signs every command (`services.common.signing`): the executor acts only on signed ones."""
         self.bus = bus
         self.names = settings.names
         self.state_key = self.names.key("takeprofit:state")
@@ -92,6 +100,7 @@ class TakeProfitService:
         self.volume_ticks: dict[str, float] = {}
         """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
         self._volume_ticks_read = 0.0
+        self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         bus.consumer(self.names.snapshots, "takeprofit", consumer_name, Snapshot, self.on_snapshots,
@@ -123,6 +132,19 @@ class TakeProfitService:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
         raw = await self.bus.redis.get(self.failed_key)
         self.failed = Halt.model_validate_json(raw) if raw else None
+
+    async def snapshots_fresh(self) -> bool:
+        """Health: the last snapshot prices every open position freshly, and is recent.
+
+        Stale or suspect prices hold the profit barriers (the emergency stop decides on the last
+        known or plausible prices); and with positions open, the portfolio publishes a snapshot on
+        every tick of them, so silence longer than `stale_after_seconds` means it is not.
+        """
+        problem = freshness_problem(self.engine.last_snapshot, time.time(),
+                                    self.settings.portfolio.stale_after_seconds)
+        if problem is not None:
+            raise Unhealthy(*problem)
+        return True
 
     def _external(self) -> External:
         return External(closure_in_flight=self.lease_held)
@@ -239,8 +261,9 @@ class TakeProfitService:
     async def _write_decision(self, decision: Decision, pipe: Pipeline, now: float) -> None:
         volume_ticks = await self._volume_ticks([p.instrument for p in decision.positions])
         try:
-            command = build_command(decision, decision.decided_ts, self.settings.executor.deadline_seconds,
-                                    volume_ticks)
+            command = sign_command(build_command(decision, decision.decided_ts,
+                                                 self.settings.executor.deadline_seconds, volume_ticks),
+                                   self.command_key)
         except ValueError as exc:
             log.warning("decision %s dropped: %s", decision.command_id, exc)
             self.engine.on_closure_finished(decision.command_id, completed=False, now=now)
@@ -269,10 +292,17 @@ class TakeProfitService:
         return {i: self.volume_ticks[i] for i in instruments if i in self.volume_ticks}
 
     async def _read_volume_ticks(self, instruments: list[str], now: float) -> None:
+        """Volume ticks from `tp:instruments`; a bad value is dead-lettered and that leg left unrounded.
+
+        A partial close of a leg whose volume tick is unknown closes exactly `fraction` of it (the
+        executor rounds to what the exchange accepts); it never stops the decision on the others.
+        """
         values = await self.bus.redis.hmget(self.names.instruments, instruments)
-        for instrument, value in zip(instruments, values, strict=True):
-            if value:
-                self.volume_ticks[instrument] = InstrumentInfo.model_validate_json(value).volume_tick_size
+        infos = await self.instrument_reader.documents(dict(zip(instruments, values, strict=True)))
+        for instrument in instruments:
+            info = infos.get(instrument)
+            if info is not None:
+                self.volume_ticks[instrument] = info.volume_tick_size
         self._volume_ticks_read = now
 
     def _write_state(self, pipe: Pipeline, now: float) -> None:
@@ -293,8 +323,9 @@ class TakeProfitService:
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> TakeProfitService:
     """Wire the service to the bus; it restores its checkpoint before any entry is handled."""
-    service = TakeProfitService(settings, bus, consumer_name)
+    service = TakeProfitService(settings, bus, consumer_name, command_key=require_command_key(settings))
     bus.before_start.append(service.load)
+    health.add("snapshots", service.snapshots_fresh)
     return service
 
 

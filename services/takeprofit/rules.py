@@ -42,8 +42,11 @@ Guards, checked in this order before any barrier
   protection (pass `emergency_when_halted=False` to make a halt total). The
   decision says it overrode the halt. `close_all` still fires.
 * **Stale prices** — no decision while any open position's instrument is in
-  `snapshot.stale_instruments`, except the emergency stop and `close_all`, which
-  decide on the last known prices and say so (`Decision.stale_instruments`).
+  `snapshot.stale_instruments` or `snapshot.suspect_instruments` (a tick held as
+  implausible by the portfolio until the exchange confirms it), except the emergency
+  stop and `close_all`, which decide on the last known plausible prices and say so
+  (`Decision.stale_instruments`). The snapshot never values a suspect tick, so an
+  emergency stop never fires on one unconfirmed tick.
 * **`enable_portfolio_tp = false`** — disables the three profit barriers. The
   emergency stop stays armed unless `emergency_stop_when_disabled = false`; the
   time limit is a risk barrier, not a profit barrier, and stays armed.
@@ -616,7 +619,8 @@ class RulesEngine:
             f"{sentence}; closing {what} ({len(positions)}) on snapshot {snap.seq} of epoch {snap.epoch}"
         ]
         if stale:
-            notes.append(f"prices of {', '.join(stale)} are stale: decided on the last known prices")
+            notes.append(f"prices of {', '.join(stale)} are stale or suspect: decided on the last known "
+                         "plausible prices")
         if overrode_halt:
             notes.append("overriding the operator halt: the emergency stop stays armed during a halt")
         decision = Decision(
@@ -741,9 +745,39 @@ def _to_close(p: SnapshotPosition, fraction: float, priced: bool) -> PositionToC
 
 
 def _stale_positions(snap: Snapshot) -> tuple[str, ...]:
-    """The open positions whose prices the portfolio flagged as stale (others do not matter)."""
-    stale = set(snap.stale_instruments)
+    """The open positions whose prices the portfolio flagged as stale or suspect (others do not matter).
+
+    A suspect price (an implausible tick held until the exchange confirms it, issue 21) is treated
+    like a stale one: the snapshot values it at the last plausible price, no profit barrier fires
+    on it, and an emergency stop decides on those last plausible prices and says so.
+    """
+    stale = set(snap.stale_instruments) | set(snap.suspect_instruments or ())
     return tuple(sorted(p.instrument for p in _open_positions(snap) if p.instrument in stale))
+
+
+def freshness_problem(snap: Snapshot | None, now: float,
+                      stale_after_seconds: float) -> tuple[str, str] | None:
+    """(reason, detail) when the last snapshot cannot be decided on freshly; None when it can.
+
+    Red when an open position's prices are stale, or when positions are open and no snapshot came
+    for `2 × stale_after_seconds` (the portfolio publishes on every tick of a held instrument, and
+    flags prices stale after `stale_after_seconds`: silence beyond that means it is not working).
+    No snapshot at all is not a problem: nothing is known to be held.
+    """
+    if snap is None:
+        return None
+    open_positions = _open_positions(snap)
+    if not open_positions:
+        return None
+    stale = _stale_positions(snap)
+    if stale:
+        return "prices stale", (f"snapshot #{snap.seq} flags {', '.join(stale[:5])} (stale or suspect): "
+                                "profit barriers wait")
+    age = now - snap.ts
+    if age > 2 * stale_after_seconds:
+        return "no recent snapshot", (f"the last one (#{snap.seq}) is {age:.0f} s old with "
+                                      f"{len(open_positions)} positions open")
+    return None
 
 
 def _oldest_ts(snap: Snapshot) -> float | None:
@@ -800,4 +834,5 @@ __all__ = [
     "RulesEngine",
     "Skip",
     "build_command",
+    "freshness_problem",
 ]

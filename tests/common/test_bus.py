@@ -418,3 +418,126 @@ async def test_a_restore_that_failed_runs_before_the_next_batch(
 
     await eventually(handled, within=5)
     assert calls[:3] == ["restore", "restore", "handled next"] and bus.restore_due is None
+
+
+async def test_a_deeply_nested_entry_is_dead_lettered_and_its_batch_handled(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """One entry too deep for a JSON parser must not fail the batch it shares with good ones, and
+    its dead letter says why (issue 21, item 8: it failed the batch and ended as "poison")."""
+    recorder = Recorder()
+    bus = make_bus()
+    consumer = bus.consumer(names.control, "g", "c1", Control, recorder)
+    await redis.xadd(names.control, {"__data__": control("before").model_dump_json()})
+    nested = '{"v": 1, "by": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    deep = await redis.xadd(names.control, {"__data__": nested})
+    await redis.xadd(names.control, {"__data__": control("after").model_dump_json()})
+    await bus.start()  # the three are one batch of the first read
+
+    async def settled() -> bool:
+        return recorder.seen == ["before", "after"] and await redis.xlen(names.deadletter) == 1
+
+    await eventually(settled)
+    [(_, fields)] = await redis.xrange(names.deadletter)
+    letter = DeadLetter.model_validate_json(fields[b"__data__"])
+    assert letter.entry_id == deep.decode()
+    assert "not valid JSON" in letter.error and "recursion" in letter.error
+    assert (await redis.xpending(names.control, "g"))["pending"] == 0 and consumer.problem() is None
+
+
+async def test_a_poison_entry_is_dead_lettered_with_the_handlers_own_error(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    recorder = Recorder()
+    recorder.crash_on = {"poison"}
+    bus = make_bus()
+    consumer = bus.consumer(names.control, "g", "c1", Control, recorder, max_deliveries=2,
+                            claim_idle_seconds=3600, claim_interval_seconds=0.05, retry_idle_seconds=0.05)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("poison").model_dump_json()})
+
+    async def failing() -> bool:
+        return consumer.problem() is not None
+
+    await eventually(failing)
+    assert "RuntimeError: handler crashed on poison" in str(consumer.problem())
+
+    async def dead_lettered() -> bool:
+        return await redis.xlen(names.deadletter) == 1
+
+    await eventually(dead_lettered)
+    [(_, fields)] = await redis.xrange(names.deadletter)
+    error = DeadLetter.model_validate_json(fields[b"__data__"]).error
+    assert "delivered 3 times" in error and "RuntimeError: handler crashed on poison" in error
+    assert consumer.problem() is None  # settled: nothing is failing any more
+
+
+class RedisAway(Recorder):
+    """A handler whose Redis refuses writes (maxmemory, a read-only replica) until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusing = True
+
+    async def __call__(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
+        if self.refusing:
+            from redis.exceptions import OutOfMemoryError
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        await super().__call__(batch, pipe)
+
+
+async def test_an_entry_failing_on_redis_is_never_dead_lettered_and_is_handled_when_redis_is_back(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """A real fill must not become "poison" because Redis refused writes for longer than
+    `max_deliveries` retries: it waits, the consumer reports it, and it is handled afterwards."""
+    handler = RedisAway()
+    bus = make_bus()
+    consumer = bus.consumer(names.control, "g", "c1", Control, handler, max_deliveries=2,
+                            claim_idle_seconds=3600, claim_interval_seconds=0.05, retry_idle_seconds=0.05)
+    await bus.start()
+    await redis.xadd(names.control, {"__data__": control("real-fill").model_dump_json()})
+
+    async def retried_past_the_limit() -> bool:
+        pending = await redis.xpending_range(names.control, "g", min="-", max="+", count=10)
+        return bool(pending) and pending[0]["times_delivered"] > 4
+
+    await eventually(retried_past_the_limit)
+    assert await redis.xlen(names.deadletter) == 0
+    assert "1 entry of" in str(consumer.problem()) and "OutOfMemoryError" in str(consumer.problem())
+    handler.refusing = False
+
+    async def handled() -> bool:
+        return handler.seen == ["real-fill"] and (await redis.xpending(names.control, "g"))["pending"] == 0
+
+    await eventually(handled)
+    assert await redis.xlen(names.deadletter) == 0 and consumer.problem() is None
+
+
+async def test_a_valid_entry_sharing_a_batch_with_a_malformed_one_is_applied_after_a_failure(
+    make_bus: Any, redis: Redis, names: Any
+) -> None:
+    """The handler fails on the batch once; the malformed entry is settled at once, the valid one
+    is retried (XCLAIM, which the ACL must allow) and applied."""
+    recorder = Recorder()
+    recorder.crash_on = {"fill"}
+    restored = 0
+
+    async def restore() -> None:
+        nonlocal restored
+        restored += 1
+        recorder.crash_on.clear()
+
+    bus = make_bus()
+    bus.consumer(names.control, "g", "c1", Control, recorder, claim_idle_seconds=3600,
+                 claim_interval_seconds=0.1, retry_idle_seconds=0.1, on_failure=restore)
+    await redis.xadd(names.control, {"__data__": "{broken"})
+    await redis.xadd(names.control, {"__data__": control("fill").model_dump_json()})
+    await bus.start()
+
+    async def applied() -> bool:
+        return recorder.seen == ["fill"] and (await redis.xpending(names.control, "g"))["pending"] == 0
+
+    await eventually(applied)
+    assert await redis.xlen(names.deadletter) == 1
+    assert restored == 1  # what the failed handler changed in memory was forgotten

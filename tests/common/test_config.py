@@ -143,6 +143,16 @@ RULES = [
     ("[portfolio]\nbaseline = 'yesterday'", "portfolio.baseline", "'entry' or 'mark_at_start'"),
     ("[ingest]\nhistory_recheck_seconds = 0", "ingest.history_recheck_seconds", "greater than 0"),
     ("this is not toml", "--config", "not valid TOML"),
+    # issue 21, item 8: a boolean is not a number, nor a number a boolean
+    ("[portfolio_take_profit]\nmin_profit_usd = true", "portfolio_take_profit.min_profit_usd",
+     "must be a number, not true/false"),
+    ("[executor]\ndeadline_seconds = false", "executor.deadline_seconds", "must be a number"),
+    ("[portfolio]\nbatch_size = true", "portfolio.batch_size", "must be a number"),
+    ("[portfolio_take_profit]\nenable_portfolio_tp = 1", "portfolio_take_profit.enable_portfolio_tp",
+     "must be true or false"),
+    ("[executor]\ndry_run = 0", "executor.dry_run", "must be true or false"),
+    ("[thalex]\nprivate_key_file = '-----BEGIN PRIVATE KEY-----MIIEvQIBADANBgkqhkiG9w0BAQEFAASC'",
+     "thalex.private_key_file", "looks like the key itself"),
 ]
 
 
@@ -206,3 +216,142 @@ def test_readme_documents_every_config_key() -> None:
             if f"| `{key}`" not in readme and f"| `{key}." not in readme:
                 missing.append(f"{section}.{key}")
     assert not missing, f"undocumented config keys: {missing}"
+
+
+# --------------------------------------------------------------------------- issue 21, items 7 and 8
+
+def check_config(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`thalex-tp check-config` as a user runs it (a process: a traceback would show as rc 1)."""
+    import os
+    environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("TP_")}
+    return subprocess.run([sys.executable, "-m", "services.cli", "check-config", *argv], capture_output=True,
+                          text=True, check=False, env={**environ, **(env or {})})
+
+
+ENVIRONMENT = [
+    ({"TP_PORTFOLIO_TAKEPROFIT__MIN_PROFIT_USD": "5"}, "TP_PORTFOLIO_TAKEPROFIT__MIN_PROFIT_USD",
+     "no section 'portfolio_takeprofit'"),
+    ({"TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFT_USD": "5"}, "TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFT_USD",
+     "unknown key 'min_proft_usd'"),
+    ({"TP_INGEST__WATCH_LIST": "BTC-PERPETUAL"}, "TP_INGEST__WATCH_LIST", "not valid JSON"),
+    ({"TP_INGEST__WATCH_LIST": '["BTC-PERPETUAL"'}, "TP_INGEST__WATCH_LIST", "not valid JSON"),
+    ({"TP_INGEST__WATCH_LIST": '{"a": 1}'}, "TP_INGEST__WATCH_LIST", "must be a JSON list"),
+    ({"TP_REDIS": '{"url": '}, "TP_REDIS", "not valid JSON"),
+    ({"TP_LOG_LEVEL": "LOUD"}, "TP_LOG_LEVEL", "unknown log level"),
+    ({"TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD": "true"}, "portfolio_take_profit.min_profit_usd",
+     "valid number"),
+]
+
+
+@pytest.mark.parametrize(("env", "named", "rule"), ENVIRONMENT, ids=[e[1] + "=" + next(iter(e[0].values()))
+                                                                      for e in ENVIRONMENT])
+def test_environment_keys_are_validated_like_file_keys(env: dict[str, str], named: str, rule: str) -> None:
+    done = check_config([], env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    line = next((ln for ln in done.stderr.splitlines() if f"- {named} " in ln), None)
+    assert line is not None, done.stderr
+    assert rule in line
+
+
+def test_environment_only_variables_are_not_settings() -> None:
+    done = check_config([], {"TP_LOG_LEVEL": "debug", "TP_REPLICA": "2", "TP_HEALTH_PORT": "9101",
+                             "TP_SECRETS_DIR": "/tmp", "TP_REDIS__NAMESPACE": "acct"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["redis"]["namespace"] == "acct"
+
+
+def test_a_directory_or_a_binary_file_as_config_exits_2_naming_it(tmp_path: Path) -> None:
+    binary = tmp_path / "config.toml"
+    binary.write_bytes(bytes(range(256)))
+    for path, rule in ((tmp_path, "is a directory"), (binary, "is not a text (UTF-8) file")):
+        done = check_config([str(path)])
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"- --config = '{path}': {rule}" in done.stderr
+
+
+def test_a_service_with_an_unknown_log_level_exits_2_naming_it() -> None:
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TP_")}
+    done = subprocess.run([sys.executable, "-m", "services.portfolio"], capture_output=True, text=True,
+                          check=False, env={**env, "TP_LOG_LEVEL": "LOUD"}, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "TP_LOG_LEVEL = 'LOUD': unknown log level" in done.stderr
+
+
+REDACTED_URLS = [
+    ("redis://tp-ingest:p@ss@word@redis:6379/0", "redis://tp-ingest:***@redis:6379/0", "ss@word"),
+    ("redis://redis:6379/0?password=hunter2", "redis://redis:6379/0?password=***", "hunter2"),
+    ("rediss://:s3cret@redis:6380/1", "rediss://:***@redis:6380/1", "s3cret"),
+    ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&password=***", "hunter2"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown", "secret"), REDACTED_URLS, ids=[u[2] for u in REDACTED_URLS])
+def test_check_config_never_prints_a_password(tmp_path: Path, url: str, shown: str, secret: str) -> None:
+    done = check_config([str(write(tmp_path, f"[redis]\nurl = '{url}'\n"))])
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout
+    assert json.loads(done.stdout)["redis"]["url"] == shown
+
+
+def test_an_invalid_url_is_named_without_its_password(tmp_path: Path) -> None:
+    done = check_config([str(write(tmp_path, "[redis]\nurl = 'http://admin:hunter2@redis:6379/0'\n"))])
+    assert done.returncode == 2
+    assert "hunter2" not in done.stderr and "redis.url = 'http://admin:***@redis:6379/0'" in done.stderr
+
+
+def test_a_pem_pasted_into_private_key_file_is_refused_and_never_echoed(tmp_path: Path) -> None:
+    from services.paper.keys import generate_key
+    generate_key(tmp_path / "keys", "k")
+    pem = (tmp_path / "keys" / "k.pem").read_text()
+    body = pem.splitlines()[1]
+    path = write(tmp_path, f'[executor]\nkey_id = "k"\nprivate_key_file = """{pem}"""\n')
+    done = check_config([str(path)])
+    assert done.returncode == 2, done.stdout
+    assert body not in done.stderr and body[:20] not in done.stderr and "BEGIN" not in done.stderr
+    assert "executor.private_key_file" in done.stderr and "looks like the key itself" in done.stderr
+    env_done = check_config([], {"TP_THALEX__PRIVATE_KEY_FILE": pem})
+    assert env_done.returncode == 2 and body[:20] not in env_done.stderr
+
+
+def test_a_key_file_that_is_not_text_exits_2_naming_the_key(tmp_path: Path) -> None:
+    from services.common.config import require_key
+    key = tmp_path / "key.pem"
+    key.write_bytes(b"\xff\xfe\x00binary")
+    key.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        require_key("thalex", "k", key)
+    assert str(info.value).endswith(f"thalex.private_key_file = {str(key)!r}: is not a text (UTF-8) file: "
+                                    "a key or password file holds text (PEM, hex)")
+    with pytest.raises(ConfigError, match=r"thalex\.private_key_file .*is a directory"):
+        require_key("thalex", "k", tmp_path)
+
+
+def test_a_trading_key_readable_by_others_is_refused_and_a_read_only_key_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trading key can move money: readable by other users of the machine it is refused (outside
+    a container's /run/secrets); any other secret is used with a warning."""
+    from services.common.config import require_key
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        require_key("executor", "k", key)
+    assert "executor.private_key_file" in str(info.value) and "mode 0644" in str(info.value)
+    assert "chmod 600" in str(info.value)
+    with caplog.at_level("WARNING"):
+        assert require_key("thalex", "k", key)[0] == "k"
+    assert any("thalex.private_key_file: readable by group or others (mode 0644)" in r.getMessage()
+               for r in caplog.records)
+    key.chmod(0o600)
+    caplog.clear()
+    assert require_key("executor", "k", key)[1].startswith("-----BEGIN")
+    assert not caplog.records
+
+
+def test_an_unreadable_redis_password_file_exits_2_naming_it(tmp_path: Path) -> None:
+    from services.common.service import read_secret
+    with pytest.raises(ConfigError, match=r"redis\.password_file .*file does not exist"):
+        read_secret(tmp_path / "missing.txt")

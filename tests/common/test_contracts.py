@@ -273,3 +273,51 @@ def test_a_bad_stream_entry_is_malformed_naming_the_field(
         validate_entry(model, {DATA_FIELD.encode(): b"{oops"})
     with pytest.raises(MalformedEntry, match="must be a JSON object"):
         validate_entry(model, {DATA_FIELD.encode(): b"[1, 2]"})
+
+
+# On the wire nothing becomes a number that was not one: pydantic's lax mode would read `true` as 1
+# and "0.05" as 0.05 (issue 21, item 8).
+NOT_NUMBERS: list[tuple[type[BaseModel], str, Any]] = [
+    (c.Fill, "v", True),
+    (c.Fill, "v", 1.0),
+    (c.Fill, "v", "1"),
+    (c.Fill, "amount", True),
+    (c.Fill, "fee", "0.05"),
+    (c.Fill, "price", "65000"),
+    (c.Fill, "exchange_ts", False),
+    (c.Tick, "mark", True),
+    (c.Tick, "bids", [["64999", 1.0]]),
+    (c.Snapshot, "seq", True),
+    (c.Snapshot, "net_after_close", "-450"),
+    (c.Command, "fraction", True),
+    (c.Command, "epoch", "1"),
+    (c.Report, "filled", "0.5"),
+    (c.InstrumentInfo, "volume_tick_size", "0.001"),
+    (c.Control, "ts", True),
+]
+
+
+@pytest.mark.parametrize(("model", "field", "value"), NOT_NUMBERS,
+                         ids=[f"{m.__name__}.{f}={v!r}" for m, f, v in NOT_NUMBERS])
+def test_on_the_wire_a_bool_or_a_string_is_never_a_number(model: type[BaseModel], field: str,
+                                                          value: Any) -> None:
+    data = {**VALID[model], field: value}
+    with pytest.raises(MalformedEntry, match=f"{model.__name__} invalid: .*{field}"):
+        validate_entry(model, {DATA_FIELD.encode(): json.dumps(data).encode()})
+
+
+def test_integers_still_count_as_numbers_on_the_wire() -> None:
+    data = {**VALID[c.Fill], "price": 65000, "amount": 1, "fee": 0, "exchange_ts": 1_700_000_000}
+    fill = validate_entry(c.Fill, {DATA_FIELD.encode(): json.dumps(data).encode()})
+    assert (fill.price, fill.amount, fill.fee) == (65000.0, 1.0, 0.0)
+
+
+def test_a_deeply_nested_entry_is_malformed_with_its_real_reason() -> None:
+    deep = '{"v": 1, "trade_id": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(MalformedEntry, match=r"not valid JSON: .*recursion"):
+        validate_entry(c.Fill, {DATA_FIELD.encode(): deep.encode()})
+
+
+def test_an_unknown_version_says_so() -> None:
+    with pytest.raises(MalformedEntry, match="unsupported contract version 2"):
+        validate_entry(c.Fill, {DATA_FIELD.encode(): json.dumps({**VALID[c.Fill], "v": 2}).encode()})

@@ -117,6 +117,8 @@ def acl_redis(workdir: Path) -> Iterator[AclRedis]:
             try:
                 if server.client(None).ping():
                     break
+            except redis_sync.AuthenticationError:  # NOAUTH: up, and no one gets in unnamed
+                break
             except redis_sync.ConnectionError:
                 if time.monotonic() > deadline:
                     raise

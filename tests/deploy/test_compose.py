@@ -22,7 +22,7 @@ from tests.deploy.support import COMPOSE_FILE, DEPLOY, need_binary
 SECRET_FILES = ("redis_admin.txt", "redis_ingest.txt", "redis_portfolio.txt", "redis_takeprofit.txt",
                 "redis_executor.txt", "redis_operator.txt", "redis_notify.txt", "redis_quoter.txt",
                 "grafana_admin_password.txt",
-                "thalex_read_only.pem", "thalex_trading.pem")
+                "thalex_read_only.pem", "thalex_trading.pem", "command_key.txt")
 
 
 @pytest.fixture
@@ -67,15 +67,19 @@ def test_compose_accepts_the_file(secrets_dir: Path, profiles: tuple[str, ...]) 
 def test_each_service_gets_only_its_own_secrets(secrets_dir: Path) -> None:
     services = resolved(secrets_dir, "live", "paper", "tools")["services"]
     assert secrets_of(services["ingest"]) == {"redis_ingest", "thalex_read_only"}
-    assert secrets_of(services["executor"]) == {"redis_executor", "thalex_trading"}
+    assert secrets_of(services["executor"]) == {"redis_executor", "thalex_trading", "command_key"}
     assert secrets_of(services["portfolio"]) == {"redis_portfolio"}
-    assert secrets_of(services["takeprofit"]) == {"redis_takeprofit"}
+    assert secrets_of(services["takeprofit"]) == {"redis_takeprofit", "command_key"}
     assert secrets_of(services["operator"]) == {"redis_operator"}
     assert secrets_of(services["notify"]) == secrets_of(services["paper-notify"]) == {"redis_notify"}
     holders = {name for name, s in services.items() if "thalex_trading" in secrets_of(s)}
     assert holders == {"executor"}
     for name in ("paper-ingest", "paper-portfolio", "paper-takeprofit", "paper-executor"):
-        assert secrets_of(services[name]) == {f"redis_{name.removeprefix('paper-')}"}
+        signs = {"command_key"} if name in ("paper-takeprofit", "paper-executor") else set()
+        assert secrets_of(services[name]) == {f"redis_{name.removeprefix('paper-')}"} | signs
+    # only take-profit and the executor hold the command key (item 6 of issue 21)
+    assert {n for n, s in services.items() if "command_key" in secrets_of(s)} == {
+        "takeprofit", "executor", "paper-takeprofit", "paper-executor"}
     # in the paper profile, too, only the executor sees the trading key
     mounts = {name: " ".join(map(str, s.get("volumes", []))) for name, s in services.items()}
     assert {n for n, m in mounts.items() if "paper-keys-executor" in m} == {"paper-keys", "paper-executor"}

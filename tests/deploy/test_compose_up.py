@@ -219,7 +219,7 @@ PROBE_ENTRY = ["*", "__data__", '{"acl_probe": true}']
 ACL_CASES = {  # user: (an allowed command its service needs, a forbidden one that would be harmful)
     "ingest": (["GET", "paper:ingest:checkpoint"], ["XADD", "paper:commands", *PROBE_ENTRY]),
     "portfolio": (["HGETALL", "paper:instruments"], ["XADD", "paper:commands", *PROBE_ENTRY]),
-    "takeprofit": (["EXISTS", "paper:halt"], ["XADD", "paper:fills", *PROBE_ENTRY]),
+    "takeprofit": (["EXISTS", "paper:takeprofit:lease"], ["XADD", "paper:fills", *PROBE_ENTRY]),
     "executor": (["GET", "paper:executor:acl-probe"], ["XADD", "paper:commands", *PROBE_ENTRY]),
 }
 

@@ -37,7 +37,8 @@ def refused(call, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
 
 
 def consume(client: redis_sync.Redis, stream: str, group: str) -> None:
-    """Everything StreamConsumer does on a stream it reads: create, read, claim, inspect, ack."""
+    """Everything StreamConsumer does on a stream it reads: create, read, claim, inspect, ack
+    (tests/deploy/test_redis_acl_bus.py runs the bus itself as each user)."""
     try:
         client.xgroup_create(stream, group, id="0", mkstream=True)
     except redis_sync.ResponseError as exc:
@@ -45,17 +46,22 @@ def consume(client: redis_sync.Redis, stream: str, group: str) -> None:
     client.xreadgroup(group, f"{group}-1", {stream: ">"}, count=10)
     client.xreadgroup(group, f"{group}-1", {stream: "0"}, count=10)
     client.xautoclaim(stream, group, f"{group}-1", min_idle_time=30000, start_id="0-0", count=10)
+    client.xclaim(stream, group, f"{group}-1", min_idle_time=2000, message_ids=["0-1"])
     client.xpending_range(stream, group, min="-", max="+", count=10, consumername=f"{group}-1")
-    client.xinfo_consumers(stream, group)
     client.xinfo_groups(stream)
+    refused(client.xinfo_consumers, stream, group)  # nothing the services do
 
 
-def test_unauthenticated_clients_may_only_ping(server: AclRedis) -> None:
+def test_unauthenticated_clients_may_do_nothing(server: AclRedis) -> None:
+    """`default` is off (it has every permission only so Redis can replay the AOF as it)."""
     anonymous = server.client(None)
-    assert anonymous.ping()
-    refused(anonymous.get, "tp:halt")
-    refused(anonymous.xadd, TP.commands, DOC)
-    refused(anonymous.keys, "*")
+    calls = ((anonymous.ping, ()), (anonymous.get, ("tp:halt",)), (anonymous.xadd, (TP.commands, DOC)),
+             (anonymous.keys, ("*",)))
+    for call, args in calls:
+        with pytest.raises(redis_sync.AuthenticationError):
+            call(*args)
+    with pytest.raises(redis_sync.AuthenticationError):
+        redis_sync.Redis(port=server.port, username="default", password="").ping()
 
 
 def test_ingest_writes_the_exchange_streams_and_nothing_downstream(server: AclRedis) -> None:
@@ -144,7 +150,7 @@ def test_takeprofit_alone_writes_commands_and_the_halt(server: AclRedis) -> None
 def test_executor_consumes_commands_and_runs_its_lua_store(server: AclRedis) -> None:
     executor = server.client("executor")
     consume(executor, TP.commands, "executor")
-    executor.hget(TP.instruments, "BTC-PERPETUAL")
+    executor.hmget(TP.instruments, ["BTC-PERPETUAL"])
     asyncio.run(_executor_store(server))
     for stream in (TP.commands, TP.snapshots, TP.fills, TP.control):
         refused(executor.xadd, stream, DOC)

@@ -100,6 +100,14 @@ class Stack:
                 "TP_REDIS__PASSWORD_FILE": str(self.workdir / "secrets" / f"redis_{user}.txt"),
                 "TP_METRICS__HOST": "127.0.0.1"}
 
+    @staticmethod
+    def command_key(keys: Path) -> Path:
+        """The secret take-profit signs commands with (docker-compose.yml: the command_key secret)."""
+        path = keys / "command_key.txt"
+        path.write_text(os.urandom(32).hex() + "\n")
+        path.chmod(0o600)
+        return path
+
     def start(self) -> None:
         keys = self.workdir / "keys"
         generate_key(keys, "ingest", read_only=True, account="acct")
@@ -119,6 +127,9 @@ private_key_file = "{keys / 'ingest.pem'}"
 key_id = "executor"
 private_key_file = "{keys / 'executor.pem'}"
 deadline_seconds = 15
+
+[commands]
+signing_key_file = "{self.command_key(keys)}"
 
 [portfolio_take_profit]
 check_interval_seconds = 1

@@ -25,6 +25,12 @@ It offers:
 The config sets `[portfolio] drift_grace_seconds` to an hour: the portfolio's
 reconciliation would otherwise adopt the exchange's position after 5 s and hide
 a fill lost or counted twice — here the ledger has to be right on its own.
+
+As in production (issue 21): Redis runs the shipped `deploy/redis/users.acl` (namespace `tp`),
+each service logs in as its own ACL user with its password file, take-profit signs its commands
+with the command key, and `check_invariants` also requires Redis' ACL LOG to be empty (nothing a
+service really did was refused) and every command to verify under that key. `acl=False` runs the
+services unauthenticated (a Redis < 7 has no ACL selectors).
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.common.bus import entry_document, raise_if_cancelled
+from services.common.contracts import Command
 from services.common.redis_server import RedisServer, free_port
+from services.common.signing import is_authentic
 from services.common.streams import Names
 from services.paper.keys import generate_key
 
@@ -69,6 +77,10 @@ PERP = "BTC-PERPETUAL"
 ETH_PERP = "ETH-PERPETUAL"
 EXECUTOR_LABEL_PREFIX = "tp-"
 TOLERANCE = 1e-6
+COMMAND_KEY_FILE = "command_key.txt"
+ACL_SERVICES = {"ingest": "ingest", "portfolio": "portfolio", "takeprofit": "takeprofit",
+                "executor": "executor", "executor-2": "executor"}
+"""Process → its Redis ACL user (deploy/redis/users.acl)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -77,6 +89,7 @@ def config_text(redis_url: str, paper_url: str, keys: Path, namespace: str, port
                 overrides: dict[str, dict[str, Any]] | None = None) -> str:
     sections: dict[str, dict[str, Any]] = {
         "redis": {"url": redis_url, "namespace": namespace},
+        "commands": {"signing_key_file": str(keys / COMMAND_KEY_FILE)},
         "thalex": {
             "network": paper_url,
             "key_id": INGEST_KEY,
@@ -124,6 +137,8 @@ class Proc:
     argv: list[str]
     log_path: Path
     port: int | None = None  # the metrics port of a service
+    env: dict[str, str] = field(default_factory=dict)
+    """What this process gets on top of `child_env()` (its Redis user and password file)."""
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -132,7 +147,8 @@ class Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=REPO, start_new_session=True
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**child_env(), **self.env}, cwd=REPO,
+            start_new_session=True,
         )
         log.close()
         self.started_at = time.time()
@@ -210,8 +226,9 @@ class PaperControl:
                     await asyncio.sleep(0.2)
 
     async def close(self) -> None:
+        """Close at once: waiting for the closing handshake of an exchange already stopped took 10 s."""
         if self.ws is not None:
-            await self.ws.close()
+            self.ws.transport.abort()
             self.ws = None
 
 
@@ -268,7 +285,9 @@ class Pipeline:
     workdir: Path
     seed: int = 1
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    namespace: str = "e2e"
+    namespace: str = "tp"
+    acl: bool = True
+    """Run Redis with the shipped ACL and every service as its own user (needs redis-server >= 7)."""
     tick_interval: float = 0.25
     paper_argv_extra: list[str] = field(default_factory=list)
     paper_module: list[str] = field(default_factory=lambda: ["-m", "services.paper"])
@@ -285,6 +304,9 @@ class Pipeline:
     """Malformed entries the test wrote, per stream: each must end up on tp:deadletter."""
     health_times: list[tuple[str, float]] = field(default_factory=list)
     """(service, seconds from its restart to /health 200) for every restart."""
+    passwords: dict[str, str] = field(default_factory=dict)
+    """ACL user → password (files in `<workdir>/secrets/redis_<user>.txt`)."""
+    command_key: bytes = b""
 
     @property
     def names(self) -> Names:
@@ -294,9 +316,13 @@ class Pipeline:
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis_server = RedisServer(self.workdir / "redis", appendonly=True)
+        self.redis_server = RedisServer(self.workdir / "redis", appendonly=True, extra_args=self._acl_args())
         self.redis_server.start()
         keys = self.workdir / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        self.command_key = os.urandom(32).hex().encode()
+        (keys / COMMAND_KEY_FILE).write_bytes(self.command_key + b"\n")
+        (keys / COMMAND_KEY_FILE).chmod(0o600)
         generate_key(keys, INGEST_KEY, read_only=True, account=ACCOUNT)
         generate_key(keys, READER_KEY, read_only=True, account=ACCOUNT)
         generate_key(keys, EXECUTOR_KEY, account=ACCOUNT)
@@ -343,6 +369,7 @@ class Pipeline:
             self.redis_server.url,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 40),
             retry_on_error=[RedisConnectionError, OSError],
+            **self.credentials("admin"),
             socket_timeout=ANSWER_TIMEOUT,
             socket_connect_timeout=ANSWER_TIMEOUT,
         )
@@ -352,10 +379,48 @@ class Pipeline:
                 [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)],
                 self.workdir / "logs" / f"{name}.log",
                 port=ports[name],
+                env=self.user_env(name),
             )
             self.procs[name].start()
         await asyncio.gather(*(self.wait_healthy(name, within=30) for name in SERVICES))
         await self.wait_ingest_ready()
+
+    def _acl_args(self) -> list[str]:
+        """`--aclfile` of the shipped users.acl, rendered with fresh passwords as the Redis container does."""
+        if not self.acl:
+            return []
+        from tests.deploy.support import render_acl, write_passwords  # Redis >= 7 and sha256sum
+        if self.namespace not in ("tp", "paper"):
+            raise ValueError(f"namespace {self.namespace!r}: the shipped ACL names tp and paper only")
+        secrets = self.workdir / "secrets"
+        self.passwords = write_passwords(secrets)
+        for path in secrets.iterdir():
+            path.chmod(0o600)
+        rendered = render_acl(secrets, self.workdir / "users.acl")
+        if rendered.returncode != 0:
+            raise RuntimeError(f"render-acl failed: {rendered.stderr}")
+        return ["--aclfile", str(self.workdir / "users.acl"), "--acllog-max-len", "1000"]
+
+    def credentials(self, user: str) -> dict[str, str]:
+        """redis-py keyword arguments to log in as `user` (nothing without the ACL)."""
+        return {"username": user, "password": self.passwords[user]} if self.acl else {}
+
+    def user_env(self, process: str) -> dict[str, str]:
+        """What docker-compose.yml sets for a service: its Redis user and password file."""
+        if not self.acl:
+            return {}
+        user = ACL_SERVICES[process]
+        return {"TP_REDIS__USERNAME": user,
+                "TP_REDIS__PASSWORD_FILE": str(self.workdir / "secrets" / f"redis_{user}.txt")}
+
+    async def acl_denials(self) -> list[dict[str, Any]]:
+        """Redis' ACL LOG: commands or keys users.acl refused (redis-py's CLIENT SETINFO aside)."""
+        if not self.acl:
+            return []
+        assert self.redis is not None
+        entries = await self.redis.acl_log(count=1000)
+        decoded = [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in e.items()} for e in entries]
+        return [d for d in decoded if d.get("object") != "client|setinfo"]
 
     async def wait_ingest_ready(self, within: float = 20.0) -> None:
         """Ingest has published instrument metadata and ticks flow."""
@@ -368,11 +433,15 @@ class Pipeline:
         await eventually(ready, within)
 
     async def stop(self) -> None:
-        for name in ["executor-2", *reversed(SERVICES), "paper"]:
-            if name in self.procs:
-                self.procs[name].stop()
+        # the control connection first: a paper exchange stopping waits for its open connections to
+        # close, and this loop, blocked in `Proc.stop`, could not answer (10 s per test)
         if self.control_client is not None:
             await self.control_client.close()
+        for name in ["executor-2", *reversed(SERVICES)]:
+            if name in self.procs:
+                self.procs[name].stop()
+        if "paper" in self.procs:  # after a trade it takes 10 s to stop on SIGTERM; nothing is checked now
+            self.procs["paper"].kill()
         if self.redis is not None:
             await self.redis.aclose()
         if self.redis_server is not None:
@@ -449,6 +518,7 @@ class Pipeline:
             ],
             self.workdir / "logs" / "executor-2.log",
             port=port,
+            env=self.user_env("executor-2"),
         )
         self.procs["executor-2"] = proc
         proc.start()
@@ -622,6 +692,13 @@ class Pipeline:
         for name, proc in self.procs.items():
             if not proc.alive():
                 problems.append(f"{name} is not running: {proc.log()[-2000:]}")
+        # as in production: nothing the services did was refused by the ACL, every command is take-profit's
+        denials = await self.acl_denials()
+        if denials:
+            problems.append(f"users.acl refused {len(denials)} command(s): {denials[:3]}")
+        for command in await self.commands():
+            if not is_authentic(Command.model_validate(command), self.command_key):
+                problems.append(f"command {command['command_id']} does not verify under the command key")
         assert not problems, "\n".join(problems)
         executor_trades = [t for t in trades if str(t.get("label") or "").startswith(EXECUTOR_LABEL_PREFIX)]
         return {

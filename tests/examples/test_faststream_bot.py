@@ -55,7 +55,11 @@ async def test_the_bot_stands_down_on_the_guardians_command_and_hears_the_outcom
             return await xread_blocked(redis) >= blocked_before + 2
         await eventually(listening, within=30, interval=0.1)
 
-        settings = settings_for(redis_url, names, portfolio_take_profit={"partial_close_fraction": 0.0})
+        key = tmp_path / "command_key.txt"  # take-profit signs every command (issue 21)
+        key.write_text("ab" * 32 + "\n")
+        key.chmod(0o600)
+        settings = settings_for(redis_url, names, portfolio_take_profit={"partial_close_fraction": 0.0},
+                                commands={"signing_key_file": str(key)})
         async with in_process(build, settings, "takeprofit"):
             now = time.time()
             await xadd(redis, names.snapshots, snap(1, 1.25, ts=now, oldest=now))

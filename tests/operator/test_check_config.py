@@ -19,8 +19,9 @@ def keys(tmp_path: Path) -> Path:
     directory = tmp_path / "keys"
     generate_key(directory, "ro", read_only=True, account="a")
     generate_key(directory, "trade", account="a")
-    for pem in directory.glob("*.pem"):
-        pem.chmod(0o600)
+    (directory / "command_key.txt").write_text("ab" * 32 + "\n")  # take-profit signs, the executor checks
+    for secret in (*directory.glob("*.pem"), directory / "command_key.txt"):
+        secret.chmod(0o600)
     return directory
 
 
@@ -37,6 +38,8 @@ private_key_file = "{keys / 'ro.pem'}"
 [executor]
 key_id = "trade"
 private_key_file = "{keys / 'trade.pem'}"
+[commands]
+signing_key_file = "{keys / 'command_key.txt'}"
 """
 
 
@@ -71,10 +74,19 @@ def test_ingest_needs_its_key_file_holding_a_key(tmp_path: Path, keys: Path, cap
 
 
 def test_a_key_readable_by_others_is_a_warning(tmp_path: Path, keys: Path, capsys: Capture) -> None:
-    (keys / "trade.pem").chmod(0o644)
-    assert main(["check-config", config(tmp_path, good(keys)), "--service", "executor"]) == 0
+    (keys / "ro.pem").chmod(0o644)
+    assert main(["check-config", config(tmp_path, good(keys)), "--service", "ingest"]) == 0
     err = capsys.readouterr().err
-    assert "WARNING: executor.private_key_file" in err and "mode 0644" in err and "chmod 600" in err
+    assert "WARNING: thalex.private_key_file" in err and "mode 0644" in err and "chmod 600" in err
+
+
+def test_a_trading_key_readable_by_others_is_an_error(tmp_path: Path, keys: Path, capsys: Capture) -> None:
+    """The executor refuses it at start (issue 21: a trading key can move money)."""
+    (keys / "trade.pem").chmod(0o644)
+    assert main(["check-config", config(tmp_path, good(keys)), "--service", "executor"]) == 2
+    err = capsys.readouterr().err
+    assert "ERROR: executor.private_key_file" in err and "mode 0644" in err
+    assert "the executor refuses it" in err
 
 
 def test_the_executor_without_a_key_is_an_error_unless_dry_run(tmp_path: Path, capsys: Capture) -> None:

@@ -42,8 +42,11 @@ def live(seq: int, net_after_close: float, **kwargs: object) -> object:
 
 
 @pytest.fixture
-def settings(redis_url: str, names: Names) -> Settings:
-    return settings_for(redis_url, names, portfolio_take_profit=TP)
+def settings(redis_url: str, names: Names, tmp_path: Path) -> Settings:
+    key = tmp_path / "command_key.txt"  # take-profit signs every command (issue 21)
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    return settings_for(redis_url, names, portfolio_take_profit=TP, commands={"signing_key_file": str(key)})
 
 
 @pytest.fixture

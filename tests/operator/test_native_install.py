@@ -197,6 +197,8 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
         for user, password in redis.passwords.items():  # what make-secrets.sh wrote, step 2
             (secrets / f"redis_{user}.txt").write_text(password + "\n")
             (secrets / f"redis_{user}.txt").chmod(0o600)
+        (secrets / "command_key.txt").write_text(os.urandom(32).hex() + "\n")  # make-secrets.sh too
+        (secrets / "command_key.txt").chmod(0o600)
         (root / "notify").mkdir()
         running = Machine(root, redis)
         try:

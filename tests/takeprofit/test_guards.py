@@ -53,9 +53,23 @@ def test_stale_prices_do_not_block_the_emergency_stop_which_says_so() -> None:
     decision = engine.on_snapshot(snap(1, -12.0, stale=["BTC-PERPETUAL"]), NOW)
     assert decision is not None and decision.reason is CloseReason.EMERGENCY_STOP
     assert decision.stale_instruments == ("BTC-PERPETUAL",)
-    assert "BTC-PERPETUAL are stale: decided on the last known prices" in decision.sentence
+    assert "BTC-PERPETUAL are stale or suspect: decided on the last known plausible prices" in \
+        decision.sentence
     # a stale exit price is not handed to the executor: it prices the first wave from a fresh read
     assert [(p.exit_price, p.mark) for p in decision.positions] == [(None, None)]
+
+
+def test_a_suspect_price_is_treated_like_a_stale_one() -> None:
+    """Issue 21, item 5: the portfolio holds an implausible tick and flags the instrument suspect
+    (the snapshot values it at the last plausible prices): no profit barrier fires, the emergency
+    stop decides on those prices and says so."""
+    engine = RulesEngine(cfg())
+    profit = snap(1, 5.0).model_copy(update={"suspect_instruments": ["BTC-PERPETUAL"]})
+    assert engine.on_snapshot(profit, NOW) is None and engine.last_skip is Skip.STALE_PRICES
+    loss = snap(2, -12.0).model_copy(update={"suspect_instruments": ["BTC-PERPETUAL"]})
+    decision = engine.on_snapshot(loss, NOW)
+    assert decision is not None and decision.reason is CloseReason.EMERGENCY_STOP
+    assert decision.stale_instruments == ("BTC-PERPETUAL",) and "stale or suspect" in decision.sentence
 
 
 def test_prices_of_a_snapshot_over_a_second_old_are_not_handed_to_the_executor() -> None:

@@ -1,0 +1,56 @@
+"""`GuardianCannotGuard` fires when the guardian as a whole cannot guard (issue 21), by promtool's
+own rule tests: a service down, or any health check of any service failing, for 15 s."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.deploy.support import ALERTS_YML, need_binary
+
+JOBS = ("ingest", "portfolio", "takeprofit", "executor")
+
+
+def guardian_alert() -> dict[str, Any]:
+    rules = [r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]]
+    return next(r for r in rules if r.get("alert") == "GuardianCannotGuard")
+
+
+def scenario(name: str, up: dict[str, str], healthy: dict[tuple[str, str], str], fires_at: list[str],
+             quiet_at: list[str]) -> dict[str, Any]:
+    alert = guardian_alert()
+    series = [{"series": f'up{{job="{job}",instance="{job}:9100"}}', "values": up.get(job, "1x30")}
+              for job in JOBS]
+    series += [{"series": f'tp_service_healthy{{service="{service}",check="{check}",job="{service}"}}',
+                "values": values} for (service, check), values in healthy.items()]
+    expected = [{"exp_labels": alert["labels"],
+                 "exp_annotations": {k: " ".join(v.split()) for k, v in alert["annotations"].items()}}]
+    checks = [{"eval_time": t, "alertname": "GuardianCannotGuard", "exp_alerts": expected} for t in fires_at]
+    checks += [{"eval_time": t, "alertname": "GuardianCannotGuard", "exp_alerts": []} for t in quiet_at]
+    return {"name": name, "interval": "5s", "input_series": series, "alert_rule_test": checks}
+
+
+def test_the_guardian_alert_fires_when_any_service_cannot_guard(tmp_path: Path) -> None:
+    promtool = need_binary("promtool", "prometheus")
+    all_green = {(s, c): "1x30" for s in JOBS for c in ("redis", "consuming", "handlers")}
+    tests = [
+        scenario("all healthy", {}, all_green, fires_at=[], quiet_at=["1m", "2m"]),
+        # take-profit's Redis refuses writes from 30 s on: pending 15 s, firing from 45 s
+        scenario("a failing check", {}, {**all_green, ("takeprofit", "redis"): "1 1 1 1 1 1 0x24"},
+                 fires_at=["50s", "2m"], quiet_at=["25s", "40s"]),
+        # the portfolio's prices go stale for 10 s only (a Redis restart, a reconnect): no alert
+        scenario("a blip", {}, {**all_green, ("portfolio", "prices"): "1 1 1 1 1 1 0 0 1x22"},
+                 fires_at=[], quiet_at=["35s", "45s", "1m"]),
+        # the executor is not scraped at all from 30 s on
+        scenario("a service down", {"executor": "1 1 1 1 1 1 0x24"}, all_green, fires_at=["50s"],
+                 quiet_at=["25s"]),
+    ]
+    spec = tmp_path / "guardian_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "5s",
+                                    "tests": tests}, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
