@@ -299,6 +299,13 @@ class Executor(Section):
     deadline_seconds: Annotated[float, Field(gt=0.0)] = 30.0
     dry_run: bool = False
     cancel_open_orders: bool = True
+    """`private/cancel_all` before closing: the account's orders cannot rebuild the position."""
+    cancel_mass_quotes: bool = True
+    """`private/cancel_mass_quote` before closing: every session's mass quotes (cancel_all leaves them)."""
+    cancel_conditional_orders: bool = True
+    """`private/cancel_all_conditional_orders` before closing: no stop or bracket re-opens the position."""
+    cancel_bots: bool = True
+    """`private/cancel_all_bots` before closing: Thalex's server-side bots stop trading the account."""
     order_rate_per_second: Annotated[float, Field(gt=0.0, le=50.0)] = 45.0
     """Order messages per second (Thalex allows 50 on a cancel-on-disconnect session)."""
 

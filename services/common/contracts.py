@@ -9,6 +9,7 @@ field changes meaning.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Final, TypeAlias
 
@@ -346,6 +347,12 @@ class ReportStatus(StrEnum):
     COMPLETED = "completed"
     DUPLICATE = "duplicate"
     DRY_RUN = "dry_run"
+    MASS_QUOTES_CANCELLED = "mass_quotes_cancelled"
+    CONDITIONAL_ORDERS_CANCELLED = "conditional_orders_cancelled"
+    BOTS_CANCELLED = "bots_cancelled"
+    HALT_VIOLATION = "halt_violation"
+    """Not a step of a command: ingest saw an order, bot or trade that is not the guardian's while
+    `tp:halt` was set (`violation`); `command_id` is the halt's (`halt_command_id`)."""
 
 
 class ExchangeError(BaseModel):
@@ -355,6 +362,85 @@ class ExchangeError(BaseModel):
 
     code: int
     message: str
+
+
+class RemovalKind(StrEnum):
+    """What the executor removes from the account before (and while) closing, and the request doing it."""
+
+    ORDERS = "orders"
+    """`private/cancel_all`: the account's orders (not mass quotes)."""
+    MASS_QUOTES = "mass_quotes"
+    """`private/cancel_mass_quote`: the mass quotes of every session of the account."""
+    CONDITIONAL_ORDERS = "conditional_orders"
+    """`private/cancel_all_conditional_orders`: stop, stop-limit, bracket and trailing-stop orders."""
+    BOTS = "bots"
+    """`private/cancel_all_bots`: Thalex's server-side bots (grid, levels, SGSL, OCQ, hedgers)."""
+
+
+class Removed(BaseModel):
+    """What one removal request took off the account (`orders_cancelled`, `mass_quotes_cancelled`, ...)."""
+
+    model_config = Document.model_config
+
+    kind: RemovalKind
+    round: Annotated[int, Field(ge=1)]
+    """1 before the first closing order; 2, 3, ... repeated before each later wave."""
+    count: Annotated[int, Field(ge=0)] | None = None
+    """How many were removed; absent when the exchange's answer or listing could not tell."""
+    ids: list[str] | None = None
+    """The order, conditional order or bot ids removed, when the exchange listed them."""
+    labels: list[str] | None = None
+    """Their distinct labels (who they belonged to), when they carried one."""
+
+
+GUARDIAN_LABEL = re.compile(r"^tp-[a-z2-7]{26}$")
+"""The label of every order the executor sends (`tp-` + 26 lower-case base32 characters of the command id's
+hash): an order or trade with it is the guardian's own, never a halt violation."""
+
+
+def is_guardian_label(label: str | None) -> bool:
+    return label is not None and GUARDIAN_LABEL.match(label) is not None
+
+
+class ViolationKind(StrEnum):
+    """What broke a halt, as the exchange's account channels show it."""
+
+    ORDER = "order"
+    """An order inserted or amended (`account.orders`; Thalex does not mark mass quotes apart there)."""
+    BOT_ORDER = "bot_order"
+    """An order a Thalex bot inserted (`bot_id` set)."""
+    CONDITIONAL_TRIGGER = "conditional_trigger"
+    """An order a conditional order released (`conditional_order_id` set)."""
+    CONDITIONAL_ORDER = "conditional_order"
+    """A conditional order created or active that was not seen before (`account.conditional_orders`)."""
+    BOT = "bot"
+    """A bot started or active that was not seen before (`account.bots`)."""
+    TRADE = "trade"
+    """A trade of the account that is not the guardian's (`account.trade_history`)."""
+
+
+class HaltViolation(BaseModel):
+    """Who broke a halt, as precisely as Thalex tells (`halt_violation` reports)."""
+
+    model_config = Document.model_config
+
+    kind: ViolationKind
+    halt_reason: NonEmptyStr
+    halt_since: Timestamp
+    halt_command_id: str | None = None
+    instrument: str | None = None
+    side: Side | None = None
+    amount: Annotated[float, Field(ge=0.0)] | None = None
+    price: float | None = None
+    order_id: str | None = None
+    trade_id: str | None = None
+    label: str | None = None
+    client_order_id: int | None = None
+    bot_id: str | None = None
+    conditional_order_id: str | None = None
+    strategy: str | None = None
+    """A bot's strategy (`grid`, `levels`, ...)."""
+    exchange_ts: Timestamp | None = None
 
 
 class PlannedOrder(BaseModel):
@@ -386,6 +472,11 @@ class Report(Document):
     fee: float | None = None
     error: ExchangeError | None = None
     orders: list[PlannedOrder] | None = None
+    removed: Removed | None = None
+    """`orders_cancelled`, `mass_quotes_cancelled`, `conditional_orders_cancelled`, `bots_cancelled`:
+    what the request removed (absent on an `orders_cancelled` of an older executor)."""
+    violation: HaltViolation | None = None
+    """`halt_violation`: who broke the halt."""
     ts: Timestamp
 
 

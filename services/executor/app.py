@@ -20,12 +20,20 @@ from redis.asyncio.client import Pipeline
 
 from services.common.bus import Bus, Delivery, raise_if_cancelled
 from services.common.config import Settings
-from services.common.contracts import Command, ExchangeError, Report, ReportStatus
+from services.common.contracts import Command, ExchangeError, RemovalKind, Report, ReportStatus
 from services.common.service import Health, Runnable, service_main
 from services.common.thalex import NO_CODE, ConnectionLost, LoginRejected, ThalexError
+from services.executor.clearing import Answer, cancel_refused, clearing_reports, kinds, round_requests
 from services.executor.exchange import TradingSession
 from services.executor.market import Ask, Market, WaveReads, settle_quietly
-from services.executor.metrics import COMMANDS, ORDERS_FILLED, RETRIES, TIME_TO_FIRST_ORDER, TIME_TO_FLAT
+from services.executor.metrics import (
+    COMMANDS,
+    ORDERS_FILLED,
+    REMOVED,
+    RETRIES,
+    TIME_TO_FIRST_ORDER,
+    TIME_TO_FLAT,
+)
 from services.executor.plan import TEMPORARY_FAILURE, Progress, Stage
 from services.executor.settle import (
     RETRY_PAUSE,
@@ -69,6 +77,8 @@ class Executor:
         self.bus = bus
         self.names = settings.names
         self.buffers = Buffers(config.close_price_buffer, config.max_close_price_buffer)
+        self.clearing = kinds(config.cancel_open_orders, config.cancel_mass_quotes,
+                              config.cancel_conditional_orders, config.cancel_bots)
         self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
         self.session = TradingSession(settings, bus, on_trades=lambda trades: self.market.on_trades(trades))
         self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k))
@@ -119,10 +129,10 @@ class Executor:
             return progress, []
 
         try:
-            if first is not None and self.config.cancel_open_orders:
+            if first is not None and self.clearing:
                 # sent with the claim, not after it; only for a fresh command not seen before, so a
                 # replay (which the claim turns into a `duplicate`) cancels nothing
-                early_cancel = asyncio.create_task(self.session.request("cancel_all"))
+                early_cancel = asyncio.create_task(self._clearing_round(self.session.request))
                 await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
             claim = await self.store.claim(command.command_id, fresh)  # lease + progress + `received`
         except BaseException:
@@ -217,36 +227,74 @@ class Executor:
 
     async def _cancel_orders(self, work: Work, resumed: bool, early_cancel: asyncio.Task[Any] | None,
                              first: list[Order] | None) -> WaveReads | None:
-        """`cancel_all` first, so quoters' orders cannot rebuild the position; the first wave's reads
-        go out with it (a partial closure's portfolio only after it, so `position_before` cannot
-        move under it; a first wave priced from the command reads nothing). No order before its answer."""
+        """Clear the account first (`clearing.py`: orders, mass quotes, conditional orders, bots), so
+        nothing can rebuild the position; the first wave's reads go out with it (a partial closure's
+        portfolio only after it, so `position_before` cannot move under it; a first wave priced from
+        the command reads nothing). No order before the round is answered."""
         progress = work.progress
-        cancel = asyncio.create_task(self._cancel_all(work, early_cancel)) \
-            if self.config.cancel_open_orders else None  # created first: sent first
+        clear = asyncio.create_task(self._first_clearing(work, early_cancel)) \
+            if self.clearing else None  # created first: sent first
         reads = None
         if not resumed and first is None:
             reads = WaveReads.start(self.market, self._ask(work), progress.open_legs(), progress.groups,
-                                    positions=cancel is None or progress.full)
-        if cancel is not None:
+                                    positions=clear is None or progress.full)
+        if clear is not None:
             try:
-                await cancel
+                await clear
             except BaseException:
                 if reads is not None:
                     reads.cancel()
                 raise
             progress.to(Stage.ORDERS_CANCELLED)
-            work.add(ReportStatus.ORDERS_CANCELLED)
-        progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the cancel
+        progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the round
         return reads
 
-    async def _cancel_all(self, work: Work, early: asyncio.Task[Any] | None) -> Any:
-        """cancel_all's answer: the one sent with the claim, else (or if that one failed) a retried one."""
-        if early is not None:
+    async def _clearing_round(self, ask: Ask) -> list[Answer]:
+        """Every request of one clearing round, sent back to back in order; each one's answer."""
+        async def one(method: str) -> Answer:
             try:
-                return await early
-            except (ThalexError, ConnectionLost) as exc:
-                log.warning("cancel_all sent with the claim failed (%s); retrying", exc)
-        return await self._ask(work)("cancel_all")
+                return Answer(await ask(method))
+            except ThalexError as exc:
+                return Answer(error=ExchangeError(code=exc.code, message=exc.message))
+            except ConnectionLost:
+                return Answer(answered=False)
+
+        return list(await asyncio.gather(*(one(method) for _, method in round_requests(self.clearing))))
+
+    async def _first_clearing(self, work: Work, early: asyncio.Task[list[Answer]] | None) -> None:
+        """The round sent with the claim, else (or for what of it failed) a retried one; its reports.
+
+        A refused `cancel_all` still fails the command (as it always did); a refused removal of
+        another kind is reported with its error and the closure goes on.
+        """
+        answers = await early if early is not None else None
+        if answers is None or cancel_refused(self.clearing, answers):
+            if answers is not None:
+                log.warning("the clearing round sent with the claim failed in part (%s); retrying",
+                            ", ".join(cancel_refused(self.clearing, answers)))
+            answers = await self._clearing_round(self._ask(work))
+        orders = cancel_refused(self.clearing, answers).get(RemovalKind.ORDERS)
+        if orders is not None and orders.error is not None:
+            raise ThalexError("cancel_all", orders.error.code, orders.error.message)
+        if orders is not None:
+            raise ConnectionLost("cancel_all: no answer before the deadline")
+        await self._report_clearing(work, answers)
+
+    async def _clear_again(self, work: Work) -> None:
+        """Before a later wave: what came back since the last round (a quoter, a bot) is removed again."""
+        await self._report_clearing(work, await self._clearing_round(self._ask(work)))
+
+    async def _report_clearing(self, work: Work, answers: list[Answer]) -> None:
+        work.clearing_rounds += 1
+        reports = clearing_reports(work.progress, self.clearing, answers, work.clearing_rounds, time.time())
+        for report in reports:
+            if report.removed is not None and (report.removed.count or report.error is not None):
+                log.info("%s: %s removed %s (%s)%s", work.progress.command_id, report.removed.kind,
+                         report.removed.count, ", ".join(report.removed.labels or []) or "no labels",
+                         f"; refused: {report.error.message}" if report.error else "")
+            if report.removed is not None:
+                REMOVED.labels(report.removed.kind.value).inc(report.removed.count or 0)
+        work.reports.extend(reports)
 
     async def _send_decision_wave(self, work: Work, wave: list[Order]) -> None:
         """Send the first wave planned at the claim (its `order_sent` is in Redis already)."""
@@ -305,6 +353,8 @@ class Executor:
     async def _wave(self, work: Work, positions: dict[str, float], read: dict[str, Quote] | None) -> float:
         """Send one round of closing orders; returns how long to pause before the next."""
         progress = work.progress
+        if self.clearing and progress.first_order_ts is not None:
+            await self._clear_again(work)
         infos = await self.market.infos([leg.instrument for leg in progress.open_legs()])
         remaining, dust = sort_legs(progress, positions, infos, time.time())
         work.reports.extend(dust)

@@ -21,3 +21,6 @@ TIME_TO_FLAT = Histogram(
     "tp_executor_time_to_flat_seconds", "From the command's created_ts to verified flat",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 1.5, 2.5, 5, 10, 30, 60),
 )
+REMOVED = Counter("tp_executor_removed_total",
+                  "What clearing rounds took off the account before and during closures, by kind "
+                  "(orders, mass_quotes, conditional_orders, bots)", ["kind"])

@@ -90,6 +90,8 @@ class Work:
     token: str
     created_ts: float
     reports: list[Report] = field(default_factory=list)
+    clearing_rounds: int = 0
+    """Clearing rounds sent for this command by this process (`clearing.py`)."""
     lease_lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, status: ReportStatus, **fields: Any) -> None:

@@ -151,6 +151,10 @@ RULES = [
     ("[portfolio_take_profit]\nenable_portfolio_tp = 1", "portfolio_take_profit.enable_portfolio_tp",
      "must be true or false"),
     ("[executor]\ndry_run = 0", "executor.dry_run", "must be true or false"),
+    # issue 19, item 1: each removal before a closure is a strict boolean, and misspelt is unknown
+    ("[executor]\ncancel_bots = 'maybe'", "executor.cancel_bots", "valid boolean"),
+    ("[executor]\ncancel_mass_quotes = 1", "executor.cancel_mass_quotes", "must be true or false"),
+    ("[executor]\ncancel_conditional_order = false", "executor.cancel_conditional_order", "unknown key"),
     ("[thalex]\nprivate_key_file = '-----BEGIN PRIVATE KEY-----MIIEvQIBADANBgkqhkiG9w0BAQEFAASC'",
      "thalex.private_key_file", "looks like the key itself"),
 ]

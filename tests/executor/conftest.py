@@ -29,6 +29,12 @@ from services.paper.testing import PaperHandle, make_keys, running_paper_exchang
 
 PERP = "BTC-PERPETUAL"
 TRADER = "trader"
+NO_CLEARING = {"cancel_open_orders": False, "cancel_mass_quotes": False, "cancel_conditional_orders": False,
+               "cancel_bots": False}
+"""`[executor]` with no clearing round before closing (`services/executor/clearing.py`)."""
+CLEARED = [ReportStatus.ORDERS_CANCELLED, ReportStatus.MASS_QUOTES_CANCELLED,
+           ReportStatus.CONDITIONAL_ORDERS_CANCELLED, ReportStatus.BOTS_CANCELLED]
+"""A first clearing round's reports, in order (every kind on: the default)."""
 OUTCOMES = {ReportStatus.COMPLETED, ReportStatus.FAILED, ReportStatus.DUPLICATE, ReportStatus.DRY_RUN}
 
 

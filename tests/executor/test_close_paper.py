@@ -13,6 +13,7 @@ from services.common.streams import Names
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
+    NO_CLEARING,
     PERP,
     TRADER,
     account_positions,
@@ -184,7 +185,7 @@ async def test_hedged_legs_never_leave_more_net_delta_than_at_the_decision(
 async def test_already_flat_position_is_done_without_an_order(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
     command = make_command({PERP: 0.5})
-    async with running_executor(make_settings(redis_url, names, paper, trader, cancel_open_orders=False)):
+    async with running_executor(make_settings(redis_url, names, paper, trader, **NO_CLEARING)):
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id)
     assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.COMPLETED]

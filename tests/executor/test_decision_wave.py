@@ -21,6 +21,7 @@ from services.executor.plan import Progress
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
+    CLEARED,
     PERP,
     account_positions,
     make_command,
@@ -110,11 +111,11 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     assert progress.legs[PERP].orders_sent == 1
     assert statuses + [r.status for r in progress.outbox] in (
         [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT],
-        [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, ReportStatus.ORDERS_CANCELLED])
+        [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT, *CLEARED])
     assert [r.status for r in got] == [
         ReportStatus.RECEIVED,
         ReportStatus.ORDER_SENT,
-        ReportStatus.ORDERS_CANCELLED,
+        *CLEARED,
         ReportStatus.FILLED,
         ReportStatus.COMPLETED,
     ]
@@ -169,8 +170,7 @@ async def test_any_other_command_reads_the_market_before_its_first_order(
     )
     names_in_order = [name for name, *_ in events]
     assert "ticker:sent" in names_in_order[:names_in_order.index("insert:sent")]
-    assert [r.status for r in got][:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED,
-                                           ReportStatus.ORDER_SENT]
+    assert [r.status for r in got][:6] == [ReportStatus.RECEIVED, *CLEARED, ReportStatus.ORDER_SENT]
 
 
 async def test_a_replayed_fresh_command_cancels_nothing(

@@ -20,6 +20,7 @@ from services.executor.plan import Progress, Stage
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
+    CLEARED,
     PERP,
     account_positions,
     make_command,
@@ -71,7 +72,7 @@ async def test_first_order_waits_for_cancel_all_and_saved_progress_while_reads_o
     progress, statuses = at_insert[0]
     assert progress.stage is Stage.CLOSING
     assert progress.legs[PERP].position_before == 0.5
-    assert statuses[:3] == [ReportStatus.RECEIVED, ReportStatus.ORDERS_CANCELLED, ReportStatus.ORDER_SENT]
+    assert statuses[:6] == [ReportStatus.RECEIVED, *CLEARED, ReportStatus.ORDER_SENT]
     inserts = [
         row["params"]
         for row in (await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]
