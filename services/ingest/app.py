@@ -32,12 +32,23 @@ from typing import Any, cast
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 from redis.exceptions import RedisError, WatchError
 from thalex import Sort
 
 from services.common.bus import Bus, encode_document, raise_if_cancelled
 from services.common.config import Settings
-from services.common.contracts import ExchangePosition, Fill, InstrumentInfo, InstrumentType, Tick
+from services.common.contracts import (
+    ExchangePosition,
+    Fill,
+    HaltViolation,
+    InstrumentInfo,
+    InstrumentType,
+    Report,
+    ReportStatus,
+    Tick,
+    halt_from_hash,
+)
 from services.common.service import Health, service_main
 from services.common.streams import Names
 from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
@@ -55,6 +66,8 @@ from services.ingest.translate import (
     tick_from_ticker,
     with_book,
 )
+from services.ingest.violations import CHANNELS as HALT_WATCH_CHANNELS
+from services.ingest.violations import HaltWatch, sightings
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +96,10 @@ DUPLICATES = Counter("tp_ingest_duplicate_trades_total",
                      "Trades seen again (history overlap, replays) and not re-published")
 COALESCED = Counter("tp_ingest_ticks_coalesced_total",
                     "Ticks replaced by a newer tick of the same instrument before they were written")
+HALT_VIOLATIONS = Counter(
+    "tp_halt_violations_total",
+    "Orders, bots, conditional orders and trades on the account that are not the guardian's, seen on the "
+    "exchange's account channels while tp:halt is set", ["kind"])
 TICK_LATENCY = Histogram(
     "tp_ingest_tick_latency_seconds", "Exchange mark time to tick written in Redis",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
@@ -257,6 +274,7 @@ class Ingest:
         self.since = 0.0
         self.history_recheck_at: float | None = None
         """When to read the trade history once more after a gap fill (None: not due)."""
+        self.halt_watch = HaltWatch()
         self.session: Session | None = None
         self._counters: dict[str, Any] = {}
         health.add("exchange", self._exchange_healthy)
@@ -332,7 +350,7 @@ class Ingest:
                 return
             self.last_tick[instrument] = tick
             self.ticks.add(tick)
-        elif channel in (TRADES, PORTFOLIO):
+        elif channel in (TRADES, PORTFOLIO) or channel in HALT_WATCH_CHANNELS:
             self._count(channel, received)
             self.account_queue.put_nowait((channel, notification, raw, received))
         elif channel == SYSTEM:  # the session acts on the reconnect notice
@@ -368,10 +386,7 @@ class Ingest:
                         link, done = notification
                         await self._bootstrap_into(link, done)
                         continue
-                    if channel == TRADES:
-                        await self.on_trades(notification, raw, received, f"thalex:{TRADES}", gap=False)
-                    else:
-                        await self.on_portfolio(notification, raw, received)
+                    await self._on_account(channel, notification, raw, received)
                 if link is not None and not link.closed and self.session is not None and self.session.ready:
                     await self.sync_subscriptions(link)
                     if self.history_recheck_at is not None and time.time() >= self.history_recheck_at:
@@ -390,6 +405,15 @@ class Ingest:
                 if self.session is not None:  # with backoff: Redis refusing every write must not make it spin
                     self.session.reconnect(f"Redis failed: {exc}")
                 await asyncio.sleep(REDIS_RETRY_SECONDS)
+
+    async def _on_account(self, channel: str, notification: Any, raw: str, received: float) -> None:
+        if channel == TRADES:
+            await self.on_trades(notification, raw, received, f"thalex:{TRADES}", gap=False)
+            await self.watch_halt(channel, notification)
+        elif channel in HALT_WATCH_CHANNELS:
+            await self.watch_halt(channel, notification)
+        else:
+            await self.on_portfolio(notification, raw, received)
 
     async def _bootstrap_into(self, link: Connection, done: asyncio.Future[None]) -> None:
         try:
@@ -410,7 +434,7 @@ class Ingest:
         self.refused.clear()
         self.books.clear()
         self.portfolio_snapshot_due = True
-        await link.request("private_subscribe", [TRADES, PORTFOLIO])
+        await link.request("private_subscribe", [TRADES, PORTFOLIO, *HALT_WATCH_CHANNELS])
         await self.load_instruments(link)
         received = time.time()
         lines = await link.request("portfolio")
@@ -421,7 +445,8 @@ class Ingest:
         self.history_recheck_at = time.time() + self.settings.ingest.history_recheck_seconds
         await self.sync_subscriptions(link)
         for channel in list(LAST_MESSAGE):  # followed before the reconnect, not any more
-            if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>"):
+            if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>",
+                                                                *HALT_WATCH_CHANNELS):
                 del LAST_MESSAGE[channel]
 
     async def gap_fill(self, link: Connection) -> None:
@@ -488,6 +513,37 @@ class Ingest:
         await self.bus.publish(self.names.positions, doc)
         PUBLISHED.labels(self.names.positions).inc()
         self.follow.on_portfolio(((e.instrument, e.position) for e in entries), received, complete)
+
+    # Who breaks a halt (services/ingest/violations.py)
+
+    async def watch_halt(self, channel: str, notification: Any) -> None:
+        """Report on `tp:reports` whatever on the account is not the guardian's while `tp:halt` is set.
+
+        `tp:halt` is read only when a notification shows something that is not the guardian's.
+        """
+        seen = list(sightings(channel, notification))
+        if not seen:
+            return
+        raw: Any = await self.bus.redis.hgetall(self.names.halt)
+        try:
+            halt = halt_from_hash(raw)
+        except ValidationError as exc:
+            log.error("tp:halt is unreadable (%s); %d order(s)/trade(s) on %s not judged", exc, len(seen),
+                      channel)
+            return
+        now = time.time()
+        found = self.halt_watch.violations(halt, seen, now)
+        if not found or halt is None:
+            return
+        reports = [Report(command_id=halt.command_id or f"halt@{halt.since:.6f}",
+                          status=ReportStatus.HALT_VIOLATION, violation=v, ts=now) for v in found]
+        async with self.bus.redis.pipeline(transaction=False) as pipe:
+            for report in reports:
+                self.bus.queue_publish(pipe, self.names.reports, report)
+            await pipe.execute()
+        for violation in found:
+            HALT_VIOLATIONS.labels(violation.kind.value).inc()
+            log.warning("halt (%s) broken: %s", halt.reason, describe(violation))
 
     # Instruments and subscriptions
 
@@ -572,6 +628,19 @@ class Ingest:
             self.channels.pop(channel, None)
         for channel in channels:
             await self._subscribe(link, [channel], wanted)
+
+
+def describe(violation: HaltViolation) -> str:
+    """One line naming what broke the halt and whose it was, as far as Thalex tells."""
+    what = " ".join(str(x) for x in (violation.kind.value, violation.side and violation.side.value,
+                                     violation.amount, violation.instrument) if x)
+    price = f" at {violation.price}" if violation.price is not None else ""
+    who = ", ".join(f"{name} {value}" for name, value in (
+        ("label", violation.label), ("client_order_id", violation.client_order_id),
+        ("bot", violation.bot_id), ("strategy", violation.strategy),
+        ("conditional order", violation.conditional_order_id), ("order", violation.order_id),
+        ("trade", violation.trade_id)) if value is not None)
+    return f"{what}{price} ({who or 'no label: Thalex names no session or key'})"
 
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Ingest:

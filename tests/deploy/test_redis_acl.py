@@ -81,10 +81,16 @@ def test_ingest_writes_the_exchange_streams_and_nothing_downstream(server: AclRe
         pipe.zremrangebyscore(TP.key("ingest:trade_ids"), "-inf", "(0")
         pipe.execute()
     assert ingest.set(TP.key("ingest:since"), "1.0", nx=True) is not None
+    # issue 19: it reads the halt and reports who breaks it (`halt_violation` on tp:reports)
+    assert ingest.hgetall(TP.halt) == {} and ingest.hgetall(PAPER.halt) == {}
+    ingest.xadd(TP.reports, DOC, maxlen=1000, approximate=True)
     # never downstream streams, never other services' keys, never reading what it does not need
-    for stream in (TP.commands, TP.snapshots, TP.reports, TP.control, PAPER.commands):
+    for stream in (TP.commands, TP.snapshots, TP.control, PAPER.commands):
         refused(ingest.xadd, stream, DOC)
     refused(ingest.hset, TP.halt, "reason", "x")
+    refused(ingest.delete, TP.halt)
+    refused(ingest.xrange, TP.reports)
+    refused(ingest.hgetall, TP.halt_acks)
     refused(ingest.set, TP.key("takeprofit:lease"), "x")
     refused(ingest.xrange, TP.fills)
     refused(ingest.delete, TP.fills)

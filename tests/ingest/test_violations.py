@@ -1,0 +1,86 @@
+"""The pure halt-violation rule (services/ingest/violations.py), by hand: what breaks a halt, what does
+not, and how precisely it is attributed."""
+
+from __future__ import annotations
+
+from services.common.contracts import Halt, ViolationKind
+from services.executor.plan import command_label
+from services.ingest.violations import BOTS, CONDITIONAL_ORDERS, ORDERS, TRADES, HaltWatch, halted, sightings
+
+HALT = Halt(reason="take_profit", command_id="cmd-1", since=1000.0, until=1060.0)
+GUARDIAN = command_label("cmd-1")
+
+
+def _order(order_id: str, label: str | None = None, change: str = "insert", **extra: object) -> dict:
+    order = {"order_id": order_id, "instrument_name": "BTC-PERPETUAL", "direction": "buy", "amount": 0.1,
+             "price": 99000.0, "change_reason": change, "insert_reason": "client_request",
+             "create_time": 1001.0, **extra}
+    if label is not None:
+        order["label"] = label
+    return order
+
+
+def test_a_rogue_order_during_a_halt_is_a_violation_with_its_label_and_client_order_id() -> None:
+    watch = HaltWatch()
+    seen = list(sightings(ORDERS, [_order("o1", "rogue", client_order_id=42)]))
+    (violation,) = watch.violations(HALT, seen, now=1010.0)
+    assert violation.kind is ViolationKind.ORDER
+    assert (violation.label, violation.client_order_id, violation.order_id) == ("rogue", 42, "o1")
+    assert (violation.instrument, violation.side, violation.amount, violation.price) == (
+        "BTC-PERPETUAL", "buy", 0.1, 99000.0)
+    assert (violation.halt_reason, violation.halt_since, violation.halt_command_id) == (
+        "take_profit", 1000.0, "cmd-1")
+    # once per order and halt: its fill, cancel or a repeat of the notification is not a second violation
+    assert watch.violations(HALT, seen, now=1011.0) == []
+
+
+def test_the_guardians_own_orders_and_trades_and_what_merely_existed_are_not_violations() -> None:
+    assert command_label("anything").startswith("tp-")
+    quiet = [_order("o1", GUARDIAN), _order("o2", "quoter", change="existing"),
+             _order("o3", "quoter", change="cancel"), _order("o4", None, insert_reason="liquidation")]
+    assert list(sightings(ORDERS, quiet)) == []
+    trades = [{"trade_id": "t1", "label": GUARDIAN, "trade_type": "normal"},
+              {"trade_id": "t2", "label": "x", "trade_type": "daily_mark"},
+              {"trade_id": "t3", "trade_type": "expiration"}]
+    assert list(sightings(TRADES, trades)) == []
+
+
+def test_no_halt_or_a_finished_cool_down_is_no_violation() -> None:
+    seen = list(sightings(ORDERS, [_order("o1", "rogue")]))
+    assert seen and HaltWatch().violations(None, seen, now=1010.0) == []
+    assert HaltWatch().violations(HALT, seen, now=1060.0) == []  # the cool-down ended at `until`
+    operator = Halt(reason="operator", since=5.0)
+    assert halted(operator, 1e12) and HaltWatch().violations(operator, seen, now=1e12)
+
+
+def test_bots_stops_their_orders_and_trades_are_attributed() -> None:
+    watch = HaltWatch()
+    seen = [
+        *sightings(ORDERS, [_order("o5", "grid", bot_id="B1"),
+                            _order("o6", None, conditional_order_id="C1")]),
+        *sightings(BOTS, [{"bot_id": "B1", "status": "active", "strategy": "grid", "label": "grid",
+                           "instrument_name": "BTC-PERPETUAL"}, {"bot_id": "B0", "status": "stopped"}]),
+        *sightings(CONDITIONAL_ORDERS, [{"order_id": "C1", "status": "active", "direction": "sell",
+                                         "amount": 0.2, "stop_price": 95000.0, "label": "stop"},
+                                        {"order_id": "C0", "status": "cancelled"}]),
+        *sightings(TRADES, [{"trade_id": "t9", "order_id": "o5", "label": "grid", "bot_id": "B1",
+                             "direction": "sell", "amount": 0.1, "price": 100100.0, "trade_type": "normal"}]),
+    ]
+    found = watch.violations(HALT, seen, now=1001.0)
+    assert [(v.kind, v.bot_id, v.conditional_order_id, v.label) for v in found] == [
+        (ViolationKind.BOT_ORDER, "B1", None, "grid"),
+        (ViolationKind.CONDITIONAL_TRIGGER, None, "C1", None),
+        (ViolationKind.BOT, "B1", None, "grid"),
+        (ViolationKind.CONDITIONAL_ORDER, None, "C1", "stop"),
+        (ViolationKind.TRADE, "B1", None, "grid"),
+    ]
+    assert found[2].strategy == "grid" and found[4].trade_id == "t9" and found[3].price == 95000.0
+    # a new halt: the same bot still running breaks it too
+    again = Halt(reason="operator", since=2000.0)
+    assert [v.kind for v in watch.violations(again, seen[2:3], now=2001.0)] == [ViolationKind.BOT]
+
+
+def test_garbage_is_skipped_not_fatal() -> None:
+    assert list(sightings(ORDERS, "not a list")) == []
+    assert list(sightings(ORDERS, [1, None, {"change_reason": "insert"}])) == []
+    assert list(sightings("ticker.BTC-PERPETUAL.raw", [_order("o1", "x")])) == []
