@@ -33,7 +33,9 @@ from services.common.contracts import (
     ControlOutcome,
     Halt,
     HaltAck,
+    HaltViolation,
     Report,
+    ReportStatus,
     Snapshot,
     halt_from_hash,
 )
@@ -46,6 +48,10 @@ EXIT_UNANSWERED = 4
 DEFAULT_ANSWER_TIMEOUT_SECONDS = 10.0
 ANSWER_POLL_SECONDS = 0.05
 LAG_COUNT_LIMIT = 1000
+VIOLATIONS_READ = 1000
+"""The latest `tp:reports` entries `status` reads for who broke a halt."""
+VIOLATIONS_SHOWN = 5
+"""Halt violations `status` names one by one (the latest); the rest are counted by kind."""
 """Where XINFO cannot tell a group's lag (Redis < 7), at most this many entries are counted."""
 
 
@@ -243,9 +249,28 @@ def _barrier_lines(snapshot: Snapshot, settings: Settings, now: float) -> list[s
     return lines
 
 
-def _halt_lines(halt: Halt | str | None, acks: dict[str, HaltAck]) -> list[str]:
+def _violation_lines(halt: Halt | str | None, violations: list[HaltViolation]) -> list[str]:
+    """Who broke the halt in force, or the last one (issue 19): counts by kind, the latest few named."""
+    if not violations:
+        return []
+    since = halt.since if isinstance(halt, Halt) else violations[-1].halt_since
+    these = [v for v in violations if v.halt_since == since]
+    if not these:
+        return []
+    which = "this halt" if isinstance(halt, Halt) else f"the last halt ({these[-1].halt_reason})"
+    kinds: dict[str, int] = {}
+    for v in these:
+        kinds[v.kind.value] = kinds.get(v.kind.value, 0) + 1
+    lines = [f"  BROKEN: {len(these)} order(s)/bot(s)/trade(s) on the account during {which} were not the "
+             f"guardian's: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))]
+    lines += [f"    {v.describe()}" for v in these[-VIOLATIONS_SHOWN:]]
+    return lines
+
+
+def _halt_lines(halt: Halt | str | None, acks: dict[str, HaltAck],
+                violations: list[HaltViolation] | None = None) -> list[str]:
     if halt is None:
-        return ["halt: none (quoters may trade)"]
+        return ["halt: none (quoters may trade)", *_violation_lines(halt, violations or [])]
     if isinstance(halt, str):
         return [f"halt: UNREADABLE: {halt}. Quoters may misread it; take-profit rewrites it whenever it "
                 "handles an input."]
@@ -258,7 +283,7 @@ def _halt_lines(halt: Halt | str | None, acks: dict[str, HaltAck]) -> list[str]:
     unseen = [name for name in acks if name not in seen]
     if unseen:
         lines.append(f"  not yet acknowledged: {', '.join(unseen)}")
-    return lines
+    return lines + _violation_lines(halt, violations or [])
 
 
 def _lag_text(value: int | None) -> str:
@@ -268,8 +293,10 @@ def _lag_text(value: int | None) -> str:
 
 
 def format_status(snapshot: Snapshot | None, halt: Halt | str | None, acks: dict[str, HaltAck],
-                  lags: dict[str, int | None], settings: Settings, now: float) -> str:
-    """The status screen, as plain text (pure: easy to test). `halt` may be a sentence: unreadable."""
+                  lags: dict[str, int | None], settings: Settings, now: float,
+                  violations: list[HaltViolation] | None = None) -> str:
+    """The status screen, as plain text (pure: easy to test). `halt` may be a sentence: unreadable;
+    `violations` are the latest `halt_violation` reports' findings, oldest first."""
     lines = []
     if snapshot is None:
         lines.append("No snapshot yet: is `thalex-tp portfolio` running and ingest publishing?")
@@ -288,7 +315,7 @@ def format_status(snapshot: Snapshot | None, halt: Halt | str | None, acks: dict
         lines.append("")
         lines.extend(_barrier_lines(snapshot, settings, now))
     lines.append("")
-    lines.extend(_halt_lines(halt, acks))
+    lines.extend(_halt_lines(halt, acks, violations))
     lines.append("stream lag (entries not yet read by each group): " +
                  (", ".join(f"{k}={_lag_text(v)}" for k, v in lags.items()) or "no consumers yet"))
     return "\n".join(lines)
@@ -338,11 +365,19 @@ def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
     return acks
 
 
+def _violations(client: redis.Redis, settings: Settings) -> list[HaltViolation]:
+    """What broke a halt lately (ingest's `halt_violation` reports), oldest first."""
+    reports: list[Report] = _latest(client, settings.names.reports, Report, count=VIOLATIONS_READ)
+    return [r.violation for r in reversed(reports)
+            if r.status is ReportStatus.HALT_VIOLATION and r.violation is not None]
+
+
 def status_main(argv: list[str]) -> int:
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
         snapshots = _latest(client, settings.names.snapshots, Snapshot)
         print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
-                            _acks(client, settings), _lags(client, settings), settings, time.time()))
+                            _acks(client, settings), _lags(client, settings), settings, time.time(),
+                            _violations(client, settings)))
         return 0
 
     return _run(argv, "status", "The current snapshot, distance to each barrier, halt state, stream lag.",
@@ -383,7 +418,11 @@ def close_all_main(argv: list[str]) -> int:
 
 def _decision_rows(commands: list[Command], reports: list[Report]) -> list[dict[str, Any]]:
     by_command: dict[str, list[Report]] = {}
+    broken: dict[str, int] = {}
     for report in reversed(reports):
+        if report.status is ReportStatus.HALT_VIOLATION:  # not a step of the closure: counted apart
+            broken[report.command_id] = broken.get(report.command_id, 0) + 1
+            continue
         by_command.setdefault(report.command_id, []).append(report)
     rows = []
     for command in commands:
@@ -393,6 +432,7 @@ def _decision_rows(commands: list[Command], reports: list[Report]) -> list[dict[
                      "figure": command.net_pnl, "threshold": command.threshold,
                      "fraction": command.fraction, "positions": len(command.positions),
                      "created": command.created_ts, "outcome": outcome,
+                     "halt_violations": broken.get(command.command_id, 0),
                      "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))})
     return rows
 
@@ -409,7 +449,8 @@ def format_history_row(row: dict[str, Any]) -> str:
         return (f"{when}  {row['action']:<32} by {row['by']}  REFUSED ({row['reason']}): {row['detail']}")
     return (f"{when}  {row['command_id']:<32} {row['reason']:<20} figure {row['figure']:+.4f} "
             f"vs {row['threshold']:+.4f}  {row['positions']} positions  -> {row['outcome']}"
-            f"  fees {row['fees']:.4f}")
+            f"  fees {row['fees']:.4f}"
+            + (f"  HALT BROKEN {row['halt_violations']}x" if row.get("halt_violations") else ""))
 
 
 def history_main(argv: list[str]) -> int:

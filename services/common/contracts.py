@@ -442,6 +442,17 @@ class HaltViolation(BaseModel):
     """A bot's strategy (`grid`, `levels`, ...)."""
     exchange_ts: Timestamp | None = None
 
+    def describe(self) -> str:
+        """One line naming what broke the halt and whose it was, as far as Thalex tells."""
+        what = " ".join(str(x) for x in (self.kind.value, self.side and self.side.value, self.amount,
+                                         self.instrument) if x)
+        price = f" at {self.price:g}" if self.price is not None else ""
+        who = ", ".join(f"{name} {value}" for name, value in (
+            ("label", self.label), ("client_order_id", self.client_order_id), ("bot", self.bot_id),
+            ("strategy", self.strategy), ("conditional order", self.conditional_order_id),
+            ("order", self.order_id), ("trade", self.trade_id)) if value is not None)
+        return f"{what}{price} ({who or 'no label: Thalex names no session or key'})"
+
 
 class PlannedOrder(BaseModel):
     """An order the executor sent, or would send in a dry run."""

@@ -41,7 +41,6 @@ from services.common.config import Settings
 from services.common.contracts import (
     ExchangePosition,
     Fill,
-    HaltViolation,
     InstrumentInfo,
     InstrumentType,
     Report,
@@ -543,7 +542,7 @@ class Ingest:
             await pipe.execute()
         for violation in found:
             HALT_VIOLATIONS.labels(violation.kind.value).inc()
-            log.warning("halt (%s) broken: %s", halt.reason, describe(violation))
+            log.warning("halt (%s) broken: %s", halt.reason, violation.describe())
 
     # Instruments and subscriptions
 
@@ -628,19 +627,6 @@ class Ingest:
             self.channels.pop(channel, None)
         for channel in channels:
             await self._subscribe(link, [channel], wanted)
-
-
-def describe(violation: HaltViolation) -> str:
-    """One line naming what broke the halt and whose it was, as far as Thalex tells."""
-    what = " ".join(str(x) for x in (violation.kind.value, violation.side and violation.side.value,
-                                     violation.amount, violation.instrument) if x)
-    price = f" at {violation.price}" if violation.price is not None else ""
-    who = ", ".join(f"{name} {value}" for name, value in (
-        ("label", violation.label), ("client_order_id", violation.client_order_id),
-        ("bot", violation.bot_id), ("strategy", violation.strategy),
-        ("conditional order", violation.conditional_order_id), ("order", violation.order_id),
-        ("trade", violation.trade_id)) if value is not None)
-    return f"{what}{price} ({who or 'no label: Thalex names no session or key'})"
 
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Ingest:

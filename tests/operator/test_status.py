@@ -109,3 +109,50 @@ def test_status_shows_slippage_as_a_cost_like_the_snapshot(settings: Settings) -
     fees = next(line for line in text.splitlines() if "est. close fees" in line)
     assert "+0.0550" in fees
     assert "+1.4450" in next(line for line in text.splitlines() if "net after close" in line)
+
+
+def test_status_and_history_name_who_broke_the_halt(
+        redis_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19, item 2: ingest's `halt_violation` reports are shown by `status` (the halt in force) and
+    counted apart in `history` (never taken for the closure's outcome)."""
+    from services.common.bus import entry_fields
+    from services.common.contracts import (
+        CloseReason,
+        Command,
+        Halt,
+        HaltViolation,
+        Report,
+        ReportStatus,
+        ViolationKind,
+        halt_to_hash,
+    )
+
+    client = redis_sync.Redis.from_url(redis_url)
+    now = time.time()
+    halt = Halt(reason="take_profit", command_id="cmd-b", since=now - 5, until=now + 55)
+    try:
+        client.hset(names.halt, mapping=halt_to_hash(halt))
+        client.xadd(names.commands, entry_fields(Command(
+            command_id="cmd-b", epoch=1, reason=CloseReason.TAKE_PROFIT,
+            positions=[{"instrument": "X", "amount": 1}], snapshot_seq=1, net_pnl=2.0, threshold=1.0,
+            created_ts=now - 5, deadline_ts=now + 25)))
+        client.xadd(names.reports, entry_fields(
+            Report(command_id="cmd-b", status=ReportStatus.COMPLETED, ts=now)))
+        found = ((ViolationKind.ORDER, "rogue-mm", {"client_order_id": 77, "price": 99000.0}),
+                 (ViolationKind.BOT, "grid", {"bot_id": "B1", "strategy": "grid"}))
+        for kind, label, extra in found:
+            client.xadd(names.reports, entry_fields(Report(
+                command_id="cmd-b", status=ReportStatus.HALT_VIOLATION, ts=now, violation=HaltViolation(
+                    kind=kind, halt_reason=halt.reason, halt_since=halt.since, halt_command_id="cmd-b",
+                    label=label, **extra))))
+        config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
+        assert main(["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "BROKEN: 2 order(s)/bot(s)/trade(s)" in out and "1 bot, 1 order" in out
+        assert "label rogue-mm, client_order_id 77" in out and "bot B1, strategy grid" in out
+        assert main(["history", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "-> completed" in out and "HALT BROKEN 2x" in out
+    finally:
+        client.delete(names.halt, names.commands, names.reports)
+        client.close()
