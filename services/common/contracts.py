@@ -419,6 +419,10 @@ class ViolationKind(StrEnum):
     """A trade of the account that is not the guardian's (`account.trade_history`)."""
 
 
+ORDER_KINDS = frozenset({ViolationKind.ORDER, ViolationKind.BOT_ORDER, ViolationKind.CONDITIONAL_TRIGGER})
+"""The violations that are an order reaching the book (whoever placed it)."""
+
+
 class HaltViolation(BaseModel):
     """Who broke a halt, as precisely as Thalex tells (`halt_violation` reports)."""
 

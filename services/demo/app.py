@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 from services.common.bus import entry_document
 from services.common.config import Settings, load_config
 from services.common.contracts import (
+    ORDER_KINDS,
     Command,
     HaltAck,
     Notification,
@@ -254,6 +255,9 @@ ticker_delay = "raw"
         state.commands = [Command.model_validate(entry_document(f)[1]) for _, f in commands][::-1]
         for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
+            if report.status is ReportStatus.HALT_VIOLATION and report.violation is not None:
+                state.violations.insert(0, report.violation)  # who broke a halt: not a step of a closure
+                continue
             state.reports.setdefault(report.command_id, []).insert(0, report)
         notes: Any = await redis.xrevrange(names.notifications, count=3)
         state.notifications = [Notification.model_validate(entry_document(f)[1]) for _, f in notes][::-1]
@@ -388,6 +392,7 @@ ticker_delay = "raw"
         sent: Any = await redis.xrange(names.notifications)
         notes = [Notification.model_validate(entry_document(f)[1]) for _, f in sent]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
+        broken = [r.violation for r in reports if r.status is ReportStatus.HALT_VIOLATION and r.violation]
         closed = [c for c in closures if c["completed"]]
         return {
             "epochs_closed": len(closed),
@@ -395,6 +400,10 @@ ticker_delay = "raw"
             "fees_usd": sum(c["fees"] or 0.0 for c in closed),
             "closures": closures,
             "quoter_orders_while_halted": violations,
+            # issue 19: everything ingest saw on the account during a halt that was not the guardian's,
+            # whoever sent it (the demo's quoter, a rogue bot, a Thalex bot, a stop)
+            "orders_while_halted": sum(v.kind in ORDER_KINDS for v in broken),
+            "halt_violations": [v.model_dump(mode="json", exclude_none=True) for v in broken],
             "notifications": [{"kind": n.kind.value, "title": n.title} for n in notes],
             "children": {c.name: c.status() for c in self.children},
         }
@@ -492,7 +501,9 @@ async def _run(args: argparse.Namespace) -> int:
                 f"{'completed' if closure['completed'] else 'not completed'}"
                 f"{', flat afterwards' if closure['flat_after'] else ''}"
             )
-        print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
+        print(f"orders on the account while halted, not the guardian's: {summary['orders_while_halted']} "
+              f"(seen by ingest; halt violations of every kind: {len(summary['halt_violations'])}); "
+              f"the demo quoter's own: {len(summary['quoter_orders_while_halted'])}")
         print(
             f"notifications: {len(summary['notifications'])} "
             "(sent to the [notify] targets; the demo has none)"

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.config import PortfolioTakeProfit
-from services.common.contracts import Command, Halt, HaltAck, Notification, Report, Snapshot
+from services.common.contracts import Command, Halt, HaltAck, HaltViolation, Notification, Report, Snapshot
 
 BAR_WIDTH = 41
 
@@ -22,6 +22,8 @@ class DemoState:
     reports: dict[str, list[Report]] = field(default_factory=dict)
     processes: dict[str, str] = field(default_factory=dict)
     """name -> "running" / "exited N"."""
+    violations: list[HaltViolation] = field(default_factory=list)
+    """Who broke a halt (ingest's `halt_violation` reports among the latest), oldest first."""
     notifications: list[Notification] = field(default_factory=list)
     """The latest notifications notify produced (oldest first)."""
     config: str = ""
@@ -44,6 +46,19 @@ def barrier_bar(value: float, low: float, high: float) -> str:
         cells[zero] = "0"
     cells[position] = "*"
     return f"{low:+.2f} |{''.join(cells)}| {high:+.2f}"
+
+
+def violation_lines(state: DemoState) -> list[str]:
+    """Who broke the halt in force, or the last one: what the exchange's account channels showed."""
+    if not state.violations:
+        return []
+    since = state.halt.since if state.halt is not None else state.violations[-1].halt_since
+    these = [v for v in state.violations if v.halt_since == since]
+    if not these:
+        return []
+    which = "this halt" if state.halt is not None else "the last halt"
+    return [f"  {which} BROKEN {len(these)}x by orders/bots/trades that are not the guardian's; "
+            f"latest: {these[-1].describe()}"]
 
 
 def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float | None = None) -> list[str]:
@@ -85,6 +100,7 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         acked = [n for n, a in state.acks.items() if a.command_id == state.halt.command_id]
         lines.append(f"HALT: {state.halt.reason} {state.halt.command_id or ''}{left}; "
                      f"acknowledged by {', '.join(acked) or 'nobody yet'}")
+    lines.extend(violation_lines(state))
     lines.append("")
     lines.append("last decisions:")
     if not state.commands:

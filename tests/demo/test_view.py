@@ -48,3 +48,23 @@ def test_the_view_says_how_to_talk_to_this_demo_and_shows_notifications() -> Non
     screen = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=TS))
     assert "thalex-tp status --config /tmp/d/demo.toml" in screen
     assert "Take profit: closing everything" in screen
+
+
+def test_the_view_names_who_broke_the_halt() -> None:
+    """Issue 19, item 2: the halt in force, broken by a rogue quoter and a grid bot, says so and by whom."""
+    from services.common.contracts import HaltViolation, ViolationKind
+
+    halt = Halt(reason="take_profit", command_id="c1", since=TS, until=TS + 10)
+    earlier = HaltViolation(kind=ViolationKind.ORDER, halt_reason="operator", halt_since=TS - 100,
+                            label="old")
+    broken = [HaltViolation(kind=ViolationKind.ORDER, halt_reason="take_profit", halt_since=TS,
+                            label="rogue", side="buy", amount=0.2, instrument="BTC-PERPETUAL", price=99000.0),
+              HaltViolation(kind=ViolationKind.BOT, halt_reason="take_profit", halt_since=TS, bot_id="B1",
+                            strategy="grid", label="grid")]
+    screen = "\n".join(render(DemoState(halt=halt, violations=[earlier, *broken]), PortfolioTakeProfit(), 1.1,
+                              now=TS + 4))
+    assert "this halt BROKEN 2x" in screen and "latest: bot (label grid, bot B1, strategy grid)" in screen
+    after = "\n".join(render(DemoState(violations=[earlier, *broken]), PortfolioTakeProfit(), 1.1,
+                             now=TS + 20))
+    assert "the last halt BROKEN 2x" in after
+    assert "BROKEN" not in "\n".join(render(DemoState(halt=halt), PortfolioTakeProfit(), 1.1, now=TS + 4))
