@@ -1,7 +1,10 @@
 """Reaction latency of the whole pipeline: from the paper exchange sending the tick that makes
 `net_after_close` cross `min_profit_usd` to the paper exchange receiving the first close order.
 
-    .venv/bin/python bench/latency.py [--trials 200] [--seed 1] [--workdir DIR]
+    .venv/bin/python bench/latency.py [--trials 200] [--seed 1] [--workdir DIR] [--cancel-all-only]
+
+`--cancel-all-only` turns off the rest of the executor's clearing round (mass quotes, conditional
+orders, bots: issue 19), to measure what the full round costs the first order, back to back.
 
 Everything runs as separate processes, as in production: a private redis-server (AOF on),
 the paper exchange (`python -m services.paper`, random walk paused), ingest (raw tickers),
@@ -208,7 +211,11 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
 
 async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-latency-"))
-    pipeline = Pipeline(workdir, seed=args.seed, overrides=OVERRIDES, namespace="tp")  # the shipped ACL
+    overrides = OVERRIDES
+    if args.cancel_all_only:
+        overrides = {**OVERRIDES, "executor": {**OVERRIDES["executor"], "cancel_mass_quotes": False,
+                                               "cancel_conditional_orders": False, "cancel_bots": False}}
+    pipeline = Pipeline(workdir, seed=args.seed, overrides=overrides, namespace="tp")  # the shipped ACL
     await pipeline.start()
     try:
         await pipeline.control("paper/pause")
@@ -258,6 +265,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir")
+    parser.add_argument("--cancel-all-only", action="store_true",
+                        help="the executor clears only orders (cancel_all) before closing (before issue 19)")
     return asyncio.run(main_async(parser.parse_args()))
 
 
