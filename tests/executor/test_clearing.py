@@ -129,3 +129,37 @@ async def test_a_refused_removal_is_reported_with_its_error_and_the_closure_goes
     assert refused and refused[0].error is not None and refused[0].error.code == 7
     assert refused[0].removed is not None and refused[0].removed.count is None
     assert account_positions(paper)[PERP] == 0
+
+
+async def test_quotes_that_come_back_between_waves_are_removed_again_before_the_next_wave(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """A thin book takes several waves; a quoter that does not listen re-quotes after the first one:
+    the round repeated before the next wave removes its quotes (reported as round 2) before any order."""
+    await open_positions(paper, {PERP: 0.3})
+    await paper.control("paper/set_book", {"instrument_name": PERP, "levels": 1, "level_amount": 0.1,
+                                           "growth": 0.0})
+    command = make_command({PERP: 0.3})
+    methods: list[str] = []
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        session = running.executor.session
+        real = session.request
+
+        async def request(method: str, *args: object, **kwargs: object) -> object:
+            result = await real(method, *args, **kwargs)
+            methods.append(method)
+            if method == "insert" and methods.count("insert") == 1:  # the quoter comes back after wave 1
+                quote = [{"i": PERP, "b": [[90000, 0.1]], "a": [[110000, 0.1]]}]
+                await paper.control("paper/mass_quote", {"key_id": TRADER, "quotes": quote, "label": "deaf"})
+            return result
+
+        session.request = request  # type: ignore[method-assign]
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    assert account_positions(paper)[PERP] == 0
+    again = [r.removed for r in _removed(got, RemovalKind.MASS_QUOTES)
+             if r.removed is not None and r.removed.round > 1]
+    assert again and again[0].labels == ["deaf"] and again[0].count == 2
+    second_insert = [i for i, m in enumerate(methods) if m == "insert"][1]
+    assert "cancel_mass_quote" in methods[methods.index("insert"):second_insert]
+    assert not paper.exchange.engine.accounts[TRADER].orders
