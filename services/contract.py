@@ -110,8 +110,8 @@ command_id.
 
 Keys that are not streams (so not channels below): `{namespace}:instruments` (hash, writer ingest:
 instrument name -> InstrumentInfo JSON), `{namespace}:halt` (hash, writer takeprofit: one field
-per Halt field; quoters stand down while it exists), `{namespace}:halt:acks` (hash, writers: your
-quoters: quoter name -> HaltAck JSON).
+per Halt field; quoters stand down while it exists; ingest reads it to report who breaks it),
+`{namespace}:halt:acks` (hash, writers: your quoters: quoter name -> HaltAck JSON).
 """
 
 
