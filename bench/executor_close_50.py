@@ -47,8 +47,11 @@ async def one_run(redis_url: str, workdir: Path, run: int, rate: float) -> float
         await paper.control("paper/pause")
         extra = add_option_strikes(paper, 30)
         listed = [i.name for i in paper.exchange.market.instruments.values() if i.name not in extra] + extra
-        held = {name: (0.05 if n % 2 else -0.05) if "PERPETUAL" in name or name.count("-") == 1
-                else (0.5 if n % 2 else -0.5) for n, name in enumerate(listed[:50])}
+        # each at least the instrument's minimum order (the paper enforces them since issue 18)
+        size = {name: max(paper.exchange.market.instruments[name].min_order_amount,
+                          0.05 if "PERPETUAL" in name or name.count("-") == 1 else 0.5)
+                for name in listed[:50]}
+        held = {name: size[name] if n % 2 else -size[name] for n, name in enumerate(listed[:50])}
         await open_positions(paper, held)
         redis = Redis.from_url(redis_url)
         settings = make_settings(redis_url, names, paper, trader, order_rate_per_second=rate)
