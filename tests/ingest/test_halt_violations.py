@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+import pytest
 import thalex
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from services.cli import main
 from services.common.config import Settings
 from services.common.contracts import Halt, Report, ReportStatus, ViolationKind, halt_to_hash
 from services.common.streams import Names
 from services.executor.plan import command_label
 from services.paper.testing import PaperHandle
 from tests.ingest.conftest import PERP, Trader, fills_on, running_ingest, stream_docs, wait_until
+from tests.support import settings_for, write_config
 
 
 def _count(kind: str) -> float:
@@ -34,7 +38,8 @@ async def _fills(redis: Redis, names: Names, n: int) -> bool:
 
 
 async def test_a_rogue_order_during_a_halt_is_reported_attributed_and_counted_the_executors_are_not(
-    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names
+    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names, redis_url: str,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_ingest(settings):
         # no halt: trading is nobody's breach
@@ -69,6 +74,12 @@ async def test_a_rogue_order_during_a_halt_is_reported_attributed_and_counted_th
     trade = next(v for v in violations if v.kind is ViolationKind.TRADE)
     assert trade.trade_id and trade.order_id and trade.amount == 0.2
     assert _count("order") == orders + 2 and _count("trade") == trades + 1
+    # `thalex-tp status` names them under the halt in force
+    config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "BROKEN: 3 order(s)/bot(s)/trade(s)" in out and "2 order, 1 trade" in out
+    assert "label rogue-mm, client_order_id 77" in out
 
 
 async def _at_least(redis: Redis, names: Names, n: int) -> list[Report] | None:
