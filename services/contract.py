@@ -88,7 +88,8 @@ GROUPS = (
     Group("commands", "executor", Command, "closes the positions on the exchange, once per command_id"),
     Group("snapshots", "notify", Snapshot, "warns when net_after_close nears a barrier; drift adopted"),
     Group("commands", "notify", Command, "tells the trader a decision was taken"),
-    Group("reports", "notify", Report, "tells the trader a closure completed or failed, and what it cost"),
+    Group("reports", "notify", Report,
+          "tells the trader a closure completed or failed, what it cost, and who broke a halt"),
 )
 
 DESCRIPTION = """\

@@ -573,6 +573,8 @@ class NotificationKind(StrEnum):
     NEAR_EMERGENCY_STOP = "near_emergency_stop"
     SERVICE_UNHEALTHY = "service_unhealthy"
     SERVICE_RECOVERED = "service_recovered"
+    HALT_VIOLATED = "halt_violated"
+    """Something that is not the guardian's traded the account during a halt (once per halt)."""
 
 
 class Severity(StrEnum):

@@ -59,6 +59,8 @@ RECENT_SNAPSHOTS = 64
 """Snapshots whose estimate is remembered, to find a command's decision snapshot by `seq`."""
 FINAL_EPOCHS = 16
 """Closed epochs whose final `net_pnl` is remembered."""
+HALTS_REMEMBERED = 64
+"""Halts whose violation was told, remembered so a halt broken a thousand times is told once."""
 
 REASON_WORDS = {
     CloseReason.TAKE_PROFIT: "Take profit",
@@ -131,6 +133,8 @@ class NotifierState(_Model):
     near_target_armed: bool = True
     near_stop_armed: bool = True
     services: dict[str, Watched] = Field(default_factory=dict)
+    broken_halts: list[float] = Field(default_factory=list)
+    """`since` of the halts whose first violation was told (newest last, the latest `HALTS_REMEMBERED`)."""
 
 
 class Notifier:
@@ -265,6 +269,8 @@ class Notifier:
             ts=command.created_ts)
 
     def on_report(self, report: Report, now: float) -> list[Notification]:
+        if report.status is ReportStatus.HALT_VIOLATION:
+            return self._halt_violated(report)
         closure = self.state.closures.get(report.command_id)
         if report.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED):
             if closure is not None and report.instrument and report.filled and report.avg_price is not None:
@@ -339,6 +345,24 @@ class Notifier:
             facts={"command_id": report.command_id, "error": error, "fees": report.fee,
                    "error_code": report.error.code if report.error else None},
             ts=report.ts)
+
+    def _halt_violated(self, report: Report) -> list[Notification]:
+        """The first violation of a halt is told; the rest are counted in `thalex-tp status`."""
+        v = report.violation
+        if v is None or v.halt_since in self.state.broken_halts:
+            return []
+        self.state.broken_halts = [*self.state.broken_halts, v.halt_since][-HALTS_REMEMBERED:]
+        return [Notification(
+            id=f"halt_violated:{v.halt_since:.6f}", kind=NotificationKind.HALT_VIOLATED,
+            severity=Severity.WARNING, title=f"The halt was broken: {v.describe()[:120]}",
+            text=(f"While tp:halt was set ({v.halt_reason} {v.halt_command_id or ''}), something that is not "
+                  f"the guardian traded the account: {v.describe()}. It can re-open what the guardian "
+                  "closes, at your fees. `thalex-tp status` names everything that broke this halt; make "
+                  "that program read tp:halt, or stop it."),
+            facts={"kind": v.kind.value, "label": v.label, "bot_id": v.bot_id, "order_id": v.order_id,
+                   "trade_id": v.trade_id, "instrument": v.instrument, "halt_reason": v.halt_reason,
+                   "halt_since": v.halt_since, "command_id": v.halt_command_id},
+            ts=report.ts)]
 
     # --- health -------------------------------------------------------------------------
 

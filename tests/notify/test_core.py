@@ -267,3 +267,26 @@ def test_warnings_never_outnumber_the_approaches(figures: list[float]) -> None:
             approaches += 1
         below = figure < 5.0
     assert warnings <= approaches
+
+
+def test_a_broken_halt_is_told_once_naming_who_broke_it() -> None:
+    """Issue 19, item 2: ingest's `halt_violation` reports; the first of each halt is told (a warning),
+    the rest are for `thalex-tp status`; the memory survives a restart."""
+    from services.common.contracts import HaltViolation, ViolationKind
+
+    def broken(since: float, label: str) -> Report:
+        return report(ReportStatus.HALT_VIOLATION, violation=HaltViolation(
+            kind=ViolationKind.ORDER, halt_reason="take_profit", halt_since=since, label=label,
+            halt_command_id="e1-take_profit-s3-n1", instrument="BTC-PERPETUAL", side="buy", amount=0.2))
+
+    n = notifier()
+    [note] = n.on_report(broken(NOW, "rogue"), NOW)
+    assert note.kind is NotificationKind.HALT_VIOLATED and note.severity is Severity.WARNING
+    assert note.id == f"halt_violated:{NOW:.6f}" and "label rogue" in note.title
+    assert "thalex-tp status" in note.text and note.facts["label"] == "rogue"
+    assert n.on_report(broken(NOW, "other"), NOW) == []
+    restarted = notifier()
+    restarted.load_state(n.to_state())
+    assert restarted.on_report(broken(NOW, "again"), NOW) == []
+    later = restarted.on_report(broken(NOW + 100, "next"), NOW)
+    assert [x.kind for x in later] == [NotificationKind.HALT_VIOLATED]
