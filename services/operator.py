@@ -23,7 +23,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from services.common.bus import entry_document, entry_fields
-from services.common.config import ConfigError, Settings, load_config, redacted
+from services.common.config import ConfigError, EmergencyBasis, Settings, load_config, redacted
 from services.common.contracts import (
     CONTROL_MAX_AGE_SECONDS,
     Command,
@@ -37,6 +37,7 @@ from services.common.contracts import (
     Snapshot,
     halt_from_hash,
 )
+from services.common.exit_cost import exit_cost_warning
 from services.common.service import read_secret
 
 EXIT_OK = 0
@@ -229,12 +230,17 @@ def _barrier_lines(snapshot: Snapshot, settings: Settings, now: float) -> list[s
     if tp.partial_close_fraction > 0:
         lines.append(f"  partial          {_money(tp.partial_profit_threshold - figure):>14}"
                      f"  (at {tp.partial_profit_threshold}, closes {tp.partial_close_fraction:.0%})")
-    lines.append(f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
-                 f"  (at {tp.emergency_close_threshold})")
+    on_pnl = tp.emergency_stop_basis is EmergencyBasis.NET_PNL
+    emergency = snapshot.net_pnl if on_pnl else snapshot.net_after_close
+    lines.append(f"  emergency stop   {_money(emergency - tp.emergency_close_threshold):>14}"
+                 f"  (at {tp.emergency_close_threshold} of {tp.emergency_stop_basis.value})")
     if snapshot.oldest_position_ts is not None:
         hours = (now - snapshot.oldest_position_ts) / 3600
         lines.append(f"  max age          {tp.max_position_age_hours - hours:>13.2f}h"
                      f"  (at {tp.max_position_age_hours} h)")
+    warning = exit_cost_warning(snapshot, tp)
+    if warning is not None:
+        lines.append(f"EXIT COST WARNING: {warning.sentence()}")
     if snapshot.stale_instruments:
         lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
     for drift in snapshot.drift:

@@ -127,6 +127,15 @@ def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
     return kinds
 
 
+class EmergencyBasis(StrEnum):
+    """The figure the emergency stop judges (README, "The emergency stop means loss")."""
+
+    NET_PNL = "net_pnl"
+    """The loss market moves and fees have caused: opening a position never trips it by itself."""
+    NET_AFTER_CLOSE = "net_after_close"
+    """That loss less the estimated cost of getting out: a large position trips it as it opens."""
+
+
 class PortfolioTakeProfit(Section):
     """The barriers (seed section `portfolio_take_profit`, seed defaults)."""
 
@@ -136,6 +145,8 @@ class PortfolioTakeProfit(Section):
     check_interval_seconds: Annotated[float, Field(ge=1.0)] = 2.0
     max_position_age_hours: Annotated[float, Field(gt=0)] = 24.0
     emergency_close_threshold: Annotated[float, Field(lt=0)] = -10.0
+    emergency_stop_basis: EmergencyBasis = EmergencyBasis.NET_PNL
+    """`net_pnl` (default) or `net_after_close`: what the emergency stop compares with its threshold."""
     partial_profit_threshold: float = 0.5
     position_correlation_check: bool = True
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER

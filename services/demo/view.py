@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.common.config import PortfolioTakeProfit
 from services.common.contracts import Command, Halt, HaltAck, Notification, Report, Snapshot
+from services.common.exit_cost import exit_cost_warning
 
 BAR_WIDTH = 41
 
@@ -64,6 +65,9 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
                      + "   emergency stop … take profit")
         lines.append(f"  gross {snap.gross_pnl:+.4f}   fees paid {snap.fees_paid:.4f}   est. close fees "
                      f"{snap.est_close_fees * buffer:.4f}   est. slippage {snap.est_slippage:+.4f}")
+        warning = exit_cost_warning(snap, tp)
+        if warning is not None:
+            lines.append(f"  EXIT COST WARNING: {warning.sentence()}")
         lines.append("")
         lines.append(f"  {'instrument':<22}{'position':>10}{'entry':>12}{'mark':>12}{'P&L':>10}{'fees':>9}")
         open_positions = [p for p in snap.positions if p.position != 0]

@@ -16,9 +16,10 @@ Notifications
 * `closure_failed` — the executor's `failed`, with its error and what was filled.
 * `drift_adopted` — a `Drift` record that was not in the previous snapshot.
 * `near_take_profit` / `near_emergency_stop` — once per approach: the profit figure reached
-  `near_barrier_share` of the take-profit target, or `net_after_close` that share of the
-  emergency stop, without the barrier itself being reached; given again only after the figure
-  fell back below `rearm_share` of the way, or in a new epoch.
+  `near_barrier_share` of the take-profit target, or the emergency stop's figure (its
+  `emergency_stop_basis`: `net_pnl` by default) that share of the emergency stop, without the
+  barrier itself being reached; given again only after the figure fell back below `rearm_share`
+  of the way, or in a new epoch.
 * `service_unhealthy` / `service_recovered` — a watched service's /health failed (or did not
   answer) for `unhealthy_after_seconds`, and later answered healthy again.
 
@@ -43,7 +44,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.config import Notify, PortfolioTakeProfit
+from services.common.config import EmergencyBasis, Notify, PortfolioTakeProfit
 from services.common.contracts import (
     CloseReason,
     Command,
@@ -202,7 +203,7 @@ class Notifier:
             elif profit < rearm * target:
                 s.near_target_armed = True
         stop = b.emergency_close_threshold
-        loss = snap.net_after_close
+        loss = snap.net_pnl if b.emergency_stop_basis is EmergencyBasis.NET_PNL else snap.net_after_close
         if b.enable_portfolio_tp or b.emergency_stop_when_disabled:
             if s.near_stop_armed and stop < loss <= share * stop:
                 s.near_stop_armed = False
@@ -219,7 +220,8 @@ class Notifier:
             id=f"{kind.value}:e{snap.epoch}:s{snap.seq}", kind=kind,
             severity=Severity.INFO if target else Severity.WARNING,
             title=f"Approaching the {name}: {usd(figure)} of {usd(barrier)}",
-            text=(f"Net after close is {usd(figure)}, {figure / barrier:.0%} of the way to the {name} at "
+            text=(f"{'Net after close' if target else 'The emergency figure'} is {usd(figure)}, "
+                  f"{figure / barrier:.0%} of the way to the {name} at "
                   f"{usd(barrier)} (epoch {snap.epoch}). "
                   + ("It closes everything when reached." if target else
                      "If it is reached, everything is closed at a loss.")),

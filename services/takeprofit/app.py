@@ -71,6 +71,10 @@ CLOSURES_FINISHED = Counter(
     "tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"]
 )
 NET_AFTER_CLOSE = Gauge("tp_takeprofit_net_after_close_usd", "net_after_close of the last snapshot evaluated")
+EXIT_COST_WARNING = Gauge(
+    "tp_exit_cost_warning", "1 while the estimated exit cost alone exceeds the emergency stop or the target"
+)
+EXIT_COST = Gauge("tp_takeprofit_exit_cost_usd", "Estimated cost of closing now (net_pnl - net_after_close)")
 THRESHOLD = Gauge("tp_takeprofit_threshold_usd", "Configured money barriers", ["barrier"])
 
 INSTRUMENT_REFRESH_SECONDS = 60.0
@@ -100,6 +104,8 @@ class TakeProfitService:
         self.volume_ticks: dict[str, float] = {}
         """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
         self._volume_ticks_read = 0.0
+        self.exit_cost_warned = False
+        """Whether the exit-cost warning was logged (it is logged as it starts and as it ends)."""
         self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
@@ -160,7 +166,20 @@ class TakeProfitService:
                 external = External(closure_in_flight=True)
         if batch:
             NET_AFTER_CLOSE.set(batch[-1].doc.net_after_close)
+            EXIT_COST.set(batch[-1].doc.net_pnl - batch[-1].doc.net_after_close)
+            self._warn_exit_cost()
         self._write_state(pipe, now)
+
+    def _warn_exit_cost(self) -> None:
+        """Log the exit-cost warning once as it starts (and once as it ends); the gauge always."""
+        warning = self.engine.exit_cost_warning()
+        EXIT_COST_WARNING.set(0 if warning is None else 1)
+        if warning is not None and not self.exit_cost_warned:
+            log.warning("EXIT COST: %s; the emergency stop judges %s", warning.sentence(),
+                        self.settings.portfolio_take_profit.emergency_stop_basis.value)
+        elif warning is None and self.exit_cost_warned:
+            log.info("exit cost back within the barriers")
+        self.exit_cost_warned = warning is not None
 
     async def on_controls(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
         now = time.time()

@@ -8,7 +8,11 @@ second command for the same trigger.
 
 Barriers, in priority order (the first that holds decides; one decision per call)
 ----------------------------------------------------------------------------------
-1. **Emergency stop** — `net_after_close <= emergency_close_threshold`. Full close.
+1. **Emergency stop** — the emergency figure `<= emergency_close_threshold`. Full close.
+   The figure is `emergency_stop_basis`: `net_pnl` by default (the loss market moves and fees
+   have caused), or `net_after_close` (that less the estimated exit cost). On `net_pnl`,
+   opening a position never trips the stop by itself: its exit cost is not a loss yet; when
+   that cost alone is wider than a barrier the engine warns instead (`exit_cost_warning`).
 2. **Time limit** — the oldest position is at least `max_position_age_hours` old,
    or a dated instrument (future, option) is within `close_before_expiry_minutes`
    of its expiry (0 turns the expiry rule off). Full close, reason `max_age`.
@@ -91,7 +95,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.config import PortfolioTakeProfit
+from services.common.config import EmergencyBasis, PortfolioTakeProfit
 from services.common.contracts import (
     CloseReason,
     Command,
@@ -104,6 +108,7 @@ from services.common.contracts import (
     Snapshot,
     SnapshotPosition,
 )
+from services.common.exit_cost import ExitCostWarning, exit_cost_warning
 
 STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
@@ -272,6 +277,11 @@ class RulesEngine:
     def last_snapshot(self) -> Snapshot | None:
         return self._s.last_snapshot
 
+    def exit_cost_warning(self) -> ExitCostWarning | None:
+        """On the last snapshot: the exit cost alone is wider than the emergency stop or the target."""
+        snap = self._s.last_snapshot
+        return None if snap is None else exit_cost_warning(snap, self.config)
+
     def state(self, now: float, external: External = NOTHING_EXTERNAL) -> GuardState:
         """The guard state at `now`, by precedence (module docstring)."""
         if self._halted(external):
@@ -312,7 +322,7 @@ class RulesEngine:
         figure = self._profit_figure(snap)
         out: dict[str, float] = {}
         if self._emergency_armed():
-            out["emergency_stop"] = snap.net_after_close - cfg.emergency_close_threshold
+            out["emergency_stop"] = self._emergency_figure(snap) - cfg.emergency_close_threshold
         oldest = _oldest_ts(snap)
         if oldest is not None:
             out["max_age_seconds"] = cfg.max_position_age_hours * 3600.0 - (now - oldest)
@@ -428,21 +438,21 @@ class RulesEngine:
         if (
             not timer
             and self._emergency_armed()
-            and _at_or_below(snap.net_after_close, cfg.emergency_close_threshold)
+            and _at_or_below(self._emergency_figure(snap), cfg.emergency_close_threshold)
         ):
             if halted and not self.emergency_when_halted:
                 return self._skip(Skip.OPERATOR_HALT)
-            sentence = (
-                f"emergency stop: net after close {_usd(snap.net_after_close)} is at or below "
-                f"{_usd(cfg.emergency_close_threshold)}"
-            )
+            figure = self._emergency_figure(snap)
+            label = "net P&L" if cfg.emergency_stop_basis is EmergencyBasis.NET_PNL else "net after close"
+            sentence = (f"emergency stop: {label} {_usd(figure)} is at or below "
+                        f"{_usd(cfg.emergency_close_threshold)}")
             return self._decide(
                 snap,
                 now,
                 CloseReason.EMERGENCY_STOP,
                 1.0,
-                pnl=snap.net_after_close,
-                figure=snap.net_after_close,
+                pnl=figure,
+                figure=figure,
                 threshold=cfg.emergency_close_threshold,
                 unit="usd",
                 sentence=sentence,
@@ -656,6 +666,10 @@ class RulesEngine:
 
     def _profit_figure(self, snap: Snapshot) -> float:
         return snap.net_after_close if self.config.profit_after_fees else snap.net_pnl
+
+    def _emergency_figure(self, snap: Snapshot) -> float:
+        on_pnl = self.config.emergency_stop_basis is EmergencyBasis.NET_PNL
+        return snap.net_pnl if on_pnl else snap.net_after_close
 
     def _emergency_armed(self) -> bool:
         return self.config.enable_portfolio_tp or self.config.emergency_stop_when_disabled
