@@ -160,6 +160,10 @@ class PortfolioTakeProfit(Section):
     confirm_snapshots: Annotated[int, Field(ge=1)] = 1
     emergency_stop_when_disabled: bool = True
     """Keep the emergency stop armed when `enable_portfolio_tp` is false."""
+    breaker_max_repeat_closures: Annotated[int, Field(ge=1)] = 3
+    """Closures of positions rebuilt during a halt or cool-down allowed within the window; the next
+    one opens the circuit breaker (docs/operations.md, "The circuit breaker")."""
+    breaker_window_seconds: Annotated[float, Field(gt=0.0)] = 600.0
 
     @model_validator(mode="after")
     def _ordered_barriers(self) -> PortfolioTakeProfit:

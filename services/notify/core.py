@@ -68,7 +68,10 @@ REASON_WORDS = {
     CloseReason.MAX_AGE: "Time limit",
     CloseReason.TRAILING_STOP: "Trailing stop",
     CloseReason.MANUAL: "Manual close-all",
+    CloseReason.CIRCUIT_BREAKER: "CIRCUIT BREAKER OPEN",
 }
+CANCEL_ONLY = f"-{CloseReason.CIRCUIT_BREAKER.value}-"
+"""In the id of a cancel-only command (take-profit's `e{epoch}-circuit_breaker-s{seq}-n{n}`)."""
 
 
 def usd(value: float) -> str:
@@ -234,6 +237,8 @@ class Notifier:
         """A decision: tell it, and follow the closure to its outcome."""
         if command.command_id in self.state.closures:
             return []
+        if command.reason is CloseReason.CIRCUIT_BREAKER:
+            return [self._breaker(command)]
         estimate = next((r.estimated_cost for r in self.state.recent if r.seq == command.snapshot_seq
                          and r.epoch == command.epoch), None)
         self.state.closures[command.command_id] = Closure(
@@ -244,6 +249,20 @@ class Notifier:
             signs={p.instrument: math.copysign(1.0, p.amount) for p in command.positions},
             estimated_cost=estimate)
         return [self._decision(command, now)]
+
+    def _breaker(self, command: Command) -> Notification:
+        """A cancel-only command: the circuit breaker opened (or cancels what was rebuilt again)."""
+        return Notification(
+            id=f"decision:{command.command_id}", kind=NotificationKind.DECISION, severity=Severity.CRITICAL,
+            title=f"Circuit breaker open: {command.threshold:g} repeat closures reached, orders cancelled",
+            text=("Positions were rebuilt during a halt or cool-down and closed again "
+                  f"{command.threshold:g} times: something on the account does not listen to the halt. "
+                  "No profit, age or expiry closure is made until `thalex-tp resume`; the emergency stop "
+                  "stays armed on net P&L; the halt stays and rebuilt orders and quotes are cancelled "
+                  f"again (command {command.command_id}). Find the bot, stop it, then resume."),
+            facts={"command_id": command.command_id, "reason": command.reason.value,
+                   "threshold": command.threshold, "epoch": command.epoch},
+            ts=command.created_ts)
 
     def _decision(self, command: Command, now: float) -> Notification:
         words = REASON_WORDS[command.reason]
@@ -277,6 +296,8 @@ class Notifier:
             self.state.closures.pop(report.command_id, None)
             return [self._failed(report, closure, now)]
         if report.status is ReportStatus.COMPLETED:
+            if CANCEL_ONLY in report.command_id:
+                return []  # a cancel-only command closed nothing: no closure to tell
             if closure is None:  # followed from before notify started: what the report says
                 closure = Closure(command_id=report.command_id, reason=CloseReason.MANUAL,
                                   fraction=report.fraction or 1.0, epoch=report.epoch or 0, snapshot_seq=-1,

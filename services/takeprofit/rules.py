@@ -109,6 +109,7 @@ from services.common.contracts import (
     SnapshotPosition,
 )
 from services.common.exit_cost import ExitCostWarning, exit_cost_warning
+from services.takeprofit.breaker import BreakerState, CircuitBreaker
 
 STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
@@ -116,6 +117,10 @@ MONEY_EPSILON = 1e-9
 _TICK_EPSILON = 1e-9
 """Steps of float noise tolerated when rounding an amount down to the volume tick."""
 OPERATOR_HALT_REASON = "operator_halt"
+CIRCUIT_BREAKER_REASON = "circuit_breaker"
+RECANCEL_MIN_SECONDS = 5.0
+"""While the breaker is open, a cancel-only command is sent again when the open positions changed
+(something rebuilt them), at most this often."""
 
 _PROFIT_BARRIERS = (CloseReason.TAKE_PROFIT, CloseReason.TRAILING_STOP, CloseReason.PARTIAL_TAKE_PROFIT)
 DECISION_PRICES_MAX_AGE_SECONDS = 1.0
@@ -130,6 +135,7 @@ class GuardState(StrEnum):
     IDLE = "idle"
     CONFIRMING = "confirming"
     CLOSURE_IN_FLIGHT = "closure_in_flight"
+    CIRCUIT_BREAKER = "circuit_breaker"
     COOLDOWN = "cooldown"
     OPERATOR_HALT = "operator_halt"
 
@@ -147,6 +153,8 @@ class Skip(StrEnum):
     STALE_PRICES = "stale_prices"
     CONFIRMING = "confirming"
     NO_BARRIER = "no_barrier"
+    CIRCUIT_BREAKER = "circuit_breaker"
+    """The circuit breaker is open: only the emergency stop (on `net_pnl`) decides."""
     CONTROL = "control"
     """A halt or resume was applied; those never decide anything by themselves."""
 
@@ -193,8 +201,10 @@ class Decision(_Model):
     """The number compared with the barrier: USD, or seconds for the time limit."""
     threshold: float
     """The barrier's value in `unit` (0.0 for a manual close: there is no barrier)."""
-    unit: Literal["usd", "seconds"]
+    unit: Literal["usd", "seconds", "closures"]
+    """`closures` for a cancel-only decision: `figure` repeat closures counted, `threshold` the limit."""
     positions: tuple[PositionToClose, ...]
+    """Empty for a cancel-only decision (reason `circuit_breaker`): nothing is closed."""
     groups: tuple[HedgeGroup, ...] = ()
     stale_instruments: tuple[str, ...] = ()
     """Non-empty when the decision was taken on last known prices (emergency, manual)."""
@@ -212,6 +222,11 @@ class _EpochState(_Model):
     trailing_peak: float | None = None
     """None while the trailing take profit is not armed."""
     confirmations: dict[CloseReason, int] = Field(default_factory=dict)
+    seen_open: bool = False
+    """A snapshot of this epoch had an open position."""
+    rebuilt: bool = False
+    """The epoch's positions first appeared while a halt or cool-down was in force: closing them is
+    a repeat closure, counted by the circuit breaker."""
 
 
 class _OperatorHalt(_Model):
@@ -230,6 +245,7 @@ class _State(_Model):
     finished: Decision | None = None
     """The last closure that finished: what the cool-down is about."""
     cooldown_until: float = 0.0
+    breaker: BreakerState = Field(default_factory=BreakerState)
 
 
 class RulesEngine:
@@ -277,6 +293,12 @@ class RulesEngine:
     def last_snapshot(self) -> Snapshot | None:
         return self._s.last_snapshot
 
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker over the engine's state (changes to it are checkpointed with the engine)."""
+        cfg = self.config
+        return CircuitBreaker(cfg.breaker_max_repeat_closures, cfg.breaker_window_seconds, self._s.breaker)
+
     def exit_cost_warning(self) -> ExitCostWarning | None:
         """On the last snapshot: the exit cost alone is wider than the emergency stop or the target."""
         snap = self._s.last_snapshot
@@ -288,6 +310,8 @@ class RulesEngine:
             return GuardState.OPERATOR_HALT
         if self._closing(external):
             return GuardState.CLOSURE_IN_FLIGHT
+        if self.breaker.is_open:
+            return GuardState.CIRCUIT_BREAKER
         if self._cooling(now, external):
             return GuardState.COOLDOWN
         epoch = self._s.epoch
@@ -302,6 +326,9 @@ class RulesEngine:
         if self._s.in_flight is not None:
             d = self._s.in_flight
             return Halt(reason=d.reason, command_id=d.command_id, since=d.decided_ts)
+        opened = self._s.breaker.opened_ts
+        if opened is not None:
+            return Halt(reason=CIRCUIT_BREAKER_REASON, since=opened)
         if self._cooling(now, NOTHING_EXTERNAL) and self._s.finished is not None:
             d = self._s.finished
             return Halt(
@@ -356,6 +383,7 @@ class RulesEngine:
         if self._s.epoch is None or snapshot.epoch > self._s.epoch.epoch:
             self._s.epoch = _EpochState(epoch=snapshot.epoch)
         self._s.last_snapshot = snapshot
+        self._note_rebuild(snapshot, now, external)
         stale = _stale_positions(snapshot)
         self._track(snapshot, fresh=not stale)
         return self._evaluate(snapshot, now, external, stale, timer=False)
@@ -382,6 +410,7 @@ class RulesEngine:
             return self._skip(Skip.CONTROL)
         if control.action is ControlAction.RESUME:
             self._s.halt = None
+            self._s.breaker = BreakerState()  # the operator looked: the breaker closes, repeats forgotten
             return self._skip(Skip.CONTROL)
         snap = self._s.last_snapshot
         if snap is None:
@@ -416,6 +445,8 @@ class RulesEngine:
         if decision is None or decision.command_id != command_id:
             return False
         self._s.in_flight = None
+        if not decision.positions:
+            return True  # a cancel-only command closed nothing: no cool-down, the epoch goes on
         self._s.finished = decision
         self._s.cooldown_until = now + self.config.cooldown_seconds
         epoch = self._s.epoch
@@ -443,9 +474,11 @@ class RulesEngine:
             if halted and not self.emergency_when_halted:
                 return self._skip(Skip.OPERATOR_HALT)
             figure = self._emergency_figure(snap)
-            label = "net P&L" if cfg.emergency_stop_basis is EmergencyBasis.NET_PNL else "net after close"
+            label = "net P&L" if self._emergency_on_pnl() else "net after close"
             sentence = (f"emergency stop: {label} {_usd(figure)} is at or below "
                         f"{_usd(cfg.emergency_close_threshold)}")
+            if self.breaker.is_open:
+                sentence += " (circuit breaker open: judged on net P&L)"
             return self._decide(
                 snap,
                 now,
@@ -459,6 +492,8 @@ class RulesEngine:
                 stale=stale,
                 overrode_halt=halted,
             )
+        if self.breaker.is_open:
+            return self._cancel_again(snap, now)
         if halted:
             return self._skip(Skip.OPERATOR_HALT)
         if stale:
@@ -612,14 +647,28 @@ class RulesEngine:
         pnl: float,
         figure: float,
         threshold: float,
-        unit: Literal["usd", "seconds"],
+        unit: Literal["usd", "seconds", "closures"],
         sentence: str,
         stale: tuple[str, ...] = (),
         overrode_halt: bool = False,
     ) -> Decision:
-        """Record a decision: it is in flight from now on, and confirmation starts over."""
+        """Record a decision: it is in flight from now on, and confirmation starts over.
+
+        A repeat closure (of positions rebuilt during a halt or cool-down) asks the circuit breaker
+        first; past its limit the breaker opens and the decision is a cancel-only one instead
+        (an emergency stop still goes ahead: losses are cut).
+        """
         epoch = self._s.epoch
         assert epoch is not None
+        breaker = self.breaker
+        emergency = reason is CloseReason.EMERGENCY_STOP
+        repeat = reason is not CloseReason.MANUAL and epoch.rebuilt
+        if repeat and not breaker.repeat(now, emergency=emergency):
+            return self._cancel_only(snap, now, f"{sentence}, but that would be repeat closure "
+                                     f"{breaker.state.repeats_when_opened + 1} of positions rebuilt during a "
+                                     f"halt within {self.config.breaker_window_seconds:g} s")
+        if emergency:
+            breaker.emergency_stop()
         epoch.decisions += 1
         epoch.confirmations.clear()
         positions = _open_positions(snap)
@@ -657,6 +706,41 @@ class RulesEngine:
         self.last_skip = None
         return decision
 
+    def _note_rebuild(self, snap: Snapshot, now: float, external: External) -> None:
+        """Mark the epoch `rebuilt` when its first open position appears during a halt or cool-down."""
+        epoch = self._s.epoch
+        if epoch is None or epoch.seen_open or not _open_positions(snap):
+            return
+        epoch.seen_open = True
+        epoch.rebuilt = self._halted(external) or self.breaker.is_open or self._cooling(now, external)
+
+    def _cancel_again(self, snap: Snapshot, now: float) -> Decision | None:
+        """Breaker open: a cancel-only command when the positions changed since the last one, else nothing."""
+        held = {p.instrument: p.position for p in _open_positions(snap)}
+        if not self.breaker.cancel_due(held, now, RECANCEL_MIN_SECONDS):
+            return self._skip(Skip.CIRCUIT_BREAKER)
+        return self._cancel_only(snap, now, "positions changed while the circuit breaker is open")
+
+    def _cancel_only(self, snap: Snapshot, now: float, why: str) -> Decision:
+        """A decision that closes nothing: the executor removes the orders and quotes that rebuild."""
+        epoch = self._s.epoch
+        assert epoch is not None
+        breaker = self.breaker
+        breaker.cancelled({p.instrument: p.position for p in _open_positions(snap)}, now)
+        epoch.decisions += 1
+        epoch.confirmations.clear()
+        state = breaker.state
+        sentence = (f"circuit breaker open: {why}; cancelling orders and quotes again, closing nothing "
+                    f"automatically except an emergency stop on net P&L until `thalex-tp resume`")
+        decision = Decision(
+            command_id=f"e{snap.epoch}-{CloseReason.CIRCUIT_BREAKER}-s{snap.seq}-n{epoch.decisions}",
+            epoch=snap.epoch, reason=CloseReason.CIRCUIT_BREAKER, fraction=1.0, snapshot_seq=snap.seq,
+            snapshot_ts=snap.ts, decided_ts=now, pnl=snap.net_pnl, figure=float(state.repeats_when_opened),
+            threshold=float(breaker.max_repeats), unit="closures", positions=(), sentence=sentence)
+        self._s.in_flight = decision
+        self.last_skip = None
+        return decision
+
     # --- small helpers -----------------------------------------------------------------
 
     def _skip(self, why: Skip) -> Decision | None:
@@ -668,8 +752,12 @@ class RulesEngine:
         return snap.net_after_close if self.config.profit_after_fees else snap.net_pnl
 
     def _emergency_figure(self, snap: Snapshot) -> float:
+        return snap.net_pnl if self._emergency_on_pnl() else snap.net_after_close
+
+    def _emergency_on_pnl(self) -> bool:
+        """The emergency stop judges `net_pnl` by its basis, and always while the breaker is open."""
         on_pnl = self.config.emergency_stop_basis is EmergencyBasis.NET_PNL
-        return snap.net_pnl if on_pnl else snap.net_after_close
+        return on_pnl or self._s.breaker.opened_ts is not None
 
     def _emergency_armed(self) -> bool:
         return self.config.enable_portfolio_tp or self.config.emergency_stop_when_disabled
