@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.config import PortfolioTakeProfit
 from services.common.contracts import Command, Halt, HaltAck, Notification, Report, Snapshot
@@ -27,6 +28,8 @@ class DemoState:
     """The latest notifications notify produced (oldest first)."""
     config: str = ""
     """This demo's config file: the operator commands take `--config` with it."""
+    breaker: dict[str, Any] | None = None
+    """Take-profit's circuit breaker (`<ns>:takeprofit:breaker`), as JSON."""
 
 
 def operator_hint(config: str) -> str:
@@ -89,6 +92,11 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         acked = [n for n, a in state.acks.items() if a.command_id == state.halt.command_id]
         lines.append(f"HALT: {state.halt.reason} {state.halt.command_id or ''}{left}; "
                      f"acknowledged by {', '.join(acked) or 'nobody yet'}")
+    if state.breaker and state.breaker.get("opened_ts") is not None:
+        repeats = state.breaker.get("repeats_when_opened", 0)
+        lines.append(f"CIRCUIT BREAKER OPEN: {repeats} repeat closures of positions rebuilt"
+                     " during a halt; nothing closes automatically but the emergency stop "
+                     "(on net P&L) until `thalex-tp resume`")
     lines.append("")
     lines.append("last decisions:")
     if not state.commands:
