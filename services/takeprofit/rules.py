@@ -59,6 +59,18 @@ Guards, checked in this order before any barrier
   with stale prices breaks the run. While a higher-priority profit barrier is
   still confirming, lower ones wait: the higher one would supersede them.
 
+Circuit breaker (`breaker.py`, issue 19)
+----------------------------------------
+An epoch whose first open position appeared during a cool-down, an operator halt or an open
+breaker was *rebuilt* by something that ignores the halt. Closing it is a repeat closure:
+`_decide` asks the breaker first, and past `breaker_max_repeat_closures` within
+`breaker_window_seconds` the breaker opens and the decision becomes a cancel-only one (reason
+`circuit_breaker`, no positions: the executor cancels, closes nothing; its end starts no cool-down
+and ends no epoch). An emergency stop past the limit still goes ahead. While open, only the
+emergency stop decides, on `net_pnl` whatever its basis; a change of the open positions sends
+another cancel-only command (at most every `RECANCEL_MIN_SECONDS`); `tp:halt` holds reason
+`circuit_breaker`; `resume` closes it. `close_all` is never counted nor stopped.
+
 Timer ticks (`on_timer`) re-evaluate only the time limit on the last snapshot:
 time passes without snapshots, money does not move without them.
 
