@@ -277,6 +277,9 @@ class TakeProfitService:
             pipe.delete(self.failed_key)
             self.failed = None
             CLOSURES_FINISHED.labels("completed").inc()
+            if f"-{CloseReason.CIRCUIT_BREAKER.value}-" in command_id:
+                log.info("cancel-only command %s completed (no cool-down: nothing was closed)", command_id)
+                return
             log.info("closure %s completed; cool-down %.0f s", command_id,
                      self.settings.portfolio_take_profit.cooldown_seconds)
         else:
