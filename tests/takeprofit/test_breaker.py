@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from services.common.contracts import CloseReason, Control, ControlAction
 from services.takeprofit.breaker import BreakerState, CircuitBreaker
 from services.takeprofit.rules import Decision, GuardState, RulesEngine, Skip, build_command
@@ -166,3 +169,29 @@ def test_a_manual_close_all_is_never_counted_nor_stopped_by_the_breaker() -> Non
     engine.on_snapshot(snap(1, 0.0), NOW + 1)
     decision = engine.on_control(Control(action=ControlAction.CLOSE_ALL, by="desk", ts=NOW + 2), NOW + 2)
     assert decision is not None and decision.reason is CloseReason.MANUAL
+
+
+@given(gaps=st.lists(st.floats(min_value=0.0, max_value=400.0), min_size=1, max_size=30),
+       limit=st.integers(1, 4), emergencies=st.lists(st.booleans(), min_size=30, max_size=30))
+def test_never_more_than_the_limit_in_any_window_and_open_until_resume(
+    gaps: list[float], limit: int, emergencies: list[bool]
+) -> None:
+    """Recomputed independently: the repeats that went ahead while closed number at most `limit` in any
+    600 s window; once open it stays open, and then only emergency stops go ahead."""
+    breaker = CircuitBreaker(limit, 600.0)
+    now, allowed_closed, opened_at = NOW, [], None
+    for gap, emergency in zip(gaps, emergencies, strict=False):
+        now += gap
+        was_open = breaker.is_open
+        allowed = breaker.repeat(now, emergency=emergency)
+        if was_open:
+            assert breaker.is_open and allowed is emergency
+        elif breaker.is_open:
+            opened_at = now
+            assert allowed is emergency
+        else:
+            assert allowed
+            allowed_closed.append(now)
+    for t in allowed_closed:
+        assert sum(1 for u in allowed_closed if t <= u < t + 600.0) <= limit
+    assert (opened_at is not None) == breaker.is_open
