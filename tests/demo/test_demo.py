@@ -120,7 +120,7 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
             ]
             return any(c.reason == "manual" for c in commands)
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # a loaded machine: the quoter may take long to hold a position
         while not manual_command() and time.monotonic() < deadline:
             snap = snapshot()
             if snap and any(p.position for p in snap.positions) and not client.exists(names.halt):
