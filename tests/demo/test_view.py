@@ -68,3 +68,15 @@ def test_the_view_names_who_broke_the_halt() -> None:
                              now=TS + 20))
     assert "the last halt BROKEN 2x" in after
     assert "BROKEN" not in "\n".join(render(DemoState(halt=halt), PortfolioTakeProfit(), 1.1, now=TS + 4))
+
+
+def test_the_view_shows_the_circuit_breaker_open() -> None:
+    """Issue 19: what take-profit writes to `<ns>:takeprofit:breaker`."""
+    from services.common.config import PortfolioTakeProfit
+    from services.demo.view import DemoState, render
+
+    state = DemoState(breaker={"opened_ts": 1.0, "repeats_when_opened": 3})
+    text = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=2.0))
+    assert "CIRCUIT BREAKER OPEN: 3 repeat closures" in text and "thalex-tp resume" in text
+    closed = "\n".join(render(DemoState(breaker={"opened_ts": None}), PortfolioTakeProfit(), 1.1, now=2.0))
+    assert "CIRCUIT BREAKER" not in closed

@@ -64,7 +64,12 @@ async def closed_recording(redis: Redis, names: Names, settings: Any, command: A
                            before_insert: Any = None) -> tuple[list[Any], Events]:
     """Run an executor on `command` until its outcome; returns its reports and its requests."""
     events: Events = []
+    started = time.time()
     async with running_executor(settings) as running:
+        # the executor's start-up (seconds on a loaded machine) is not the command's age
+        shift = time.time() - started
+        command = command.model_copy(update={"created_ts": command.created_ts + shift,
+                                             "deadline_ts": command.deadline_ts + shift})
         recording(running.executor.session, events, before_insert)
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id)
@@ -177,8 +182,9 @@ async def test_a_replayed_fresh_command_cancels_nothing(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
     """A replay within the second that makes a command fresh: this executor has seen it, no early cancel."""
     await open_positions(paper, {PERP: 0.2})
-    command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
     async with running_executor(make_settings(redis_url, names, paper, trader)):
+        # dated once the executor is up: its start-up on a loaded machine is not the command's age
+        command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
         await send(redis, names, command)
         await wait_outcome(redis, names, command.command_id)
         before = len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"])
