@@ -194,4 +194,8 @@ def test_demo_with_a_rogue_bot_opens_the_breaker_and_bounds_the_fees(tmp_path: P
     assert set(after) <= {"circuit_breaker", "emergency_stop"}, reasons  # no fee loop once it is open
     assert "circuit breaker: OPEN after 3 repeat closures" in done.stdout
     assert summary["quoter_orders_while_halted"] == [], "the demo's own quoter still obeys the halt"
+    # issue 19, item 2: ingest saw the rogue break the halts, and the summary counts its orders too
+    assert summary["orders_while_halted"] >= 1, summary["halt_violations"][:5]
+    assert any(v.get("label") == "rogue" for v in summary["halt_violations"]), summary["halt_violations"][:5]
+    assert "orders on the account while halted, not the guardian's: " in done.stdout
     assert leftovers(tmp_path / "demo") == []
