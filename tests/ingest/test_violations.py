@@ -3,6 +3,9 @@ not, and how precisely it is attributed."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from services.common.contracts import Halt, ViolationKind
 from services.executor.plan import command_label
 from services.ingest.violations import BOTS, CONDITIONAL_ORDERS, ORDERS, TRADES, HaltWatch, halted, sightings
@@ -84,3 +87,38 @@ def test_garbage_is_skipped_not_fatal() -> None:
     assert list(sightings(ORDERS, "not a list")) == []
     assert list(sightings(ORDERS, [1, None, {"change_reason": "insert"}])) == []
     assert list(sightings("ticker.BTC-PERPETUAL.raw", [_order("o1", "x")])) == []
+
+
+_items = st.fixed_dictionaries({
+    "order_id": st.sampled_from(["o1", "o2", "o3"]),
+    "label": st.sampled_from([None, "rogue", GUARDIAN, "quoter-a"]),
+    "change_reason": st.sampled_from(["insert", "amend", "cancel", "fill", "existing"]),
+    "insert_reason": st.sampled_from(["client_request", "liquidation", "conditional_order"]),
+})
+
+
+@given(batches=st.lists(st.tuples(st.lists(_items, max_size=4), st.sampled_from([None, 1000.0, 2000.0])),
+                        max_size=12))
+def test_every_thing_is_reported_at_most_once_per_halt_never_without_one_never_the_guardians(
+        batches: list[tuple[list[dict], float | None]]) -> None:
+    """Against an independent recount: what a sequence of notifications under changing halts yields."""
+    watch = HaltWatch()
+    reported: list[tuple[float, str]] = []
+    expected: list[tuple[float, str]] = []
+    current: float | None = None
+    seen_in_halt: set[str] = set()
+    for items, since in batches:
+        halt = None if since is None else Halt(reason="operator", since=since)
+        for violation in watch.violations(halt, list(sightings(ORDERS, items)), now=3000.0):
+            assert violation.order_id is not None
+            reported.append((violation.halt_since, violation.order_id))
+        if since is None:
+            continue
+        if since != current:
+            current, seen_in_halt = since, set()
+        for item in items:
+            new = item["change_reason"] in ("insert", "amend") and item["insert_reason"] != "liquidation"
+            if new and item["label"] != GUARDIAN and item["order_id"] not in seen_in_halt:
+                seen_in_halt.add(item["order_id"])
+                expected.append((since, item["order_id"]))
+    assert reported == expected
