@@ -261,6 +261,8 @@ class Ingest:
         self.ticks = TickWriter(bus)
         self.fills = FillStore(bus)
         self.account_queue: asyncio.Queue[tuple[str, Any, str, float]] = asyncio.Queue()
+        self.halt_queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        """Account notifications to judge against `tp:halt`: a worker of their own, never delaying fills."""
         self.channels: dict[str, tuple[Feed, str]] = {}
         """Public channels held on the current connection → (feed, instrument)."""
         self.refused: set[str] = set()
@@ -301,7 +303,8 @@ class Ingest:
         )
         workers = [asyncio.create_task(self.session.run(), name="ingest-session"),
                    asyncio.create_task(self.ticks.run(), name="ingest-ticks"),
-                   asyncio.create_task(self._account_worker(), name="ingest-account")]
+                   asyncio.create_task(self._account_worker(), name="ingest-account"),
+                   asyncio.create_task(self._halt_worker(), name="ingest-halt-watch")]
         try:
             done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -349,9 +352,14 @@ class Ingest:
                 return
             self.last_tick[instrument] = tick
             self.ticks.add(tick)
-        elif channel in (TRADES, PORTFOLIO) or channel in HALT_WATCH_CHANNELS:
+        elif channel in (TRADES, PORTFOLIO):
             self._count(channel, received)
             self.account_queue.put_nowait((channel, notification, raw, received))
+            if channel == TRADES:
+                self.halt_queue.put_nowait((channel, notification))
+        elif channel in HALT_WATCH_CHANNELS:
+            self._count(channel, received)
+            self.halt_queue.put_nowait((channel, notification))
         elif channel == SYSTEM:  # the session acts on the reconnect notice
             self._count(channel, received)
         # else: a late message of a channel just unsubscribed — nothing to do
@@ -408,9 +416,6 @@ class Ingest:
     async def _on_account(self, channel: str, notification: Any, raw: str, received: float) -> None:
         if channel == TRADES:
             await self.on_trades(notification, raw, received, f"thalex:{TRADES}", gap=False)
-            await self.watch_halt(channel, notification)
-        elif channel in HALT_WATCH_CHANNELS:
-            await self.watch_halt(channel, notification)
         else:
             await self.on_portfolio(notification, raw, received)
 
@@ -514,6 +519,21 @@ class Ingest:
         self.follow.on_portfolio(((e.instrument, e.position) for e in entries), received, complete)
 
     # Who breaks a halt (services/ingest/violations.py)
+
+    async def _halt_worker(self) -> None:
+        """Judge the account's notifications against `tp:halt`, one at a time, in arrival order.
+
+        Best effort next to the fills: a Redis failure here is logged and the watch goes on with
+        the next notification (the exchange's own records still hold what happened)."""
+        while True:
+            raise_if_cancelled()  # see TickWriter.run
+            channel, notification = await self.halt_queue.get()
+            try:
+                await self.watch_halt(channel, notification)
+            except RedisError as exc:
+                raise_if_cancelled()
+                log.error("judging %s against tp:halt failed (Redis: %s); not reported", channel, exc)
+                await asyncio.sleep(REDIS_RETRY_SECONDS)
 
     async def watch_halt(self, channel: str, notification: Any) -> None:
         """Report on `tp:reports` whatever on the account is not the guardian's while `tp:halt` is set.
