@@ -20,8 +20,10 @@ from redis.asyncio.client import Pipeline
 
 from services.common.bus import Bus, Delivery, raise_if_cancelled
 from services.common.config import Settings
-from services.common.contracts import Command, ExchangeError, Report, ReportStatus
+from services.common.contracts import Command, ExchangeError, InstrumentInfo, Report, ReportStatus
+from services.common.reference import ReferenceReader
 from services.common.service import Health, Runnable, service_main
+from services.common.signing import ForgedCommand, require_command_key, verify_command
 from services.common.thalex import NO_CODE, ConnectionLost, LoginRejected, ThalexError
 from services.executor.exchange import TradingSession
 from services.executor.market import Ask, Market, WaveReads, settle_quietly
@@ -68,10 +70,13 @@ class Executor:
         self.config = config = settings.executor
         self.bus = bus
         self.names = settings.names
+        self.command_key = require_command_key(settings)
+        """Take-profit's signing secret: only a command signed with it is acted on (exit 2 without it)."""
         self.buffers = Buffers(config.close_price_buffer, config.max_close_price_buffer)
         self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
         self.session = TradingSession(settings, bus, on_trades=lambda trades: self.market.on_trades(trades))
-        self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k))
+        self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k),
+                             ReferenceReader(bus, self.names.instruments, InstrumentInfo))
         self.seen: dict[str, None] = {}
         """Command ids this process has claimed, oldest first (no early `cancel_all` for a replay)."""
         self.consumer = bus.consumer(self.names.commands, GROUP, consumer_name, Command, self.handle,
@@ -92,8 +97,14 @@ class Executor:
 
     async def handle(self, batch: list[Delivery[Command]], pipe: Pipeline) -> None:
         """Execute each command; raising leaves it pending, to be resumed on redelivery — except on
-        its last delivery: a command that cannot be executed ends `failed`, never only as a dead letter."""
+        its last delivery: a command that cannot be executed ends `failed`, never only as a dead letter.
+        A command that is not take-profit's (`verify_command`) is refused before anything else."""
         for delivery in batch:
+            try:
+                verify_command(delivery.doc, self.command_key)
+            except ForgedCommand as exc:
+                self._refuse(delivery.doc, exc.reason, pipe)
+                continue
             try:
                 await self.execute(delivery.doc)
             except Exception as exc:
@@ -103,6 +114,18 @@ class Executor:
                 log.exception("%s: delivery %d failed too; reporting it failed", delivery.doc.command_id,
                               delivery.deliveries)
                 await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}")
+
+    def _refuse(self, command: Command, why: str, pipe: Pipeline) -> None:
+        """A `failed` report, acked with the entry, for a command the executor cannot tie to take-profit.
+
+        Nothing else happens: no lease, no progress (a forgery cannot make the real command with
+        the same id a `duplicate`), no request to the exchange.
+        """
+        log.error("REFUSED %s: %s", command.command_id, why)
+        COMMANDS.labels("refused").inc()
+        self.bus.queue_publish(pipe, self.names.reports, Report(
+            command_id=command.command_id, status=ReportStatus.FAILED, epoch=command.epoch,
+            fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
 
     async def execute(self, command: Command) -> None:
         first = await self._decision_wave(command)
