@@ -290,7 +290,7 @@ class Executor:
         names = list(work.progress.legs)
         infos = await self.market.infos(names)
         quotes = {n: await self.market.quote(self._ask(work), n, with_book=False) for n in names}
-        reports = dry_run_orders(work.progress, quotes, infos, time.time())
+        reports = dry_run_orders(work.progress, quotes, infos, time.time(), self.config.max_index_deviation)
         work.reports.extend(reports)
         await self.store.commit(work)
         log.info("dry run of %s: would send %s", work.progress.command_id, reports[0].orders)
@@ -334,7 +334,7 @@ class Executor:
         if not remaining:
             return 0.0
         quotes = await self.market.quotes(self._ask(work), list(remaining), progress.groups, read)
-        orders = plan_wave(progress, remaining, positions, quotes, infos)
+        orders = plan_wave(progress, remaining, positions, quotes, infos, self.config.max_index_deviation)
         if not orders:
             return RETRY_PAUSE
         first = progress.first_order_ts is None

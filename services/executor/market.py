@@ -109,7 +109,7 @@ class Market:
             ticker, book = await ask("ticker", instrument), None
         t = answer(ThalexTicker, "ticker", ticker)
         quote = Quote(mark=t.mark_price, best_bid=t.best_bid_price, best_ask=t.best_ask_price,
-                      delta=1.0 if t.delta is None else t.delta)
+                      delta=1.0 if t.delta is None else t.delta, index=t.index)
         if book is not None:
             levels = answer(ThalexBook, "book", book)
             quote.bids, quote.asks = levels.bids, levels.asks
