@@ -14,7 +14,7 @@ from services.common.config import Settings
 from services.common.contracts import Snapshot, SnapshotPosition
 from services.common.redis_server import RedisServer, bundled_redis_server
 from services.common.streams import Names
-from services.operator import LAG_COUNT_LIMIT, _lags, format_status
+from services.operator import EXIT_NOT_GUARDING, LAG_COUNT_LIMIT, _lags, format_status
 from tests.support import settings_for, write_config
 
 
@@ -25,7 +25,7 @@ def test_status_shows_an_unreadable_halt_instead_of_crashing(
     try:
         client.hset(names.halt, mapping={"reason": "take_profit", "since": "yesterday", "v": "x"})
         config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
-        assert main(["status", "--config", str(config)]) == 0
+        assert main(["status", "--config", str(config)]) == EXIT_NOT_GUARDING  # no service runs here
         out = capsys.readouterr().out
         assert "halt: UNREADABLE" in out and names.halt in out and "yesterday" in out
     finally:
