@@ -103,7 +103,7 @@ class Executor:
             try:
                 verify_command(delivery.doc, self.command_key)
             except ForgedCommand as exc:
-                self._refuse(delivery.doc, exc.reason, pipe)
+                await self._refuse(delivery, exc.reason, pipe)
                 continue
             try:
                 await self.execute(delivery.doc)
@@ -115,14 +115,23 @@ class Executor:
                               delivery.deliveries)
                 await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}")
 
-    def _refuse(self, command: Command, why: str, pipe: Pipeline) -> None:
-        """A `failed` report, acked with the entry, for a command the executor cannot tie to take-profit.
+    async def _refuse(self, delivery: Delivery[Command], why: str, pipe: Pipeline) -> None:
+        """Refuse a command the executor cannot tie to take-profit, acked with the entry.
 
         Nothing else happens: no lease, no progress (a forgery cannot make the real command with
-        the same id a `duplicate`), no request to the exchange.
+        the same id a `duplicate`), no request to the exchange. It is reported `failed` — unless its
+        id is one the executor already works or worked on: then the forgery copied a real
+        command's id, and a `failed` under it would tell take-profit its real closure failed; it is
+        dead-lettered with the reason instead.
         """
+        command = delivery.doc
         log.error("REFUSED %s: %s", command.command_id, why)
         COMMANDS.labels("refused").inc()
+        if await self.store.known(command.command_id):
+            self.bus.queue_deadletter(pipe, self.names.commands, delivery.entry_id,
+                                      command.model_dump_json(), f"{why} (its id is a real command's: "
+                                      "no report, which take-profit would take for that command's)")
+            return
         self.bus.queue_publish(pipe, self.names.reports, Report(
             command_id=command.command_id, status=ReportStatus.FAILED, epoch=command.epoch,
             fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))

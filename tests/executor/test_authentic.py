@@ -30,10 +30,12 @@ from tests.executor.conftest import (
     make_command,
     make_settings,
     open_positions,
+    reports,
     running_executor,
     send,
     wait_outcome,
 )
+from tests.executor.test_session import dead_letters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,12 +64,29 @@ async def test_a_forged_command_is_refused_with_a_failed_report_and_touches_noth
         await send(redis, names, genuine)  # the executor goes on with take-profit's commands
         got = await wait_outcome(redis, names, genuine.command_id)
     whys = ("is not signed", "invalid signature", "invalid signature")
-    for reports, why in zip(refused, whys, strict=True):
-        assert [r.status for r in reports] == [ReportStatus.FAILED], reports
-        error = reports[0].error
+    for refusal, why in zip(refused, whys, strict=True):
+        assert [r.status for r in refusal] == [ReportStatus.FAILED], refusal
+        error = refusal[0].error
         assert error is not None and why in error.message and "refused" in error.message, error
     assert got[-1].status is ReportStatus.COMPLETED and account_positions(paper)[PERP] == 0
     assert not await redis.xlen(names.deadletter)
+
+
+async def test_a_forgery_of_a_real_commands_id_is_dead_lettered_never_reported_under_that_id(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """A `failed` under a real command's id would tell take-profit its real closure failed."""
+    await open_positions(paper, {PERP: 0.02})
+    real = make_command({PERP: 0.01}, fraction=0.5)
+    copy = make_command({PERP: 0.02}, command_id=real.command_id)  # same id, more to close, unsigned
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        await send(redis, names, real)
+        got = await wait_outcome(redis, names, real.command_id)
+        await redis.xadd(names.commands, entry_fields(copy))
+        (letter,) = await dead_letters(redis, names)
+    assert [r.status for r in await reports(redis, names, real.command_id)] == [r.status for r in got]
+    assert got[-1].status is ReportStatus.COMPLETED and abs(account_positions(paper)[PERP] - 0.01) < 1e-9
+    assert letter.source_stream == names.commands and "is not signed" in letter.error
+    assert "its id is a real command's" in letter.error
 
 
 def test_an_executor_without_the_command_key_exits_2_naming_it(tmp_path: Path, redis_url: str,
