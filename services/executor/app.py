@@ -113,7 +113,7 @@ class Executor:
                     raise
                 log.exception("%s: delivery %d failed too; reporting it failed", delivery.doc.command_id,
                               delivery.deliveries)
-                await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}")
+                await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}", pipe)
 
     async def _refuse(self, delivery: Delivery[Command], why: str, pipe: Pipeline) -> None:
         """Refuse a command the executor cannot tie to take-profit, acked with the entry.
@@ -132,6 +132,10 @@ class Executor:
                                       command.model_dump_json(), f"{why} (its id is a real command's: "
                                       "no report, which take-profit would take for that command's)")
             return
+        self._queue_failed(command, why, pipe)
+
+    def _queue_failed(self, command: Command, why: str, pipe: Pipeline) -> None:
+        """A `failed` report of a command that has no progress to carry it, in the handler's transaction."""
         self.bus.queue_publish(pipe, self.names.reports, Report(
             command_id=command.command_id, status=ReportStatus.FAILED, epoch=command.epoch,
             fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
@@ -204,13 +208,23 @@ class Executor:
             command_id=command.command_id, status=ReportStatus.DUPLICATE, epoch=command.epoch,
             fraction=command.fraction, ts=time.time()))
 
-    async def _give_up(self, command: Command, why: str) -> None:
-        """Report `failed` for a command whose handling keeps failing (the bus would dead-letter it next)."""
+    async def _give_up(self, command: Command, why: str, pipe: Pipeline) -> None:
+        """Report `failed` for a command whose handling keeps failing (the bus would dead-letter it next).
+
+        Through its progress when it can be claimed; when even that fails (its progress in Redis
+        unreadable), the report goes out with the entry's ack, without one.
+        """
         def fresh() -> tuple[Progress, list[Report]]:
             progress = Progress.start(command, time.time(), self.buffers.base, self.config.deadline_seconds)
             return progress, [progress.report(ReportStatus.RECEIVED, time.time())]
 
-        claim = await self.store.claim(command.command_id, fresh)
+        try:
+            claim = await self.store.claim(command.command_id, fresh)
+        except ValueError as exc:  # an unreadable progress (a ValidationError is a ValueError)
+            log.error("%s: cannot claim it either (%s); reporting it failed without its progress",
+                      command.command_id, exc)
+            self._queue_failed(command, f"the executor cannot handle it: {why}", pipe)
+            return
         if claim is None:
             return  # finished meanwhile: its outcome is out
         try:

@@ -155,3 +155,22 @@ async def test_a_good_instrument_value_is_read_from_redis_not_asked(
         await asyncio.sleep(0)
         assert running.executor.market.instruments[PERP] == info
     assert got[-1].status is ReportStatus.COMPLETED
+
+
+async def test_a_command_that_fails_on_every_delivery_ends_failed_even_with_its_progress_unreadable(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """Its last delivery reports `failed`; before, with a progress that could not be read, giving up
+    failed too and the bus dead-lettered the command as poison with no report."""
+    await open_positions(paper, {PERP: 0.1})
+    command = make_command({PERP: 0.1}, deadline=30)
+    await redis.set(names.key(f"executor:progress:{command.command_id}"), "{not a progress")
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        running.executor.consumer.max_deliveries = 2
+        running.executor.consumer.claim_interval_seconds = 0.5
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id, within=30)
+    assert [r.status for r in got] == [ReportStatus.FAILED], got
+    error = got[0].error
+    assert error is not None and "the executor cannot handle it: ValidationError" in error.message, error
+    assert not await redis.xlen(names.deadletter)
+    assert account_positions(paper)[PERP] == 0.1
