@@ -23,7 +23,7 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from services.common.bus import entry_document, entry_fields
-from services.common.config import ConfigError, Settings, load_config, redacted
+from services.common.config import ConfigError, EmergencyBasis, Settings, load_config, redacted
 from services.common.contracts import (
     CONTROL_MAX_AGE_SECONDS,
     Command,
@@ -37,6 +37,7 @@ from services.common.contracts import (
     Snapshot,
     halt_from_hash,
 )
+from services.common.exit_cost import exit_cost_warning
 from services.common.service import read_secret
 
 EXIT_OK = 0
@@ -234,12 +235,17 @@ def _barrier_lines(snapshot: Snapshot, settings: Settings, now: float) -> list[s
     if tp.partial_close_fraction > 0:
         lines.append(f"  partial          {_money(tp.partial_profit_threshold - figure):>14}"
                      f"  (at {tp.partial_profit_threshold}, closes {tp.partial_close_fraction:.0%})")
-    lines.append(f"  emergency stop   {_money(snapshot.net_after_close - tp.emergency_close_threshold):>14}"
-                 f"  (at {tp.emergency_close_threshold})")
+    on_pnl = tp.emergency_stop_basis is EmergencyBasis.NET_PNL
+    emergency = snapshot.net_pnl if on_pnl else snapshot.net_after_close
+    lines.append(f"  emergency stop   {_money(emergency - tp.emergency_close_threshold):>14}"
+                 f"  (at {tp.emergency_close_threshold} of {tp.emergency_stop_basis.value})")
     if snapshot.oldest_position_ts is not None:
         hours = (now - snapshot.oldest_position_ts) / 3600
         lines.append(f"  max age          {tp.max_position_age_hours - hours:>13.2f}h"
                      f"  (at {tp.max_position_age_hours} h)")
+    warning = exit_cost_warning(snapshot, tp)
+    if warning is not None:
+        lines.append(f"EXIT COST WARNING: {warning.sentence()}")
     if snapshot.stale_instruments:
         lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
     for drift in snapshot.drift:
@@ -272,8 +278,27 @@ def _lag_text(value: int | None) -> str:
     return f">={value}" if value >= LAG_COUNT_LIMIT else str(value)
 
 
+def breaker_lines(breaker: dict[str, Any] | None, settings: Settings) -> list[str]:
+    """Take-profit's circuit breaker (`<ns>:takeprofit:breaker`): open or closed, and what it counted."""
+    tp = settings.portfolio_take_profit
+    if not breaker:
+        return ["circuit breaker: closed (take-profit has not written it yet)"]
+    opened = breaker.get("opened_ts")
+    if opened is None:
+        count = len(breaker.get("repeats", []))
+        return [f"circuit breaker: closed ({count} repeat closure(s) of rebuilt positions counted, opens "
+                f"past {tp.breaker_max_repeat_closures} within {tp.breaker_window_seconds:g} s)"]
+    since = time.strftime("%H:%M:%S", time.localtime(opened))
+    return [f"CIRCUIT BREAKER OPEN since {since}: {breaker.get('repeats_when_opened', 0)} repeat closures of "
+            "positions rebuilt during a halt; no profit/age/expiry closure until `thalex-tp resume`",
+            f"  emergency stop: armed on net P&L ({breaker.get('emergency_stops_while_open', 0)} fired while "
+            f"open); orders and quotes cancelled {breaker.get('cancels_while_open', 0)} time(s). "
+            "Stop the bot that does not listen to the halt, then resume."]
+
+
 def format_status(snapshot: Snapshot | None, halt: Halt | str | None, acks: dict[str, HaltAck],
-                  lags: dict[str, int | None], settings: Settings, now: float) -> str:
+                  lags: dict[str, int | None], settings: Settings, now: float,
+                  breaker: dict[str, Any] | None = None) -> str:
     """The status screen, as plain text (pure: easy to test). `halt` may be a sentence: unreadable."""
     lines = []
     if snapshot is None:
@@ -294,6 +319,7 @@ def format_status(snapshot: Snapshot | None, halt: Halt | str | None, acks: dict
         lines.extend(_barrier_lines(snapshot, settings, now))
     lines.append("")
     lines.extend(_halt_lines(halt, acks))
+    lines.extend(breaker_lines(breaker, settings))
     lines.append("stream lag (entries not yet read by each group): " +
                  (", ".join(f"{k}={_lag_text(v)}" for k, v in lags.items()) or "no consumers yet"))
     return "\n".join(lines)
@@ -343,6 +369,15 @@ def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
     return acks
 
 
+def _breaker(client: redis.Redis, settings: Settings) -> dict[str, Any] | None:
+    raw: Any = client.get(settings.names.breaker)
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def service_problems(raw: Any, now: float) -> list[str]:
     """Why one service is not guarding, from its `<ns>:<service>:health` value; empty when it is."""
     if raw is None:
@@ -380,7 +415,8 @@ def status_main(argv: list[str]) -> int:
         print("\n".join(guarding))
         print()
         print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
-                            _acks(client, settings), _lags(client, settings), settings, time.time()))
+                            _acks(client, settings), _lags(client, settings), settings, time.time(),
+                            _breaker(client, settings)))
         return EXIT_OK if guarding[0].startswith("GUARDING") else EXIT_NOT_GUARDING
 
     return _run(argv, "status", "Whether the guardian is guarding (exit 5 if not), the current snapshot, "

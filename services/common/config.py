@@ -127,6 +127,15 @@ def _field_kinds(model: type[BaseModel]) -> dict[str, str]:
     return kinds
 
 
+class EmergencyBasis(StrEnum):
+    """The figure the emergency stop judges (README, "The emergency stop means loss")."""
+
+    NET_PNL = "net_pnl"
+    """The loss market moves and fees have caused: opening a position never trips it by itself."""
+    NET_AFTER_CLOSE = "net_after_close"
+    """That loss less the estimated cost of getting out: a large position trips it as it opens."""
+
+
 class PortfolioTakeProfit(Section):
     """The barriers (seed section `portfolio_take_profit`, seed defaults)."""
 
@@ -136,6 +145,8 @@ class PortfolioTakeProfit(Section):
     check_interval_seconds: Annotated[float, Field(ge=1.0)] = 2.0
     max_position_age_hours: Annotated[float, Field(gt=0)] = 24.0
     emergency_close_threshold: Annotated[float, Field(lt=0)] = -10.0
+    emergency_stop_basis: EmergencyBasis = EmergencyBasis.NET_PNL
+    """`net_pnl` (default) or `net_after_close`: what the emergency stop compares with its threshold."""
     partial_profit_threshold: float = 0.5
     position_correlation_check: bool = True
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
@@ -149,6 +160,10 @@ class PortfolioTakeProfit(Section):
     confirm_snapshots: Annotated[int, Field(ge=1)] = 1
     emergency_stop_when_disabled: bool = True
     """Keep the emergency stop armed when `enable_portfolio_tp` is false."""
+    breaker_max_repeat_closures: Annotated[int, Field(ge=1)] = 3
+    """Closures of positions rebuilt during a halt or cool-down allowed within the window; the next
+    one opens the circuit breaker (docs/operations.md, "The circuit breaker")."""
+    breaker_window_seconds: Annotated[float, Field(gt=0.0)] = 600.0
 
     @model_validator(mode="after")
     def _ordered_barriers(self) -> PortfolioTakeProfit:

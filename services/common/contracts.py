@@ -278,6 +278,8 @@ class CloseReason(StrEnum):
     MAX_AGE = "max_age"
     TRAILING_STOP = "trailing_stop"
     MANUAL = "manual"
+    CIRCUIT_BREAKER = "circuit_breaker"
+    """A cancel-only command (no positions): the executor removes orders and quotes, closes nothing."""
 
 
 class PositionToClose(BaseModel):

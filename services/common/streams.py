@@ -83,5 +83,10 @@ class Names:
         return self.key(f"notify:{suffix}")
 
     @property
+    def breaker(self) -> str:
+        """Take-profit's circuit breaker, as JSON (its checkpoint holds the same; `status` reads this)."""
+        return self.key("takeprofit:breaker")
+
+    @property
     def deadletter(self) -> str:
         return self.key("deadletter")

@@ -11,6 +11,12 @@ and the cool-down, buyers lift its ask and the index falls, and so on.
 At the end (`--duration`, Ctrl-C or SIGTERM) every child is stopped and a
 summary printed: epochs closed, P&L banked, fees, and whether the quoter stayed
 out of the market while halted.
+
+`--rogue-bot` adds a bot on the same account that does not listen to the halt (the paper's rogue
+bot: it re-opens its position after every closure, by turns with a plain order, a mass quote and
+a grid bot), with a 5 s cool-down: the guardian's closures of what it rebuilt are counted, the
+circuit breaker opens after `breaker_max_repeat_closures` of them, and the summary shows the
+closing fees against their documented bound (docs/operations.md, "A bot that does not listen").
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from redis.asyncio import Redis
 from services.common.bus import entry_document
 from services.common.config import Settings, load_config
 from services.common.contracts import (
+    CloseReason,
     Command,
     HaltAck,
+    InstrumentType,
     Notification,
     Report,
     ReportStatus,
@@ -60,6 +68,10 @@ ACCOUNT = "demo"
 NAMESPACE = "demo"
 QUOTER_KEY = "demo-quoter"
 QUOTER_SIZE = 0.05
+ROGUE_KEY = "demo-rogue"
+ROGUE_POSITION = 0.1
+"""The long the rogue bot keeps re-opening (twice the quoter's size: its P&L drives the closures)."""
+ROGUE_COOLDOWN_SECONDS = 5
 SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
 """Started in this order; notify runs with no target (it writes tp:notifications, the view shows them)."""
 HALT_RACE_GRACE_SECONDS = 0.05
@@ -102,6 +114,8 @@ class Demo:
         generate_key(keys, "demo-ingest", read_only=True, account=ACCOUNT)
         generate_key(keys, "demo-executor", account=ACCOUNT)
         generate_key(keys, QUOTER_KEY, account=ACCOUNT)
+        if self.args.rogue_bot:
+            generate_key(keys, ROGUE_KEY, account=ACCOUNT)
         return keys
 
     @staticmethod
@@ -134,7 +148,7 @@ deadline_seconds = 20
 signing_key_file = "{self.make_command_key(keys)}"
 
 [portfolio_take_profit]
-cooldown_seconds = 10
+cooldown_seconds = {ROGUE_COOLDOWN_SECONDS if self.args.rogue_bot else 10}
 partial_close_fraction = 0
 check_interval_seconds = 1
 
@@ -255,6 +269,8 @@ ticker_delay = "raw"
         for _, fields in reports:
             report = Report.model_validate(entry_document(fields)[1])
             state.reports.setdefault(report.command_id, []).insert(0, report)
+        breaker: Any = await redis.get(names.breaker)
+        state.breaker = json.loads(breaker) if breaker else None
         notes: Any = await redis.xrevrange(names.notifications, count=3)
         state.notifications = [Notification.model_validate(entry_document(f)[1]) for _, f in notes][::-1]
         return state
@@ -316,6 +332,8 @@ ticker_delay = "raw"
         assert self.settings is not None
         names = self.settings.names
         await control.call("paper/pause")
+        if self.args.rogue_bot:
+            await control.start_rogue_bot(ROGUE_KEY, INSTRUMENT, ROGUE_POSITION)
         quiet_since = 0.0
         for cycle in itertools.count():
             side, step = ("buy", 0.02) if cycle % 2 == 0 else ("sell", -0.02)
@@ -388,8 +406,12 @@ ticker_delay = "raw"
         sent: Any = await redis.xrange(names.notifications)
         notes = [Notification.model_validate(entry_document(f)[1]) for _, f in sent]
         violations = await self._quoter_orders_while_halted(paper_url, halts, commands, reports)
-        closed = [c for c in closures if c["completed"]]
+        closed = [c for c in closures if c["completed"] and c["reason"] != CloseReason.CIRCUIT_BREAKER]
+        rogue = None
+        if self.args.rogue_bot:
+            rogue = await self._rogue_summary(redis, paper_url, commands, reports)
         return {
+            "rogue_bot": rogue,
             "epochs_closed": len(closed),
             "pnl_banked_usd": sum(c["banked_net_pnl"] or 0.0 for c in closed),
             "fees_usd": sum(c["fees"] or 0.0 for c in closed),
@@ -397,6 +419,42 @@ ticker_delay = "raw"
             "quoter_orders_while_halted": violations,
             "notifications": [{"kind": n.kind.value, "title": n.title} for n in notes],
             "children": {c.name: c.status() for c in self.children},
+        }
+
+    async def _rogue_summary(self, redis: Redis, paper_url: str, commands: list[Command],
+                             reports: list[Report]) -> dict[str, Any]:
+        """What the rogue bot made the guardian do: the breaker, the closing fees and their bound.
+
+        Bound (docs/operations.md): (1 + L + E) x f, f = the largest closure's notional x the taker
+        rate, L = breaker_max_repeat_closures, E = emergency stops while the breaker was open.
+        """
+        assert self.settings is not None
+        raw: Any = await redis.get(self.settings.names.breaker)
+        breaker = json.loads(raw) if raw else {}
+        closing = {c.command_id: c for c in commands if c.positions}
+        fees = sum(r.fee or 0.0 for r in reports if r.command_id in closing
+                   and r.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED))
+        notional = max((sum(abs(p.amount) * (p.mark or p.exit_price or 0.0) for p in c.positions)
+                        for c in closing.values()), default=0.0)
+        prices = [r.avg_price for r in reports if r.command_id in closing and r.avg_price]
+        if prices and not notional:  # commands decided on stale prices carry none: the fills' prices
+            notional = max(abs(p.amount) for c in closing.values() for p in c.positions) * max(prices)
+        taker = self.settings.trading_fees.products[InstrumentType.PERPETUAL].taker_fee_rate
+        limit = self.settings.portfolio_take_profit.breaker_max_repeat_closures
+        stops = int(breaker.get("emergency_stops_while_open", 0))
+        control = ControlClient(paper_url)
+        try:
+            rogues = (await control.call("paper/rogue_bots"))["rogue_bots"]
+        finally:
+            await control.close()
+        return {
+            "breaker_opened": breaker.get("opened_ts") is not None,
+            "repeat_closures": int(breaker.get("repeats_when_opened", len(breaker.get("repeats", [])))),
+            "emergency_stops_while_open": stops,
+            "closures": len(closing),
+            "closing_fees_usd": fees,
+            "closing_fee_bound_usd": (1 + limit + stops) * notional * taker,
+            "reopened": rogues[0]["reopened"] if rogues else {},
         }
 
     async def _quoter_orders_while_halted(
@@ -493,6 +551,8 @@ async def _run(args: argparse.Namespace) -> int:
                 f"{', flat afterwards' if closure['flat_after'] else ''}"
             )
         print(f"quoter orders while halted: {len(summary['quoter_orders_while_halted'])}")
+        if summary["rogue_bot"] is not None:
+            print(_rogue_lines(summary["rogue_bot"]))
         print(
             f"notifications: {len(summary['notifications'])} "
             "(sent to the [notify] targets; the demo has none)"
@@ -504,6 +564,16 @@ async def _run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(_where_things_are(workdir, keep, removed))
     return exit_code
+
+
+def _rogue_lines(rogue: dict[str, Any]) -> str:
+    reopened = ", ".join(f"{mode} {n}" for mode, n in rogue["reopened"].items())
+    breaker = (f"OPEN after {rogue['repeat_closures']} repeat closures" if rogue["breaker_opened"]
+               else f"closed ({rogue['repeat_closures']} repeat closures counted)")
+    return (f"rogue bot (ignores the halt) re-opened its position: {reopened}\n"
+            f"circuit breaker: {breaker}; emergency stops while open: {rogue['emergency_stops_while_open']}\n"
+            f"closures: {rogue['closures']}, closing fees {rogue['closing_fees_usd']:.4f} USD "
+            f"(bound (1 + L + E) x f = {rogue['closing_fee_bound_usd']:.4f} USD, docs/operations.md)")
 
 
 def _where_things_are(workdir: Path, keep: bool, removed: bool) -> str:
@@ -535,6 +605,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", help="keep keys, config and logs here (default: a temporary directory)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     parser.add_argument("--seed", type=int, default=7, help="paper exchange seed")
+    parser.add_argument("--rogue-bot", action="store_true",
+                        help="add a bot that ignores the halt (plain orders, mass quotes, a grid bot): see "
+                             "the circuit breaker open and the closing fees bounded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not QUOTER.exists():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.config import PortfolioTakeProfit
 from services.common.contracts import Command, Halt, HaltAck, Notification, Report, Snapshot
+from services.common.exit_cost import exit_cost_warning
 
 BAR_WIDTH = 41
 
@@ -26,6 +28,8 @@ class DemoState:
     """The latest notifications notify produced (oldest first)."""
     config: str = ""
     """This demo's config file: the operator commands take `--config` with it."""
+    breaker: dict[str, Any] | None = None
+    """Take-profit's circuit breaker (`<ns>:takeprofit:breaker`), as JSON."""
 
 
 def operator_hint(config: str) -> str:
@@ -64,6 +68,9 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
                      + "   emergency stop … take profit")
         lines.append(f"  gross {snap.gross_pnl:+.4f}   fees paid {snap.fees_paid:.4f}   est. close fees "
                      f"{snap.est_close_fees * buffer:.4f}   est. slippage {snap.est_slippage:+.4f}")
+        warning = exit_cost_warning(snap, tp)
+        if warning is not None:
+            lines.append(f"  EXIT COST WARNING: {warning.sentence()}")
         lines.append("")
         lines.append(f"  {'instrument':<22}{'position':>10}{'entry':>12}{'mark':>12}{'P&L':>10}{'fees':>9}")
         open_positions = [p for p in snap.positions if p.position != 0]
@@ -85,6 +92,11 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         acked = [n for n, a in state.acks.items() if a.command_id == state.halt.command_id]
         lines.append(f"HALT: {state.halt.reason} {state.halt.command_id or ''}{left}; "
                      f"acknowledged by {', '.join(acked) or 'nobody yet'}")
+    if state.breaker and state.breaker.get("opened_ts") is not None:
+        repeats = state.breaker.get("repeats_when_opened", 0)
+        lines.append(f"CIRCUIT BREAKER OPEN: {repeats} repeat closures of positions rebuilt"
+                     " during a halt; nothing closes automatically but the emergency stop "
+                     "(on net P&L) until `thalex-tp resume`")
     lines.append("")
     lines.append("last decisions:")
     if not state.commands:

@@ -16,9 +16,10 @@ Notifications
 * `closure_failed` — the executor's `failed`, with its error and what was filled.
 * `drift_adopted` — a `Drift` record that was not in the previous snapshot.
 * `near_take_profit` / `near_emergency_stop` — once per approach: the profit figure reached
-  `near_barrier_share` of the take-profit target, or `net_after_close` that share of the
-  emergency stop, without the barrier itself being reached; given again only after the figure
-  fell back below `rearm_share` of the way, or in a new epoch.
+  `near_barrier_share` of the take-profit target, or the emergency stop's figure (its
+  `emergency_stop_basis`: `net_pnl` by default) that share of the emergency stop, without the
+  barrier itself being reached; given again only after the figure fell back below `rearm_share`
+  of the way, or in a new epoch.
 * `service_unhealthy` / `service_recovered` — a watched service's /health failed (or did not
   answer) for `unhealthy_after_seconds`, and later answered healthy again.
 
@@ -43,7 +44,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.config import Notify, PortfolioTakeProfit
+from services.common.config import EmergencyBasis, Notify, PortfolioTakeProfit
 from services.common.contracts import (
     CloseReason,
     Command,
@@ -67,7 +68,10 @@ REASON_WORDS = {
     CloseReason.MAX_AGE: "Time limit",
     CloseReason.TRAILING_STOP: "Trailing stop",
     CloseReason.MANUAL: "Manual close-all",
+    CloseReason.CIRCUIT_BREAKER: "CIRCUIT BREAKER OPEN",
 }
+CANCEL_ONLY = f"-{CloseReason.CIRCUIT_BREAKER.value}-"
+"""In the id of a cancel-only command (take-profit's `e{epoch}-circuit_breaker-s{seq}-n{n}`)."""
 
 
 def usd(value: float) -> str:
@@ -202,7 +206,7 @@ class Notifier:
             elif profit < rearm * target:
                 s.near_target_armed = True
         stop = b.emergency_close_threshold
-        loss = snap.net_after_close
+        loss = snap.net_pnl if b.emergency_stop_basis is EmergencyBasis.NET_PNL else snap.net_after_close
         if b.enable_portfolio_tp or b.emergency_stop_when_disabled:
             if s.near_stop_armed and stop < loss <= share * stop:
                 s.near_stop_armed = False
@@ -219,7 +223,8 @@ class Notifier:
             id=f"{kind.value}:e{snap.epoch}:s{snap.seq}", kind=kind,
             severity=Severity.INFO if target else Severity.WARNING,
             title=f"Approaching the {name}: {usd(figure)} of {usd(barrier)}",
-            text=(f"Net after close is {usd(figure)}, {figure / barrier:.0%} of the way to the {name} at "
+            text=(f"{'Net after close' if target else 'The emergency figure'} is {usd(figure)}, "
+                  f"{figure / barrier:.0%} of the way to the {name} at "
                   f"{usd(barrier)} (epoch {snap.epoch}). "
                   + ("It closes everything when reached." if target else
                      "If it is reached, everything is closed at a loss.")),
@@ -232,6 +237,8 @@ class Notifier:
         """A decision: tell it, and follow the closure to its outcome."""
         if command.command_id in self.state.closures:
             return []
+        if command.reason is CloseReason.CIRCUIT_BREAKER:
+            return [self._breaker(command)]
         estimate = next((r.estimated_cost for r in self.state.recent if r.seq == command.snapshot_seq
                          and r.epoch == command.epoch), None)
         self.state.closures[command.command_id] = Closure(
@@ -242,6 +249,20 @@ class Notifier:
             signs={p.instrument: math.copysign(1.0, p.amount) for p in command.positions},
             estimated_cost=estimate)
         return [self._decision(command, now)]
+
+    def _breaker(self, command: Command) -> Notification:
+        """A cancel-only command: the circuit breaker opened (or cancels what was rebuilt again)."""
+        return Notification(
+            id=f"decision:{command.command_id}", kind=NotificationKind.DECISION, severity=Severity.CRITICAL,
+            title=f"Circuit breaker open: {command.threshold:g} repeat closures reached, orders cancelled",
+            text=("Positions were rebuilt during a halt or cool-down and closed again "
+                  f"{command.threshold:g} times: something on the account does not listen to the halt. "
+                  "No profit, age or expiry closure is made until `thalex-tp resume`; the emergency stop "
+                  "stays armed on net P&L; the halt stays and rebuilt orders and quotes are cancelled "
+                  f"again (command {command.command_id}). Find the bot, stop it, then resume."),
+            facts={"command_id": command.command_id, "reason": command.reason.value,
+                   "threshold": command.threshold, "epoch": command.epoch},
+            ts=command.created_ts)
 
     def _decision(self, command: Command, now: float) -> Notification:
         words = REASON_WORDS[command.reason]
@@ -275,6 +296,8 @@ class Notifier:
             self.state.closures.pop(report.command_id, None)
             return [self._failed(report, closure, now)]
         if report.status is ReportStatus.COMPLETED:
+            if CANCEL_ONLY in report.command_id:
+                return []  # a cancel-only command closed nothing: no closure to tell
             if closure is None:  # followed from before notify started: what the report says
                 closure = Closure(command_id=report.command_id, reason=CloseReason.MANUAL,
                                   fraction=report.fraction or 1.0, epoch=report.epoch or 0, snapshot_seq=-1,

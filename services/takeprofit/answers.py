@@ -50,7 +50,7 @@ def _halt_words(halt: Halt | None) -> str:
 
 def answer_control(control: Control, control_id: str, now: float, *, refusal: str | None = None,
                    command_id: str | None = None, halt_after: Halt | None = None,
-                   lifted_failure: str | None = None) -> ControlAnswer:
+                   lifted_failure: str | None = None, closed_breaker: bool = False) -> ControlAnswer:
     """The answer to one control; `refusal` is the reason code when it was not acted on."""
     halt = None if halt_after is None else halt_after.reason
     if refusal == EXPIRED:
@@ -63,7 +63,8 @@ def answer_control(control: Control, control_id: str, now: float, *, refusal: st
                   "`thalex-tp resume` (the emergency stop stays armed)")
     elif control.action is ControlAction.RESUME:
         lifted = "operator halt lifted" + (
-            f", and the halt the failed closure {lifted_failure} left" if lifted_failure else "")
+            f", and the halt the failed closure {lifted_failure} left" if lifted_failure else "") + (
+            ", and the circuit breaker closed (automatic closures resume)" if closed_breaker else "")
         detail = f"{lifted}; {_halt_words(halt_after)}"
     else:
         detail = f"closing every position: command {command_id}"

@@ -39,6 +39,7 @@ from redis.asyncio.client import Pipeline
 from services.common.bus import Bus, Delivery
 from services.common.config import Settings
 from services.common.contracts import (
+    CloseReason,
     Control,
     ControlAction,
     Halt,
@@ -71,6 +72,14 @@ CLOSURES_FINISHED = Counter(
     "tp_takeprofit_closures_finished_total", "Closures ended, by outcome", ["outcome"]
 )
 NET_AFTER_CLOSE = Gauge("tp_takeprofit_net_after_close_usd", "net_after_close of the last snapshot evaluated")
+EXIT_COST_WARNING = Gauge(
+    "tp_exit_cost_warning", "1 while the estimated exit cost alone exceeds the emergency stop or the target"
+)
+EXIT_COST = Gauge("tp_takeprofit_exit_cost_usd", "Estimated cost of closing now (net_pnl - net_after_close)")
+BREAKER_OPEN = Gauge("tp_circuit_breaker_open", "1 while the circuit breaker against a fee loop is open")
+REPEAT_CLOSURES = Gauge(
+    "tp_takeprofit_repeat_closures", "Closures of positions rebuilt in a halt, in the breaker's window"
+)
 THRESHOLD = Gauge("tp_takeprofit_threshold_usd", "Configured money barriers", ["barrier"])
 
 INSTRUMENT_REFRESH_SECONDS = 60.0
@@ -100,6 +109,8 @@ class TakeProfitService:
         self.volume_ticks: dict[str, float] = {}
         """Volume tick size per instrument (for the command's amounts); refreshed by the timer."""
         self._volume_ticks_read = 0.0
+        self.exit_cost_warned = False
+        """Whether the exit-cost warning was logged (it is logged as it starts and as it ends)."""
         self.instrument_reader = ReferenceReader(bus, self.names.instruments, InstrumentInfo)
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
@@ -160,7 +171,20 @@ class TakeProfitService:
                 external = External(closure_in_flight=True)
         if batch:
             NET_AFTER_CLOSE.set(batch[-1].doc.net_after_close)
+            EXIT_COST.set(batch[-1].doc.net_pnl - batch[-1].doc.net_after_close)
+            self._warn_exit_cost()
         self._write_state(pipe, now)
+
+    def _warn_exit_cost(self) -> None:
+        """Log the exit-cost warning once as it starts (and once as it ends); the gauge always."""
+        warning = self.engine.exit_cost_warning()
+        EXIT_COST_WARNING.set(0 if warning is None else 1)
+        if warning is not None and not self.exit_cost_warned:
+            log.warning("EXIT COST: %s; the emergency stop judges %s", warning.sentence(),
+                        self.settings.portfolio_take_profit.emergency_stop_basis.value)
+        elif warning is None and self.exit_cost_warned:
+            log.info("exit cost back within the barriers")
+        self.exit_cost_warned = warning is not None
 
     async def on_controls(self, batch: list[Delivery[Control]], pipe: Pipeline) -> None:
         now = time.time()
@@ -171,19 +195,23 @@ class TakeProfitService:
                 self._answer_control(pipe, delivery, None, None, now)
                 continue
             failed_before = self.failed
+            breaker_was_open = self.engine.breaker.is_open
             if control.action is ControlAction.RESUME:
                 pipe.delete(self.failed_key)
                 self.failed = None
             decision = self.engine.on_control(control, now, self._external())
+            if breaker_was_open and not self.engine.breaker.is_open:
+                log.warning("circuit breaker closed by %s: automatic closures resume", control.by)
             if decision is not None:
                 await self._write_decision(decision, pipe, now)
             elif control.action is ControlAction.CLOSE_ALL:
                 log.warning("close_all by %s refused: %s", control.by, self.engine.last_skip)
-            self._answer_control(pipe, delivery, decision, failed_before, now)
+            self._answer_control(pipe, delivery, decision, failed_before, now,
+                                 closed_breaker=breaker_was_open and not self.engine.breaker.is_open)
         self._write_state(pipe, now)
 
     def _answer_control(self, pipe: Pipeline, delivery: Delivery[Control], decision: Decision | None,
-                        failed_before: Halt | None, now: float) -> None:
+                        failed_before: Halt | None, now: float, *, closed_breaker: bool = False) -> None:
         """Queue take-profit's answer to one control (`tp:control:answers`, see answers.py)."""
         control = delivery.doc
         refusal = command_id = lifted = None
@@ -199,7 +227,7 @@ class TakeProfitService:
             lifted = failed_before.command_id
         halt_after = self.engine.halt_document(now) or self.failed
         answer = answer_control(control, delivery.entry_id, now, refusal=refusal, command_id=command_id,
-                                halt_after=halt_after, lifted_failure=lifted)
+                                halt_after=halt_after, lifted_failure=lifted, closed_breaker=closed_breaker)
         self.bus.queue_publish(pipe, self.names.control_answers, answer)
         if refusal is not None:
             log.warning("%s by %s refused: %s", control.action.value, control.by, answer.detail)
@@ -249,6 +277,9 @@ class TakeProfitService:
             pipe.delete(self.failed_key)
             self.failed = None
             CLOSURES_FINISHED.labels("completed").inc()
+            if f"-{CloseReason.CIRCUIT_BREAKER.value}-" in command_id:
+                log.info("cancel-only command %s completed (no cool-down: nothing was closed)", command_id)
+                return
             log.info("closure %s completed; cool-down %.0f s", command_id,
                      self.settings.portfolio_take_profit.cooldown_seconds)
         else:
@@ -273,6 +304,9 @@ class TakeProfitService:
         self.lease_held = True
         self.bus.queue_publish(pipe, self.names.commands, command)
         DECISIONS.labels(decision.reason.value).inc()
+        if decision.reason is CloseReason.CIRCUIT_BREAKER:
+            log.error("CIRCUIT BREAKER %s: %s", command.command_id, decision.sentence)
+            return
         log.warning(
             "DECISION %s: %s [snapshot #%d, figure %.6f, threshold %.6f, %d positions, deadline %.0f s]",
             command.command_id,
@@ -306,8 +340,12 @@ class TakeProfitService:
         self._volume_ticks_read = now
 
     def _write_state(self, pipe: Pipeline, now: float) -> None:
-        """Checkpoint the engine and set `tp:halt` to what it should be now."""
+        """Checkpoint the engine (the breaker's mirror with it) and set `tp:halt` to what it should be now."""
         pipe.set(self.state_key, self.engine.to_state())
+        breaker = self.engine.breaker
+        pipe.set(self.names.breaker, breaker.state.model_dump_json())
+        BREAKER_OPEN.set(1 if breaker.is_open else 0)
+        REPEAT_CLOSURES.set(breaker.recent(now))
         halt = self.engine.halt_document(now)
         if halt is None:
             halt = self.failed

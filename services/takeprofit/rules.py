@@ -8,7 +8,11 @@ second command for the same trigger.
 
 Barriers, in priority order (the first that holds decides; one decision per call)
 ----------------------------------------------------------------------------------
-1. **Emergency stop** — `net_after_close <= emergency_close_threshold`. Full close.
+1. **Emergency stop** — the emergency figure `<= emergency_close_threshold`. Full close.
+   The figure is `emergency_stop_basis`: `net_pnl` by default (the loss market moves and fees
+   have caused), or `net_after_close` (that less the estimated exit cost). On `net_pnl`,
+   opening a position never trips the stop by itself: its exit cost is not a loss yet; when
+   that cost alone is wider than a barrier the engine warns instead (`exit_cost_warning`).
 2. **Time limit** — the oldest position is at least `max_position_age_hours` old,
    or a dated instrument (future, option) is within `close_before_expiry_minutes`
    of its expiry (0 turns the expiry rule off). Full close, reason `max_age`.
@@ -55,6 +59,18 @@ Guards, checked in this order before any barrier
   with stale prices breaks the run. While a higher-priority profit barrier is
   still confirming, lower ones wait: the higher one would supersede them.
 
+Circuit breaker (`breaker.py`, issue 19)
+----------------------------------------
+An epoch whose first open position appeared during a cool-down, an operator halt or an open
+breaker was *rebuilt* by something that ignores the halt. Closing it is a repeat closure:
+`_decide` asks the breaker first, and past `breaker_max_repeat_closures` within
+`breaker_window_seconds` the breaker opens and the decision becomes a cancel-only one (reason
+`circuit_breaker`, no positions: the executor cancels, closes nothing; its end starts no cool-down
+and ends no epoch). An emergency stop past the limit still goes ahead. While open, only the
+emergency stop decides, on `net_pnl` whatever its basis; a change of the open positions sends
+another cancel-only command (at most every `RECANCEL_MIN_SECONDS`); `tp:halt` holds reason
+`circuit_breaker`; `resume` closes it. `close_all` is never counted nor stopped.
+
 Timer ticks (`on_timer`) re-evaluate only the time limit on the last snapshot:
 time passes without snapshots, money does not move without them.
 
@@ -91,7 +107,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.config import PortfolioTakeProfit
+from services.common.config import EmergencyBasis, PortfolioTakeProfit
 from services.common.contracts import (
     CloseReason,
     Command,
@@ -104,6 +120,8 @@ from services.common.contracts import (
     Snapshot,
     SnapshotPosition,
 )
+from services.common.exit_cost import ExitCostWarning, exit_cost_warning
+from services.takeprofit.breaker import BreakerState, CircuitBreaker
 
 STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
@@ -111,6 +129,10 @@ MONEY_EPSILON = 1e-9
 _TICK_EPSILON = 1e-9
 """Steps of float noise tolerated when rounding an amount down to the volume tick."""
 OPERATOR_HALT_REASON = "operator_halt"
+CIRCUIT_BREAKER_REASON = "circuit_breaker"
+RECANCEL_MIN_SECONDS = 5.0
+"""While the breaker is open, a cancel-only command is sent again when the open positions changed
+(something rebuilt them), at most this often."""
 
 _PROFIT_BARRIERS = (CloseReason.TAKE_PROFIT, CloseReason.TRAILING_STOP, CloseReason.PARTIAL_TAKE_PROFIT)
 DECISION_PRICES_MAX_AGE_SECONDS = 1.0
@@ -125,6 +147,7 @@ class GuardState(StrEnum):
     IDLE = "idle"
     CONFIRMING = "confirming"
     CLOSURE_IN_FLIGHT = "closure_in_flight"
+    CIRCUIT_BREAKER = "circuit_breaker"
     COOLDOWN = "cooldown"
     OPERATOR_HALT = "operator_halt"
 
@@ -142,6 +165,8 @@ class Skip(StrEnum):
     STALE_PRICES = "stale_prices"
     CONFIRMING = "confirming"
     NO_BARRIER = "no_barrier"
+    CIRCUIT_BREAKER = "circuit_breaker"
+    """The circuit breaker is open: only the emergency stop (on `net_pnl`) decides."""
     CONTROL = "control"
     """A halt or resume was applied; those never decide anything by themselves."""
 
@@ -188,8 +213,10 @@ class Decision(_Model):
     """The number compared with the barrier: USD, or seconds for the time limit."""
     threshold: float
     """The barrier's value in `unit` (0.0 for a manual close: there is no barrier)."""
-    unit: Literal["usd", "seconds"]
+    unit: Literal["usd", "seconds", "closures"]
+    """`closures` for a cancel-only decision: `figure` repeat closures counted, `threshold` the limit."""
     positions: tuple[PositionToClose, ...]
+    """Empty for a cancel-only decision (reason `circuit_breaker`): nothing is closed."""
     groups: tuple[HedgeGroup, ...] = ()
     stale_instruments: tuple[str, ...] = ()
     """Non-empty when the decision was taken on last known prices (emergency, manual)."""
@@ -207,6 +234,11 @@ class _EpochState(_Model):
     trailing_peak: float | None = None
     """None while the trailing take profit is not armed."""
     confirmations: dict[CloseReason, int] = Field(default_factory=dict)
+    seen_open: bool = False
+    """A snapshot of this epoch had an open position."""
+    rebuilt: bool = False
+    """The epoch's positions first appeared while a halt or cool-down was in force: closing them is
+    a repeat closure, counted by the circuit breaker."""
 
 
 class _OperatorHalt(_Model):
@@ -225,6 +257,7 @@ class _State(_Model):
     finished: Decision | None = None
     """The last closure that finished: what the cool-down is about."""
     cooldown_until: float = 0.0
+    breaker: BreakerState = Field(default_factory=BreakerState)
 
 
 class RulesEngine:
@@ -272,12 +305,25 @@ class RulesEngine:
     def last_snapshot(self) -> Snapshot | None:
         return self._s.last_snapshot
 
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker over the engine's state (changes to it are checkpointed with the engine)."""
+        cfg = self.config
+        return CircuitBreaker(cfg.breaker_max_repeat_closures, cfg.breaker_window_seconds, self._s.breaker)
+
+    def exit_cost_warning(self) -> ExitCostWarning | None:
+        """On the last snapshot: the exit cost alone is wider than the emergency stop or the target."""
+        snap = self._s.last_snapshot
+        return None if snap is None else exit_cost_warning(snap, self.config)
+
     def state(self, now: float, external: External = NOTHING_EXTERNAL) -> GuardState:
         """The guard state at `now`, by precedence (module docstring)."""
         if self._halted(external):
             return GuardState.OPERATOR_HALT
         if self._closing(external):
             return GuardState.CLOSURE_IN_FLIGHT
+        if self.breaker.is_open:
+            return GuardState.CIRCUIT_BREAKER
         if self._cooling(now, external):
             return GuardState.COOLDOWN
         epoch = self._s.epoch
@@ -292,6 +338,9 @@ class RulesEngine:
         if self._s.in_flight is not None:
             d = self._s.in_flight
             return Halt(reason=d.reason, command_id=d.command_id, since=d.decided_ts)
+        opened = self._s.breaker.opened_ts
+        if opened is not None:
+            return Halt(reason=CIRCUIT_BREAKER_REASON, since=opened)
         if self._cooling(now, NOTHING_EXTERNAL) and self._s.finished is not None:
             d = self._s.finished
             return Halt(
@@ -312,7 +361,7 @@ class RulesEngine:
         figure = self._profit_figure(snap)
         out: dict[str, float] = {}
         if self._emergency_armed():
-            out["emergency_stop"] = snap.net_after_close - cfg.emergency_close_threshold
+            out["emergency_stop"] = self._emergency_figure(snap) - cfg.emergency_close_threshold
         oldest = _oldest_ts(snap)
         if oldest is not None:
             out["max_age_seconds"] = cfg.max_position_age_hours * 3600.0 - (now - oldest)
@@ -346,6 +395,7 @@ class RulesEngine:
         if self._s.epoch is None or snapshot.epoch > self._s.epoch.epoch:
             self._s.epoch = _EpochState(epoch=snapshot.epoch)
         self._s.last_snapshot = snapshot
+        self._note_rebuild(snapshot, now, external)
         stale = _stale_positions(snapshot)
         self._track(snapshot, fresh=not stale)
         return self._evaluate(snapshot, now, external, stale, timer=False)
@@ -372,6 +422,7 @@ class RulesEngine:
             return self._skip(Skip.CONTROL)
         if control.action is ControlAction.RESUME:
             self._s.halt = None
+            self._s.breaker = BreakerState()  # the operator looked: the breaker closes, repeats forgotten
             return self._skip(Skip.CONTROL)
         snap = self._s.last_snapshot
         if snap is None:
@@ -406,6 +457,8 @@ class RulesEngine:
         if decision is None or decision.command_id != command_id:
             return False
         self._s.in_flight = None
+        if not decision.positions:
+            return True  # a cancel-only command closed nothing: no cool-down, the epoch goes on
         self._s.finished = decision
         self._s.cooldown_until = now + self.config.cooldown_seconds
         epoch = self._s.epoch
@@ -428,27 +481,31 @@ class RulesEngine:
         if (
             not timer
             and self._emergency_armed()
-            and _at_or_below(snap.net_after_close, cfg.emergency_close_threshold)
+            and _at_or_below(self._emergency_figure(snap), cfg.emergency_close_threshold)
         ):
             if halted and not self.emergency_when_halted:
                 return self._skip(Skip.OPERATOR_HALT)
-            sentence = (
-                f"emergency stop: net after close {_usd(snap.net_after_close)} is at or below "
-                f"{_usd(cfg.emergency_close_threshold)}"
-            )
+            figure = self._emergency_figure(snap)
+            label = "net P&L" if self._emergency_on_pnl() else "net after close"
+            sentence = (f"emergency stop: {label} {_usd(figure)} is at or below "
+                        f"{_usd(cfg.emergency_close_threshold)}")
+            if self.breaker.is_open:
+                sentence += " (circuit breaker open: judged on net P&L)"
             return self._decide(
                 snap,
                 now,
                 CloseReason.EMERGENCY_STOP,
                 1.0,
-                pnl=snap.net_after_close,
-                figure=snap.net_after_close,
+                pnl=figure,
+                figure=figure,
                 threshold=cfg.emergency_close_threshold,
                 unit="usd",
                 sentence=sentence,
                 stale=stale,
                 overrode_halt=halted,
             )
+        if self.breaker.is_open:
+            return self._cancel_again(snap, now)
         if halted:
             return self._skip(Skip.OPERATOR_HALT)
         if stale:
@@ -602,14 +659,28 @@ class RulesEngine:
         pnl: float,
         figure: float,
         threshold: float,
-        unit: Literal["usd", "seconds"],
+        unit: Literal["usd", "seconds", "closures"],
         sentence: str,
         stale: tuple[str, ...] = (),
         overrode_halt: bool = False,
     ) -> Decision:
-        """Record a decision: it is in flight from now on, and confirmation starts over."""
+        """Record a decision: it is in flight from now on, and confirmation starts over.
+
+        A repeat closure (of positions rebuilt during a halt or cool-down) asks the circuit breaker
+        first; past its limit the breaker opens and the decision is a cancel-only one instead
+        (an emergency stop still goes ahead: losses are cut).
+        """
         epoch = self._s.epoch
         assert epoch is not None
+        breaker = self.breaker
+        emergency = reason is CloseReason.EMERGENCY_STOP
+        repeat = reason is not CloseReason.MANUAL and epoch.rebuilt
+        if repeat and not breaker.repeat(now, emergency=emergency):
+            return self._cancel_only(snap, now, f"{sentence}, but that would be repeat closure "
+                                     f"{breaker.state.repeats_when_opened + 1} of positions rebuilt during a "
+                                     f"halt within {self.config.breaker_window_seconds:g} s")
+        if emergency:
+            breaker.emergency_stop()
         epoch.decisions += 1
         epoch.confirmations.clear()
         positions = _open_positions(snap)
@@ -647,6 +718,41 @@ class RulesEngine:
         self.last_skip = None
         return decision
 
+    def _note_rebuild(self, snap: Snapshot, now: float, external: External) -> None:
+        """Mark the epoch `rebuilt` when its first open position appears during a halt or cool-down."""
+        epoch = self._s.epoch
+        if epoch is None or epoch.seen_open or not _open_positions(snap):
+            return
+        epoch.seen_open = True
+        epoch.rebuilt = self._halted(external) or self.breaker.is_open or self._cooling(now, external)
+
+    def _cancel_again(self, snap: Snapshot, now: float) -> Decision | None:
+        """Breaker open: a cancel-only command when the positions changed since the last one, else nothing."""
+        held = {p.instrument: p.position for p in _open_positions(snap)}
+        if not self.breaker.cancel_due(held, now, RECANCEL_MIN_SECONDS):
+            return self._skip(Skip.CIRCUIT_BREAKER)
+        return self._cancel_only(snap, now, "positions changed while the circuit breaker is open")
+
+    def _cancel_only(self, snap: Snapshot, now: float, why: str) -> Decision:
+        """A decision that closes nothing: the executor removes the orders and quotes that rebuild."""
+        epoch = self._s.epoch
+        assert epoch is not None
+        breaker = self.breaker
+        breaker.cancelled({p.instrument: p.position for p in _open_positions(snap)}, now)
+        epoch.decisions += 1
+        epoch.confirmations.clear()
+        state = breaker.state
+        sentence = (f"circuit breaker open: {why}; cancelling orders and quotes again, closing nothing "
+                    f"automatically except an emergency stop on net P&L until `thalex-tp resume`")
+        decision = Decision(
+            command_id=f"e{snap.epoch}-{CloseReason.CIRCUIT_BREAKER}-s{snap.seq}-n{epoch.decisions}",
+            epoch=snap.epoch, reason=CloseReason.CIRCUIT_BREAKER, fraction=1.0, snapshot_seq=snap.seq,
+            snapshot_ts=snap.ts, decided_ts=now, pnl=snap.net_pnl, figure=float(state.repeats_when_opened),
+            threshold=float(breaker.max_repeats), unit="closures", positions=(), sentence=sentence)
+        self._s.in_flight = decision
+        self.last_skip = None
+        return decision
+
     # --- small helpers -----------------------------------------------------------------
 
     def _skip(self, why: Skip) -> Decision | None:
@@ -656,6 +762,14 @@ class RulesEngine:
 
     def _profit_figure(self, snap: Snapshot) -> float:
         return snap.net_after_close if self.config.profit_after_fees else snap.net_pnl
+
+    def _emergency_figure(self, snap: Snapshot) -> float:
+        return snap.net_pnl if self._emergency_on_pnl() else snap.net_after_close
+
+    def _emergency_on_pnl(self) -> bool:
+        """The emergency stop judges `net_pnl` by its basis, and always while the breaker is open."""
+        on_pnl = self.config.emergency_stop_basis is EmergencyBasis.NET_PNL
+        return on_pnl or self._s.breaker.opened_ts is not None
 
     def _emergency_armed(self) -> bool:
         return self.config.enable_portfolio_tp or self.config.emergency_stop_when_disabled

@@ -130,6 +130,8 @@ RULES = [
         "portfolio_take_profit.enable_portfolio_tp",
         "valid boolean",
     ),
+    ("[portfolio_take_profit]\nemergency_stop_basis = 'gross'", "portfolio_take_profit.emergency_stop_basis",
+     "'net_pnl' or 'net_after_close'"),
     ("[thalex]\nnetwork = 'mainnet'", "thalex.network", "'test', 'prod' or a ws://"),
     ("[redis]\nurl = 'http://localhost'", "redis.url", "redis://"),
     ("[redis]\nnamespace = 'a b'", "redis.namespace", "1-64 characters"),

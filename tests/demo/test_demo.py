@@ -120,7 +120,7 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
             ]
             return any(c.reason == "manual" for c in commands)
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # a loaded machine: the quoter may take long to hold a position
         while not manual_command() and time.monotonic() < deadline:
             snap = snapshot()
             if snap and any(p.position for p in snap.positions) and not client.exists(names.halt):
@@ -172,3 +172,26 @@ def test_close_all_refuses_without_confirmation_when_not_interactive(tmp_path: P
         assert done.returncode == 1 and "pass --yes" in done.stderr
     else:  # no take-profit runs in this namespace: nobody answers, and the exit code says so
         assert done.returncode == 4 and "NO ANSWER from take-profit" in done.stderr
+
+
+def test_demo_with_a_rogue_bot_opens_the_breaker_and_bounds_the_fees(tmp_path: Path) -> None:
+    """Issue 19: a bot that ignores the halt (orders, mass quotes, a grid bot) keeps re-opening; after
+    1 + 3 closures the breaker opens, no fee loop follows, and the closing fees stay within the bound."""
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run([*DEMO, "--no-ui", "--duration", "90", "--rogue-bot", "--workdir",
+                           str(tmp_path / "demo"), "--summary-json", str(summary_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240,
+                          env={k: v for k, v in os.environ.items() if k != "REDIS_URL"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    rogue = summary["rogue_bot"]
+    assert rogue["breaker_opened"] and rogue["repeat_closures"] == 3, summary
+    assert sum(rogue["reopened"].values()) >= 3, rogue  # it really did not listen
+    assert rogue["closures"] <= 1 + 3 + rogue["emergency_stops_while_open"], summary["closures"]
+    assert 0 < rogue["closing_fees_usd"] <= rogue["closing_fee_bound_usd"], rogue
+    reasons = [c["reason"] for c in summary["closures"]]
+    after = reasons[reasons.index("circuit_breaker"):]
+    assert set(after) <= {"circuit_breaker", "emergency_stop"}, reasons  # no fee loop once it is open
+    assert "circuit breaker: OPEN after 3 repeat closures" in done.stdout
+    assert summary["quoter_orders_while_halted"] == [], "the demo's own quoter still obeys the halt"
+    assert leftovers(tmp_path / "demo") == []

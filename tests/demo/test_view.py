@@ -48,3 +48,15 @@ def test_the_view_says_how_to_talk_to_this_demo_and_shows_notifications() -> Non
     screen = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=TS))
     assert "thalex-tp status --config /tmp/d/demo.toml" in screen
     assert "Take profit: closing everything" in screen
+
+
+def test_the_view_shows_the_circuit_breaker_open() -> None:
+    """Issue 19: what take-profit writes to `<ns>:takeprofit:breaker`."""
+    from services.common.config import PortfolioTakeProfit
+    from services.demo.view import DemoState, render
+
+    state = DemoState(breaker={"opened_ts": 1.0, "repeats_when_opened": 3})
+    text = "\n".join(render(state, PortfolioTakeProfit(), 1.1, now=2.0))
+    assert "CIRCUIT BREAKER OPEN: 3 repeat closures" in text and "thalex-tp resume" in text
+    closed = "\n".join(render(DemoState(breaker={"opened_ts": None}), PortfolioTakeProfit(), 1.1, now=2.0))
+    assert "CIRCUIT BREAKER" not in closed

@@ -54,3 +54,25 @@ def test_the_guardian_alert_fires_when_any_service_cannot_guard(tmp_path: Path) 
     result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_circuit_breaker_alert_fires_while_it_is_open_and_stops_after_resume(tmp_path: Path) -> None:
+    """Issue 19: `tp_circuit_breaker_open` 1 from 30 s to 60 s (then `resume`): firing at once, then quiet."""
+    promtool = need_binary("promtool", "prometheus")
+    rules = [r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]]
+    alert = next(r for r in rules if r.get("alert") == "CircuitBreakerOpen")
+    expected = [{"exp_labels": alert["labels"],
+                 "exp_annotations": {k: " ".join(v.split()) for k, v in alert["annotations"].items()}}]
+    series = [{"series": 'tp_circuit_breaker_open{job="takeprofit",instance="takeprofit:9103"}',
+               "values": "0 0 0 0 0 0 1 1 1 1 1 1 0x12"}]
+    checks = [{"eval_time": t, "alertname": "CircuitBreakerOpen", "exp_alerts": expected}
+              for t in ("30s", "55s")]
+    checks += [{"eval_time": t, "alertname": "CircuitBreakerOpen", "exp_alerts": []}
+               for t in ("25s", "65s")]
+    spec = tmp_path / "breaker_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "5s", "tests": [
+        {"name": "breaker", "interval": "5s", "input_series": series, "alert_rule_test": checks}]},
+        sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -334,6 +334,8 @@ def test_the_redis_fixture_falls_back_when_the_engine_cannot_pull(engine: Docker
             "-q",
             "-p",
             "no:cacheprovider",
+            "-n",
+            "0",  # in the foreground: the fixture's choice is printed in this process's summary
             "tests/common/test_bus.py::test_published_document_is_plain_json_in_data_field",
         ],
         capture_output=True,

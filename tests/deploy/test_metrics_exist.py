@@ -23,6 +23,7 @@ SERVICE_APPS = (
     "services.portfolio.app",
     "services.takeprofit.app",
     "services.executor.app",
+    "services.notify.app",
 )
 PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "deriv", "histogram_quantile", "and", "or", "le", "changes",

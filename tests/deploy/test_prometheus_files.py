@@ -9,7 +9,7 @@ import yaml
 from tests.deploy.support import ALERTS_YML, PROMETHEUS_YML, need_binary
 
 REQUIRED_ALERTS = {"ServiceDown", "StreamLagGrowing", "PricesStale", "PositionDrift", "ClosureFailed",
-                   "ClosureOverdue", "EmergencyStopFired"}
+                   "ClosureOverdue", "EmergencyStopFired", "CircuitBreakerOpen"}
 
 
 def test_promtool_checks_the_config_and_its_rule_file() -> None:

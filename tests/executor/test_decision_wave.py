@@ -63,7 +63,12 @@ async def closed_recording(redis: Redis, names: Names, settings: Any, command: A
                            before_insert: Any = None) -> tuple[list[Any], Events]:
     """Run an executor on `command` until its outcome; returns its reports and its requests."""
     events: Events = []
+    started = time.time()
     async with running_executor(settings) as running:
+        # the executor's start-up (seconds on a loaded machine) is not the command's age
+        shift = time.time() - started
+        command = command.model_copy(update={"created_ts": command.created_ts + shift,
+                                             "deadline_ts": command.deadline_ts + shift})
         recording(running.executor.session, events, before_insert)
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id)

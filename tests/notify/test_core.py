@@ -267,3 +267,16 @@ def test_warnings_never_outnumber_the_approaches(figures: list[float]) -> None:
             approaches += 1
         below = figure < 5.0
     assert warnings <= approaches
+
+
+def test_a_cancel_only_command_says_the_circuit_breaker_opened_and_its_completion_is_no_closure() -> None:
+    """Issue 19: take-profit's `circuit_breaker` command closes nothing: one critical notification,
+    nothing when it completes."""
+    n = notifier()
+    cancel = Command(command_id="e4-circuit_breaker-s9-n2", epoch=4, reason="circuit_breaker", positions=[],
+                     snapshot_seq=9, net_pnl=-0.4, threshold=3.0, created_ts=NOW, deadline_ts=NOW + 30)
+    [note] = n.on_command(cancel, NOW)
+    assert note.severity is Severity.CRITICAL and note.title.startswith("Circuit breaker open: 3 repeat")
+    assert "thalex-tp resume" in note.text and "emergency stop stays armed on net P&L" in note.text
+    done = Report(command_id=cancel.command_id, status=ReportStatus.COMPLETED, epoch=4, fraction=1.0, ts=NOW)
+    assert n.on_report(done, NOW + 1) == [] and n.on_timer(NOW + 100) == []

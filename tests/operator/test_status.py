@@ -109,3 +109,17 @@ def test_status_shows_slippage_as_a_cost_like_the_snapshot(settings: Settings) -
     fees = next(line for line in text.splitlines() if "est. close fees" in line)
     assert "+0.0550" in fees
     assert "+1.4450" in next(line for line in text.splitlines() if "net after close" in line)
+
+
+def test_status_shows_the_circuit_breaker_open_or_closed() -> None:
+    """Issue 19: `<ns>:takeprofit:breaker` as take-profit writes it."""
+    settings = Settings()
+    closed = format_status(None, None, {}, {}, settings, time.time(),
+                           {"repeats": [1.0, 2.0], "opened_ts": None})
+    assert "circuit breaker: closed (2 repeat closure(s) of rebuilt positions counted, opens past 3 within " \
+           "600 s)" in closed
+    opened = format_status(None, None, {}, {}, settings, time.time(),
+                           {"repeats": [], "opened_ts": time.time(), "repeats_when_opened": 3,
+                            "emergency_stops_while_open": 1, "cancels_while_open": 2})
+    assert "CIRCUIT BREAKER OPEN since" in opened and "3 repeat closures" in opened
+    assert "armed on net P&L (1 fired while open); orders and quotes cancelled 2 time(s)" in opened

@@ -54,8 +54,12 @@ def test_emergency_stop_fires_at_its_threshold_and_not_before(figure: float, fir
         assert decision.threshold == -10.0 and decision.stale_instruments == ()
 
 
-def test_emergency_stop_always_judges_net_after_close() -> None:
-    engine = RulesEngine(cfg(profit_after_fees=False))
+def test_emergency_stop_judges_its_basis_whatever_profit_after_fees_says() -> None:
+    """Issue 19: `net_pnl` by default (net after close -10 with net P&L +5 is no loss yet);
+    `emergency_stop_basis = "net_after_close"` judges the figure after the exit cost."""
+    decision = decide(RulesEngine(cfg(profit_after_fees=False)), snap(1, -10.0, net_pnl=5.0))
+    assert decision is None or decision.reason is not CloseReason.EMERGENCY_STOP
+    engine = RulesEngine(cfg(profit_after_fees=False, emergency_stop_basis="net_after_close"))
     decision = decide(engine, snap(1, -10.0, net_pnl=5.0))
     assert decision is not None and decision.reason is CloseReason.EMERGENCY_STOP
 

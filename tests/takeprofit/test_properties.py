@@ -125,16 +125,19 @@ def book(legs) -> list:
     config=configs.filter(lambda c: c.enable_portfolio_tp or c.emergency_stop_when_disabled),
     prefix=st.lists(st.tuples(money, money, st.booleans()), max_size=8),
     legs=positions_strategy,
-    net_after_close=st.floats(min_value=-1000.0, max_value=-10.0),
-    net_pnl=st.floats(min_value=-1000.0, max_value=1000.0),
+    net_pnl=st.floats(min_value=-1000.0, max_value=-10.0),
+    exit_cost=st.floats(min_value=0.0, max_value=1000.0),
+    basis=st.sampled_from(["net_pnl", "net_after_close"]),
     stale=st.booleans(),
     old=st.booleans(),
 )
 def test_the_emergency_stop_outranks_every_other_barrier(
-    config, prefix, legs, net_after_close, net_pnl, stale, old
+    config, prefix, legs, net_pnl, exit_cost, basis, stale, old
 ) -> None:
-    """Whatever happened before, a fresh snapshot at the emergency threshold closes as an emergency."""
-    engine = RulesEngine(config.model_copy(update={"cooldown_seconds": 0.0}))
+    """Whatever happened before, a fresh snapshot at the emergency threshold closes as an emergency
+    (on either basis: a loss of net_pnl <= -10 is at least as deep after the exit cost)."""
+    net_after_close = net_pnl - exit_cost
+    engine = RulesEngine(config.model_copy(update={"cooldown_seconds": 0.0, "emergency_stop_basis": basis}))
     now = NOW
     for seq, (a, p, s) in enumerate(prefix, start=1):
         decision = engine.on_snapshot(
