@@ -39,8 +39,19 @@ from portfolio_throughput import INFO, instrument, opening_fill, ticks_for
 
 from services.common.bus import DATA_FIELD, Bus, Delivery, encode_document, validate_entry
 from services.common.config import Settings
-from services.common.contracts import CloseReason, Command, InstrumentType, PositionToClose, Snapshot, Tick
+from services.common.contracts import (
+    CloseReason,
+    Command,
+    InstrumentInfo,
+    InstrumentType,
+    PositionToClose,
+    Side,
+    Snapshot,
+    Tick,
+)
 from services.common.signing import sign_command, verify_command
+from services.executor.plan import close_price, reference_price
+from services.executor.waves import Quote, wave_price
 from services.portfolio.ledger import Ledger, LedgerConfig
 from services.portfolio.prices import PriceGuard
 from services.takeprofit.app import TakeProfitService
@@ -131,6 +142,14 @@ def main() -> int:
     print(f"  {'sign_command, one position':<58} {per_call_ms(lambda: sign_command(command, key)):9.4f} ms")
     verifying = per_call_ms(lambda: verify_command(signed, key))
     print(f"  {'verify_command, one position':<58} {verifying:9.4f} ms")
+    perpetual = InstrumentInfo(type=InstrumentType.PERPETUAL, product="FBTCUSD", underlying="BTCUSD",
+                               tick_size=1.0, volume_tick_size=0.001, min_order_amount=0.001)
+    quote = Quote(mark=100_000.0, best_bid=99_990.0, best_ask=100_010.0, delta=1.0, index=100_000.0)
+    unbounded = per_call_ms(lambda: close_price(Side.SELL, reference_price(
+        Side.SELL, quote.best_bid, quote.best_ask, quote.mark), 0.005, 1.0))
+    bounded = per_call_ms(lambda: wave_price(Side.SELL, quote, perpetual, 0.005, 0.1))
+    print(f"  {'one leg of a wave priced, no index bound (before)':<58} {unbounded:9.4f} ms")
+    print(f"  {'one leg of a wave priced with the index bound (wave_price)':<58} {bounded:9.4f} ms")
     return 0
 
 

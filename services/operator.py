@@ -46,6 +46,11 @@ EXIT_OK = 0
 EXIT_UNREACHABLE = 1
 EXIT_REFUSED = 3
 EXIT_UNANSWERED = 4
+EXIT_NOT_GUARDING = 5
+GUARDIAN = ("ingest", "portfolio", "takeprofit", "executor")
+"""The services the guardian cannot guard without (notify only tells)."""
+HEALTH_REPORT_MAX_AGE_SECONDS = 5.0
+"""A service writes its health every second; a report older than this is a service that stopped."""
 DEFAULT_ANSWER_TIMEOUT_SECONDS = 10.0
 ANSWER_POLL_SECONDS = 0.05
 LAG_COUNT_LIMIT = 1000
@@ -407,16 +412,49 @@ def _breaker(client: redis.Redis, settings: Settings) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def service_problems(raw: Any, now: float) -> list[str]:
+    """Why one service is not guarding, from its `<ns>:<service>:health` value; empty when it is."""
+    if raw is None:
+        return ["no health report: not running, or it cannot write to Redis"]
+    try:
+        report = json.loads(raw)
+        ts, healthy, reasons = float(report["ts"]), report["healthy"], dict(report["reasons"])
+    except (ValueError, TypeError, KeyError):
+        return [f"unreadable health report {_text(raw)[:80]!r} (a service older than thalex-tp status?)"]
+    age = now - ts
+    if age > HEALTH_REPORT_MAX_AGE_SECONDS:
+        return [f"last health report {age:.0f} s ago: stopped, stuck, or it cannot write to Redis"]
+    if healthy is True:
+        return []
+    return [f"{check}: {why}" for check, why in sorted(reasons.items())] or ["not healthy yet (starting)"]
+
+
+def guarding_lines(reports: dict[str, Any], now: float) -> list[str]:
+    """The status screen's first lines: GUARDING, or NOT GUARDING with every reason (pure)."""
+    problems = [f"  {service}: {why}"
+                for service, raw in reports.items() for why in service_problems(raw, now)]
+    if not problems:
+        return [f"GUARDING: {', '.join(reports)} healthy"]
+    return ["NOT GUARDING: the guardian cannot guard (alert GuardianCannotGuard):", *problems]
+
+
+def _health_reports(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    return {service: client.get(settings.names.key(f"{service}:health")) for service in GUARDIAN}
+
+
 def status_main(argv: list[str]) -> int:
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
+        guarding = guarding_lines(_health_reports(client, settings), time.time())
         snapshots = _latest(client, settings.names.snapshots, Snapshot)
+        print("\n".join(guarding))
+        print()
         print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
                             _acks(client, settings), _lags(client, settings), settings, time.time(),
                             breaker=_breaker(client, settings), violations=_violations(client, settings)))
-        return 0
+        return EXIT_OK if guarding[0].startswith("GUARDING") else EXIT_NOT_GUARDING
 
-    return _run(argv, "status", "The current snapshot, distance to each barrier, halt state, stream lag.",
-                lambda p: None, action)
+    return _run(argv, "status", "Whether the guardian is guarding (exit 5 if not), the current snapshot, "
+                "distance to each barrier, halt state, stream lag.", lambda p: None, action)
 
 
 def halt_main(argv: list[str]) -> int:

@@ -311,6 +311,8 @@ class Executor(Section):
     """How far through the best opposite price a close is priced (0.005 = 0.5%)."""
     max_close_price_buffer: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
     """The widest a retry may price through the book."""
+    max_index_deviation: Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
+    """A perpetual's or future's close is never priced further than this from its index (0.1 = 10%)."""
     deadline_seconds: Annotated[float, Field(gt=0.0)] = 30.0
     dry_run: bool = False
     cancel_open_orders: bool = True

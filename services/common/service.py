@@ -161,12 +161,24 @@ class Health:
                 "reasons": self.reasons, "checked_ts": self.checked_ts}
 
 
+def health_report(health: Health, now: float) -> str:
+    """What the `redis` check writes to `<ns>:<service>:health`: the service's last verdict, for
+    `thalex-tp status` (JSON `{"ts", "healthy", "reasons"}`; the key expires after 30 s).
+
+    The verdict is the previous refresh's (the write is this refresh's first check), without its
+    `redis` reason: the write that carries it succeeds, so Redis takes writes again.
+    """
+    others = {name: ok for name, ok in health.latest.items() if name != "redis"}
+    reasons = {name: why for name, why in health.reasons.items() if name != "redis"}
+    return json.dumps({"ts": now, "healthy": bool(others) and all(others.values()), "reasons": reasons})
+
+
 def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
     """The checks every service gets: `redis` (a write to `key` succeeds), `consuming`, `handlers`."""
 
     async def redis_writable() -> bool:
         try:
-            await bus.redis.set(key, str(time.time()), px=HEALTH_KEY_TTL_MS)
+            await bus.redis.set(key, health_report(health, time.time()), px=HEALTH_KEY_TTL_MS)
         except ResponseError as exc:  # OutOfMemoryError at maxmemory, ReadOnlyError, NoPermissionError
             raise Unhealthy("Redis refuses writes", f"{type(exc).__name__}: {exc}") from None
         except (RedisError, OSError) as exc:

@@ -20,8 +20,17 @@ from redis.asyncio.client import Pipeline
 
 from services.common.bus import Bus, Delivery, raise_if_cancelled
 from services.common.config import Settings
-from services.common.contracts import Command, ExchangeError, RemovalKind, Report, ReportStatus
+from services.common.contracts import (
+    Command,
+    ExchangeError,
+    InstrumentInfo,
+    RemovalKind,
+    Report,
+    ReportStatus,
+)
+from services.common.reference import ReferenceReader
 from services.common.service import Health, Runnable, service_main
+from services.common.signing import ForgedCommand, require_command_key, verify_command
 from services.common.thalex import NO_CODE, ConnectionLost, LoginRejected, ThalexError
 from services.executor.clearing import Answer, cancel_refused, clearing_reports, kinds, round_requests
 from services.executor.exchange import TradingSession
@@ -76,12 +85,15 @@ class Executor:
         self.config = config = settings.executor
         self.bus = bus
         self.names = settings.names
+        self.command_key = require_command_key(settings)
+        """Take-profit's signing secret: only a command signed with it is acted on (exit 2 without it)."""
         self.buffers = Buffers(config.close_price_buffer, config.max_close_price_buffer)
         self.clearing = kinds(config.cancel_open_orders, config.cancel_mass_quotes,
                               config.cancel_conditional_orders, config.cancel_bots)
         self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
         self.session = TradingSession(settings, bus, on_trades=lambda trades: self.market.on_trades(trades))
-        self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k))
+        self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k),
+                             ReferenceReader(bus, self.names.instruments, InstrumentInfo))
         self.seen: dict[str, None] = {}
         """Command ids this process has claimed, oldest first (no early `cancel_all` for a replay)."""
         self.consumer = bus.consumer(self.names.commands, GROUP, consumer_name, Command, self.handle,
@@ -102,8 +114,14 @@ class Executor:
 
     async def handle(self, batch: list[Delivery[Command]], pipe: Pipeline) -> None:
         """Execute each command; raising leaves it pending, to be resumed on redelivery — except on
-        its last delivery: a command that cannot be executed ends `failed`, never only as a dead letter."""
+        its last delivery: a command that cannot be executed ends `failed`, never only as a dead letter.
+        A command that is not take-profit's (`verify_command`) is refused before anything else."""
         for delivery in batch:
+            try:
+                verify_command(delivery.doc, self.command_key)
+            except ForgedCommand as exc:
+                await self._refuse(delivery, exc.reason, pipe)
+                continue
             try:
                 await self.execute(delivery.doc)
             except Exception as exc:
@@ -112,7 +130,32 @@ class Executor:
                     raise
                 log.exception("%s: delivery %d failed too; reporting it failed", delivery.doc.command_id,
                               delivery.deliveries)
-                await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}")
+                await self._give_up(delivery.doc, f"{type(exc).__name__}: {exc}", pipe)
+
+    async def _refuse(self, delivery: Delivery[Command], why: str, pipe: Pipeline) -> None:
+        """Refuse a command the executor cannot tie to take-profit, acked with the entry.
+
+        Nothing else happens: no lease, no progress (a forgery cannot make the real command with
+        the same id a `duplicate`), no request to the exchange. It is reported `failed` — unless its
+        id is one the executor already works or worked on: then the forgery copied a real
+        command's id, and a `failed` under it would tell take-profit its real closure failed; it is
+        dead-lettered with the reason instead.
+        """
+        command = delivery.doc
+        log.error("REFUSED %s: %s", command.command_id, why)
+        COMMANDS.labels("refused").inc()
+        if await self.store.known(command.command_id):
+            self.bus.queue_deadletter(pipe, self.names.commands, delivery.entry_id,
+                                      command.model_dump_json(), f"{why} (its id is a real command's: "
+                                      "no report, which take-profit would take for that command's)")
+            return
+        self._queue_failed(command, why, pipe)
+
+    def _queue_failed(self, command: Command, why: str, pipe: Pipeline) -> None:
+        """A `failed` report of a command that has no progress to carry it, in the handler's transaction."""
+        self.bus.queue_publish(pipe, self.names.reports, Report(
+            command_id=command.command_id, status=ReportStatus.FAILED, epoch=command.epoch,
+            fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
 
     async def execute(self, command: Command) -> None:
         first = await self._decision_wave(command)
@@ -182,13 +225,23 @@ class Executor:
             command_id=command.command_id, status=ReportStatus.DUPLICATE, epoch=command.epoch,
             fraction=command.fraction, ts=time.time()))
 
-    async def _give_up(self, command: Command, why: str) -> None:
-        """Report `failed` for a command whose handling keeps failing (the bus would dead-letter it next)."""
+    async def _give_up(self, command: Command, why: str, pipe: Pipeline) -> None:
+        """Report `failed` for a command whose handling keeps failing (the bus would dead-letter it next).
+
+        Through its progress when it can be claimed; when even that fails (its progress in Redis
+        unreadable), the report goes out with the entry's ack, without one.
+        """
         def fresh() -> tuple[Progress, list[Report]]:
             progress = Progress.start(command, time.time(), self.buffers.base, self.config.deadline_seconds)
             return progress, [progress.report(ReportStatus.RECEIVED, time.time())]
 
-        claim = await self.store.claim(command.command_id, fresh)
+        try:
+            claim = await self.store.claim(command.command_id, fresh)
+        except ValueError as exc:  # an unreadable progress (a ValidationError is a ValueError)
+            log.error("%s: cannot claim it either (%s); reporting it failed without its progress",
+                      command.command_id, exc)
+            self._queue_failed(command, f"the executor cannot handle it: {why}", pipe)
+            return
         if claim is None:
             return  # finished meanwhile: its outcome is out
         try:
@@ -315,7 +368,7 @@ class Executor:
         names = list(work.progress.legs)
         infos = await self.market.infos(names)
         quotes = {n: await self.market.quote(self._ask(work), n, with_book=False) for n in names}
-        reports = dry_run_orders(work.progress, quotes, infos, time.time())
+        reports = dry_run_orders(work.progress, quotes, infos, time.time(), self.config.max_index_deviation)
         work.reports.extend(reports)
         await self.store.commit(work)
         log.info("dry run of %s: would send %s", work.progress.command_id, reports[0].orders)
@@ -361,7 +414,7 @@ class Executor:
         if not remaining:
             return 0.0
         quotes = await self.market.quotes(self._ask(work), list(remaining), progress.groups, read)
-        orders = plan_wave(progress, remaining, positions, quotes, infos)
+        orders = plan_wave(progress, remaining, positions, quotes, infos, self.config.max_index_deviation)
         if not orders:
             return RETRY_PAUSE
         first = progress.first_order_ts is None

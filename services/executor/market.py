@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from thalex import Sort
 
 from services.common.contracts import HedgeGroup, InstrumentInfo, InstrumentType
+from services.common.reference import ReferenceReader
 from services.common.streams import Names
 from services.common.thalex import NO_CODE, ThalexError
 from services.common.thalex.models import (
@@ -67,11 +68,14 @@ def answers(model: type[M], method: str, data: Any) -> list[M]:
 class Market:
     """The executor's reads, with what is worth caching: instrument data and the fees of its trades."""
 
-    def __init__(self, redis: Redis, names: Names, request: Ask) -> None:
+    def __init__(self, redis: Redis, names: Names, request: Ask,
+                 reader: ReferenceReader[InstrumentInfo]) -> None:
         self.redis = redis
         self.names = names
         self.request = request
         """The session's request (not retried): instrument data is not a command's business."""
+        self.reader = reader
+        """Validates `tp:instruments` values one by one: a bad one is dead-lettered, the exchange asked."""
         self.instruments: dict[str, InstrumentInfo] = {}
         """Tick sizes and type per instrument, once read (they do not change while trading)."""
         self.fees: dict[str, float] = {}
@@ -81,14 +85,16 @@ class Market:
     async def infos(self, instruments: Sequence[str]) -> dict[str, InstrumentInfo]:
         """Instrument data from `tp:instruments` (ingest keeps it), else the exchange's `public/instrument`.
 
-        What is not cached yet costs one HMGET, plus one request per instrument the hash lacks.
+        What is not cached yet costs one HMGET, plus one request per instrument the hash lacks or
+        holds a bad value for (issue 21: a bad value written while running made every command fail
+        until it was dead-lettered as poison, with no report; now it is dead-lettered once, by the
+        reader, and the exchange's own figures are used). An instrument the exchange does not know
+        either is a `ThalexError`: the command fails with a report naming it.
         """
         missing = [name for name in dict.fromkeys(instruments) if name not in self.instruments]
         if missing:
             raws = await self.redis.hmget(self.names.instruments, missing)
-            for name, raw in zip(missing, raws, strict=True):
-                if raw is not None:
-                    self.instruments[name] = InstrumentInfo.model_validate_json(raw)
+            self.instruments.update(await self.reader.documents(dict(zip(missing, raws, strict=True))))
             unknown = [name for name in missing if name not in self.instruments]
             wires = await asyncio.gather(*(self.request("instrument", name) for name in unknown))
             for name, wire in zip(unknown, wires, strict=True):
@@ -103,7 +109,7 @@ class Market:
             ticker, book = await ask("ticker", instrument), None
         t = answer(ThalexTicker, "ticker", ticker)
         quote = Quote(mark=t.mark_price, best_bid=t.best_bid_price, best_ask=t.best_ask_price,
-                      delta=1.0 if t.delta is None else t.delta)
+                      delta=1.0 if t.delta is None else t.delta, index=t.index)
         if book is not None:
             levels = answer(ThalexBook, "book", book)
             quote.bids, quote.asks = levels.bids, levels.asks

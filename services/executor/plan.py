@@ -30,6 +30,7 @@ from services.common.contracts import (
     ExchangeError,
     HedgeGroup,
     InstrumentInfo,
+    InstrumentType,
     PlannedOrder,
     Report,
     ReportStatus,
@@ -128,6 +129,30 @@ def close_price(side: Side, reference: float, buffer: float, tick: float) -> flo
     if side is Side.SELL:
         return max(tick, round_to_tick(_dec(reference) * (1 - _dec(buffer)), tick, up=True))
     return max(tick, round_to_tick(_dec(reference) * (1 + _dec(buffer)), tick, up=False))
+
+
+MAX_INDEX_DEVIATION = 0.1
+"""Default of `[executor] max_index_deviation`: how far from its index a perpetual's or future's close
+may be priced (10 %: wider than any basis or the widest buffer, far narrower than a glitch)."""
+INDEX_BOUNDED = frozenset({InstrumentType.PERPETUAL, InstrumentType.FUTURE})
+"""Instruments priced like their underlying: the index is a sane reference for them (not for options)."""
+
+
+def index_bound(side: Side, price: float, index: float | None, max_deviation: float, tick: float) -> float:
+    """The close price kept within `max_deviation` of the index (issue 21, item 5).
+
+    A sell is never priced below `index × (1 − max_deviation)` (rounded up to the tick), a buy never
+    above `index × (1 + max_deviation)` (rounded down, at least one tick): a mark or a book gone wild
+    (the paper's mark pinned at 0.5 for BTC at 100,000) cannot make the executor sell at 1 USD. An
+    IOC priced at the bound finds no liquidity and the leg ends `failed` at the deadline, which
+    says the guardian could not close — the truth — rather than closing at any price. No index
+    (`None`, or not positive): the price is left as it is.
+    """
+    if index is None or index <= 0:
+        return price
+    if side is Side.SELL:
+        return max(price, round_to_tick(_dec(index) * (1 - _dec(max_deviation)), tick, up=True))
+    return min(price, max(tick, round_to_tick(_dec(index) * (1 + _dec(max_deviation)), tick, up=False)))
 
 
 def decision_order(listed: float, exit_price: float, buffer: float,

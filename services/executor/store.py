@@ -126,6 +126,10 @@ class Store:
         raw = await self.redis.get(self._progress_key(command_id))
         return None if raw is None else Progress.model_validate_json(raw)
 
+    async def known(self, command_id: str) -> bool:
+        """Whether the command has a progress here (worked on now or before), whatever its state."""
+        return await self.redis.get(self._progress_key(command_id)) is not None
+
     async def acquire(self, command_id: str) -> str | None:
         """Wait for the lease; None when the command is finished meanwhile (a duplicate)."""
         claimed = await self.claim(command_id)

@@ -29,6 +29,8 @@ from services.common.contracts import (
     Side,
 )
 from services.executor.plan import (
+    INDEX_BOUNDED,
+    MAX_INDEX_DEVIATION,
     REDUCE_ONLY_REJECTED,
     HedgeLeg,
     LegState,
@@ -40,6 +42,7 @@ from services.executor.plan import (
     decision_order,
     group_legs,
     hedge_wave,
+    index_bound,
     lead_first,
     order_amount,
     reference_price,
@@ -68,6 +71,8 @@ class Quote:
     """Per unit of the instrument: 1 for perpetuals and futures, the ticker's for an option."""
     bids: list[list[float]] | None = None
     asks: list[list[float]] | None = None
+    index: float | None = None
+    """The underlying's index as the ticker gave it (the bound of a perpetual's or future's close)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +174,18 @@ def sort_legs(progress: Progress, positions: Mapping[str, float], infos: Mapping
     return remaining, reports
 
 
+def wave_price(side: Side, quote: Quote, info: InstrumentInfo, buffer: float, max_deviation: float) -> float:
+    """A leg's limit: `buffer` through the best opposite price (mark if that side is empty), and for a
+    perpetual or future never beyond `max_deviation` of the index (`plan.index_bound`)."""
+    price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark), buffer,
+                        info.tick_size)
+    index = quote.index if info.type in INDEX_BOUNDED else None
+    return index_bound(side, price, index, max_deviation, info.tick_size)
+
+
 def plan_wave(progress: Progress, remaining: Mapping[str, float], positions: Mapping[str, float],
-              quotes: Mapping[str, Quote], infos: Mapping[str, InstrumentInfo]) -> list[Order]:
+              quotes: Mapping[str, Quote], infos: Mapping[str, InstrumentInfo],
+              max_deviation: float = MAX_INDEX_DEVIATION) -> list[Order]:
     """Size (hedge-aware) and price this wave's orders, the lead side of each underlying first.
 
     `quotes` must hold every leg of `remaining`, with the book for the legs `hedged` names.
@@ -190,8 +205,7 @@ def plan_wave(progress: Progress, remaining: Mapping[str, float], positions: Map
         for name in members:
             leg, quote, info = progress.legs[name], quotes[name], infos[name]
             side = close_side(remaining[name])
-            price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
-                                leg.buffer, info.tick_size)
+            price = wave_price(side, quote, info, leg.buffer, max_deviation)
             prices[name] = (side, price)
             fillable = None
             if several:
@@ -231,8 +245,8 @@ def _order_sent(progress: Progress, order: Order, now: float) -> Report:
         orders=[progress.planned(order.instrument, order.side, order.amount, order.price)])
 
 
-def dry_run_orders(progress: Progress, quotes: Mapping[str, Quote],
-                   infos: Mapping[str, InstrumentInfo], now: float) -> list[Report]:
+def dry_run_orders(progress: Progress, quotes: Mapping[str, Quote], infos: Mapping[str, InstrumentInfo],
+                   now: float, max_deviation: float = MAX_INDEX_DEVIATION) -> list[Report]:
     """Price every listed position as a first wave would; the `dry_run` outcome listing those orders."""
     orders: list[PlannedOrder] = []
     for leg in progress.legs.values():
@@ -240,8 +254,7 @@ def dry_run_orders(progress: Progress, quotes: Mapping[str, Quote],
         side = close_side(leg.listed)
         amount = order_amount(leg.listed, leg.listed, info)
         if amount > 0:
-            price = close_price(side, reference_price(side, quote.best_bid, quote.best_ask, quote.mark),
-                                leg.buffer, info.tick_size)
+            price = wave_price(side, quote, info, leg.buffer, max_deviation)
             orders.append(progress.planned(leg.instrument, side, amount, price))
     progress.to(Stage.DRY_RUN)
     return [progress.report(ReportStatus.DRY_RUN, now, orders=orders)]

@@ -54,6 +54,7 @@ from services.common.thalex import Connection, ConnectionLost, Session, ThalexEr
 from services.common.thalex.connection import SYSTEM
 from services.common.thalex.models import MalformedMessage, UnbookableTrade
 from services.ingest.follow import Feed, Follow
+from services.ingest.freshness import stale_prices
 from services.ingest.translate import (
     Book,
     as_list,
@@ -278,7 +279,10 @@ class Ingest:
         self.halt_watch = HaltWatch()
         self.session: Session | None = None
         self._counters: dict[str, Any] = {}
+        self.subscribed_at: dict[str, float] = {}
+        """Channel → when it was last subscribed (how long a position's ticker has been silent)."""
         health.add("exchange", self._exchange_healthy)
+        health.add("prices", self.prices_fresh)
 
     # Life
 
@@ -316,6 +320,17 @@ class Ingest:
 
     async def _exchange_healthy(self) -> bool | str:
         return self.session.health() if self.session is not None else "not started"
+
+    def prices_fresh(self) -> bool | str:
+        """Every open position's latest tick is at most `[portfolio] stale_after_seconds` old by the
+        exchange's clock (`freshness.stale_prices`): a slowed or starved feed is red with the reason."""
+        since = {instrument: self.subscribed_at[channel]
+                 for channel, (feed, instrument) in self.channels.items()
+                 if feed is Feed.TICKER and channel in self.subscribed_at}
+        held = [p.instrument for p in self.portfolio.values() if p.position != 0]
+        problems = stale_prices(held, self.last_tick, since, time.time(),
+                                self.settings.portfolio.stale_after_seconds)
+        return "prices stale: " + "; ".join(problems) if problems else True
 
     def on_disconnected(self, reason: str) -> None:
         RECONNECTS.inc()
@@ -631,6 +646,7 @@ class Ingest:
         """
         for channel in channels:
             self.channels[channel] = wanted[channel]
+            self.subscribed_at[channel] = time.time()
             if wanted[channel][0] is Feed.BOOK:
                 self.books[wanted[channel][1]] = Book()
         try:

@@ -206,6 +206,9 @@ def test_operator_sends_controls_and_reads_the_state(server: AclRedis) -> None:
     operator.xrange(TP.control_answers, min="(0-0", max="+", count=100)  # waiting for take-profit's answer
     operator.hgetall(TP.halt)
     operator.hgetall(TP.halt_acks)
+    for service in ("ingest", "portfolio", "takeprofit", "executor"):  # status: GUARDING or not
+        operator.get(TP.key(f"{service}:health"))
+        refused(operator.set, TP.key(f"{service}:health"), "{}")
     operator.xinfo_groups(TP.fills)
     for stream in (TP.commands, TP.reports, TP.fills, TP.snapshots, TP.control_answers):
         refused(operator.xadd, stream, DOC)

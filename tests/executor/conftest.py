@@ -21,6 +21,7 @@ from services.common.bus import Bus, entry_fields
 from services.common.config import Settings
 from services.common.contracts import CloseReason, Command, HedgeGroup, PositionToClose, Report, ReportStatus
 from services.common.service import Health
+from services.common.signing import sign_command
 from services.common.streams import Names
 from services.executor.app import build
 from services.paper.keys import KeyFiles
@@ -36,6 +37,19 @@ CLEARED = [ReportStatus.ORDERS_CANCELLED, ReportStatus.MASS_QUOTES_CANCELLED,
            ReportStatus.CONDITIONAL_ORDERS_CANCELLED, ReportStatus.BOTS_CANCELLED]
 """A first clearing round's reports, in order (every kind on: the default)."""
 OUTCOMES = {ReportStatus.COMPLETED, ReportStatus.FAILED, ReportStatus.DUPLICATE, ReportStatus.DRY_RUN}
+COMMAND_KEY = b"executor-tests-command-key-0123456789abcdef"
+"""Take-profit's signing secret in these tests: `send` signs with it, the executor verifies with it."""
+
+
+@pytest.fixture(autouse=True)
+def command_key_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`[commands] signing_key_file` through the environment (the executor requires it, issue 21):
+    in-process settings and executor processes started by a test both read it."""
+    path: Path = tmp_path_factory.mktemp("command-key") / "command_key.txt"
+    path.write_bytes(COMMAND_KEY + b"\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("TP_COMMANDS__SIGNING_KEY_FILE", str(path))
+    return path
 
 
 @pytest.fixture
@@ -124,7 +138,8 @@ def make_command(positions: dict[str, float], *, fraction: float = 1.0, deadline
 
 
 async def send(redis: Redis, names: Names, command: Command) -> None:
-    await redis.xadd(names.commands, entry_fields(command))
+    """Publish the command as take-profit does: signed with the command key."""
+    await redis.xadd(names.commands, entry_fields(sign_command(command, COMMAND_KEY)))
 
 
 async def reports(redis: Redis, names: Names, command_id: str | None = None) -> list[Report]:

@@ -14,11 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.common.contracts import DeadLetter, ReportStatus
 from services.common.streams import Names
+from services.common.thalex import LoginRejected
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle, make_keys
 from tests.executor.conftest import (
@@ -153,3 +155,17 @@ async def test_the_reconnect_notice_moves_to_a_new_session_at_once(
         await send(redis, names, command)
         got = await wait_outcome(redis, names, command.command_id)
     assert got[-1].status is ReportStatus.COMPLETED and account_positions(paper)[PERP] == 0
+
+
+async def test_after_a_refused_login_the_executor_never_looks_connected(
+        paper: PaperHandle, redis_url: str, names: Names, tmp_path: Path) -> None:
+    """The probe saw /health 200 and `tp_executor_exchange_connected 1` after the refusal (the
+    websocket stays open); now the gauge is 0, the check says why, and the run ends with the refusal."""
+    stranger = make_keys(tmp_path / "elsewhere", "not-registered")
+    async with running_executor(make_settings(redis_url, names, paper, stranger)) as running:
+        with pytest.raises(LoginRejected):
+            async with asyncio.timeout(10):
+                await running.task
+        health = await running.executor.session.health()
+        assert connected_gauge() == 0
+        assert health is not True and "login refused" in str(health) and "error 19" in str(health), health

@@ -107,3 +107,25 @@ async def test_a_wrong_private_key_is_refused_not_retried(
     ):
         async with running_ingest(settings):
             pass
+
+
+async def test_a_missing_key_file_exits_2_every_time_and_sigterm_always_stops_it(
+    paper: PaperHandle, redis_url: str, names: Names, keys: dict[str, KeyFiles], tmp_path: Path
+) -> None:
+    """The probe saw ingest with a missing key file hang and ignore SIGTERM twice in ~30 runs."""
+    missing = tmp_path / "gone.pem"
+    settings = ingest_settings(paper.url, redis_url, names, keys["watcher"])
+    settings = settings.model_copy(update={"thalex": settings.thalex.model_copy(
+        update={"private_key_file": missing})})
+    config = write_config(tmp_path / "ingest.toml", settings)
+    for _ in range(4):
+        process = await start_ingest(config)
+        _, stderr = await asyncio.wait_for(process.communicate(), 15)
+        assert process.returncode == 2, stderr.decode()
+        assert "thalex.private_key_file" in stderr.decode() and str(missing) in stderr.decode()
+    for delay in (0.05, 0.3, 0.8):  # SIGTERM at start-up, wherever it lands
+        process = await start_ingest(config)
+        await asyncio.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 10)  # ended: by the signal, or exit 2 first
+        assert process.returncode in (0, 2, -signal.SIGTERM), process.returncode

@@ -14,7 +14,7 @@ from services.common.config import Settings
 from services.common.contracts import Snapshot, SnapshotPosition
 from services.common.redis_server import RedisServer, bundled_redis_server
 from services.common.streams import Names
-from services.operator import LAG_COUNT_LIMIT, _lags, format_status
+from services.operator import EXIT_NOT_GUARDING, LAG_COUNT_LIMIT, _lags, format_status
 from tests.support import settings_for, write_config
 
 
@@ -25,7 +25,7 @@ def test_status_shows_an_unreadable_halt_instead_of_crashing(
     try:
         client.hset(names.halt, mapping={"reason": "take_profit", "since": "yesterday", "v": "x"})
         config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
-        assert main(["status", "--config", str(config)]) == 0
+        assert main(["status", "--config", str(config)]) == EXIT_NOT_GUARDING  # no service runs here
         out = capsys.readouterr().out
         assert "halt: UNREADABLE" in out and names.halt in out and "yesterday" in out
     finally:
@@ -146,7 +146,7 @@ def test_status_and_history_name_who_broke_the_halt(
                     kind=kind, halt_reason=halt.reason, halt_since=halt.since, halt_command_id="cmd-b",
                     label=label, **extra))))
         config = write_config(tmp_path / "tp.toml", settings_for(redis_url, names))
-        assert main(["status", "--config", str(config)]) == 0
+        assert main(["status", "--config", str(config)]) == EXIT_NOT_GUARDING  # no service runs here
         out = capsys.readouterr().out
         assert "BROKEN: 2 order(s)/bot(s)/trade(s)" in out and "1 bot, 1 order" in out
         assert "label rogue-mm, client_order_id 77" in out and "bot B1, strategy grid" in out
