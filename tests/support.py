@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -140,3 +141,20 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def read_output_until(process: subprocess.Popen[bytes], text: str, within: float = 30.0) -> str:
+    """What `process` wrote (stdout) until a line holds `text`, or `within` seconds passed.
+
+    For a service that goes on running: a fixed sleep is too short on a loaded machine, where
+    importing the service alone can take seconds."""
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and not any(text in line for line in lines):
+        if select.select([process.stdout], [], [], 0.5)[0]:
+            line = process.stdout.readline().decode()
+            if not line:
+                break
+            lines.append(line)
+    return "".join(lines)

@@ -363,6 +363,8 @@ ticker_delay = "raw"
                     break
                 await asyncio.sleep(1.0)
                 await control.call("paper/move_index", {"underlying": "BTCUSD", "pct": step})
+            if not await redis.exists(names.halt):
+                continue  # no closure came (the fill left the quoter flat): its quotes still rest
             quiet_since = time.time()  # halted now: any insert from here on comes after the halt lifts
             while True:  # until the halt lifts (or the demo stops)
                 if self.stop.is_set() or not await redis.exists(names.halt):

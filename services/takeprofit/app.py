@@ -233,8 +233,15 @@ class TakeProfitService:
             log.warning("%s by %s refused: %s", control.action.value, control.by, answer.detail)
 
     async def on_reports(self, batch: list[Delivery[Report]], pipe: Pipeline) -> None:
-        """A closure's `completed` / `failed` releases it; the reports on the way change nothing."""
-        if not any(d.doc.status in (ReportStatus.COMPLETED, ReportStatus.FAILED) for d in batch):
+        """A closure's `completed` / `failed` releases it; a halt violation while the breaker is open
+        calls for another cancel-only command; the other reports on the way change nothing."""
+        violations = sum(1 for d in batch if d.doc.status is ReportStatus.HALT_VIOLATION)
+        if violations and self.engine.breaker.is_open:
+            for _ in range(violations):
+                self.engine.breaker.violation_seen()
+            log.info("circuit breaker open: %d halt violation(s) seen; orders and quotes will be "
+                     "cancelled again", violations)
+        elif not any(d.doc.status in (ReportStatus.COMPLETED, ReportStatus.FAILED) for d in batch):
             return
         now = time.time()
         for delivery in batch:

@@ -41,6 +41,9 @@ class BreakerState(BaseModel):
     last_cancel_ts: float | None = None
     last_cancel_positions: dict[str, float] = Field(default_factory=dict)
     """The open positions when the last cancel-only command was decided: a change means a rebuild."""
+    violations_since_cancel: int = 0
+    """Halt violations ingest reported since the last cancel-only command: orders, quotes or bots
+    that rebuild nothing yet (resting, unfilled) but will; they call for a cancel as a rebuild does."""
 
 
 class CircuitBreaker:
@@ -82,19 +85,27 @@ class CircuitBreaker:
 
     def cancel_due(self, positions: dict[str, float], now: float, min_interval: float) -> bool:
         """While open: a cancel-only command is due when the open positions changed since the last
-        one (something rebuilt them), at most once per `min_interval` seconds."""
+        one (something rebuilt them) or a halt violation was seen (something will), at most once
+        per `min_interval` seconds."""
         if not self.is_open:
             return False
         last = self.state.last_cancel_ts
         if last is not None and now - last < min_interval:
             return False
-        return last is None or positions != self.state.last_cancel_positions
+        return (last is None or positions != self.state.last_cancel_positions
+                or self.state.violations_since_cancel > 0)
+
+    def violation_seen(self) -> None:
+        """Ingest saw an order, quote, bot or trade that is not the guardian's during the halt."""
+        if self.is_open:
+            self.state.violations_since_cancel += 1
 
     def cancelled(self, positions: dict[str, float], now: float) -> None:
         """A cancel-only command was decided with these open positions."""
         self.state.last_cancel_ts = now
         self.state.last_cancel_positions = dict(positions)
         self.state.cancels_while_open += 1
+        self.state.violations_since_cancel = 0
 
     def close(self) -> bool:
         """The operator's `resume`: closed, repeats forgotten. True if it was open."""

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from services.common.redact import RedactingFormatter, redact
 from services.common.redis_server import free_port
 from services.paper.keys import generate_key
+from tests.support import read_output_until
 
 CASES = [
     ("redis://user:hunter2@redis:6379/0", "redis://user:***@redis:6379/0"),
@@ -78,20 +77,10 @@ def test_a_service_log_never_shows_the_redis_password(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "services.portfolio", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**env, "TP_LOG_LEVEL": "DEBUG"})
-    # the service retries Redis for ever: read its log until it says so (a loaded machine may take
-    # several seconds to import the service), then stop it and read the rest
-    lines: list[str] = []
-    assert process.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any("Redis not reachable" in line for line in lines):
-        if select.select([process.stdout], [], [], 0.5)[0]:
-            line = process.stdout.readline().decode()
-            if not line:
-                break
-            lines.append(line)
+    early = read_output_until(process, "Redis not reachable")  # it retries Redis for ever
     process.terminate()
     out, _ = process.communicate(timeout=10)
-    text = "".join(lines) + out.decode()
+    text = early + out.decode()
     assert "Redis not reachable" in text, text
     assert "hunter2" not in text
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from services.common.redis_server import free_port
-from tests.support import REPO
+from tests.support import REPO, read_output_until
 
 
 def test_a_service_stopped_before_redis_answered_never_logs_started(tmp_path: Path) -> None:
@@ -17,10 +16,11 @@ def test_a_service_stopped_before_redis_answered_never_logs_started(tmp_path: Pa
     config.write_text(f'[redis]\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
     process = subprocess.Popen([sys.executable, "-m", "services.portfolio", "--config", str(config),
                                 "--metrics-port", "0"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    time.sleep(2.0)
+                               stderr=subprocess.STDOUT)
+    early = read_output_until(process, "Redis not reachable")  # it waits for Redis: told to stop meanwhile
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=20)
+    rest, _ = process.communicate(timeout=20)
+    output = early + rest.decode()
     assert "Redis not reachable" in output
     assert "portfolio started" not in output
     assert "stopped before Redis ever answered: it never started" in output

@@ -50,6 +50,23 @@ def test_cancel_again_only_when_the_positions_changed_and_not_too_often() -> Non
     assert not CircuitBreaker(1, 600.0).cancel_due(held, NOW, 5.0)  # closed: never
 
 
+def test_a_halt_violation_calls_for_a_cancel_though_nothing_was_rebuilt_yet() -> None:
+    """A rogue's quotes resting unfilled change no position; ingest's violation report still
+    brings the next cancel-only command (not more often than the interval), and only while open."""
+    breaker = CircuitBreaker(1, 600.0, BreakerState(opened_ts=NOW))
+    held = {"BTC-PERPETUAL": 0.0}
+    breaker.cancelled(held, NOW)
+    assert not breaker.cancel_due(held, NOW + 60, 5.0)
+    breaker.violation_seen()
+    assert not breaker.cancel_due(held, NOW + 3, 5.0)  # 3 s < 5 s
+    assert breaker.cancel_due(held, NOW + 60, 5.0)
+    breaker.cancelled(held, NOW + 60)  # the cancel answers the violation
+    assert not breaker.cancel_due(held, NOW + 120, 5.0)
+    closed = CircuitBreaker(1, 600.0)
+    closed.violation_seen()  # a violation with the breaker closed is not the breaker's business
+    assert closed.state.violations_since_cancel == 0 and not closed.cancel_due(held, NOW, 5.0)
+
+
 def test_close_forgets_everything() -> None:
     breaker = CircuitBreaker(1, 600.0, BreakerState(repeats=[NOW], opened_ts=NOW, repeats_when_opened=1))
     assert breaker.close() is True and not breaker.is_open and breaker.state == BreakerState()
