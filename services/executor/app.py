@@ -24,7 +24,6 @@ from services.common.contracts import (
     Command,
     ExchangeError,
     InstrumentInfo,
-    RemovalKind,
     Report,
     ReportStatus,
 )
@@ -32,18 +31,18 @@ from services.common.reference import ReferenceReader
 from services.common.service import Health, Runnable, service_main
 from services.common.signing import ForgedCommand, require_command_key, verify_command
 from services.common.thalex import NO_CODE, ConnectionLost, LoginRejected, ThalexError
-from services.executor.clearing import Answer, cancel_refused, clearing_reports, kinds, round_requests
+from services.executor.clearing import kinds
 from services.executor.exchange import TradingSession
 from services.executor.market import Ask, Market, WaveReads, settle_quietly
 from services.executor.metrics import (
     COMMANDS,
     ORDERS_FILLED,
-    REMOVED,
     RETRIES,
     TIME_TO_FIRST_ORDER,
     TIME_TO_FLAT,
 )
 from services.executor.plan import TEMPORARY_FAILURE, Progress, Stage
+from services.executor.rounds import ClearingRounds
 from services.executor.settle import (
     RETRY_PAUSE,
     Outcome,
@@ -88,8 +87,8 @@ class Executor:
         self.command_key = require_command_key(settings)
         """Take-profit's signing secret: only a command signed with it is acted on (exit 2 without it)."""
         self.buffers = Buffers(config.close_price_buffer, config.max_close_price_buffer)
-        self.clearing = kinds(config.cancel_open_orders, config.cancel_mass_quotes,
-                              config.cancel_conditional_orders, config.cancel_bots)
+        self.clearing = ClearingRounds(kinds(config.cancel_open_orders, config.cancel_mass_quotes,
+                                             config.cancel_conditional_orders, config.cancel_bots))
         self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
         self.session = TradingSession(settings, bus, on_trades=lambda trades: self.market.on_trades(trades))
         self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k),
@@ -175,7 +174,7 @@ class Executor:
             if first is not None and self.clearing:
                 # sent with the claim, not after it; only for a fresh command not seen before, so a
                 # replay (which the claim turns into a `duplicate`) cancels nothing
-                early_cancel = asyncio.create_task(self._clearing_round(self.session.request))
+                early_cancel = asyncio.create_task(self.clearing.send(self.session.request))
                 await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
             claim = await self.store.claim(command.command_id, fresh)  # lease + progress + `received`
         except BaseException:
@@ -285,7 +284,7 @@ class Executor:
         portfolio only after it, so `position_before` cannot move under it; a first wave priced from
         the command reads nothing). No order before the round is answered."""
         progress = work.progress
-        clear = asyncio.create_task(self._first_clearing(work, early_cancel)) \
+        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early_cancel)) \
             if self.clearing else None  # created first: sent first
         reads = None
         if not resumed and first is None:
@@ -301,53 +300,6 @@ class Executor:
             progress.to(Stage.ORDERS_CANCELLED)
         progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the round
         return reads
-
-    async def _clearing_round(self, ask: Ask) -> list[Answer]:
-        """Every request of one clearing round, sent back to back in order; each one's answer."""
-        async def one(method: str) -> Answer:
-            try:
-                return Answer(await ask(method))
-            except ThalexError as exc:
-                return Answer(error=ExchangeError(code=exc.code, message=exc.message))
-            except ConnectionLost:
-                return Answer(answered=False)
-
-        return list(await asyncio.gather(*(one(method) for _, method in round_requests(self.clearing))))
-
-    async def _first_clearing(self, work: Work, early: asyncio.Task[list[Answer]] | None) -> None:
-        """The round sent with the claim, else (or for what of it failed) a retried one; its reports.
-
-        A refused `cancel_all` still fails the command (as it always did); a refused removal of
-        another kind is reported with its error and the closure goes on.
-        """
-        answers = await early if early is not None else None
-        if answers is None or cancel_refused(self.clearing, answers):
-            if answers is not None:
-                log.warning("the clearing round sent with the claim failed in part (%s); retrying",
-                            ", ".join(cancel_refused(self.clearing, answers)))
-            answers = await self._clearing_round(self._ask(work))
-        orders = cancel_refused(self.clearing, answers).get(RemovalKind.ORDERS)
-        if orders is not None and orders.error is not None:
-            raise ThalexError("cancel_all", orders.error.code, orders.error.message)
-        if orders is not None:
-            raise ConnectionLost("cancel_all: no answer before the deadline")
-        await self._report_clearing(work, answers)
-
-    async def _clear_again(self, work: Work) -> None:
-        """Before a later wave: what came back since the last round (a quoter, a bot) is removed again."""
-        await self._report_clearing(work, await self._clearing_round(self._ask(work)))
-
-    async def _report_clearing(self, work: Work, answers: list[Answer]) -> None:
-        work.clearing_rounds += 1
-        reports = clearing_reports(work.progress, self.clearing, answers, work.clearing_rounds, time.time())
-        for report in reports:
-            if report.removed is not None and (report.removed.count or report.error is not None):
-                log.info("%s: %s removed %s (%s)%s", work.progress.command_id, report.removed.kind,
-                         report.removed.count, ", ".join(report.removed.labels or []) or "no labels",
-                         f"; refused: {report.error.message}" if report.error else "")
-            if report.removed is not None:
-                REMOVED.labels(report.removed.kind.value).inc(report.removed.count or 0)
-        work.reports.extend(reports)
 
     async def _send_decision_wave(self, work: Work, wave: list[Order]) -> None:
         """Send the first wave planned at the claim (its `order_sent` is in Redis already)."""
@@ -407,7 +359,7 @@ class Executor:
         """Send one round of closing orders; returns how long to pause before the next."""
         progress = work.progress
         if self.clearing and progress.first_order_ts is not None:
-            await self._clear_again(work)
+            await self.clearing.again(work, self._ask(work))
         infos = await self.market.infos([leg.instrument for leg in progress.open_legs()])
         remaining, dust = sort_legs(progress, positions, infos, time.time())
         work.reports.extend(dust)
