@@ -38,6 +38,7 @@ from services.common.contracts import (
     halt_from_hash,
 )
 from services.common.service import read_secret
+from services.common.snapshots import view_from
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -338,10 +339,20 @@ def _acks(client: redis.Redis, settings: Settings) -> dict[str, HaltAck]:
     return acks
 
 
+def _snapshot(client: redis.Redis, settings: Settings) -> Snapshot | None:
+    """The newest snapshot with every position: a v2 one carries only the changed rows, so the rows
+    come from the portfolio's hash, read in the same transaction (`services.common.snapshots`)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(settings.names.snapshot_positions)
+        pipe.xrevrange(settings.names.snapshots, count=1)
+        rows, latest = pipe.execute()
+    view, header = view_from(rows, latest)
+    return None if header is None else view.full_snapshot(header)
+
+
 def status_main(argv: list[str]) -> int:
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
-        snapshots = _latest(client, settings.names.snapshots, Snapshot)
-        print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
+        print(format_status(_snapshot(client, settings), _halt_or_why_not(client, settings),
                             _acks(client, settings), _lags(client, settings), settings, time.time()))
         return 0
 
