@@ -9,8 +9,11 @@ perpetuals, futures and options (extra BTC options added to the paper: `tests/e2
 ticks flow on all of them at >= 2,000 ticker messages a second throughout (`TickLoad`: the paper
 re-sends every followed ticker and book, prices unchanged; on a small book, bursts of BTC-PERPETUAL
 tickers make up the rate). Every closure closes all N, so each trial first re-opens what the last
-one closed. The BTC-PERPETUAL position is sized so that the +250 move crosses `min_profit_usd`
-whatever the closing costs of the other N - 1 positions are (the emergency stop is out of reach).
+one closed. The other N - 1 positions cost tens to hundreds of dollars to close, out of reach of a
+profit target (it must be > 0), so the barrier crossed is the emergency stop, on the same decision
+path: `emergency_close_threshold` is set 1.25 USD below what net_after_close is before the move
+(written to the config, take-profit restarted, whenever the level drifts out of that window), and
+the move is -250 on the same 0.01 BTC-PERPETUAL (about -2.5 USD).
 The sizes run in one pipeline, smallest first, and print one after another so the growth shows.
 `--timeline` prints, per size, where the time goes: each stage's time after the move was sent
 (median and p90), from the stamps and stream entry ids of the documents the move produced.
@@ -42,9 +45,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -70,16 +75,13 @@ OVERRIDES = {
 }
 MANY_OVERRIDES = {
     "portfolio_take_profit": {"cooldown_seconds": 0.2, "min_profit_usd": 1.1, "partial_close_fraction": 0.0,
-                              "emergency_close_threshold": -1e9, "close_before_expiry_minutes": 0.0},
+                              "emergency_close_threshold": -1e6, "close_before_expiry_minutes": 0.0},
     "executor": {"deadline_seconds": 120.0, "order_rate_per_second": 50.0},
     "portfolio": {"stale_after_seconds": 3600.0},
 }
 TICKS_PER_SECOND = 2_000
-PERP_COST_PER_BTC = 130.0
-"""What holding 1 BTC-PERPETUAL costs net_after_close at the pinned mark (fees paid and to pay, slippage):
-0.01 costs about 1.06 USD; taken high, so the move always crosses."""
 MARGIN_USD = 0.4
-"""The move must lift net_after_close at least this far above `min_profit_usd`."""
+"""The barrier stays at least this far from net_after_close before and after the move."""
 TIMELINE = (
     ("ingest has the tick", "tl_ingest"),
     ("tick in Redis (entry id, 1 ms)", "tl_tick_redis"),
@@ -151,11 +153,13 @@ async def last_id(pipeline: Pipeline, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
-async def crossing_tick(pipeline: Pipeline, since: float, sent: float) -> tuple[int, dict[str, Any]]:
+async def crossing_tick(pipeline: Pipeline, since: float, sent: float,
+                        move: float = CROSS) -> tuple[int, dict[str, Any]]:
     """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time
     (id, ms)."""
     for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
-        if doc and doc.get("instrument") == PERP and doc.get("bids") and doc["bids"][0][0] > P0 + CROSS / 2 \
+        if doc and doc.get("instrument") == PERP and doc.get("bids") \
+                and (doc["bids"][0][0] - P0 - move / 2) * move > 0 \
                 and doc["ingest_ts"] >= sent:
             return int(entry_id.split("-")[0]), doc
     raise RuntimeError("crossing tick not found on tp:ticks")
@@ -173,40 +177,41 @@ async def header(pipeline: Pipeline) -> tuple[dict[str, Any] | None, float]:
     return doc, (json.loads(row)["position"] if row else 0.0)
 
 
-async def one_trial(pipeline: Pipeline, n: int, positions: int = 1) -> dict[str, float]:
+async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict[str, float]:
+    """One reaction: to a take-profit crossing, or with `many` positions to an emergency-stop one."""
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
-    amount = AMOUNT
+    positions = many or 1
     if positions > 1:  # re-open what the last closure closed (the first time: open them)
         await open_positions(pipeline, positions, first=1, wait=False)
-
-        positions = 1 + await wait_open(pipeline, (positions - 1) * 9 // 10)  # what the exchange holds
-        others, _ = await header(pipeline)
-        assert others is not None
-        amount = max(AMOUNT, math.ceil((1.1 + 2 * MARGIN_USD - others["net_after_close"])
-                                       / (CROSS * 0.99 - PERP_COST_PER_BTC) * 100) / 100)
+        positions = 1 + await wait_open(pipeline, (positions - 1) // 2)  # what the exchange holds
+    seen: list[Any] = []
 
     async def ready() -> bool:
         snap, held = await header(pipeline)
-        if snap is None or await pipeline.halted():
-            return False
-        return abs(held - amount) < 1e-9 and snap["open_positions"] == positions \
-            and snap["net_after_close"] < OVERRIDES["portfolio_take_profit"]["min_profit_usd"] - MARGIN_USD
+        halted = await pipeline.halted()
+        seen[:] = [held, snap and snap["open_positions"], positions, snap and snap["net_after_close"], halted]
+        return snap is not None and not halted and abs(held - AMOUNT) < 1e-9 \
+            and snap["open_positions"] == positions
 
     await pipeline.control(
         "paper/trade",
-        {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy", "amount": amount, "price": P0},
+        {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy", "amount": AMOUNT, "price": P0},
     )
-    await eventually(ready, within=120, interval=0.05)
-    snap, _ = await header(pipeline)
-    assert snap is not None
-    if snap["net_after_close"] + CROSS * amount * 0.99 < 1.1 + MARGIN_USD:
-        raise RuntimeError(f"trial {n}: net after close {snap['net_after_close']:.2f} with {amount} "
-                           "BTC-PERPETUAL: the move would not cross the target (raise PERP_COST_PER_BTC)")
+    try:
+        await eventually(ready, within=120, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"trial {n} not ready: perpetual held, open positions shown / wanted, "
+                             f"net after close, halted: {seen}") from None
+    before = seen[3]
+    move = CROSS if many is None else -CROSS
+    if many is not None and not before - CROSS * AMOUNT * 0.99 + MARGIN_USD < target(pipeline) \
+            < before - MARGIN_USD:
+        await set_target(pipeline, round(before - 1.25, 2))
     commands_from, reports_from = await last_id(pipeline, pipeline.names.commands), \
         await last_id(pipeline, pipeline.names.reports)
     await asyncio.sleep(0.05)
     t0 = time.time()
-    await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + CROSS})
+    await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + move})
     # Silent while the guardian reacts: polling Redis here would compete with it for the two cores.
     await asyncio.sleep(QUIET_SECONDS)
 
@@ -232,7 +237,7 @@ async def one_trial(pipeline: Pipeline, n: int, positions: int = 1) -> dict[str,
     if final != "completed":
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
     tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
-    crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
+    crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + move)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
     ticker_row, book_row = (
@@ -248,8 +253,8 @@ async def one_trial(pipeline: Pipeline, n: int, positions: int = 1) -> dict[str,
     t_cancel, t_cancel_done = cancels[0]["time"], cancels[0]["done_time"]
     snaps = await _range(pipeline, f"{int((t0 - 0.01) * 1000)}-0")
     crossing_id, crossing = next((i, s) for i, s in snaps
-                                 if s and s["ts"] >= t_tick and s["net_after_close"] >= 1.1)
-    tick_id, tick = await crossing_tick(pipeline, t0, t_tick)
+                                 if s and s["ts"] >= t_tick and crossed(pipeline, s, many))
+    tick_id, tick = await crossing_tick(pipeline, t0, t_tick, move)
     received = next(r["ts"] for r in reports if r["status"] == "received")
     # flat again and the cool-down over before the next trial
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
@@ -280,7 +285,7 @@ async def one_trial(pipeline: Pipeline, n: int, positions: int = 1) -> dict[str,
         "tl_received": received - t_tick,
         "tl_cancel": t_cancel - t_tick,
         "tl_cancel_done": t_cancel_done - t_tick,
-        "perp_amount": amount,
+        "target": target(pipeline),
         "positions": positions,
     }
 
@@ -329,6 +334,28 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def target(pipeline: Pipeline) -> float:
+    """The `emergency_close_threshold` take-profit runs with (the `--positions` trials' barrier)."""
+    return float(pipeline.overrides["portfolio_take_profit"]["emergency_close_threshold"])
+
+
+def crossed(pipeline: Pipeline, snap: dict[str, Any], many: int | None) -> bool:
+    if many is None:
+        return float(snap["net_after_close"]) >= OVERRIDES["portfolio_take_profit"]["min_profit_usd"]
+    return float(snap["net_after_close"]) <= target(pipeline)
+
+
+async def set_target(pipeline: Pipeline, usd: float) -> None:
+    """Write `emergency_close_threshold` into the pipeline's config and restart take-profit with it."""
+    assert pipeline.config_path is not None
+    pipeline.overrides["portfolio_take_profit"]["emergency_close_threshold"] = usd
+    text = pipeline.config_path.read_text()
+    pipeline.config_path.write_text(re.sub(r"(?m)^emergency_close_threshold = .*$",
+                                           f"emergency_close_threshold = {usd}", text))
+    await pipeline.restart("takeprofit")
+    print(f"  emergency_close_threshold set to {usd} (take-profit restarted)", flush=True)
+
+
 async def ticker_messages(pipeline: Pipeline) -> float:
     """Ticker messages ingest has received (`tp_ingest_messages_total`, ticker channels)."""
     import urllib.request
@@ -343,6 +370,8 @@ async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace
     """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
     steps = 20.0 if positions <= 100 else float(max(2, math.ceil(TICKS_PER_SECOND / positions) + 1))
     burst = max(0, math.ceil((TICKS_PER_SECOND - steps * positions) / steps))
+    if target(pipeline) > -1e6:  # out of reach while the positions of this size are opened
+        await set_target(pipeline, -1e6)
     load = TickLoad(pipeline, steps=steps, burst=burst)
     load.start()
     rows: list[dict[str, float]] = []
@@ -365,7 +394,7 @@ async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace
 async def many_async(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-latency-"))
     extra = max(0, max(args.positions) + 10 - STOCK_INSTRUMENTS)
-    pipeline = Pipeline(workdir, seed=args.seed, overrides=MANY_OVERRIDES, namespace="tp",
+    pipeline = Pipeline(workdir, seed=args.seed, overrides=copy.deepcopy(MANY_OVERRIDES), namespace="tp",
                         paper_module=paper_module(extra))
     await pipeline.start()
     results: dict[int, list[dict[str, float]]] = {}
@@ -384,7 +413,7 @@ async def many_async(args: argparse.Namespace) -> int:
         print(f"  N = {rows[0]['positions']:>5.0f}: p50 {pct(ms, 50):6.2f}  p90 {pct(ms, 90):6.2f}  "
               f"p99 {pct(ms, 99):6.2f}  max {max(ms):6.2f}  ({len(rows)} trials, "
               f"{rows[0]['ticker_rate']:.0f} ticker messages/s into ingest, "
-              f"BTC-PERPETUAL {rows[0]['perp_amount']})")
+              f"emergency stop at {rows[-1]['target']})")
     print(f"invariants after the run: {figures}")
     return 0
 
