@@ -258,6 +258,11 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     received = next(r["ts"] for r in reports if r["status"] == "received")
     # flat again and the cool-down over before the next trial
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
+
+    async def next_epoch() -> bool:  # the closure's fills are in: re-opening now cannot mix with them
+        snap, _ = await header(pipeline)
+        return snap is not None and snap["epoch"] > command["epoch"]
+    await eventually(next_epoch, within=30, interval=0.05)
     return {
         "latency": t_order - t_tick,
         "tick_to_snapshot": crossing["ts"] - t_tick,
