@@ -2,6 +2,21 @@
 `net_after_close` cross `min_profit_usd` to the paper exchange receiving the first close order.
 
     .venv/bin/python bench/latency.py [--trials 200] [--seed 1] [--workdir DIR] [--cancel-all-only]
+    .venv/bin/python bench/latency.py --positions 1 100 1000 --trials 20 [--timeline]
+
+`--positions N ...` (issue 22): the account holds N open positions spread over the paper's
+perpetuals, futures and options (extra BTC options added to the paper: `tests/e2e/many.py`), and
+ticks flow on all of them at >= 2,000 ticker messages a second throughout (`TickLoad`: the paper
+re-sends every followed ticker and book, prices unchanged; on a small book, bursts of BTC-PERPETUAL
+tickers make up the rate). Every closure closes all N, so each trial first re-opens what the last
+one closed. The other N - 1 positions cost tens to hundreds of dollars to close, out of reach of a
+profit target (it must be > 0), so the barrier crossed is the emergency stop, on the same decision
+path: `emergency_close_threshold` is set 1.25 USD below what net_after_close is before the move
+(written to the config, take-profit restarted, whenever the level drifts out of that window), and
+the move is -250 on the same 0.01 BTC-PERPETUAL (about -2.5 USD).
+The sizes run in one pipeline, smallest first, and print one after another so the growth shows.
+`--timeline` prints, per size, where the time goes: each stage's time after the move was sent
+(median and p90), from the stamps and stream entry ids of the documents the move produced.
 
 `--cancel-all-only` turns off the rest of the executor's clearing round (mass quotes, conditional
 orders, bots: issue 19), to measure what the full round costs the first order, back to back.
@@ -33,7 +48,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import json
+import math
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -44,6 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.harness import EXECUTOR_KEY, PERP, Pipeline, eventually, eventually_value
+from tests.e2e.many import STOCK_INSTRUMENTS, TickLoad, open_positions, paper_module, wait_open
 
 P0 = 100_000.0
 CROSS = 250.0
@@ -56,6 +76,27 @@ OVERRIDES = {
     "executor": {"deadline_seconds": 5.0},
     "portfolio": {"stale_after_seconds": 3600.0},
 }
+MANY_OVERRIDES = {
+    "portfolio_take_profit": {"cooldown_seconds": 0.2, "min_profit_usd": 1.1, "partial_close_fraction": 0.0,
+                              "emergency_close_threshold": -1e6, "close_before_expiry_minutes": 0.0},
+    "executor": {"deadline_seconds": 120.0, "order_rate_per_second": 50.0},
+    "portfolio": {"stale_after_seconds": 3600.0},
+}
+TICKS_PER_SECOND = 2_000
+MARGIN_USD = 0.4
+"""The barrier stays at least this far from net_after_close before and after the move."""
+TIMELINE = (
+    ("ingest has the tick", "tl_ingest"),
+    ("tick in Redis (entry id, 1 ms)", "tl_tick_redis"),
+    ("snapshot stamped (portfolio)", "tl_snapshot"),
+    ("snapshot in Redis (entry id)", "tl_snapshot_redis"),
+    ("command stamped (take-profit)", "tl_command"),
+    ("command in Redis (entry id)", "tl_command_redis"),
+    ("executor's received", "tl_received"),
+    ("cancel_all at the exchange", "tl_cancel"),
+    ("cancel_all answered", "tl_cancel_done"),
+    ("first close order at the exchange", "latency"),
+)
 
 
 BREAKDOWN = (
@@ -115,36 +156,65 @@ async def last_id(pipeline: Pipeline, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
-async def crossing_tick(pipeline: Pipeline, since: float, sent: float) -> tuple[int, dict[str, Any]]:
+async def crossing_tick(pipeline: Pipeline, since: float, sent: float,
+                        move: float = CROSS) -> tuple[int, dict[str, Any]]:
     """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time
     (id, ms)."""
     for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
-        if doc and doc.get("instrument") == PERP and doc.get("bids") and doc["bids"][0][0] > P0 + CROSS / 2 \
+        if doc and doc.get("instrument") == PERP and doc.get("bids") \
+                and (doc["bids"][0][0] - P0 - move / 2) * move > 0 \
                 and doc["ingest_ts"] >= sent:
             return int(entry_id.split("-")[0]), doc
     raise RuntimeError("crossing tick not found on tp:ticks")
 
 
-async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
+async def header(pipeline: Pipeline) -> tuple[dict[str, Any] | None, float]:
+    """The newest snapshot's header (v2: the totals, whatever rows it carries) and the perpetual held."""
+    from services.common.bus import entry_document
+    assert pipeline.redis is not None
+    async with pipeline.redis.pipeline(transaction=True) as pipe:
+        pipe.xrevrange(pipeline.names.snapshots, count=1)
+        pipe.hget(pipeline.names.snapshot_positions, PERP)
+        latest, row = await pipe.execute()
+    doc = entry_document(latest[0][1])[1] if latest else None
+    return doc, (json.loads(row)["position"] if row else 0.0)
+
+
+async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict[str, float]:
+    """One reaction: to a take-profit crossing, or with `many` positions to an emergency-stop one."""
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
+    positions = many or 1
+    if positions > 1:  # re-open what the last closure closed (the first time: open them)
+        await open_positions(pipeline, positions, first=1, wait=False)
+        positions = 1 + await wait_open(pipeline, (positions - 1) // 2)  # what the exchange holds
+    seen: list[Any] = []
 
     async def ready() -> bool:
-        snap = await pipeline.latest_snapshot()
-        if snap is None or await pipeline.halted():
-            return False
-        held = {p["instrument"]: p["position"] for p in snap["positions"]}
-        return abs(held.get(PERP, 0.0) - AMOUNT) < 1e-9 and snap["net_after_close"] < 0
+        snap, held = await header(pipeline)
+        halted = await pipeline.halted()
+        seen[:] = [held, snap and snap["open_positions"], positions, snap and snap["net_after_close"], halted]
+        return snap is not None and not halted and abs(held - AMOUNT) < 1e-9 \
+            and snap["open_positions"] == positions
 
     await pipeline.control(
         "paper/trade",
         {"key_id": "e2e-trader", "instrument_name": PERP, "direction": "buy", "amount": AMOUNT, "price": P0},
     )
-    await eventually(ready, within=20, interval=0.01)
+    try:
+        await eventually(ready, within=120, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"trial {n} not ready: perpetual held, open positions shown / wanted, "
+                             f"net after close, halted: {seen}") from None
+    before = seen[3]
+    move = CROSS if many is None else -CROSS
+    if many is not None and not before - CROSS * AMOUNT * 0.99 + MARGIN_USD < target(pipeline) \
+            < before - MARGIN_USD:
+        await set_target(pipeline, round(before - 1.25, 2))
     commands_from, reports_from = await last_id(pipeline, pipeline.names.commands), \
         await last_id(pipeline, pipeline.names.reports)
     await asyncio.sleep(0.05)
     t0 = time.time()
-    await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + CROSS})
+    await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + move})
     # Silent while the guardian reacts: polling Redis here would compete with it for the two cores.
     await asyncio.sleep(QUIET_SECONDS)
 
@@ -154,6 +224,8 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         return fresh[0] if fresh else None
 
     command = await eventually_value(new_command, within=20, interval=0.05)
+    command_id = next(i for i, doc in await _range_of(pipeline, pipeline.names.commands, f"({commands_from}")
+                      if doc and doc.get("command_id") == command["command_id"])
 
     async def outcome() -> list[dict[str, Any]] | None:
         reports = [doc for _, doc in await _range_of(pipeline, pipeline.names.reports, f"({reports_from}")
@@ -161,14 +233,14 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         done = any(r["status"] in ("completed", "failed") and not r.get("instrument") for r in reports)
         return reports if done else None
 
-    reports = await eventually_value(outcome, within=20, interval=0.05)
+    reports = await eventually_value(outcome, within=150, interval=0.05)
     final = next(
         r["status"] for r in reports if r["status"] in ("completed", "failed") and not r.get("instrument")
     )
     if final != "completed":
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
     tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
-    crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + CROSS)) < 1e-6]
+    crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + move)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
     ticker_row, book_row = (
@@ -182,12 +254,18 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
     cancels = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                           "method": "private/cancel_all"}))["orders"]
     t_cancel, t_cancel_done = cancels[0]["time"], cancels[0]["done_time"]
-    snaps = await snapshots_since(pipeline, t0 - 0.01)
-    crossing = next(s for s in snaps if s["ts"] >= t_tick and s["net_after_close"] >= 1.1)
-    tick_id, tick = await crossing_tick(pipeline, t0, t_tick)
+    snaps = await _range(pipeline, f"{int((t0 - 0.01) * 1000)}-0")
+    crossing_id, crossing = next((i, s) for i, s in snaps
+                                 if s and s["ts"] >= t_tick and crossed(pipeline, s, many))
+    tick_id, tick = await crossing_tick(pipeline, t0, t_tick, move)
     received = next(r["ts"] for r in reports if r["status"] == "received")
     # flat again and the cool-down over before the next trial
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
+
+    async def next_epoch() -> bool:  # the closure's fills are in: re-opening now cannot mix with them
+        snap, _ = await header(pipeline)
+        return snap is not None and snap["epoch"] > command["epoch"]
+    await eventually(next_epoch, within=30, interval=0.05)
     return {
         "latency": t_order - t_tick,
         "tick_to_snapshot": crossing["ts"] - t_tick,
@@ -206,6 +284,17 @@ async def one_trial(pipeline: Pipeline, n: int) -> dict[str, float]:
         "command_to_order": t_order - command["created_ts"],
         "t_tick": t_tick,
         "t_snap": crossing["ts"],
+        "tl_ingest": tick["ingest_ts"] - t_tick,
+        "tl_tick_redis": tick_id / 1000 - t_tick,
+        "tl_snapshot": crossing["ts"] - t_tick,
+        "tl_snapshot_redis": int(crossing_id.split("-")[0]) / 1000 - t_tick,
+        "tl_command": command["created_ts"] - t_tick,
+        "tl_command_redis": int(command_id.split("-")[0]) / 1000 - t_tick,
+        "tl_received": received - t_tick,
+        "tl_cancel": t_cancel - t_tick,
+        "tl_cancel_done": t_cancel_done - t_tick,
+        "target": target(pipeline),
+        "positions": positions,
     }
 
 
@@ -257,6 +346,105 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def target(pipeline: Pipeline) -> float:
+    """The `emergency_close_threshold` take-profit runs with (the `--positions` trials' barrier)."""
+    return float(pipeline.overrides["portfolio_take_profit"]["emergency_close_threshold"])
+
+
+def crossed(pipeline: Pipeline, snap: dict[str, Any], many: int | None) -> bool:
+    if many is None:
+        return float(snap["net_after_close"]) >= OVERRIDES["portfolio_take_profit"]["min_profit_usd"]
+    return float(snap["net_after_close"]) <= target(pipeline)
+
+
+async def set_target(pipeline: Pipeline, usd: float) -> None:
+    """Write `emergency_close_threshold` into the pipeline's config and restart take-profit with it."""
+    assert pipeline.config_path is not None
+    pipeline.overrides["portfolio_take_profit"]["emergency_close_threshold"] = usd
+    text = pipeline.config_path.read_text()
+    pipeline.config_path.write_text(re.sub(r"(?m)^emergency_close_threshold = .*$",
+                                           f"emergency_close_threshold = {usd}", text))
+    await pipeline.restart("takeprofit")
+    print(f"  emergency_close_threshold set to {usd} (take-profit restarted)", flush=True)
+
+
+async def ticker_messages(pipeline: Pipeline) -> float:
+    """Ticker messages ingest has received (`tp_ingest_messages_total`, ticker channels)."""
+    import urllib.request
+    port = pipeline.procs["ingest"].port
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                  timeout=5).read().decode())
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tp_ingest_messages_total{") and 'channel="ticker' in line)
+
+
+async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
+    steps = 20.0 if positions <= 100 else float(max(2, math.ceil(TICKS_PER_SECOND / positions) + 1))
+    burst = max(0, math.ceil((TICKS_PER_SECOND - steps * positions) / steps))
+    if target(pipeline) > -1e6:  # out of reach while the positions of this size are opened
+        await set_target(pipeline, -1e6)
+    load = TickLoad(pipeline, steps=steps, burst=burst)
+    load.start()
+    rows: list[dict[str, float]] = []
+    try:
+        for n in range(args.warmup):
+            await one_trial(pipeline, -n, positions)
+        received0, started = await ticker_messages(pipeline), time.time()
+        for n in range(args.trials):
+            rows.append(await one_trial(pipeline, n, positions))
+            if (n + 1) % 10 == 0:
+                print(f"  {positions} positions: {n + 1} trials ({time.time() - started:.0f} s)", flush=True)
+        rate = (await ticker_messages(pipeline) - received0) / (time.time() - started)
+    finally:
+        await load.stop()
+    for row in rows:
+        row["ticker_rate"] = rate
+    return rows
+
+
+async def many_async(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-latency-"))
+    extra = max(0, max(args.positions) + 10 - STOCK_INSTRUMENTS)
+    pipeline = Pipeline(workdir, seed=args.seed, overrides=copy.deepcopy(MANY_OVERRIDES), namespace="tp",
+                        paper_module=paper_module(extra))
+    await pipeline.start()
+    results: dict[int, list[dict[str, float]]] = {}
+    try:
+        await pipeline.control("paper/pause")
+        await pipeline.control("paper/set_index", {"underlying": "BTCUSD", "price": P0})
+        for positions in sorted(args.positions):
+            results[positions] = await trials_at(pipeline, positions, args)
+            report(positions, results[positions], args.timeline)
+        figures = await pipeline.check_invariants(settle_timeout=60)
+    finally:
+        await pipeline.stop()
+    print("\nsummary (tick sent -> first close order, ms):")
+    for rows in results.values():
+        ms = [r["latency"] * 1000 for r in rows]
+        print(f"  N = {rows[0]['positions']:>5.0f}: p50 {pct(ms, 50):6.2f}  p90 {pct(ms, 90):6.2f}  "
+              f"p99 {pct(ms, 99):6.2f}  max {max(ms):6.2f}  ({len(rows)} trials, "
+              f"{rows[0]['ticker_rate']:.0f} ticker messages/s into ingest, "
+              f"emergency stop at {rows[-1]['target']})")
+    print(f"invariants after the run: {figures}")
+    return 0
+
+
+def report(positions: int, rows: list[dict[str, float]], timeline: bool) -> None:
+    def ms(key: str) -> list[float]:
+        return [r[key] * 1000 for r in rows]
+
+    print(f"\n{positions} positions asked, {rows[0]['positions']:.0f} open, {len(rows)} trials, "
+          f"{rows[0]['ticker_rate']:.0f} ticker messages/s received by ingest during the trials")
+    for label, key in BREAKDOWN:
+        print(summary(label, ms(key)))
+    if timeline:
+        print(f"timeline of a reaction, {positions} positions (ms after the move was sent; median / p90):")
+        for label, key in TIMELINE:
+            values = ms(key)
+            print(f"  {pct(values, 50):7.2f} / {pct(values, 90):7.2f}  {label}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,7 +455,13 @@ def main() -> int:
     parser.add_argument("--workdir")
     parser.add_argument("--cancel-all-only", action="store_true",
                         help="the executor clears only orders (cancel_all) before closing (before issue 19)")
-    return asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--positions", type=int, nargs="+",
+                        help="open positions per run of trials (e.g. 1 100 1000); each size runs --trials")
+    parser.add_argument("--timeline", action="store_true", help="print each stage's time after the move")
+    args = parser.parse_args()
+    if args.positions:
+        return asyncio.run(many_async(args))
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

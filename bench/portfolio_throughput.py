@@ -38,7 +38,7 @@ INFO = InstrumentInfo(type=InstrumentType.PERPETUAL, product="FBTCUSD", underlyi
 
 
 def instrument(i: int) -> str:
-    return f"SIM{i:04d}-PERPETUAL"
+    return f"SIM{i:05d}-PERPETUAL"
 
 
 def opening_fill(i: int, now: float) -> Fill:
@@ -115,7 +115,8 @@ print(int(hwm) / 1024, state_bytes)
           f"(checkpoint {int(out[1]) / 1e6:.1f} MB), {count / (time.perf_counter() - start):,.0f} fills/s")
 
 
-async def service_throughput(tick_count: int, batch_size: int) -> None:
+async def service_throughput(tick_count: int, batch_size: int, positions: int = 1000) -> float:
+    """Ticks/s the service process drains from a backlog in Redis with `positions` open positions."""
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis")
         server.start()
@@ -124,13 +125,13 @@ async def service_throughput(tick_count: int, batch_size: int) -> None:
             redis = Redis.from_url(server.url)
             now = time.time()
             await redis.hset(
-                names.instruments, mapping={instrument(i): INFO.model_dump_json() for i in range(1000)}
+                names.instruments, mapping={instrument(i): INFO.model_dump_json() for i in range(positions)}
             )
             async with redis.pipeline(transaction=False) as pipe:
-                for i in range(1000):
+                for i in range(positions):
                     pipe.xadd(names.fills, {DATA_FIELD: encode_document(opening_fill(i, now))})
                 await pipe.execute()
-            ticks = ticks_for(1000, tick_count, time.time() + 3600)
+            ticks = ticks_for(positions, tick_count, time.time() + 3600)
             for chunk in range(0, len(ticks), 10_000):
                 async with redis.pipeline(transaction=False) as pipe:
                     for t in ticks[chunk:chunk + 10_000]:
@@ -156,12 +157,14 @@ async def service_throughput(tick_count: int, batch_size: int) -> None:
                 process.terminate()
                 process.wait()
             snapshots = await redis.xlen(names.snapshots)
-            print(f"3) service, 1,000 open positions, batch {batch_size}: {tick_count:,} ticks drained in "
-                  f"{elapsed:.2f} s (incl. ~0.5 s start-up) = {tick_count / elapsed:,.0f} ticks/s; "
+            print(f"3) service, {positions:,} open positions, batch {batch_size}: {tick_count:,} ticks "
+                  f"drained in {elapsed:.2f} s (incl. ~0.5 s start-up) = {tick_count / elapsed:,.0f} "
+                  "ticks/s; "
                   f"{snapshots:,} snapshots published; {usage}")
             await redis.aclose()
         finally:
             server.stop()
+    return tick_count / elapsed
 
 
 def _child_usage(pid: int) -> str:

@@ -1,6 +1,13 @@
 """Soak: the fault-injection suite's faults, at random, for a long time, on one running pipeline.
 
     .venv/bin/python bench/soak.py [--minutes 10] [--seed 1] [--workdir DIR]
+    .venv/bin/python bench/soak.py --positions 1000 --minutes 60 [--sample-seconds 30]
+
+`--positions N` (issue 22) is the memory soak instead: N open positions on the paper exchange
+(`tests/e2e/many.py`), ticks on all of them at >= 2,000 ticker messages a second (`TickLoad`) and a
+trade on one of them every few seconds, for `--minutes`; the resident memory (RSS) of each
+service and of Redis is sampled every `--sample-seconds` and printed, then first / after warm-up /
+last / peak and the growth from the end of the first tenth of the run to its end.
 
 One pipeline (tests/e2e/harness.py: redis-server with AOF, the paper exchange and the four services
 as processes) runs the whole time with a stream of trades (`Trader`) and ticks (random walk). Each
@@ -181,6 +188,64 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+async def memory_soak(args: argparse.Namespace) -> int:
+    """RSS of every process over a long run with `--positions` open positions and ticks on all."""
+    import psutil
+
+    from tests.e2e.many import STOCK_INSTRUMENTS, TickLoad, open_positions, paper_module, wait_open
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tp-soak-"))
+    overrides = {"portfolio_take_profit": {"min_profit_usd": 1e9, "partial_close_fraction": 0.0,
+                                           "emergency_close_threshold": -1e9, "max_position_age_hours": 1e6,
+                                           "close_before_expiry_minutes": 0.0},
+                 "portfolio": {"stale_after_seconds": 3600.0}}
+    pipeline = Pipeline(workdir, seed=args.seed, overrides=overrides,
+                        paper_module=paper_module(args.positions + 10 - STOCK_INSTRUMENTS))
+    rng = random.Random(args.seed)
+    samples: list[dict[str, float]] = []
+    await pipeline.start()
+    try:
+        await pipeline.control("paper/pause")
+        bought = await open_positions(pipeline, args.positions)
+        held = await wait_open(pipeline, args.positions // 2)
+        load = TickLoad(pipeline, steps=max(2.0, 2_000 / held + 1))
+        load.start()
+        names = ["ingest", "portfolio", "takeprofit", "executor"]
+        procs = {name: psutil.Process(pipeline.procs[name].pid) for name in names}
+        assert pipeline.redis_server is not None and pipeline.redis_server.process is not None
+        procs["redis"] = psutil.Process(pipeline.redis_server.process.pid)
+        started = time.monotonic()
+        next_sample = started
+        try:
+            while time.monotonic() - started < args.minutes * 60:
+                name = rng.choice(list(bought))
+                await pipeline.control("paper/trade", {"key_id": "e2e-trader", "instrument_name": name,
+                                                       "direction": "buy", "amount": bought[name]})
+                if time.monotonic() >= next_sample:
+                    row = {k: p.memory_info().rss / 2**20 for k, p in procs.items()}
+                    row["minute"] = (time.monotonic() - started) / 60
+                    samples.append(row)
+                    print(f"  {row['minute']:6.1f} min  " + "  ".join(f"{k} {row[k]:6.1f}" for k in procs)
+                          + " MB", flush=True)
+                    next_sample += args.sample_seconds
+                await asyncio.sleep(3.0)
+        finally:
+            await load.stop()
+        figures = await pipeline.check_invariants(settle_timeout=60)
+    finally:
+        await pipeline.stop()
+    warm = samples[max(1, len(samples) // 10)] if len(samples) > 1 else samples[0]
+    print(f"\nmemory soak: {held} open positions, {samples[-1]['minute']:.1f} min, ticks on every position "
+          f"({load.sent} index re-sends), {len(bought)} instruments bought; invariants: {figures}")
+    print("| process | RSS first | after warm-up | last | peak | growth warm-up -> last |")
+    print("|---|---|---|---|---|---|")
+    for name in procs:
+        peak = max(r[name] for r in samples)
+        print(f"| {name} | {samples[0][name]:.1f} MB | {warm[name]:.1f} MB | {samples[-1][name]:.1f} MB | "
+              f"{peak:.1f} MB | {samples[-1][name] - warm[name]:+.1f} MB |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -189,7 +254,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir")
     parser.add_argument("--with-known-bugs", action="store_true")
-    return asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--positions", type=int, help="memory soak with this many open positions")
+    parser.add_argument("--sample-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    if args.positions:
+        return asyncio.run(memory_soak(args))
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

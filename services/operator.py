@@ -41,6 +41,7 @@ from services.common.contracts import (
 )
 from services.common.exit_cost import exit_cost_warning
 from services.common.service import read_secret
+from services.common.snapshots import view_from
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -442,13 +443,23 @@ def _health_reports(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     return {service: client.get(settings.names.key(f"{service}:health")) for service in GUARDIAN}
 
 
+def _snapshot(client: redis.Redis, settings: Settings) -> Snapshot | None:
+    """The newest snapshot with every position: a v2 one carries only the changed rows, so the rows
+    come from the portfolio's hash, read in the same transaction (`services.common.snapshots`)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(settings.names.snapshot_positions)
+        pipe.xrevrange(settings.names.snapshots, count=1)
+        rows, latest = pipe.execute()
+    view, header = view_from(rows, latest)
+    return None if header is None else view.full_snapshot(header)
+
+
 def status_main(argv: list[str]) -> int:
     def action(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> int:
         guarding = guarding_lines(_health_reports(client, settings), time.time())
-        snapshots = _latest(client, settings.names.snapshots, Snapshot)
         print("\n".join(guarding))
         print()
-        print(format_status(snapshots[0] if snapshots else None, _halt_or_why_not(client, settings),
+        print(format_status(_snapshot(client, settings), _halt_or_why_not(client, settings),
                             _acks(client, settings), _lags(client, settings), settings, time.time(),
                             breaker=_breaker(client, settings), violations=_violations(client, settings)))
         return EXIT_OK if guarding[0].startswith("GUARDING") else EXIT_NOT_GUARDING

@@ -12,14 +12,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from services.common.bus import DATA_FIELD, encode_document, entry_document
 from services.common.config import Settings
+from services.common.contracts import Snapshot
 from services.common.service import Build, Health, make_bus
+from services.common.snapshots import Fold, SnapshotView
 from services.common.streams import Names
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,7 +70,22 @@ async def eventually(
 
 
 async def read_stream(redis: Redis, stream: str, model: type[M]) -> list[M]:
-    return [model.model_validate(entry_document(fields)[1]) for _, fields in await redis.xrange(stream)]
+    """Every document of a stream; snapshots folded into their full form (v2 carry changed rows only)."""
+    docs = [model.model_validate(entry_document(fields)[1]) for _, fields in await redis.xrange(stream)]
+    if model is not Snapshot:
+        return docs
+    return cast(list[M], full_snapshots(cast(list[Snapshot], docs)))
+
+
+def full_snapshots(snapshots: list[Snapshot]) -> list[Snapshot]:
+    """Each snapshot with every position, as a v2 reader folds them (the first must be full)."""
+    view = SnapshotView()
+    out = []
+    for snap in snapshots:
+        folded = view.fold(snap)
+        assert folded is not Fold.GAP, f"snapshot #{snap.seq} does not follow #{view.seq}"
+        out.append(view.full_snapshot(snap))
+    return out
 
 
 async def xadd(redis: Redis, stream: str, doc: BaseModel) -> str:

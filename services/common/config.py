@@ -281,7 +281,8 @@ class Redis(Section):
     stream_maxlen: Annotated[int, Field(ge=1000)] = 1_000_000
     """Approximate cap of every stream (XADD MAXLEN ~) but the snapshots."""
     snapshot_maxlen: Annotated[int, Field(ge=100)] = 10_000
-    """Approximate cap of `tp:snapshots`: each holds every position, and only recent ones matter."""
+    """Approximate cap of `tp:snapshots`: only recent ones matter (a reader that falls further behind
+    re-reads the positions from `tp:snapshot:positions`, docs/streams.md)."""
 
     @field_validator("url")
     @classmethod

@@ -231,6 +231,18 @@ class SnapshotPosition(BaseModel):
     underlying: str | None = None
     instrument_type: InstrumentType | None = None
     expiry_ts: Timestamp | None = None
+    volume_tick_size: Annotated[float, Field(gt=0.0)] | None = None
+    """The instrument's volume tick (snapshot v2): take-profit rounds a partial close with it
+    without reading `tp:instruments` per decision. Absent while the instrument is unknown."""
+
+
+class Expiry(BaseModel):
+    """The open dated position that expires first (snapshot v2's `next_expiry`)."""
+
+    model_config = Document.model_config
+
+    instrument: NonEmptyStr
+    expiry_ts: Timestamp
 
 
 class Drift(BaseModel):
@@ -244,13 +256,44 @@ class Drift(BaseModel):
     since: Timestamp
 
 
-class Snapshot(Document):
-    """`tp:snapshots`: the fee-aware P&L of the whole account in the current epoch."""
+SNAPSHOT_VERSION: Final = 2
+"""`tp:snapshots` is v2 since issue 22: a snapshot may carry only the positions that changed."""
 
+
+def _snapshot_version(value: int) -> int:
+    if value not in (CONTRACT_VERSION, SNAPSHOT_VERSION):
+        raise ValueError(f"unsupported snapshot version {value} (this reader knows 1 and {SNAPSHOT_VERSION})")
+    return value
+
+
+SnapshotVersion = Annotated[int, Field(strict=True, json_schema_extra={"enum": [1, SNAPSHOT_VERSION]}),
+                            AfterValidator(_snapshot_version)]
+
+
+def _open_rows(positions: list[SnapshotPosition]) -> list[SnapshotPosition]:
+    return [p for p in positions if p.position != 0.0]
+
+
+class Snapshot(Document):
+    """`tp:snapshots`: the fee-aware P&L of the whole account in the current epoch.
+
+    v2 (docs/streams.md): the totals and the derived figures describe the whole account in every
+    snapshot; `positions` lists every position only when `full`, otherwise only those whose row
+    changed since snapshot `seq - 1` (`services.common.snapshots.SnapshotView` folds them). A v1
+    document is a full snapshot; its derived figures are computed from its positions.
+    """
+
+    v: SnapshotVersion = SNAPSHOT_VERSION
     seq: Annotated[int, Field(ge=0)]
     epoch: Annotated[int, Field(ge=0)]
     ts: Timestamp
+    full: bool = True
+    """True: `positions` is every position of the epoch. False: only the rows changed since `seq - 1`."""
     positions: list[SnapshotPosition]
+    open_positions: Annotated[int, Field(ge=0)] = 0
+    """Positions of the epoch that are not flat (all of them, whatever `positions` carries)."""
+    next_expiry: Expiry | None = None
+    """The open dated position (future, option) that expires first."""
     realized_pnl: float
     unrealized_pnl: float
     funding_pnl: float
@@ -265,11 +308,36 @@ class Snapshot(Document):
     oldest_position_ts: Timestamp | None = None
     stale_instruments: list[str] = Field(default_factory=list)
     suspect_instruments: list[str] | None = None
-    """Positions whose latest tick was implausible and is held until confirmed (issue 21); their
+    """Open positions whose latest tick was implausible and is held until confirmed (issue 21); their
     figures are the last plausible prices. Absent when there is none."""
     drift: list[Drift] = Field(default_factory=list)
     last_input_ts: Timestamp | None = None
     """`ingest_ts` of the newest input folded into this snapshot (for latency)."""
+
+    @model_validator(mode="after")
+    def _derive_for_full(self) -> Snapshot:
+        """A v1 snapshot is full; a full one without the derived figures gets them from its positions."""
+        if self.v == CONTRACT_VERSION and not self.full:
+            raise ValueError("a v1 snapshot is always full")
+        if self.v == CONTRACT_VERSION and self.suspect_instruments:  # v1 also listed flat ones
+            held = {p.instrument for p in _open_rows(self.positions)}
+            object.__setattr__(self, "suspect_instruments",
+                               [n for n in self.suspect_instruments if n in held] or None)
+        if self.full and "open_positions" not in self.model_fields_set:
+            object.__setattr__(self, "open_positions", len(_open_rows(self.positions)))
+        if self.full and "next_expiry" not in self.model_fields_set:
+            object.__setattr__(self, "next_expiry", next_expiry(self.positions))
+        return self
+
+
+def next_expiry(positions: list[SnapshotPosition]) -> Expiry | None:
+    """The open dated position that expires first (perpetuals never expire)."""
+    dated = [(p.expiry_ts, p.instrument) for p in _open_rows(positions)
+             if p.expiry_ts is not None and p.instrument_type is not InstrumentType.PERPETUAL]
+    if not dated:
+        return None
+    expiry_ts, instrument = min(dated)
+    return Expiry(instrument=instrument, expiry_ts=expiry_ts)
 
 
 class CloseReason(StrEnum):

@@ -49,6 +49,11 @@ class Names:
         return self.key("snapshots")
 
     @property
+    def snapshot_positions(self) -> str:
+        """Hash instrument -> the current `SnapshotPosition` (portfolio, with each snapshot)."""
+        return self.key("snapshot:positions")
+
+    @property
     def commands(self) -> str:
         return self.key("commands")
 

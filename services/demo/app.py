@@ -56,6 +56,7 @@ from services.common.contracts import (
     halt_from_hash,
 )
 from services.common.redis_server import RedisServer, free_port
+from services.common.snapshots import read_view
 from services.demo.view import DemoState, operator_hint, render
 from services.paper.keys import generate_key
 from services.paper.testing import ControlClient
@@ -257,9 +258,9 @@ ticker_delay = "raw"
         state = DemoState(
             processes={c.name: c.status() for c in self.children}, config=str(self.workdir / "demo.toml")
         )
-        latest = await redis.xrevrange(names.snapshots, count=1)
-        if latest:
-            state.snapshot = Snapshot.model_validate(entry_document(latest[0][1])[1])
+        view, header = await read_view(redis, names)  # v2 snapshots carry only the changed rows
+        if header is not None:
+            state.snapshot = view.full_snapshot(header)
         halt: Any = await redis.hgetall(names.halt)  # redis-py's result types are wider than what it returns
         acks: Any = await redis.hgetall(names.halt_acks)
         commands: Any = await redis.xrevrange(names.commands, count=5)

@@ -196,7 +196,7 @@ class Notifier:
             ts=snap.ts) for key, d in zip(keys, snap.drift, strict=True) if key not in known]
 
     def _approach(self, snap: Snapshot, now: float) -> list[Notification]:
-        if not any(p.position != 0 for p in snap.positions):
+        if not snap.open_positions:
             return []
         b, s = self.barriers, self.state
         share, rearm = self.notify.near_barrier_share, self.notify.rearm_share

@@ -30,7 +30,16 @@ from redis.asyncio.client import Pipeline
 
 from services.common.bus import Bus, Delivery, Handler, MalformedEntry, validate_entry
 from services.common.config import Settings
-from services.common.contracts import Fill, InstrumentInfo, InstrumentType, Positions, Report, Snapshot, Tick
+from services.common.contracts import (
+    Fill,
+    InstrumentInfo,
+    InstrumentType,
+    Positions,
+    Report,
+    ReportStatus,
+    Snapshot,
+    Tick,
+)
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, run_timer, service_main
 from services.portfolio.closures import (
@@ -351,7 +360,10 @@ class PortfolioService:
 
     def _calibrate(self, report: Report) -> None:
         """Compare what closing was estimated to cost with what the executor's fills cost."""
-        check = self.calibrations.on_report(report, self.last_snapshot)
+        last = self.last_snapshot
+        if report.status is ReportStatus.RECEIVED and last is not None:  # the rows of that moment
+            last = last.model_copy(update={"full": True, "positions": self.ledger.rows()})
+        check = self.calibrations.on_report(report, last)
         if check is None:
             return
         CLOSE_COST_ESTIMATED.set(check.estimated)
@@ -374,12 +386,19 @@ class PortfolioService:
         pipe.set(self.ledger_key, pydantic_core.to_json(state, inf_nan_mode="constants"))
 
     def _publish_snapshot(self, pipe: Pipeline, entries: int) -> None:
+        """Queue the next snapshot (full when due, else the changed rows) and the rows' hash with it.
+
+        `<ns>:snapshot:positions` holds every current row, written in the same transaction as the
+        snapshot entry (and the acks), so a reader that starts or missed an entry reads the hash and
+        the newest entry together and folds on from there (`services.common.snapshots`).
+        """
         now = time.time()
         self.seq += 1
-        snapshot = self.ledger.snapshot(self.seq, now, self.settings.portfolio.stale_after_seconds)
+        snapshot = self.ledger.publish(self.seq, now, self.settings.portfolio.stale_after_seconds)
         suspects = self._suspects()
-        if suspects:
-            snapshot = snapshot.model_copy(update={"suspect_instruments": suspects})
+        held_open = [name for name in suspects if self.ledger.position(name) != 0.0]
+        if held_open:
+            snapshot = snapshot.model_copy(update={"suspect_instruments": held_open})
         if suspects != self._suspects_shown:
             cleared = set(self._suspects_shown) - set(suspects)
             if cleared:
@@ -388,6 +407,11 @@ class PortfolioService:
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
+        rows = {p.instrument: p.model_dump_json(exclude_none=True) for p in snapshot.positions}
+        if snapshot.full:
+            pipe.delete(self.names.snapshot_positions)
+        if rows:
+            pipe.hset(self.names.snapshot_positions, mapping=rows)  # type: ignore[arg-type]
         self.bus.queue_publish(
             pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
         )
@@ -406,12 +430,13 @@ class PortfolioService:
         EST_CLOSE_FEES.set(snap.est_close_fees)
         EST_SLIPPAGE.set(snap.est_slippage)
         EPOCH.set(snap.epoch)
-        OPEN_POSITIONS.set(sum(1 for p in snap.positions if p.position != 0))
+        OPEN_POSITIONS.set(snap.open_positions)
         STALE.set(len(snap.stale_instruments))
-        held = {p.instrument for p in snap.positions}
-        for gone in set(self._instrument_gauges) - held:  # closed out: no stale line on the dashboard
-            INSTRUMENT_PNL.remove(gone)
-            del self._instrument_gauges[gone]
+        if snap.full:
+            held = {p.instrument for p in snap.positions}
+            for gone in set(self._instrument_gauges) - held:  # closed out: no stale line on the dashboard
+                INSTRUMENT_PNL.remove(gone)
+                del self._instrument_gauges[gone]
         for p in snap.positions:
             gauge = self._instrument_gauges.get(p.instrument)
             if gauge is None:

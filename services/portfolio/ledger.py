@@ -191,6 +191,7 @@ do not drift. A snapshot is O(n) in the instruments of the epoch and sums with
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -203,6 +204,7 @@ from services.common.contracts import (
     Drift,
     ExchangePosition,
     ExitPriceSource,
+    Expiry,
     Fill,
     InstrumentInfo,
     InstrumentType,
@@ -232,6 +234,8 @@ UNKNOWN_INSTRUMENT_TOLERANCE = 1e-9
 SECONDS_PER_DAY = 86_400.0
 FUNDING_SETTLEMENT_SECONDS = 8 * 3_600.0
 """Thalex settles daily at 08:00 UTC (contract specifications of its perpetuals)."""
+SUMS = 7
+"""Running sums: realised, unrealised, funding, fees, close fees, slippage, estimated fees."""
 MAX_ADOPTED_LOTS = 100
 """Adoption lots kept per instrument waiting for their late trades (the oldest goes first)."""
 
@@ -352,29 +356,47 @@ class AdoptedLot:
 
 
 class _RunningSum:
-    """A sum kept as an unevaluated pair (hi + lo), updated with error-free TwoSum.
+    """An exact running sum: Shewchuk's non-overlapping partials (what `math.fsum` keeps inside).
 
-    Adding an instrument's new contribution and subtracting its old one are both
-    exact up to ~1e-32 relative, so the running total equals the sum of the
-    current contributions however many ticks went by.
+    Adding an instrument's new contribution and subtracting its old one are exact, so `value`
+    is the correctly rounded sum of the current contributions — bit for bit what `math.fsum`
+    over every row gives (a delta snapshot's totals equal a full one's), however many ticks
+    went by, in O(1) per change (a handful of partials).
     """
 
-    __slots__ = ("hi", "lo")
+    __slots__ = ("partials",)
 
     def __init__(self) -> None:
-        self.hi = 0.0
-        self.lo = 0.0
+        self.partials: list[float] = []
 
     def add(self, x: float) -> None:
-        hi = self.hi
-        s = hi + x
-        back = s - hi
-        self.lo += (hi - (s - back)) + (x - back)
-        self.hi = s
+        partials = self.partials
+        i = 0
+        for y in partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            hi = x + y
+            lo = y - (hi - x)
+            if lo:
+                partials[i] = lo
+                i += 1
+            x = hi
+        partials[i:] = [x]
 
     @property
     def value(self) -> float:
-        return self.hi + self.lo
+        return math.fsum(self.partials)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a snapshot says about the whole book besides money (changes only with fills and the like)."""
+
+    open_positions: int
+    oldest: float | None
+    next_expiry: Expiry | None
+    unpriced: int
+    """Open positions that never ticked (stale by definition)."""
 
 
 class _Position:
@@ -429,8 +451,8 @@ class _Position:
     def funding_pnl(self) -> float:
         return self.funding_realized + self.funding_unrealized
 
-    def contributions(self) -> tuple[float, float, float, float, float, float]:
-        """What this instrument adds to each running portfolio sum."""
+    def contributions(self) -> tuple[float, float, float, float, float, float, float]:
+        """What this instrument adds to each running portfolio sum (its snapshot row's figures)."""
         return (
             self.realized_pnl,
             self.unrealized_pnl,
@@ -438,6 +460,7 @@ class _Position:
             self.fees_paid,
             self.est_close_fee,
             self.est_slippage,
+            self.fees_estimated,
         )
 
     def accounting_state(self) -> list[float | int | None]:
@@ -499,9 +522,17 @@ class Ledger:
         self._horizon: float | None = None
         self._drift_since: dict[str, float] = {}
         self._drift: dict[str, Drift] = {}
-        self._sums = tuple(_RunningSum() for _ in range(6))
+        self._sums = tuple(_RunningSum() for _ in range(SUMS))
         self._rows: dict[str, SnapshotPosition] = {}
         """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
+        self._changed: dict[str, None] = {}
+        """Positions whose row changed since the last published snapshot (its delta)."""
+        self._full_due = True
+        """The next published snapshot must be full: nothing published yet, or rows left the book."""
+        self._shape: _Shape | None = None
+        """Open count, oldest opening, next expiry: recomputed only after a fill or the like."""
+        self._price_ages: list[tuple[float, str]] = []
+        """Heap of (tick exchange_ts, instrument) of open positions, lazily pruned (`stale_instruments`)."""
         self._adopted_through: dict[str, float] = {}
         """instrument -> exchange_ts of the report whose position was adopted (see `apply_fill`)."""
         self._lots: dict[str, list[AdoptedLot]] = {}
@@ -545,13 +576,29 @@ class Ledger:
 
     def totals(self) -> Totals:
         """The portfolio figures, O(1): the running sums kept on every tick and fill."""
-        realized, unrealized, funding, fees, close_fees, slippage = (s.value for s in self._sums)
+        realized, unrealized, funding, fees, close_fees, slippage, _ = (s.value for s in self._sums)
         return Totals.of(
             realized, unrealized, funding, fees, close_fees, slippage, self._config.fee_estimation_buffer
         )
 
     def stale_instruments(self, now: float, stale_after_seconds: float) -> list[str]:
-        """Open positions whose instrument has not ticked within `stale_after_seconds` (sorted)."""
+        """Open positions whose instrument has not ticked within `stale_after_seconds` (sorted).
+
+        O(1) amortised while every price is fresh (the heap's oldest valid entry says so); the
+        scan over every position runs only when something is stale.
+        """
+        shape = self._shape_now()
+        if shape.unpriced == 0:
+            heap = self._price_ages
+            while heap:
+                ts, name = heap[0]
+                p = self._positions.get(name)
+                tick = self._ticks.get(name)
+                if p is not None and p.position != 0.0 and tick is not None and tick.exchange_ts == ts:
+                    break
+                heapq.heappop(heap)
+            if not heap or not now - heap[0][0] > stale_after_seconds:
+                return []
         return sorted(
             name for name, p in self._positions.items()
             if p.position != 0.0
@@ -559,38 +606,51 @@ class Ledger:
         )
 
     def snapshot(self, seq: int, now: float, stale_after_seconds: float) -> Snapshot:
-        """The full picture, O(n): every instrument of the epoch plus the exact sums.
+        """The full picture: every instrument of the epoch plus the exact sums (publishes nothing)."""
+        return self._snapshot(seq, now, stale_after_seconds, self.rows(), full=True)
 
-        Positions are built without re-validation (the ledger made them from
-        validated inputs); the Snapshot itself is validated, so a non-finite
-        figure anywhere reaches its totals and is stopped here.
+    def publish(self, seq: int, now: float, stale_after_seconds: float) -> Snapshot:
+        """The snapshot to publish: full when due (first one, rows left the book), else the delta.
+
+        A delta carries the rows changed since the last published snapshot, so its cost grows
+        with the positions a batch changed, not with the positions held; the totals and derived
+        figures are the whole account's either way (running sums, `_Shape`, the price heap).
         """
-        rows: list[SnapshotPosition] = []
-        oldest: float | None = None
-        for name, p in self._positions.items():
-            row = self._rows.get(name)
-            if row is None:
-                self._rows[name] = row = self._row(p)
-            rows.append(row)
-            if p.position == 0.0:
-                continue
-            if p.opened_ts is not None and (oldest is None or p.opened_ts < oldest):
-                oldest = p.opened_ts
-        totals = Totals.of(
-            math.fsum(r.realized_pnl for r in rows),
-            math.fsum(r.unrealized_pnl for r in rows),
-            math.fsum(r.funding_pnl for r in rows),
-            math.fsum(r.fees_paid for r in rows),
-            math.fsum(r.est_close_fee for r in rows),
-            math.fsum(r.est_slippage for r in rows),
-            self._config.fee_estimation_buffer,
-        )
-        estimated = math.fsum(r.fees_estimated for r in rows if r.fees_estimated is not None)
+        full = self._full_due
+        if full:
+            rows = self.rows()
+        else:
+            rows = [self._row_of(self._positions[n]) for n in self._changed if n in self._positions]
+        self._changed.clear()
+        self._full_due = False
+        return self._snapshot(seq, now, stale_after_seconds, rows, full=full)
+
+    def rows(self) -> list[SnapshotPosition]:
+        """Every position's snapshot row (cached for the positions unchanged since they were built)."""
+        return [self._row_of(p) for p in self._positions.values()]
+
+    def _row_of(self, p: _Position) -> SnapshotPosition:
+        row = self._rows.get(p.instrument)
+        if row is None:
+            self._rows[p.instrument] = row = self._row(p)
+        return row
+
+    def _snapshot(self, seq: int, now: float, stale_after_seconds: float, rows: list[SnapshotPosition],
+                  *, full: bool) -> Snapshot:
+        """Positions are built without re-validation (the ledger made them from validated inputs);
+        the Snapshot itself is validated, so a non-finite figure anywhere reaches its totals and is
+        stopped here."""
+        totals = self.totals()
+        estimated = self._sums[6].value
+        shape = self._shape_now()
         return Snapshot(
             seq=seq,
             epoch=self._epoch,
             ts=now,
+            full=full,
             positions=rows,
+            open_positions=shape.open_positions,
+            next_expiry=shape.next_expiry,
             realized_pnl=totals.realized_pnl,
             unrealized_pnl=totals.unrealized_pnl,
             funding_pnl=totals.funding_pnl,
@@ -601,11 +661,35 @@ class Ledger:
             net_pnl=totals.net_pnl,
             net_after_close=totals.net_after_close,
             fees_estimated=estimated if estimated != 0.0 else None,
-            oldest_position_ts=oldest,
+            oldest_position_ts=shape.oldest,
             stale_instruments=self.stale_instruments(now, stale_after_seconds),
             drift=list(self._drift.values()),
             last_input_ts=self._last_input_ts,
         )
+
+    def _shape_now(self) -> _Shape:
+        """The open count, oldest opening and next expiry; O(n) only after they may have changed."""
+        shape = self._shape
+        if shape is not None:
+            return shape
+        opened = [p for p in self._positions.values() if p.position != 0.0]
+        oldest = min((p.opened_ts for p in opened if p.opened_ts is not None), default=None)
+        dated = []
+        for p in opened:
+            info = self._instruments.get(p.instrument)
+            if info is not None and info.expiry_ts is not None and info.type is not InstrumentType.PERPETUAL:
+                dated.append((info.expiry_ts, p.instrument))
+        soonest = min(dated, default=None)
+        self._price_ages = [(t.exchange_ts, p.instrument) for p in opened
+                            if (t := self._ticks.get(p.instrument)) is not None]
+        heapq.heapify(self._price_ages)
+        self._shape = shape = _Shape(
+            open_positions=len(opened),
+            oldest=oldest,
+            next_expiry=None if soonest is None else Expiry(instrument=soonest[1], expiry_ts=soonest[0]),
+            unpriced=len(opened) - len(self._price_ages),
+        )
+        return shape
 
     def _row(self, p: _Position) -> SnapshotPosition:
         """One position's snapshot row, built without re-validation (inputs were validated)."""
@@ -629,6 +713,7 @@ class Ledger:
             underlying=info.underlying if info else None,
             instrument_type=info.type if info else None,
             expiry_ts=info.expiry_ts if info else None,
+            volume_tick_size=info.volume_tick_size if info else None,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -649,6 +734,7 @@ class Ledger:
             self._note_index(name, tick)
         p = self._positions.get(name)
         if p is not None:
+            self._shape = None
             self._revalue(p)
 
     def moves_snapshot(self, instrument: str) -> bool:
@@ -674,6 +760,10 @@ class Ledger:
             self._funding_input(p, tick.exchange_ts, tick.funding_mark)
             self._value(p)
             self._move_sums(before, p.contributions())
+            if held is None:
+                self._shape = None  # its first price
+            elif p.position != 0.0:
+                self._note_price_age(tick.exchange_ts, name)
         self._note_index(name, tick)
         return True
 
@@ -685,6 +775,7 @@ class Ledger:
             return FillOutcome.BEFORE_HORIZON
         self._remember(fill.trade_id, fill.exchange_ts)
         self._note_input(fill.ingest_ts)
+        self._shape = None
         p = self._position_for(fill.instrument)
         before = p.contributions()
         fee, estimated = self._fee_of(fill)
@@ -719,6 +810,8 @@ class Ledger:
         it, so they become the de-duplication horizon.
         """
         self._positions = {}
+        self._full_due = True
+        self._shape = None
         self._index_users.clear()
         self._drift_since.clear()
         self._drift.clear()
@@ -827,6 +920,8 @@ class Ledger:
             self._value(p)
             kept[name] = p
         self._positions = kept
+        self._full_due = True
+        self._shape = None
         self._recount()
         return True
 
@@ -1030,6 +1125,7 @@ class Ledger:
         the ledger's of the old one.
         """
         p = self._position_for(name)
+        self._shape = None
         before = p.contributions()
         self._funding_input(p, report_ts, None)
         q = p.position
@@ -1091,6 +1187,7 @@ class Ledger:
         """Mark one position: unrealised P&L, funding, exit price, closing cost."""
         name = p.instrument
         self._rows.pop(name, None)
+        self._changed[name] = None
         q = p.position
         tick = self._ticks.get(name)
         if tick is None:
@@ -1177,6 +1274,13 @@ class Ledger:
             rates = self._rates[name] = rates_for(self._config.fees, name, None)
         return rates
 
+    def _note_price_age(self, ts: float, name: str) -> None:
+        """Remember an open position's newest price time; compact the heap when it outgrows the book."""
+        heap = self._price_ages
+        heapq.heappush(heap, (ts, name))
+        if len(heap) > 4 * len(self._positions) + 64:
+            self._shape = None  # rebuilt from the current prices on the next read
+
     def _move_sums(self, before: tuple[float, ...], after: tuple[float, ...]) -> None:
         for running, old, new in zip(self._sums, before, after, strict=True):
             if old != new:
@@ -1185,9 +1289,9 @@ class Ledger:
 
     def _recount(self) -> None:
         """Rebuild the running sums from the positions (after bulk changes)."""
-        self._sums = tuple(_RunningSum() for _ in range(6))
+        self._sums = tuple(_RunningSum() for _ in range(SUMS))
         for p in self._positions.values():
-            self._move_sums((0.0,) * 6, p.contributions())
+            self._move_sums((0.0,) * SUMS, p.contributions())
 
     # ------------------------------------------------------------ bookkeeping
 

@@ -52,6 +52,7 @@ from services.common.contracts import (
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, run_timer, service_main
 from services.common.signing import require_command_key, sign_command
+from services.common.snapshots import Fold, read_view
 from services.takeprofit.answers import EXPIRED, NOT_CLOSABLE, answer_control, expired
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
 
@@ -129,8 +130,9 @@ class TakeProfitService:
         raw = await self.bus.redis.get(self.state_key)
         if not raw:
             self.engine = RulesEngine(self.settings.portfolio_take_profit)
-            return
-        self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, raw)
+        else:
+            self.engine = RulesEngine.from_state(self.settings.portfolio_take_profit, raw)
+        await self._read_view()
         if self.engine.in_flight is not None:
             log.info("resuming with closure %s in flight", self.engine.in_flight.command_id)
 
@@ -138,6 +140,16 @@ class TakeProfitService:
         """The timer: time barriers, cool-down end, and leases that ran out with no report."""
         interval = self.settings.portfolio_take_profit.check_interval_seconds
         await run_timer("takeprofit", interval, self.bus, self.lock, self.on_timer, self.load)
+
+    async def _read_view(self) -> None:
+        """Every position from the portfolio's rows hash and its newest snapshot (one transaction).
+
+        The hash may be ahead of the snapshots still to handle: their rows are then already in
+        the view (folding skips them) and their totals are decided on as they come.
+        """
+        self.engine.view, _ = await read_view(self.bus.redis, self.names)
+        log.info("positions view read: %d rows at snapshot #%s", len(self.engine.view.rows),
+                 self.engine.view.seq)
 
     async def _read_mirrors(self) -> None:
         self.lease_held = bool(await self.bus.redis.exists(self.lease_key))
@@ -152,7 +164,7 @@ class TakeProfitService:
         every tick of them, so silence longer than `stale_after_seconds` means it is not.
         """
         problem = freshness_problem(self.engine.last_snapshot, time.time(),
-                                    self.settings.portfolio.stale_after_seconds)
+                                    self.settings.portfolio.stale_after_seconds, self.engine.view)
         if problem is not None:
             raise Unhealthy(*problem)
         return True
@@ -164,6 +176,10 @@ class TakeProfitService:
         now = time.time()
         external = self._external()
         for delivery in batch:
+            if self.engine.view.fold(delivery.doc) is Fold.GAP:  # an entry never seen: re-read the rows
+                log.warning("snapshot #%d does not follow #%s: re-reading the positions", delivery.doc.seq,
+                            self.engine.view.seq)
+                await self._read_view()
             decision = self.engine.on_snapshot(delivery.doc, now, external)
             if decision is not None:
                 await self._write_decision(decision, pipe, now)
@@ -326,7 +342,12 @@ class TakeProfitService:
         )
 
     async def _volume_ticks(self, instruments: list[str]) -> dict[str, float]:
-        """Cached: a decision costs no Redis round trip for instruments seen before."""
+        """Carried by the snapshot's rows (v2); read from `tp:instruments` (cached) only when not."""
+        rows = self.engine.view.rows
+        for i in instruments:
+            row = rows.get(i)
+            if row is not None and row.volume_tick_size is not None:
+                self.volume_ticks[i] = row.volume_tick_size
         missing = [i for i in instruments if i not in self.volume_ticks]
         if missing:
             await self._read_volume_ticks(missing, time.time())

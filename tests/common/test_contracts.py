@@ -165,8 +165,19 @@ VALID: dict[type[BaseModel], dict[str, Any]] = {
 def test_valid_document_round_trips_through_json(model: type[BaseModel]) -> None:
     doc = model.model_validate(VALID[model])
     text = doc.model_dump_json()
-    assert json.loads(text)["v"] == 1
+    assert json.loads(text)["v"] == (c.SNAPSHOT_VERSION if model is c.Snapshot else 1)
     assert model.model_validate_json(text) == doc
+
+
+def test_a_v1_snapshot_is_read_as_a_full_one_with_its_derived_figures() -> None:
+    """A reader of v2 still reads what an old portfolio wrote: every row, so the figures follow."""
+    doc = dict(VALID[c.Snapshot], v=1)
+    snap = c.Snapshot.model_validate_json(json.dumps(doc), strict=True)
+    assert snap.full and snap.open_positions == sum(1 for p in snap.positions if p.position != 0)
+    with pytest.raises(ValidationError, match="always full"):
+        c.Snapshot.model_validate_json(json.dumps(dict(doc, full=False)), strict=True)
+    with pytest.raises(ValidationError, match="snapshot version"):
+        c.Snapshot.model_validate_json(json.dumps(dict(doc, v=3)), strict=True)
 
 
 # (model, field path to change, bad value, the field the error must name)

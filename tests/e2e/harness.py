@@ -61,6 +61,7 @@ from services.common.bus import entry_document, raise_if_cancelled
 from services.common.contracts import Command
 from services.common.redis_server import RedisServer, free_port
 from services.common.signing import is_authentic
+from services.common.snapshots import read_view
 from services.common.streams import Names
 from services.paper.keys import generate_key
 
@@ -558,8 +559,8 @@ class Pipeline:
 
     async def latest_snapshot(self) -> dict[str, Any] | None:
         assert self.redis is not None
-        latest = await self.redis.xrevrange(self.names.snapshots, count=1)
-        return entry_document(latest[0][1])[1] if latest else None
+        view, header = await read_view(self.redis, self.names)  # v2: the rows from the portfolio's hash
+        return None if header is None else view.full_snapshot(header).model_dump(mode="json")
 
     async def stream_docs(self, stream: str) -> list[tuple[str, dict[str, Any] | None]]:
         assert self.redis is not None

@@ -15,6 +15,7 @@ from services.common.contracts import (
     Report,
     ReportStatus,
     Snapshot,
+    SnapshotPosition,
     halt_from_hash,
 )
 from services.common.streams import Names
@@ -347,3 +348,35 @@ async def test_a_failed_timer_transaction_is_forgotten_before_anything_else(
         await xadd(redis, names.snapshots, live(1, 2.0))  # handled only after the reload
         command = await one_command(redis, names)
     assert command.snapshot_seq == 1 and service.bus.restore_due is None
+
+
+async def test_deltas_are_folded_and_a_gap_or_a_start_reads_the_portfolios_rows(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    """v2 snapshots carry only changed rows: the command closes every position all the same.
+
+    Started with the rows already in `tp:snapshot:positions` (as the portfolio writes them), the
+    service reads them; a delta that does not follow the last one seen makes it read them again.
+    """
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    eth, sol = pos("ETH-PERPETUAL", -2.0, underlying="ETHUSD"), pos("SOL-PERPETUAL", 3.0, underlying="SOLUSD")
+    btc = pos("BTC-PERPETUAL", 1.0)
+    first = live(1, 0.0, positions=[btc, eth])
+    await xadd(redis, names.snapshots, first)
+    rows = {p.instrument: p.model_dump_json() for p in (btc, eth)}
+    await redis.hset(names.snapshot_positions, mapping=rows)  # type: ignore[arg-type]
+
+    def delta(seq: int, net: float, rows: list[SnapshotPosition]) -> Snapshot:
+        return live(seq, net, positions=rows).model_copy(update={"full": False, "open_positions": 3})
+
+    async with in_process(build, settings, "takeprofit"):
+        # seq 2 changes SOL; seq 3 is "lost" (never written: the service sees a gap at 4 and re-reads)
+        await xadd(redis, names.snapshots, delta(2, 0.5, [sol]))
+        await redis.hset(names.snapshot_positions, "SOL-PERPETUAL", sol.model_dump_json())
+        moved = pos("ETH-PERPETUAL", -1.5, underlying="ETHUSD")
+        await redis.hset(names.snapshot_positions, "ETH-PERPETUAL", moved.model_dump_json())
+        await xadd(redis, names.snapshots, delta(4, 1.25, []))
+        command = await one_command(redis, names)
+    assert command.snapshot_seq == 4
+    assert sorted((p.instrument, p.amount) for p in command.positions) == [
+        ("BTC-PERPETUAL", 1.0), ("ETH-PERPETUAL", -1.5), ("SOL-PERPETUAL", 3.0)]
