@@ -729,7 +729,7 @@ class RulesEngine:
     def _note_rebuild(self, snap: Snapshot, now: float, external: External) -> None:
         """Mark the epoch `rebuilt` when its first open position appears during a halt or cool-down."""
         epoch = self._s.epoch
-        if epoch is None or epoch.seen_open or not self.view.open_positions():
+        if epoch is None or epoch.seen_open or not snap.open_positions:  # the header: no scan of the rows
             return
         epoch.seen_open = True
         epoch.rebuilt = self._halted(external) or self.breaker.is_open or self._cooling(now, external)
