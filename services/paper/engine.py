@@ -45,7 +45,7 @@ from services.paper.errors import (
     RpcError,
 )
 from services.paper.market import Instrument, Market, align_down, is_aligned
-from services.paper.paging import names_filter, page
+from services.paper.paging import history_filter, page
 from services.paper.params import choice, flag, number
 
 __all__ = [
@@ -618,39 +618,12 @@ class Engine:
 
     def trade_history(self, account: Account, params: dict[str, Any], now: float) -> dict[str, Any]:
         """Trades filtered by ``time_low``/``time_high``/``instrument_names``/``bot_ids``, paged."""
-        keeps = [
-            f
-            for f in (
-                names_filter(params, "instrument_names", "instrument_name"),
-                names_filter(params, "bot_ids", "bot_id"),
-            )
-            if f is not None
-        ]
-        return page(
-            account.trades,
-            params,
-            time_key="time",
-            result_key="trades",
-            keep=(lambda t: all(f(t) for f in keeps)) if keeps else None,
-            visible_until=now - self.history_delay,
-        )
+        return page(account.trades, params, time_key="time", result_key="trades",
+                    keep=history_filter(params), visible_until=now - self.history_delay)
 
     def order_history(self, account: Account, params: dict[str, Any]) -> dict[str, Any]:
-        keeps = [
-            f
-            for f in (
-                names_filter(params, "instrument_names", "instrument_name"),
-                names_filter(params, "bot_ids", "bot_id"),
-            )
-            if f is not None
-        ]
-        return page(
-            account.order_history,
-            params,
-            time_key="close_time",
-            result_key="orders",
-            keep=(lambda o: all(f(o) for f in keeps)) if keeps else None,
-        )
+        return page(account.order_history, params, time_key="close_time", result_key="orders",
+                    keep=history_filter(params))
 
     # Booking trades
 

@@ -69,3 +69,10 @@ def names_filter(params: dict[str, Any], param: str, field: str) -> Callable[[di
         raise RpcError(INVALID_REQUEST, f"{param} must be a comma-separated string")
     wanted = {part for part in value.split(",") if part}
     return lambda item: item.get(field) in wanted
+
+
+def history_filter(params: dict[str, Any]) -> Callable[[dict[str, Any]], bool] | None:
+    """Order and trade history: ``instrument_names`` and ``bot_ids`` together (None: keep everything)."""
+    keeps = [f for f in (names_filter(params, "instrument_names", "instrument_name"),
+                         names_filter(params, "bot_ids", "bot_id")) if f is not None]
+    return (lambda item: all(f(item) for f in keeps)) if keeps else None
