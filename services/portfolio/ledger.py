@@ -526,7 +526,10 @@ class Ledger:
         self._rows: dict[str, SnapshotPosition] = {}
         """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
         self._changed: dict[str, None] = {}
-        """Positions whose row changed since the last published snapshot (its delta)."""
+        """Positions valued again since the last published snapshot (its delta's candidates)."""
+        self._published: dict[str, SnapshotPosition] = {}
+        """Each position's row as last published: a delta leaves out a row equal to it (a ticker
+        re-sent at the same prices values a position again and changes nothing)."""
         self._full_due = True
         """The next published snapshot must be full: nothing published yet, or rows left the book."""
         self._shape: _Shape | None = None
@@ -612,15 +615,24 @@ class Ledger:
     def publish(self, seq: int, now: float, stale_after_seconds: float) -> Snapshot:
         """The snapshot to publish: full when due (first one, rows left the book), else the delta.
 
-        A delta carries the rows changed since the last published snapshot, so its cost grows
+        A delta carries the rows that differ from the ones last published, so its cost grows
         with the positions a batch changed, not with the positions held; the totals and derived
         figures are the whole account's either way (running sums, `_Shape`, the price heap).
         """
         full = self._full_due
         if full:
             rows = self.rows()
+            self._published = {row.instrument: row for row in rows}
         else:
-            rows = [self._row_of(self._positions[n]) for n in self._changed if n in self._positions]
+            rows = []
+            for name in self._changed:
+                p = self._positions.get(name)
+                if p is None:
+                    continue
+                row = self._row_of(p)
+                if self._published.get(name) != row:
+                    rows.append(row)
+                    self._published[name] = row
         self._changed.clear()
         self._full_due = False
         return self._snapshot(seq, now, stale_after_seconds, rows, full=full)

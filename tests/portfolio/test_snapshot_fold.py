@@ -29,6 +29,7 @@ from services.common.contracts import Snapshot
 from services.common.snapshots import Fold, SnapshotView
 from services.portfolio.ledger import Ledger
 from services.takeprofit.rules import RulesEngine
+from tests.portfolio import factories
 from tests.portfolio.factories import BTC_CALL, BTC_PERP, ETH_FUTURE, INFOS, config
 from tests.portfolio.test_ledger_properties import (
     BUFFER,
@@ -123,3 +124,34 @@ def test_folding_the_published_snapshots_reproduces_the_full_snapshot(
         rows = len(published.positions)
         event("full" if published.full else f"delta of {rows if rows < 2 else 'more'} rows")
         event(f"decision: {decided['reason']}" if isinstance(decided, dict) else f"no decision: {decided}")
+
+
+def test_a_ticker_re_sent_at_the_same_prices_leaves_its_row_out_of_the_delta() -> None:
+    """An options book's tickers are re-sent many times a second at unchanged prices: a delta lists
+    only rows whose figures moved, so a snapshot under that load stays small."""
+    book = factories.ledger()
+    book.apply_fill(factories.fill(BTC_PERP, "buy", 0.1, 100_000.0, ts=1_000.0))
+    book.apply_fill(factories.fill(ETH_FUTURE, "sell", 1.0, 3_000.0, ts=1_000.0))
+    book.apply_tick(factories.tick(BTC_PERP, 100_000.0, best_bid=99_990.0, best_ask=100_010.0, ts=1_001.0))
+    book.apply_tick(factories.tick(ETH_FUTURE, 3_000.0, best_bid=2_999.0, best_ask=3_001.0, ts=1_001.0))
+    first = book.publish(1, 1_001.0, STALE_AFTER)
+    assert first.full and {p.instrument for p in first.positions} == {BTC_PERP, ETH_FUTURE}
+
+    # the same prices again, a second later: both positions valued again, neither row differs
+    book.apply_tick(factories.tick(BTC_PERP, 100_000.0, best_bid=99_990.0, best_ask=100_010.0, ts=1_002.0))
+    book.apply_tick(factories.tick(ETH_FUTURE, 3_000.0, best_bid=2_999.0, best_ask=3_001.0, ts=1_002.0))
+    same = book.publish(2, 1_002.0, STALE_AFTER)
+    assert not same.full and same.positions == []
+    assert same.net_after_close == first.net_after_close
+
+    # the perpetual's mark moves by 10: its row only (unrealised 0.1 × 10 = 1.0 more)
+    book.apply_tick(factories.tick(BTC_PERP, 100_010.0, best_bid=100_000.0, best_ask=100_020.0, ts=1_003.0))
+    book.apply_tick(factories.tick(ETH_FUTURE, 3_000.0, best_bid=2_999.0, best_ask=3_001.0, ts=1_003.0))
+    moved = book.publish(3, 1_003.0, STALE_AFTER)
+    assert [p.instrument for p in moved.positions] == [BTC_PERP]
+    assert moved.unrealized_pnl - first.unrealized_pnl == 0.1 * 10.0
+
+    view = SnapshotView()
+    for snap in (first, same, moved):
+        assert view.fold(snap) is Fold.APPLIED
+    assert_same(view.full_snapshot(moved), book.snapshot(3, 1_003.0, STALE_AFTER))
