@@ -219,6 +219,10 @@ class SnapshotPosition(BaseModel):
     mark: Price
     exit_price: Price
     exit_price_source: ExitPriceSource = ExitPriceSource.MARK
+    exit_within_depth: bool | None = None
+    """The book levels the tick carried held the whole position at `exit_price` (source `book`, not
+    beyond the carried depth). The executor sends a hedged book's first wave from the command only
+    when every leg was (docs/executor.md). Absent: not known (a portfolio older than this field)."""
     realized_pnl: float
     unrealized_pnl: float
     funding_pnl: float
@@ -364,6 +368,8 @@ class PositionToClose(BaseModel):
     again (docs/executor.md, "The first wave")."""
     mark: Price | None = None
     """The mark at the decision: how far `exit_price` is through the book (the executor's cap)."""
+    exit_within_depth: bool | None = None
+    """The snapshot row's: the book at the decision held the whole amount at `exit_price`."""
 
     @model_validator(mode="after")
     def _nonzero(self) -> PositionToClose:

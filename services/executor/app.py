@@ -31,7 +31,7 @@ from services.common.reference import ReferenceReader
 from services.common.service import Health, Runnable, service_main
 from services.common.signing import ForgedCommand, require_command_key, verify_command
 from services.common.thalex import NO_CODE, ConnectionLost, LoginRejected, ThalexError
-from services.executor.clearing import kinds
+from services.executor.clearing import Answer, kinds
 from services.executor.exchange import TradingSession
 from services.executor.market import Ask, Market, WaveReads, settle_quietly
 from services.executor.metrics import (
@@ -259,12 +259,13 @@ class Executor:
             return
         reads: WaveReads | None = None
         try:
-            if work.progress.stage is Stage.RECEIVED:
-                reads = await self._cancel_orders(work, resumed, early_cancel, first)
-            if resumed:
-                await self._resync(work)
             if first is not None:
-                await self._send_decision_wave(work, first)
+                await self._send_decision_wave(work, first, early_cancel)
+            else:
+                if work.progress.stage is Stage.RECEIVED:
+                    reads = await self._cancel_orders(work, resumed)
+                if resumed:
+                    await self._resync(work)
             await self._close(work, reads)
         except ThalexError as exc:  # a request the executor cannot do without (e.g. the login refused)
             work.progress.error = ExchangeError(code=exc.code, message=exc.message)
@@ -277,17 +278,16 @@ class Executor:
             if reads is not None:
                 reads.cancel()
 
-    async def _cancel_orders(self, work: Work, resumed: bool, early_cancel: asyncio.Task[Any] | None,
-                             first: list[Order] | None) -> WaveReads | None:
+    async def _cancel_orders(self, work: Work, resumed: bool) -> WaveReads | None:
         """Clear the account first (`clearing.py`: orders, mass quotes, conditional orders, bots), so
         nothing can rebuild the position; the first wave's reads go out with it (a partial closure's
-        portfolio only after it, so `position_before` cannot move under it; a first wave priced from
-        the command reads nothing). No order before the round is answered."""
+        portfolio only after it, so `position_before` cannot move under it). No order of the usual
+        path leaves before the round is answered."""
         progress = work.progress
-        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early_cancel)) \
+        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), None)) \
             if self.clearing else None  # created first: sent first
         reads = None
-        if not resumed and first is None:
+        if not resumed:
             reads = WaveReads.start(self.market, self._ask(work), progress.open_legs(), progress.groups,
                                     positions=clear is None or progress.full)
         if clear is not None:
@@ -301,15 +301,41 @@ class Executor:
         progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the round
         return reads
 
-    async def _send_decision_wave(self, work: Work, wave: list[Order]) -> None:
-        """Send the first wave planned at the claim (its `order_sent` is in Redis already)."""
+    async def _send_decision_wave(self, work: Work, wave: list[Order],
+                                  early_cancel: asyncio.Task[list[Answer]] | None) -> None:
+        """Send the first wave planned at the claim (its `order_sent` is in Redis already), right behind
+        the clearing round that went out with the claim.
+
+        The round's requests were written to the session before the claim's answer came back, and
+        the exchange handles one connection's requests in order: every cancel acts before the first
+        order, so the orders need not wait for the answers (docs/executor.md). A refused or
+        unanswered `cancel_all` still fails the command, once the wave that went out with it is
+        settled (its fills counted).
+        """
+        progress = work.progress
+        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early_cancel)) \
+            if self.clearing else None
         TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
-        # the outbox (`received`, `order_sent`) and `orders_cancelled` are published as the orders leave
-        sends = asyncio.gather(*(self.session.send(order, work.progress.label, work.check) for order in wave))
-        outcomes, _ = await asyncio.gather(sends, self.store.commit(work))
+        # the outbox (`received`, `order_sent`) is published as the orders leave, the round's reports after
+        sends = asyncio.gather(*(self.session.send(order, progress.label, work.check) for order in wave))
+        try:
+            outcomes, _ = await asyncio.gather(sends, self.store.commit(work))
+        except BaseException:
+            settle_quietly(clear, cancel=True)
+            raise
+        refused: ThalexError | ConnectionLost | None = None
+        if clear is not None:
+            try:
+                await clear
+                progress.to(Stage.ORDERS_CANCELLED)
+            except (ThalexError, ConnectionLost) as exc:
+                refused = exc
+        progress.to(Stage.CLOSING)
         pause = await self._settle(work, outcomes, from_decision=True)
+        if refused is not None:
+            raise refused
         if pause:
-            await asyncio.sleep(min(pause, max(0.0, work.progress.deadline_ts - time.time())))
+            await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 
     def _ask(self, work: Work) -> Ask:
         """The requests of a command: retried until its deadline, while it holds its lease."""

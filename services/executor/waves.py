@@ -107,13 +107,18 @@ def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers
                   now: float, max_age: float) -> list[Order] | None:
     """The first wave priced from the command itself, or None for the usual path.
 
-    Only for a `fresh_full_closure` with no leg hedged against another (a hedged unwind is
-    sized against the book's depth, read fresh) and every limit within `buffers.ceiling` of its
-    mark (no deeper through the book than the usual waves may go).
+    Only for a `fresh_full_closure` with every limit within `buffers.ceiling` of its mark (no
+    deeper through the book than the usual waves may go). Legs hedged against each other (one
+    underlying) go too when the book at the decision held each of them whole
+    (`exit_within_depth`): every leg is then sent in full, so if every order fills what that book
+    showed the underlying is flat after the wave, within any hedge bound (what `plan.hedge_wave`
+    promises of a wave sized from a fresh read). Otherwise a hedged unwind is sized against the
+    book's depth, read fresh.
     """
     if not fresh_full_closure(command, now, max_age):
         return None
-    if hedged([p.instrument for p in command.positions], infos, command.groups or []):
+    together = hedged([p.instrument for p in command.positions], infos, command.groups or [])
+    if any(p.instrument in together and p.exit_within_depth is not True for p in command.positions):
         return None
     wave = []
     for p in command.positions:

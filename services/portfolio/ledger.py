@@ -714,6 +714,7 @@ class Ledger:
             mark=p.mark,
             exit_price=p.exit.price,
             exit_price_source=p.exit.source,
+            exit_within_depth=p.exit.source is ExitPriceSource.BOOK and not p.exit.beyond_depth,
             realized_pnl=p.realized_pnl,
             unrealized_pnl=p.unrealized_pnl,
             funding_pnl=p.funding_pnl,

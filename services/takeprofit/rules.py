@@ -865,7 +865,8 @@ def _toward_zero(amount: float, tick: float | None) -> float:
 def _to_close(p: SnapshotPosition, fraction: float, priced: bool) -> PositionToClose:
     """`fraction` of a position; with its exit price and mark only when they are fresh (`priced`)."""
     return PositionToClose(instrument=p.instrument, amount=p.position * fraction,
-                           exit_price=p.exit_price if priced else None, mark=p.mark if priced else None)
+                           exit_price=p.exit_price if priced else None, mark=p.mark if priced else None,
+                           exit_within_depth=p.exit_within_depth if priced else None)
 
 
 def _stale_positions(snap: Snapshot, view: SnapshotView | None = None) -> tuple[str, ...]:

@@ -1,9 +1,10 @@
 """The first wave of a fresh full closure, priced from the command: no market read before the order.
 
 Take-profit's command carries the exit price the portfolio valued each position at. For a full
-closure decided less than a second ago the executor sends `cancel_all` with its claim, writes the
-first wave's `order_sent` in the claim's own Lua call, and sends the orders as soon as
-`cancel_all` is answered. Anything else (old, partial, hedged, replayed) takes the usual path.
+closure decided less than a second ago the executor sends the clearing round with its claim, writes
+the first wave's `order_sent` in the claim's own Lua call, and sends the orders as soon as the claim
+is won, right behind the round on the same connection (the exchange handles them in order). Anything
+else (old, partial, hedged beyond the book's depth, replayed) takes the usual path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from redis.asyncio import Redis
 
 from services.common.contracts import Report, ReportStatus
 from services.common.streams import Names
+from services.executor.clearing import kinds, round_requests
 from services.executor.plan import Progress
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
@@ -44,16 +46,17 @@ def best_bid(paper: PaperHandle) -> float:
 
 
 def recording(session: Any, events: Events, before_insert: Any = None) -> None:
-    """Wrap the executor's requests: every method sent and answered, cancel_all answered late."""
+    """Wrap the executor's requests: every method sent and answered, cancel_all's answer held back
+    `CANCEL_DELAY` (the request itself leaves at once, so the exchange handles it in its place)."""
     real = session.request
 
     async def request(method: str, *args: Any, **kwargs: Any) -> Any:
         events.append((f"{method}:sent", time.monotonic(), args, kwargs))
-        if method == "cancel_all":
-            await asyncio.sleep(CANCEL_DELAY)
         if method == "insert" and before_insert is not None:
             await before_insert()
         result = await real(method, *args, **kwargs)
+        if method == "cancel_all":
+            await asyncio.sleep(CANCEL_DELAY)
         events.append((f"{method}:answered", time.monotonic(), args, kwargs))
         return result
 
@@ -103,8 +106,11 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     events = [e for e in events if not e[0].startswith("instrument:")]
     names_in_order = [name for name, *_ in events]
     first_insert = names_in_order.index("insert:sent")
-    assert names_in_order[0] == "cancel_all:sent"
-    assert names_in_order.index("cancel_all:answered") < first_insert, "no order before cancel_all's answer"
+    # the whole clearing round leaves first, on the same connection (handled in order by the exchange),
+    # and the first order right behind it, without waiting for the answers
+    round_sent = [f"{method}:sent" for _, method in round_requests(kinds(True, True, True, True))]
+    assert names_in_order[:len(round_sent)] == round_sent
+    assert first_insert < names_in_order.index("cancel_all:answered"), "the order waited for the answers"
     assert not {n.split(":")[0] for n in names_in_order[:first_insert]} & READS, names_in_order[:first_insert]
     # priced from the command: a sell 0.5 % through the exit price, rounded up to the 1.0 tick
     _, _, args, kwargs = events[first_insert]
@@ -195,6 +201,27 @@ async def test_a_replayed_fresh_command_cancels_nothing(
     )
     assert got[-1].status is ReportStatus.DUPLICATE
     assert len((await paper.control("paper/order_log", {"key_id": "trader"}))["orders"]) == before
+
+
+async def test_a_refused_cancel_all_fails_the_command_after_the_wave_that_went_with_it_is_counted(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """The first order does not wait for `cancel_all`'s answer: when the answer is a refusal (the
+    round sent with the claim, and its retry), the order has filled already. Its fill is counted and
+    the command still ends `failed`, naming the refusal: the account was not cleared."""
+    await open_positions(paper, {PERP: 0.2})
+    await paper.control("paper/fail_next", {"code": 7, "count": 2, "methods": ["private/cancel_all"],
+                                            "key_id": "trader", "message": "not permitted"})
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        command = make_command({PERP: 0.2}, exit_prices={PERP: best_bid(paper)})
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    statuses = [r.status for r in got]
+    assert statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT]
+    assert ReportStatus.FILLED in statuses and statuses[-1] is ReportStatus.FAILED
+    assert statuses.index(ReportStatus.FILLED) < statuses.index(ReportStatus.FAILED)
+    error = got[-1].error
+    assert error is not None and error.code == 7 and "not permitted" in error.message
+    assert account_positions(paper)[PERP] == 0
 
 
 async def test_reports_a_crash_left_in_the_outbox_are_published_when_the_command_resumes(

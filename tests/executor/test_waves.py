@@ -358,7 +358,29 @@ def test_the_first_wave_is_priced_from_the_command_only_when_it_may_be() -> None
     assert decision_wave(partial, infos, BUFFERS, NOW, 1.0) is None
     assert decision_wave(command({"A": 0.5}), infos, BUFFERS, NOW, 1.0) is None  # no prices
     hedged = command({"A": 0.5, "B": -0.5}, marks={"A": 100.0, "B": 100.0})
-    assert decision_wave(hedged, infos, BUFFERS, NOW, 1.0) is None  # one underlying: read the book
+    assert decision_wave(hedged, infos, BUFFERS, NOW, 1.0) is None  # one underlying, depth unknown: read it
+
+
+def within_depth(cmd: Command, *instruments: str) -> Command:
+    return cmd.model_copy(update={"positions": [
+        p.model_copy(update={"exit_within_depth": p.instrument in instruments}) for p in cmd.positions]})
+
+
+def test_a_hedged_first_wave_is_priced_from_the_command_when_the_book_held_every_leg_whole() -> None:
+    """An options book: every leg on one underlying. When the decision's book held each leg whole at
+    its exit price, the whole book goes in the first wave (if every order fills what that book showed,
+    the underlying is flat after it: net delta 0, within any hedge bound); one leg beyond the book's
+    depth (or not known) sends the whole underlying down the usual path, sized from a fresh read."""
+    infos = {"A": spec(), "B": spec(), "C": spec().model_copy(update={"underlying": "ETHUSD"})}
+    book = command({"A": 0.5, "B": -0.3, "C": 0.2}, marks={"A": 100.0, "B": 100.0, "C": 100.0})
+    orders = decision_wave(within_depth(book, "A", "B", "C"), infos, BUFFERS, NOW, 1.0) or []
+    # A: sell 0.5 at 100 x (1 - 0.005) = 99.5; B: buy 0.3 at 100 x 1.005 = 100.5; C alone on ETHUSD
+    assert [(o.instrument, o.side, o.amount, o.price) for o in orders] == [
+        ("A", Side.SELL, 0.5, 99.5), ("B", Side.BUY, 0.3, 100.5), ("C", Side.SELL, 0.2, 99.5)]
+    # B's size was beyond the carried depth: A and B go the usual way, and so does the rest
+    assert decision_wave(within_depth(book, "A", "C"), infos, BUFFERS, NOW, 1.0) is None
+    # C is alone on its underlying: its own depth does not matter (no hedge to keep)
+    assert decision_wave(within_depth(book, "A", "B"), infos, BUFFERS, NOW, 1.0) is not None
     far = command({"A": 0.5}, marks={"A": 100.0})
     far = far.model_copy(update={"positions": [far.positions[0].model_copy(update={"mark": 120.0})]})
     assert decision_wave(far, infos, BUFFERS, NOW, 1.0) is None  # 99.5 is 17 % from 120: past the ceiling

@@ -288,8 +288,12 @@ def test_a_position_beyond_the_carried_depth_is_listed() -> None:
     assert row.exit_price == approx(150_250 / 3)
     assert row.exit_price_source is ExitPriceSource.BOOK
     assert book.beyond_depth() == [BTC_FUTURE]
+    assert row.exit_within_depth is False  # the executor must size this close from a fresh book
     book.apply_tick(tick(BTC_FUTURE, 50_100, bids=[(50_090, 5)], ts=1_001))
     assert book.beyond_depth() == []
+    assert only(book.snapshot(2, 1001, 10).positions, BTC_FUTURE).exit_within_depth is True
+    book.apply_tick(tick(BTC_FUTURE, 50_100, best_bid=50_090, ts=1_002))  # top of book: depth unknown
+    assert only(book.snapshot(3, 1002, 10).positions, BTC_FUTURE).exit_within_depth is False
 
 
 def test_empty_book_side_is_valued_at_mark_and_flagged() -> None:

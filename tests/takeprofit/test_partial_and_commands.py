@@ -56,6 +56,16 @@ def test_a_full_closure_lists_every_position_signed_like_the_position() -> None:
     assert (command.created_ts, command.deadline_ts) == (NOW + 1, NOW + 31)
 
 
+def test_a_command_says_whether_the_decision_book_held_each_leg_whole() -> None:
+    """The executor sends a hedged book's first wave from the command only when it did (issue 22)."""
+    book = [p.model_copy(update={"exit_within_depth": p.instrument != "ETH-PERPETUAL"})
+            for p in hedged_book()]
+    decision = RulesEngine(cfg()).on_snapshot(snap(7, 1.1, positions=book), NOW)
+    assert decision is not None
+    assert [(p.instrument, p.exit_within_depth) for p in decision.positions] == [
+        ("BTC-PERPETUAL", True), ("BTC-27JUN25-100000-C", True), ("ETH-PERPETUAL", False)]
+
+
 def test_flat_positions_are_not_listed_and_a_flat_book_decides_nothing() -> None:
     decision = RulesEngine(cfg()).on_snapshot(snap(1, 2.0, positions=[pos(), pos("ETH-PERPETUAL", 0.0)]), NOW)
     assert [p.instrument for p in decision.positions] == ["BTC-PERPETUAL"]

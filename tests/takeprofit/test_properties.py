@@ -88,7 +88,11 @@ def test_at_most_one_full_closure_per_epoch_unless_one_failed(config, script) ->
                 Control(action=ControlAction(kind), by="prop", ts=now), now, external
             )
         elif kind == "restart":
+            # as the shell restarts: the engine from its checkpoint, the rows read back from
+            # `tp:snapshot:positions` (the checkpoint holds no rows; without them a decision lists none)
+            view = engine.view
             engine = RulesEngine.from_state(config, engine.to_state())
+            engine.view = view
         if decision is not None:
             assert lease is None, "a decision while a closure is in flight"
             lease, fraction_in_flight = decision.command_id, decision.fraction
