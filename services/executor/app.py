@@ -14,7 +14,6 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio.client import Pipeline
 
@@ -166,16 +165,17 @@ class Executor:
             reports = [progress.report(ReportStatus.RECEIVED, now)]
             if first is None:
                 return progress, reports
-            # the first wave is planned in the progress; its reports wait in the outbox until it left
-            progress.outbox = reports + plan_decision_wave(progress, first, now)
+            # the first wave is planned in the progress; its reports wait unpublished until it left
+            progress.outbox = reports
+            plan_decision_wave(progress, first, now)
             return progress, []
 
         try:
             if first is not None and self.clearing:
                 # sent with the claim, not after it; only for a fresh command not seen before, so a
                 # replay (which the claim turns into a `duplicate`) cancels nothing
-                early_cancel = asyncio.create_task(self.clearing.send(self.session.request))
-                await asyncio.sleep(0)  # let it reach the socket before the claim is built and sent
+                early_cancel = self.clearing.start(self.session.request)
+                await asyncio.sleep(0)  # its requests reach the socket before the claim is built and sent
             claim = await self.store.claim(command.command_id, fresh)  # lease + progress + `received`
         except BaseException:
             settle_quietly(early_cancel)
@@ -252,7 +252,7 @@ class Executor:
         finally:
             await self.store.release(command.command_id, claim.token)
 
-    async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Task[Any] | None = None,
+    async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Future[list[Answer]] | None = None,
                     first: list[Order] | None = None) -> None:
         if self.config.dry_run:
             await self._dry_run(work)
@@ -302,7 +302,7 @@ class Executor:
         return reads
 
     async def _send_decision_wave(self, work: Work, wave: list[Order],
-                                  early_cancel: asyncio.Task[list[Answer]] | None) -> None:
+                                  early_cancel: asyncio.Future[list[Answer]] | None) -> None:
         """Send the first wave planned at the claim (its `order_sent` is in Redis already), right behind
         the clearing round that went out with the claim.
 

@@ -224,7 +224,7 @@ class WaveReads:
             settle_quietly(task, cancel=True)
 
 
-def settle_quietly(task: asyncio.Task[Any] | None, cancel: bool = False) -> None:
+def settle_quietly(task: asyncio.Future[Any] | None, cancel: bool = False) -> None:
     """Let a request nobody will await finish (or cancel it); its outcome (or error) is dropped."""
     if task is None:
         return

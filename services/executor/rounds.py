@@ -30,8 +30,9 @@ class ClearingRounds:
     def __bool__(self) -> bool:
         return bool(self.kinds)
 
-    async def send(self, ask: Ask) -> list[Answer]:
-        """Every request of one round, sent back to back in order; each one's answer."""
+    def start(self, ask: Ask) -> asyncio.Future[list[Answer]]:
+        """Every request of one round, each in a task created now, in order: they reach the socket,
+        in that order, the next time the caller yields. Resolves to each one's answer."""
         async def one(method: str) -> Answer:
             try:
                 return Answer(await ask(method))
@@ -40,15 +41,19 @@ class ClearingRounds:
             except ConnectionLost:
                 return Answer(answered=False)
 
-        return list(await asyncio.gather(*(one(method) for _, method in round_requests(self.kinds))))
+        return asyncio.gather(*(asyncio.create_task(one(method)) for _, method in round_requests(self.kinds)))
 
-    async def first(self, work: Work, ask: Ask, early: asyncio.Task[list[Answer]] | None) -> None:
+    async def send(self, ask: Ask) -> list[Answer]:
+        """Every request of one round, sent back to back in order; each one's answer."""
+        return list(await self.start(ask))
+
+    async def first(self, work: Work, ask: Ask, early: asyncio.Future[list[Answer]] | None) -> None:
         """The round sent with the claim, else (or for what of it failed) a retried one; its reports.
 
         A refused `cancel_all` still fails the command (as it always did); a refused removal of
         another kind is reported with its error and the closure goes on.
         """
-        answers = await early if early is not None else None
+        answers = list(await early) if early is not None else None
         if answers is None or cancel_refused(self.kinds, answers):
             if answers is not None:
                 log.warning("the clearing round sent with the claim failed in part (%s); retrying",

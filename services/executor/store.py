@@ -188,9 +188,9 @@ class Store:
             raise LeaseLost(progress.command_id)
 
     async def commit(self, work: Work) -> None:
-        """Save the work's progress with its reports; the outbox (`Progress.outbox`) is published first."""
-        reports = [*work.progress.outbox, *work.reports]
-        work.progress.outbox, work.reports = [], []
+        """Save the work's progress with its reports; what the progress holds unpublished goes first."""
+        reports = [*work.progress.take_unpublished(), *work.reports]
+        work.reports = []
         await self.save(work.progress, work.token, reports)
 
     async def keep_lease(self, work: Work) -> None:

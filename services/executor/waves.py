@@ -35,6 +35,7 @@ from services.executor.plan import (
     HedgeLeg,
     LegState,
     Progress,
+    SentOrder,
     Stage,
     book_depth,
     close_price,
@@ -130,16 +131,16 @@ def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers
     return wave
 
 
-def plan_decision_wave(progress: Progress, wave: Iterable[Order], now: float) -> list[Report]:
-    """Write the first wave into a new progress; returns its `order_sent` reports (for the outbox)."""
-    reports = []
+def plan_decision_wave(progress: Progress, wave: Iterable[Order], now: float) -> None:
+    """Write the first wave into a new progress; its `order_sent` reports are published by the next
+    save (`Progress.unreported`)."""
     for order in wave:
         leg = progress.legs[order.instrument]
         leg.position_before = leg.listed  # what the decision saw; a full closure closes what is there
         leg.orders_sent = 1
-        reports.append(_order_sent(progress, order, now))
+        progress.unreported.append(
+            SentOrder(instrument=order.instrument, side=order.side, amount=order.amount, price=order.price))
     progress.first_order_ts = now
-    return reports
 
 
 # The usual waves, from the exchange's figures
