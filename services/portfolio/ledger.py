@@ -649,9 +649,8 @@ class Ledger:
 
     def _snapshot(self, seq: int, now: float, stale_after_seconds: float, rows: list[SnapshotPosition],
                   *, full: bool) -> Snapshot:
-        """Positions are built without re-validation (the ledger made them from validated inputs);
-        the Snapshot itself is validated, so a non-finite figure anywhere reaches its totals and is
-        stopped here."""
+        """The rows are validated as they are built (`_row`); the Snapshot itself is validated too,
+        so a non-finite figure anywhere is stopped before anything is published."""
         totals = self.totals()
         estimated = self._sums[6].value
         shape = self._shape_now()
@@ -704,10 +703,12 @@ class Ledger:
         return shape
 
     def _row(self, p: _Position) -> SnapshotPosition:
-        """One position's snapshot row, built without re-validation (inputs were validated)."""
+        """One position's snapshot row, validated: pydantic-core's constructor is the cheaper one
+        (3.1 µs a row against 5.1 µs for `model_construct`'s Python loop; docs/performance.md), and a
+        non-finite figure is stopped at the row that carries it."""
         name = p.instrument
         info = self._instruments.get(name)
-        return SnapshotPosition.model_construct(
+        return SnapshotPosition(
             instrument=name,
             position=p.position,
             avg_entry=p.avg_entry,
