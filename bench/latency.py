@@ -9,9 +9,10 @@ perpetuals, futures and options (extra BTC options added to the paper: `tests/e2
 ticks flow on all of them at >= 2,000 ticker messages a second throughout (`TickLoad`: the paper
 re-sends every followed ticker and book, prices unchanged; on a small book, bursts of BTC-PERPETUAL
 tickers make up the rate). Every closure closes all N, so each trial first re-opens what the last
-one closed. The other N - 1 positions cost tens to hundreds of dollars to close, out of reach of a
-profit target (it must be > 0), so the barrier crossed is the emergency stop, on the same decision
-path: `emergency_close_threshold` is set 1.25 USD below what net_after_close is before the move
+one closed (`paper/trades`, 200 a call: `open_positions`). The other N - 1 positions cost tens to
+hundreds of dollars to close, out of reach of a profit target (it must be > 0), so the barrier
+crossed is the emergency stop, on the same decision path: `emergency_close_threshold` is set
+1.25 USD below what net_after_close is before the move
 (written to the config, take-profit restarted, whenever the level drifts out of that window), and
 the move is -250 on the same 0.01 BTC-PERPETUAL (about -2.5 USD).
 The sizes run in one pipeline, smallest first, and print one after another so the growth shows.

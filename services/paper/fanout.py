@@ -36,12 +36,17 @@ class Fanout:
 
     # Private channels
 
-    def publish(self, events: list[Event]) -> None:
-        """Fan engine events out: one notification per channel and connection, in route order."""
+    def publish(self, events: list[Event], summaries: bool = True) -> None:
+        """Fan engine events out: one notification per channel and connection, in route order.
+
+        ``summaries=False`` leaves out ``account.summary`` for a batch that books more trades before
+        its last publish (``paper/trades``): the summary is the whole account, sent once at the end.
+        """
         if not events:
             return
         exchange = self.exchange
-        traded = self._note_trades(events)
+        touched = self._note_trades(events)
+        traded = touched if summaries else set()
         private = ROUTES.channels() | {"account.summary"}
         for conn in exchange.connections:
             if conn.session is None or not conn.channels.intersection(private):

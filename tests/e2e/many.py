@@ -5,7 +5,8 @@ Shared by the fault test with 1,000 positions and the benchmarks (`bench/latency
 
 * `paper_module(extra)`: the argv that runs the stock paper exchange with `extra` more BTC options
   (it lists 28 instruments; this file is that process's entry point);
-* `open_positions`: N positions spread over the perpetuals, futures and options it lists;
+* `open_positions`: N positions spread over the perpetuals, futures and options it lists (`paper/trades`,
+  200 a call: one portfolio notification per call, not per position);
 * `TickLoad`: ticks on every followed instrument at a given rate while a test or a trial runs
   (`paper/set_index` to the index it already has: every raw ticker and book is sent again, and
   no price moves, so no figure does either).
@@ -29,6 +30,9 @@ from tests.e2e.harness import PERP, TRADER_KEY, Pipeline, eventually_value  # no
 
 STOCK_INSTRUMENTS = 20
 """Instruments of the stock paper exchange that `open_positions` may use besides the extra options."""
+TRADES_PER_CALL = 200
+"""`paper/trades` per control call: the portfolio lines and summary go out once per call, and the
+answer (every trade) stays a modest message."""
 
 
 def paper_module(extra: int) -> list[str]:
@@ -88,9 +92,11 @@ async def open_positions(pipeline: Pipeline, count: int, *, first: int = 0, wait
     if len(names) < count:
         raise RuntimeError(f"the paper lists only {len(names)} instruments; start it with more (--extra)")
     bought = {name: 0.01 if name == PERP else listed[name] for name in names[first:]}
-    for name, amount in bought.items():
-        await pipeline.control("paper/trade", {"key_id": key, "instrument_name": name, "direction": "buy",
-                                               "amount": amount})
+    batch = [{"instrument_name": name, "direction": "buy", "amount": amount}
+             for name, amount in bought.items()]
+    for start in range(0, len(batch), TRADES_PER_CALL):
+        await pipeline.control("paper/trades",
+                               {"key_id": key, "trades": batch[start:start + TRADES_PER_CALL]})
     if wait:
         await wait_open(pipeline, count // 2)
     return bought

@@ -13,6 +13,7 @@ from services.paper.testing import ControlClient, ControlError, PaperHandle
 
 from .conftest import PERP, problems
 from .official import Official
+from .test_paper_subscriptions import by_kind
 
 
 async def _now(paper: PaperHandle) -> float:
@@ -232,4 +233,56 @@ async def test_every_kind_of_market_maker_fill_reaches_the_guardian_as_a_fill_an
     assert line.position == pytest.approx(sum(f.signed_amount for f in fills))
     await control.stop_rogue_bot(rogue["rogue_id"])
     await control.close()
+    assert problems(client) == []
+
+
+@pytest.mark.asyncio
+async def test_trades_books_a_batch_with_every_trade_notified_and_the_portfolio_once(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    client: Official = await official(keys["trader"])
+    channels = ["account.trade_history", "account.portfolio", "account.summary"]
+    await client.result("private_subscribe", channels)
+    assert await client.notification("account.portfolio") == []
+    await client.notification("account.summary")
+    market = paper.exchange.market
+    names = [PERP, *(n for n in by_kind(paper, "option")[:4]), by_kind(paper, "future")[0]]
+    smallest = {n: market.instruments[n].min_order_amount for n in names}
+    batch = [
+        {"instrument_name": n, "direction": side, "amount": lots * smallest[n], "price": market.mark(n).price}
+        for side, lots in (("buy", 3), ("sell", 1))
+        for n in names[1:]
+    ]
+    batch += [{"instrument_name": PERP, "direction": "buy", "amount": 0.1} for _ in range(3)]  # off the book
+    result = await paper.control("paper/trades", {"key_id": "trader", "trades": batch})
+
+    held = {p["instrument_name"]: p["position"] for p in await client.result("portfolio")}
+    assert held == pytest.approx({PERP: 0.3, **{n: 2 * smallest[n] for n in names[1:]}})
+    line = await client.notification("account.portfolio")
+    assert {p["instrument_name"]: p["position"] for p in line} == pytest.approx(held)
+    await client.settle()
+    notified = [t["trade_id"] for n in client.of("account.trade_history") for t in n]
+    assert sorted(notified) == sorted(t["trade_id"] for t in result["trades"])
+    assert len(notified) == len(batch)
+    assert len(client.of("account.portfolio")) == 2  # the subscription's snapshot, then the batch's one
+    assert len(client.of("account.summary")) == 2
+
+    # One bad item refuses the whole call: nothing booked, nothing sent.
+    good = {"instrument_name": PERP, "direction": "buy", "amount": 0.1}
+    for bad, code in (
+        ({"instrument_name": "BTC-NOPE", "direction": "buy", "amount": 0.1}, 5),
+        ({"instrument_name": PERP, "direction": "hold", "amount": 0.1}, 6),
+        ({"instrument_name": PERP, "direction": "buy", "amount": -1}, 6),
+        ({"instrument_name": PERP, "direction": "buy", "amount": 0.00005}, 14),
+    ):
+        with pytest.raises(ControlError) as error:
+            await paper.control("paper/trades", {"key_id": "trader", "trades": [good, good, bad]})
+        assert error.value.code == code and error.value.message.startswith("trades[2]: ")
+    with pytest.raises(ControlError) as error:
+        await paper.control("paper/trades", {"key_id": "nobody", "trades": [good]})
+    assert error.value.code == 6
+    await client.settle()
+    assert {p["instrument_name"]: p["position"] for p in await client.result("portfolio")} == held
+    assert len((await client.result("trade_history"))["trades"]) == len(batch)
+    assert len(client.of("account.trade_history")) == len(batch)
     assert problems(client) == []
