@@ -54,6 +54,7 @@ async def test_kill_9_portfolio_and_takeprofit_with_a_thousand_positions(
             await asyncio.sleep(0.3)
             took.append(await pipeline.start_service("portfolio"))
             held = await wait_open(pipeline, POSITIONS * 9 // 10)
+            await eventually_value(lambda: agrees(pipeline), 90)  # the ten bought while it was dead
             await asyncio.sleep(rng.uniform(0.2, 1.5))
             pipeline.kill("takeprofit")
             await asyncio.sleep(0.3)
@@ -81,6 +82,15 @@ async def test_kill_9_portfolio_and_takeprofit_with_a_thousand_positions(
                      health=" / ".join(f"{t:.2f}" for t in took))
     for t in took:
         healthy_within(t, "portfolio / takeprofit")
+
+
+async def agrees(pipeline: Pipeline) -> bool | None:
+    """The portfolio's picture holds every amount the exchange holds (the count alone does not say so:
+    the ten positions bought while it was dead were already open)."""
+    snap = await pipeline.latest_snapshot()
+    rows = {p["instrument"]: p["position"] for p in snap["positions"]} if snap else {}
+    exchange = await pipeline.exchange_positions()
+    return all(abs(rows.get(name, 0.0) - amount) <= TOLERANCE for name, amount in exchange.items()) or None
 
 
 async def close_all(pipeline: Pipeline) -> dict[str, Any]:
