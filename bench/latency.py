@@ -85,7 +85,8 @@ OVERRIDES = {
 MANY_OVERRIDES = {
     "portfolio_take_profit": {"cooldown_seconds": 0.2, "min_profit_usd": 1.1, "partial_close_fraction": 0.0,
                               "emergency_close_threshold": -1e6, "close_before_expiry_minutes": 0.0,
-                              **NO_BREAKER},
+                              # the level is set from net_after_close (what `crossed` reads): judge that
+                              "emergency_stop_basis": "net_after_close", **NO_BREAKER},
     "executor": {"deadline_seconds": 120.0, "order_rate_per_second": 50.0},
     "portfolio": {"stale_after_seconds": 3600.0},
 }
