@@ -204,11 +204,26 @@ async def steady_net_after_close(pipeline: Pipeline, last: float, within: float 
     return last
 
 
+async def caught_up(pipeline: Pipeline, within: float = 60.0) -> None:
+    """Until take-profit has handled every snapshot published (its group's lag and pending are 0)."""
+    assert pipeline.redis is not None
+    redis = pipeline.redis
+
+    async def done() -> bool:
+        for group in await redis.xinfo_groups(pipeline.names.snapshots):
+            if group["name"] in (b"takeprofit", "takeprofit"):
+                return group["pending"] == 0 and group.get("lag") == 0
+        return False
+    await eventually(done, within=within, interval=0.05)
+
+
 async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict[str, float] | None:
     """One reaction: to a take-profit crossing, or with `many` positions to an emergency-stop one."""
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0})
     positions = many or 1
     if positions > 1:  # re-open what the last closure closed (the first time: open them)
+        if target(pipeline) > -1e6:  # out of reach while the book is re-opened: each fill adds its exit cost
+            await set_target(pipeline, -1e6)
         await open_positions(pipeline, positions, first=1, wait=False)
         positions = 1 + await wait_open(pipeline, (positions - 1) // 2)  # what the exchange holds
     seen: list[Any] = []
@@ -233,11 +248,13 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     if many is not None:  # a big book settles for a while after a re-open (fees, its options' prices)
         before = await steady_net_after_close(pipeline, before)
     move = CROSS if many is None else -CROSS
-    if many is not None and not before - CROSS * AMOUNT * 0.99 + MARGIN_USD < target(pipeline) \
-            < before - MARGIN_USD:
-        await set_target(pipeline, round(before - 1.25, 2))
     commands_from, reports_from = await last_id(pipeline, pipeline.names.commands), \
         await last_id(pipeline, pipeline.names.reports)
+    if many is not None and not before - CROSS * AMOUNT * 0.99 + MARGIN_USD < target(pipeline) \
+            < before - MARGIN_USD:
+        await caught_up(pipeline)  # nothing from the re-open left for the restarted take-profit to judge
+        await set_target(pipeline, round(before - 1.25, 2))
+        await caught_up(pipeline)  # a decision on what it caught up on is found below: not counted
     await asyncio.sleep(0.05)
     t0 = time.time()
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + move})
