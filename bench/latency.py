@@ -307,9 +307,9 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         return snap is not None and snap["epoch"] > command["epoch"]
     await eventually(next_epoch, within=30, interval=0.05)
     if decided_on is None or decided_on[1]["ts"] < t_tick:
-        # a big book's net_after_close drifts with its option prices (and a restarted take-profit
-        # catches up on snapshots from before the move): the level was crossed before the move. A
-        # reaction to nothing: the trial is reported and left out.
+        # decided on a snapshot stamped before the paper recorded sending the move: a level crossed
+        # before it, or (1,000 books) a saturated paper recording `sent` late. Not a clean
+        # measurement either way: reported and left out (docs/performance.md).
         print(f"  trial {n}: decided on snapshot #{command['snapshot_seq']}, before the move: not counted",
               flush=True)
         return None
