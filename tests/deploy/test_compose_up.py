@@ -147,10 +147,9 @@ def open_and_take_profit(paper: Paper, admin: redis_sync.Redis) -> dict[str, Any
     assert trade["trades"][0]["position_after"] == pytest.approx(0.01)
 
     def position_in_snapshot() -> bool:
-        latest = documents(admin, "paper:snapshots")[-1:]
-        return bool(latest) and any(p["instrument"] == PERP and p["position"] == pytest.approx(0.01)
-                                    for p in latest[0]["positions"])
-    wait_for(position_in_snapshot, 30, "the position in paper:snapshots")
+        row = admin.hget("paper:snapshot:positions", PERP)  # v2: a delta lists only the rows that changed
+        return row is not None and json.loads(row)["position"] == pytest.approx(0.01)
+    wait_for(position_in_snapshot, 30, "the position in paper:snapshot:positions")
     # +0.6 % on 0.01 BTC at ~95,000 is ~ +5.7 USD, well past the 1.10 target after fees
     paper("paper/move_index", {"underlying": "BTCUSD", "pct": 0.6})
     command: dict[str, Any] = wait_for(lambda: documents(admin, "paper:commands"), 30, "a command")[0]
@@ -179,7 +178,7 @@ def test_the_guardian_takes_profit_on_the_paper_exchange_inside_containers(
         latest = documents(admin, "paper:positions")[-1]
         return all(p["position"] == 0 for p in latest["positions"] if p["instrument"] == PERP)
     wait_for(flat_on_the_exchange, 30, "the account flat on the paper exchange")
-    wait_for(lambda: documents(admin, "paper:snapshots")[-1]["positions"] == [], 30, "a flat snapshot")
+    wait_for(lambda: documents(admin, "paper:snapshots")[-1]["open_positions"] == 0, 30, "a flat snapshot")
     # the operator's tool, as docs/operations.md runs it on the paper profile
     history = deployment.compose("run", "--rm", "-e", "TP_REDIS__NAMESPACE=paper", "operator", "history",
                                  "--json", timeout=120)
