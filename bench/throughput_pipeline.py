@@ -5,7 +5,7 @@ positions.
                                                   [--seconds 5] [--profile DIR]
 
 A private redis-server (AOF on), the paper exchange as a process (with extra BTC options so that
-1,000 instruments exist: the stock paper lists 28; `--serve-paper` below adds them before it
+1,000 instruments exist: the stock paper lists 28; `tests/e2e/many.py: paper_module` adds them before it
 starts), the four services (`tests/e2e/harness.py: Pipeline`). The random walk is paused; the
 account gets N positions via `paper/trade` (ingest then follows N tickers and books). The load
 is `paper/burst_ticks` on BTC-PERPETUAL, paced to the offered rate in 20 slices a second.
@@ -37,6 +37,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.e2e.harness import PERP, TRADER_KEY, Pipeline
+from tests.e2e.many import paper_module
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -54,33 +55,6 @@ OVERRIDES = {
     "ingest": {"watch_list": [PERP], "ticker_delay": "raw"},
 }
 SERVICE_NAMES = ("ingest", "portfolio", "takeprofit")
-
-
-def serve_paper(argv: list[str]) -> int:
-    """`--serve-paper --extra N <paper args>`: the stock paper exchange plus N extra BTC options."""
-    extra = int(argv[argv.index("--extra") + 1])
-    rest = [a for i, a in enumerate(argv) if a != "--extra" and (i == 0 or argv[i - 1] != "--extra")]
-    from services.paper import cli
-    from services.paper.market import Instrument
-
-    original = cli.PaperExchange.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        market = self.market
-        template = next(
-            i for i in market.instruments.values() if i.kind == "option" and i.underlying == "BTCUSD"
-        )
-        for n in range(extra):
-            strike = 60000 + 50 * n
-            name = f"BTC-X{n}-{strike}-{'C' if n % 2 else 'P'}"
-            market.instruments[name] = Instrument(
-                name, template.product, "option", "BTCUSD", template.tick_size, template.volume_tick_size,
-                template.min_order_amount, template.create_time, template.expiry_ts,
-                "call" if n % 2 else "put", float(strike))
-
-    cli.PaperExchange.__init__ = init  # type: ignore[method-assign]
-    return cli.paper_main(rest)
 
 
 async def instruments(pipeline: Pipeline) -> list[str]:
@@ -201,7 +175,7 @@ async def run_for(
 ) -> list[dict]:
     extra = max(0, count - 20)
     pipeline = Pipeline(workdir / f"pos{count}", seed=1, overrides=OVERRIDES, namespace="tp",
-                        paper_module=[str(HERE), "--serve-paper", "--extra", str(extra)])
+                        paper_module=paper_module(extra))
     await pipeline.start()
     rows = []
     try:
@@ -263,8 +237,6 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--serve-paper":
-        return serve_paper(sys.argv[2:])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
