@@ -1,0 +1,128 @@
+"""CPU a full closure of N legs costs before its first order, piece by piece (issue 22).
+
+    .venv/bin/python bench/command_costs.py [--legs 1 100 1000] [--runs 10]
+
+Pure code, no I/O, `time.process_time` (CPU, not wall: less sensitive to a shared machine), the
+mean of `--runs`: take-profit deciding on a header with N open option rows and building, signing
+and encoding the command; the executor validating it from the wire, verifying its signature,
+planning the first wave from it and building the claim's progress (with the wave's compact
+`order_sent` intent); and one snapshot row built by the validating constructor against
+`model_construct`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from timeit import Timer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.bus import encode_document, read_document
+from services.common.contracts import (
+    Command,
+    ExitPriceSource,
+    InstrumentInfo,
+    InstrumentType,
+    ReportStatus,
+    Snapshot,
+    SnapshotPosition,
+)
+from services.common.signing import sign_command, verify_command
+from services.executor.plan import Progress
+from services.executor.waves import Buffers, decision_wave, plan_decision_wave
+from services.takeprofit.rules import Decision, RulesEngine, build_command
+from tests.takeprofit.factories import NOW, cfg, pos, snap
+
+KEY = b"k" * 32
+OPTION = InstrumentInfo(type=InstrumentType.OPTION, product="OBTCUSD", underlying="BTCUSD", tick_size=5.0,
+                        volume_tick_size=0.01, min_order_amount=0.01)
+BUFFERS = Buffers(0.005, 0.05)
+
+
+def cpu_ms(work: Callable[[], object], runs: int) -> float:
+    return Timer(work, timer=time.process_time).timeit(runs) / runs * 1000
+
+
+def command_of(legs: int) -> Command:
+    """Take-profit's emergency stop on a book of `legs` option rows, as it builds and signs it."""
+    engine, crossing = book(legs)
+    decision = engine.on_snapshot(crossing, NOW + 1)
+    assert decision is not None
+    return sign_command(build_command(decision, NOW + 1, 30.0), KEY)
+
+
+def book(legs: int) -> tuple[RulesEngine, Snapshot]:
+    """An engine holding `legs` open option rows (each held whole by the book), and the crossing header."""
+    rows = [pos(f"BTC-X{i}-100000-C", 0.1, instrument_type=InstrumentType.OPTION)
+            .model_copy(update={"exit_within_depth": True}) for i in range(legs)]
+    engine = RulesEngine(cfg(confirm_snapshots=1, partial_close_fraction=0.0))
+    engine.on_snapshot(snap(1, 0.5, positions=rows).model_copy(update={"open_positions": legs}), NOW)
+    return engine, snap(2, 2.0, positions=[]).model_copy(
+        update={"full": False, "open_positions": legs, "ts": NOW + 1})
+
+
+def take_profit(legs: int, runs: int) -> str:
+    engine, crossing = book(legs)
+
+    def decide() -> Decision | None:
+        again = RulesEngine.from_state(engine.config, engine.to_state())
+        again.view = engine.view
+        return again.on_snapshot(crossing, NOW + 1)
+    decision = decide()
+    assert decision is not None
+    built = build_command(decision, NOW + 1, 30.0)
+    build = cpu_ms(lambda: build_command(decision, NOW + 1, 30.0), runs)
+    return (f"decide {cpu_ms(decide, runs):.3f}, build {build:.3f}, sign "
+            f"{cpu_ms(lambda: sign_command(built, KEY), runs):.3f}, encode "
+            f"{cpu_ms(lambda: encode_document(built), runs):.3f}")
+
+
+def executor(legs: int, runs: int) -> str:
+    command = command_of(legs)
+    wire = encode_document(command)
+    infos = {p.instrument: OPTION for p in command.positions}
+    now = command.created_ts
+
+    def claim() -> str:
+        progress = Progress.start(command, now, BUFFERS.base, 30.0)
+        progress.outbox = [progress.report(ReportStatus.RECEIVED, now)]
+        plan_decision_wave(progress, decision_wave(command, infos, BUFFERS, now, 1.0) or [], now)
+        return progress.model_dump_json()
+    return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f}, verify "
+            f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}, decision wave "
+            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}, claim (incl. the "
+            f"wave) {cpu_ms(claim, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "
+            f"{len(claim()) / 1000:.1f} KB")
+
+
+def row(runs: int) -> str:
+    fields = dict(instrument="BTC-X1-100000-C", position=0.1, avg_entry=1000.0, mark=1001.0,
+                  exit_price=999.0, exit_price_source=ExitPriceSource.BOOK, exit_within_depth=True,
+                  realized_pnl=0.0, unrealized_pnl=0.1, funding_pnl=0.0, fees_paid=0.03, est_close_fee=0.03,
+                  est_slippage=0.2, opened_ts=1.7e9, underlying="BTCUSD",
+                  instrument_type=InstrumentType.OPTION, expiry_ts=1.8e9, volume_tick_size=0.01)
+    many = runs * 1000
+    validated = cpu_ms(lambda: SnapshotPosition(**fields), many) * 1000
+    constructed = cpu_ms(lambda: SnapshotPosition.model_construct(**fields), many) * 1000
+    return f"row: validating constructor {validated:.2f} us, model_construct {constructed:.2f} us"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--legs", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    for legs in args.legs:
+        print(f"{legs:>5} legs  take-profit (ms CPU): {take_profit(legs, args.runs)}")
+        print(f"{legs:>5} legs  executor (ms CPU): {executor(legs, args.runs)}")
+    print(row(args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
