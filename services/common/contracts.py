@@ -402,8 +402,9 @@ class Command(Document):
     threshold: float
     created_ts: Timestamp
     deadline_ts: Timestamp
-    signature: Annotated[str, Field(pattern=r"^hmac-sha256:[0-9a-f]{64}$")] | None = None
-    """`hmac-sha256:<hex>` over the rest of the command, by take-profit (`services.common.signing`).
+    signature: Annotated[str, Field(pattern=r"^hmac-sha256(-v2)?:[0-9a-f]{64}$")] | None = None
+    """`hmac-sha256-v2:<hex>` over the rest of the command, by take-profit (`services.common.signing`;
+    the executor also verifies the older `hmac-sha256:` form).
     The executor acts only on a valid one: without it a command is anyone's who can write the stream."""
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from services.common.signing import (
     load_command_key,
     require_command_key,
     sign_command,
+    sorted_command,
     verify_command,
 )
 
@@ -44,24 +45,45 @@ def on_the_wire(doc: Command) -> Command:
 
 def test_a_signed_command_verifies_after_the_wire() -> None:
     signed = sign_command(command(), KEY)
-    assert signed.signature is not None and signed.signature.startswith("hmac-sha256:")
+    assert signed.signature is not None and signed.signature.startswith("hmac-sha256-v2:")
     verify_command(on_the_wire(signed), KEY)
     assert is_authentic(on_the_wire(signed), KEY)
 
 
-def test_the_signature_covers_the_canonical_json_of_everything_else() -> None:
-    """Worked by hand: the canonical text, then HMAC-SHA256 of it under the key."""
+def test_the_signature_covers_the_json_of_everything_else() -> None:
+    """Worked by hand: the signed text (fields in `Command`'s order), then HMAC-SHA256 of it under the key."""
     import hashlib
     import hmac
     doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
     text = canonical_command(doc).decode()
+    assert text == ('{"v":1,"command_id":"e3-take_profit-s41-n1","epoch":3,"reason":"take_profit",'
+                    '"fraction":1.0,"positions":[{"instrument":"BTC-PERPETUAL","amount":0.01}],'
+                    '"snapshot_seq":41,"net_pnl":1.25,"threshold":1.1,"created_ts":1700000000.0,'
+                    '"deadline_ts":1700000030.0}')
+    expected = hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
+    assert command_signature(doc, KEY) == "hmac-sha256-v2:" + expected
+    assert canonical_command(sign_command(doc, KEY)) == text.encode()  # the signature is not signed
+
+
+def test_a_command_signed_in_the_sorted_form_before_issue_22_still_verifies() -> None:
+    """An executor upgraded before take-profit: the older `hmac-sha256:` signature (keys sorted)."""
+    import hashlib
+    import hmac
+    doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
+    text = sorted_command(doc).decode()
     assert text == ('{"command_id":"e3-take_profit-s41-n1","created_ts":1700000000.0,'
                     '"deadline_ts":1700000030.0,'
                     '"epoch":3,"fraction":1.0,"net_pnl":1.25,"positions":[{"amount":0.01,'
                     '"instrument":"BTC-PERPETUAL"}],"reason":"take_profit","snapshot_seq":41,"threshold":1.1,"v":1}')
-    expected = hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
-    assert command_signature(doc, KEY) == "hmac-sha256:" + expected
-    assert canonical_command(sign_command(doc, KEY)) == text.encode()  # the signature is not signed
+    old = doc.model_copy(update={
+        "signature": "hmac-sha256:" + hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()})
+    verify_command(on_the_wire(old), KEY)
+    altered = on_the_wire(old).model_copy(update={"threshold": 0.5})
+    assert not is_authentic(altered, KEY)
+    # the v2 digest under the old prefix (or the reverse) is no signature of either form
+    swapped = doc.model_copy(update={"signature": "hmac-sha256:" + hmac.new(
+        KEY, canonical_command(doc), hashlib.sha256).hexdigest()})
+    assert not is_authentic(on_the_wire(swapped), KEY)
 
 
 FORGERIES = [
@@ -93,7 +115,7 @@ def test_a_forged_or_altered_command_is_refused(name: str, forge, why: str) -> N
 
 def test_a_malformed_signature_never_reaches_the_executor() -> None:
     data = json.loads(encode_document(command()))
-    data["signature"] = "hmac-sha256:not-hex"
+    data["signature"] = "hmac-sha256-v2:not-hex"
     with pytest.raises(ValueError, match="signature"):
         validate_entry(Command, {DATA_FIELD.encode(): json.dumps(data).encode()})
 
@@ -104,7 +126,8 @@ amounts = st.floats(min_value=1e-8, max_value=1e6, allow_nan=False).filter(lambd
 @settings(max_examples=200, deadline=None)
 @given(amount=amounts, sign=st.sampled_from([1.0, -1.0]), pnl=st.floats(-1e6, 1e6, allow_nan=False),
        fraction=st.floats(0.01, 1.0),
-       instrument=st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=30))
+       instrument=st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=30)
+       .filter(str.strip))  # an instrument name is never only whitespace (NonEmptyStr)
 def test_any_command_signed_verifies_after_the_wire_and_any_change_is_caught(
         amount: float, sign: float, pnl: float, fraction: float, instrument: str) -> None:
     doc = command(positions=[PositionToClose(instrument=instrument, amount=sign * amount)], net_pnl=pnl,
