@@ -301,7 +301,12 @@ class Bus:
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, entry_fields(doc), maxlen=maxlen or self.maxlen, approximate=True)
+        self.queue_publish_encoded(pipe, stream, encode_document(doc), maxlen)
+
+    def queue_publish_encoded(self, pipe: Pipeline, stream: str, text: str,
+                              maxlen: int | None = None) -> None:
+        """`queue_publish` of a document already encoded (`text` is exactly `encode_document`'s)."""
+        pipe.xadd(stream, {DATA_FIELD: text}, maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:

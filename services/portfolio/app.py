@@ -42,6 +42,7 @@ from services.common.contracts import (
 )
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, run_timer, service_main
+from services.common.snapshots import encode_snapshot
 from services.portfolio.closures import (
     EPOCH_END_WAIT_SECONDS,
     Calibrations,
@@ -407,13 +408,15 @@ class PortfolioService:
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
-        rows = {p.instrument: p.model_dump_json(exclude_none=True) for p in snapshot.positions}
+        texts = [p.model_dump_json(exclude_none=True) for p in snapshot.positions]
+        rows = {p.instrument: text for p, text in zip(snapshot.positions, texts, strict=True)}
         if snapshot.full:
             pipe.delete(self.names.snapshot_positions)
         if rows:
             pipe.hset(self.names.snapshot_positions, mapping=rows)  # type: ignore[arg-type]
-        self.bus.queue_publish(
-            pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
+        self.bus.queue_publish_encoded(
+            pipe, self.names.snapshots, encode_snapshot(snapshot, texts),
+            maxlen=self.settings.redis.snapshot_maxlen,
         )
         self.last_snapshot = snapshot
         BATCH_SIZE.observe(entries)
