@@ -28,7 +28,14 @@ import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 
-from services.common.bus import Bus, Delivery, Handler, MalformedEntry, validate_entry
+from services.common.bus import (
+    Bus,
+    Delivery,
+    Handler,
+    MalformedEntry,
+    encode_document_bytes,
+    validate_entry,
+)
 from services.common.config import Settings
 from services.common.contracts import (
     Fill,
@@ -233,7 +240,7 @@ class PortfolioService:
                 changed[tick.instrument] = tick
         if changed:
             pipe.hset(
-                self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
+                self.ticks_key, mapping={n: encode_document_bytes(t) for n, t in changed.items()}
             )
         if self._settlements():  # a tick of a new day settled funding: that is accounting
             self._save_ledger(pipe)
@@ -408,7 +415,7 @@ class PortfolioService:
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
-        texts = [p.model_dump_json(exclude_none=True) for p in snapshot.positions]
+        texts = [encode_document_bytes(p) for p in snapshot.positions]
         rows = {p.instrument: text for p, text in zip(snapshot.positions, texts, strict=True)}
         if snapshot.full:
             pipe.delete(self.names.snapshot_positions)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from services.common.bus import encode_document
+from services.common.bus import encode_document, encode_document_bytes
 from services.common.config import PortfolioTakeProfit
 from services.common.contracts import Snapshot
 from services.common.snapshots import Fold, SnapshotView, encode_snapshot
@@ -130,7 +130,9 @@ def test_folding_the_published_snapshots_reproduces_the_full_snapshot(
 
 def encoded_from_rows(snapshot: Snapshot) -> str:
     """The entry as the portfolio writes it: its rows encoded once (for the rows' hash) and spliced in."""
-    return encode_snapshot(snapshot, [encode_document(p) for p in snapshot.positions])
+    rows = [encode_document_bytes(p) for p in snapshot.positions]
+    assert [row.decode() for row in rows] == [encode_document(p) for p in snapshot.positions]
+    return encode_snapshot(snapshot, rows).decode()
 
 
 def test_a_snapshot_spliced_from_its_encoded_rows_is_the_snapshot_encoded_whole() -> None:
