@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from portfolio_throughput import INFO, instrument, opening_fill, service_throughput, ticks_for
 
-from services.common.bus import encode_document, entry_fields, validate_entry
+from services.common.bus import encode_document, encode_document_bytes, entry_fields, validate_entry
 from services.common.config import PortfolioTakeProfit, Settings
 from services.common.contracts import Snapshot
+from services.common.snapshots import encode_snapshot
 from services.portfolio.ledger import Ledger, LedgerConfig
 from services.takeprofit.rules import RulesEngine
 
@@ -72,9 +73,10 @@ def portfolio_batch(n: int, changed: int) -> tuple[float, float, Snapshot, Snaps
             ledger.apply_tick(t.model_copy(update={"exchange_ts": t.exchange_ts + state["k"]}))
         state["seq"] += 1
         snap = ledger.snapshot(state["seq"], now, 1e9) if full else ledger.publish(state["seq"], now, 1e9)
-        encode_document(snap)
-        if not full:
-            {p.instrument: p.model_dump_json(exclude_none=True) for p in snap.positions}
+        if full:
+            encode_document(snap)
+        else:  # as the service writes it: each row encoded once, for the rows' hash and the entry
+            encode_snapshot(snap, [encode_document_bytes(p) for p in snap.positions])
         return snap
 
     v2 = per_call_ms(lambda: one(False))

@@ -56,10 +56,13 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
+from redis.utils import HIREDIS_AVAILABLE
 
 from services.common.contracts import DeadLetter, Document
 from services.common.metrics import BUS_CLAIMED, BUS_DEADLETTERS, BUS_HANDLER_FAILURES, BUS_STREAM_LAG
@@ -110,6 +113,15 @@ def _text(value: Any) -> Any:
 def encode_document(doc: BaseModel) -> str:
     """The exact text stored in `__data__` for a document."""
     return doc.model_dump_json(exclude_none=True)
+
+
+def encode_document_bytes(doc: BaseModel) -> bytes:
+    """`encode_document` as UTF-8, straight from pydantic-core's serializer (same options, same text).
+
+    1.2 µs for a tick instead of `model_dump_json`'s 2.1 µs (its Python wrapper and the decode to
+    `str`): the portfolio pays it for every tick and every changed row it writes.
+    """
+    return doc.__pydantic_serializer__.to_json(doc, exclude_none=True)
 
 
 def entry_fields(doc: BaseModel) -> dict[FieldT, EncodableT]:
@@ -218,6 +230,39 @@ def raw_text(fields: Mapping[Any, Any] | None) -> str:
     return json.dumps(decoded)
 
 
+class _HiredisPacking:
+    """Commands packed by hiredis, as redis-py's synchronous client already does when it is installed.
+
+    redis-py's asyncio connection packs in pure Python: an HSET of 100 snapshot rows took 138 µs
+    there against 38 µs with hiredis (`bench/portfolio_throughput.py`'s profile: packing was 7.5 % of
+    the portfolio's CPU at batch 100). Same bytes on the wire (same encoding of str, int and float;
+    a bool is refused as before, as `DataError`).
+    """
+
+    _packer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._packer.pack(*args)  # type: ignore[arg-type]
+        return packed
+
+
+_hiredis_classes: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _pack_with_hiredis(redis: Redis) -> None:
+    """Let the client's connections pack with hiredis (whatever class the URL chose: TCP, unix, TLS)."""
+    if not HIREDIS_AVAILABLE:
+        return
+    pool = redis.connection_pool
+    base = pool.connection_class
+    if issubclass(base, _HiredisPacking):
+        return
+    packing = _hiredis_classes.get(base)
+    if packing is None:
+        packing = _hiredis_classes[base] = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+    pool.connection_class = packing
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery(Generic[M]):
     """One valid document handed to a handler, with where it came from."""
@@ -242,6 +287,7 @@ class Bus:
         self.maxlen = maxlen
         credentials: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
         self.redis: Redis = Redis.from_url(url, **credentials)
+        _pack_with_hiredis(self.redis)
         self.consumers: list[StreamConsumer[Any]] = []
         self.before_start: list[Callable[[], Awaitable[None]]] = []
         """Run after connecting, before any entry is handled (e.g. load a checkpoint)."""
@@ -264,7 +310,12 @@ class Bus:
 
     def queue_publish(self, pipe: Pipeline, stream: str, doc: Document, maxlen: int | None = None) -> None:
         """Queue an XADD on a transaction pipeline (no await: pipelines buffer)."""
-        pipe.xadd(stream, entry_fields(doc), maxlen=maxlen or self.maxlen, approximate=True)
+        self.queue_publish_encoded(pipe, stream, encode_document(doc), maxlen)
+
+    def queue_publish_encoded(self, pipe: Pipeline, stream: str, text: str | bytes,
+                              maxlen: int | None = None) -> None:
+        """`queue_publish` of a document already encoded (`text` is exactly `encode_document`'s)."""
+        pipe.xadd(stream, {DATA_FIELD: text}, maxlen=maxlen or self.maxlen, approximate=True)
 
     def queue_deadletter(self, pipe: Pipeline, source_stream: str, entry_id: str, raw: str,
                          error: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.common.bus import read_document, validate_entry
+from services.common.bus import encode_document_bytes, read_document, validate_entry
 from services.common.contracts import Snapshot, SnapshotPosition
 from services.common.streams import Names
 
@@ -62,6 +62,25 @@ class SnapshotView:
     def full_snapshot(self, header: Snapshot) -> Snapshot:
         """`header` (a snapshot folded into this view) with every position: the v1 picture."""
         return header.model_copy(update={"full": True, "positions": list(self.rows.values())})
+
+
+_NO_POSITIONS = b'"positions":['
+"""Where the rows go in a snapshot encoded without any (the first key of that name: every field
+before `positions` is a number or a bool, so the text cannot occur earlier)."""
+
+
+def encode_snapshot(snapshot: Snapshot, row_texts: Iterable[bytes]) -> bytes:
+    """`encode_document_bytes(snapshot)` from its rows already encoded, in `snapshot.positions`' order.
+
+    The portfolio encodes every changed row once for `<ns>:snapshot:positions`; encoding the
+    snapshot whole encoded each row a second time (at batch 100, the rows' encoding was 8.5 % of the
+    service's CPU, `bench/portfolio_throughput.py`'s profile). pydantic writes a list of models as
+    their own texts joined by commas, so splicing the texts in gives the same bytes
+    (tests/common/test_snapshots.py compares them).
+    """
+    head = encode_document_bytes(snapshot.model_copy(update={"positions": []}))
+    at = head.index(_NO_POSITIONS) + len(_NO_POSITIONS)
+    return b"".join((head[:at], b",".join(row_texts), head[at:]))
 
 
 def view_from(rows: Mapping[bytes, bytes], latest: Sequence[tuple[Any, Mapping[Any, Any]]]) -> tuple[

@@ -28,7 +28,14 @@ import pydantic_core
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 
-from services.common.bus import Bus, Delivery, Handler, MalformedEntry, validate_entry
+from services.common.bus import (
+    Bus,
+    Delivery,
+    Handler,
+    MalformedEntry,
+    encode_document_bytes,
+    validate_entry,
+)
 from services.common.config import Settings
 from services.common.contracts import (
     Fill,
@@ -42,6 +49,7 @@ from services.common.contracts import (
 )
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, run_timer, service_main
+from services.common.snapshots import encode_snapshot
 from services.portfolio.closures import (
     EPOCH_END_WAIT_SECONDS,
     Calibrations,
@@ -232,7 +240,7 @@ class PortfolioService:
                 changed[tick.instrument] = tick
         if changed:
             pipe.hset(
-                self.ticks_key, mapping={n: t.model_dump_json(exclude_none=True) for n, t in changed.items()}
+                self.ticks_key, mapping={n: encode_document_bytes(t) for n, t in changed.items()}
             )
         if self._settlements():  # a tick of a new day settled funding: that is accounting
             self._save_ledger(pipe)
@@ -407,13 +415,15 @@ class PortfolioService:
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
         pipe.set(self.seq_key, self.seq)
-        rows = {p.instrument: p.model_dump_json(exclude_none=True) for p in snapshot.positions}
+        texts = [encode_document_bytes(p) for p in snapshot.positions]
+        rows = {p.instrument: text for p, text in zip(snapshot.positions, texts, strict=True)}
         if snapshot.full:
             pipe.delete(self.names.snapshot_positions)
         if rows:
             pipe.hset(self.names.snapshot_positions, mapping=rows)  # type: ignore[arg-type]
-        self.bus.queue_publish(
-            pipe, self.names.snapshots, snapshot, maxlen=self.settings.redis.snapshot_maxlen
+        self.bus.queue_publish_encoded(
+            pipe, self.names.snapshots, encode_snapshot(snapshot, texts),
+            maxlen=self.settings.redis.snapshot_maxlen,
         )
         self.last_snapshot = snapshot
         BATCH_SIZE.observe(entries)

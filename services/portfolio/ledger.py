@@ -527,9 +527,10 @@ class Ledger:
         """Snapshot rows of positions unchanged since the last snapshot (`_value` drops a row)."""
         self._changed: dict[str, None] = {}
         """Positions valued again since the last published snapshot (its delta's candidates)."""
-        self._published: dict[str, SnapshotPosition] = {}
-        """Each position's row as last published: a delta leaves out a row equal to it (a ticker
-        re-sent at the same prices values a position again and changes nothing)."""
+        self._published: dict[str, tuple[tuple[object, ...], SnapshotPosition]] = {}
+        """Each position's row as last published, with the figures it was built from (`_figures`):
+        a delta leaves out a row whose figures are the same (a ticker re-sent at the same prices
+        values a position again and changes nothing), without building it again."""
         self._full_due = True
         """The next published snapshot must be full: nothing published yet, or rows left the book."""
         self._shape: _Shape | None = None
@@ -622,17 +623,22 @@ class Ledger:
         full = self._full_due
         if full:
             rows = self.rows()
-            self._published = {row.instrument: row for row in rows}
+            self._published = {row.instrument: (self._figures(p), row)
+                               for p, row in zip(self._positions.values(), rows, strict=True)}
         else:
             rows = []
             for name in self._changed:
                 p = self._positions.get(name)
                 if p is None:
                     continue
+                figures = self._figures(p)
+                published = self._published.get(name)
+                if published is not None and published[0] == figures:
+                    self._rows[name] = published[1]  # the very row: nothing to build
+                    continue
                 row = self._row_of(p)
-                if self._published.get(name) != row:
-                    rows.append(row)
-                    self._published[name] = row
+                rows.append(row)
+                self._published[name] = (figures, row)
         self._changed.clear()
         self._full_due = False
         return self._snapshot(seq, now, stale_after_seconds, rows, full=full)
@@ -701,6 +707,16 @@ class Ledger:
             unpriced=len(opened) - len(self._price_ages),
         )
         return shape
+
+    def _figures(self, p: _Position) -> tuple[object, ...]:
+        """Everything a position's row is built from (`_row`): equal figures, equal row.
+
+        Compared instead of the rows themselves: 0.13 µs against 0.5 µs for pydantic's `==` of two
+        rows, and a row whose figures did not move is not built at all (3.8 µs; bench/batch_curve.py).
+        """
+        return (p.position, p.avg_entry, p.mark, p.exit, p.realized_pnl, p.unrealized_pnl, p.funding_realized,
+                p.funding_unrealized, p.fees_paid, p.est_close_fee, p.est_slippage, p.fees_estimated,
+                p.opened_ts, self._instruments.get(p.instrument))
 
     def _row(self, p: _Position) -> SnapshotPosition:
         """One position's snapshot row, validated: pydantic-core's constructor is the cheaper one

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from services.common.bus import encode_document, encode_document_bytes
 from services.common.config import PortfolioTakeProfit
 from services.common.contracts import Snapshot
-from services.common.snapshots import Fold, SnapshotView
+from services.common.snapshots import Fold, SnapshotView, encode_snapshot
 from services.portfolio.ledger import Ledger
 from services.takeprofit.rules import RulesEngine
 from tests.portfolio import factories
@@ -119,11 +120,32 @@ def test_folding_the_published_snapshots_reproduces_the_full_snapshot(
         full = run.ledger.snapshot(seq, now, STALE_AFTER)
         assert view.fold(published) is Fold.APPLIED
         assert_same(view.full_snapshot(published), full)
+        assert encoded_from_rows(published) == encode_document(published)
         decided = decision_of(on_delta, published, now + 0.5)
         assert decided == decision_of(on_full, v1_form(full), now + 0.5)
         rows = len(published.positions)
         event("full" if published.full else f"delta of {rows if rows < 2 else 'more'} rows")
         event(f"decision: {decided['reason']}" if isinstance(decided, dict) else f"no decision: {decided}")
+
+
+def encoded_from_rows(snapshot: Snapshot) -> str:
+    """The entry as the portfolio writes it: its rows encoded once (for the rows' hash) and spliced in."""
+    rows = [encode_document_bytes(p) for p in snapshot.positions]
+    assert [row.decode() for row in rows] == [encode_document(p) for p in snapshot.positions]
+    return encode_snapshot(snapshot, rows).decode()
+
+
+def test_a_snapshot_spliced_from_its_encoded_rows_is_the_snapshot_encoded_whole() -> None:
+    """Every field after `positions` too (the suspects the service adds), with no row and with several."""
+    book = factories.ledger()
+    book.apply_fill(factories.fill(BTC_PERP, "buy", 0.1, 100_000.0, ts=1_000.0))
+    book.apply_fill(factories.fill(ETH_FUTURE, "sell", 1.0, 3_000.0, ts=1_000.0))
+    full = book.publish(1, 1_001.0, STALE_AFTER).model_copy(update={"suspect_instruments": [BTC_PERP]})
+    empty = book.publish(2, 1_002.0, STALE_AFTER)
+    assert len(full.positions) == 2 and empty.positions == []
+    for snapshot in (full, empty):
+        assert encoded_from_rows(snapshot) == encode_document(snapshot)
+        assert Snapshot.model_validate_json(encoded_from_rows(snapshot), strict=True) == snapshot
 
 
 def test_a_ticker_re_sent_at_the_same_prices_leaves_its_row_out_of_the_delta() -> None:
