@@ -58,12 +58,11 @@ from services.executor.waves import (
     Buffers,
     Order,
     Quote,
-    decision_wave,
     dry_run_orders,
-    fresh_full_closure,
     plan_decision_wave,
     plan_wave,
     sort_legs,
+    wave_from_command,
     wave_sent,
 )
 
@@ -202,15 +201,20 @@ class Executor:
             await self.store.release(command.command_id, claim.token)
 
     async def _decision_wave(self, command: Command) -> list[Order] | None:
-        """The first wave priced from the command (docs/executor.md), or None for the usual path."""
-        if self.config.dry_run or command.command_id in self.seen \
-                or not fresh_full_closure(command, time.time(), DECISION_PRICE_MAX_AGE_SECONDS):
+        """The first wave priced from the command (docs/executor.md), or None for the usual path
+        (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
+        if self.config.dry_run or command.command_id in self.seen or command.fraction < 1.0:
             return None
         try:
             infos = await self.market.infos([p.instrument for p in command.positions])
         except (ThalexError, ConnectionLost):
             return None  # the usual path asks again, retrying until the deadline
-        return decision_wave(command, infos, self.buffers, time.time(), DECISION_PRICE_MAX_AGE_SECONDS)
+        wave = wave_from_command(command, infos, self.buffers, time.time(), DECISION_PRICE_MAX_AGE_SECONDS)
+        if isinstance(wave, str):
+            log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
+                     wave)
+            return None
+        return wave
 
     def _remember(self, command_id: str) -> None:
         self.seen[command_id] = None

@@ -97,36 +97,48 @@ def hedged(instruments: Sequence[str], infos: Mapping[str, InstrumentInfo],
 # The first wave, from the command
 
 
-def fresh_full_closure(command: Command, now: float, max_age: float) -> bool:
-    """A full closure at most `max_age` seconds after its decision, every leg with the portfolio's
-    exit price and mark: its first wave may be priced from the command (`decision_wave`)."""
-    return command.fraction >= 1.0 and now - command.created_ts <= max_age \
-        and all(p.exit_price and p.mark for p in command.positions)
-
-
 def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
                   now: float, max_age: float) -> list[Order] | None:
-    """The first wave priced from the command itself, or None for the usual path.
+    """The first wave priced from the command itself, or None for the usual path (`wave_from_command`)."""
+    wave = wave_from_command(command, infos, buffers, now, max_age)
+    return wave if isinstance(wave, list) else None
 
-    Only for a `fresh_full_closure` with every limit within `buffers.ceiling` of its mark (no
-    deeper through the book than the usual waves may go). Legs hedged against each other (one
+
+def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
+                      now: float, max_age: float) -> list[Order] | str:
+    """The first wave priced from the command itself, or why it cannot be (the usual path then).
+
+    Only for a full closure at most `max_age` seconds after its decision, every leg with the
+    portfolio's exit price and mark, every limit within `buffers.ceiling` of its mark (no deeper
+    through the book than the usual waves may go). Legs hedged against each other (one
     underlying) go too when the book at the decision held each of them whole
     (`exit_within_depth`): every leg is then sent in full, so if every order fills what that book
     showed the underlying is flat after the wave, within any hedge bound (what `plan.hedge_wave`
     promises of a wave sized from a fresh read). Otherwise a hedged unwind is sized against the
-    book's depth, read fresh.
+    book's depth, read fresh. The reason names the first leg that stops it (the executor logs it:
+    a book that keeps taking the usual path says why).
     """
-    if not fresh_full_closure(command, now, max_age):
-        return None
+    if command.fraction < 1.0:
+        return f"a partial closure ({command.fraction:g})"
+    if now - command.created_ts > max_age:
+        return f"decided {now - command.created_ts:.3f} s ago (over {max_age:g} s)"
+    unpriced = next((p.instrument for p in command.positions if not (p.exit_price and p.mark)), None)
+    if unpriced is not None:
+        return f"{unpriced} has no exit price and mark in the command (stale at the decision)"
     together = hedged([p.instrument for p in command.positions], infos, command.groups or [])
-    if any(p.instrument in together and p.exit_within_depth is not True for p in command.positions):
-        return None
+    thin = next((p.instrument for p in command.positions
+                 if p.instrument in together and p.exit_within_depth is not True), None)
+    if thin is not None:
+        return f"{thin} is hedged and the decision's book did not hold it whole (exit_within_depth)"
     wave = []
     for p in command.positions:
         assert p.exit_price is not None and p.mark is not None
         order = decision_order(p.amount, p.exit_price, buffers.base, infos[p.instrument])
-        if order is None or abs(order[2] - p.mark) > buffers.ceiling * p.mark:
-            return None
+        if order is None:
+            return f"{p.instrument}: {abs(p.amount):g} is below the minimum order"
+        if abs(order[2] - p.mark) > buffers.ceiling * p.mark:
+            return (f"{p.instrument}: a limit of {order[2]:g} is over {buffers.ceiling:.1%} from the mark "
+                    f"{p.mark:g}")
         wave.append(Order(p.instrument, *order))
     return wave
 

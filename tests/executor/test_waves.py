@@ -62,6 +62,7 @@ from services.executor.waves import (
     decision_wave,
     plan_wave,
     sort_legs,
+    wave_from_command,
     wave_sent,
 )
 
@@ -384,3 +385,23 @@ def test_a_hedged_first_wave_is_priced_from_the_command_when_the_book_held_every
     far = command({"A": 0.5}, marks={"A": 100.0})
     far = far.model_copy(update={"positions": [far.positions[0].model_copy(update={"mark": 120.0})]})
     assert decision_wave(far, infos, BUFFERS, NOW, 1.0) is None  # 99.5 is 17 % from 120: past the ceiling
+
+
+def test_why_a_first_wave_is_not_priced_from_the_command_names_the_leg() -> None:
+    """The executor logs the reason when it takes the usual path (slower to the first order)."""
+    infos = {"A": spec(), "B": spec()}
+    fresh = command({"A": 0.5}, marks={"A": 100.0})
+    assert wave_from_command(fresh, infos, BUFFERS, NOW + 1.5, 1.0) == "decided 1.500 s ago (over 1 s)"
+    partial = command({"A": 0.5}, fraction=0.5, marks={"A": 100.0})
+    assert wave_from_command(partial, infos, BUFFERS, NOW, 1.0) == "a partial closure (0.5)"
+    assert wave_from_command(command({"A": 0.5}), infos, BUFFERS, NOW, 1.0) == \
+        "A has no exit price and mark in the command (stale at the decision)"
+    hedged = command({"A": 0.5, "B": -0.5}, marks={"A": 100.0, "B": 100.0})
+    assert wave_from_command(within_depth(hedged, "A"), infos, BUFFERS, NOW, 1.0) == \
+        "B is hedged and the decision's book did not hold it whole (exit_within_depth)"
+    far = fresh.model_copy(update={"positions": [fresh.positions[0].model_copy(update={"mark": 120.0})]})
+    # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it (6.0)
+    assert wave_from_command(far, infos, BUFFERS, NOW, 1.0) == \
+        "A: a limit of 99.5 is over 5.0% from the mark 120"
+    dust = command({"A": 0.004}, marks={"A": 100.0})  # under the 0.01 lot
+    assert wave_from_command(dust, infos, BUFFERS, NOW, 1.0) == "A: 0.004 is below the minimum order"
