@@ -44,7 +44,8 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    size alike, so the sizes compare on one basis. The old basis (paper's send -> first order) is
    printed beside it over the trials whose `sent` is not later than ingest's receipt, and the
    paper's own delays (queued -> sent -> ingest, and the tick's `exchange_ts` -> ingest) apart,
-   not counted;
+   not counted. A trial whose command was decided on a snapshot stamped before t_tick (a level
+   crossed before the move) is printed and left out;
 5. wait for `completed`, re-pin the mark, next trial.
 
 Baseline (the seed's design, `manage_portfolio_take_profit` polling every 2 s): simulated on the
@@ -222,6 +223,37 @@ async def crossing_tick(pipeline: Pipeline, since: float, move: float = CROSS,
         start = f"({page[-1][0].decode()}"
 
 
+async def move_rows(pipeline: Pipeline, t0: float, reports_from: str,
+                    command_id: str) -> list[dict[str, Any]]:
+    """The paper's ticker log of the perpetual since `t0`, read once the command's first order is in.
+
+    Not after the closure: the log keeps the last 100,000 rows, which 1,000 books re-sent three times a
+    second fill in ≈ 16 s, and a 1,000-leg closure takes longer: the move's own rows would be gone (a
+    later row's `sent` read in their place). The paper is polled only after the executor's first
+    `order_sent` is out (read from Redis), so the polls do not stand in the reaction's way.
+    """
+    from services.common.bus import entry_document
+    assert pipeline.redis is not None
+    redis = pipeline.redis
+
+    async def order_sent() -> bool:
+        start = f"({reports_from}"
+        while page := await redis.xrange(pipeline.names.reports, min=start, count=500):
+            if any((doc := entry_document(fields)[1]) and doc.get("command_id") == command_id
+                   and doc.get("status") == "order_sent" for _, fields in page):
+                return True
+            start = f"({page[-1][0].decode()}"
+        return False
+
+    async def order_at_exchange() -> bool:
+        return bool((await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
+                                                                "method": "private/insert"}))["orders"])
+    await eventually(order_sent, within=60, interval=0.05)
+    await eventually(order_at_exchange, within=60, interval=0.05)
+    log = await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP})
+    return list(log["tickers"])
+
+
 FIRST_ORDER_METRIC = "tp_executor_time_to_first_order_seconds"
 
 
@@ -329,6 +361,8 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     command_id = next(i for i, doc in await _range_of(pipeline, pipeline.names.commands, f"({commands_from}")
                       if doc and doc.get("command_id") == command["command_id"])
 
+    tickers = await move_rows(pipeline, t0, reports_from, command["command_id"])
+
     async def outcome() -> list[dict[str, Any]] | None:
         reports = [doc for _, doc in await _range_of(pipeline, pipeline.names.reports, f"({reports_from}")
                    if doc and doc.get("command_id") == command["command_id"]]
@@ -341,7 +375,6 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     )
     if final != "completed":
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
-    tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
     crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + move)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
@@ -406,6 +439,8 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         "tl_command_redis": int(command_id.split("-")[0]) / 1000 - t_tick,
         "tl_received": received - t_tick,
         "tl_order_sent": order_sent - t_tick,
+        # the decision-wave path stamps its first wave's `order_sent` with the claim, as `received`
+        "decision_wave": float(order_sent == received),
         "tl_order_leaving": leaving - t_tick,
         "tl_cancel": t_cancel - t_tick,
         "tl_cancel_done": t_cancel_done - t_tick,
@@ -568,6 +603,9 @@ def report(positions: int, rows: list[dict[str, float]], timeline: bool) -> None
     print(f"\n{positions} positions asked, {rows[0]['positions']:.0f} open, {len(rows)} trials, "
           f"{rows[0]['ticker_rate']:.0f} ticker messages/s received by ingest during the trials")
     print(basis(rows))
+    priced = sum(r["decision_wave"] for r in rows)
+    print(f"first wave priced from the command (docs/executor.md) in {priced:.0f} of {len(rows)} trials; "
+          "the others read every leg's ticker and book first")
     for label, key in BREAKDOWN:
         print(summary(label, ms(key)))
     if timeline:
