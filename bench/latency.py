@@ -37,13 +37,15 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    two, so either one alone crosses: docs/ingest.md); t_order = receipt of the executor's first
    `private/insert` (`paper/order_log`); latency = t_order - t_tick.
    Why ingest's stamp and not the paper's record of sending the move (`paper/ticker_log` `sent`,
-   this bench's t_tick until issue 22): that record is taken by the paper's own event loop, which
-   at 1,000 books re-sent three times a second is saturated; it recorded `sent` after ingest had
-   the tick and the guardian had decided (docs/performance.md), so the paper's clock cannot start
-   the guardian's reaction. Ingest's stamp is the first moment the guardian could know, on every
-   size alike, so the sizes compare on one basis. The old basis (paper's send -> first order) is
-   printed beside it over the trials whose `sent` is not later than ingest's receipt, and the
-   paper's own delays (queued -> sent -> ingest, and the tick's `exchange_ts` -> ingest) apart,
+   this bench's t_tick until issue 22): ingest's stamp is the first moment the guardian could know,
+   taken by the guardian itself, on every size alike, so the sizes compare on one basis. The
+   paper's record is taken by the paper's loop and kept in a log of its last 100,000 rows, which
+   1,000 books re-sent three times a second fill in ≈ 16 s: read after a 1,000-leg closure (as
+   before issue 22) the move's rows were gone and a later row's `sent` was read, later than ingest's
+   receipt, so every trial looked "decided before the move". The log is now read once the first
+   order is in (`move_rows`); the old basis (paper's send -> first order) is printed beside the
+   new one over the trials whose `sent` is not later than ingest's receipt, and the paper's own
+   delays (queued -> sent -> ingest, and the tick's `exchange_ts` -> ingest) apart,
    not counted. A trial whose command was decided on a snapshot stamped before t_tick (a level
    crossed before the move) is printed and left out;
 5. wait for `completed`, re-pin the mark, next trial.
@@ -230,7 +232,9 @@ async def move_rows(pipeline: Pipeline, t0: float, reports_from: str,
     Not after the closure: the log keeps the last 100,000 rows, which 1,000 books re-sent three times a
     second fill in ≈ 16 s, and a 1,000-leg closure takes longer: the move's own rows would be gone (a
     later row's `sent` read in their place). The paper is polled only after the executor's first
-    `order_sent` is out (read from Redis), so the polls do not stand in the reaction's way.
+    `order_sent` is out (read from Redis): after the decision. On the usual path that report is
+    saved just before the orders leave, so a poll may reach the paper's loop just ahead of the
+    first order (`paper/order_log` since the move: a filter of at most 100,000 rows).
     """
     from services.common.bus import entry_document
     assert pipeline.redis is not None
