@@ -1,4 +1,4 @@
-"""Reaction latency of the whole pipeline: from the paper exchange sending the tick that makes
+"""Reaction latency of the whole pipeline: from ingest receiving the tick that makes
 `net_after_close` cross `min_profit_usd` to the paper exchange receiving the first close order.
 
     .venv/bin/python bench/latency.py [--trials 200] [--seed 1] [--workdir DIR] [--cancel-all-only]
@@ -16,8 +16,9 @@ crossed is the emergency stop, on the same decision path: `emergency_close_thres
 (written to the config, take-profit restarted, whenever the level drifts out of that window), and
 the move is -250 on the same 0.01 BTC-PERPETUAL (about -2.5 USD).
 The sizes run in one pipeline, smallest first, and print one after another so the growth shows.
-`--timeline` prints, per size, where the time goes: each stage's time after the move was sent
-(median and p90), from the stamps and stream entry ids of the documents the move produced.
+`--timeline` prints, per size, where the time goes: each stage's time after ingest received the
+crossing tick (median and p90), from the stamps and stream entry ids of the documents the move
+produced, up to the executor's own stamps of its first order and the exchange's receipt of it.
 
 `--cancel-all-only` turns off the rest of the executor's clearing round (mass quotes, conditional
 orders, bots: issue 19), to measure what the full round costs the first order, back to back.
@@ -30,12 +31,23 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    (0.01 BTC-PERPETUAL at 100,000: net_after_close about -1.06 USD, fees and closing cost);
 2. wait until the latest snapshot shows it and no halt/cool-down is set;
 3. `paper/set_mark` +250 USD (net_after_close about +1.44 > 1.10);
-4. t_tick = when the paper exchange sent the move (`paper/ticker_log` `sent`: handed to the
-   websocket): the earlier of the crossing ticker and the book notification that goes with it
-   (the exit is priced off the book, and ingest tops the book with the newer of the two, so
-   either one alone crosses: docs/ingest.md), t_order = receipt of the executor's first
-   `private/insert` (`paper/order_log`); latency = t_order - t_tick. The paper's own time from
-   queuing the move to sending it is printed apart, not counted;
+4. t_tick = when ingest received the crossing tick: the `ingest_ts` of the first `tp:ticks` entry of
+   the perpetual whose best bid carries the move (the ticker or the book notification, whichever
+   came first: the exit is priced off the book, and ingest tops the book with the newer of the
+   two, so either one alone crosses: docs/ingest.md); t_order = receipt of the executor's first
+   `private/insert` (`paper/order_log`); latency = t_order - t_tick.
+   Why ingest's stamp and not the paper's record of sending the move (`paper/ticker_log` `sent`,
+   this bench's t_tick until issue 22): ingest's stamp is the first moment the guardian could know,
+   taken by the guardian itself, on every size alike, so the sizes compare on one basis. The
+   paper's record is taken by the paper's loop and kept in a log of its last 100,000 rows, which
+   1,000 books re-sent three times a second fill in ≈ 16 s: read after a 1,000-leg closure (as
+   before issue 22) the move's rows were gone and a later row's `sent` was read, later than ingest's
+   receipt, so every trial looked "decided before the move". The log is now read once the first
+   order is in (`move_rows`); the old basis (paper's send -> first order) is printed beside the
+   new one over the trials whose `sent` is not later than ingest's receipt, and the paper's own
+   delays (queued -> sent -> ingest, and the tick's `exchange_ts` -> ingest) apart,
+   not counted. A trial whose command was decided on a snapshot stamped before t_tick (a level
+   crossed before the move) is printed and left out;
 5. wait for `completed`, re-pin the mark, next trial.
 
 Baseline (the seed's design, `manage_portfolio_take_profit` polling every 2 s): simulated on the
@@ -43,6 +55,14 @@ same trials, not run. A poller with a fixed random phase looks at the latest sna
 its reaction to trial i is (snapshot reflecting the crossing written - t_tick) + (wait for its
 next poll after that) + (command -> first order, as measured). That is a lower bound for the
 seed: it also read prices on its own schedule, not pushed ticks.
+
+The executor's own stamps of its first order (`--timeline`): its first `order_sent` report's `ts` on
+`tp:reports` (on the decision-wave path that is when the wave was planned into the claim, the same
+instant as `received`), and when it handed the first order to its session: the command's
+`created_ts` plus what one command added to `tp_executor_time_to_first_order_seconds` (its /metrics,
+read before the move and after the outcome; left out of a trial in which more than one command
+observed it). "First close order at the exchange" is the paper's receipt, which at 1,000 books
+includes the saturated paper's own queueing.
 """
 
 from __future__ import annotations
@@ -97,13 +117,14 @@ STEADY_SECONDS = 0.5
 """With many positions the level is set once net_after_close moved less than this over that long."""
 """The barrier stays at least this far from net_after_close before and after the move."""
 TIMELINE = (
-    ("ingest has the tick", "tl_ingest"),
     ("tick in Redis (entry id, 1 ms)", "tl_tick_redis"),
     ("snapshot stamped (portfolio)", "tl_snapshot"),
     ("snapshot in Redis (entry id)", "tl_snapshot_redis"),
     ("command stamped (take-profit)", "tl_command"),
     ("command in Redis (entry id)", "tl_command_redis"),
     ("executor's received", "tl_received"),
+    ("first order_sent stamped (executor)", "tl_order_sent"),
+    ("first order handed to its session (exec.)", "tl_order_leaving"),
     ("cancel_all at the exchange", "tl_cancel"),
     ("cancel_all answered", "tl_cancel_done"),
     ("first close order at the exchange", "latency"),
@@ -111,9 +132,9 @@ TIMELINE = (
 
 
 BREAKDOWN = (
-    ("tick sent -> first close order", "latency"),
+    ("ingest has tick -> first close order", "latency"),
+    ("paper's send -> first close order", "latency_paper"),
     ("  tick -> snapshot written", "tick_to_snapshot"),
-    ("    tick sent -> ingest received", "tick_to_ingest"),
     ("    ingest -> tick in Redis (1 ms id)", "ingest_to_redis"),
     ("    tick in Redis -> snapshot", "redis_to_snapshot"),
     ("  snapshot -> command written", "snapshot_to_command"),
@@ -124,9 +145,24 @@ BREAKDOWN = (
     ("      exchange handles cancel_all", "cancel_at_exchange"),
     ("      cancel_all done -> order at exch.", "cancel_to_order"),
     ("not counted: paper queued -> sent move", "paper_queue"),
+    ("not counted: paper's sent -> ingest", "paper_to_ingest"),
+    ("not counted: tick's exchange_ts -> ingest", "exchange_to_ingest"),
     ("not counted: ticker sent -> book sent", "book_after_ticker"),
 )
 """What the summary prints: (label, key of the per-trial figures), the whole first, its parts indented."""
+
+
+def ms_of(rows: list[dict[str, float]], key: str) -> list[float]:
+    """One figure of every trial that has it (NaN: that trial lacks it), in ms."""
+    return [r[key] * 1000 for r in rows if not math.isnan(r[key])]
+
+
+def basis(rows: list[dict[str, float]]) -> str:
+    """What t_tick is, and how the paper's own record of sending the move compares with it."""
+    late = sum(math.isnan(r["latency_paper"]) for r in rows)
+    return ("t_tick = ingest's receipt of the crossing tick; the paper's `sent` record was later than "
+            f"that in {late} of {len(rows)} trials" + (" (not used: its figure below is over the others)"
+                                                      if late else ""))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -135,8 +171,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(name: str, values_ms: list[float]) -> str:
+    if not values_ms:
+        return f"{name:<42} n=0"
     return (
-        f"{name:<34} n={len(values_ms):<4} p50 {pct(values_ms, 50):8.2f}  p90 {pct(values_ms, 90):8.2f}  "
+        f"{name:<42} n={len(values_ms):<4} p50 {pct(values_ms, 50):8.2f}  p90 {pct(values_ms, 90):8.2f}  "
         f"p99 {pct(values_ms, 99):8.2f}  max {max(values_ms):8.2f}  "
         f"mean {statistics.fmean(values_ms):8.2f} ms"
     )
@@ -167,16 +205,72 @@ async def last_id(pipeline: Pipeline, stream: str) -> str:
     return newest[0][0].decode() if newest else "0-0"
 
 
-async def crossing_tick(pipeline: Pipeline, since: float, sent: float,
-                        move: float = CROSS) -> tuple[int, dict[str, Any]]:
-    """The first `tp:ticks` entry whose bids carry the move (received after `sent`), with its XADD time
-    (id, ms)."""
-    for entry_id, doc in await _range_of(pipeline, pipeline.names.ticks, f"{int(since * 1000)}-0"):
-        if doc and doc.get("instrument") == PERP and doc.get("bids") \
-                and (doc["bids"][0][0] - P0 - move / 2) * move > 0 \
-                and doc["ingest_ts"] >= sent:
-            return int(entry_id.split("-")[0]), doc
-    raise RuntimeError("crossing tick not found on tp:ticks")
+async def crossing_tick(pipeline: Pipeline, since: float, move: float = CROSS,
+                        within: float = 30.0) -> tuple[int, dict[str, Any]]:
+    """The first `tp:ticks` entry after `since` (when the mark was still P0) whose bids carry the
+    move, with its XADD time (id, ms). Read a page at a time: at 1,000 books `tp:ticks` takes
+    thousands of entries a second, and the crossing one comes within the first few hundred ms."""
+    from services.common.bus import entry_document
+    assert pipeline.redis is not None
+    start, end = f"{int(since * 1000)}-0", f"{int((since + within) * 1000)}-0"
+    while True:
+        page = await pipeline.redis.xrange(pipeline.names.ticks, min=start, max=end, count=2_000)
+        for raw_id, fields in page:
+            doc = entry_document(fields)[1]
+            if doc and doc.get("instrument") == PERP and doc.get("bids") \
+                    and (doc["bids"][0][0] - P0 - move / 2) * move > 0:
+                return int(raw_id.decode().split("-")[0]), doc
+        if len(page) < 2_000:
+            raise RuntimeError("crossing tick not found on tp:ticks")
+        start = f"({page[-1][0].decode()}"
+
+
+async def move_rows(pipeline: Pipeline, t0: float, reports_from: str,
+                    command_id: str) -> list[dict[str, Any]]:
+    """The paper's ticker log of the perpetual since `t0`, read once the command's first order is in.
+
+    Not after the closure: the log keeps the last 100,000 rows, which 1,000 books re-sent three times a
+    second fill in ≈ 16 s, and a 1,000-leg closure takes longer: the move's own rows would be gone (a
+    later row's `sent` read in their place). The paper is polled only after the executor's first
+    `order_sent` is out (read from Redis): after the decision. On the usual path that report is
+    saved just before the orders leave, so a poll may reach the paper's loop just ahead of the
+    first order (`paper/order_log` since the move: a filter of at most 100,000 rows).
+    """
+    from services.common.bus import entry_document
+    assert pipeline.redis is not None
+    redis = pipeline.redis
+
+    async def order_sent() -> bool:
+        start = f"({reports_from}"
+        while page := await redis.xrange(pipeline.names.reports, min=start, count=500):
+            if any((doc := entry_document(fields)[1]) and doc.get("command_id") == command_id
+                   and doc.get("status") == "order_sent" for _, fields in page):
+                return True
+            start = f"({page[-1][0].decode()}"
+        return False
+
+    async def order_at_exchange() -> bool:
+        return bool((await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
+                                                                "method": "private/insert"}))["orders"])
+    await eventually(order_sent, within=60, interval=0.05)
+    await eventually(order_at_exchange, within=60, interval=0.05)
+    log = await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP})
+    return list(log["tickers"])
+
+
+FIRST_ORDER_METRIC = "tp_executor_time_to_first_order_seconds"
+
+
+async def first_order_metric(pipeline: Pipeline) -> tuple[float, float]:
+    """The executor's `tp_executor_time_to_first_order_seconds` (sum, count) from its /metrics."""
+    import urllib.request
+    port = pipeline.procs["executor"].port
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                  timeout=5).read().decode())
+    wanted = (f"{FIRST_ORDER_METRIC}_sum ", f"{FIRST_ORDER_METRIC}_count ")
+    found = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith(wanted)}
+    return found.get(f"{FIRST_ORDER_METRIC}_sum", 0.0), found.get(f"{FIRST_ORDER_METRIC}_count", 0.0)
 
 
 async def header(pipeline: Pipeline) -> tuple[dict[str, Any] | None, float]:
@@ -255,6 +349,7 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         await caught_up(pipeline)  # nothing from the re-open left for the restarted take-profit to judge
         await set_target(pipeline, round(before - 1.25, 2))
         await caught_up(pipeline)  # a decision on what it caught up on is found below: not counted
+    metric_before = await first_order_metric(pipeline)
     await asyncio.sleep(0.05)
     t0 = time.time()
     await pipeline.control("paper/set_mark", {"instrument_name": PERP, "price": P0 + move})
@@ -270,6 +365,8 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     command_id = next(i for i, doc in await _range_of(pipeline, pipeline.names.commands, f"({commands_from}")
                       if doc and doc.get("command_id") == command["command_id"])
 
+    tickers = await move_rows(pipeline, t0, reports_from, command["command_id"])
+
     async def outcome() -> list[dict[str, Any]] | None:
         reports = [doc for _, doc in await _range_of(pipeline, pipeline.names.reports, f"({reports_from}")
                    if doc and doc.get("command_id") == command["command_id"]]
@@ -282,7 +379,6 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
     )
     if final != "completed":
         raise RuntimeError(f"trial {n}: {command['command_id']} {final}")
-    tickers = (await pipeline.control("paper/ticker_log", {"since": t0, "instrument_name": PERP}))["tickers"]
     crossing_rows = [r for r in tickers if abs(r["mark_price"] - (P0 + move)) < 1e-6]
     # The move reaches the guardian as a ticker and a book notification; either one carries the
     # new top of the book (ingest takes the newer of the two), so the move starts with the first.
@@ -290,7 +386,10 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         next(r for r in crossing_rows if r["channel"] == channel) for channel in ("ticker", "book")
     )
     first = min(ticker_row, book_row, key=lambda r: r["sent"] or r["time"])
-    t_tick = first["sent"] or first["time"]
+    t_sent = first["sent"] or first["time"]
+    tick_id, tick = await crossing_tick(pipeline, t0, move)
+    t_tick = tick["ingest_ts"]
+    metric_after = await first_order_metric(pipeline)
     orders = (await pipeline.control("paper/order_log", {"since": t0, "key_id": EXECUTOR_KEY,
                                                          "method": "private/insert"}))["orders"]
     t_order = orders[0]["time"]
@@ -307,19 +406,20 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         return snap is not None and snap["epoch"] > command["epoch"]
     await eventually(next_epoch, within=30, interval=0.05)
     if decided_on is None or decided_on[1]["ts"] < t_tick:
-        # decided on a snapshot stamped before the paper recorded sending the move: a level crossed
-        # before it, or (1,000 books) a saturated paper recording `sent` late. Not a clean
-        # measurement either way: reported and left out (docs/performance.md).
+        # decided on a snapshot stamped before ingest had the move: a level crossed before it. Not a
+        # clean measurement: reported and left out.
         print(f"  trial {n}: decided on snapshot #{command['snapshot_seq']}, before the move: not counted",
               flush=True)
         return None
     crossing_id, crossing = decided_on
-    tick_id, tick = await crossing_tick(pipeline, t0, t_tick, move)
     received = next(r["ts"] for r in reports if r["status"] == "received")
+    order_sent = min((r["ts"] for r in reports if r["status"] == "order_sent"), default=math.nan)
+    observed = metric_after[1] - metric_before[1]  # one command handed its first order to the session
+    leaving = command["created_ts"] + metric_after[0] - metric_before[0] if observed == 1 else math.nan
     return {
         "latency": t_order - t_tick,
+        "latency_paper": t_order - t_sent if t_sent <= t_tick else math.nan,
         "tick_to_snapshot": crossing["ts"] - t_tick,
-        "tick_to_ingest": tick["ingest_ts"] - t_tick,
         "ingest_to_redis": tick_id / 1000 - tick["ingest_ts"],
         "redis_to_snapshot": crossing["ts"] - tick_id / 1000,
         "command_to_received": received - command["created_ts"],
@@ -328,19 +428,24 @@ async def one_trial(pipeline: Pipeline, n: int, many: int | None = None) -> dict
         "cancel_at_exchange": t_cancel_done - t_cancel,
         "cancel_to_order": t_order - t_cancel_done,
         "snapshot_to_command": command["created_ts"] - crossing["ts"],
-        "paper_queue": t_tick - first["time"],
+        "paper_queue": t_sent - first["time"],
+        "paper_to_ingest": t_tick - t_sent,
+        "exchange_to_ingest": t_tick - tick["exchange_ts"],
         "book_after_ticker": (book_row["sent"] or book_row["time"])
         - (ticker_row["sent"] or ticker_row["time"]),
         "command_to_order": t_order - command["created_ts"],
         "t_tick": t_tick,
         "t_snap": crossing["ts"],
-        "tl_ingest": tick["ingest_ts"] - t_tick,
         "tl_tick_redis": tick_id / 1000 - t_tick,
         "tl_snapshot": crossing["ts"] - t_tick,
         "tl_snapshot_redis": int(crossing_id.split("-")[0]) / 1000 - t_tick,
         "tl_command": command["created_ts"] - t_tick,
         "tl_command_redis": int(command_id.split("-")[0]) / 1000 - t_tick,
         "tl_received": received - t_tick,
+        "tl_order_sent": order_sent - t_tick,
+        # the decision-wave path stamps its first wave's `order_sent` with the claim, as `received`
+        "decision_wave": float(order_sent == received),
+        "tl_order_leaving": leaving - t_tick,
         "tl_cancel": t_cancel - t_tick,
         "tl_cancel_done": t_cancel_done - t_tick,
         "target": OVERRIDES["portfolio_take_profit"]["min_profit_usd"] if many is None else target(pipeline),
@@ -380,10 +485,11 @@ async def main_async(args: argparse.Namespace) -> int:
         baseline.append(r["tick_to_snapshot"] + wait + r["command_to_order"])
 
     def ms(key: str) -> list[float]:
-        return [r[key] * 1000 for r in rows]
+        return ms_of(rows, key)
 
     print(f"\nreaction latency, {len(rows)} trials (services as processes, Redis AOF, paper exchange; "
           f"{args.warmup} warm-up trials not counted)")
+    print(basis(rows))
     for label, key in BREAKDOWN:
         print(summary(label, ms(key)))
     base_ms = [b * 1000 for b in baseline]
@@ -473,30 +579,48 @@ async def many_async(args: argparse.Namespace) -> int:
         figures = await pipeline.check_invariants(settle_timeout=60)
     finally:
         await pipeline.stop()
-    print("\nsummary (tick sent -> first close order, ms):")
-    for rows in results.values():
-        ms = [r["latency"] * 1000 for r in rows]
+    print("\nsummary (from ingest's receipt of the crossing tick -> first close order at the exchange, ms;"
+          " [from the paper's send, over the trials where it was not later]):")
+    for positions, rows in results.items():
+        if not rows:
+            print(f"  N = {positions:>5}: no trial counted")
+            continue
+        ms, paper = ms_of(rows, "latency"), ms_of(rows, "latency_paper")
+        old = f"p50 {pct(paper, 50):6.2f} ({len(paper)} trials)" if paper \
+            else "none: sent later than ingest's receipt"
         print(f"  N = {rows[0]['positions']:>5.0f}: p50 {pct(ms, 50):6.2f}  p90 {pct(ms, 90):6.2f}  "
               f"p99 {pct(ms, 99):6.2f}  max {max(ms):6.2f}  ({len(rows)} trials, "
               f"{rows[0]['ticker_rate']:.0f} ticker messages/s into ingest, "
-              f"emergency stop at {rows[-1]['target']})")
+              f"emergency stop at {rows[-1]['target']})  [paper's send: {old}]")
     print(f"invariants after the run: {figures}")
     return 0
 
 
 def report(positions: int, rows: list[dict[str, float]], timeline: bool) -> None:
+    if not rows:
+        print(f"\n{positions} positions: no trial counted")
+        return
+
     def ms(key: str) -> list[float]:
-        return [r[key] * 1000 for r in rows]
+        return ms_of(rows, key)
 
     print(f"\n{positions} positions asked, {rows[0]['positions']:.0f} open, {len(rows)} trials, "
           f"{rows[0]['ticker_rate']:.0f} ticker messages/s received by ingest during the trials")
+    print(basis(rows))
+    priced = sum(r["decision_wave"] for r in rows)
+    print(f"first wave priced from the command (docs/executor.md) in {priced:.0f} of {len(rows)} trials; "
+          "the others read every leg's ticker and book first")
     for label, key in BREAKDOWN:
         print(summary(label, ms(key)))
     if timeline:
-        print(f"timeline of a reaction, {positions} positions (ms after the move was sent; median / p90):")
+        print(f"timeline of a reaction, {positions} positions (ms after ingest had the crossing tick; "
+              "median / p90; n = trials with the stamp):")
         for label, key in TIMELINE:
             values = ms(key)
-            print(f"  {pct(values, 50):7.2f} / {pct(values, 90):7.2f}  {label}")
+            if values:
+                print(f"  {pct(values, 50):8.2f} / {pct(values, 90):8.2f}  {label}  (n={len(values)})")
+            else:
+                print(f"       n/a /      n/a  {label}  (no trial has it)")
 
 
 def main() -> int:
