@@ -400,8 +400,23 @@ def test_why_a_first_wave_is_not_priced_from_the_command_names_the_leg() -> None
     assert wave_from_command(within_depth(hedged, "A"), infos, BUFFERS, NOW, 1.0) == \
         "B is hedged and the decision's book did not hold it whole (exit_within_depth)"
     far = fresh.model_copy(update={"positions": [fresh.positions[0].model_copy(update={"mark": 120.0})]})
-    # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it (6.0)
+    # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it and a tick (6.0 + 0.1)
     assert wave_from_command(far, infos, BUFFERS, NOW, 1.0) == \
-        "A: a limit of 99.5 is over 5.0% from the mark 120"
+        "A: a limit of 99.5 is over 5.0% and a tick from the mark 120"
     dust = command({"A": 0.004}, marks={"A": 100.0})  # under the 0.01 lot
     assert wave_from_command(dust, infos, BUFFERS, NOW, 1.0) == "A: 0.004 is below the minimum order"
+
+
+def test_a_cheap_option_a_tick_under_its_mark_still_goes_in_the_first_wave() -> None:
+    """Seen at 100 options on the paper: a put marked 44.2336 on a 5 USD tick, best bid 40 (the exit).
+    40 x (1 - 0.005) = 39.8, up to the tick: 40, which is 4.2336 from the mark: over 5 % of it
+    (2.2117) but within that plus one tick (7.2117), and the usual path would sell at 40 too."""
+    option = spec(InstrumentType.OPTION).model_copy(update={"tick_size": 5.0})
+    put = command({"P": 0.5}, marks={"P": 44.2336}).model_copy(update={"positions": [PositionToClose(
+        instrument="P", amount=0.5, exit_price=40.0, mark=44.2336)]})
+    (order,) = decision_wave(put, {"P": option}, BUFFERS, NOW, 1.0) or []
+    assert (order.side, order.amount, order.price) == (Side.SELL, 0.5, 40.0)
+    worse = put.model_copy(update={"positions": [put.positions[0].model_copy(update={"exit_price": 35.0})]})
+    # 35 x 0.995 = 34.825, up to 35: 9.2336 from the mark, over 7.2117: the usual path reads the book
+    assert wave_from_command(worse, {"P": option}, BUFFERS, NOW, 1.0) == \
+        "P: a limit of 35 is over 5.0% and a tick from the mark 44.2336"
