@@ -7,8 +7,9 @@
 `--positions N ...` (issue 22): the account holds N open positions spread over the paper's
 perpetuals, futures and options (extra BTC options added to the paper: `tests/e2e/many.py`), and
 ticks flow on all of them at >= 2,000 ticker messages a second throughout (`TickLoad`: the paper
-re-sends every followed ticker and book, prices unchanged; on a small book, bursts of BTC-PERPETUAL
-tickers make up the rate). Every closure closes all N, so each trial first re-opens what the last
+re-sends every followed ticker and book, prices unchanged, as many times a second as make the rate
+and no more — twice at 1,000 positions; on a small book, bursts of BTC-PERPETUAL tickers make up
+the rate). Every closure closes all N, so each trial first re-opens what the last
 one closed (`paper/trades`, 200 a call: `open_positions`). The other N - 1 positions cost tens to
 hundreds of dollars to close, out of reach of a profit target (it must be > 0), so the barrier
 crossed is the emergency stop, on the same decision path: `emergency_close_threshold` is set
@@ -40,7 +41,7 @@ portfolio, takeprofit and executor (`tests/e2e/harness.py: Pipeline`). Per trial
    this bench's t_tick until issue 22): ingest's stamp is the first moment the guardian could know,
    taken by the guardian itself, on every size alike, so the sizes compare on one basis. The
    paper's record is taken by the paper's loop and kept in a log of its last 100,000 rows, which
-   1,000 books re-sent three times a second fill in ≈ 16 s: read after a 1,000-leg closure (as
+   1,000 books re-sent three times a second filled in ≈ 16 s: read after a 1,000-leg closure (as
    before issue 22) the move's rows were gone and a later row's `sent` was read, later than ingest's
    receipt, so every trial looked "decided before the move". The log is now read once the first
    order is in (`move_rows`); the old basis (paper's send -> first order) is printed beside the
@@ -538,7 +539,9 @@ async def ticker_messages(pipeline: Pipeline) -> float:
 
 async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace) -> list[dict[str, float]]:
     """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
-    steps = 20.0 if positions <= 100 else float(max(2, math.ceil(TICKS_PER_SECOND / positions) + 1))
+    # a large book: as many re-sends as make TICKS_PER_SECOND, no more (each re-send of 1,000 books
+    # is 2,000 messages the paper's one loop must write, and its backlog is measured with the trial)
+    steps = 20.0 if positions <= 100 else float(max(2, math.ceil(TICKS_PER_SECOND / positions)))
     burst = max(0, math.ceil((TICKS_PER_SECOND - steps * positions) / steps))
     if target(pipeline) > -1e6:  # out of reach while the positions of this size are opened
         await set_target(pipeline, -1e6)
