@@ -15,13 +15,6 @@ from websockets.exceptions import ConnectionClosed
 from services.paper.engine import Session
 from services.paper.keys import ApiKey
 
-WRITES_BEFORE_YIELD = 32
-"""The writer lets the loop run every this many messages. Without it a burst (1,000 books re-sent:
-2,000 messages, ≈ 150 ms of writes with the guardian's benchmark load) held the loop, and every other
-connection's requests waited behind it — a `cancel_all` arrived 160 ms after the executor sent it
-(bench/latency.py --positions 1000). Thalex answers one connection's requests whatever it is
-sending to another; one connection's messages still leave in order."""
-
 
 @dataclass(eq=False)
 class Connection:
@@ -53,8 +46,7 @@ class Connection:
             self.push(json.dumps({"id": rid, "result": result}))
 
     async def write(self) -> None:
-        """Send the queue in order until the websocket closes, letting other connections in now and then."""
-        written = 0
+        """Send the queue in order until the websocket closes."""
         try:
             while True:
                 text, logged = await self.queue.get()
@@ -62,9 +54,6 @@ class Connection:
                     logged["sent"] = time.time()
                 await self.ws.send(text)
                 self.queue.task_done()
-                written += 1
-                if written % WRITES_BEFORE_YIELD == 0:
-                    await asyncio.sleep(0)
         except ConnectionClosed:
             pass
 
