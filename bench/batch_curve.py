@@ -69,8 +69,10 @@ def portfolio_batch(n: int, changed: int) -> tuple[float, float, Snapshot, Snaps
     def one(full: bool) -> Snapshot:
         batch = batches[state["k"] % len(batches)]
         state["k"] += 1
-        for t in batch:
-            ledger.apply_tick(t.model_copy(update={"exchange_ts": t.exchange_ts + state["k"]}))
+        for t in batch:  # a new mark every time: each tick changes its position's row (at 5,000
+            # positions the stream visits each one once, at the prices it was opened with)
+            ledger.apply_tick(t.model_copy(update={"exchange_ts": t.exchange_ts + state["k"],
+                                                   "mark": t.mark + 1e-6 * state["k"]}))
         state["seq"] += 1
         snap = ledger.snapshot(state["seq"], now, 1e9) if full else ledger.publish(state["seq"], now, 1e9)
         if full:
