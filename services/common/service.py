@@ -88,17 +88,27 @@ class Health:
     reasons: dict[str, str] = field(default_factory=dict)
     """Why each failing check fails ("reason: detail"), redacted."""
     checked_ts: float = 0.0
+    round_results: dict[str, bool] = field(default_factory=dict)
+    """This refresh's verdicts so far: a check added `last` sees every other one of the same refresh."""
+    round_reasons: dict[str, str] = field(default_factory=dict)
     _labels: dict[str, str] = field(default_factory=dict)
     """Check → the reason label its `tp_service_health_problem` series carries now."""
+    _last: set[str] = field(default_factory=set)
 
-    def add(self, name: str, check: HealthCheck) -> None:
+    def add(self, name: str, check: HealthCheck, *, last: bool = False) -> None:
+        """`last`: evaluated after the others in each refresh (the `redis` check writes their verdict)."""
         self.checks[name] = check
+        if last:
+            self._last.add(name)
+        else:
+            self._last.discard(name)
 
     async def refresh(self) -> None:
         results: dict[str, bool] = {}
         reasons: dict[str, str] = {}
-        for name, check in self.checks.items():
-            reason, detail = await self._evaluate(check)
+        self.round_results, self.round_reasons = results, reasons
+        for name in sorted(self.checks, key=lambda name: name in self._last):  # stable: the `last` ones after
+            reason, detail = await self._evaluate(self.checks[name])
             results[name] = reason is None
             if reason is not None:
                 reasons[name] = redact(f"{reason}: {detail}" if detail else reason)
@@ -162,14 +172,16 @@ class Health:
 
 
 def health_report(health: Health, now: float) -> str:
-    """What the `redis` check writes to `<ns>:<service>:health`: the service's last verdict, for
+    """What the `redis` check writes to `<ns>:<service>:health`: the service's verdict, for
     `thalex-tp status` (JSON `{"ts", "healthy", "reasons"}`; the key expires after 30 s).
 
-    The verdict is the previous refresh's (the write is this refresh's first check), without its
-    `redis` reason: the write that carries it succeeds, so Redis takes writes again.
+    The verdict is this refresh's: the write is its last check, after every other one (it was the
+    first, writing the previous refresh's verdict, and `status` said NOT GUARDING for a second after
+    `/health` turned green: the native walkthrough's `status` failed on it). Without a `redis`
+    reason: the write that carries the report succeeds, so Redis takes writes again.
     """
-    others = {name: ok for name, ok in health.latest.items() if name != "redis"}
-    reasons = {name: why for name, why in health.reasons.items() if name != "redis"}
+    others = {name: ok for name, ok in health.round_results.items() if name != "redis"}
+    reasons = {name: why for name, why in health.round_reasons.items() if name != "redis"}
     return json.dumps({"ts": now, "healthy": bool(others) and all(others.values()), "reasons": reasons})
 
 
@@ -197,7 +209,7 @@ def add_framework_checks(health: Health, bus: Bus, key: str) -> None:
             raise Unhealthy("handlers failing", "; ".join(failing))
         return True
 
-    health.add("redis", redis_writable)
+    health.add("redis", redis_writable, last=True)
     health.add("consuming", consuming)
     health.add("handlers", handlers)
 

@@ -177,3 +177,27 @@ async def test_a_reason_never_shows_a_password() -> None:
     health.add("redis", unreachable)
     await health.refresh()
     assert "hunter2" not in health.reasons["redis"] and "portfolio:***@redis" in health.reasons["redis"]
+
+
+async def test_the_health_report_in_redis_says_what_the_same_refresh_found(redis_url: str, names: Names,
+                                                                           redis: Redis) -> None:
+    """`thalex-tp status` reads `<ns>:<service>:health`: it must turn green with `/health`, not a
+    refresh later (the native walkthrough's `status` said NOT GUARDING a second after /health was green)."""
+    bus, health = await framework(redis_url, names, "late")
+    logged_in = {"now": False}
+    health.add("exchange", lambda: True if logged_in["now"] else "not logged in: not connected yet")
+
+    async def report() -> dict[str, Any]:
+        raw = await redis.get(names.key("late:health"))
+        assert raw is not None
+        return dict(json.loads(raw))
+
+    await health.refresh()
+    first = await report()
+    assert first["healthy"] is False and first["reasons"]["exchange"].startswith("not logged in")
+    logged_in["now"] = True
+    await health.refresh()
+    assert health.healthy
+    second = await report()
+    assert second["healthy"] is True and second["reasons"] == {}
+    await bus.redis.aclose()
