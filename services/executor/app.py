@@ -203,8 +203,9 @@ class Executor:
     async def _decision_wave(self, command: Command) -> list[Order] | None:
         """The first wave priced from the command (docs/executor.md), or None for the usual path
         (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
-        if self.config.dry_run or command.command_id in self.seen or command.fraction < 1.0:
-            return None
+        if self.config.dry_run or command.command_id in self.seen or command.fraction < 1.0 \
+                or time.time() - command.created_ts > DECISION_PRICE_MAX_AGE_SECONDS:
+            return None  # not a fresh full closure (a resumed or replayed one): nothing to say
         try:
             infos = await self.market.infos([p.instrument for p in command.positions])
         except (ThalexError, ConnectionLost):

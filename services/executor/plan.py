@@ -108,9 +108,14 @@ product, the shortest repr); this margin is a thousand times that, so whenever t
 answers, no whole number lies between its quotient and the exact decimal one and both round alike
 (proven against the decimal path by tests/executor/test_rounding.py).
 """
-MAX_SHORT_CUT_STEPS = 2.0**40
-"""Beyond this many ticks (or a tick finer than `MAX_SHORT_CUT_DECIMALS`) the decimal path decides."""
+MAX_SHORT_CUT_DIGITS = 2.0**50
+"""The short cut needs the exact multiple (ticks × the tick's digits as a whole number: 19,968 × 5, or
+2 × 1234567891 for a tick of 0.1234567891) well within a double's 53 bits, so that rounding the
+float product to the tick's decimals finds it; beyond, the decimal path decides."""
 MAX_SHORT_CUT_DECIMALS = 10
+MAX_SHORT_CUT_CHANGE = 0.5
+"""`scaled_to_tick`'s `1 + change` in floats is exact enough only this close to 1 (buffers and the
+index deviation are configured within 0.5); beyond, the decimal path decides."""
 
 
 def round_to_tick(value: float, tick: float, *, up: bool) -> float:
@@ -126,7 +131,8 @@ def round_to_tick(value: float, tick: float, *, up: bool) -> float:
 
 def scaled_to_tick(value: float, change: float, tick: float, *, up: bool) -> float:
     """`value × (1 + change)` rounded to the tick as `round_to_tick` does, the product in decimal."""
-    fast = _clear_of_a_tick(value * (1 + change), tick, up)
+    near_one = abs(change) <= MAX_SHORT_CUT_CHANGE
+    fast = _clear_of_a_tick(value * (1 + change), tick, up) if near_one else None
     return fast if fast is not None else _round_decimal(_dec(value) * (1 + _dec(change)), tick, up)
 
 
@@ -136,25 +142,24 @@ def _round_decimal(exact: Decimal, tick: float, up: bool) -> float:
 
 
 def _clear_of_a_tick(value: float, tick: float, up: bool) -> float | None:
-    """The rounded value in floats, or None when `value / tick` is near a whole number (or huge)."""
+    """The rounded value in floats, or None when `value / tick` is near a whole number (or too big)."""
     steps = value / tick
-    if not abs(steps) < MAX_SHORT_CUT_STEPS:
+    places, digits = _tick_digits(tick)
+    if not abs(steps) * digits < MAX_SHORT_CUT_DIGITS or places > MAX_SHORT_CUT_DECIMALS:
         return None
     if abs(steps - round(steps)) <= NEAR_A_TICK * max(1.0, abs(steps)):
         return None
-    places = _decimal_places(tick)
-    if places > MAX_SHORT_CUT_DECIMALS:
-        return None
-    # the product is within ~1e-15 relative of the exact multiple, which has `places` decimals:
-    # rounding to them gives the double nearest that multiple, as float(Decimal) does
+    # the product is within a few units in the last place of the exact multiple, which has `places`
+    # decimals: rounding to them gives the double nearest that multiple, as float(Decimal) does
     return round((math.ceil(steps) if up else math.floor(steps)) * tick, places)
 
 
 @functools.lru_cache(maxsize=1024)
-def _decimal_places(tick: float) -> int:
-    exponent = _dec(tick).as_tuple().exponent
+def _tick_digits(tick: float) -> tuple[int, int]:
+    """(decimal places, the significant digits as a whole number) of a tick: 0.05 → (2, 5)."""
+    _, digits, exponent = _dec(tick).normalize().as_tuple()
     assert isinstance(exponent, int)
-    return max(0, -exponent)
+    return max(0, -exponent), int("".join(map(str, digits)))
 
 
 def close_side(signed_amount: float) -> Side:

@@ -109,10 +109,12 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
     """The first wave priced from the command itself, or why it cannot be (the usual path then).
 
     Only for a full closure at most `max_age` seconds after its decision, every leg with the
-    portfolio's exit price and mark, every limit within `buffers.ceiling` of its mark plus one
-    tick (no deeper through the book than the usual waves may go; a price is on the tick, so a
-    cheap option's best bid may sit a whole tick under its mark: 40 for a put marked at 44.23 on a
-    5 USD tick, where the usual path sells too). Legs hedged against each other (one
+    portfolio's exit price and mark, every limit within `buffers.ceiling` of its mark (no deeper
+    through the book than the usual waves may go), an option's plus one tick: a price is on the
+    tick, so a cheap option's best bid may sit a whole tick under its mark (40 for a put marked at
+    44.23 on a 5 USD tick, where the usual path sells too). Not a perpetual's or future's: this
+    wave has no index to bound it (`plan.index_bound`), so the ceiling around the mark is all
+    that keeps a mark gone wild (0.5 for BTC) from selling at one tick. Legs hedged against each other (one
     underlying) go too when the book at the decision held each of them whole
     (`exit_within_depth`): every leg is then sent in full, so if every order fills what that book
     showed the underlying is flat after the wave, within any hedge bound (what `plan.hedge_wave`
@@ -138,9 +140,11 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
         order = decision_order(p.amount, p.exit_price, buffers.base, infos[p.instrument])
         if order is None:
             return f"{p.instrument}: {abs(p.amount):g} is below the minimum order"
-        if abs(order[2] - p.mark) > buffers.ceiling * p.mark + infos[p.instrument].tick_size:
-            return (f"{p.instrument}: a limit of {order[2]:g} is over {buffers.ceiling:.1%} and a tick from "
-                    f"the mark {p.mark:g}")
+        info = infos[p.instrument]
+        slack = 0.0 if info.type in INDEX_BOUNDED else info.tick_size
+        if abs(order[2] - p.mark) > buffers.ceiling * p.mark + slack:
+            return (f"{p.instrument}: a limit of {order[2]:g} is over {buffers.ceiling:.1%}"
+                    f"{' and a tick' if slack else ''} from the mark {p.mark:g}")
         wave.append(Order(p.instrument, *order))
     return wave
 

@@ -400,9 +400,9 @@ def test_why_a_first_wave_is_not_priced_from_the_command_names_the_leg() -> None
     assert wave_from_command(within_depth(hedged, "A"), infos, BUFFERS, NOW, 1.0) == \
         "B is hedged and the decision's book did not hold it whole (exit_within_depth)"
     far = fresh.model_copy(update={"positions": [fresh.positions[0].model_copy(update={"mark": 120.0})]})
-    # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it and a tick (6.0 + 0.1)
+    # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it (6.0)
     assert wave_from_command(far, infos, BUFFERS, NOW, 1.0) == \
-        "A: a limit of 99.5 is over 5.0% and a tick from the mark 120"
+        "A: a limit of 99.5 is over 5.0% from the mark 120"
     dust = command({"A": 0.004}, marks={"A": 100.0})  # under the 0.01 lot
     assert wave_from_command(dust, infos, BUFFERS, NOW, 1.0) == "A: 0.004 is below the minimum order"
 
@@ -420,3 +420,15 @@ def test_a_cheap_option_a_tick_under_its_mark_still_goes_in_the_first_wave() -> 
     # 35 x 0.995 = 34.825, up to 35: 9.2336 from the mark, over 7.2117: the usual path reads the book
     assert wave_from_command(worse, {"P": option}, BUFFERS, NOW, 1.0) == \
         "P: a limit of 35 is over 5.0% and a tick from the mark 44.2336"
+
+
+def test_a_perpetual_marked_at_half_a_dollar_gets_no_tick_of_slack() -> None:
+    """Issue 21's wild mark (BTC at 0.5, bids empty: the exit is the mark) on a 1 USD tick: a sell at
+    0.5 x 0.995 = 0.4975, at least one tick: 1.0, which is 0.5 from the mark, over 5 % of it (0.025).
+    An option would get a tick more (1.025); a perpetual none: this wave has no index bound, so the
+    usual path (bounded by the index) reads the market instead."""
+    perp = spec().model_copy(update={"tick_size": 1.0})
+    wild = command({"A": 0.5}).model_copy(update={"positions": [PositionToClose(
+        instrument="A", amount=0.5, exit_price=0.5, mark=0.5)]})
+    assert wave_from_command(wild, {"A": perp}, BUFFERS, NOW, 1.0) == \
+        "A: a limit of 1 is over 5.0% from the mark 0.5"
