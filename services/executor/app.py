@@ -321,8 +321,18 @@ class Executor:
         clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early_cancel)) \
             if self.clearing else None
         TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))
-        # the outbox (`received`, `order_sent`) is published as the orders leave, the round's reports after
-        sends = asyncio.gather(*(self.session.send(order, progress.label, work.check) for order in wave))
+        # the first order is written before the other sends are set up (1,000 of them: milliseconds of
+        # tasks before any runs); the outbox (`received`, `order_sent`) is published as the orders
+        # leave, the round's reports after
+        head = asyncio.ensure_future(self.session.send(wave[0], progress.label, work.check)) if wave else None
+        try:
+            await asyncio.sleep(0)
+        except BaseException:  # cancelled before the rest was set up: as the gather below would be
+            settle_quietly(head, cancel=True)
+            settle_quietly(clear, cancel=True)
+            raise
+        rest = (self.session.send(order, progress.label, work.check) for order in wave[1:])
+        sends = asyncio.gather(*([head] if head is not None else []), *rest)
         try:
             outcomes, _ = await asyncio.gather(sends, self.store.commit(work))
         except BaseException:
