@@ -76,7 +76,7 @@ def encode_snapshot(snapshot: Snapshot, row_texts: Iterable[bytes]) -> bytes:
     snapshot whole encoded each row a second time (at batch 100, the rows' encoding was 8.5 % of the
     service's CPU, `bench/portfolio_throughput.py`'s profile). pydantic writes a list of models as
     their own texts joined by commas, so splicing the texts in gives the same bytes
-    (tests/common/test_snapshots.py compares them).
+    (tests/portfolio/test_snapshot_fold.py compares them).
     """
     head = encode_document_bytes(snapshot.model_copy(update={"positions": []}))
     at = head.index(_NO_POSITIONS) + len(_NO_POSITIONS)
