@@ -59,6 +59,7 @@ from services.executor.waves import (
     Order,
     Quote,
     dry_run_orders,
+    not_fresh_full,
     plan_decision_wave,
     plan_wave,
     sort_legs,
@@ -203,9 +204,9 @@ class Executor:
     async def _decision_wave(self, command: Command) -> list[Order] | None:
         """The first wave priced from the command (docs/executor.md), or None for the usual path
         (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
-        if self.config.dry_run or command.command_id in self.seen or command.fraction < 1.0 \
-                or time.time() - command.created_ts > DECISION_PRICE_MAX_AGE_SECONDS:
-            return None  # not a fresh full closure (a resumed or replayed one): nothing to say
+        if self.config.dry_run or command.command_id in self.seen \
+                or not_fresh_full(command, time.time(), DECISION_PRICE_MAX_AGE_SECONDS) is not None:
+            return None  # not a fresh full closure (a partial, resumed or replayed one): nothing to say
         try:
             infos = await self.market.infos([p.instrument for p in command.positions])
         except (ThalexError, ConnectionLost):

@@ -97,6 +97,15 @@ def hedged(instruments: Sequence[str], infos: Mapping[str, InstrumentInfo],
 # The first wave, from the command
 
 
+def not_fresh_full(command: Command, now: float, max_age: float) -> str | None:
+    """Why the command is not a full closure decided at most `max_age` seconds ago; None when it is."""
+    if command.fraction < 1.0:
+        return f"a partial closure ({command.fraction:g})"
+    if now - command.created_ts > max_age:
+        return f"decided {now - command.created_ts:.3f} s ago (over {max_age:g} s)"
+    return None
+
+
 def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
                   now: float, max_age: float) -> list[Order] | None:
     """The first wave priced from the command itself, or None for the usual path (`wave_from_command`)."""
@@ -122,10 +131,9 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
     book's depth, read fresh. The reason names the first leg that stops it (the executor logs it:
     a book that keeps taking the usual path says why).
     """
-    if command.fraction < 1.0:
-        return f"a partial closure ({command.fraction:g})"
-    if now - command.created_ts > max_age:
-        return f"decided {now - command.created_ts:.3f} s ago (over {max_age:g} s)"
+    stale = not_fresh_full(command, now, max_age)
+    if stale is not None:
+        return stale
     unpriced = next((p.instrument for p in command.positions if not (p.exit_price and p.mark)), None)
     if unpriced is not None:
         return f"{unpriced} has no exit price and mark in the command (stale at the decision)"
