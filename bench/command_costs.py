@@ -6,13 +6,16 @@ Pure code, no I/O, `time.process_time` (CPU, not wall: less sensitive to a share
 mean of `--runs`: take-profit deciding on a header with N open option rows and building, signing
 and encoding the command; the executor validating it from the wire, verifying its signature,
 planning the first wave from it and building the claim's progress (with the wave's compact
-`order_sent` intent); and one snapshot row built by the validating constructor against
-`model_construct`.
+`order_sent` intent); how long after a wave of N orders is handed over its first send starts,
+with every send set up first (`asyncio.gather` of all) and with the first one ahead (the
+executor's `_send_decision_wave`), wall time; and one snapshot row built by the validating
+constructor against `model_construct`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -99,6 +102,30 @@ def executor(legs: int, runs: int) -> str:
             f"{len(claim()) / 1000:.1f} KB")
 
 
+def first_send(legs: int, runs: int) -> str:
+    """ms from handing over a wave of `legs` sends to the first one starting, both ways (mean of `runs`)."""
+    async def one(head_first: bool) -> float:
+        started: list[float] = []
+
+        async def send(_: int) -> None:
+            if not started:
+                started.append(time.perf_counter())
+            await asyncio.sleep(0)
+        begin = time.perf_counter()
+        if head_first:
+            head = asyncio.ensure_future(send(0))
+            await asyncio.sleep(0)
+            await asyncio.gather(head, *(send(i) for i in range(1, legs)))
+        else:
+            await asyncio.gather(*(send(i) for i in range(legs)))
+        return (started[0] - begin) * 1000
+
+    def mean(head_first: bool) -> float:
+        return sum(asyncio.run(one(head_first)) for _ in range(runs)) / runs
+    return (f"first send starts after: every send set up first {mean(False):.3f}, "
+            f"first ahead {mean(True):.3f} ms")
+
+
 def row(runs: int) -> str:
     fields = dict(instrument="BTC-X1-100000-C", position=0.1, avg_entry=1000.0, mark=1001.0,
                   exit_price=999.0, exit_price_source=ExitPriceSource.BOOK, exit_within_depth=True,
@@ -120,6 +147,7 @@ def main() -> int:
     for legs in args.legs:
         print(f"{legs:>5} legs  take-profit (ms CPU): {take_profit(legs, args.runs)}")
         print(f"{legs:>5} legs  executor (ms CPU): {executor(legs, args.runs)}")
+        print(f"{legs:>5} legs  executor (ms wall): {first_send(legs, args.runs)}")
     print(row(args.runs))
     return 0
 
