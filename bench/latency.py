@@ -79,11 +79,13 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.common.bus import entry_document
 from tests.e2e.harness import EXECUTOR_KEY, PERP, Pipeline, eventually, eventually_value
 from tests.e2e.many import STOCK_INSTRUMENTS, TickLoad, open_positions, paper_module, wait_open
 
@@ -192,7 +194,6 @@ async def _range(pipeline: Pipeline, start: str) -> list[tuple[str, dict[str, An
 
 
 async def _range_of(pipeline: Pipeline, stream: str, start: str) -> list[tuple[str, dict[str, Any] | None]]:
-    from services.common.bus import entry_document
     assert pipeline.redis is not None
     out = []
     for entry_id, fields in await pipeline.redis.xrange(stream, min=start):
@@ -211,7 +212,6 @@ async def crossing_tick(pipeline: Pipeline, since: float, move: float = CROSS,
     """The first `tp:ticks` entry after `since` (when the mark was still P0) whose bids carry the
     move, with its XADD time (id, ms). Read a page at a time: at 1,000 books `tp:ticks` takes
     thousands of entries a second, and the crossing one comes within the first few hundred ms."""
-    from services.common.bus import entry_document
     assert pipeline.redis is not None
     start, end = f"{int(since * 1000)}-0", f"{int((since + within) * 1000)}-0"
     while True:
@@ -237,7 +237,6 @@ async def move_rows(pipeline: Pipeline, t0: float, reports_from: str,
     saved just before the orders leave, so a poll may reach the paper's loop just ahead of the
     first order (`paper/order_log` since the move: a filter of at most 100,000 rows).
     """
-    from services.common.bus import entry_document
     assert pipeline.redis is not None
     redis = pipeline.redis
 
@@ -262,12 +261,16 @@ async def move_rows(pipeline: Pipeline, t0: float, reports_from: str,
 FIRST_ORDER_METRIC = "tp_executor_time_to_first_order_seconds"
 
 
+async def metrics_text(pipeline: Pipeline, service: str) -> str:
+    """A service's /metrics page (Prometheus text)."""
+    port = pipeline.procs[service].port
+    return await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                  timeout=5).read().decode())
+
+
 async def first_order_metric(pipeline: Pipeline) -> tuple[float, float]:
     """The executor's `tp_executor_time_to_first_order_seconds` (sum, count) from its /metrics."""
-    import urllib.request
-    port = pipeline.procs["executor"].port
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                                                  timeout=5).read().decode())
+    text = await metrics_text(pipeline, "executor")
     wanted = (f"{FIRST_ORDER_METRIC}_sum ", f"{FIRST_ORDER_METRIC}_count ")
     found = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if line.startswith(wanted)}
@@ -276,7 +279,6 @@ async def first_order_metric(pipeline: Pipeline) -> tuple[float, float]:
 
 async def header(pipeline: Pipeline) -> tuple[dict[str, Any] | None, float]:
     """The newest snapshot's header (v2: the totals, whatever rows it carries) and the perpetual held."""
-    from services.common.bus import entry_document
     assert pipeline.redis is not None
     async with pipeline.redis.pipeline(transaction=True) as pipe:
         pipe.xrevrange(pipeline.names.snapshots, count=1)
@@ -529,10 +531,7 @@ async def set_target(pipeline: Pipeline, usd: float) -> None:
 
 async def ticker_messages(pipeline: Pipeline) -> float:
     """Ticker messages ingest has received (`tp_ingest_messages_total`, ticker channels)."""
-    import urllib.request
-    port = pipeline.procs["ingest"].port
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                                                  timeout=5).read().decode())
+    text = await metrics_text(pipeline, "ingest")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("tp_ingest_messages_total{") and 'channel="ticker' in line)
 
