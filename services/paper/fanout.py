@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from services.paper import risk
+from services.paper import marketdata, risk
 from services.paper.accounts import Event
 from services.paper.channels.registry import CHANNELS, ROUTES, Channel, Route
 from services.paper.instruments import Instrument
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from services.paper.server import PaperExchange
 
 TICKER_LOG_SIZE = 100_000
+INDEX_FAMILIES = frozenset({"price_index", "index_components"})
+"""Market-data channels of an underlying's index (`base_price` also shows what expires that day; the
+rest show one instrument or combination)."""
 PORTFOLIO_MARK_MOVE = 0.01
 """Thalex resends a portfolio line when its mark moved more than 1 %."""
 
@@ -110,13 +114,34 @@ class Fanout:
 
     def publish_channels(self, now: float, raw_only: bool) -> None:
         """Re-send market-data channels whose prices changed (delayed ones at most once per delay)."""
-        version = self.exchange.market.version
+        market = self.exchange.market
+        stamp = market.stamp()
         for channel in list(self.exchange.subscriptions.channels.values()):
-            if channel.sent_version == version or (channel.target and not self._active(channel.target)):
+            if channel.sent_version == stamp or (channel.target and not self._active(channel.target)):
                 continue
             if channel.delay > 0 and (raw_only or now - channel.last_sent < channel.delay):
                 continue
+            if channel.sent_version[0] == market.version and not self._touched(channel):
+                channel.sent_version = stamp
+                continue
             self.send_channel(channel, now)
+
+    def _touched(self, channel: Channel) -> bool:
+        """Whether a targeted change since the channel last went out is one it shows: its instrument,
+        a leg of its combination or its underlying's index (`base_price`: also what expires that day)."""
+        market = self.exchange.market
+        if channel.family in INDEX_FAMILIES:
+            names: Iterable[str] = (channel.target,)
+        elif channel.family == "base_price":
+            expiration = channel.params["expiration"]
+            names = (channel.target, *marketdata.expiring_on(market, channel.target, expiration))
+        else:
+            inst = market.get(channel.target)
+            if inst is None:
+                return True
+            names = (inst.name, inst.underlying, *(leg for leg, _ in inst.legs))
+        seen = channel.sent_version[1]
+        return any(market.touches.get(name, 0) > seen for name in names)
 
     def _active(self, target: str) -> bool:
         """A channel's instrument or underlying still trades (an expired one's channels go quiet)."""
@@ -125,7 +150,7 @@ class Fanout:
 
     def send_channel(self, channel: Channel, now: float) -> None:
         family = CHANNELS.family(channel.family)
-        channel.sent_version = self.exchange.market.version
+        channel.sent_version = self.exchange.market.stamp()
         channel.last_sent = now
         if family is not None and family.render is not None and channel.subscribers:
             family.render(self.exchange, channel, now)

@@ -125,6 +125,11 @@ class Market:
     """Underlying -> its last delivery (settlement) price."""
     paused: bool = False
     version: int = 0
+    """Moves on any change every market-data channel must show (a step, a trade, a listing...)."""
+    touched: int = 0
+    """Counts targeted changes (`touch`): one instrument's pinned mark, one underlying's index."""
+    touches: dict[str, int] = field(default_factory=dict)
+    """Instrument or underlying -> `touched` at its last targeted change."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -357,8 +362,19 @@ class Market:
                 self.funding_paid[name] = self.funding_paid.get(name, 0.0) + paid
 
     def set_index(self, underlying: str, price: float) -> None:
+        """Every instrument of the underlying re-prices off the index: their channels, not the others'."""
         self.index[underlying] = price
-        self.version += 1
+        self.touch(underlying)
+
+    def touch(self, name: str) -> None:
+        """One instrument's (or underlying's) prices changed from outside: only the channels that show
+        it go out again, as on Thalex, where a perpetual's new mark sends no option's ticker."""
+        self.touched += 1
+        self.touches[name] = self.touched
+
+    def stamp(self) -> tuple[int, int]:
+        """What a channel sent now has seen: (`version`, `touched`)."""
+        return self.version, self.touched
 
     # Prices
 

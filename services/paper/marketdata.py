@@ -138,17 +138,22 @@ def expiry_date(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
 
 
-def base_price(market: Market, underlying: str, expiration: str) -> dict | None:
-    """``base_price.<underlying>.<expiration>``: the future's mark, else the options' forward; None
-    when nothing of that underlying expires that day."""
-    dated = [
-        i
+def expiring_on(market: Market, underlying: str, expiration: str) -> list[str]:
+    """The outrights of an underlying that expire on ``expiration`` (what its base price shows)."""
+    return [
+        i.name
         for i in market.instruments.values()
         if i.underlying == underlying
         and i.expiry_ts is not None
         and not i.is_combination
         and expiry_date(i.expiry_ts) == expiration
     ]
+
+
+def base_price(market: Market, underlying: str, expiration: str) -> dict | None:
+    """``base_price.<underlying>.<expiration>``: the future's mark, else the options' forward; None
+    when nothing of that underlying expires that day."""
+    dated = [market.instruments[name] for name in expiring_on(market, underlying, expiration)]
     if not dated:
         return None
     future = next((i for i in dated if i.kind == "future"), None)

@@ -186,8 +186,13 @@ class PaperExchange:
         return await handler(self, params, requester)
 
     def changed(self) -> dict:
-        """Prices were set from outside: bump the market version and publish; the status."""
+        """Market state was set from outside: every channel goes out again; the status."""
         self.market.version += 1
+        return self.repriced()
+
+    def repriced(self) -> dict:
+        """Prices were set from outside (the market already knows which: `version` or `touch`):
+        publish; the status."""
         self.fanout.after_market_change(self.clock())
         return self.status()
 

@@ -232,3 +232,51 @@ async def test_every_channel_of_api_yaml_delivers_notifications_that_validate(
         tape = [row[:3] for rows in bot.of(f"recent_trades.{PERP}.single") for row in rows]
         assert [100001, 0.3, "buy"] in tape and [99999, 0.1, "sell"] in tape  # the roll's perpetual leg too
         assert bot.problems() == []
+
+
+async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
+    paper: PaperHandle, keys: dict[str, KeyFiles]
+) -> None:
+    """As on Thalex, one instrument's new mark sends its ticker and book, not every instrument's; an
+    index move sends every instrument of that underlying; a walk step sends everything."""
+    option = by_kind(paper, "option")[0]
+    eth = by_kind(paper, "perpetual", "ETHUSD")[0]
+    future = by_kind(paper, "future")[0]
+    expiry = dt.datetime.fromtimestamp(paper.exchange.market.instruments[future].expiry_ts or 0, dt.UTC)
+    channels = [
+        f"ticker.{PERP}.raw",
+        f"book.{PERP}.none.5.raw",
+        f"ticker.{option}.raw",
+        f"book.{option}.none.5.raw",
+        f"ticker.[{PERP}:1,{future}:-1].raw",
+        f"ticker.{eth}.raw",
+        "price_index.BTCUSD",
+        "price_index.ETHUSD",
+        f"base_price.BTCUSD.{expiry:%Y-%m-%d}",
+    ]
+    async with Official(paper.url) as bot:
+        assert await bot.result("public_subscribe", channels) == channels
+        await bot.settle()
+
+        async def sent_by(control: str, params: dict) -> set[str]:
+            before = {name: len(bot.of(name)) for name in channels}
+            await paper.control(control, params)
+            await bot.settle()
+            return {name for name in channels if len(bot.of(name)) > before[name]}
+
+        assert await sent_by("paper/set_mark", {"instrument_name": PERP, "price": 100_250}) == {
+            f"ticker.{PERP}.raw",
+            f"book.{PERP}.none.5.raw",
+            f"ticker.[{PERP}:1,{future}:-1].raw",  # a leg's mark moved
+        }
+        assert await sent_by("paper/set_mark", {"instrument_name": future, "price": 101_000}) == {
+            f"ticker.[{PERP}:1,{future}:-1].raw",
+            f"base_price.BTCUSD.{expiry:%Y-%m-%d}",  # the future's mark
+        }
+        assert await sent_by("paper/set_index", {"underlying": "ETHUSD", "price": 3_100}) == {
+            f"ticker.{eth}.raw",
+            "price_index.ETHUSD",
+        }
+        btc = set(channels) - {f"ticker.{eth}.raw", "price_index.ETHUSD"}
+        assert await sent_by("paper/move_index", {"underlying": "BTCUSD", "delta": 10}) == btc
+        assert await sent_by("paper/step", {"count": 1}) == set(channels)

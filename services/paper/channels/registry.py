@@ -52,7 +52,8 @@ class Channel:
     params: dict[str, Any] = field(default_factory=dict)
     subscribers: set[Connection] = field(default_factory=set)
     views: dict[Connection, Any] = field(default_factory=dict)
-    sent_version: int = -1
+    sent_version: tuple[int, int] = (-1, -1)
+    """`Market.stamp()` when the channel last went out (or was found to show nothing new)."""
     last_sent: float = 0.0
 
 
@@ -192,7 +193,7 @@ class Subscriptions:
             if not family.private:
                 if name not in self.channels:
                     # The first subscriber's snapshot counts as the channel's latest send.
-                    channel.sent_version = self.exchange.market.version
+                    channel.sent_version = self.exchange.market.stamp()
                     channel.last_sent = self.exchange.clock()
                     self.channels[name] = channel
                 channel = self.channels[name]

@@ -21,7 +21,7 @@ BURST_STEP = 0.001  # market seconds per ``paper/burst_ticks`` update
 @CONTROLS.method("paper/set_index")
 async def set_index(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
     exchange.market.set_index(underlying_of(exchange, params), positive(params, "price"))
-    return exchange.changed()
+    return exchange.repriced()
 
 
 @CONTROLS.method("paper/move_index")
@@ -38,17 +38,18 @@ async def move_index(exchange: PaperExchange, params: dict, requester: Connectio
     if price <= 0:
         raise RpcError(INVALID_REQUEST, "the index must stay positive")
     exchange.market.set_index(underlying, price)
-    return exchange.changed()
+    return exchange.repriced()
 
 
 @CONTROLS.method("paper/set_mark")
 async def set_mark(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
-    name = exchange.instrument_named(params.get("instrument_name")).name
+    inst = exchange.instrument_named(params.get("instrument_name"))
     if params.get("price") is None:
-        exchange.market.pinned_marks.pop(name, None)
+        exchange.market.pinned_marks.pop(inst.name, None)
     else:
-        exchange.market.pinned_marks[name] = positive(params, "price")
-    return exchange.changed()
+        exchange.market.pinned_marks[inst.name] = positive(params, "price")
+    exchange.market.touch(inst.name)
+    return exchange.repriced()
 
 
 @CONTROLS.method("paper/set_funding")
