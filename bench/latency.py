@@ -73,6 +73,7 @@ import asyncio
 import copy
 import json
 import math
+import os
 import random
 import re
 import statistics
@@ -82,6 +83,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -536,6 +539,38 @@ async def ticker_messages(pipeline: Pipeline) -> float:
                if line.startswith("tp_ingest_messages_total{") and 'channel="ticker' in line)
 
 
+CPU_WINDOW_SECONDS = 5.0
+"""How long the load runs alone (no trial) while each process's CPU is measured."""
+
+
+async def cpu_under_load(pipeline: Pipeline) -> dict[str, float]:
+    """Each process's CPU (% of one core) over `CPU_WINDOW_SECONDS` of the tick load alone: what a
+    reaction competes with for the machine's cores ("bench" = this process: the load and its reads)."""
+    pids = {name: proc.pid for name, proc in pipeline.procs.items() if proc.pid is not None}
+    assert pipeline.redis_server is not None and pipeline.redis_server.process is not None
+    pids |= {"redis": pipeline.redis_server.process.pid, "bench": os.getpid()}
+    procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def used() -> dict[str, float]:
+        return {name: sum(proc.cpu_times()[:2]) for name, proc in procs.items()}
+
+    before, started = used(), time.perf_counter()
+    received0 = await ticker_messages(pipeline)
+    await asyncio.sleep(CPU_WINDOW_SECONDS)
+    after, seconds = used(), time.perf_counter() - started
+    shares = {name: 100.0 * (after[name] - before[name]) / seconds for name in procs}
+    shares["ticker messages/s"] = (await ticker_messages(pipeline) - received0) / seconds
+    return shares
+
+
+def cpu_line(shares: dict[str, float]) -> str:
+    parts = ", ".join(f"{name} {share:.0f}" for name, share in sorted(shares.items(), key=lambda kv: -kv[1])
+                      if name != "ticker messages/s")
+    total = sum(share for name, share in shares.items() if name != "ticker messages/s")
+    return (f"CPU under the load alone ({CPU_WINDOW_SECONDS:.0f} s, {shares['ticker messages/s']:.0f} ticker "
+            f"messages/s, % of one core): {parts}; total {total:.0f} of 200")
+
+
 async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace) -> list[dict[str, float]]:
     """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
     # a large book: as many re-sends as make TICKS_PER_SECOND, no more (each re-send of 1,000 books
@@ -550,6 +585,7 @@ async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace
     try:
         for n in range(args.warmup):
             await one_trial(pipeline, -n, positions)
+        print(f"  {positions} positions: {cpu_line(await cpu_under_load(pipeline))}", flush=True)
         received0, started = await ticker_messages(pipeline), time.time()
         for n in range(args.trials):
             row = await one_trial(pipeline, n, positions)

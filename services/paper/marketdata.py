@@ -27,7 +27,9 @@ class TradeStats:
     value: dict[str, float] = field(default_factory=dict)
     index_value: dict[str, float] = field(default_factory=dict)
     """Instrument -> sum of amount * index at the trade (api.yaml's underlying value traded)."""
-    positions: dict[tuple[str, str], float] = field(default_factory=dict)
+    positions: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Instrument -> account -> the position after its last trade (open interest without scanning
+    every account's positions for each ticker: 1,000 tickers of a 1,000-position book)."""
     tape: deque[list[Any]] = field(default_factory=lambda: deque(maxlen=RECENT_TRADES))
     """``[price, amount, taker side, time, instrument, implied_taker]``, oldest first."""
 
@@ -38,14 +40,14 @@ class TradeStats:
         self.volume[name] = self.volume.get(name, 0.0) + trade["amount"]
         self.value[name] = self.value.get(name, 0.0) + trade["amount"] * trade["price"]
         self.index_value[name] = self.index_value.get(name, 0.0) + trade["amount"] * trade.get("index", 0.0)
-        self.positions[(account_id, name)] = trade.get("position_after", 0.0)
+        self.positions.setdefault(name, {})[account_id] = trade.get("position_after", 0.0)
         row = tape_row(trade)
         self.tape.append(row)
         return row
 
     def open_interest(self, name: str) -> float:
         """Contracts the paper's accounts hold (the other side is the simulated market)."""
-        return round(sum(abs(p) for (_, inst), p in self.positions.items() if inst == name), 10)
+        return round(sum(abs(p) for p in self.positions.get(name, {}).values()), 10)
 
 
 def tape_row(trade: dict) -> list[Any]:

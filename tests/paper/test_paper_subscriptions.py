@@ -277,6 +277,11 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
             f"ticker.{eth}.raw",
             "price_index.ETHUSD",
         }
+        # the same level again: nothing moved, the market data goes out again all the same
+        assert await sent_by("paper/set_index", {"underlying": "ETHUSD", "price": 3_100}) == {
+            f"ticker.{eth}.raw",
+            "price_index.ETHUSD",
+        }
         btc = set(channels) - {f"ticker.{eth}.raw", "price_index.ETHUSD"}
         assert await sent_by("paper/move_index", {"underlying": "BTCUSD", "delta": 10}) == btc
         assert await sent_by("paper/step", {"count": 1}) == set(channels)
