@@ -6,10 +6,13 @@
 
 `--positions N ...` (issue 22): the account holds N open positions spread over the paper's
 perpetuals, futures and options (extra BTC options added to the paper: `tests/e2e/many.py`), and
-ticks flow on all of them at >= 2,000 ticker messages a second throughout (`TickLoad`: the paper
-re-sends every followed ticker and book, prices unchanged, as many times a second as make the rate
-and no more — twice at 1,000 positions; on a small book, bursts of BTC-PERPETUAL tickers make up
-the rate). Every closure closes all N, so each trial first re-opens what the last
+ticks flow on all of them at 2,000 ticker messages a second throughout (`TickLoad`: every 20 ms the
+paper sends the next 40 positions' tickers and books again, prices unchanged, round robin — each
+of 1,000 positions twice a second, each of 100 twenty times; on a smaller book, BTC-PERPETUAL
+tickers make up the rate. Until issue 22's fourth pass the load re-set both indexes, which sent
+every followed ticker and book twice per step in one burst: ≈ 4,500 ticker messages/s at 1,000
+positions, in bursts of ≈ 4,000 messages). Before the trials, each process's CPU over 5 s of the
+load alone is printed. Every closure closes all N, so each trial first re-opens what the last
 one closed (`paper/trades`, 200 a call: `open_positions`). The other N - 1 positions cost tens to
 hundreds of dollars to close, out of reach of a profit target (it must be > 0), so the barrier
 crossed is the emergency stop, on the same decision path: `emergency_close_threshold` is set
@@ -90,7 +93,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.bus import entry_document
 from tests.e2e.harness import EXECUTOR_KEY, PERP, Pipeline, eventually, eventually_value
-from tests.e2e.many import STOCK_INSTRUMENTS, TickLoad, open_positions, paper_module, wait_open
+from tests.e2e.many import (
+    STOCK_INSTRUMENTS,
+    TickLoad,
+    instruments,
+    open_positions,
+    paper_module,
+    position_names,
+    wait_open,
+)
 
 P0 = 100_000.0
 CROSS = 250.0
@@ -116,7 +127,6 @@ MANY_OVERRIDES = {
     "executor": {"deadline_seconds": 120.0, "order_rate_per_second": 50.0},
     "portfolio": {"stale_after_seconds": 3600.0},
 }
-TICKS_PER_SECOND = 2_000
 MARGIN_USD = 0.4
 STEADY_USD = 0.1
 STEADY_SECONDS = 0.5
@@ -573,13 +583,9 @@ def cpu_line(shares: dict[str, float]) -> str:
 
 async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace) -> list[dict[str, float]]:
     """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
-    # a large book: as many re-sends as make TICKS_PER_SECOND, no more (each re-send of 1,000 books
-    # is 2,000 messages the paper's one loop must write, and its backlog is measured with the trial)
-    steps = 20.0 if positions <= 100 else float(max(2, math.ceil(TICKS_PER_SECOND / positions)))
-    burst = max(0, math.ceil((TICKS_PER_SECOND - steps * positions) / steps))
     if target(pipeline) > -1e6:  # out of reach while the positions of this size are opened
         await set_target(pipeline, -1e6)
-    load = TickLoad(pipeline, steps=steps, burst=burst)
+    load = TickLoad(pipeline, position_names(await instruments(pipeline), positions))
     load.start()
     rows: list[dict[str, float]] = []
     try:

@@ -208,7 +208,7 @@ async def memory_soak(args: argparse.Namespace) -> int:
         await pipeline.control("paper/pause")
         bought = await open_positions(pipeline, args.positions)
         held = await wait_open(pipeline, args.positions // 2)
-        load = TickLoad(pipeline, steps=max(2.0, 2_000 / held + 1))
+        load = TickLoad(pipeline, list(bought))
         load.start()
         names = ["ingest", "portfolio", "takeprofit", "executor"]
         procs = {name: psutil.Process(pipeline.procs[name].pid) for name in names}
@@ -236,7 +236,7 @@ async def memory_soak(args: argparse.Namespace) -> int:
         await pipeline.stop()
     warm = samples[max(1, len(samples) // 10)] if len(samples) > 1 else samples[0]
     print(f"\nmemory soak: {held} open positions, {samples[-1]['minute']:.1f} min, ticks on every position "
-          f"({load.sent} index re-sends), {len(bought)} instruments bought; invariants: {figures}")
+          f"({load.sent} ticker messages sent), {len(bought)} instruments bought; invariants: {figures}")
     print("| process | RSS first | after warm-up | last | peak | growth warm-up -> last |")
     print("|---|---|---|---|---|---|")
     for name in procs:

@@ -7,9 +7,9 @@ Shared by the fault test with 1,000 positions and the benchmarks (`bench/latency
   (it lists 28 instruments; this file is that process's entry point);
 * `open_positions`: N positions spread over the perpetuals, futures and options it lists (`paper/trades`,
   200 a call: one portfolio notification per call, not per position);
-* `TickLoad`: ticks on every followed instrument at a given rate while a test or a trial runs
-  (`paper/set_index` to the index it already has: every raw ticker and book is sent again, and
-  no price moves, so no figure does either).
+* `TickLoad`: ticks on the positions' instruments at a given rate, spread evenly, while a test or a
+  trial runs (`paper/resend_market_data`: raw tickers and books sent again, and no price moves,
+  so no figure does either).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from tests.e2e.harness import PERP, TRADER_KEY, Pipeline, eventually_value  # no
 
 STOCK_INSTRUMENTS = 20
 """Instruments of the stock paper exchange that `open_positions` may use besides the extra options."""
+TICKS_PER_SECOND = 2_000
+"""The tick load of issue 22: ticker messages a second, on every open position."""
+SLICES_PER_SECOND = 50
+"""How often `TickLoad` sends its next slice (20 ms apart: 40 instruments a slice at 2,000 a second)."""
 TRADES_PER_CALL = 200
 """`paper/trades` per control call: the portfolio lines and summary go out once per call, and the
 answer (every trade) stays a modest message."""
@@ -82,15 +86,21 @@ async def instruments(pipeline: Pipeline) -> dict[str, float]:
                         if i.get("type") in ("perpetual", "future", "option")}  # a combination trades legs
 
 
+def position_names(listed: dict[str, float], count: int) -> list[str]:
+    """The instruments `open_positions` buys for `count` positions (`listed`: `instruments()`)."""
+    names = [PERP, *(n for n in listed if n != PERP and "-" in n)][:count]
+    if len(names) < count:
+        raise RuntimeError(f"the paper lists only {len(names)} instruments; start it with more (--extra)")
+    return names
+
+
 async def open_positions(pipeline: Pipeline, count: int, *, first: int = 0, wait: bool = True,
                          key: str = TRADER_KEY) -> dict[str, float]:
     """Buy instruments `first` .. `count - 1` of the list (the BTC perpetual, then every other one
     listed) on the guardian's account, each its minimum order amount (0.01 of the perpetual); with
     `wait`, until the portfolio shows `count` open positions. Returns instrument -> amount bought."""
     listed = await instruments(pipeline)
-    names = [PERP, *(n for n in listed if n != PERP and "-" in n)][:count]
-    if len(names) < count:
-        raise RuntimeError(f"the paper lists only {len(names)} instruments; start it with more (--extra)")
+    names = position_names(listed, count)
     bought = {name: 0.01 if name == PERP else listed[name] for name in names[first:]}
     batch = [{"instrument_name": name, "direction": "buy", "amount": amount}
              for name, amount in bought.items()]
@@ -119,17 +129,20 @@ async def wait_open(pipeline: Pipeline, at_least: int = 1, within: float = 180.0
 
 
 class TickLoad:
-    """Ticks on every followed instrument, `steps` times a second, until stopped.
+    """Ticks on the named instruments, `per_second` ticker messages a second spread evenly, until stopped.
 
-    Each step re-sets the BTC and ETH indexes to what they are: the paper exchange sends every raw
-    ticker and book again (≈ 2 messages per followed instrument), and nothing moves. `burst` more
-    tickers of the BTC perpetual per step make the rate on a small book (`paper/burst_ticks`).
+    Every 1/`SLICES_PER_SECOND` s the next instruments of the list (round robin) have their raw
+    ticker and book sent again, prices unchanged (`paper/resend_market_data`), as Thalex's
+    per-instrument feeds arrive: a steady stream, not one burst of every instrument at once. When the
+    list is shorter than a slice, tickers of the BTC perpetual (`paper/burst_ticks`) make up the rate.
     """
 
-    def __init__(self, pipeline: Pipeline, steps: float, burst: int = 0) -> None:
+    def __init__(self, pipeline: Pipeline, names: list[str], per_second: int = TICKS_PER_SECOND) -> None:
+        if not names:
+            raise ValueError("a tick load needs instruments")
         self.pipeline = pipeline
-        self.steps = steps
-        self.burst = burst
+        self.names = names
+        self.per_second = per_second
         self.task: asyncio.Task[None] | None = None
         self.sent = 0
 
@@ -143,19 +156,19 @@ class TickLoad:
                 await self.task
 
     async def _run(self) -> None:
-        status = await self.pipeline.control("paper/pause")
-        index = dict(status["index"])
-        period = 1.0 / self.steps
-        next_at = time.perf_counter()
+        await self.pipeline.control("paper/pause")
+        per_slice = max(1, round(self.per_second / SLICES_PER_SECOND))
+        resent = min(per_slice, len(self.names))
+        burst = per_slice - resent
+        period = 1.0 / SLICES_PER_SECOND
+        first, next_at = 0, time.perf_counter()
         while True:
-            for underlying in ("BTCUSD", "ETHUSD"):
-                if underlying in index:
-                    await self.pipeline.control("paper/set_index", {"underlying": underlying,
-                                                                    "price": index[underlying]})
-            if self.burst:
-                await self.pipeline.control("paper/burst_ticks",
-                                            {"instrument_name": PERP, "count": self.burst})
-            self.sent += 1
+            chunk = [self.names[(first + i) % len(self.names)] for i in range(resent)]
+            first = (first + resent) % len(self.names)
+            await self.pipeline.control("paper/resend_market_data", {"instruments": chunk})
+            if burst:
+                await self.pipeline.control("paper/burst_ticks", {"instrument_name": PERP, "count": burst})
+            self.sent += per_slice
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 

@@ -44,8 +44,7 @@ async def test_kill_9_portfolio_and_takeprofit_with_a_thousand_positions(
     try:
         await pipeline.start()
         await pipeline.control("paper/pause")
-        await open_positions(pipeline, POSITIONS)
-        load = TickLoad(pipeline, steps=2.0)
+        load = TickLoad(pipeline, list(await open_positions(pipeline, POSITIONS)))
         load.start()
         try:
             await asyncio.sleep(rng.uniform(0.2, 1.5))

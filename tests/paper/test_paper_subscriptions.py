@@ -12,7 +12,7 @@ import datetime as dt
 import pytest
 
 from services.paper.keys import KeyFiles
-from services.paper.testing import PaperHandle
+from services.paper.testing import ControlError, PaperHandle
 
 from .conftest import PERP
 from .official import Official
@@ -282,6 +282,15 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
             f"ticker.{eth}.raw",
             "price_index.ETHUSD",
         }
+        # a benchmark's tick load: market data of the named instruments again, nothing moved
+        assert await sent_by("paper/resend_market_data", {"instruments": [option, eth]}) == {
+            f"ticker.{option}.raw",
+            f"book.{option}.none.5.raw",
+            f"ticker.{eth}.raw",
+        }
+        for bad in ([], ["BTC-NOPE"], "BTC-PERPETUAL"):
+            with pytest.raises(ControlError, match="instrument"):
+                await paper.control("paper/resend_market_data", {"instruments": bad})
         btc = set(channels) - {f"ticker.{eth}.raw", "price_index.ETHUSD"}
         assert await sent_by("paper/move_index", {"underlying": "BTCUSD", "delta": 10}) == btc
         assert await sent_by("paper/step", {"count": 1}) == set(channels)

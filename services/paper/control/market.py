@@ -139,3 +139,16 @@ async def burst_ticks(exchange: PaperExchange, params: dict, requester: Connecti
         if i % 200 == 199:
             await asyncio.sleep(0)
     return {"sent": count, "seconds": time.perf_counter() - started}
+
+
+@CONTROLS.method("paper/resend_market_data")
+async def resend_market_data(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
+    """Send the raw market data of the named instruments again, prices unchanged (benchmarks: a tick
+    load spread over time, as Thalex's per-instrument feeds arrive, not one burst per index move)."""
+    names = params.get("instruments")
+    if not isinstance(names, list) or not names:
+        raise RpcError(INVALID_REQUEST, "instruments must be a non-empty list of instrument names")
+    for inst in [exchange.instrument_named(name) for name in names]:
+        exchange.market.touch(inst.name)
+    exchange.fanout.publish_channels(exchange.clock(), raw_only=True)
+    return {"instruments": len(names)}
