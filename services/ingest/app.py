@@ -48,6 +48,7 @@ from services.common.contracts import (
     Tick,
     halt_from_hash,
 )
+from services.common.funding import funding_period
 from services.common.service import Health, service_main
 from services.common.streams import Names
 from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
@@ -129,12 +130,20 @@ class TickWriter:
 
     `add` never blocks (the websocket reader calls it); `run` writes whatever
     is pending as soon as the previous round trip has returned.
+
+    One tick is never coalesced away: the last one of a funding period (a tick
+    with a funding mark replaced by one stamped after the next 08:00 UTC). The
+    portfolio settles the day's funding at the newest mark it saw of that day;
+    losing it under a burst (the reader hands buffered messages over without
+    yielding) settled the day at an older mark and lost what accrued since.
     """
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.stream = bus.names.ticks
         self.pending: dict[str, Tick] = {}
+        self.period_ends: list[Tick] = []
+        """Ticks that closed a funding period, written (in order) ahead of `pending`."""
         self.letters: list[tuple[str, str, str, str]] = []
         self.added = 0
         """Ticks handed in since the last flush (the ones not written were coalesced)."""
@@ -143,6 +152,9 @@ class TickWriter:
 
     def add(self, tick: Tick) -> None:
         self.added += 1
+        older = self.pending.get(tick.instrument)
+        if older is not None and ends_funding_period(older, tick):
+            self.period_ends.append(older)
         self.pending[tick.instrument] = tick
         self._wake.set()
 
@@ -167,7 +179,8 @@ class TickWriter:
 
     async def flush(self) -> list[Tick]:
         """Write what is pending in one round trip; returns the ticks written."""
-        ticks, self.pending = list(self.pending.values()), {}
+        ticks, self.pending = [*self.period_ends, *self.pending.values()], {}
+        self.period_ends = []
         letters, self.letters = self.letters, []
         COALESCED.inc(self.added - len(ticks))
         self.added = 0
@@ -184,6 +197,13 @@ class TickWriter:
         for tick in ticks:
             TICK_LATENCY.observe(max(0.0, written - tick.exchange_ts))
         return ticks
+
+
+def ends_funding_period(older: Tick, newer: Tick) -> bool:
+    """`older` is the last funding mark of its day: `newer` is stamped after the settlement that
+    ends it (the portfolio settles the day at that mark, so it must reach it)."""
+    return older.funding_mark is not None and (
+        funding_period(older.exchange_ts) < funding_period(newer.exchange_ts))
 
 
 class FillStore:

@@ -26,6 +26,7 @@ from services.common.contracts import (
     Tick,
     TradeType,
 )
+from services.common.funding import funding_period
 from services.common.thalex.models import (
     BOOKING_FIELDS,
     MalformedMessage,
@@ -225,14 +226,15 @@ def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, in
 
     A book change moves the cost of getting out even when the mark does not. A book
     newer than the last ticker also has the newer best bid and ask: its top levels.
+    A book stamped after the 08:00 UTC settlement that ended the ticker's funding
+    period carries no funding mark: the ticker's is the day before's (the new day's
+    starts again from 0), and booked as today's it would count the day's funding twice.
     """
     bids, asks = book.top(levels)
-    update: dict[str, Any] = {
-        "bids": bids,
-        "asks": asks,
-        "exchange_ts": max(tick.exchange_ts, exchange_ts) if exchange_ts is not None else tick.exchange_ts,
-        "ingest_ts": ingest_ts,
-    }
+    stamped = max(tick.exchange_ts, exchange_ts) if exchange_ts is not None else tick.exchange_ts
+    update: dict[str, Any] = {"bids": bids, "asks": asks, "exchange_ts": stamped, "ingest_ts": ingest_ts}
+    if funding_period(stamped) > funding_period(tick.exchange_ts):
+        update["funding_mark"] = None
     if book.ticker_is_newer() is False:
         update["best_bid"] = bids[0][0] if bids else None
         update["best_ask"] = asks[0][0] if asks else None

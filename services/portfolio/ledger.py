@@ -54,8 +54,11 @@ next). The first input of a later period settles the position first, at `F`,
 the newest funding mark it had in the period that ended:
 `funding_realized += F * q - E`, `E = 0`, funding mark 0. `funding_pnl` is
 continuous across it (it moves only by the funding accrued between that last
-mark and 08:00), and E and the unrealised part are again the exchange's
-`perpetual_funding_entry_value` and `unrealised_perpetual_funding`. A fill of
+mark and 08:00; ingest never coalesces a perpetual's last tick before 08:00
+away, and a book change stamped after it carries no funding mark, so that mark
+is the day's last ticker's), and E and the unrealised part are again the
+exchange's `perpetual_funding_entry_value` and `unrealised_perpetual_funding`.
+`funding_period` and `settlement_ts` live in services/common/funding.py. A fill of
 the period before that arrives after the settlement is booked with its funding
 mark moved into the new period (`fm - F`), so its funding is neither lost nor
 counted twice. Periods without any input (ingest down a whole day) settle at
@@ -214,6 +217,7 @@ from services.common.contracts import (
     Tick,
     TradeType,
 )
+from services.common.funding import funding_period, settlement_ts
 from services.portfolio.book import ExitQuote, exit_quote
 from services.portfolio.fees import (
     close_fee_base,
@@ -231,25 +235,12 @@ FLAT_TOLERANCE = 1e-9
 """Relative rest of a reduction that counts as flat (float noise, not a position)."""
 UNKNOWN_INSTRUMENT_TOLERANCE = 1e-9
 """Relative tolerance of reconciliation when the instrument's volume tick is unknown."""
-SECONDS_PER_DAY = 86_400.0
-FUNDING_SETTLEMENT_SECONDS = 8 * 3_600.0
-"""Thalex settles daily at 08:00 UTC (contract specifications of its perpetuals)."""
 SUMS = 7
 """Running sums: realised, unrealised, funding, fees, close fees, slippage, estimated fees."""
 MAX_ADOPTED_LOTS = 100
 """Adoption lots kept per instrument waiting for their late trades (the oldest goes first)."""
 
 Baseline = Literal["entry", "mark_at_start"]
-
-
-def funding_period(exchange_ts: float) -> int:
-    """The daily funding period of a time: period k starts at the settlement of day k (inclusive)."""
-    return math.floor((exchange_ts - FUNDING_SETTLEMENT_SECONDS) / SECONDS_PER_DAY)
-
-
-def settlement_ts(period: int) -> float:
-    """When funding period `period` began (the settlement that opened it)."""
-    return period * SECONDS_PER_DAY + FUNDING_SETTLEMENT_SECONDS
 
 
 class FillOutcome(StrEnum):
