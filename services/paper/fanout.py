@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from services.paper import marketdata, risk
@@ -37,6 +36,14 @@ class Fanout:
         self.ticker_log: deque[dict] = deque(maxlen=TICKER_LOG_SIZE)
         self.portfolio_marks: dict[tuple[str, str], float] = {}
         """(account, instrument) -> the mark of the line last sent on ``account.portfolio``."""
+        self._swept_version = -1
+        """`Market.version` when every channel was last looked at (`publish_channels`)."""
+        self._waiting: list[Channel] = []
+        """Delayed channels with something to send once their delay has passed."""
+        self._index: dict[str, list[Channel]] = {}
+        """Instrument or underlying -> the channels that show it ("": those of an unknown target)."""
+        self._index_key: tuple[int, int] = (-1, -1)
+        """(subscriptions' generation, `Market.version`) the index was built at."""
 
     # Private channels
 
@@ -113,35 +120,65 @@ class Fanout:
     # Public market data
 
     def publish_channels(self, now: float, raw_only: bool) -> None:
-        """Re-send market-data channels whose prices changed (delayed ones at most once per delay)."""
+        """Re-send market-data channels whose prices changed (delayed ones at most once per delay).
+
+        After targeted changes only (`Market.touch`) the channels that show them and the delayed ones
+        still waiting for their turn are looked at, not every channel: a tick load of 50 slices a
+        second over 2,000 channels would otherwise examine 100,000 channels a second to send 4,000.
+        """
         market = self.exchange.market
+        touched, market.recently_touched = market.recently_touched, []
+        if market.version == self._swept_version:
+            channels = {id(c): c for c in (*self._showing(touched), *self._waiting)}.values()
+        else:
+            channels = {id(c): c for c in self.exchange.subscriptions.channels.values()}.values()
+            self._swept_version = market.version
+        self._waiting = []
         stamp = market.stamp()
-        for channel in list(self.exchange.subscriptions.channels.values()):
+        for channel in channels:
             if channel.sent_version == stamp or (channel.target and not self._active(channel.target)):
                 continue
             if channel.delay > 0 and (raw_only or now - channel.last_sent < channel.delay):
+                self._waiting.append(channel)
                 continue
             if channel.sent_version[0] == market.version and not self._touched(channel):
                 channel.sent_version = stamp
                 continue
             self.send_channel(channel, now)
 
-    def _touched(self, channel: Channel) -> bool:
-        """Whether a targeted change since the channel last went out is one it shows: its instrument,
-        a leg of its combination or its underlying's index (`base_price`: also what expires that day)."""
+    def _shows(self, channel: Channel) -> tuple[str, ...] | None:
+        """The instruments and underlyings a channel shows: its instrument, the legs of its combination
+        and its underlying's index (`base_price`: also what expires that day); None if unknown."""
         market = self.exchange.market
         if channel.family in INDEX_FAMILIES:
-            names: Iterable[str] = (channel.target,)
-        elif channel.family == "base_price":
+            return (channel.target,)
+        if channel.family == "base_price":
             expiration = channel.params["expiration"]
-            names = (channel.target, *marketdata.expiring_on(market, channel.target, expiration))
-        else:
-            inst = market.get(channel.target)
-            if inst is None:
-                return True
-            names = (inst.name, inst.underlying, *(leg for leg, _ in inst.legs))
-        seen = channel.sent_version[1]
-        return any(market.touches.get(name, 0) > seen for name in names)
+            return (channel.target, *marketdata.expiring_on(market, channel.target, expiration))
+        inst = market.get(channel.target)
+        if inst is None:
+            return None
+        return (inst.name, inst.underlying, *(leg for leg, _ in inst.legs))
+
+    def _touched(self, channel: Channel) -> bool:
+        """Whether a targeted change since the channel last went out is one it shows."""
+        names = self._shows(channel)
+        if names is None:
+            return True
+        touches, seen = self.exchange.market.touches, channel.sent_version[1]
+        return any(touches.get(name, 0) > seen for name in names)
+
+    def _showing(self, names: list[str]) -> list[Channel]:
+        """The channels that show any of `names` (and those whose target is unknown)."""
+        subscriptions, market = self.exchange.subscriptions, self.exchange.market
+        key = (subscriptions.generation, market.version)
+        if self._index_key != key:
+            self._index_key = key
+            self._index = {}
+            for channel in subscriptions.channels.values():
+                for name in self._shows(channel) or ("",):
+                    self._index.setdefault(name, []).append(channel)
+        return [c for name in ("", *dict.fromkeys(names)) for c in self._index.get(name, ())]
 
     def _active(self, target: str) -> bool:
         """A channel's instrument or underlying still trades (an expired one's channels go quiet)."""

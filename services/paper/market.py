@@ -130,6 +130,8 @@ class Market:
     """Counts targeted changes (`touch`): one instrument's pinned mark, one underlying's index."""
     touches: dict[str, int] = field(default_factory=dict)
     """Instrument or underlying -> `touched` at its last targeted change."""
+    recently_touched: list[str] = field(default_factory=list)
+    """What was touched since the fanout last published (it takes the list)."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -371,6 +373,7 @@ class Market:
         it go out again, as on Thalex, where a perpetual's new mark sends no option's ticker."""
         self.touched += 1
         self.touches[name] = self.touched
+        self.recently_touched.append(name)
 
     def stamp(self) -> tuple[int, int]:
         """What a channel sent now has seen: (`version`, `touched`)."""

@@ -245,6 +245,7 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
     expiry = dt.datetime.fromtimestamp(paper.exchange.market.instruments[future].expiry_ts or 0, dt.UTC)
     channels = [
         f"ticker.{PERP}.raw",
+        f"ticker.{PERP}.100ms",  # sent by the market loop once its delay has passed
         f"book.{PERP}.none.5.raw",
         f"ticker.{option}.raw",
         f"book.{option}.none.5.raw",
@@ -266,6 +267,7 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
 
         assert await sent_by("paper/set_mark", {"instrument_name": PERP, "price": 100_250}) == {
             f"ticker.{PERP}.raw",
+            f"ticker.{PERP}.100ms",
             f"book.{PERP}.none.5.raw",
             f"ticker.[{PERP}:1,{future}:-1].raw",  # a leg's mark moved
         }

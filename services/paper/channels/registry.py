@@ -170,6 +170,8 @@ class Subscriptions:
     def __init__(self, exchange: PaperExchange) -> None:
         self.exchange = exchange
         self.channels: dict[str, Channel] = {}
+        self.generation = 0
+        """Moves whenever a channel is added or removed (what the fanout's index is built from)."""
 
     def subscribe(self, conn: Connection, names: list[Any], private: bool) -> list[str]:
         """Subscribe every valid name; the result lists them (invalid ones are left out, never an error).
@@ -196,6 +198,7 @@ class Subscriptions:
                     channel.sent_version = self.exchange.market.stamp()
                     channel.last_sent = self.exchange.clock()
                     self.channels[name] = channel
+                    self.generation += 1
                 channel = self.channels[name]
                 channel.subscribers.add(conn)
             if family.snapshot is not None:
@@ -217,6 +220,7 @@ class Subscriptions:
             channel.views.pop(conn, None)
             if not channel.subscribers:
                 del self.channels[name]
+                self.generation += 1
 
     def leave_all(self, conn: Connection) -> None:
         for name in list(conn.channels):
