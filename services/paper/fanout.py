@@ -79,20 +79,18 @@ class Fanout:
                 family.on_events(exchange, channel, events)
 
     def _note_trades(self, events: list[Event]) -> set[str]:
-        """Trade statistics; the accounts whose summary changed (a trade moves the market version:
-        the last price changed)."""
+        """Trade statistics; the accounts whose summary changed. A trade changes its instrument's
+        ticker (last price, volume, open interest): that instrument is touched, not every channel
+        (a 1,000-leg closure would otherwise send every ticker and book again on every fill)."""
         touched: set[str] = set()
-        traded = False
         for event in events:
             if event.kind == "trade":
                 if event.payload["trade_type"] != "rfq":  # block trades are not the book's last price
                     self.exchange.stats.note(event.payload, event.account_id)
+                self.exchange.market.touch(event.payload["instrument_name"])
                 touched.add(event.account_id)
-                traded = True
             elif event.kind == "summary":
                 touched.add(event.account_id)
-        if traded:
-            self.exchange.market.version += 1
         return touched
 
     @staticmethod

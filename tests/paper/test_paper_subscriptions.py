@@ -237,8 +237,8 @@ async def test_every_channel_of_api_yaml_delivers_notifications_that_validate(
 async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
     paper: PaperHandle, keys: dict[str, KeyFiles]
 ) -> None:
-    """As on Thalex, one instrument's new mark sends its ticker and book, not every instrument's; an
-    index move sends every instrument of that underlying; a walk step sends everything."""
+    """As on Thalex, one instrument's new mark (or trade) sends its ticker and book, not every
+    instrument's; an index move sends every instrument of that underlying; a walk step sends everything."""
     option = by_kind(paper, "option")[0]
     eth = by_kind(paper, "perpetual", "ETHUSD")[0]
     future = by_kind(paper, "future")[0]
@@ -290,6 +290,11 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
             f"book.{option}.none.5.raw",
             f"ticker.{eth}.raw",
         }
+        # a trade changes its instrument's ticker (last price, volume, open interest), no other
+        perpetual = {f"ticker.{PERP}.raw", f"ticker.{PERP}.100ms", f"book.{PERP}.none.5.raw"}
+        assert await sent_by("paper/trade", {"key_id": "trader", "instrument_name": PERP, "direction": "buy",
+                                             "amount": 0.01, "price": 100_250}) == {
+            *perpetual, f"ticker.[{PERP}:1,{future}:-1].raw"}
         for bad in ([], ["BTC-NOPE"], "BTC-PERPETUAL"):
             with pytest.raises(ControlError, match="instrument"):
                 await paper.control("paper/resend_market_data", {"instruments": bad})
