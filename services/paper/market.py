@@ -127,7 +127,7 @@ class Market:
     version: int = 0
     """Moves on any change every market-data channel must show (a step, a trade, a listing...)."""
     touched: int = 0
-    """Counts targeted changes (`touch`): one instrument's pinned mark, one underlying's index."""
+    """Counts targeted changes (`touch`): one instrument's pinned mark or trade, one underlying's index."""
     touches: dict[str, int] = field(default_factory=dict)
     """Instrument or underlying -> `touched` at its last targeted change."""
     recently_touched: list[str] = field(default_factory=list)
@@ -369,8 +369,9 @@ class Market:
         self.touch(underlying)
 
     def touch(self, name: str) -> None:
-        """One instrument's (or underlying's) prices changed from outside: only the channels that show
-        it go out again, as on Thalex, where a perpetual's new mark sends no option's ticker."""
+        """What one instrument (or underlying) shows changed (a pinned mark, a trade, an index): only the
+        channels that show it go out again, as on Thalex, where a perpetual's new mark sends no
+        option's ticker."""
         self.touched += 1
         self.touches[name] = self.touched
         self.recently_touched.append(name)
