@@ -301,3 +301,14 @@ async def test_a_price_set_from_outside_sends_only_the_channels_that_show_it(
         btc = set(channels) - {f"ticker.{eth}.raw", "price_index.ETHUSD"}
         assert await sent_by("paper/move_index", {"underlying": "BTCUSD", "delta": 10}) == btc
         assert await sent_by("paper/step", {"count": 1}) == set(channels)
+
+
+async def test_resending_market_data_skips_an_instrument_that_expired_meanwhile(paper: PaperHandle) -> None:
+    """A benchmark's tick load outlives the day's 08:00: the future that expired has nothing to send."""
+    future = by_kind(paper, "future")[0]
+    status = await paper.control("paper/status")
+    await paper.control("paper/advance_clock", {"seconds": status["next_settlement"] - status["time"] + 1})
+    assert future in paper.exchange.market.expired
+    assert await paper.control("paper/resend_market_data", {"instruments": [future, PERP]}) == {"instruments": 1}
+    with pytest.raises(ControlError, match="unknown instrument BTC-NOPE"):
+        await paper.control("paper/resend_market_data", {"instruments": [future, "BTC-NOPE"]})

@@ -144,11 +144,14 @@ async def burst_ticks(exchange: PaperExchange, params: dict, requester: Connecti
 @CONTROLS.method("paper/resend_market_data")
 async def resend_market_data(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
     """Send the raw market data of the named instruments again, prices unchanged (benchmarks: a tick
-    load spread over time, as Thalex's per-instrument feeds arrive, not one burst per index move)."""
+    load spread over time, as Thalex's per-instrument feeds arrive, not one burst per index move).
+    One that expired meanwhile is skipped (a load outlives the day's 08:00)."""
     names = params.get("instruments")
     if not isinstance(names, list) or not names:
         raise RpcError(INVALID_REQUEST, "instruments must be a non-empty list of instrument names")
-    for inst in [exchange.instrument_named(name) for name in names]:
+    expired = exchange.market.expired  # an expired instrument's channels have gone quiet: skipped
+    active = [exchange.instrument_named(n) for n in names if not (isinstance(n, str) and n in expired)]
+    for inst in active:
         exchange.market.touch(inst.name)
     exchange.fanout.publish_channels(exchange.clock(), raw_only=True)
-    return {"instruments": len(names)}
+    return {"instruments": len(active)}
