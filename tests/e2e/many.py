@@ -145,11 +145,16 @@ class TickLoad:
         self.per_second = per_second
         self.task: asyncio.Task[None] | None = None
         self.sent = 0
+        self.stopping = False
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop after the slice in flight. The flag, not only the cancel: Python 3.11's `wait_for`
+        (under `PaperControl.call`) can swallow a cancel that lands as its answer arrives, and a load
+        that missed it ran on while `stop` waited for it forever (a bench hung after its trials)."""
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -162,7 +167,7 @@ class TickLoad:
         burst = per_slice - resent
         period = 1.0 / SLICES_PER_SECOND
         first, next_at = 0, time.perf_counter()
-        while True:
+        while not self.stopping:
             chunk = [self.names[(first + i) % len(self.names)] for i in range(resent)]
             first = (first + resent) % len(self.names)
             await self.pipeline.control("paper/resend_market_data", {"instruments": chunk})
