@@ -127,9 +127,9 @@ class Fanout:
         market = self.exchange.market
         touched, market.recently_touched = market.recently_touched, []
         if market.version == self._swept_version:
-            channels = {id(c): c for c in (*self._showing(touched), *self._waiting)}.values()
+            channels = list({id(c): c for c in (*self._showing(touched), *self._waiting)}.values())
         else:
-            channels = {id(c): c for c in self.exchange.subscriptions.channels.values()}.values()
+            channels = list(self.exchange.subscriptions.channels.values())
             self._swept_version = market.version
         self._waiting = []
         stamp = market.stamp()

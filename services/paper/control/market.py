@@ -20,14 +20,7 @@ BURST_STEP = 0.001  # market seconds per ``paper/burst_ticks`` update
 
 @CONTROLS.method("paper/set_index")
 async def set_index(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
-    """The index set; the same level again only sends that underlying's market data again (nothing
-    moved: no fill, margin or portfolio line can change — the benchmarks' tick load)."""
-    underlying, price = underlying_of(exchange, params), positive(params, "price")
-    unchanged = exchange.market.index[underlying] == price
-    exchange.market.set_index(underlying, price)
-    if unchanged:
-        exchange.fanout.publish_channels(exchange.clock(), raw_only=True)
-        return exchange.status()
+    exchange.market.set_index(underlying_of(exchange, params), positive(params, "price"))
     return exchange.repriced()
 
 
