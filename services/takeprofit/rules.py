@@ -193,10 +193,10 @@ class _Model(BaseModel):
 
 
 class Decision(_Model):
-    """One decision to close, with everything needed to build, explain and replay its command.
+    """One decision to close, with everything needed to build and explain its command.
 
-    Self-contained on purpose: kept in the engine's state while in flight, it lets
-    a restarted shell republish the same command without the triggering snapshot.
+    Kept in the engine's state while in flight (and through the cool-down after it) without its
+    positions and groups: the command written with the decision carries them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -216,8 +216,9 @@ class Decision(_Model):
     """The barrier's value in `unit` (0.0 for a manual close: there is no barrier)."""
     unit: Literal["usd", "seconds", "closures"]
     """`closures` for a cancel-only decision: `figure` repeat closures counted, `threshold` the limit."""
-    positions: tuple[PositionToClose, ...]
-    """Empty for a cancel-only decision (reason `circuit_breaker`): nothing is closed."""
+    positions: tuple[PositionToClose, ...] = ()
+    """Empty for a cancel-only decision (reason `circuit_breaker`): nothing is closed. Not checkpointed
+    (`RulesEngine.to_state`): the command, written in the same transaction, carries them."""
     groups: tuple[HedgeGroup, ...] = ()
     stale_instruments: tuple[str, ...] = ()
     """Non-empty when the decision was taken on last known prices (emergency, manual)."""
@@ -261,6 +262,10 @@ class _State(_Model):
     breaker: BreakerState = Field(default_factory=BreakerState)
 
 
+_NOT_CHECKPOINTED: Final = {"in_flight": {"positions", "groups"}, "finished": {"positions", "groups"}}
+"""What a decision's checkpoint leaves out: the engine needs none of it once the command is written."""
+
+
 class RulesEngine:
     """Evaluates the barriers and guards; see the module docstring for the rules."""
 
@@ -286,9 +291,11 @@ class RulesEngine:
         """The engine's memory as JSON text (checkpoint it after every call that changed it).
 
         It holds the last snapshot's totals and figures without its positions (those are the
-        view's), so its size does not grow with the positions held.
+        view's), and the closure in flight (and the last one finished) without the positions it
+        closes (those are its command's), so its size does not grow with the positions held: it is
+        written with every batch of snapshots, also while a 1,000-leg closure runs.
         """
-        return self._s.model_dump_json()
+        return self._s.model_dump_json(exclude=_NOT_CHECKPOINTED)
 
     @classmethod
     def from_state(
@@ -465,7 +472,7 @@ class RulesEngine:
         if decision is None or decision.command_id != command_id:
             return False
         self._s.in_flight = None
-        if not decision.positions:
+        if decision.reason is CloseReason.CIRCUIT_BREAKER:
             return True  # a cancel-only command closed nothing: no cool-down, the epoch goes on
         self._s.finished = decision
         self._s.cooldown_until = now + self.config.cooldown_seconds

@@ -237,7 +237,8 @@ def test_state_round_trips_through_json_and_a_restart_never_decides_twice() -> N
 
     restarted = RulesEngine.from_state(config, checkpoint)
     assert restarted.to_state() == engine.to_state()
-    assert restarted.in_flight == partial, "the shell republishes this command (same id) after a restart"
+    assert restarted.in_flight == partial.model_copy(update={"positions": (), "groups": ()}), \
+        "the closure in flight survives the restart, without the positions its command carries"
     assert restarted.on_snapshot(snap(3, 0.6), NOW) is None and restarted.last_skip is Skip.OUT_OF_ORDER
     assert restarted.on_snapshot(snap(4, 0.6), NOW) is None and restarted.last_skip is Skip.CLOSURE_IN_FLIGHT
     restarted.on_closure_finished(partial.command_id, completed=True, now=NOW)
@@ -253,3 +254,17 @@ def test_a_restart_from_an_older_checkpoint_reproduces_the_same_command_id() -> 
     first = engine.on_snapshot(snap(2, 1.5), NOW)
     replayed = RulesEngine.from_state(config, checkpoint).on_snapshot(snap(2, 1.5), NOW + 30)
     assert replayed is not None and replayed.command_id == first.command_id
+
+
+def test_a_checkpoint_does_not_grow_with_the_positions_a_closure_closes() -> None:
+    """Written with every batch of snapshots while a closure runs: 1,000 legs cost what one does."""
+    sizes = {}
+    for legs in (1, 1_000):
+        engine = RulesEngine(cfg())
+        positions = [pos(f"BTC-OPT-{i}", -1.0) for i in range(legs)]
+        decision = engine.on_snapshot(snap(1, -20.0, positions=positions), NOW)
+        assert decision is not None and len(decision.positions) == legs
+        sizes[legs] = len(engine.to_state())
+        engine.on_closure_finished(decision.command_id, completed=True, now=NOW)
+        assert len(engine.to_state()) < sizes[legs] + 1_000, "the finished closure (cool-down) neither"
+    assert sizes[1_000] - sizes[1] < 20, sizes  # the count in the decision's sentence: "(1)" / "(1000)"
