@@ -170,14 +170,18 @@ class Executor:
             plan_decision_wave(progress, first, now)
             return progress, []
 
+        # lease + progress + `received`; its request is written first, when the loop next runs
+        claiming = asyncio.ensure_future(self.store.claim(command.command_id, fresh))
         try:
             if first is not None and self.clearing:
-                # sent with the claim, not after it; only for a fresh command not seen before, so a
-                # replay (which the claim turns into a `duplicate`) cancels nothing
+                # sent with the claim, not after it: written right behind the claim's request, while
+                # its answer is on the way (the first order waits for that answer, not for this
+                # round's). Only for a fresh command not seen before, so a replay (which the claim
+                # turns into a `duplicate`) cancels nothing
                 early_cancel = self.clearing.start(self.session.request)
-                await asyncio.sleep(0)  # its requests reach the socket before the claim is built and sent
-            claim = await self.store.claim(command.command_id, fresh)  # lease + progress + `received`
+            claim = await claiming
         except BaseException:
+            settle_quietly(claiming, cancel=True)
             settle_quietly(early_cancel)
             raise
         self._remember(command.command_id)
