@@ -40,7 +40,7 @@ from services.executor.metrics import (
     TIME_TO_FIRST_ORDER,
     TIME_TO_FLAT,
 )
-from services.executor.plan import TEMPORARY_FAILURE, Progress, Stage
+from services.executor.plan import TEMPORARY_FAILURE, CommandWave, Progress, Stage
 from services.executor.rounds import ClearingRounds
 from services.executor.settle import (
     RETRY_PAUSE,
@@ -59,8 +59,8 @@ from services.executor.waves import (
     Order,
     Quote,
     dry_run_orders,
+    expand_claim,
     not_fresh_full,
-    plan_decision_wave,
     plan_wave,
     sort_legs,
     wave_from_command,
@@ -156,19 +156,17 @@ class Executor:
             fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
 
     async def execute(self, command: Command) -> None:
-        first = await self._decision_wave(command)
+        priced = await self._decision_wave(command)
+        first = priced[0] if priced is not None else None
         early_cancel = None
 
         def fresh() -> tuple[Progress, list[Report]]:
             now = time.time()
+            if priced is not None:  # the compact claim: the rest of the progress follows the first order
+                return Progress.claimed(command, now, self.config.deadline_seconds, CommandWave(
+                    priced_ts=priced[1], buffer=self.buffers.base, ceiling=self.buffers.ceiling)), []
             progress = Progress.start(command, now, self.buffers.base, self.config.deadline_seconds)
-            reports = [progress.report(ReportStatus.RECEIVED, now)]
-            if first is None:
-                return progress, reports
-            # the first wave is planned in the progress; its reports wait unpublished until it left
-            progress.outbox = reports
-            plan_decision_wave(progress, first, now)
-            return progress, []
+            return progress, [progress.report(ReportStatus.RECEIVED, now)]
 
         # lease + progress + `received`; its request is written first, when the loop next runs
         claiming = asyncio.ensure_future(self.store.claim(command.command_id, fresh))
@@ -194,10 +192,11 @@ class Executor:
             work = Work(claim.progress, claim.token, command.created_ts)
             if not claim.created:
                 log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
+                await self._expand(work.progress, command)
             heartbeat = asyncio.create_task(self.store.keep_lease(work))
             try:
                 await self._work(work, resumed=not claim.created, early_cancel=early_cancel,
-                                 first=first if claim.created else None)
+                                 first=(first, command) if claim.created and first is not None else None)
             finally:
                 heartbeat.cancel()
             COMMANDS.labels(work.progress.stage.value).inc()
@@ -205,9 +204,9 @@ class Executor:
             settle_quietly(early_cancel)
             await self.store.release(command.command_id, claim.token)
 
-    async def _decision_wave(self, command: Command) -> list[Order] | None:
-        """The first wave priced from the command (docs/executor.md), or None for the usual path
-        (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
+    async def _decision_wave(self, command: Command) -> tuple[list[Order], float] | None:
+        """The first wave priced from the command (docs/executor.md) and when, or None for the usual
+        path (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
         if self.config.dry_run or command.command_id in self.seen \
                 or not_fresh_full(command, time.time(), DECISION_PRICE_MAX_AGE_SECONDS) is not None:
             return None  # not a fresh full closure (a partial, resumed or replayed one): nothing to say
@@ -215,12 +214,27 @@ class Executor:
             infos = await self.market.infos([p.instrument for p in command.positions])
         except (ThalexError, ConnectionLost):
             return None  # the usual path asks again, retrying until the deadline
-        wave = wave_from_command(command, infos, self.buffers, time.time(), DECISION_PRICE_MAX_AGE_SECONDS)
+        now = time.time()
+        wave = wave_from_command(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
         if isinstance(wave, str):
             log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
                      wave)
             return None
-        return wave
+        return wave, now
+
+    async def _expand(self, progress: Progress, command: Command) -> None:
+        """A compact claim found on resuming (a crash before the first save): its legs and first wave,
+        priced again from the command as they were (`waves.expand_claim`)."""
+        claim = progress.command_wave
+        if claim is None:
+            return
+        infos = await self.market.infos([p.instrument for p in command.positions])
+        wave = wave_from_command(command, infos, Buffers(claim.buffer, claim.ceiling), claim.priced_ts,
+                                 DECISION_PRICE_MAX_AGE_SECONDS)
+        if isinstance(wave, str):
+            log.warning("%s: its first wave cannot be priced again (%s); counting every leg as sent",
+                        command.command_id, wave)
+        expand_claim(progress, command, wave)
 
     def _remember(self, command_id: str) -> None:
         self.seen[command_id] = None
@@ -255,6 +269,11 @@ class Executor:
             return  # finished meanwhile: its outcome is out
         try:
             assert claim.progress is not None
+            try:
+                await self._expand(claim.progress, command)
+            except Exception as exc:  # the failure may be the instrument data
+                raise_if_cancelled()
+                expand_claim(claim.progress, command, f"instrument data unavailable: {exc}")
             work = Work(claim.progress, claim.token, command.created_ts)
             work.progress.error = ExchangeError(code=NO_CODE, message=f"the executor cannot handle it: {why}")
             await self._fail(work, {})
@@ -263,14 +282,14 @@ class Executor:
             await self.store.release(command.command_id, claim.token)
 
     async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Future[list[Answer]] | None = None,
-                    first: list[Order] | None = None) -> None:
+                    first: tuple[list[Order], Command] | None = None) -> None:
         if self.config.dry_run:
             await self._dry_run(work)
             return
         reads: WaveReads | None = None
         try:
             if first is not None:
-                await self._send_decision_wave(work, first, early_cancel)
+                await self._send_decision_wave(work, *first, early_cancel)
             else:
                 if work.progress.stage is Stage.RECEIVED:
                     reads = await self._cancel_orders(work, resumed)
@@ -311,10 +330,11 @@ class Executor:
         progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the round
         return reads
 
-    async def _send_decision_wave(self, work: Work, wave: list[Order],
+    async def _send_decision_wave(self, work: Work, wave: list[Order], command: Command,
                                   early_cancel: asyncio.Future[list[Answer]] | None) -> None:
-        """Send the first wave planned at the claim (its `order_sent` is in Redis already), right behind
-        the clearing round that went out with the claim.
+        """Send the first wave promised by the compact claim, right behind the clearing round that went
+        out with the claim; the full progress (legs, the wave's `order_sent`) is built once the first
+        order is written, and saved as the orders leave.
 
         The round's requests were written to the session before the claim's answer came back, and
         the exchange handles one connection's requests in order: every cancel acts before the first
@@ -336,6 +356,7 @@ class Executor:
             settle_quietly(head, cancel=True)
             settle_quietly(clear, cancel=True)
             raise
+        expand_claim(progress, command, wave)
         rest = (self.session.send(order, progress.label, work.check) for order in wave[1:])
         sends = asyncio.gather(*([head] if head is not None else []), *rest)
         try:

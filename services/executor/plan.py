@@ -492,6 +492,18 @@ class SentOrder(BaseModel):
     price: float
 
 
+class CommandWave(BaseModel):
+    """A claim's promise that the first wave is priced from the command (`waves.wave_from_command`),
+    with what pricing it again needs: the same orders follow from the command and these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priced_ts: float
+    """The `now` the wave was priced at (the command's age is judged against it)."""
+    buffer: float
+    ceiling: float
+
+
 class Progress(BaseModel):
     """Everything the executor knows about one command; lives in Redis as JSON.
 
@@ -520,9 +532,12 @@ class Progress(BaseModel):
     (The first wave's `received` waits here until its orders have left, so the services reading
     `tp:reports` do not wake on the way to the first order.)"""
     unreported: list[SentOrder] = Field(default_factory=list)
-    """The first wave's orders, saved with the claim; the next save publishes their `order_sent`
-    reports, after the outbox. Kept this compact (not as reports) because the claim is on the way
-    to the first order: a 1,000-leg book's `order_sent` reports are ≈ 600 KB of JSON."""
+    """The first wave's orders; the next save publishes their `order_sent` reports, after the
+    outbox. Kept this compact (not as reports): a 1,000-leg book's are ≈ 600 KB of JSON."""
+    command_wave: CommandWave | None = None
+    """Set in the claim's compact form only (`Progress.claimed`): the legs, the first wave and
+    `received` are not written yet, they follow from the command (`waves.expand_claim`). The claim is
+    on the way to the first order; a 1,000-leg book's full progress is ≈ 250 KB of JSON."""
 
     @classmethod
     def start(cls, command: Command, now: float, buffer: float, max_seconds: float) -> Progress:
@@ -538,6 +553,21 @@ class Progress(BaseModel):
                 for p in command.positions
             },
             groups=list(command.groups or []),
+        )
+
+    @classmethod
+    def claimed(cls, command: Command, now: float, max_seconds: float, wave: CommandWave) -> Progress:
+        """The claim of a closure whose first wave is priced from the command: what `start` holds but
+        the legs (a few hundred bytes whatever the legs); `waves.expand_claim` completes it."""
+        return cls(
+            command_id=command.command_id,
+            epoch=command.epoch,
+            fraction=command.fraction,
+            label=command_label(command.command_id),
+            started_ts=now,
+            deadline_ts=min(command.deadline_ts, now + max_seconds),
+            legs={},
+            command_wave=wave,
         )
 
     @property

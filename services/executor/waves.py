@@ -33,6 +33,7 @@ from services.executor.plan import (
     MAX_INDEX_DEVIATION,
     REDUCE_ONLY_REJECTED,
     HedgeLeg,
+    Leg,
     LegState,
     Progress,
     SentOrder,
@@ -155,6 +156,31 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
                     f"{' and a tick' if slack else ''} from the mark {p.mark:g}")
         wave.append(Order(p.instrument, *order))
     return wave
+
+
+def expand_claim(progress: Progress, command: Command, wave: list[Order] | str) -> None:
+    """Complete a claim's compact form (`Progress.claimed`) from its command: the legs as
+    `Progress.start` writes them, `received` in the outbox, and the first wave — `wave`, priced from
+    the command with the claim's `command_wave` — as `plan_decision_wave` writes it.
+
+    A wave priced again after a restart is the same as the one that left (same command, buffers and
+    time). Should it not be (`wave` a reason: the instrument data changed in between), every leg is
+    counted as sent without its `order_sent` report; the resumed command counts what its orders did
+    by label, as for any crash.
+    """
+    claim = progress.command_wave
+    assert claim is not None, "not a compact claim"
+    progress.legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=claim.buffer)
+                     for p in command.positions}
+    progress.groups = list(command.groups or [])
+    progress.outbox.insert(0, progress.report(ReportStatus.RECEIVED, progress.started_ts))
+    progress.command_wave = None
+    if isinstance(wave, str):
+        for leg in progress.legs.values():
+            leg.position_before, leg.orders_sent = leg.listed, 1
+        progress.first_order_ts = progress.started_ts
+        return
+    plan_decision_wave(progress, wave, progress.started_ts)
 
 
 def plan_decision_wave(progress: Progress, wave: Iterable[Order], now: float) -> None:

@@ -1,10 +1,11 @@
 """The first wave of a fresh full closure, priced from the command: no market read before the order.
 
 Take-profit's command carries the exit price the portfolio valued each position at. For a full
-closure decided less than a second ago the executor sends the clearing round with its claim, writes
-the first wave's `order_sent` in the claim's own Lua call, and sends the orders as soon as the claim
-is won, right behind the round on the same connection (the exchange handles them in order). Anything
-else (old, partial, hedged beyond the book's depth, replayed) takes the usual path.
+closure decided less than a second ago the executor sends the clearing round with its claim (a
+compact one: the promise that the first wave is priced from the command, from which the wave and
+its `order_sent` follow), and sends the orders as soon as the claim is won, right behind the round
+on the same connection (the exchange handles them in order). Anything else (old, partial, hedged
+beyond the book's depth, replayed) takes the usual path.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from services.common.contracts import Report, ReportStatus
+from services.common.contracts import Report, ReportStatus, Side
 from services.common.streams import Names
 from services.executor.clearing import kinds, round_requests
-from services.executor.plan import Progress
+from services.executor.plan import CommandWave, Progress
+from services.executor.waves import Order, expand_claim
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
@@ -116,9 +118,13 @@ async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_readin
     _, _, args, kwargs = events[first_insert]
     assert args[1:3] == (PERP, 0.5) and kwargs["reduce_only"] is True
     assert kwargs["price"] == pytest.approx(-(-exit_price * 0.995 // 1.0))
-    # the intent was in Redis before the order left: the first wave in the progress, `received` and
-    # `order_sent` in its outbox, or already published by the save that goes out with the order
+    # the intent was in Redis before the order left: the compact claim, promising the wave priced from
+    # the command (its legs, `received` and `order_sent` follow from the command and the promise; the
+    # save that goes out with the order writes them), or already the full progress
     progress, statuses = at_insert[0]
+    if progress.command_wave is not None:
+        assert progress.legs == {} and statuses == [] and progress.command_wave.buffer == 0.005
+        expand_claim(progress, command, [Order(PERP, Side.SELL, 0.5, kwargs["price"])])
     assert progress.legs[PERP].orders_sent == 1
     assert statuses + [r.status for r in progress.take_unpublished()] in (
         [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT],
@@ -247,3 +253,31 @@ async def test_reports_a_crash_left_in_the_outbox_are_published_when_the_command
         await redis.get(names.key(f"executor:progress:{command.command_id}"))
     )
     assert saved.outbox == [] and saved.unreported == []
+
+
+async def test_a_crash_after_the_compact_claim_resumes_from_the_same_wave_priced_again(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """Killed after the claim, before the save that goes out with the orders: Redis holds only the
+    promise. The restarted executor prices the same wave from the command (its `order_sent`, once,
+    after `received`), counts what its orders did by label, and closes the rest as after any crash."""
+    await open_positions(paper, {PERP: 0.2})
+    exit_price = best_bid(paper)
+    command = make_command({PERP: 0.2}, exit_prices={PERP: exit_price})
+    promise = CommandWave(priced_ts=command.created_ts + 0.001, buffer=0.005, ceiling=0.05)
+    claim = Progress.claimed(command, command.created_ts + 0.002, 20.0, promise)
+    await redis.set(names.key(f"executor:progress:{command.command_id}"), claim.model_dump_json())
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    statuses = [r.status for r in got]
+    assert statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT], statuses
+    assert statuses.count(ReportStatus.RECEIVED) == 1 and got[-1].status is ReportStatus.COMPLETED
+    (promised,) = got[1].orders or []
+    # the wave the claim promised: a sell 0.5 % through the exit price, rounded up to the 1.0 tick
+    assert (promised.instrument, promised.side, promised.amount) == (PERP, Side.SELL, 0.2)
+    assert promised.price == pytest.approx(-(-exit_price * 0.995 // 1.0))
+    assert account_positions(paper)[PERP] == 0
+    saved = Progress.model_validate_json(
+        await redis.get(names.key(f"executor:progress:{command.command_id}"))
+    )
+    assert saved.command_wave is None and saved.legs[PERP].position_before == 0.2

@@ -35,6 +35,7 @@ from services.common.contracts import (
 from services.common.thalex.models import ThalexOrderFill, ThalexOrderStatus, ThalexTrade
 from services.executor.plan import (
     EPS,
+    CommandWave,
     LegFill,
     LegState,
     Progress,
@@ -60,6 +61,8 @@ from services.executor.waves import (
     Order,
     Quote,
     decision_wave,
+    expand_claim,
+    plan_decision_wave,
     plan_wave,
     sort_legs,
     wave_from_command,
@@ -432,3 +435,40 @@ def test_a_perpetual_marked_at_half_a_dollar_gets_no_tick_of_slack() -> None:
         instrument="A", amount=0.5, exit_price=0.5, mark=0.5)]})
     assert wave_from_command(wild, {"A": perp}, BUFFERS, NOW, 1.0) == \
         "A: a limit of 1 is over 5.0% from the mark 0.5"
+
+
+def test_a_compact_claim_expands_to_what_the_full_claim_held_whatever_the_legs() -> None:
+    """The claim on the way to a first wave priced from the command holds only the promise (when it
+    was priced, at which buffers): the legs, `received` and each order's `order_sent` follow from the
+    command — the same whether built as the first order leaves or priced again after a crash."""
+    marks = {f"O{i}": 100.0 + i for i in range(1_000)}
+    cmd = within_depth(command({name: 0.5 for name in marks}, marks=marks), *marks)  # one underlying
+    infos = {name: spec(InstrumentType.OPTION) for name in marks}
+    wave = wave_from_command(cmd, infos, BUFFERS, NOW + 0.2, 1.0)
+    assert isinstance(wave, list) and len(wave) == 1_000
+    # what the claim held before: the whole progress with the wave planned in it
+    full = Progress.start(cmd, NOW + 0.3, BUFFERS.base, 30.0)
+    full.outbox = [full.report(ReportStatus.RECEIVED, NOW + 0.3)]
+    plan_decision_wave(full, wave, NOW + 0.3)  # the first order leaves once the claim is won
+
+    promise = CommandWave(priced_ts=NOW + 0.2, buffer=BUFFERS.base, ceiling=BUFFERS.ceiling)
+    claim = Progress.claimed(cmd, NOW + 0.3, 30.0, promise)
+    assert len(claim.model_dump_json()) < 600 and len(full.model_dump_json()) > 190_000
+    resumed = Progress.model_validate_json(claim.model_dump_json())  # as read back after a crash
+    again = wave_from_command(cmd, infos, Buffers(promise.buffer, promise.ceiling), promise.priced_ts, 1.0)
+    expand_claim(resumed, cmd, again)
+    assert resumed == full
+    statuses = [r.status for r in resumed.take_unpublished()]
+    assert statuses == [ReportStatus.RECEIVED] + [ReportStatus.ORDER_SENT] * 1_000
+
+
+def test_a_compact_claim_that_cannot_be_priced_again_counts_every_leg_as_sent() -> None:
+    """The instrument data changed between the crash and the restart: no `order_sent` to publish, but
+    every leg counts its order (the resumed command then counts what the orders did, by label)."""
+    cmd = command({"A": 0.5, "B": -0.2}, marks={"A": 100.0, "B": 100.0})
+    claim = Progress.claimed(cmd, NOW, 30.0, CommandWave(priced_ts=NOW, buffer=0.005, ceiling=0.05))
+    expand_claim(claim, cmd, "A: 0.5 is below the minimum order")
+    assert {n: (leg.listed, leg.position_before, leg.orders_sent) for n, leg in claim.legs.items()} == {
+        "A": (0.5, 0.5, 1), "B": (-0.2, -0.2, 1)}
+    assert [r.status for r in claim.take_unpublished()] == [ReportStatus.RECEIVED]
+    assert claim.command_wave is None and claim.first_order_ts == NOW
