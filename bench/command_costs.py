@@ -3,9 +3,10 @@
     .venv/bin/python bench/command_costs.py [--legs 1 100 1000] [--runs 10]
 
 Pure code, no I/O, `time.process_time` (CPU, not wall: less sensitive to a shared machine), the
-mean of `--runs`: take-profit deciding on a header with N open option rows and building, signing
-and encoding the command; the executor validating it from the wire, verifying its signature,
-planning the first wave from it and building the claim's progress (with the wave's compact
+mean of `--runs`: take-profit deciding on a header with N open option rows, building, signing
+and encoding the command, and its checkpoint with that closure in flight; the executor validating
+the command from the wire, verifying its signature, planning the first wave from it, the compact
+claim, and the full progress built once the first order is written (with the wave's compact
 `order_sent` intent); how long after a wave of N orders is handed over its first send starts,
 with every send set up first (`asyncio.gather` of all) and with the first one ahead (the
 executor's `_send_decision_wave`), wall time; and one snapshot row built by the validating
@@ -30,13 +31,12 @@ from services.common.contracts import (
     ExitPriceSource,
     InstrumentInfo,
     InstrumentType,
-    ReportStatus,
     Snapshot,
     SnapshotPosition,
 )
 from services.common.signing import sign_command, verify_command
-from services.executor.plan import Progress
-from services.executor.waves import Buffers, decision_wave, plan_decision_wave
+from services.executor.plan import CommandWave, Progress
+from services.executor.waves import Buffers, decision_wave, expand_claim
 from services.takeprofit.rules import Decision, RulesEngine, build_command
 from tests.takeprofit.factories import NOW, cfg, pos, snap
 
@@ -79,9 +79,19 @@ def take_profit(legs: int, runs: int) -> str:
     assert decision is not None
     built = build_command(decision, NOW + 1, 30.0)
     build = cpu_ms(lambda: build_command(decision, NOW + 1, 30.0), runs)
+    checkpoint = decide_and_checkpoint(engine, crossing)
     return (f"decide {cpu_ms(decide, runs):.3f}, build {build:.3f}, sign "
             f"{cpu_ms(lambda: sign_command(built, KEY), runs):.3f}, encode "
-            f"{cpu_ms(lambda: encode_document(built), runs):.3f}")
+            f"{cpu_ms(lambda: encode_document(built), runs):.3f}, checkpoint "
+            f"{cpu_ms(checkpoint.to_state, runs):.3f} ({len(checkpoint.to_state()) / 1000:.1f} KB)")
+
+
+def decide_and_checkpoint(engine: RulesEngine, crossing: Snapshot) -> RulesEngine:
+    """An engine with the closure in flight: its checkpoint is written with every batch until it ends."""
+    again = RulesEngine.from_state(engine.config, engine.to_state())
+    again.view = engine.view
+    assert again.on_snapshot(crossing, NOW + 1) is not None
+    return again
 
 
 def executor(legs: int, runs: int) -> str:
@@ -89,17 +99,22 @@ def executor(legs: int, runs: int) -> str:
     wire = encode_document(command)
     infos = {p.instrument: OPTION for p in command.positions}
     now = command.created_ts
+    wave = decision_wave(command, infos, BUFFERS, now, 1.0) or []
+    promise = CommandWave(priced_ts=now, buffer=BUFFERS.base, ceiling=BUFFERS.ceiling)
 
     def claim() -> str:
-        progress = Progress.start(command, now, BUFFERS.base, 30.0)
-        progress.outbox = [progress.report(ReportStatus.RECEIVED, now)]
-        plan_decision_wave(progress, decision_wave(command, infos, BUFFERS, now, 1.0) or [], now)
+        return Progress.claimed(command, now, 30.0, promise).model_dump_json()
+
+    def expanded() -> str:
+        progress = Progress.claimed(command, now, 30.0, promise)
+        expand_claim(progress, command, wave)
         return progress.model_dump_json()
     return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f}, verify "
             f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}, decision wave "
-            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}, claim (incl. the "
-            f"wave) {cpu_ms(claim, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "
-            f"{len(claim()) / 1000:.1f} KB")
+            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}, claim "
+            f"{cpu_ms(claim, runs):.3f} ms; after the first order: the full progress "
+            f"{cpu_ms(expanded, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "
+            f"{len(claim()) / 1000:.1f} KB, full progress {len(expanded()) / 1000:.1f} KB")
 
 
 def first_send(legs: int, runs: int) -> str:
