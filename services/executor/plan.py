@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -541,34 +542,21 @@ class Progress(BaseModel):
 
     @classmethod
     def start(cls, command: Command, now: float, buffer: float, max_seconds: float) -> Progress:
-        return cls(
-            command_id=command.command_id,
-            epoch=command.epoch,
-            fraction=command.fraction,
-            label=command_label(command.command_id),
-            started_ts=now,
-            deadline_ts=min(command.deadline_ts, now + max_seconds),
-            legs={
-                p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=buffer)
-                for p in command.positions
-            },
-            groups=list(command.groups or []),
-        )
+        legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=buffer)
+                for p in command.positions}
+        return cls._opened(command, now, max_seconds, legs=legs, groups=list(command.groups or []))
 
     @classmethod
     def claimed(cls, command: Command, now: float, max_seconds: float, wave: CommandWave) -> Progress:
         """The claim of a closure whose first wave is priced from the command: what `start` holds but
         the legs (a few hundred bytes whatever the legs); `waves.expand_claim` completes it."""
-        return cls(
-            command_id=command.command_id,
-            epoch=command.epoch,
-            fraction=command.fraction,
-            label=command_label(command.command_id),
-            started_ts=now,
-            deadline_ts=min(command.deadline_ts, now + max_seconds),
-            legs={},
-            command_wave=wave,
-        )
+        return cls._opened(command, now, max_seconds, legs={}, command_wave=wave)
+
+    @classmethod
+    def _opened(cls, command: Command, now: float, max_seconds: float, **rest: Any) -> Progress:
+        return cls(command_id=command.command_id, epoch=command.epoch, fraction=command.fraction,
+                   label=command_label(command.command_id), started_ts=now,
+                   deadline_ts=min(command.deadline_ts, now + max_seconds), **rest)
 
     @property
     def full(self) -> bool:
