@@ -72,25 +72,23 @@ def take_profit(legs: int, runs: int) -> str:
     engine, crossing = book(legs)
 
     def decide() -> Decision | None:
-        again = RulesEngine.from_state(engine.config, engine.to_state())
-        again.view = engine.view
-        return again.on_snapshot(crossing, NOW + 1)
+        return restarted(engine).on_snapshot(crossing, NOW + 1)
     decision = decide()
     assert decision is not None
     built = build_command(decision, NOW + 1, 30.0)
     build = cpu_ms(lambda: build_command(decision, NOW + 1, 30.0), runs)
-    checkpoint = decide_and_checkpoint(engine, crossing)
+    checkpoint = restarted(engine)  # with the closure in flight: checkpointed with every batch until it ends
+    assert checkpoint.on_snapshot(crossing, NOW + 1) is not None
     return (f"decide {cpu_ms(decide, runs):.3f}, build {build:.3f}, sign "
             f"{cpu_ms(lambda: sign_command(built, KEY), runs):.3f}, encode "
             f"{cpu_ms(lambda: encode_document(built), runs):.3f}, checkpoint "
             f"{cpu_ms(checkpoint.to_state, runs):.3f} ({len(checkpoint.to_state()) / 1000:.1f} KB)")
 
 
-def decide_and_checkpoint(engine: RulesEngine, crossing: Snapshot) -> RulesEngine:
-    """An engine with the closure in flight: its checkpoint is written with every batch until it ends."""
+def restarted(engine: RulesEngine) -> RulesEngine:
+    """The engine as restored from its checkpoint, with the same positions view."""
     again = RulesEngine.from_state(engine.config, engine.to_state())
     again.view = engine.view
-    assert again.on_snapshot(crossing, NOW + 1) is not None
     return again
 
 

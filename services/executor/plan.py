@@ -542,9 +542,9 @@ class Progress(BaseModel):
 
     @classmethod
     def start(cls, command: Command, now: float, buffer: float, max_seconds: float) -> Progress:
-        legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=buffer)
-                for p in command.positions}
-        return cls._opened(command, now, max_seconds, legs=legs, groups=list(command.groups or []))
+        progress = cls._opened(command, now, max_seconds, legs={})
+        progress.list_legs(command, buffer)
+        return progress
 
     @classmethod
     def claimed(cls, command: Command, now: float, max_seconds: float, wave: CommandWave) -> Progress:
@@ -557,6 +557,12 @@ class Progress(BaseModel):
         return cls(command_id=command.command_id, epoch=command.epoch, fraction=command.fraction,
                    label=command_label(command.command_id), started_ts=now,
                    deadline_ts=min(command.deadline_ts, now + max_seconds), **rest)
+
+    def list_legs(self, command: Command, buffer: float) -> None:
+        """One open leg per listed position, and the command's hedge groups."""
+        self.legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=buffer)
+                     for p in command.positions}
+        self.groups = list(command.groups or [])
 
     @property
     def full(self) -> bool:

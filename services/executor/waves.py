@@ -33,7 +33,6 @@ from services.executor.plan import (
     MAX_INDEX_DEVIATION,
     REDUCE_ONLY_REJECTED,
     HedgeLeg,
-    Leg,
     LegState,
     Progress,
     SentOrder,
@@ -170,9 +169,7 @@ def expand_claim(progress: Progress, command: Command, wave: list[Order] | str) 
     """
     claim = progress.command_wave
     assert claim is not None, "not a compact claim"
-    progress.legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=claim.buffer)
-                     for p in command.positions}
-    progress.groups = list(command.groups or [])
+    progress.list_legs(command, claim.buffer)
     progress.outbox.insert(0, progress.report(ReportStatus.RECEIVED, progress.started_ts))
     progress.command_wave = None
     if isinstance(wave, str):
