@@ -51,7 +51,7 @@ from services.common.contracts import (
 )
 from services.common.reference import ReferenceReader
 from services.common.service import Health, Unhealthy, run_timer, service_main
-from services.common.signing import require_command_key, sign_command
+from services.common.signing import require_command_key, signed_text
 from services.common.snapshots import Fold, read_view
 from services.takeprofit.answers import EXPIRED, NOT_CLOSABLE, answer_control, expired
 from services.takeprofit.rules import Decision, External, RulesEngine, build_command, freshness_problem
@@ -315,17 +315,17 @@ class TakeProfitService:
     async def _write_decision(self, decision: Decision, pipe: Pipeline, now: float) -> None:
         volume_ticks = await self._volume_ticks([p.instrument for p in decision.positions])
         try:
-            command = sign_command(build_command(decision, decision.decided_ts,
-                                                 self.settings.executor.deadline_seconds, volume_ticks),
-                                   self.command_key)
+            built = build_command(decision, decision.decided_ts, self.settings.executor.deadline_seconds,
+                                  volume_ticks)
         except ValueError as exc:
             log.warning("decision %s dropped: %s", decision.command_id, exc)
             self.engine.on_closure_finished(decision.command_id, completed=False, now=now)
             return
+        command, text = signed_text(built, self.command_key, self.engine.legs.texts(built.positions))
         ttl = command.deadline_ts - now + LEASE_MARGIN_SECONDS
         pipe.set(self.lease_key, command.command_id, px=max(1, int(ttl * 1000)))
         self.lease_held = True
-        self.bus.queue_publish(pipe, self.names.commands, command)
+        self.bus.queue_publish_encoded(pipe, self.names.commands, text)
         DECISIONS.labels(decision.reason.value).inc()
         if decision.reason is CloseReason.CIRCUIT_BREAKER:
             log.error("CIRCUIT BREAKER %s: %s", command.command_id, decision.sentence)

@@ -123,6 +123,7 @@ from services.common.contracts import (
 from services.common.exit_cost import ExitCostWarning, exit_cost_warning
 from services.common.snapshots import SnapshotView
 from services.takeprofit.breaker import BreakerState, CircuitBreaker
+from services.takeprofit.legs import ClosingLegs
 
 STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
@@ -278,12 +279,23 @@ class RulesEngine:
         self.config = config
         self.emergency_when_halted = emergency_when_halted
         self._s = _State()
-        self.view = SnapshotView()
+        self._view = SnapshotView()
+        self.legs = ClosingLegs()
+        """Each open row's full close, built as its row changes (`legs.py`): a decision picks them up."""
+        self.last_skip: Skip | None = None
+        """Why the last call produced no decision; None after a decision."""
+
+    @property
+    def view(self) -> SnapshotView:
         """Every position, folded from the snapshots (v2 carry only the changed ones): read only
         when a command is built. Not checkpointed: the shell restores it from the portfolio's
         rows hash, and re-reads it when a snapshot does not follow the one folded last."""
-        self.last_skip: Skip | None = None
-        """Why the last call produced no decision; None after a decision."""
+        return self._view
+
+    @view.setter
+    def view(self, view: SnapshotView) -> None:
+        self._view = view
+        self.legs = ClosingLegs(view.rows.values())
 
     # --- persistence -------------------------------------------------------------------
 
@@ -407,6 +419,11 @@ class RulesEngine:
         if self._s.epoch is None or snapshot.epoch > self._s.epoch.epoch:
             self._s.epoch = _EpochState(epoch=snapshot.epoch)
         self.view.fold(snapshot)
+        rows = self.view.rows
+        if snapshot.full:
+            self.legs = ClosingLegs(rows.values())
+        else:  # only rows the view took (a re-read view may already hold newer ones)
+            self.legs.refresh(p for p in snapshot.positions if rows.get(p.instrument) is p)
         if snapshot.positions:  # the rows are the view's; the engine decides on the totals
             snapshot = snapshot.model_copy(update={"v": SNAPSHOT_VERSION, "full": False, "positions": []})
         self._s.last_snapshot = snapshot
@@ -722,7 +739,8 @@ class RulesEngine:
             threshold=threshold,
             unit=unit,
             positions=tuple(
-                _to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
+                self.legs.full_close(p) if fraction == 1.0 and fresh and p.instrument not in stale
+                else _to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
             ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.bus import DATA_FIELD, encode_document, validate_entry
+from services.common.bus import DATA_FIELD, encode_document, encode_document_bytes, validate_entry
 from services.common.config import ConfigError, load_config
 from services.common.contracts import CloseReason, Command, PositionToClose
 from services.common.signing import (
@@ -20,6 +20,7 @@ from services.common.signing import (
     load_command_key,
     require_command_key,
     sign_command,
+    signed_text,
     sorted_command,
     verify_command,
 )
@@ -136,6 +137,35 @@ def test_any_command_signed_verifies_after_the_wire_and_any_change_is_caught(
     verify_command(signed, KEY)
     altered = signed.model_copy(update={"net_pnl": pnl + 1.0})
     assert not is_authentic(altered, KEY)
+
+
+def test_signed_text_is_the_signed_command_written_once() -> None:
+    """Worked by hand: the entry's text is the signed form with `,"signature":"…"` before its last brace."""
+    doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
+    signed, text = signed_text(doc, KEY)
+    assert signed == sign_command(doc, KEY)
+    assert text == canonical_command(doc)[:-1] + f',"signature":"{signed.signature}"}}'.encode()
+    assert text == encode_document(signed).encode()
+
+
+legs = st.lists(st.builds(PositionToClose, instrument=st.text(
+    st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=20).filter(str.strip),
+    amount=amounts, exit_price=st.none() | st.floats(0, 1e6), mark=st.none() | st.floats(0, 1e6),
+    exit_within_depth=st.none() | st.booleans()), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(positions=legs, command_id=st.text(min_size=1, max_size=30).filter(str.strip))
+def test_legs_spliced_in_give_the_same_text_and_signature_as_the_whole_command(
+        positions: list[PositionToClose], command_id: str) -> None:
+    """Take-profit's legs encoded ahead of time (`services.takeprofit.legs`) and spliced into the
+    command: the same bytes as `encode_document` of `sign_command`, whatever the command id holds
+    (a quote in it is escaped, so `"positions":[` cannot appear before the field)."""
+    doc = command(positions=positions, command_id=command_id)
+    signed, text = signed_text(doc, KEY, [encode_document_bytes(p) for p in positions])
+    assert signed == sign_command(doc, KEY)
+    assert text == encode_document(signed).encode()
+    verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY)
 
 
 def test_the_key_comes_from_a_file_and_is_long_enough(tmp_path: Path) -> None:
