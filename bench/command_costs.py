@@ -3,14 +3,16 @@
     .venv/bin/python bench/command_costs.py [--legs 1 100 1000] [--runs 10]
 
 Pure code, no I/O, `time.process_time` (CPU, not wall: less sensitive to a shared machine), the
-mean of `--runs`: take-profit deciding on a header with N open option rows, building, signing
-and encoding the command, and its checkpoint with that closure in flight; the executor validating
-the command from the wire, verifying its signature, planning the first wave from it, the compact
-claim, and the full progress built once the first order is written (with the wave's compact
-`order_sent` intent); how long after a wave of N orders is handed over its first send starts,
-with every send set up first (`asyncio.gather` of all) and with the first one ahead (the
-executor's `_send_decision_wave`), wall time; and one snapshot row built by the validating
-constructor against `model_construct`.
+mean of `--runs`: take-profit deciding on a header with N open option rows (its legs kept ready,
+as after the rows were folded), building, signing and encoding the command (once, and as before
+issue 22's sixth pass), its checkpoint with that closure in flight, and keeping legs ready (20
+changed rows; all of them at a restart); the executor validating the command from the wire,
+verifying its signature, checking the first wave (on bounds, against pricing every leg) and
+pricing its head order, the compact claim, and the full progress built once the first order is
+written (with the wave's compact `order_sent` intent); how long after a wave of N orders is
+handed over its first send starts, with every send set up first (`asyncio.gather` of all) and
+with the first one ahead (the executor's `_send_decision_wave`), wall time; and one snapshot row
+built by the validating constructor against `model_construct`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from services.common.contracts import (
 )
 from services.common.signing import sign_command, signed_text, verify_command
 from services.executor.plan import CommandWave, Progress
-from services.executor.waves import Buffers, decision_wave, expand_claim
+from services.executor.waves import Buffers, DecisionWave, decision_wave, expand_claim, wave_refusal
 from services.takeprofit.rules import Decision, RulesEngine, build_command
 from tests.takeprofit.factories import NOW, cfg, pos, snap
 
@@ -108,6 +110,7 @@ def executor(legs: int, runs: int) -> str:
     now = command.created_ts
     wave = decision_wave(command, infos, BUFFERS, now, 1.0) or []
     promise = CommandWave(priced_ts=now, buffer=BUFFERS.base, ceiling=BUFFERS.ceiling)
+    first = DecisionWave(command, infos, BUFFERS, now, 1.0)
 
     def claim() -> str:
         return Progress.claimed(command, now, 30.0, promise).model_dump_json()
@@ -117,8 +120,10 @@ def executor(legs: int, runs: int) -> str:
         expand_claim(progress, command, wave)
         return progress.model_dump_json()
     return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f}, verify "
-            f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}, decision wave "
-            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}, claim "
+            f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}, first wave checked "
+            f"{cpu_ms(lambda: wave_refusal(command, infos, BUFFERS, now, 1.0), runs):.3f} (every leg priced: "
+            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}), its head "
+            f"{cpu_ms(first.head, runs):.3f}, claim "
             f"{cpu_ms(claim, runs):.3f} ms; after the first order: the full progress "
             f"{cpu_ms(expanded, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "
             f"{len(claim()) / 1000:.1f} KB, full progress {len(expanded()) / 1000:.1f} KB")

@@ -56,7 +56,7 @@ from services.executor.settle import (
 from services.executor.store import Store, Work
 from services.executor.waves import (
     Buffers,
-    Order,
+    DecisionWave,
     Quote,
     dry_run_orders,
     expand_claim,
@@ -64,6 +64,7 @@ from services.executor.waves import (
     plan_wave,
     sort_legs,
     wave_from_command,
+    wave_refusal,
     wave_sent,
 )
 
@@ -156,15 +157,14 @@ class Executor:
             fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
 
     async def execute(self, command: Command) -> None:
-        priced = await self._decision_wave(command)
-        first = priced[0] if priced is not None else None
+        first = await self._decision_wave(command)
         early_cancel = None
 
         def fresh() -> tuple[Progress, list[Report]]:
             now = time.time()
-            if priced is not None:  # the compact claim: the rest of the progress follows the first order
+            if first is not None:  # the compact claim: the rest of the progress follows the first order
                 return Progress.claimed(command, now, self.config.deadline_seconds, CommandWave(
-                    priced_ts=priced[1], buffer=self.buffers.base, ceiling=self.buffers.ceiling)), []
+                    priced_ts=first.priced_ts, buffer=self.buffers.base, ceiling=self.buffers.ceiling)), []
             progress = Progress.start(command, now, self.buffers.base, self.config.deadline_seconds)
             return progress, [progress.report(ReportStatus.RECEIVED, now)]
 
@@ -196,7 +196,7 @@ class Executor:
             heartbeat = asyncio.create_task(self.store.keep_lease(work))
             try:
                 await self._work(work, resumed=not claim.created, early_cancel=early_cancel,
-                                 first=(first, command) if claim.created and first is not None else None)
+                                 first=first if claim.created else None)
             finally:
                 heartbeat.cancel()
             COMMANDS.labels(work.progress.stage.value).inc()
@@ -204,9 +204,10 @@ class Executor:
             settle_quietly(early_cancel)
             await self.store.release(command.command_id, claim.token)
 
-    async def _decision_wave(self, command: Command) -> tuple[list[Order], float] | None:
-        """The first wave priced from the command (docs/executor.md) and when, or None for the usual
-        path (why is logged: a book that keeps taking the usual path, slower to its first order, says why)."""
+    async def _decision_wave(self, command: Command) -> DecisionWave | None:
+        """The first wave, to be priced from the command (docs/executor.md), or None for the usual path
+        (why is logged: a book that keeps taking the usual path, slower to its first order, says why).
+        Checked whole here; its orders are priced as they leave (`_send_decision_wave`)."""
         if self.config.dry_run or command.command_id in self.seen \
                 or not_fresh_full(command, time.time(), DECISION_PRICE_MAX_AGE_SECONDS) is not None:
             return None  # not a fresh full closure (a partial, resumed or replayed one): nothing to say
@@ -215,12 +216,12 @@ class Executor:
         except (ThalexError, ConnectionLost):
             return None  # the usual path asks again, retrying until the deadline
         now = time.time()
-        wave = wave_from_command(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
-        if isinstance(wave, str):
+        refusal = wave_refusal(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
+        if refusal is not None:
             log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
-                     wave)
+                     refusal)
             return None
-        return wave, now
+        return DecisionWave(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
 
     async def _expand(self, progress: Progress, command: Command) -> None:
         """A compact claim found on resuming (a crash before the first save): its legs and first wave,
@@ -282,14 +283,14 @@ class Executor:
             await self.store.release(command.command_id, claim.token)
 
     async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Future[list[Answer]] | None = None,
-                    first: tuple[list[Order], Command] | None = None) -> None:
+                    first: DecisionWave | None = None) -> None:
         if self.config.dry_run:
             await self._dry_run(work)
             return
         reads: WaveReads | None = None
         try:
             if first is not None:
-                await self._send_decision_wave(work, *first, early_cancel)
+                await self._send_decision_wave(work, first, early_cancel)
             else:
                 if work.progress.stage is Stage.RECEIVED:
                     reads = await self._cancel_orders(work, resumed)
@@ -330,11 +331,11 @@ class Executor:
         progress.to(Stage.CLOSING)  # saved with the first `order_sent`; a crash before it repeats the round
         return reads
 
-    async def _send_decision_wave(self, work: Work, wave: list[Order], command: Command,
+    async def _send_decision_wave(self, work: Work, wave: DecisionWave,
                                   early_cancel: asyncio.Future[list[Answer]] | None) -> None:
         """Send the first wave promised by the compact claim, right behind the clearing round that went
-        out with the claim; the full progress (legs, the wave's `order_sent`) is built once the first
-        order is written, and saved as the orders leave.
+        out with the claim; its other orders are priced, and the full progress (legs, the wave's
+        `order_sent`) built, once the first order is written, and saved as the orders leave.
 
         The round's requests were written to the session before the claim's answer came back, and
         the exchange handles one connection's requests in order: every cancel acts before the first
@@ -349,15 +350,17 @@ class Executor:
         # the first order is written before the other sends are set up (1,000 of them: milliseconds of
         # tasks before any runs); the outbox (`received`, `order_sent`) is published as the orders
         # leave, the round's reports after
-        head = asyncio.ensure_future(self.session.send(wave[0], progress.label, work.check)) if wave else None
+        first = wave.head()
+        head = asyncio.ensure_future(self.session.send(first, progress.label, work.check)) if first else None
         try:
             await asyncio.sleep(0)
         except BaseException:  # cancelled before the rest was set up: as the gather below would be
             settle_quietly(head, cancel=True)
             settle_quietly(clear, cancel=True)
             raise
-        expand_claim(progress, command, wave)
-        rest = (self.session.send(order, progress.label, work.check) for order in wave[1:])
+        orders = wave.orders()
+        expand_claim(progress, wave.command, orders)
+        rest = (self.session.send(order, progress.label, work.check) for order in orders[1:])
         sends = asyncio.gather(*([head] if head is not None else []), *rest)
         try:
             outcomes, _ = await asyncio.gather(sends, self.store.commit(work))

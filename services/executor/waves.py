@@ -24,6 +24,7 @@ from services.common.contracts import (
     HedgeGroup,
     InstrumentInfo,
     PlannedOrder,
+    PositionToClose,
     Report,
     ReportStatus,
     Side,
@@ -131,6 +132,56 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
     book's depth, read fresh. The reason names the first leg that stops it (the executor logs it:
     a book that keeps taking the usual path says why).
     """
+    refusal = _command_refusal(command, infos, now, max_age)
+    if refusal is not None:
+        return refusal
+    wave = []
+    for p in command.positions:
+        order = _priced_from_command(p, infos[p.instrument], buffers)
+        if isinstance(order, str):
+            return order
+        wave.append(order)
+    return wave
+
+
+def wave_refusal(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
+                 now: float, max_age: float) -> str | None:
+    """What `wave_from_command` would refuse the wave with (the same text), or None when it would
+    price it — without pricing every leg, so the first order need not wait for all of them.
+
+    A limit is the exit price `buffers.base` through, rounded to the tick: it lands within a tick
+    of the unrounded figure. A leg whose unrounded limit is within the ceiling by more than a tick
+    (and whose amount is a volume tick above the minimum order) is therefore priced within it,
+    whichever way the rounding goes; only the others are priced here (0.3 µs a leg on bounds,
+    4 µs priced: `bench/command_costs.py`). tests/executor/test_waves.py checks the answer
+    against `wave_from_command`'s for any legs.
+    """
+    refusal = _command_refusal(command, infos, now, max_age)
+    if refusal is not None:
+        return refusal
+    base, ceiling = buffers.base, buffers.ceiling
+    for p in command.positions:
+        info = infos[p.instrument]
+        exit_price, mark, tick = p.exit_price or 0.0, p.mark or 0.0, info.tick_size
+        limit = exit_price * (1.0 - base if p.amount > 0 else 1.0 + base)
+        slack = 0.0 if info.type in INDEX_BOUNDED else tick
+        margin = BOUNDS_MARGIN * (limit + mark)
+        if (abs(p.amount) >= info.min_order_amount + 2 * info.volume_tick_size
+                and abs(limit - mark) + tick + margin <= ceiling * mark + slack):
+            continue
+        order = _priced_from_command(p, info, buffers)
+        if isinstance(order, str):
+            return order
+    return None
+
+
+BOUNDS_MARGIN = 1e-9
+"""Relative room for the float arithmetic of `wave_refusal`'s bounds (errors of ≈ 1e-16)."""
+
+
+def _command_refusal(command: Command, infos: Mapping[str, InstrumentInfo], now: float,
+                     max_age: float) -> str | None:
+    """Why the command as a whole cannot give the first wave (before any leg is priced)."""
     stale = not_fresh_full(command, now, max_age)
     if stale is not None:
         return stale
@@ -142,19 +193,46 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
                  if p.instrument in together and p.exit_within_depth is not True), None)
     if thin is not None:
         return f"{thin} is hedged and the decision's book did not hold it whole (exit_within_depth)"
-    wave = []
-    for p in command.positions:
-        assert p.exit_price is not None and p.mark is not None
-        order = decision_order(p.amount, p.exit_price, buffers.base, infos[p.instrument])
-        if order is None:
-            return f"{p.instrument}: {abs(p.amount):g} is below the minimum order"
-        info = infos[p.instrument]
-        slack = 0.0 if info.type in INDEX_BOUNDED else info.tick_size
-        if abs(order[2] - p.mark) > buffers.ceiling * p.mark + slack:
-            return (f"{p.instrument}: a limit of {order[2]:g} is over {buffers.ceiling:.1%}"
-                    f"{' and a tick' if slack else ''} from the mark {p.mark:g}")
-        wave.append(Order(p.instrument, *order))
-    return wave
+    return None
+
+
+def _priced_from_command(p: PositionToClose, info: InstrumentInfo, buffers: Buffers) -> Order | str:
+    """One leg's order of the first wave, or why it cannot be priced from the command."""
+    assert p.exit_price is not None and p.mark is not None
+    order = decision_order(p.amount, p.exit_price, buffers.base, info)
+    if order is None:
+        return f"{p.instrument}: {abs(p.amount):g} is below the minimum order"
+    slack = 0.0 if info.type in INDEX_BOUNDED else info.tick_size
+    if abs(order[2] - p.mark) > buffers.ceiling * p.mark + slack:
+        return (f"{p.instrument}: a limit of {order[2]:g} is over {buffers.ceiling:.1%}"
+                f"{' and a tick' if slack else ''} from the mark {p.mark:g}")
+    return Order(p.instrument, *order)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionWave:
+    """A first wave `wave_refusal` passed: its head priced for the first order, the rest after it."""
+
+    command: Command
+    infos: Mapping[str, InstrumentInfo]
+    buffers: Buffers
+    priced_ts: float
+    max_age: float
+
+    def head(self) -> Order | None:
+        """The wave's first order (None for a command with no legs: a cancel-only one)."""
+        if not self.command.positions:
+            return None
+        p = self.command.positions[0]
+        order = _priced_from_command(p, self.infos[p.instrument], self.buffers)
+        assert isinstance(order, Order), order
+        return order
+
+    def orders(self) -> list[Order]:
+        """Every order of the wave, `head()` first (`wave_from_command`, which cannot refuse it now)."""
+        wave = wave_from_command(self.command, self.infos, self.buffers, self.priced_ts, self.max_age)
+        assert isinstance(wave, list), wave
+        return wave
 
 
 def expand_claim(progress: Progress, command: Command, wave: list[Order] | str) -> None:

@@ -58,6 +58,7 @@ from services.executor.settle import (
 )
 from services.executor.waves import (
     Buffers,
+    DecisionWave,
     Order,
     Quote,
     decision_wave,
@@ -66,6 +67,7 @@ from services.executor.waves import (
     plan_wave,
     sort_legs,
     wave_from_command,
+    wave_refusal,
     wave_sent,
 )
 
@@ -435,6 +437,49 @@ def test_a_perpetual_marked_at_half_a_dollar_gets_no_tick_of_slack() -> None:
         instrument="A", amount=0.5, exit_price=0.5, mark=0.5)]})
     assert wave_from_command(wild, {"A": perp}, BUFFERS, NOW, 1.0) == \
         "A: a limit of 1 is over 5.0% from the mark 0.5"
+
+
+legs_from_a_command = st.lists(st.tuples(
+    st.sampled_from([InstrumentType.OPTION, InstrumentType.PERPETUAL, InstrumentType.FUTURE]),
+    st.sampled_from([0.0005, 0.1, 1.0, 5.0]),  # tick
+    st.sampled_from([(0.01, 0.01), (0.001, 0.01), (0.1, 0.1)]),  # volume tick, minimum order
+    st.floats(0.0005, 3.0) | st.sampled_from([0.01, 0.02, 0.03, 0.1]),  # size: near the minimum too
+    st.booleans(),  # long or short
+    st.floats(0.01, 200_000.0),  # mark
+    st.floats(-0.2, 0.2) | st.sampled_from([0.0, 0.045, 0.05, 0.055, -0.05]),  # exit price off the mark
+), min_size=1, max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(legs=legs_from_a_command, base=st.sampled_from([0.005, 0.01, 0.0]),
+       ceiling=st.sampled_from([0.05, 0.02]))
+def test_the_check_on_bounds_says_what_pricing_every_leg_says(
+        legs: list[tuple[InstrumentType, float, tuple[float, float], float, bool, float, float]], base: float,
+        ceiling: float) -> None:
+    """`wave_refusal` passes a leg on bounds (its limit within the ceiling by more than a tick) and
+    prices only the others: it must refuse exactly when `wave_from_command`, which prices every
+    leg, does, with the same reason — whatever the ticks, sizes and prices (near the ceiling and the
+    minimum order included)."""
+    positions, infos = [], {}
+    for n, (kind, tick, (lot, minimum), size, long, mark, off) in enumerate(legs):
+        name = f"L{n}"
+        infos[name] = InstrumentInfo(type=kind, product="P", underlying=f"U{n}", tick_size=tick,
+                                     volume_tick_size=lot, min_order_amount=minimum)
+        positions.append(PositionToClose(instrument=name, amount=size if long else -size,
+                                         exit_price=max(tick, mark * (1 + off)), mark=mark))
+    cmd = command({}).model_copy(update={"positions": positions})
+    buffers = Buffers(base, ceiling)
+    priced = wave_from_command(cmd, infos, buffers, NOW, 1.0)
+    assert wave_refusal(cmd, infos, buffers, NOW, 1.0) == (priced if isinstance(priced, str) else None)
+    if isinstance(priced, list):
+        wave = DecisionWave(cmd, infos, buffers, NOW, 1.0)
+        assert wave.orders() == priced and wave.head() == priced[0]
+
+
+def test_a_cancel_only_command_has_an_empty_first_wave() -> None:
+    empty = DecisionWave(command({}), {}, BUFFERS, NOW, 1.0)
+    assert wave_refusal(command({}), {}, BUFFERS, NOW, 1.0) is None
+    assert empty.head() is None and empty.orders() == []
 
 
 def test_a_compact_claim_expands_to_what_the_full_claim_held_whatever_the_legs() -> None:
