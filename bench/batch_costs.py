@@ -172,7 +172,7 @@ async def deciding_handler_ms(calls: int = 2000) -> float:
         snap = one.model_copy(update={"seq": seq + 1, "ts": time.time(), "net_after_close": 1.5})
         pipe = bus.redis.pipeline(transaction=True)
         start = time.perf_counter()
-        await service.on_snapshots([Delivery("1-0", snap, 1)], pipe)
+        await service.on_snapshots([Delivery("1-0", snap, 1, encode_document(snap))], pipe)
         times.append(time.perf_counter() - start)
         assert service.lease_held, "the benchmark must time a deciding snapshot"
         await pipe.reset()

@@ -7,11 +7,12 @@ mean of `--runs`: take-profit deciding on a header with N open option rows (its 
 as after the rows were folded), building, signing and encoding the command (once, and as before
 issue 22's sixth pass), its checkpoint with that closure in flight, and keeping legs ready (20
 changed rows; all of them at a restart); the executor validating the command from the wire,
-verifying its signature, checking the first wave (on bounds, against pricing every leg) and
-pricing its head order, the compact claim, and the full progress built once the first order is
-written (with the wave's compact `order_sent` intent); how long after a wave of N orders is
-handed over its first send starts, with every send set up first (`asyncio.gather` of all) and
-with the first one ahead (the executor's `_send_decision_wave`), wall time; and one snapshot row
+verifying its signature (over the entry's bytes, and over the command written again), checking
+the first wave (on bounds, against pricing every leg) and pricing its head order, the compact
+claim, and the full progress built once the first order is written (with the wave's compact
+`order_sent` intent); how long after a wave of N orders is handed over its first send starts,
+with every send set up first (`asyncio.gather` of all) and with the first one ahead (the
+executor's `_send_decision_wave`), wall time; and one snapshot row
 built by the validating constructor against `model_construct`.
 """
 
@@ -105,7 +106,7 @@ def restarted(engine: RulesEngine) -> RulesEngine:
 
 def executor(legs: int, runs: int) -> str:
     command = command_of(legs)
-    wire = encode_document(command)
+    wire = encode_document(command).encode()  # take-profit's text (`signed_text`): the same bytes
     infos = {p.instrument: OPTION for p in command.positions}
     now = command.created_ts
     wave = decision_wave(command, infos, BUFFERS, now, 1.0) or []
@@ -120,7 +121,8 @@ def executor(legs: int, runs: int) -> str:
         expand_claim(progress, command, wave)
         return progress.model_dump_json()
     return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f}, verify "
-            f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}, first wave checked "
+            f"{cpu_ms(lambda: verify_command(command, KEY, wire), runs):.3f} (written again: "
+            f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}), first wave checked "
             f"{cpu_ms(lambda: wave_refusal(command, infos, BUFFERS, now, 1.0), runs):.3f} (every leg priced: "
             f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}), its head "
             f"{cpu_ms(first.head, runs):.3f}, claim "

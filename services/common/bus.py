@@ -271,6 +271,8 @@ class Delivery(Generic[M]):
     doc: M
     deliveries: int
     """How many times the entry has been delivered, this time included."""
+    text: str | bytes
+    """The document as the entry holds it (the executor checks a command's signature over it)."""
 
 
 Handler = Callable[[list[Delivery[M]], Pipeline], Awaitable[None]]
@@ -518,8 +520,9 @@ class StreamConsumer(Generic[M]):
         handler_failed = False
         for entry_id, fields in entries:
             try:
-                doc = validate_entry(self.model, fields)
-                good.append(Delivery(entry_id, doc, deliveries.get(entry_id, 1)))
+                text = _data_of(fields)
+                doc = read_document(self.model, text)
+                good.append(Delivery(entry_id, doc, deliveries.get(entry_id, 1), text))
             except MalformedEntry as exc:
                 letters.append((entry_id, raw_text(fields), str(exc)))
         async with self.bus.redis.pipeline(transaction=True) as pipe:

@@ -117,7 +117,7 @@ class Executor:
         A command that is not take-profit's (`verify_command`) is refused before anything else."""
         for delivery in batch:
             try:
-                verify_command(delivery.doc, self.command_key)
+                verify_command(delivery.doc, self.command_key, delivery.text)
             except ForgedCommand as exc:
                 await self._refuse(delivery, exc.reason, pipe)
                 continue

@@ -313,7 +313,9 @@ class TakeProfitService:
             log.error("closure %s FAILED (%s): quoters stay halted until `thalex-tp resume`", command_id, why)
 
     async def _write_decision(self, decision: Decision, pipe: Pipeline, now: float) -> None:
-        volume_ticks = await self._volume_ticks([p.instrument for p in decision.positions])
+        # only a partial close rounds its legs to the volume tick (`build_command`)
+        volume_ticks = None if decision.fraction == 1.0 else \
+            await self._volume_ticks([p.instrument for p in decision.positions])
         try:
             built = build_command(decision, decision.decided_ts, self.settings.executor.deadline_seconds,
                                   volume_ticks)

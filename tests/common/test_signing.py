@@ -148,6 +148,21 @@ def test_signed_text_is_the_signed_command_written_once() -> None:
     assert text == encode_document(signed).encode()
 
 
+def test_the_entry_is_checked_as_it_came_and_anything_altered_is_refused() -> None:
+    """The executor checks the signature over the entry's bytes when they are take-profit's form; an
+    entry altered after signing (0.01 → 0.02), or re-spaced, is checked over the command written
+    again: the altered one is refused, the re-spaced one verifies."""
+    signed, text = signed_text(command(), KEY)
+    verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY, text)
+    altered = text.replace(b'"amount":0.01', b'"amount":0.02')
+    with pytest.raises(ForgedCommand, match="invalid signature"):
+        verify_command(validate_entry(Command, {DATA_FIELD.encode(): altered}), KEY, altered)
+    spaced = json.dumps(json.loads(text), indent=1)
+    verify_command(validate_entry(Command, {DATA_FIELD.encode(): spaced.encode()}), KEY, spaced)
+    with pytest.raises(ForgedCommand, match="invalid signature"):
+        verify_command(signed, b"another key, 32 bytes at least..", text)
+
+
 legs = st.lists(st.builds(PositionToClose, instrument=st.text(
     st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=20).filter(str.strip),
     amount=amounts, exit_price=st.none() | st.floats(0, 1e6), mark=st.none() | st.floats(0, 1e6),
@@ -165,7 +180,7 @@ def test_legs_spliced_in_give_the_same_text_and_signature_as_the_whole_command(
     signed, text = signed_text(doc, KEY, [encode_document_bytes(p) for p in positions])
     assert signed == sign_command(doc, KEY)
     assert text == encode_document(signed).encode()
-    verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY)
+    verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY, text)
 
 
 def test_the_key_comes_from_a_file_and_is_long_enough(tmp_path: Path) -> None:
