@@ -476,6 +476,17 @@ def test_the_check_on_bounds_says_what_pricing_every_leg_says(
         assert wave.orders() == priced and wave.head() == priced[0]
 
 
+def test_an_amount_on_the_volume_tick_and_at_least_the_minimum_is_sent_whole() -> None:
+    """`wave_refusal`'s bound on amounts, by hand (lot 0.01, minimum 0.01; lot 0.1 for the float sum):
+    0.01 is one lot; 0.1 + 0.2 = 0.30000000000000004 is three lots of 0.1 within float noise; 0.0105
+    is off the tick and 0.005 under the minimum — those two are priced exactly instead."""
+    from services.executor.waves import _sent_whole
+    assert _sent_whole(0.01, spec()) and _sent_whole(-0.01, spec())
+    assert _sent_whole(0.1 + 0.2, spec(lot=0.1, minimum=0.1))
+    assert not _sent_whole(0.0105, spec()) and not _sent_whole(0.005, spec())
+    assert order_amount(0.1 + 0.2, 0.1 + 0.2, spec(lot=0.1, minimum=0.1)) == 0.3  # what is sent: 3 lots
+
+
 def test_a_cancel_only_command_has_an_empty_first_wave() -> None:
     empty = DecisionWave(command({}), {}, BUFFERS, NOW, 1.0)
     assert wave_refusal(command({}), {}, BUFFERS, NOW, 1.0) is None
