@@ -155,10 +155,9 @@ def wave_refusal(command: Command, infos: Mapping[str, InstrumentInfo], buffers:
     of the unrounded figure. A leg whose unrounded limit is within the ceiling by more than a tick
     is therefore priced within it, whichever way the rounding goes; and a listed amount on the
     volume tick (a position is) and at least the minimum order is sent whole (`_sent_whole`).
-    Such a leg passes on these bounds; only the others are priced here (≈ 1 µs a leg on bounds,
-    4 µs priced, most of it rounding an amount that sits exactly on the tick in decimal:
-    `bench/command_costs.py`). tests/executor/test_waves.py checks the answer against
-    `wave_from_command`'s for any legs.
+    Such a leg passes on these bounds; only the others are priced here (1,000 legs checked in
+    1.85 ms of CPU, 8.0 ms priced: `bench/command_costs.py`). tests/executor/test_waves.py checks
+    the answer against `wave_from_command`'s for any legs.
     """
     refusal = _command_refusal(command, infos, now, max_age)
     if refusal is not None:
