@@ -56,7 +56,8 @@ class ClosingLegs:
                 self._ready[row.instrument] = _Ready(row, leg, encode_document_bytes(leg))
 
     def full_close(self, row: SnapshotPosition) -> PositionToClose:
-        """`close_in_full(row, priced=True)`, the ready one when it was built from this very row."""
+        """`close_in_full(row, priced=True)` of an open row: the ready one when it was built from this
+        very row, else built now (and kept)."""
         ready = self._ready.get(row.instrument)
         if ready is None or ready.row is not row:
             self.refresh((row,))

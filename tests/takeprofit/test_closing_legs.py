@@ -74,6 +74,8 @@ def test_the_command_text_from_ready_legs_is_the_signed_command_encoded() -> Non
     decision = engine.on_snapshot(delta(2, 2.0, [], 50), NOW + 2)
     assert decision is not None
     built = build_command(decision, NOW + 2, 30.0)
+    held = engine.view.rows
+    assert all(leg is engine.legs.full_close(held[leg.instrument]) for leg in built.positions)  # ready ones
     assert engine.legs.texts(built.positions) == [encode_document_bytes(p) for p in built.positions]
     signed, text = signed_text(built, KEY, engine.legs.texts(built.positions))
     assert signed == sign_command(built, KEY) and text == encode_document(signed).encode()
