@@ -8,8 +8,9 @@ never exceeds its value at the decision, if every order fills what the book show
 `buffer` through the best opposite price, the side carrying the net delta first. `wave_sent`
 writes the wave into the progress before it leaves.
 
-The first wave of a fresh full closure can be planned from the command alone
-(`decision_wave`), and a dry run prices what the first wave would send (`dry_run_orders`).
+The first wave of a fresh full closure can be planned from the command alone: checked whole on
+bounds (`wave_refusal`), its head priced for the first order and the rest after it
+(`DecisionWave`); a dry run prices what the first wave would send (`dry_run_orders`).
 """
 
 from __future__ import annotations
