@@ -27,9 +27,9 @@ class _Ready:
     """`leg` as the command's JSON writes it (`encode_document_bytes`)."""
 
 
-def close_in_full(row: SnapshotPosition, priced: bool) -> PositionToClose:
-    """The whole position; with its exit price and mark only when they are fresh (`priced`)."""
-    return PositionToClose(instrument=row.instrument, amount=row.position,
+def to_close(row: SnapshotPosition, fraction: float, priced: bool) -> PositionToClose:
+    """`fraction` of a position; with its exit price and mark only when they are fresh (`priced`)."""
+    return PositionToClose(instrument=row.instrument, amount=row.position * fraction,
                            exit_price=row.exit_price if priced else None, mark=row.mark if priced else None,
                            exit_within_depth=row.exit_within_depth if priced else None)
 
@@ -52,11 +52,11 @@ class ClosingLegs:
             if row.position == 0.0:
                 self._ready.pop(row.instrument, None)
             else:
-                leg = close_in_full(row, priced=True)
+                leg = to_close(row, 1.0, priced=True)
                 self._ready[row.instrument] = _Ready(row, leg, encode_document_bytes(leg))
 
     def full_close(self, row: SnapshotPosition) -> PositionToClose:
-        """`close_in_full(row, priced=True)` of an open row: the ready one when it was built from this
+        """`to_close(row, 1.0, priced=True)` of an open row: the ready one when it was built from this
         very row, else built now (and kept)."""
         ready = self._ready.get(row.instrument)
         if ready is None or ready.row is not row:

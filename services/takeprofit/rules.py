@@ -123,7 +123,7 @@ from services.common.contracts import (
 from services.common.exit_cost import ExitCostWarning, exit_cost_warning
 from services.common.snapshots import SnapshotView
 from services.takeprofit.breaker import BreakerState, CircuitBreaker
-from services.takeprofit.legs import ClosingLegs
+from services.takeprofit.legs import ClosingLegs, to_close
 
 STATE_VERSION: Final = 1
 MONEY_EPSILON = 1e-9
@@ -740,7 +740,7 @@ class RulesEngine:
             unit=unit,
             positions=tuple(
                 self.legs.full_close(p) if fraction == 1.0 and fresh and p.instrument not in stale
-                else _to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
+                else to_close(p, fraction, priced=p.instrument not in stale and fresh) for p in positions
             ),
             groups=_hedge_groups(positions) if self.config.position_correlation_check else (),
             stale_instruments=stale,
@@ -885,13 +885,6 @@ def _toward_zero(amount: float, tick: float | None) -> float:
         return amount
     steps = math.floor(abs(amount) / tick + _TICK_EPSILON)
     return math.copysign(round(steps * tick, 12), amount) if steps else 0.0
-
-
-def _to_close(p: SnapshotPosition, fraction: float, priced: bool) -> PositionToClose:
-    """`fraction` of a position; with its exit price and mark only when they are fresh (`priced`)."""
-    return PositionToClose(instrument=p.instrument, amount=p.position * fraction,
-                           exit_price=p.exit_price if priced else None, mark=p.mark if priced else None,
-                           exit_within_depth=p.exit_within_depth if priced else None)
 
 
 def _stale_positions(snap: Snapshot, view: SnapshotView | None = None) -> tuple[str, ...]:
