@@ -39,7 +39,7 @@ from services.common.contracts import (
 )
 from services.common.signing import sign_command, signed_text, verify_command
 from services.executor.plan import CommandWave, Progress
-from services.executor.waves import Buffers, DecisionWave, decision_wave, expand_claim, wave_refusal
+from services.executor.waves import Buffers, DecisionWave, expand_claim, wave_from_command, wave_refusal
 from services.takeprofit.rules import Decision, RulesEngine, build_command
 from tests.takeprofit.factories import NOW, cfg, pos, snap
 
@@ -109,9 +109,9 @@ def executor(legs: int, runs: int) -> str:
     wire = encode_document(command).encode()  # take-profit's text (`signed_text`): the same bytes
     infos = {p.instrument: OPTION for p in command.positions}
     now = command.created_ts
-    wave = decision_wave(command, infos, BUFFERS, now, 1.0) or []
+    first = DecisionWave(command, infos, BUFFERS, now)
+    wave = first.orders()
     promise = CommandWave(priced_ts=now, buffer=BUFFERS.base, ceiling=BUFFERS.ceiling)
-    first = DecisionWave(command, infos, BUFFERS, now, 1.0)
 
     def claim() -> str:
         return Progress.claimed(command, now, 30.0, promise).model_dump_json()
@@ -124,7 +124,7 @@ def executor(legs: int, runs: int) -> str:
             f"{cpu_ms(lambda: verify_command(command, KEY, wire), runs):.3f} (written again: "
             f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}), first wave checked "
             f"{cpu_ms(lambda: wave_refusal(command, infos, BUFFERS, now, 1.0), runs):.3f} (every leg priced: "
-            f"{cpu_ms(lambda: decision_wave(command, infos, BUFFERS, now, 1.0), runs):.3f}), its head "
+            f"{cpu_ms(lambda: wave_from_command(command, infos, BUFFERS, now, 1.0), runs):.3f}), its head "
             f"{cpu_ms(first.head, runs):.3f}, claim "
             f"{cpu_ms(claim, runs):.3f} ms; after the first order: the full progress "
             f"{cpu_ms(expanded, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 GROUP = "executor"
 CLAIM_MARGIN_SECONDS = 30.0
 DECISION_PRICE_MAX_AGE_SECONDS = 1.0
-"""A command older than this is closed from fresh market reads only (`waves.decision_wave`)."""
+"""A command older than this is closed from fresh market reads only (`waves.wave_refusal`)."""
 REMEMBERED_COMMANDS = 10_000
 
 
@@ -221,7 +221,7 @@ class Executor:
             log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
                      refusal)
             return None
-        return DecisionWave(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
+        return DecisionWave(command, infos, self.buffers, now)
 
     async def _expand(self, progress: Progress, command: Command) -> None:
         """A compact claim found on resuming (a crash before the first save): its legs and first wave,

@@ -110,13 +110,6 @@ def not_fresh_full(command: Command, now: float, max_age: float) -> str | None:
     return None
 
 
-def decision_wave(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
-                  now: float, max_age: float) -> list[Order] | None:
-    """The first wave priced from the command itself, or None for the usual path (`wave_from_command`)."""
-    wave = wave_from_command(command, infos, buffers, now, max_age)
-    return wave if isinstance(wave, list) else None
-
-
 def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buffers: Buffers,
                       now: float, max_age: float) -> list[Order] | str:
     """The first wave priced from the command itself, or why it cannot be (the usual path then).
@@ -235,22 +228,21 @@ class DecisionWave:
     infos: Mapping[str, InstrumentInfo]
     buffers: Buffers
     priced_ts: float
-    max_age: float
+    """When it was checked: the compact claim's `priced_ts` (a resumed command prices it again)."""
 
     def head(self) -> Order | None:
         """The wave's first order (None for a command with no legs: a cancel-only one)."""
-        if not self.command.positions:
-            return None
-        p = self.command.positions[0]
+        return self._priced(self.command.positions[0]) if self.command.positions else None
+
+    def orders(self) -> list[Order]:
+        """Every order of the wave, `head()` first: what `wave_from_command` prices, without its
+        checks again (`wave_refusal` has shown none refuses)."""
+        return [self._priced(p) for p in self.command.positions]
+
+    def _priced(self, p: PositionToClose) -> Order:
         order = _priced_from_command(p, self.infos[p.instrument], self.buffers)
         assert isinstance(order, Order), order
         return order
-
-    def orders(self) -> list[Order]:
-        """Every order of the wave, `head()` first (`wave_from_command`, which cannot refuse it now)."""
-        wave = wave_from_command(self.command, self.infos, self.buffers, self.priced_ts, self.max_age)
-        assert isinstance(wave, list), wave
-        return wave
 
 
 def expand_claim(progress: Progress, command: Command, wave: list[Order] | str) -> None:

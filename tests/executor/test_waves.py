@@ -61,7 +61,6 @@ from services.executor.waves import (
     DecisionWave,
     Order,
     Quote,
-    decision_wave,
     expand_claim,
     plan_decision_wave,
     plan_wave,
@@ -72,6 +71,14 @@ from services.executor.waves import (
 )
 
 BUFFERS = Buffers(0.005, 0.05)
+
+
+def decision_wave(cmd: Command, infos: dict[str, InstrumentInfo], buffers: Buffers, now: float,
+                  max_age: float) -> list[Order] | None:
+    """The first wave as the executor plans it (checked on bounds, then priced); None: the usual path."""
+    if wave_refusal(cmd, infos, buffers, now, max_age) is not None:
+        return None
+    return DecisionWave(cmd, infos, buffers, now).orders()
 TICK, LOT = 0.1, 0.01
 MARK = 100.0
 NOW = 1_000.0
@@ -472,7 +479,7 @@ def test_the_check_on_bounds_says_what_pricing_every_leg_says(
     priced = wave_from_command(cmd, infos, buffers, NOW, 1.0)
     assert wave_refusal(cmd, infos, buffers, NOW, 1.0) == (priced if isinstance(priced, str) else None)
     if isinstance(priced, list):
-        wave = DecisionWave(cmd, infos, buffers, NOW, 1.0)
+        wave = DecisionWave(cmd, infos, buffers, NOW)
         assert wave.orders() == priced and wave.head() == priced[0]
 
 
@@ -488,7 +495,7 @@ def test_an_amount_on_the_volume_tick_and_at_least_the_minimum_is_sent_whole() -
 
 
 def test_a_cancel_only_command_has_an_empty_first_wave() -> None:
-    empty = DecisionWave(command({}), {}, BUFFERS, NOW, 1.0)
+    empty = DecisionWave(command({}), {}, BUFFERS, NOW)
     assert wave_refusal(command({}), {}, BUFFERS, NOW, 1.0) is None
     assert empty.head() is None and empty.orders() == []
 
