@@ -87,9 +87,9 @@ def signed_text(command: Command, key: bytes,
                 leg_texts: Sequence[bytes] | None = None) -> tuple[Command, bytes]:
     """The signed command and its stream text (exactly `encode_document` of it), serialized once.
 
-    `sign_command` then `encode_document` wrote the 1,000-leg command twice (0.6 + 0.5 ms); here the
-    signed form is written once and the entry's text is that form with the signature added as its
-    last field (where `Command` declares it). `leg_texts`: the legs already encoded, in
+    `sign_command` then `encode_document` wrote the 1,000-leg command twice (0.82 + 0.70 ms, against
+    0.18 ms here: `bench/command_costs.py`); here the signed form is written once and the entry's
+    text is that form with the signature added as its last field (where `Command` declares it). `leg_texts`: the legs already encoded, in
     `command.positions`' order (take-profit keeps them ready, `services.takeprofit.legs`), spliced
     in as `services.common.snapshots.encode_snapshot` splices a snapshot's rows.
     """
@@ -115,7 +115,8 @@ def verify_command(command: Command, key: bytes, text: str | bytes | None = None
 
     `text`, the entry `command` was read from: when it is take-profit's (`signed_text`: the signed
     form with the signature added last), the signature is checked over those bytes as they came
-    (0.08 ms at 1,000 legs) instead of over the command written again (0.7 ms). Bytes whose HMAC
+    (0.10 ms at 1,000 legs) instead of over the command written again (0.74 ms; both
+    `bench/command_costs.py`). Bytes whose HMAC
     matches are bytes take-profit signed, and `command` was read from exactly them. Any other text
     (spaced, keys reordered, hand-written) is checked as before, over the command written again.
     Compared in constant time (`hmac.compare_digest`): how long a refusal takes says nothing about

@@ -1,9 +1,9 @@
 """Each open position's full close, kept ready as its row changes (pure: no I/O).
 
 A decision to close a book lists every open position as a `PositionToClose`. Built at the
-decision, a 1,000-position book cost take-profit ≈ 1.7 ms of validated constructors and two
-encodings of the whole list (one to sign, one for the stream entry), ≈ 3.9 ms of CPU between the
-crossing snapshot and the command in Redis (`bench/command_costs.py`, issue 22's sixth pass). A
+decision — validated constructors, then two encodings of the whole list (one to sign, one for the
+stream entry) — a 1,000-position book cost take-profit ≈ 3.9 ms of CPU between the crossing
+snapshot and the command in Redis (`bench/command_costs.py`, before issue 22's sixth pass). A
 row changes only when the portfolio publishes it, so the leg closing it in full, priced from it,
 and that leg's JSON are built then — the cost follows the rows a batch changed, as folding them
 does — and a decision picks them up by identity (`ClosingLegs.full_close`, `texts`).
