@@ -89,9 +89,10 @@ def signed_text(command: Command, key: bytes,
 
     `sign_command` then `encode_document` wrote the 1,000-leg command twice (0.82 + 0.70 ms, against
     0.18 ms here: `bench/command_costs.py`); here the signed form is written once and the entry's
-    text is that form with the signature added as its last field (where `Command` declares it). `leg_texts`: the legs already encoded, in
-    `command.positions`' order (take-profit keeps them ready, `services.takeprofit.legs`), spliced
-    in as `services.common.snapshots.encode_snapshot` splices a snapshot's rows.
+    text is that form with the signature added as its last field (where `Command` declares it).
+    `leg_texts`: the legs already encoded, in `command.positions`' order (take-profit keeps them
+    ready, `services.takeprofit.legs`), spliced in as `services.common.snapshots.encode_snapshot`
+    splices a snapshot's rows.
     """
     signed = canonical_command(command) if leg_texts is None else _with_legs(command, leg_texts)
     signature = SIGNATURE_PREFIX + hmac.new(key, signed, hashlib.sha256).hexdigest()
