@@ -38,6 +38,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.common.bus import with_positions
 from services.common.config import ConfigError, Problem, Settings, read_secret_file
 from services.common.contracts import Command
 
@@ -91,24 +92,13 @@ def signed_text(command: Command, key: bytes,
     0.18 ms here: `bench/command_costs.py`); here the signed form is written once and the entry's
     text is that form with the signature added as its last field (where `Command` declares it).
     `leg_texts`: the legs already encoded, in `command.positions`' order (take-profit keeps them
-    ready, `services.takeprofit.legs`), spliced in as `services.common.snapshots.encode_snapshot`
-    splices a snapshot's rows.
+    ready, `services.takeprofit.legs`), spliced in (`bus.with_positions`).
     """
-    signed = canonical_command(command) if leg_texts is None else _with_legs(command, leg_texts)
+    signed = canonical_command(command) if leg_texts is None else \
+        with_positions(canonical_command(command.model_copy(update={"positions": []})), leg_texts)
     signature = SIGNATURE_PREFIX + hmac.new(key, signed, hashlib.sha256).hexdigest()
     text = b"".join((signed[:-1], b',"signature":"', signature.encode(), b'"}'))
     return command.model_copy(update={"signature": signature}), text
-
-
-_NO_LEGS = b'"positions":['
-"""Where the legs go in a command written without any (its first occurrence: the fields before are
-numbers, an enum and the command id, a JSON string, in which a quote is always escaped)."""
-
-
-def _with_legs(command: Command, leg_texts: Sequence[bytes]) -> bytes:
-    head = canonical_command(command.model_copy(update={"positions": []}))
-    at = head.index(_NO_LEGS) + len(_NO_LEGS)
-    return b"".join((head[:at], b",".join(leg_texts), head[at:]))
 
 
 def verify_command(command: Command, key: bytes, text: str | bytes | None = None) -> None:

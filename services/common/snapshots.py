@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.common.bus import encode_document_bytes, read_document, validate_entry
+from services.common.bus import encode_document_bytes, read_document, validate_entry, with_positions
 from services.common.contracts import Snapshot, SnapshotPosition
 from services.common.streams import Names
 
@@ -64,11 +64,6 @@ class SnapshotView:
         return header.model_copy(update={"full": True, "positions": list(self.rows.values())})
 
 
-_NO_POSITIONS = b'"positions":['
-"""Where the rows go in a snapshot encoded without any (the first key of that name: every field
-before `positions` is a number or a bool, so the text cannot occur earlier)."""
-
-
 def encode_snapshot(snapshot: Snapshot, row_texts: Iterable[bytes]) -> bytes:
     """`encode_document_bytes(snapshot)` from its rows already encoded, in `snapshot.positions`' order.
 
@@ -76,11 +71,9 @@ def encode_snapshot(snapshot: Snapshot, row_texts: Iterable[bytes]) -> bytes:
     snapshot whole encoded each row a second time (at batch 100, the rows' encoding was 8.5 % of the
     service's CPU, `bench/portfolio_throughput.py`'s profile). pydantic writes a list of models as
     their own texts joined by commas, so splicing the texts in gives the same bytes
-    (tests/portfolio/test_snapshot_fold.py compares them).
+    (`bus.with_positions`; tests/portfolio/test_snapshot_fold.py compares them).
     """
-    head = encode_document_bytes(snapshot.model_copy(update={"positions": []}))
-    at = head.index(_NO_POSITIONS) + len(_NO_POSITIONS)
-    return b"".join((head[:at], b",".join(row_texts), head[at:]))
+    return with_positions(encode_document_bytes(snapshot.model_copy(update={"positions": []})), row_texts)
 
 
 def view_from(rows: Mapping[bytes, bytes], latest: Sequence[tuple[Any, Mapping[Any, Any]]]) -> tuple[
