@@ -216,6 +216,7 @@ async def test_bots_requote_after_cancel_all_and_cancel_all_bots_stops_every_bot
     await _quotes(
         client, grid["bot_id"], [("buy", 99900), ("buy", 99950), ("sell", 100050), ("sell", 100100)]
     )
+    await _quotes(client, levels["bot_id"], [("buy", 99800), ("sell", 100200)])  # both bots quoting first
 
     # A client's cancel_all deletes the bots' orders; the bots quote again at once (they do not listen).
     assert await client.result("cancel_all") == 6
