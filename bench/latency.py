@@ -24,6 +24,10 @@ The sizes run in one pipeline, smallest first, and print one after another so th
 crossing tick (median and p90), from the stamps and stream entry ids of the documents the move
 produced, up to the executor's own stamps of its first order and the exchange's receipt of it.
 
+`--load N` sets the ticker messages a second of that load (default 2,000); `--load 0` runs the
+trials with no load at all: the same path on cores nothing else keeps busy, which separates what
+the guardian's own steps cost from what waiting for a core adds (issue 22's figures are with the load).
+
 `--cancel-all-only` turns off the rest of the executor's clearing round (mass quotes, conditional
 orders, bots: issue 19), to measure what the full round costs the first order, back to back.
 
@@ -95,6 +99,7 @@ from services.common.bus import entry_document
 from tests.e2e.harness import EXECUTOR_KEY, PERP, Pipeline, eventually, eventually_value
 from tests.e2e.many import (
     STOCK_INSTRUMENTS,
+    TICKS_PER_SECOND,
     TickLoad,
     instruments,
     open_positions,
@@ -585,8 +590,10 @@ async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace
     """Warm-up (sizing the perpetual), then the trials, with ticks on every position throughout."""
     if target(pipeline) > -1e6:  # out of reach while the positions of this size are opened
         await set_target(pipeline, -1e6)
-    load = TickLoad(pipeline, position_names(await instruments(pipeline), positions))
-    load.start()
+    load = TickLoad(pipeline, position_names(await instruments(pipeline), positions), per_second=args.load) \
+        if args.load else None
+    if load is not None:
+        load.start()
     rows: list[dict[str, float]] = []
     try:
         for n in range(args.warmup):
@@ -601,7 +608,8 @@ async def trials_at(pipeline: Pipeline, positions: int, args: argparse.Namespace
                 print(f"  {positions} positions: {n + 1} trials ({time.time() - started:.0f} s)", flush=True)
         rate = (await ticker_messages(pipeline) - received0) / (time.time() - started)
     finally:
-        await load.stop()
+        if load is not None:
+            await load.stop()
     for row in rows:
         row["ticker_rate"] = rate
     return rows
@@ -680,6 +688,9 @@ def main() -> int:
     parser.add_argument("--positions", type=int, nargs="+",
                         help="open positions per run of trials (e.g. 1 100 1000); each size runs --trials")
     parser.add_argument("--timeline", action="store_true", help="print each stage's time after the move")
+    parser.add_argument("--load", type=int, default=TICKS_PER_SECOND,
+                        help="ticker messages a second flowing during the trials (with --positions); "
+                             "0: none, to see the path on cores nothing else keeps busy")
     args = parser.parse_args()
     if args.positions:
         return asyncio.run(many_async(args))
