@@ -63,6 +63,7 @@ from services.executor.waves import (
     not_fresh_full,
     plan_wave,
     sort_legs,
+    uncompact_claim,
     wave_from_command,
     wave_refusal,
     wave_sent,
@@ -157,26 +158,31 @@ class Executor:
             fraction=command.fraction, ts=time.time(), error=ExchangeError(code=NO_CODE, message=why)))
 
     async def execute(self, command: Command) -> None:
-        first = await self._decision_wave(command)
-        early_cancel = None
+        priced_ts = time.time()
+        compact = self._may_price_from_command(command, priced_ts)
 
         def fresh() -> tuple[Progress, list[Report]]:
             now = time.time()
-            if first is not None:  # the compact claim: the rest of the progress follows the first order
+            if compact:  # the compact claim: the rest of the progress follows the first order
                 return Progress.claimed(command, now, self.config.deadline_seconds, CommandWave(
-                    priced_ts=first.priced_ts, buffer=self.buffers.base, ceiling=self.buffers.ceiling)), []
+                    priced_ts=priced_ts, buffer=self.buffers.base, ceiling=self.buffers.ceiling)), []
             progress = Progress.start(command, now, self.buffers.base, self.config.deadline_seconds)
             return progress, [progress.report(ReportStatus.RECEIVED, now)]
 
         # lease + progress + `received`; its request is written first, when the loop next runs
         claiming = asyncio.ensure_future(self.store.claim(command.command_id, fresh))
+        early_cancel = None
+        first = None
         try:
-            if first is not None and self.clearing:
-                # sent with the claim, not after it: written right behind the claim's request, while
-                # its answer is on the way (the first order waits for that answer, not for this
-                # round's). Only for a fresh command not seen before, so a replay (which the claim
-                # turns into a `duplicate`) cancels nothing
-                early_cancel = self.clearing.start(self.session.request)
+            if compact:
+                if self.clearing:
+                    # sent with the claim, not after it: written right behind the claim's request, while
+                    # its answer is on the way (the first order waits for that answer, not for this
+                    # round's). Only for a fresh command not seen before, so a replay (which the claim
+                    # turns into a `duplicate`) cancels nothing
+                    early_cancel = self.clearing.start(self.session.request)
+                await asyncio.sleep(0)  # the claim and the round leave; the wave is checked meanwhile
+                first = await self._decision_wave(command, priced_ts)
             claim = await claiming
         except BaseException:
             settle_quietly(claiming, cancel=True)
@@ -193,6 +199,8 @@ class Executor:
             if not claim.created:
                 log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
                 await self._expand(work.progress, command)
+            elif first is None and work.progress.command_wave is not None:
+                uncompact_claim(work.progress, command)  # the usual path: saved before its first order
             heartbeat = asyncio.create_task(self.store.keep_lease(work))
             try:
                 await self._work(work, resumed=not claim.created, early_cancel=early_cancel,
@@ -204,18 +212,21 @@ class Executor:
             settle_quietly(early_cancel)
             await self.store.release(command.command_id, claim.token)
 
-    async def _decision_wave(self, command: Command) -> DecisionWave | None:
+    def _may_price_from_command(self, command: Command, now: float) -> bool:
+        """A fresh full closure this process has not seen: its claim is the compact one, its clearing
+        round goes out with the claim, and its first wave is checked while both are on the way."""
+        return not self.config.dry_run and command.command_id not in self.seen \
+            and not_fresh_full(command, now, DECISION_PRICE_MAX_AGE_SECONDS) is None
+
+    async def _decision_wave(self, command: Command, now: float) -> DecisionWave | None:
         """The first wave, to be priced from the command (docs/executor.md), or None for the usual path
         (why is logged: a book that keeps taking the usual path, slower to its first order, says why).
-        Checked whole here; its orders are priced as they leave (`_send_decision_wave`)."""
-        if self.config.dry_run or command.command_id in self.seen \
-                or not_fresh_full(command, time.time(), DECISION_PRICE_MAX_AGE_SECONDS) is not None:
-            return None  # not a fresh full closure (a partial, resumed or replayed one): nothing to say
+        Checked whole here, at the claim's `priced_ts`; its orders are priced as they leave
+        (`_send_decision_wave`)."""
         try:
             infos = await self.market.infos([p.instrument for p in command.positions])
         except (ThalexError, ConnectionLost):
             return None  # the usual path asks again, retrying until the deadline
-        now = time.time()
         refusal = wave_refusal(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
         if refusal is not None:
             log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
@@ -293,7 +304,7 @@ class Executor:
                 await self._send_decision_wave(work, first, early_cancel)
             else:
                 if work.progress.stage is Stage.RECEIVED:
-                    reads = await self._cancel_orders(work, resumed)
+                    reads = await self._cancel_orders(work, resumed, early_cancel)
                 if resumed:
                     await self._resync(work)
             await self._close(work, reads)
@@ -308,13 +319,15 @@ class Executor:
             if reads is not None:
                 reads.cancel()
 
-    async def _cancel_orders(self, work: Work, resumed: bool) -> WaveReads | None:
+    async def _cancel_orders(self, work: Work, resumed: bool,
+                             early: asyncio.Future[list[Answer]] | None = None) -> WaveReads | None:
         """Clear the account first (`clearing.py`: orders, mass quotes, conditional orders, bots), so
         nothing can rebuild the position; the first wave's reads go out with it (a partial closure's
         portfolio only after it, so `position_before` cannot move under it). No order of the usual
-        path leaves before the round is answered."""
+        path leaves before the round is answered. `early`: the round already sent with the claim (a
+        fresh full closure whose first wave could not be priced from the command), not sent again."""
         progress = work.progress
-        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), None)) \
+        clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early)) \
             if self.clearing else None  # created first: sent first
         reads = None
         if not resumed:

@@ -255,17 +255,24 @@ def expand_claim(progress: Progress, command: Command, wave: list[Order] | str) 
     counted as sent without its `order_sent` report; the resumed command counts what its orders did
     by label, as for any crash.
     """
-    claim = progress.command_wave
-    assert claim is not None, "not a compact claim"
-    progress.list_legs(command, claim.buffer)
-    progress.outbox.insert(0, progress.report(ReportStatus.RECEIVED, progress.started_ts))
-    progress.command_wave = None
+    uncompact_claim(progress, command)
     if isinstance(wave, str):
         for leg in progress.legs.values():
             leg.position_before, leg.orders_sent = leg.listed, 1
         progress.first_order_ts = progress.started_ts
         return
     plan_decision_wave(progress, wave, progress.started_ts)
+
+
+def uncompact_claim(progress: Progress, command: Command) -> None:
+    """A compact claim as the full progress `Progress.start` writes: the legs, and `received` in the
+    outbox. For a claim whose first wave, checked while the claim was on its way, is not priced from
+    the command after all (the usual path follows), and as the first step of `expand_claim`."""
+    claim = progress.command_wave
+    assert claim is not None, "not a compact claim"
+    progress.list_legs(command, claim.buffer)
+    progress.outbox.insert(0, progress.report(ReportStatus.RECEIVED, progress.started_ts))
+    progress.command_wave = None
 
 
 def plan_decision_wave(progress: Progress, wave: Iterable[Order], now: float) -> None:

@@ -117,8 +117,10 @@ async def test_orders_quotes_of_two_sessions_a_stop_and_a_grid_bot_are_removed_a
 
 async def test_a_refused_removal_is_reported_with_its_error_and_the_closure_goes_on(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """Refused twice: the round sent with the claim (a fresh full closure's) is retried once for what
+    of it failed, and the retry is refused too."""
     await open_positions(paper, {PERP: 0.3})
-    await paper.control("paper/fail_next", {"code": 7, "count": 1, "methods": ["private/cancel_all_bots"],
+    await paper.control("paper/fail_next", {"code": 7, "count": 2, "methods": ["private/cancel_all_bots"],
                                             "key_id": TRADER, "message": "not permitted"})
     command = make_command({PERP: 0.3})
     async with running_executor(make_settings(redis_url, names, paper, trader)):

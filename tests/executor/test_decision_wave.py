@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from services.common.contracts import Report, ReportStatus, Side
 from services.common.streams import Names
+from services.executor import app
 from services.executor.clearing import kinds, round_requests
 from services.executor.plan import CommandWave, Progress
 from services.executor.waves import Order, expand_claim
@@ -185,9 +186,16 @@ async def test_any_other_command_reads_the_market_before_its_first_order(
     got, events = await closed_recording(
         redis, names, make_settings(redis_url, names, paper, trader), command
     )
-    names_in_order = [name for name, *_ in events]
+    names_in_order = [name for name, *_ in events if not name.startswith("instrument:")]
     assert "ticker:sent" in names_in_order[:names_in_order.index("insert:sent")]
     assert [r.status for r in got][:6] == [ReportStatus.RECEIVED, *CLEARED, ReportStatus.ORDER_SENT]
+    # one clearing round before the first order on every path; a fresh full closure's goes out with its
+    # claim, first, and its wave is checked while both are on the way: found not priceable, the usual
+    # path takes that round
+    assert names_in_order[:names_in_order.index("insert:sent")].count("cancel_all:sent") == 1
+    if kind in ("no exit price", "exit far through the book"):
+        round_sent = [f"{method}:sent" for _, method in round_requests(kinds(True, True, True, True))]
+        assert names_in_order[:len(round_sent)] == round_sent
 
 
 async def test_a_replayed_fresh_command_cancels_nothing(
@@ -276,6 +284,75 @@ async def test_a_crash_after_the_compact_claim_resumes_from_the_same_wave_priced
     # the wave the claim promised: a sell 0.5 % through the exit price, rounded up to the 1.0 tick
     assert (promised.instrument, promised.side, promised.amount) == (PERP, Side.SELL, 0.2)
     assert promised.price == pytest.approx(-(-exit_price * 0.995 // 1.0))
+    assert account_positions(paper)[PERP] == 0
+    saved = Progress.model_validate_json(
+        await redis.get(names.key(f"executor:progress:{command.command_id}"))
+    )
+    assert saved.command_wave is None and saved.legs[PERP].position_before == 0.2
+
+
+@pytest.mark.parametrize("priceable", [True, False])
+async def test_the_first_wave_is_checked_while_the_claim_and_the_clearing_round_are_on_their_way(
+        priceable: bool, monkeypatch: pytest.MonkeyPatch, paper: PaperHandle, trader: KeyFiles, redis: Redis,
+        redis_url: str, names: Names) -> None:
+    """The check walks every leg (milliseconds at 1,000 legs): the claim's request and the whole round
+    are written before it runs, so it costs the first order nothing but what outlasts the claim's
+    round trip — whether the wave is then priced from the command or not."""
+    await open_positions(paper, {PERP: 0.2})
+    events: Events = []
+    checked = app.wave_refusal
+
+    def checking(*args: Any, **kwargs: Any) -> str | None:
+        events.append(("checked", time.monotonic(), (), {}))
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(app, "wave_refusal", checking)
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        store = running.executor.store
+        acquire = store._acquire
+
+        async def claiming(*args: Any, **kwargs: Any) -> Any:
+            events.append(("claim:sent", time.monotonic(), (), {}))
+            return await acquire(*args, **kwargs)
+
+        store._acquire = claiming  # type: ignore[method-assign]
+        recording(running.executor.session, events)
+        bid = best_bid(paper)
+        command = make_command({PERP: 0.2}, exit_prices={PERP: bid},
+                               marks=None if priceable else {PERP: bid / 0.95})
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    names_in_order = [name for name, *_ in events if not name.startswith("instrument:")]
+    round_sent = [f"{method}:sent" for _, method in round_requests(kinds(True, True, True, True))]
+    assert names_in_order[:len(round_sent) + 1] == ["claim:sent", *round_sent], names_in_order
+    assert names_in_order.index("checked") > len(round_sent)  # (here after the instrument's first read)
+    assert names_in_order.count("claim:sent") == 1 and names_in_order.count("checked") == 1
+    # priced from the command, the order leaves before the round is answered; else the market is read first
+    first_insert = names_in_order.index("insert:sent")
+    assert (first_insert < names_in_order.index("cancel_all:answered")) is priceable
+    assert ("ticker:sent" in names_in_order[:first_insert]) is not priceable
+    assert [r.status for r in got].count(ReportStatus.RECEIVED) == 1
+
+
+async def test_a_crash_after_a_compact_claim_whose_wave_was_refused_closes_by_the_usual_path(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """The claim went out compact, the check then refused the wave (its exit price far through the
+    book), and the executor died before the usual path's first save. Resumed, the wave is refused
+    again: nothing says whether it left, so every leg counts as sent and the executor finds out from
+    the exchange (no trade, no order under the command's label) before the usual waves close it."""
+    await open_positions(paper, {PERP: 0.2})
+    bid = best_bid(paper)
+    command = make_command({PERP: 0.2}, exit_prices={PERP: bid}, marks={PERP: bid / 0.95})
+    promise = CommandWave(priced_ts=command.created_ts + 0.001, buffer=0.005, ceiling=0.05)
+    claim = Progress.claimed(command, command.created_ts + 0.002, 20.0, promise)
+    await redis.set(names.key(f"executor:progress:{command.command_id}"), claim.model_dump_json())
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    statuses = [r.status for r in got]
+    assert statuses[0] is ReportStatus.RECEIVED and statuses.count(ReportStatus.RECEIVED) == 1, statuses
+    assert got[-1].status is ReportStatus.COMPLETED
     assert account_positions(paper)[PERP] == 0
     saved = Progress.model_validate_json(
         await redis.get(names.key(f"executor:progress:{command.command_id}"))
