@@ -355,13 +355,22 @@ class CloseReason(StrEnum):
     """A cancel-only command (no positions): the executor removes orders and quotes, closes nothing."""
 
 
+def _not_zero(amount: float) -> float:
+    """On the field, not the model: pydantic runs a model's after-validators again on every
+    instance handed to another model (take-profit hands 1,000 legs to `Decision`, then `Command`);
+    a field's run only when the leg itself is validated."""
+    if amount == 0:
+        raise ValueError("amount must not be zero (nothing to close)")
+    return amount
+
+
 class PositionToClose(BaseModel):
     """A position a command closes: `amount` is signed like the position it closes."""
 
     model_config = Document.model_config
 
     instrument: NonEmptyStr
-    amount: float
+    amount: Annotated[float, AfterValidator(_not_zero)]
     exit_price: Price | None = None
     """Where the portfolio priced getting out at the decision (its book walked for the whole size).
     The executor prices a fresh full closure's first wave from it instead of reading the market
@@ -370,12 +379,6 @@ class PositionToClose(BaseModel):
     """The mark at the decision: how far `exit_price` is through the book (the executor's cap)."""
     exit_within_depth: bool | None = None
     """The snapshot row's: the book at the decision held the whole amount at `exit_price`."""
-
-    @model_validator(mode="after")
-    def _nonzero(self) -> PositionToClose:
-        if self.amount == 0:
-            raise ValueError("amount must not be zero (nothing to close)")
-        return self
 
 
 class HedgeGroup(BaseModel):

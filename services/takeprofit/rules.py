@@ -840,16 +840,17 @@ def build_command(
     (the shell then reports the decision finished, not completed).
     """
     positions = list(decision.positions)
+    groups = list(decision.groups)  # of the decision's legs: all kept unless rounding drops some
     if volume_ticks is not None and decision.fraction < 1.0:
         positions = _round_legs(positions, decision.groups, volume_ticks)
         if not positions:
             raise ValueError(f"{decision.command_id}: every leg rounds to zero at the volume tick")
-    kept = {p.instrument for p in positions}
-    groups = [
-        HedgeGroup(underlying=g.underlying, instruments=[i for i in g.instruments if i in kept])
-        for g in decision.groups
-        if any(i in kept for i in g.instruments)
-    ]
+        kept = {p.instrument for p in positions}
+        groups = [
+            HedgeGroup(underlying=g.underlying, instruments=[i for i in g.instruments if i in kept])
+            for g in decision.groups
+            if any(i in kept for i in g.instruments)
+        ]
     return Command(
         command_id=decision.command_id,
         epoch=decision.epoch,
