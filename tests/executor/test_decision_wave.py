@@ -83,6 +83,17 @@ async def closed_recording(redis: Redis, names: Names, settings: Any, command: A
     return got, events
 
 
+async def resumed_from_compact_claim(redis: Redis, names: Names, settings: Any, command: Any) -> list[Any]:
+    """The command's reports when an executor finds the compact claim a crashed one left (written here
+    as `execute` writes it) and resumes it to its outcome."""
+    promise = CommandWave(priced_ts=command.created_ts + 0.001, buffer=0.005, ceiling=0.05)
+    claim = Progress.claimed(command, command.created_ts + 0.002, 20.0, promise)
+    await redis.set(names.key(f"executor:progress:{command.command_id}"), claim.model_dump_json())
+    async with running_executor(settings):
+        await send(redis, names, command)
+        return await wait_outcome(redis, names, command.command_id)
+
+
 async def test_a_fresh_full_command_is_priced_from_its_exit_price_without_reading_the_market(
         paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
     await open_positions(paper, {PERP: 0.5})
@@ -271,12 +282,8 @@ async def test_a_crash_after_the_compact_claim_resumes_from_the_same_wave_priced
     await open_positions(paper, {PERP: 0.2})
     exit_price = best_bid(paper)
     command = make_command({PERP: 0.2}, exit_prices={PERP: exit_price})
-    promise = CommandWave(priced_ts=command.created_ts + 0.001, buffer=0.005, ceiling=0.05)
-    claim = Progress.claimed(command, command.created_ts + 0.002, 20.0, promise)
-    await redis.set(names.key(f"executor:progress:{command.command_id}"), claim.model_dump_json())
-    async with running_executor(make_settings(redis_url, names, paper, trader)):
-        await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id)
+    settings = make_settings(redis_url, names, paper, trader)
+    got = await resumed_from_compact_claim(redis, names, settings, command)
     statuses = [r.status for r in got]
     assert statuses[:2] == [ReportStatus.RECEIVED, ReportStatus.ORDER_SENT], statuses
     assert statuses.count(ReportStatus.RECEIVED) == 1 and got[-1].status is ReportStatus.COMPLETED
@@ -344,12 +351,8 @@ async def test_a_crash_after_a_compact_claim_whose_wave_was_refused_closes_by_th
     await open_positions(paper, {PERP: 0.2})
     bid = best_bid(paper)
     command = make_command({PERP: 0.2}, exit_prices={PERP: bid}, marks={PERP: bid / 0.95})
-    promise = CommandWave(priced_ts=command.created_ts + 0.001, buffer=0.005, ceiling=0.05)
-    claim = Progress.claimed(command, command.created_ts + 0.002, 20.0, promise)
-    await redis.set(names.key(f"executor:progress:{command.command_id}"), claim.model_dump_json())
-    async with running_executor(make_settings(redis_url, names, paper, trader)):
-        await send(redis, names, command)
-        got = await wait_outcome(redis, names, command.command_id)
+    settings = make_settings(redis_url, names, paper, trader)
+    got = await resumed_from_compact_claim(redis, names, settings, command)
     statuses = [r.status for r in got]
     assert statuses[0] is ReportStatus.RECEIVED and statuses.count(ReportStatus.RECEIVED) == 1, statuses
     assert got[-1].status is ReportStatus.COMPLETED
