@@ -175,12 +175,11 @@ class Executor:
         first = None
         try:
             if compact:
-                if self.clearing:
-                    # sent with the claim, not after it: written right behind the claim's request, while
-                    # its answer is on the way (the first order waits for that answer, not for this
-                    # round's). Only for a fresh command not seen before, so a replay (which the claim
-                    # turns into a `duplicate`) cancels nothing
-                    early_cancel = self.clearing.start(self.session.request)
+                # the round is sent with the claim, not after it: written right behind the claim's
+                # request, while its answer is on the way (the first order waits for that answer, not
+                # for this round's). Only for a fresh command not seen before, so a replay (which the
+                # claim turns into a `duplicate`) cancels nothing
+                early_cancel = self.clearing.start(self.session.request) if self.clearing else None
                 await asyncio.sleep(0)  # the claim and the round leave; the wave is checked meanwhile
                 first = await self._decision_wave(command, priced_ts)
             claim = await claiming
@@ -199,7 +198,7 @@ class Executor:
             if not claim.created:
                 log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
                 await self._expand(work.progress, command)
-            elif first is None and work.progress.command_wave is not None:
+            elif compact and first is None:
                 uncompact_claim(work.progress, command)  # the usual path: saved before its first order
             heartbeat = asyncio.create_task(self.store.keep_lease(work))
             try:
@@ -324,8 +323,9 @@ class Executor:
         """Clear the account first (`clearing.py`: orders, mass quotes, conditional orders, bots), so
         nothing can rebuild the position; the first wave's reads go out with it (a partial closure's
         portfolio only after it, so `position_before` cannot move under it). No order of the usual
-        path leaves before the round is answered. `early`: the round already sent with the claim (a
-        fresh full closure whose first wave could not be priced from the command), not sent again."""
+        path leaves before the round is answered. `early`: the round this process sent with the claim
+        (a fresh command whose first wave is not priced from it after all, or one another executor
+        had claimed and this one resumes), used instead of sending another."""
         progress = work.progress
         clear = asyncio.create_task(self.clearing.first(work, self._ask(work), early)) \
             if self.clearing else None  # created first: sent first
