@@ -6,8 +6,9 @@ Pure code, no I/O, `time.process_time` (CPU, not wall: less sensitive to a share
 mean of `--runs`: take-profit deciding on a header with N open option rows (its legs kept ready,
 as after the rows were folded), building, signing and encoding the command (once, and as before
 issue 22's sixth pass), its checkpoint with that closure in flight, and keeping legs ready (20
-changed rows; all of them at a restart); the executor validating the command from the wire,
-verifying its signature (over the entry's bytes, and over the command written again), checking
+changed rows; all of them at a restart); the executor validating the command from the wire (its
+legs as columns, `tp:commands` v2, and the same command as v1, a row per leg, as before issue 22's
+eighth pass), verifying its signature (over the entry's bytes, and over the command written again), checking
 the first wave (on bounds, against pricing every leg) and pricing its head order, the compact
 claim, and the full progress built once the first order is written (with the wave's compact
 `order_sent` intent); how long after a wave of N orders is handed over its first send starts,
@@ -34,6 +35,7 @@ from services.common.contracts import (
     ExitPriceSource,
     InstrumentInfo,
     InstrumentType,
+    PositionToClose,
     Snapshot,
     SnapshotPosition,
 )
@@ -84,12 +86,11 @@ def take_profit(legs: int, runs: int) -> str:
     assert decision is not None
     built = build_command(decision, NOW + 1, 30.0)
     build = cpu_ms(lambda: build_command(decision, NOW + 1, 30.0), runs)
-    texts = deciding_again.legs.texts(built.positions)
     changed = [p.model_copy(update={"exit_price": 998.0}) for p in list(engine.view.rows.values())[:20]]
     checkpoint = restarted(engine)  # with the closure in flight: checkpointed with every batch until it ends
     assert checkpoint.on_snapshot(crossing, NOW + 1) is not None
     return (f"decide {decide_ms:.3f}, build {build:.3f}, sign and encode "
-            f"{cpu_ms(lambda: signed_text(built, KEY, texts), runs):.3f} (before: sign "
+            f"{cpu_ms(lambda: signed_text(built, KEY), runs):.3f} (signed and encoded apart: sign "
             f"{cpu_ms(lambda: sign_command(built, KEY), runs):.3f}, encode "
             f"{cpu_ms(lambda: encode_document(built), runs):.3f}), checkpoint "
             f"{cpu_ms(checkpoint.to_state, runs):.3f} ({len(checkpoint.to_state()) / 1000:.1f} KB); "
@@ -107,7 +108,9 @@ def restarted(engine: RulesEngine) -> RulesEngine:
 def executor(legs: int, runs: int) -> str:
     command = command_of(legs)
     wire = encode_document(command).encode()  # take-profit's text (`signed_text`): the same bytes
-    infos = {p.instrument: OPTION for p in command.positions}
+    rows = [PositionToClose(**leg._asdict()) for leg in command.closing().rows()]
+    as_rows = encode_document(command.model_copy(update={"v": 1, "legs": None, "positions": rows})).encode()
+    infos = dict.fromkeys(command.closing().instrument, OPTION)
     now = command.created_ts
     first = DecisionWave(command, infos, BUFFERS, now)
     wave = first.orders()
@@ -120,7 +123,9 @@ def executor(legs: int, runs: int) -> str:
         progress = Progress.claimed(command, now, 30.0, promise)
         expand_claim(progress, command, wave)
         return progress.model_dump_json()
-    return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f}, verify "
+    return (f"validate {cpu_ms(lambda: read_document(Command, wire), runs):.3f} (v1, a row per leg: "
+            f"{cpu_ms(lambda: read_document(Command, as_rows), runs):.3f}; its legs as columns "
+            f"{cpu_ms(lambda: read_document(Command, as_rows).closing(), runs):.3f}), verify "
             f"{cpu_ms(lambda: verify_command(command, KEY, wire), runs):.3f} (written again: "
             f"{cpu_ms(lambda: verify_command(command, KEY), runs):.3f}), first wave checked "
             f"{cpu_ms(lambda: wave_refusal(command, infos, BUFFERS, now, 1.0), runs):.3f} (every leg priced: "
@@ -128,7 +133,8 @@ def executor(legs: int, runs: int) -> str:
             f"{cpu_ms(first.head, runs):.3f}, claim "
             f"{cpu_ms(claim, runs):.3f} ms; after the first order: the full progress "
             f"{cpu_ms(expanded, runs):.3f} ms; command {len(wire) / 1000:.1f} KB, claim "
-            f"{len(claim()) / 1000:.1f} KB, full progress {len(expanded()) / 1000:.1f} KB")
+            f"{len(claim()) / 1000:.1f} KB, full progress {len(expanded()) / 1000:.1f} KB; as v1 rows "
+            f"{len(as_rows) / 1000:.1f} KB")
 
 
 def first_send(legs: int, runs: int) -> str:

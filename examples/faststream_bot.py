@@ -88,7 +88,17 @@ class Command(Document):
     command_id: str
     reason: str
     fraction: float
-    positions: list[dict[str, Any]]
+    legs: dict[str, list[Any]] | None = None
+    """v2: the positions to close as columns (`instrument`, `amount`, ...)."""
+    positions: list[dict[str, Any]] | None = None
+    """v1 (before issue 22's eighth pass): one object per position."""
+
+    def held(self) -> str:
+        if self.legs is not None:
+            pairs = zip(self.legs.get("instrument", []), self.legs.get("amount", []), strict=False)
+        else:
+            pairs = ((p.get("instrument"), p.get("amount")) for p in self.positions or [])
+        return ", ".join(f"{instrument} {amount}" for instrument, amount in pairs)
 
 
 class Report(Document):
@@ -145,9 +155,8 @@ def build(args: argparse.Namespace) -> FastStream:
     @broker.subscriber(stream=commands, message_format=PlainJSON)
     async def on_command(command: Command) -> None:
         """The guardian decided a closure."""
-        held = ", ".join(f"{p.get('instrument')} {p.get('amount')}" for p in command.positions)
         await bot.stand_down(command.command_id, f"tp:commands: {command.reason} {command.command_id} "
-                                                 f"(fraction {command.fraction}: {held})")
+                                                 f"(fraction {command.fraction}: {command.held()})")
 
     @broker.subscriber(stream=reports, message_format=PlainJSON)
     async def on_report(report: Report) -> None:

@@ -514,7 +514,7 @@ def _decision_rows(commands: list[Command], reports: list[Report]) -> list[dict[
         outcome = steps[-1].status.value if steps else "no report yet"
         rows.append({"kind": "decision", "command_id": command.command_id, "reason": command.reason.value,
                      "figure": command.net_pnl, "threshold": command.threshold,
-                     "fraction": command.fraction, "positions": len(command.positions),
+                     "fraction": command.fraction, "positions": len(command.closing()),
                      "created": command.created_ts, "outcome": outcome,
                      "halt_violations": broken.get(command.command_id, 0),
                      "fees": sum(r.fee or 0.0 for r in steps if r.status in ("filled", "partially_filled"))})

@@ -10,8 +10,9 @@ field changes meaning.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
-from typing import Annotated, Final, TypeAlias
+from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -381,6 +382,71 @@ class PositionToClose(BaseModel):
     """The snapshot row's: the book at the decision held the whole amount at `exit_price`."""
 
 
+class LegToClose(NamedTuple):
+    """One leg of `Legs`, read off its columns (a plain tuple: 1,000 of them cost no validation)."""
+
+    instrument: str
+    amount: float
+    exit_price: float | None
+    mark: float | None
+    exit_within_depth: bool | None
+
+
+class Legs(BaseModel):
+    """A command's positions to close as columns: leg `i` is `instrument[i]`, `amount[i]`, ….
+
+    Why columns (`tp:commands` v2, issue 22's eighth pass): the executor validated a 1,000-leg
+    command's 1,000 row objects in 1.7 ms of CPU before acting on it; five typed lists validate in
+    pydantic's Rust core in ≈ 0.2 ms, and the JSON is half the size (`bench/command_costs.py`,
+    `bench/floor.py --form columns`). A column of prices or depths is left out when no leg has one.
+    """
+
+    model_config = Document.model_config
+
+    instrument: list[NonEmptyStr]
+    amount: list[float]
+    """Signed like the position each leg closes; never zero."""
+    exit_price: list[Price | None] | None = None
+    mark: list[Price | None] | None = None
+    exit_within_depth: list[bool | None] | None = None
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> Legs:
+        count = len(self.instrument)
+        for name in ("amount", "exit_price", "mark", "exit_within_depth"):
+            column = getattr(self, name)
+            if column is not None and len(column) != count:
+                raise ValueError(f"legs.{name} has {len(column)} entries for {count} instruments")
+        if 0.0 in self.amount:  # one scan in C, then `index` names the first
+            at = self.amount.index(0.0)
+            raise ValueError(f"legs.amount[{at}] ({self.instrument[at]}) must not be zero (nothing to close)")
+        if len(set(self.instrument)) != count:
+            raise ValueError("legs.instrument lists an instrument twice")
+        return self
+
+    def __len__(self) -> int:
+        return len(self.instrument)
+
+    def rows(self) -> Iterator[LegToClose]:
+        """Each leg in order."""
+        count = len(self.instrument)
+        none: list[None] = [None] * count
+        return map(LegToClose._make, zip(self.instrument, self.amount, self.exit_price or none,
+                                         self.mark or none, self.exit_within_depth or none, strict=True))
+
+    @classmethod
+    def of(cls, rows: Iterable[PositionToClose | LegToClose]) -> Legs:
+        """The columns of `rows` (a column every row leaves out is left out)."""
+        listed = list(rows)
+
+        def column(values: list[Any]) -> list[Any] | None:
+            return values if any(value is not None for value in values) else None
+
+        return cls(instrument=[r.instrument for r in listed], amount=[r.amount for r in listed],
+                   exit_price=column([r.exit_price for r in listed]), mark=column([r.mark for r in listed]),
+                   exit_within_depth=column([r.exit_within_depth for r in listed]))
+
+
 class HedgeGroup(BaseModel):
     """Legs on one underlying that must be unwound together."""
 
@@ -390,14 +456,37 @@ class HedgeGroup(BaseModel):
     instruments: list[NonEmptyStr]
 
 
-class Command(Document):
-    """`tp:commands`: close `fraction` of the listed positions, at most once."""
+COMMAND_VERSION: Final = 2
+"""`tp:commands` is v2 since issue 22's eighth pass: the legs travel as columns (`Legs`)."""
 
+
+def _command_version(value: int) -> int:
+    if value not in (CONTRACT_VERSION, COMMAND_VERSION):
+        raise ValueError(f"unsupported command version {value} (this reader knows 1 and {COMMAND_VERSION})")
+    return value
+
+
+CommandVersion = Annotated[int, Field(strict=True, json_schema_extra={"enum": [1, COMMAND_VERSION]}),
+                           AfterValidator(_command_version)]
+
+
+class Command(Document):
+    """`tp:commands`: close `fraction` of the listed positions, at most once.
+
+    v2 lists them in `legs` (columns); a v1 command (written before issue 22's eighth pass, still
+    read so a closure in flight across the upgrade is carried out) lists them in `positions`, one
+    object per leg. `closing()` gives either as `Legs`.
+    """
+
+    v: CommandVersion = COMMAND_VERSION
     command_id: NonEmptyStr
     epoch: Annotated[int, Field(ge=0)]
     reason: CloseReason
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    positions: list[PositionToClose]
+    positions: list[PositionToClose] | None = None
+    """v1 only: one object per leg (read, never written since v2)."""
+    legs: Legs | None = None
+    """v2: the positions to close, as columns."""
     groups: list[HedgeGroup] | None = None
     snapshot_seq: Annotated[int, Field(ge=0)]
     net_pnl: float
@@ -414,7 +503,18 @@ class Command(Document):
     def _deadline_after_creation(self) -> Command:
         if self.deadline_ts <= self.created_ts:
             raise ValueError("deadline_ts must be after created_ts")
+        if self.v == CONTRACT_VERSION and (self.positions is None or self.legs is not None):
+            raise ValueError("a v1 command lists its legs in `positions` (and has no `legs`)")
+        if self.v == COMMAND_VERSION and (self.legs is None or self.positions is not None):
+            raise ValueError(f"a v{COMMAND_VERSION} command lists its legs in `legs` "
+                             "(and has no `positions`)")
         return self
+
+    def closing(self) -> Legs:
+        """The legs to close, whatever the version (a v1 command's objects turned into columns)."""
+        if self.legs is not None:
+            return self.legs
+        return Legs.of(self.positions or [])
 
 
 class ReportStatus(StrEnum):

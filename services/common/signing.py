@@ -35,10 +35,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
-from services.common.bus import with_positions
 from services.common.config import ConfigError, Problem, Settings, read_secret_file
 from services.common.contracts import Command
 
@@ -84,18 +82,14 @@ def sign_command(command: Command, key: bytes) -> Command:
     return command.model_copy(update={"signature": command_signature(command, key)})
 
 
-def signed_text(command: Command, key: bytes,
-                leg_texts: Sequence[bytes] | None = None) -> tuple[Command, bytes]:
+def signed_text(command: Command, key: bytes) -> tuple[Command, bytes]:
     """The signed command and its stream text (exactly `encode_document` of it), serialized once.
 
-    `sign_command` then `encode_document` wrote the 1,000-leg command twice (0.82 + 0.70 ms, against
-    0.18 ms here: `bench/command_costs.py`); here the signed form is written once and the entry's
-    text is that form with the signature added as its last field (where `Command` declares it).
-    `leg_texts`: the legs already encoded, in `command.positions`' order (take-profit keeps them
-    ready, `services.takeprofit.legs`), spliced in (`bus.with_positions`).
+    `sign_command` then `encode_document` wrote the 1,000-leg command twice (0.82 + 0.70 ms before
+    the legs were columns: `bench/command_costs.py`); here the signed form is written once and the
+    entry's text is that form with the signature added as its last field (where `Command` declares it).
     """
-    signed = canonical_command(command) if leg_texts is None else \
-        with_positions(canonical_command(command.model_copy(update={"positions": []})), leg_texts)
+    signed = canonical_command(command)
     signature = SIGNATURE_PREFIX + hmac.new(key, signed, hashlib.sha256).hexdigest()
     text = b"".join((signed[:-1], b',"signature":"', signature.encode(), b'"}'))
     return command.model_copy(update={"signature": signature}), text

@@ -443,14 +443,14 @@ ticker_delay = "raw"
         assert self.settings is not None
         raw: Any = await redis.get(self.settings.names.breaker)
         breaker = json.loads(raw) if raw else {}
-        closing = {c.command_id: c for c in commands if c.positions}
+        closing = {c.command_id: c for c in commands if c.closing()}
         fees = sum(r.fee or 0.0 for r in reports if r.command_id in closing
                    and r.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED))
-        notional = max((sum(abs(p.amount) * (p.mark or p.exit_price or 0.0) for p in c.positions)
+        notional = max((sum(abs(p.amount) * (p.mark or p.exit_price or 0.0) for p in c.closing().rows())
                         for c in closing.values()), default=0.0)
         prices = [r.avg_price for r in reports if r.command_id in closing and r.avg_price]
         if prices and not notional:  # commands decided on stale prices carry none: the fills' prices
-            notional = max(abs(p.amount) for c in closing.values() for p in c.positions) * max(prices)
+            notional = max(abs(p.amount) for c in closing.values() for p in c.closing().rows()) * max(prices)
         taker = self.settings.trading_fees.products[InstrumentType.PERPETUAL].taker_fee_rate
         limit = self.settings.portfolio_take_profit.breaker_max_repeat_closures
         stops = int(breaker.get("emergency_stops_while_open", 0))

@@ -125,7 +125,7 @@ def render(state: DemoState, tp: PortfolioTakeProfit, buffer: float, now: float 
         lines.append(
             f"  {when} {command.reason.value:<20} at {command.net_pnl:+.4f} "
             f"(barrier {command.threshold:+.2f})"
-            f"  {len(command.positions)} position(s) -> {outcome}, closing fees {fees:.4f}"
+            f"  {len(command.closing())} position(s) -> {outcome}, closing fees {fees:.4f}"
         )
     lines.append("")
     lines.append("notifications (sent to no one until [notify] targets are configured, README):")

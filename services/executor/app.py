@@ -223,7 +223,7 @@ class Executor:
         Checked whole here, at the claim's `priced_ts`; its orders are priced as they leave
         (`_send_decision_wave`)."""
         try:
-            infos = await self.market.infos([p.instrument for p in command.positions])
+            infos = await self.market.infos(command.closing().instrument)
         except (ThalexError, ConnectionLost):
             return None  # the usual path asks again, retrying until the deadline
         refusal = wave_refusal(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
@@ -239,7 +239,7 @@ class Executor:
         claim = progress.command_wave
         if claim is None:
             return
-        infos = await self.market.infos([p.instrument for p in command.positions])
+        infos = await self.market.infos(command.closing().instrument)
         wave = wave_from_command(command, infos, Buffers(claim.buffer, claim.ceiling), claim.priced_ts,
                                  DECISION_PRICE_MAX_AGE_SECONDS)
         if isinstance(wave, str):

@@ -561,7 +561,7 @@ class Progress(BaseModel):
     def list_legs(self, command: Command, buffer: float) -> None:
         """One open leg per listed position, and the command's hedge groups."""
         self.legs = {p.instrument: Leg(instrument=p.instrument, listed=p.amount, buffer=buffer)
-                     for p in command.positions}
+                     for p in command.closing().rows()}
         self.groups = list(command.groups or [])
 
     @property

@@ -25,8 +25,8 @@ from services.common.contracts import (
     HedgeGroup,
     InstrumentInfo,
     InstrumentType,
+    LegToClose,
     PlannedOrder,
-    PositionToClose,
     Report,
     ReportStatus,
     Side,
@@ -132,7 +132,7 @@ def wave_from_command(command: Command, infos: Mapping[str, InstrumentInfo], buf
     if refusal is not None:
         return refusal
     wave = []
-    for p in command.positions:
+    for p in command.closing().rows():
         order = _priced_from_command(p, infos[p.instrument], buffers)
         if isinstance(order, str):
             return order
@@ -156,17 +156,23 @@ def wave_refusal(command: Command, infos: Mapping[str, InstrumentInfo], buffers:
     refusal = _command_refusal(command, infos, now, max_age)
     if refusal is not None:
         return refusal
+    legs = command.closing()
+    if not legs:
+        return None
+    assert legs.exit_price is not None and legs.mark is not None  # `_command_refusal`: every leg priced
     selling, buying, ceiling = 1.0 - buffers.base, 1.0 + buffers.base, buffers.ceiling
     perpetual, future = InstrumentType.PERPETUAL, InstrumentType.FUTURE  # INDEX_BOUNDED, without hashing
-    for p in command.positions:  # 1,000 legs on the way to the first order: kept to plain arithmetic
-        info = infos[p.instrument]
-        amount, mark, tick, kind = p.amount, p.mark or 0.0, info.tick_size, info.type
-        limit = (p.exit_price or 0.0) * (selling if amount > 0 else buying)
+    # 1,000 legs on the way to the first order: the columns zipped, kept to plain arithmetic
+    for instrument, amount, exit_price, mark in zip(legs.instrument, legs.amount, legs.exit_price, legs.mark,
+                                                    strict=True):
+        info = infos[instrument]
+        tick, kind = info.tick_size, info.type
+        limit = (exit_price or 0.0) * (selling if amount > 0 else buying)
         slack = 0.0 if kind is perpetual or kind is future else tick
-        if abs(limit - mark) + tick + BOUNDS_MARGIN * (limit + mark) <= ceiling * mark + slack \
-                and _sent_whole(amount, info):
+        if abs(limit - (mark or 0.0)) + tick + BOUNDS_MARGIN * (limit + (mark or 0.0)) \
+                <= ceiling * (mark or 0.0) + slack and _sent_whole(amount, info):
             continue
-        order = _priced_from_command(p, info, buffers)
+        order = _priced_from_command(LegToClose(instrument, amount, exit_price, mark, None), info, buffers)
         if isinstance(order, str):
             return order
     return None
@@ -196,18 +202,24 @@ def _command_refusal(command: Command, infos: Mapping[str, InstrumentInfo], now:
     stale = not_fresh_full(command, now, max_age)
     if stale is not None:
         return stale
-    unpriced = next((p.instrument for p in command.positions if not (p.exit_price and p.mark)), None)
+    legs = command.closing()
+    names = legs.instrument
+    if legs.exit_price is None or legs.mark is None:  # a column is left out when no leg has one
+        unpriced = names[0] if names else None
+    else:
+        priced = zip(names, legs.exit_price, legs.mark, strict=True)
+        unpriced = next((name for name, exit_price, mark in priced if not (exit_price and mark)), None)
     if unpriced is not None:
         return f"{unpriced} has no exit price and mark in the command (stale at the decision)"
-    together = hedged([p.instrument for p in command.positions], infos, command.groups or [])
-    thin = next((p.instrument for p in command.positions
-                 if p.instrument in together and p.exit_within_depth is not True), None)
+    together = hedged(names, infos, command.groups or [])
+    depths = zip(names, legs.exit_within_depth or [None] * len(names), strict=True)
+    thin = next((name for name, whole in depths if name in together and whole is not True), None)
     if thin is not None:
         return f"{thin} is hedged and the decision's book did not hold it whole (exit_within_depth)"
     return None
 
 
-def _priced_from_command(p: PositionToClose, info: InstrumentInfo, buffers: Buffers) -> Order | str:
+def _priced_from_command(p: LegToClose, info: InstrumentInfo, buffers: Buffers) -> Order | str:
     """One leg's order of the first wave, or why it cannot be priced from the command."""
     assert p.exit_price is not None and p.mark is not None
     order = decision_order(p.amount, p.exit_price, buffers.base, info)
@@ -232,14 +244,14 @@ class DecisionWave:
 
     def head(self) -> Order | None:
         """The wave's first order (None for a command with no legs: a cancel-only one)."""
-        return self._priced(self.command.positions[0]) if self.command.positions else None
+        return next(map(self._priced, self.command.closing().rows()), None)
 
     def orders(self) -> list[Order]:
         """Every order of the wave, `head()` first: what `wave_from_command` prices, without its
         checks again (`wave_refusal` has shown none refuses)."""
-        return [self._priced(p) for p in self.command.positions]
+        return [self._priced(p) for p in self.command.closing().rows()]
 
-    def _priced(self, p: PositionToClose) -> Order:
+    def _priced(self, p: LegToClose) -> Order:
         order = _priced_from_command(p, self.infos[p.instrument], self.buffers)
         assert isinstance(order, Order), order
         return order

@@ -249,8 +249,8 @@ class Notifier:
             command_id=command.command_id, reason=command.reason, fraction=command.fraction,
             epoch=command.epoch, snapshot_seq=command.snapshot_seq, figure=command.net_pnl,
             threshold=command.threshold,
-            marks={p.instrument: p.mark for p in command.positions if p.mark is not None},
-            signs={p.instrument: math.copysign(1.0, p.amount) for p in command.positions},
+            marks={p.instrument: p.mark for p in command.closing().rows() if p.mark is not None},
+            signs={p.instrument: math.copysign(1.0, p.amount) for p in command.closing().rows()},
             estimated_cost=estimate)
         return [self._decision(command, now)]
 
@@ -282,11 +282,11 @@ class Notifier:
             severity=Severity.CRITICAL if command.reason is CloseReason.EMERGENCY_STOP else Severity.INFO,
             title=f"{words}: closing {what} at {usd(command.net_pnl)}",
             text=(f"{words} decided at {usd(command.net_pnl)} ({against}), epoch {command.epoch}, "
-                  f"{len(command.positions)} position(s). Quoters are halted until it is done. "
+                  f"{len(command.closing())} position(s). Quoters are halted until it is done. "
                   f"Command {command.command_id}."),
             facts={"command_id": command.command_id, "reason": command.reason.value,
                    "figure": command.net_pnl, "threshold": command.threshold, "fraction": command.fraction,
-                   "positions": len(command.positions), "epoch": command.epoch},
+                   "positions": len(command.closing()), "epoch": command.epoch},
             ts=command.created_ts)
 
     def on_report(self, report: Report, now: float) -> list[Notification]:

@@ -323,7 +323,7 @@ class TakeProfitService:
             log.warning("decision %s dropped: %s", decision.command_id, exc)
             self.engine.on_closure_finished(decision.command_id, completed=False, now=now)
             return
-        command, text = signed_text(built, self.command_key, self.engine.legs.texts(built.positions))
+        command, text = signed_text(built, self.command_key)
         ttl = command.deadline_ts - now + LEASE_MARGIN_SECONDS
         pipe.set(self.lease_key, command.command_id, px=max(1, int(ttl * 1000)))
         self.lease_held = True
@@ -339,7 +339,7 @@ class TakeProfitService:
             decision.snapshot_seq,
             decision.figure,
             decision.threshold,
-            len(command.positions),
+            len(command.closing()),
             self.settings.executor.deadline_seconds,
         )
 

@@ -1,20 +1,19 @@
 """Each open position's full close, kept ready as its row changes (pure: no I/O).
 
 A decision to close a book lists every open position as a `PositionToClose`. Built at the
-decision — validated constructors, then two encodings of the whole list (one to sign, one for the
-stream entry) — a 1,000-position book cost take-profit ≈ 3.9 ms of CPU between the crossing
-snapshot and the command in Redis (`bench/command_costs.py`, before issue 22's sixth pass). A
-row changes only when the portfolio publishes it, so the leg closing it in full, priced from it,
-and that leg's JSON are built then — the cost follows the rows a batch changed, as folding them
-does — and a decision picks them up by identity (`ClosingLegs.full_close`, `texts`).
+decision with validated constructors, a 1,000-position book's legs cost take-profit milliseconds
+between the crossing snapshot and the command (`bench/command_costs.py`, before issue 22's sixth
+pass). A row changes only when the portfolio publishes it, so the leg closing it in full, priced
+from it, is built then — the cost follows the rows a batch changed, as folding them does — and a
+decision picks it up by identity (`ClosingLegs.full_close`). (Until the command's legs became
+columns, each leg's JSON was kept ready too, to be spliced into the command's `positions`.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.common.bus import encode_document_bytes
 from services.common.contracts import PositionToClose, SnapshotPosition
 
 
@@ -23,8 +22,6 @@ class _Ready:
     row: SnapshotPosition
     """The row this leg was built from: it is current while the view holds this very object."""
     leg: PositionToClose
-    text: bytes
-    """`leg` as the command's JSON writes it (`encode_document_bytes`)."""
 
 
 def to_close(row: SnapshotPosition, fraction: float, priced: bool) -> PositionToClose:
@@ -35,7 +32,7 @@ def to_close(row: SnapshotPosition, fraction: float, priced: bool) -> PositionTo
 
 
 class ClosingLegs:
-    """The priced full close of every open row, and its text, keyed by instrument."""
+    """The priced full close of every open row, keyed by instrument."""
 
     __slots__ = ("_ready",)
 
@@ -52,8 +49,7 @@ class ClosingLegs:
             if row.position == 0.0:
                 self._ready.pop(row.instrument, None)
             else:
-                leg = to_close(row, 1.0, priced=True)
-                self._ready[row.instrument] = _Ready(row, leg, encode_document_bytes(leg))
+                self._ready[row.instrument] = _Ready(row, to_close(row, 1.0, priced=True))
 
     def full_close(self, row: SnapshotPosition) -> PositionToClose:
         """`to_close(row, 1.0, priced=True)` of an open row: the ready one when it was built from this
@@ -63,12 +59,3 @@ class ClosingLegs:
             self.refresh((row,))
             ready = self._ready[row.instrument]
         return ready.leg
-
-    def texts(self, legs: Sequence[PositionToClose]) -> list[bytes]:
-        """Each leg's JSON, in order: the ready text of a leg `full_close` gave, else encoded now
-        (a partial or unpriced leg)."""
-        out = []
-        for leg in legs:
-            ready = self._ready.get(leg.instrument)
-            out.append(ready.text if ready is not None and ready.leg is leg else encode_document_bytes(leg))
-        return out

@@ -109,7 +109,7 @@ VALID: dict[type[BaseModel], dict[str, Any]] = {
         epoch=1,
         reason="take_profit",
         fraction=1.0,
-        positions=[dict(instrument="BTC-PERPETUAL", amount=0.5), dict(instrument="BTC-27DEC26", amount=-0.2)],
+        legs=dict(instrument=["BTC-PERPETUAL", "BTC-27DEC26"], amount=[0.5, -0.2]),
         groups=[dict(underlying="BTCUSD", instruments=["BTC-PERPETUAL", "BTC-27DEC26"])],
         snapshot_seq=3,
         net_pnl=1.2,
@@ -165,7 +165,8 @@ VALID: dict[type[BaseModel], dict[str, Any]] = {
 def test_valid_document_round_trips_through_json(model: type[BaseModel]) -> None:
     doc = model.model_validate(VALID[model])
     text = doc.model_dump_json()
-    assert json.loads(text)["v"] == (c.SNAPSHOT_VERSION if model is c.Snapshot else 1)
+    versions = {c.Snapshot: c.SNAPSHOT_VERSION, c.Command: c.COMMAND_VERSION}
+    assert json.loads(text)["v"] == versions.get(model, 1)
     assert model.model_validate_json(text) == doc
 
 
@@ -213,7 +214,19 @@ INVALID: list[tuple[type[BaseModel], str, Any, str]] = [
     (c.Command, "reason", "feeling_lucky", "reason"),
     (c.Command, "fraction", 0, "fraction"),
     (c.Command, "fraction", 1.5, "fraction"),
-    (c.Command, "positions", [{"instrument": "X", "amount": 0}], "amount must not be zero"),
+    (c.Command, "legs", {"instrument": ["X", "Y"], "amount": [1.0, 0.0]},
+     "legs amount[1] (Y) must not be zero"),
+    (c.Command, "legs", {"instrument": ["X", "Y"], "amount": [1.0]},
+     "legs.amount has 1 entries for 2 instruments"),
+    (c.Command, "legs", {"instrument": ["X"], "amount": [1.0], "mark": [1.0, 2.0]},
+     "legs.mark has 2 entries"),
+    (c.Command, "legs", {"instrument": ["X", "X"], "amount": [1.0, 2.0]},
+     "legs.instrument lists an instrument twice"),
+    (c.Command, "legs", {"instrument": [""], "amount": [1.0]}, "legs.instrument.0"),
+    (c.Command, "legs", {"instrument": ["X"], "amount": [1.0], "exit_price": [-1.0]}, "legs.exit_price.0"),
+    (c.Command, "positions", [{"instrument": "X", "amount": 1.0}],
+     "positions a v2 command lists its legs in"),
+    (c.Command, "v", 3, "unsupported command version 3"),
     (c.Command, "deadline_ts", TS - 1, "deadline_ts must be after created_ts"),
     (c.Command, "command_id", "", "command_id"),
     (c.Report, "status", "done", "status"),
@@ -332,3 +345,29 @@ def test_a_deeply_nested_entry_is_malformed_with_its_real_reason() -> None:
 def test_an_unknown_version_says_so() -> None:
     with pytest.raises(MalformedEntry, match="unsupported contract version 2"):
         validate_entry(c.Fill, {DATA_FIELD.encode(): json.dumps({**VALID[c.Fill], "v": 2}).encode()})
+
+
+def test_a_v1_command_lists_its_legs_as_objects_and_reads_as_columns() -> None:
+    """Written before the legs were columns (still read: a closure in flight across the upgrade)."""
+    v1 = {**{k: v for k, v in VALID[c.Command].items() if k != "legs"}, "v": 1,
+          "positions": [{"instrument": "BTC-PERPETUAL", "amount": 0.5, "mark": 60_000.0},
+                        {"instrument": "BTC-27DEC26", "amount": -0.2}]}
+    command = validate_entry(c.Command, {DATA_FIELD.encode(): json.dumps(v1).encode()})
+    assert command.legs is None and command.closing() == c.Legs(
+        instrument=["BTC-PERPETUAL", "BTC-27DEC26"], amount=[0.5, -0.2], mark=[60_000.0, None])
+    assert [leg.instrument for leg in command.closing().rows()] == ["BTC-PERPETUAL", "BTC-27DEC26"]
+    with pytest.raises(MalformedEntry, match="amount must not be zero"):
+        validate_entry(c.Command, {DATA_FIELD.encode(): json.dumps(
+            {**v1, "positions": [{"instrument": "X", "amount": 0}]}).encode()})
+    with pytest.raises(MalformedEntry, match="a v1 command lists its legs in `positions`"):
+        both = {**v1, "legs": VALID[c.Command]["legs"]}
+        validate_entry(c.Command, {DATA_FIELD.encode(): json.dumps(both).encode()})
+
+
+def test_legs_read_off_their_columns_in_order() -> None:
+    legs = c.Legs(instrument=["A", "B"], amount=[1.0, -2.0], exit_price=[10.0, None],
+                  exit_within_depth=[True, None])
+    assert list(legs.rows()) == [c.LegToClose("A", 1.0, 10.0, None, True),
+                                 c.LegToClose("B", -2.0, None, None, None)]
+    assert c.Legs.of(legs.rows()) == legs and len(legs) == 2
+    assert c.Legs.of([]) == c.Legs(instrument=[], amount=[]) and not c.Legs.of([])

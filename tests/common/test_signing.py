@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.bus import DATA_FIELD, encode_document, encode_document_bytes, validate_entry
-from services.common.config import ConfigError, load_config
-from services.common.contracts import CloseReason, Command, PositionToClose
+from services.common.bus import DATA_FIELD, encode_document, validate_entry
+from services.common.contracts import CloseReason, Command, Legs, PositionToClose
 from services.common.signing import (
     ForgedCommand,
     canonical_command,
     command_signature,
     is_authentic,
-    load_command_key,
-    require_command_key,
     sign_command,
     signed_text,
     sorted_command,
@@ -30,12 +26,15 @@ TS = 1_700_000_000.0
 
 
 def command(**changes: object) -> Command:
+    """A command; `positions=` rows become a v2 command's `legs` unless `v=1` asks for the old form."""
     values: dict[str, object] = dict(
         command_id="e3-take_profit-s41-n1", epoch=3, reason=CloseReason.TAKE_PROFIT, fraction=1.0,
         positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01, exit_price=60_000.5,
                                    mark=60_010.0)],
         snapshot_seq=41, net_pnl=1.25, threshold=1.1, created_ts=TS, deadline_ts=TS + 30)
     values.update(changes)
+    if values.get("v") != 1:
+        values["legs"] = Legs.of(values.pop("positions"))  # type: ignore[arg-type]
     return Command(**values)  # type: ignore[arg-type]
 
 
@@ -57,8 +56,8 @@ def test_the_signature_covers_the_json_of_everything_else() -> None:
     import hmac
     doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
     text = canonical_command(doc).decode()
-    assert text == ('{"v":1,"command_id":"e3-take_profit-s41-n1","epoch":3,"reason":"take_profit",'
-                    '"fraction":1.0,"positions":[{"instrument":"BTC-PERPETUAL","amount":0.01}],'
+    assert text == ('{"v":2,"command_id":"e3-take_profit-s41-n1","epoch":3,"reason":"take_profit",'
+                    '"fraction":1.0,"legs":{"instrument":["BTC-PERPETUAL"],"amount":[0.01]},'
                     '"snapshot_seq":41,"net_pnl":1.25,"threshold":1.1,"created_ts":1700000000.0,'
                     '"deadline_ts":1700000030.0}')
     expected = hmac.new(KEY, text.encode(), hashlib.sha256).hexdigest()
@@ -67,10 +66,11 @@ def test_the_signature_covers_the_json_of_everything_else() -> None:
 
 
 def test_a_command_signed_in_the_sorted_form_before_issue_22_still_verifies() -> None:
-    """An executor upgraded before take-profit: the older `hmac-sha256:` signature (keys sorted)."""
+    """An executor upgraded before take-profit: the older `hmac-sha256:` signature (keys sorted), on
+    the command form of its time (v1: one object per leg in `positions`)."""
     import hashlib
     import hmac
-    doc = command(positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
+    doc = command(v=1, positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.01)], groups=None)
     text = sorted_command(doc).decode()
     assert text == ('{"command_id":"e3-take_profit-s41-n1","created_ts":1700000000.0,'
                     '"deadline_ts":1700000030.0,'
@@ -89,11 +89,11 @@ def test_a_command_signed_in_the_sorted_form_before_issue_22_still_verifies() ->
 
 FORGERIES = [
     ("unsigned", lambda signed: command(), "is not signed"),
-    ("bigger amount", lambda signed: signed.model_copy(update={"positions": [
-        PositionToClose(instrument="BTC-PERPETUAL", amount=0.02, exit_price=60_000.5, mark=60_010.0)]}),
+    ("bigger amount", lambda signed: signed.model_copy(update={"legs": Legs.of([
+        PositionToClose(instrument="BTC-PERPETUAL", amount=0.02, exit_price=60_000.5, mark=60_010.0)])}),
      "invalid signature"),
-    ("another instrument", lambda signed: signed.model_copy(update={"positions": [
-        PositionToClose(instrument="ETH-PERPETUAL", amount=0.01, exit_price=60_000.5, mark=60_010.0)]}),
+    ("another instrument", lambda signed: signed.model_copy(update={"legs": Legs.of([
+        PositionToClose(instrument="ETH-PERPETUAL", amount=0.01, exit_price=60_000.5, mark=60_010.0)])}),
      "invalid signature"),
     ("later deadline", lambda signed: signed.model_copy(update={"deadline_ts": TS + 3600}),
      "invalid signature"),
@@ -154,7 +154,8 @@ def test_the_entry_is_checked_as_it_came_and_anything_altered_is_refused() -> No
     again: the altered one is refused, the re-spaced one verifies."""
     signed, text = signed_text(command(), KEY)
     verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY, text)
-    altered = text.replace(b'"amount":0.01', b'"amount":0.02')
+    altered = text.replace(b'"amount":[0.01]', b'"amount":[0.02]')
+    assert altered != text
     with pytest.raises(ForgedCommand, match="invalid signature"):
         verify_command(validate_entry(Command, {DATA_FIELD.encode(): altered}), KEY, altered)
     spaced = json.dumps(json.loads(text), indent=1)
@@ -166,35 +167,36 @@ def test_the_entry_is_checked_as_it_came_and_anything_altered_is_refused() -> No
 legs = st.lists(st.builds(PositionToClose, instrument=st.text(
     st.characters(min_codepoint=33, max_codepoint=0x2FFF), min_size=1, max_size=20).filter(str.strip),
     amount=amounts, exit_price=st.none() | st.floats(0, 1e6), mark=st.none() | st.floats(0, 1e6),
-    exit_within_depth=st.none() | st.booleans()), max_size=8)
+    exit_within_depth=st.none() | st.booleans()), max_size=8, unique_by=lambda p: p.instrument.strip())
 
 
 @settings(max_examples=200, deadline=None)
 @given(positions=legs, command_id=st.text(min_size=1, max_size=30).filter(str.strip))
-def test_legs_spliced_in_give_the_same_text_and_signature_as_the_whole_command(
+def test_any_legs_signed_and_written_once_read_back_verified_and_the_same(
         positions: list[PositionToClose], command_id: str) -> None:
-    """Take-profit's legs encoded ahead of time (`services.takeprofit.legs`) and spliced into the
-    command: the same bytes as `encode_document` of `sign_command`, whatever the command id holds
-    (a quote in it is escaped, so `"positions":[` cannot appear before the field)."""
+    """Take-profit's text (`signed_text`) is `encode_document` of `sign_command`, the executor reads
+    it back as the same command, verified over its bytes, and its legs are the rows it was built
+    from, in order (a column every leg leaves out is left out)."""
     doc = command(positions=positions, command_id=command_id)
-    signed, text = signed_text(doc, KEY, [encode_document_bytes(p) for p in positions])
+    signed, text = signed_text(doc, KEY)
     assert signed == sign_command(doc, KEY)
     assert text == encode_document(signed).encode()
-    verify_command(validate_entry(Command, {DATA_FIELD.encode(): text}), KEY, text)
+    read = validate_entry(Command, {DATA_FIELD.encode(): text})
+    verify_command(read, KEY, text)
+    assert read == signed
+    assert [tuple(leg) for leg in read.closing().rows()] == [
+        (p.instrument.strip(), p.amount, p.exit_price, p.mark, p.exit_within_depth) for p in positions]
 
 
-def test_the_key_comes_from_a_file_and_is_long_enough(tmp_path: Path) -> None:
-    good = tmp_path / "key.txt"
-    good.write_text(KEY.decode() + "\n")
-    good.chmod(0o600)
-    assert load_command_key(good) == KEY
-    short = tmp_path / "short.txt"
-    short.write_text("secret\n")
-    with pytest.raises(ConfigError, match=r"commands\.signing_key_file .*holds 6 bytes; at least 32"):
-        load_command_key(short)
-
-
-def test_takeprofit_and_the_executor_cannot_start_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TP_COMMANDS__SIGNING_KEY_FILE", raising=False)
-    with pytest.raises(ConfigError, match=r"commands\.signing_key_file = None: required by takeprofit"):
-        require_command_key(load_config(None))
+def test_a_v1_command_signed_before_the_legs_were_columns_still_verifies_and_lists_its_legs() -> None:
+    """A closure in flight across the upgrade: take-profit wrote it as v1 (`positions`, one object per
+    leg, signed in the `hmac-sha256-v2:` form); the upgraded executor reads, verifies and closes it."""
+    old = command(v=1, positions=[
+        PositionToClose(instrument="BTC-PERPETUAL", amount=0.01, exit_price=60_000.5, mark=60_010.0),
+        PositionToClose(instrument="ETH-PERPETUAL", amount=-0.2)])
+    _, text = signed_text(old, KEY)
+    assert b'"v":1,' in text and b'"positions":[{"instrument":"BTC-PERPETUAL"' in text
+    read = validate_entry(Command, {DATA_FIELD.encode(): text})
+    verify_command(read, KEY, text)
+    assert read.closing() == Legs(instrument=["BTC-PERPETUAL", "ETH-PERPETUAL"], amount=[0.01, -0.2],
+                                  exit_price=[60_000.5, None], mark=[60_010.0, None])

@@ -20,7 +20,7 @@ def test_closing_fees_are_the_fills_fees_not_counted_twice() -> None:
         command_id="c1",
         epoch=0,
         reason="take_profit",
-        positions=[{"instrument": "X", "amount": 1}],
+        legs={"instrument": ["X"], "amount": [1]},
         snapshot_seq=1,
         net_pnl=1.2,
         threshold=1.1,

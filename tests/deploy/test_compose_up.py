@@ -172,7 +172,7 @@ def test_the_guardian_takes_profit_on_the_paper_exchange_inside_containers(
         finally:
             paper("paper/resume")
     assert command["reason"] == "take_profit" and command["fraction"] == 1.0, command
-    assert command["positions"] == [{**command["positions"][0], "instrument": PERP, "amount": 0.01}]
+    assert command["legs"]["instrument"] == [PERP] and command["legs"]["amount"] == [0.01], command
 
     def flat_on_the_exchange() -> bool:  # the exchange's own portfolio, as ingest relays it
         latest = documents(admin, "paper:positions")[-1]

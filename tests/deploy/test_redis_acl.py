@@ -173,7 +173,7 @@ def test_executor_consumes_commands_and_runs_its_lua_store(server: AclRedis) -> 
 
 async def _executor_store(server: AclRedis) -> None:
     """The executor's real Store: lease (SET NX PX), Lua save/renew/release, progress GET."""
-    from services.common.contracts import CloseReason, Command, PositionToClose, ReportStatus
+    from services.common.contracts import CloseReason, Command, Legs, PositionToClose, ReportStatus
     from services.executor.app import Store
     from services.executor.plan import Progress
 
@@ -182,8 +182,8 @@ async def _executor_store(server: AclRedis) -> None:
         store = Store(client, TP, 1000, "executor-1")
         now = time.time()
         command = Command(command_id="cmd-acl", epoch=1, reason=CloseReason.MANUAL, fraction=1.0,
-                          positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.1)], snapshot_seq=1,
-                          net_pnl=0.0, threshold=0.0, created_ts=now, deadline_ts=now + 30)
+                          legs=Legs.of([PositionToClose(instrument="BTC-PERPETUAL", amount=0.1)]),
+                          snapshot_seq=1, net_pnl=0.0, threshold=0.0, created_ts=now, deadline_ts=now + 30)
         token = await store.acquire(command.command_id)
         assert token is not None
         progress = Progress.start(command, now, 0.005, 30.0)

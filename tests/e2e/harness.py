@@ -795,8 +795,8 @@ def _closed_beyond_commands(closed: dict[tuple[str, str], float], allowance: dic
         label = command_label(c["command_id"])
         labels[label] = c["command_id"]
         full[label] = float(c.get("fraction", 1.0)) >= 1.0
-        for p in c["positions"]:
-            listed[(label, p["instrument"])] = abs(float(p["amount"]))
+        for name, amount in zip(c["legs"]["instrument"], c["legs"]["amount"], strict=True):
+            listed[(label, name)] = abs(float(amount))
     for (label, name), amount in closed.items():
         if label not in labels:
             problems.append(f"closing trades with label {label} of no known command")

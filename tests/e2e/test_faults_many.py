@@ -65,7 +65,7 @@ async def test_kill_9_portfolio_and_takeprofit_with_a_thousand_positions(
         exchange = {name: amount for name, amount in (await pipeline.exchange_positions()).items()
                     if abs(amount) > TOLERANCE}
         command = await close_all(pipeline)
-        legs = {p["instrument"]: p["amount"] for p in command["positions"]}
+        legs = dict(zip(command["legs"]["instrument"], command["legs"]["amount"], strict=True))
         assert len(legs) == len(exchange) == held
         wrong = {name: (legs[name], amount) for name, amount in exchange.items()
                  if abs(legs[name] - amount) > TOLERANCE}

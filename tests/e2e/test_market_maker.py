@@ -146,7 +146,7 @@ async def test_a_rogue_bot_opens_the_breaker_and_the_closing_fees_stay_within_th
     reasons = [c["reason"] for c in commands]
     assert reasons == ["max_age"] * (1 + LIMIT) + ["circuit_breaker"], reasons
     cancel = commands[-1]
-    assert cancel["positions"] == [] and await eventually_value(
+    assert cancel["legs"] == {"instrument": [], "amount": []} and await eventually_value(
         lambda: pipeline.outcome(cancel["command_id"]), within=15.0) == "completed"
     halt = await pipeline.redis.hgetall(pipeline.names.halt) if pipeline.redis else {}
     assert halt[b"reason"] == b"circuit_breaker"

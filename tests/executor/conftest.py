@@ -19,7 +19,15 @@ from redis.asyncio import Redis
 
 from services.common.bus import Bus, entry_fields
 from services.common.config import Settings
-from services.common.contracts import CloseReason, Command, HedgeGroup, PositionToClose, Report, ReportStatus
+from services.common.contracts import (
+    CloseReason,
+    Command,
+    HedgeGroup,
+    Legs,
+    PositionToClose,
+    Report,
+    ReportStatus,
+)
 from services.common.service import Health
 from services.common.signing import sign_command
 from services.common.streams import Names
@@ -131,8 +139,8 @@ def make_command(positions: dict[str, float], *, fraction: float = 1.0, deadline
     return Command(command_id=command_id or f"cmd-{uuid.uuid4().hex[:8]}", epoch=3,
                    reason=CloseReason.TAKE_PROFIT if fraction == 1.0 else CloseReason.PARTIAL_TAKE_PROFIT,
                    fraction=fraction,
-                   positions=[PositionToClose(instrument=k, amount=v, exit_price=(exit_prices or {}).get(k),
-                                              mark=(marks or {}).get(k)) for k, v in positions.items()],
+                   legs=Legs.of(PositionToClose(instrument=k, amount=v, exit_price=(exit_prices or {}).get(k),
+                                                mark=(marks or {}).get(k)) for k, v in positions.items()),
                    groups=groups, snapshot_seq=1, net_pnl=1.5, threshold=1.1, created_ts=now - age,
                    deadline_ts=now + deadline)
 

@@ -28,6 +28,7 @@ from services.common.contracts import (
     ExchangeError,
     InstrumentInfo,
     InstrumentType,
+    Legs,
     PositionToClose,
     ReportStatus,
     Side,
@@ -93,8 +94,8 @@ def spec(kind: InstrumentType = InstrumentType.PERPETUAL, lot: float = LOT,
 def command(positions: dict[str, float], fraction: float = 1.0, marks: dict[str, float] | None = None,
             created: float = NOW) -> Command:
     return Command(command_id="c1", epoch=1, reason=CloseReason.TAKE_PROFIT, fraction=fraction,
-                   positions=[PositionToClose(instrument=k, amount=v, exit_price=(marks or {}).get(k),
-                                              mark=(marks or {}).get(k)) for k, v in positions.items()],
+                   legs=Legs.of(PositionToClose(instrument=k, amount=v, exit_price=(marks or {}).get(k),
+                                                mark=(marks or {}).get(k)) for k, v in positions.items()),
                    snapshot_seq=1, net_pnl=1.0, threshold=1.0, created_ts=created, deadline_ts=created + 30)
 
 
@@ -375,8 +376,14 @@ def test_the_first_wave_is_priced_from_the_command_only_when_it_may_be() -> None
 
 
 def within_depth(cmd: Command, *instruments: str) -> Command:
-    return cmd.model_copy(update={"positions": [
-        p.model_copy(update={"exit_within_depth": p.instrument in instruments}) for p in cmd.positions]})
+    return cmd.model_copy(update={"legs": Legs.of(
+        p._replace(exit_within_depth=p.instrument in instruments) for p in cmd.closing().rows())})
+
+
+def first_leg(cmd: Command, **changes: float) -> Command:
+    """`cmd` with its only leg changed."""
+    (leg,) = cmd.closing().rows()
+    return cmd.model_copy(update={"legs": Legs.of([leg._replace(**changes)])})
 
 
 def test_a_hedged_first_wave_is_priced_from_the_command_when_the_book_held_every_leg_whole() -> None:
@@ -395,7 +402,7 @@ def test_a_hedged_first_wave_is_priced_from_the_command_when_the_book_held_every
     # C is alone on its underlying: its own depth does not matter (no hedge to keep)
     assert decision_wave(within_depth(book, "A", "B"), infos, BUFFERS, NOW, 1.0) is not None
     far = command({"A": 0.5}, marks={"A": 100.0})
-    far = far.model_copy(update={"positions": [far.positions[0].model_copy(update={"mark": 120.0})]})
+    far = first_leg(far, mark=120.0)
     assert decision_wave(far, infos, BUFFERS, NOW, 1.0) is None  # 99.5 is 17 % from 120: past the ceiling
 
 
@@ -411,7 +418,7 @@ def test_why_a_first_wave_is_not_priced_from_the_command_names_the_leg() -> None
     hedged = command({"A": 0.5, "B": -0.5}, marks={"A": 100.0, "B": 100.0})
     assert wave_from_command(within_depth(hedged, "A"), infos, BUFFERS, NOW, 1.0) == \
         "B is hedged and the decision's book did not hold it whole (exit_within_depth)"
-    far = fresh.model_copy(update={"positions": [fresh.positions[0].model_copy(update={"mark": 120.0})]})
+    far = first_leg(fresh, mark=120.0)
     # 100 x (1 - 0.005) = 99.5 is 20.5 from the mark 120, over 5 % of it (6.0)
     assert wave_from_command(far, infos, BUFFERS, NOW, 1.0) == \
         "A: a limit of 99.5 is over 5.0% from the mark 120"
@@ -424,11 +431,10 @@ def test_a_cheap_option_a_tick_under_its_mark_still_goes_in_the_first_wave() -> 
     40 x (1 - 0.005) = 39.8, up to the tick: 40, which is 4.2336 from the mark: over 5 % of it
     (2.2117) but within that plus one tick (7.2117), and the usual path would sell at 40 too."""
     option = spec(InstrumentType.OPTION).model_copy(update={"tick_size": 5.0})
-    put = command({"P": 0.5}, marks={"P": 44.2336}).model_copy(update={"positions": [PositionToClose(
-        instrument="P", amount=0.5, exit_price=40.0, mark=44.2336)]})
+    put = first_leg(command({"P": 0.5}), exit_price=40.0, mark=44.2336)
     (order,) = decision_wave(put, {"P": option}, BUFFERS, NOW, 1.0) or []
     assert (order.side, order.amount, order.price) == (Side.SELL, 0.5, 40.0)
-    worse = put.model_copy(update={"positions": [put.positions[0].model_copy(update={"exit_price": 35.0})]})
+    worse = first_leg(put, exit_price=35.0)
     # 35 x 0.995 = 34.825, up to 35: 9.2336 from the mark, over 7.2117: the usual path reads the book
     assert wave_from_command(worse, {"P": option}, BUFFERS, NOW, 1.0) == \
         "P: a limit of 35 is over 5.0% and a tick from the mark 44.2336"
@@ -440,8 +446,7 @@ def test_a_perpetual_marked_at_half_a_dollar_gets_no_tick_of_slack() -> None:
     An option would get a tick more (1.025); a perpetual none: this wave has no index bound, so the
     usual path (bounded by the index) reads the market instead."""
     perp = spec().model_copy(update={"tick_size": 1.0})
-    wild = command({"A": 0.5}).model_copy(update={"positions": [PositionToClose(
-        instrument="A", amount=0.5, exit_price=0.5, mark=0.5)]})
+    wild = first_leg(command({"A": 0.5}), exit_price=0.5, mark=0.5)
     assert wave_from_command(wild, {"A": perp}, BUFFERS, NOW, 1.0) == \
         "A: a limit of 1 is over 5.0% from the mark 0.5"
 
@@ -474,7 +479,7 @@ def test_the_check_on_bounds_says_what_pricing_every_leg_says(
                                      volume_tick_size=lot, min_order_amount=minimum)
         positions.append(PositionToClose(instrument=name, amount=size if long else -size,
                                          exit_price=max(tick, mark * (1 + off)), mark=mark))
-    cmd = command({}).model_copy(update={"positions": positions})
+    cmd = command({}).model_copy(update={"legs": Legs.of(positions)})
     buffers = Buffers(base, ceiling)
     priced = wave_from_command(cmd, infos, buffers, NOW, 1.0)
     assert wave_refusal(cmd, infos, buffers, NOW, 1.0) == (priced if isinstance(priced, str) else None)

@@ -10,6 +10,7 @@ from services.common.contracts import (
     Command,
     Drift,
     ExchangeError,
+    Legs,
     NotificationKind,
     PositionToClose,
     Report,
@@ -73,10 +74,10 @@ def command(
         reason=reason,
         fraction=fraction,
         snapshot_seq=seq,
-        positions=[
+        legs=Legs.of([
             PositionToClose(instrument="BTC-PERPETUAL", amount=0.5 * fraction, mark=60000.0),
             PositionToClose(instrument="ETH-PERPETUAL", amount=-0.2 * fraction, mark=3000.0),
-        ],
+        ]),
         net_pnl=10.2,
         threshold=10.0,
         created_ts=NOW,
@@ -296,8 +297,9 @@ def test_a_cancel_only_command_says_the_circuit_breaker_opened_and_its_completio
     """Issue 19: take-profit's `circuit_breaker` command closes nothing: one critical notification,
     nothing when it completes."""
     n = notifier()
-    cancel = Command(command_id="e4-circuit_breaker-s9-n2", epoch=4, reason="circuit_breaker", positions=[],
-                     snapshot_seq=9, net_pnl=-0.4, threshold=3.0, created_ts=NOW, deadline_ts=NOW + 30)
+    cancel = Command(command_id="e4-circuit_breaker-s9-n2", epoch=4, reason="circuit_breaker",
+                     legs=Legs.of([]), snapshot_seq=9, net_pnl=-0.4, threshold=3.0, created_ts=NOW,
+                     deadline_ts=NOW + 30)
     [note] = n.on_command(cancel, NOW)
     assert note.severity is Severity.CRITICAL and note.title.startswith("Circuit breaker open: 3 repeat")
     assert "thalex-tp resume" in note.text and "emergency stop stays armed on net P&L" in note.text

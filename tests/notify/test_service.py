@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.common.config import Settings
-from services.common.contracts import Command, Notification, PositionToClose
+from services.common.contracts import Command, Legs, Notification, PositionToClose
 from services.common.streams import Names
 from services.notify.app import build
 from services.notify.outbox import Outbox
@@ -42,7 +42,7 @@ def command(n: int, reason: str = "take_profit") -> Command:
         epoch=1,
         reason=reason,
         snapshot_seq=n,
-        positions=[PositionToClose(instrument="BTC-PERPETUAL", amount=0.5, mark=60000.0)],
+        legs=Legs.of([PositionToClose(instrument="BTC-PERPETUAL", amount=0.5, mark=60000.0)]),
         net_pnl=1.12,
         threshold=1.1,
         created_ts=now,

@@ -134,7 +134,7 @@ def test_status_and_history_name_who_broke_the_halt(
         client.hset(names.halt, mapping=halt_to_hash(halt))
         client.xadd(names.commands, entry_fields(Command(
             command_id="cmd-b", epoch=1, reason=CloseReason.TAKE_PROFIT,
-            positions=[{"instrument": "X", "amount": 1}], snapshot_seq=1, net_pnl=2.0, threshold=1.0,
+            legs={"instrument": ["X"], "amount": [1]}, snapshot_seq=1, net_pnl=2.0, threshold=1.0,
             created_ts=now - 5, deadline_ts=now + 25)))
         client.xadd(names.reports, entry_fields(
             Report(command_id="cmd-b", status=ReportStatus.COMPLETED, ts=now)))

@@ -139,7 +139,7 @@ def test_while_open_rebuilt_positions_are_cancelled_again_with_a_command_that_cl
     assert decision is not None and decision.reason is CloseReason.CIRCUIT_BREAKER
     assert decision.positions == ()
     command = build_command(decision, NOW + 1, 30.0)
-    assert command.positions == [] and command.reason is CloseReason.CIRCUIT_BREAKER
+    assert len(command.closing()) == 0 and command.reason is CloseReason.CIRCUIT_BREAKER
     assert command.command_id == "e1-circuit_breaker-s1-n1"
     assert engine.on_closure_finished(decision.command_id, completed=True, now=NOW + 2)
     assert engine.state(NOW + 2) is GuardState.CIRCUIT_BREAKER  # no cool-down, the epoch goes on

@@ -1,16 +1,15 @@
 """Each open position's full close kept ready (services/takeprofit/legs.py): a decision never uses a
-leg built from an older row, and the command's text is the one its legs would be encoded to."""
+leg built from an older row, and the command lists the decision's legs as columns."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.bus import encode_document, encode_document_bytes
-from services.common.contracts import PositionToClose, Snapshot, SnapshotPosition
+from services.common.bus import encode_document
+from services.common.contracts import Legs, PositionToClose, Snapshot, SnapshotPosition
 from services.common.signing import sign_command, signed_text
 from services.common.snapshots import SnapshotView
-from services.takeprofit.legs import ClosingLegs
 from services.takeprofit.rules import RulesEngine, build_command
 from tests.takeprofit.factories import NOW, cfg, pos, snap
 
@@ -67,24 +66,19 @@ def test_flat_rows_leave_and_a_full_snapshot_or_a_new_view_starts_over() -> None
     assert len(engine.legs) == 2
 
 
-def test_the_command_text_from_ready_legs_is_the_signed_command_encoded() -> None:
+def test_a_full_close_uses_the_ready_legs_and_the_command_lists_them_as_columns() -> None:
     engine = RulesEngine(cfg())
     rows = [pos(f"BTC-OPT-{i}", -1.0 - i / 10) for i in range(50)]
     engine.on_snapshot(snap(1, 0.0, positions=rows), NOW)
     decision = engine.on_snapshot(delta(2, 2.0, [], 50), NOW + 2)
     assert decision is not None
-    built = build_command(decision, NOW + 2, 30.0)
     held = engine.view.rows
-    assert all(leg is engine.legs.full_close(held[leg.instrument]) for leg in built.positions)  # ready ones
-    assert engine.legs.texts(built.positions) == [encode_document_bytes(p) for p in built.positions]
-    signed, text = signed_text(built, KEY, engine.legs.texts(built.positions))
+    assert all(leg is engine.legs.full_close(held[leg.instrument]) for leg in decision.positions)  # ready
+    built = build_command(decision, NOW + 2, 30.0)
+    assert built.legs == Legs.of(decision.positions) and built.positions is None
+    assert built.closing().instrument == [f"BTC-OPT-{i}" for i in range(50)]
+    signed, text = signed_text(built, KEY)
     assert signed == sign_command(built, KEY) and text == encode_document(signed).encode()
-
-
-def test_a_leg_not_built_here_is_encoded_on_the_spot() -> None:
-    legs = ClosingLegs([pos("A", 1.0)])
-    other = PositionToClose(instrument="A", amount=0.5)
-    assert legs.texts([other]) == [b'{"instrument":"A","amount":0.5}']
 
 
 rows_of = st.lists(st.tuples(st.sampled_from("ABCDEF"), st.sampled_from([0.0, 1.0, -0.5, 2.0]),

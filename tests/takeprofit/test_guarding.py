@@ -78,7 +78,7 @@ async def test_a_bad_instrument_entry_written_while_running_never_stops_a_decisi
         await eventually(handled)
     [command] = await read_stream(redis, names.commands, Command)
     # half of each leg: BTC rounded down to its volume tick, ETH (tick unknown) exactly half
-    assert {p.instrument: p.amount for p in command.positions} == {BTC: 0.005, ETH: 0.125}
+    assert {p.instrument: p.amount for p in command.closing().rows()} == {BTC: 0.005, ETH: 0.125}
     [letter] = await dead_letters(redis, names)  # once, though both later snapshots saw it too
     assert (letter.source_stream, letter.entry_id, letter.service) == (names.instruments, ETH, "takeprofit")
     assert "InstrumentInfo invalid" in letter.error and "volume_tick_size" in letter.error
@@ -96,7 +96,7 @@ async def test_a_bad_instrument_entry_never_delays_an_emergency_stop(redis_url: 
 
         await eventually(decided, within=5)
     [command] = await read_stream(redis, names.commands, Command)
-    assert command.reason == "emergency_stop" and command.positions[0].amount == 1.0
+    assert command.reason == "emergency_stop" and command.closing().amount == [1.0]
 
 
 def health(port: int) -> tuple[int, dict[str, Any]]:

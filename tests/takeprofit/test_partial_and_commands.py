@@ -46,7 +46,7 @@ def test_a_full_closure_lists_every_position_signed_like_the_position() -> None:
     decision = RulesEngine(cfg()).on_snapshot(snap(7, 1.1, positions=hedged_book()), NOW)
     command = build_command(decision, NOW + 1, 30.0)
     assert command.reason is CloseReason.TAKE_PROFIT and command.fraction == 1.0
-    assert [(p.instrument, p.amount) for p in command.positions] == [
+    assert [(p.instrument, p.amount) for p in command.closing().rows()] == [
         ("BTC-PERPETUAL", 1.0),
         ("BTC-27JUN25-100000-C", -10.0),
         ("ETH-PERPETUAL", -2.0),
@@ -91,21 +91,22 @@ def test_volume_ticks_round_a_partial_toward_zero_and_never_leave_a_hedge_one_le
     decision = RulesEngine(cfg()).on_snapshot(snap(1, 0.6, positions=book), NOW)
     command = build_command(decision, NOW, 30.0, volume_ticks=ticks)
     # BTC-OPT: -0.005 rounds to zero, so its whole BTC group stays open.
-    assert [(p.instrument, p.amount) for p in command.positions] == [
+    assert [(p.instrument, p.amount) for p in command.closing().rows()] == [
         ("ETH-PERPETUAL", -1.0),
         ("SOL-PERPETUAL", 1.6),
     ]
     assert command.groups is None
 
     loose = RulesEngine(cfg(position_correlation_check=False)).on_snapshot(snap(1, 0.6, positions=book), NOW)
-    amounts = {p.instrument: p.amount for p in build_command(loose, NOW, 30.0, volume_ticks=ticks).positions}
+    built = build_command(loose, NOW, 30.0, volume_ticks=ticks)
+    amounts = dict(zip(built.closing().instrument, built.closing().amount, strict=True))
     assert amounts == {"BTC-PERPETUAL": 0.0061, "ETH-PERPETUAL": -1.0, "SOL-PERPETUAL": 1.6}
 
 
 def test_a_full_close_is_never_rounded_and_nothing_left_is_an_error() -> None:
     full = RulesEngine(cfg()).on_snapshot(snap(1, 5.0, positions=[pos(position=0.01234)]), NOW)
     assert (
-        build_command(full, NOW, 30.0, volume_ticks={"BTC-PERPETUAL": 0.001}).positions[0].amount == 0.01234
+        build_command(full, NOW, 30.0, volume_ticks={"BTC-PERPETUAL": 0.001}).closing().amount[0] == 0.01234
     )
     tiny = RulesEngine(cfg()).on_snapshot(snap(1, 0.6, positions=[pos(position=0.001)]), NOW)
     with pytest.raises(ValueError, match="rounds to zero"):

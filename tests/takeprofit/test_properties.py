@@ -172,9 +172,9 @@ def test_partial_amounts_are_exactly_fraction_times_position_on_every_leg(legs, 
     decision = engine.on_snapshot(snap(1, 0.5, positions=positions), NOW)
     assert decision is not None and decision.reason is CloseReason.PARTIAL_TAKE_PROFIT
     command = build_command(decision, NOW, 30.0)
-    assert [p.instrument for p in command.positions] == [p.instrument for p in positions]
+    assert [p.instrument for p in command.closing().rows()] == [p.instrument for p in positions]
     ratios: dict[str, list[float]] = defaultdict(list)
-    for leg, close in zip(positions, command.positions, strict=True):
+    for leg, close in zip(positions, command.closing().rows(), strict=True):
         assert close.amount == fraction * leg.position
         assert math.copysign(1.0, close.amount) == math.copysign(1.0, leg.position)
         ratios[leg.underlying].append(close.amount / leg.position)

@@ -77,7 +77,7 @@ async def test_a_thousand_snapshots_above_target_make_exactly_one_command(
         [command] = await commands(redis, names)
     assert command.reason == "take_profit" and command.fraction == 1.0
     assert command.snapshot_seq == 1 and command.net_pnl == 1.25 and command.threshold == 1.1
-    assert [(p.instrument, p.amount) for p in command.positions] == [("BTC-PERPETUAL", 1.0)]
+    assert [(p.instrument, p.amount) for p in command.closing().rows()] == [("BTC-PERPETUAL", 1.0)]
     assert command.deadline_ts - command.created_ts == 30.0
     halt = halt_from_hash(await redis.hgetall(names.halt))
     assert halt is not None and halt.command_id == command.command_id and halt.until is None
@@ -222,7 +222,7 @@ async def test_partial_take_profit_keeps_hedge_ratio_and_fires_once(
         await asyncio.sleep(0.3)
     [command] = await commands(redis, names)
     assert command.reason == "partial_take_profit" and command.fraction == 0.5
-    assert {p.instrument: p.amount for p in command.positions} == {
+    assert {p.instrument: p.amount for p in command.closing().rows()} == {
         "BTC-PERPETUAL": 1.0,
         "BTC-27DEC26-100000-C": -5.0,
     }
@@ -378,5 +378,5 @@ async def test_deltas_are_folded_and_a_gap_or_a_start_reads_the_portfolios_rows(
         await xadd(redis, names.snapshots, delta(4, 1.25, []))
         command = await one_command(redis, names)
     assert command.snapshot_seq == 4
-    assert sorted((p.instrument, p.amount) for p in command.positions) == [
+    assert sorted((p.instrument, p.amount) for p in command.closing().rows()) == [
         ("BTC-PERPETUAL", 1.0), ("ETH-PERPETUAL", -1.5), ("SOL-PERPETUAL", 3.0)]
