@@ -381,6 +381,9 @@ class PositionToClose(BaseModel):
     exit_within_depth: bool | None = None
     """The snapshot row's: the book at the decision held the whole amount at `exit_price`."""
 
+    def leg(self) -> LegToClose:
+        return LegToClose(self.instrument, self.amount, self.exit_price, self.mark, self.exit_within_depth)
+
 
 class LegToClose(NamedTuple):
     """One leg of `Legs`, read off its columns (a plain tuple: 1,000 of them cost no validation)."""
@@ -435,16 +438,23 @@ class Legs(BaseModel):
                                          self.mark or none, self.exit_within_depth or none, strict=True))
 
     @classmethod
-    def of(cls, rows: Iterable[PositionToClose | LegToClose]) -> Legs:
-        """The columns of `rows` (a column every row leaves out is left out)."""
-        listed = list(rows)
+    def of(cls, rows: Iterable[LegToClose] | Iterable[PositionToClose]) -> Legs:
+        """The columns of `rows`, validated (a column every row leaves out is left out).
 
-        def column(values: list[Any]) -> list[Any] | None:
-            return values if any(value is not None for value in values) else None
+        Take-profit's legs are `LegToClose` tuples, turned into columns in C (`zip`: 0.2 ms for
+        1,000; reading five attributes of 1,000 models cost 0.3-0.4 ms more)."""
+        legs: list[Any] = list(rows)
+        if not legs:
+            return cls(instrument=[], amount=[])
+        if isinstance(legs[0], PositionToClose):
+            legs = [row.leg() for row in legs]
+        instrument, amount, exit_price, mark, depth = map(list, zip(*legs, strict=True))
 
-        return cls(instrument=[r.instrument for r in listed], amount=[r.amount for r in listed],
-                   exit_price=column([r.exit_price for r in listed]), mark=column([r.mark for r in listed]),
-                   exit_within_depth=column([r.exit_within_depth for r in listed]))
+        def present(column: list[Any]) -> list[Any] | None:
+            return None if column.count(None) == len(column) else column
+
+        return cls(instrument=instrument, amount=amount, exit_price=present(exit_price), mark=present(mark),
+                   exit_within_depth=present(depth))
 
 
 class HedgeGroup(BaseModel):

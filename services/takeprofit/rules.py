@@ -103,9 +103,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
 from services.common.config import EmergencyBasis, PortfolioTakeProfit
 from services.common.contracts import (
@@ -117,7 +117,7 @@ from services.common.contracts import (
     Halt,
     HedgeGroup,
     Legs,
-    PositionToClose,
+    LegToClose,
     Snapshot,
     SnapshotPosition,
 )
@@ -218,9 +218,11 @@ class Decision(_Model):
     """The barrier's value in `unit` (0.0 for a manual close: there is no barrier)."""
     unit: Literal["usd", "seconds", "closures"]
     """`closures` for a cancel-only decision: `figure` repeat closures counted, `threshold` the limit."""
-    positions: tuple[PositionToClose, ...] = ()
-    """Empty for a cancel-only decision (reason `circuit_breaker`): nothing is closed. Not checkpointed
-    (`RulesEngine.to_state`): the command, written in the same transaction, carries them."""
+    positions: Annotated[tuple[LegToClose, ...], SkipValidation] = ()
+    """Plain tuples, not validated here (1,000 legs per decision): the command's `Legs` validates
+    them when it is built. Empty for a cancel-only decision (reason `circuit_breaker`): nothing is
+    closed. Not checkpointed (`RulesEngine.to_state`): the command, written in the same transaction,
+    carries them."""
     groups: tuple[HedgeGroup, ...] = ()
     stale_instruments: tuple[str, ...] = ()
     """Non-empty when the decision was taken on last known prices (emergency, manual)."""
@@ -868,15 +870,15 @@ def build_command(
 
 
 def _round_legs(
-    positions: list[PositionToClose], groups: Iterable[HedgeGroup], volume_ticks: Mapping[str, float]
-) -> list[PositionToClose]:
+    positions: list[LegToClose], groups: Iterable[HedgeGroup], volume_ticks: Mapping[str, float]
+) -> list[LegToClose]:
     rounded = {p.instrument: _toward_zero(p.amount, volume_ticks.get(p.instrument)) for p in positions}
     dropped = {instrument for instrument, amount in rounded.items() if amount == 0.0}
     for group in groups:
         if dropped.intersection(group.instruments):
             dropped.update(group.instruments)
     return [
-        p.model_copy(update={"amount": rounded[p.instrument]})
+        p._replace(amount=rounded[p.instrument])
         for p in positions
         if p.instrument not in dropped
     ]

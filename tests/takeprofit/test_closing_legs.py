@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.bus import encode_document
-from services.common.contracts import Legs, PositionToClose, Snapshot, SnapshotPosition
+from services.common.contracts import Legs, LegToClose, Snapshot, SnapshotPosition
 from services.common.signing import sign_command, signed_text
 from services.common.snapshots import SnapshotView
 from services.takeprofit.rules import RulesEngine, build_command
@@ -16,10 +16,10 @@ from tests.takeprofit.factories import NOW, cfg, pos, snap
 KEY = b"k" * 32
 
 
-def priced(row: SnapshotPosition, fraction: float = 1.0) -> PositionToClose:
+def priced(row: SnapshotPosition, fraction: float = 1.0) -> LegToClose:
     """What a decision lists for a fresh row, written out independently of legs.py."""
-    return PositionToClose(instrument=row.instrument, amount=row.position * fraction,
-                           exit_price=row.exit_price, mark=row.mark, exit_within_depth=row.exit_within_depth)
+    return LegToClose(instrument=row.instrument, amount=row.position * fraction,
+                      exit_price=row.exit_price, mark=row.mark, exit_within_depth=row.exit_within_depth)
 
 
 def delta(seq: int, net_after_close: float, rows: list[SnapshotPosition], open_positions: int) -> Snapshot:
@@ -46,7 +46,7 @@ def test_a_stale_row_is_listed_without_prices_and_a_partial_close_is_not_the_rea
     decision = engine.on_snapshot(stale_b, NOW + 2)
     assert decision is not None
     assert decision.positions[0] == priced(pos("A", 1.0))
-    assert decision.positions[1] == PositionToClose(instrument="B", amount=-2.0)  # no exit price, no mark
+    assert decision.positions[1] == LegToClose("B", -2.0, None, None, None)  # no exit price, no mark
     partial = RulesEngine(cfg(partial_profit_threshold=0.5, partial_close_fraction=0.5))
     partial.on_snapshot(snap(1, 0.0, positions=[pos("A", 1.0)]), NOW)
     half = partial.on_snapshot(delta(2, 0.7, [], 1), NOW + 2)

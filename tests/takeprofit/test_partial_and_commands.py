@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.contracts import CloseReason, HedgeGroup, InstrumentType, PositionToClose
+from services.common.contracts import CloseReason, HedgeGroup, InstrumentType, LegToClose
 from services.takeprofit.rules import RulesEngine, Skip, build_command
 
 from .factories import NOW, cfg, pos, snap
@@ -24,9 +24,9 @@ def test_partial_fires_once_per_epoch_keeps_hedge_ratios_and_fires_again_next_ep
     decision = engine.on_snapshot(snap(1, 0.7, positions=hedged_book()), NOW)
     assert decision is not None and decision.reason is CloseReason.PARTIAL_TAKE_PROFIT
     assert decision.positions == (  # each carries the exit price and mark it was valued at (the factory's)
-        PositionToClose(instrument="BTC-PERPETUAL", amount=0.25, exit_price=100.0, mark=100.0),
-        PositionToClose(instrument="BTC-27JUN25-100000-C", amount=-2.5, exit_price=100.0, mark=100.0),
-        PositionToClose(instrument="ETH-PERPETUAL", amount=-0.5, exit_price=100.0, mark=100.0),
+        LegToClose("BTC-PERPETUAL", 0.25, 100.0, 100.0, None),
+        LegToClose("BTC-27JUN25-100000-C", -2.5, 100.0, 100.0, None),
+        LegToClose("ETH-PERPETUAL", -0.5, 100.0, 100.0, None),
     )
     assert decision.groups == (
         HedgeGroup(underlying="BTCUSD", instruments=["BTC-PERPETUAL", "BTC-27JUN25-100000-C"]),
