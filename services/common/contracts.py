@@ -10,7 +10,7 @@ field changes meaning.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Final, NamedTuple, TypeAlias
 
@@ -265,14 +265,17 @@ SNAPSHOT_VERSION: Final = 2
 """`tp:snapshots` is v2 since issue 22: a snapshot may carry only the positions that changed."""
 
 
-def _snapshot_version(value: int) -> int:
-    if value not in (CONTRACT_VERSION, SNAPSHOT_VERSION):
-        raise ValueError(f"unsupported snapshot version {value} (this reader knows 1 and {SNAPSHOT_VERSION})")
-    return value
+def _one_of_two(document: str, newest: int) -> Callable[[int], int]:
+    """The check of `v` for a document with a newer version than the contract's: 1 or `newest`."""
+    def known(value: int) -> int:
+        if value not in (CONTRACT_VERSION, newest):
+            raise ValueError(f"unsupported {document} version {value} (this reader knows 1 and {newest})")
+        return value
+    return known
 
 
 SnapshotVersion = Annotated[int, Field(strict=True, json_schema_extra={"enum": [1, SNAPSHOT_VERSION]}),
-                            AfterValidator(_snapshot_version)]
+                            AfterValidator(_one_of_two("snapshot", SNAPSHOT_VERSION))]
 
 
 def _open_rows(positions: list[SnapshotPosition]) -> list[SnapshotPosition]:
@@ -470,14 +473,8 @@ COMMAND_VERSION: Final = 2
 """`tp:commands` is v2 since issue 22's eighth pass: the legs travel as columns (`Legs`)."""
 
 
-def _command_version(value: int) -> int:
-    if value not in (CONTRACT_VERSION, COMMAND_VERSION):
-        raise ValueError(f"unsupported command version {value} (this reader knows 1 and {COMMAND_VERSION})")
-    return value
-
-
 CommandVersion = Annotated[int, Field(strict=True, json_schema_extra={"enum": [1, COMMAND_VERSION]}),
-                           AfterValidator(_command_version)]
+                           AfterValidator(_one_of_two("command", COMMAND_VERSION))]
 
 
 class Command(Document):
