@@ -166,11 +166,11 @@ def wave_refusal(command: Command, infos: Mapping[str, InstrumentInfo], buffers:
     for instrument, amount, exit_price, mark in zip(legs.instrument, legs.amount, legs.exit_price, legs.mark,
                                                     strict=True):
         info = infos[instrument]
-        tick, kind = info.tick_size, info.type
+        tick, kind, marked = info.tick_size, info.type, mark or 0.0  # never None nor 0 here: checked above
         limit = (exit_price or 0.0) * (selling if amount > 0 else buying)
         slack = 0.0 if kind is perpetual or kind is future else tick
-        if abs(limit - (mark or 0.0)) + tick + BOUNDS_MARGIN * (limit + (mark or 0.0)) \
-                <= ceiling * (mark or 0.0) + slack and _sent_whole(amount, info):
+        if abs(limit - marked) + tick + BOUNDS_MARGIN * (limit + marked) <= ceiling * marked + slack \
+                and _sent_whole(amount, info):
             continue
         order = _priced_from_command(LegToClose(instrument, amount, exit_price, mark, None), info, buffers)
         if isinstance(order, str):
