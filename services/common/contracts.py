@@ -402,9 +402,9 @@ class Legs(BaseModel):
     """A command's positions to close as columns: leg `i` is `instrument[i]`, `amount[i]`, ….
 
     Why columns (`tp:commands` v2, issue 22's eighth pass): the executor validated a 1,000-leg
-    command's 1,000 row objects in 1.7 ms of CPU before acting on it; five typed lists validate in
-    pydantic's Rust core in ≈ 0.2 ms, and the JSON is half the size (`bench/command_costs.py`,
-    `bench/floor.py --form columns`). A column of prices or depths is left out when no leg has one.
+    command's 1,000 row objects in 3.1-3.4 ms of CPU before acting on it; five typed lists validate
+    in pydantic's Rust core in 0.5-0.6 ms, and the JSON is half the size (docs/performance.md,
+    "Eighth pass"). A column of prices or depths is left out when no leg has one.
     """
 
     model_config = Document.model_config
@@ -444,8 +444,8 @@ class Legs(BaseModel):
     def of(cls, rows: Iterable[LegToClose] | Iterable[PositionToClose]) -> Legs:
         """The columns of `rows`, validated (a column every row leaves out is left out).
 
-        Take-profit's legs are `LegToClose` tuples, turned into columns in C (`zip`: 0.2 ms for
-        1,000; reading five attributes of 1,000 models cost 0.3-0.4 ms more)."""
+        Take-profit's legs are `LegToClose` tuples, turned into columns in C (`zip`), not read
+        attribute by attribute off 1,000 models."""
         legs: list[Any] = list(rows)
         if not legs:
             return cls(instrument=[], amount=[])
@@ -510,6 +510,10 @@ class Command(Document):
     def _deadline_after_creation(self) -> Command:
         if self.deadline_ts <= self.created_ts:
             raise ValueError("deadline_ts must be after created_ts")
+        return self
+
+    @model_validator(mode="after")
+    def _legs_where_the_version_says(self) -> Command:
         if self.v == CONTRACT_VERSION and (self.positions is None or self.legs is not None):
             raise ValueError("a v1 command lists its legs in `positions` (and has no `legs`)")
         if self.v == COMMAND_VERSION and (self.legs is None or self.positions is not None):
@@ -522,6 +526,13 @@ class Command(Document):
         if self.legs is not None:
             return self.legs
         return Legs.of(self.positions or [])
+
+    def upgraded(self) -> Command:
+        """The same command in the current form (a v1 command's legs turned into columns once, not
+        at every `closing()`). Its signature is the one it came with: verify before upgrading."""
+        if self.v == COMMAND_VERSION:
+            return self
+        return self.model_copy(update={"v": COMMAND_VERSION, "legs": self.closing(), "positions": None})
 
 
 class ReportStatus(StrEnum):

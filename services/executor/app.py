@@ -123,7 +123,7 @@ class Executor:
                 await self._refuse(delivery, exc.reason, pipe)
                 continue
             try:
-                await self.execute(delivery.doc)
+                await self.execute(delivery.doc.upgraded())  # a v1 command's legs as columns, once
             except Exception as exc:
                 raise_if_cancelled()
                 if delivery.deliveries < self.consumer.max_deliveries:

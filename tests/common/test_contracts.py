@@ -362,6 +362,10 @@ def test_a_v1_command_lists_its_legs_as_objects_and_reads_as_columns() -> None:
     with pytest.raises(MalformedEntry, match="a v1 command lists its legs in `positions`"):
         both = {**v1, "legs": VALID[c.Command]["legs"]}
         validate_entry(c.Command, {DATA_FIELD.encode(): json.dumps(both).encode()})
+    upgraded = command.upgraded()  # what the executor acts on, once the v1 signature is verified
+    assert (upgraded.v, upgraded.positions, upgraded.legs) == (2, None, command.closing())
+    assert c.Command.model_validate_json(upgraded.model_dump_json(exclude_none=True)) == upgraded
+    assert upgraded.upgraded() is upgraded
 
 
 def test_legs_read_off_their_columns_in_order() -> None:
