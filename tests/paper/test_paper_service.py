@@ -177,17 +177,12 @@ async def test_burst_ticks_feed_and_ticker_log(paper: PaperHandle, connect) -> N
     await client.wait_for(f"ticker.{PERP}.raw")
     count = 5000
     since = time.time()
-    started = time.perf_counter()
     burst = asyncio.create_task(paper.control("paper/burst_ticks", {"instrument_name": PERP, "count": count}))
     received = 0
-    while received < count:
+    while received < count:  # how fast is bench/ingest_ticks.py's to print, not this test's to assert
         message = json.loads(await asyncio.wait_for(client.ws.recv(), 5))
         received += message.get("channel_name") == f"ticker.{PERP}.raw"
-    elapsed = time.perf_counter() - started
     assert (await burst)["sent"] == count
-    rate = count / elapsed
-    print(f"burst: {count} raw tickers in {elapsed:.3f}s = {rate:,.0f}/s")
-    assert rate > 2000
     log = (await paper.control("paper/ticker_log", {"instrument_name": PERP, "since": since}))["tickers"]
     assert len(log) >= count and all(row["time"] >= since for row in log)
     # every row was sent (to this subscriber), after it was queued
