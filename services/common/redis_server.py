@@ -77,7 +77,11 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec", "--protected-mode", "no", "--loglevel", "warning",
                 "--logfile", str(self.workdir / "redis.log"), *self.extra_args]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Own session: a Ctrl-C or `timeout` signals the owner's whole process group, and a Redis
+        # stopped by it before the owner has stopped what writes to it (the demo's services, its
+        # summary) fails them with "Connection closed by server"; the owner stops it last (`stop`).
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

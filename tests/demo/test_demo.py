@@ -16,6 +16,7 @@ import redis
 from services.common.bus import entry_document
 from services.common.config import load_config
 from services.common.contracts import Command, Report, ReportStatus, Snapshot, halt_from_hash
+from services.common.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "services.cli", "demo"]
@@ -39,8 +40,10 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
 
 def start_demo(workdir: Path, *extra: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    # its own process group, as in a terminal: a signal to the group reaches the demo and what it started
     return subprocess.Popen([*DEMO, "--no-ui", "--workdir", str(workdir), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def test_demo_locks_in_profit_and_the_quoter_stands_down(tmp_path: Path) -> None:
@@ -141,16 +144,36 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
     assert leftovers(workdir) == []
 
 
-def test_sigterm_stops_every_child(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["to_the_demo", "to_its_process_group"])
+def test_sigterm_stops_every_child_and_the_demo_still_sums_up(tmp_path: Path, to_the_group: bool) -> None:
+    """`timeout 600 thalex-tp demo` signals the whole process group, the bundled Redis included:
+    the Redis must outlive the services and the summary, which the demo stops and prints first."""
     workdir = tmp_path / "demo"
     demo = start_demo(workdir)
     try:
         wait_for(lambda: (workdir / "logs" / "quoter.log").exists(), 60, "all children started")
         assert len(leftovers(workdir)) >= 6, leftovers(workdir)  # redis, paper, 4 services, quoter
     finally:
-        demo.send_signal(signal.SIGTERM)
-        demo.communicate(timeout=60)
+        if to_the_group:
+            os.killpg(demo.pid, signal.SIGTERM)
+        else:
+            demo.send_signal(signal.SIGTERM)
+        output, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, output[-3000:]
+    assert "=== thalex-tp demo summary ===" in output and "Connection closed" not in output, output[-3000:]
     assert leftovers(workdir) == []
+
+
+def test_the_demos_redis_is_out_of_reach_of_a_signal_to_the_demos_process_group(tmp_path: Path) -> None:
+    """The deterministic half of the test above: whatever the timing, Ctrl-C or `timeout` cannot
+    stop the Redis before the demo has stopped its services and read its summary."""
+    server = RedisServer(tmp_path / "redis", prefer_bundled=True)
+    server.start()
+    try:
+        assert server.process is not None
+        assert os.getpgid(server.process.pid) != os.getpgid(0)
+    finally:
+        server.stop()
 
 
 def test_operator_cli_says_clearly_when_redis_is_unreachable(tmp_path: Path) -> None:
