@@ -359,6 +359,19 @@ class CloseReason(StrEnum):
     """A cancel-only command (no positions): the executor removes orders and quotes, closes nothing."""
 
 
+CANCEL_ONLY_MARK = f"-{CloseReason.CIRCUIT_BREAKER.value}-"
+"""In the id of every cancel-only command (take-profit's `e{epoch}-circuit_breaker-s{seq}-n{n}`)."""
+
+
+def cancel_only(command_id: str) -> bool:
+    """Whether a command (or a report on it, which carries only its id) closes nothing.
+
+    Its `completed` releases take-profit's lease but starts no cool-down, ends no epoch and tells
+    no closure (docs/streams.md): readers of `tp:reports` tell it by its id.
+    """
+    return CANCEL_ONLY_MARK in command_id
+
+
 def _not_zero(amount: float) -> float:
     """On the field, not the model: pydantic runs a model's after-validators again on every
     instance handed to another model (take-profit hands 1,000 legs to `Decision`, then `Command`);

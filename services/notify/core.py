@@ -54,6 +54,7 @@ from services.common.contracts import (
     ReportStatus,
     Severity,
     Snapshot,
+    cancel_only,
 )
 
 RECENT_SNAPSHOTS = 64
@@ -72,8 +73,6 @@ REASON_WORDS = {
     CloseReason.MANUAL: "Manual close-all",
     CloseReason.CIRCUIT_BREAKER: "CIRCUIT BREAKER OPEN",
 }
-CANCEL_ONLY = f"-{CloseReason.CIRCUIT_BREAKER.value}-"
-"""In the id of a cancel-only command (take-profit's `e{epoch}-circuit_breaker-s{seq}-n{n}`)."""
 
 
 def usd(value: float) -> str:
@@ -302,7 +301,7 @@ class Notifier:
             self.state.closures.pop(report.command_id, None)
             return [self._failed(report, closure, now)]
         if report.status is ReportStatus.COMPLETED:
-            if CANCEL_ONLY in report.command_id:
+            if cancel_only(report.command_id):
                 return []  # a cancel-only command closed nothing: no closure to tell
             if closure is None:  # followed from before notify started: what the report says
                 closure = Closure(command_id=report.command_id, reason=CloseReason.MANUAL,

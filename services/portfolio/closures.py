@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.contracts import Report, ReportStatus, Snapshot
+from services.common.contracts import Report, ReportStatus, Snapshot, cancel_only
 from services.portfolio.ledger import CloseCostCheck, ClosedLeg, check_close_cost, estimated_close_cost
 
 EPOCH_END_WAIT_SECONDS = 10.0
@@ -32,9 +32,15 @@ class EpochEnd:
 
 
 def epoch_end_for(report: Report, epoch: int, now: float) -> EpochEnd | None:
-    """The wait a report starts: a full closure's `completed` for the current epoch (or for none)."""
+    """The wait a report starts: a full closure's `completed` for the current epoch (or for none).
+
+    A cancel-only command's `completed` starts none: it closed nothing, and ending the epoch on it
+    would re-base the positions still open at their marks and forget the epoch's realised P&L and
+    fees — the figure the emergency stop, the only barrier while the circuit breaker is open, judges.
+    """
     full = report.fraction is None or report.fraction >= 1.0
-    if report.status is ReportStatus.COMPLETED and full and report.epoch in (None, epoch):
+    if report.status is ReportStatus.COMPLETED and full and report.epoch in (None, epoch) \
+            and not cancel_only(report.command_id):
         return EpochEnd(epoch, report.command_id, now + EPOCH_END_WAIT_SECONDS)
     return None
 

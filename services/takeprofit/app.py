@@ -47,6 +47,7 @@ from services.common.contracts import (
     Report,
     ReportStatus,
     Snapshot,
+    cancel_only,
     halt_to_hash,
 )
 from services.common.reference import ReferenceReader
@@ -300,7 +301,7 @@ class TakeProfitService:
             pipe.delete(self.failed_key)
             self.failed = None
             CLOSURES_FINISHED.labels("completed").inc()
-            if f"-{CloseReason.CIRCUIT_BREAKER.value}-" in command_id:
+            if cancel_only(command_id):
                 log.info("cancel-only command %s completed (no cool-down: nothing was closed)", command_id)
                 return
             log.info("closure %s completed; cool-down %.0f s", command_id,

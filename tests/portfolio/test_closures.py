@@ -42,6 +42,8 @@ def test_only_a_full_closures_completed_for_this_epoch_starts_the_wait() -> None
     assert epoch_end_for(report(ReportStatus.COMPLETED, fraction=0.5), 3, T) is None  # partial
     assert epoch_end_for(report(ReportStatus.COMPLETED, epoch=2), 3, T) is None  # an old epoch's
     assert epoch_end_for(report(ReportStatus.FAILED), 3, T) is None
+    cancel_only = report(ReportStatus.COMPLETED).model_copy(update={"command_id": "e3-circuit_breaker-s9-n2"})
+    assert epoch_end_for(cancel_only, 3, T) is None  # closed nothing: docs/streams.md
 
 
 def test_the_epoch_ends_when_flat_or_when_the_wait_ran_out() -> None:

@@ -23,6 +23,7 @@ from services.common.contracts import (
     Tick,
 )
 from services.common.streams import Names
+from services.portfolio import closures
 from services.portfolio.app import build
 from tests.support import (
     ServiceProcess,
@@ -125,6 +126,32 @@ async def test_completed_full_closure_starts_a_new_epoch_from_zero(
         after = await last_snapshot(redis, names)
     assert after is not None and after.epoch == 1
     assert (after.realized_pnl, after.fees_paid, after.net_pnl) == (0.0, 0.0, 0.0)
+
+
+async def test_a_cancel_only_commands_completed_ends_no_epoch(
+    redis_url: str, names: Names, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the circuit breaker is open the emergency stop judges this epoch's net P&L: a cancel-only
+    command closed nothing, so its `completed` must not re-base the open position nor forget the fee."""
+    monkeypatch.setattr(closures, "EPOCH_END_WAIT_SECONDS", 0.2)  # a full closure's wait, shortened
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.fills, fill("T1", "buy", 0.1, 60_000.0, 0.3, now))
+        await xadd(redis, names.ticks, tick(60_020.0, now))
+        await eventually(lambda: settled(redis, names))
+        await xadd(redis, names.reports, Report(command_id="e0-circuit_breaker-s2-n1",
+                                                status=ReportStatus.COMPLETED, epoch=0, fraction=1.0,
+                                                ts=now + 1))
+        await eventually(lambda: settled(redis, names))
+        await asyncio.sleep(1.5)  # past the shortened wait, and the timer that ends an epoch after it
+        await xadd(redis, names.ticks, tick(60_030.0, now + 2))
+        await eventually(lambda: settled(redis, names))
+        after = await last_snapshot(redis, names)
+    assert after is not None and after.epoch == 0
+    # unrealised (60,030 - 60,000) x 0.1 = 3.00, less the 0.30 fee: net 2.70, the open position kept
+    assert after.fees_paid == pytest.approx(0.3) and after.net_pnl == pytest.approx(2.7)
+    assert [(p.instrument, p.position, p.avg_entry) for p in after.positions] == [(PERP, 0.1, 60_000.0)]
 
 
 async def test_drift_is_reported_then_healed(redis_url: str, names: Names, redis: Redis) -> None:
