@@ -187,6 +187,12 @@ class PortfolioService:
                 log.warning("first start: the latest tp:positions entry is unusable (%s); not seeded", exc)
                 return
             self.ledger.seed_from_exchange(report, self.settings.portfolio.baseline, time.time())
+            # checkpointed now, not with the next fill (which may be days away on a dated book): a
+            # restart or a failed batch before it would seed again, re-dating every position (the
+            # time limit pushed back) and, with `mark_at_start`, forgetting the losses since
+            async with redis.pipeline(transaction=True) as pipe:
+                self._save_ledger(pipe)
+                await pipe.execute()
             log.info(
                 "first start: seeded %d positions from the exchange (%s)",
                 len(report.positions),

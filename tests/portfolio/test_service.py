@@ -154,6 +154,39 @@ async def test_a_cancel_only_commands_completed_ends_no_epoch(
     assert [(p.instrument, p.position, p.avg_entry) for p in after.positions] == [(PERP, 0.1, 60_000.0)]
 
 
+async def test_a_ledger_seeded_from_the_exchange_survives_a_restart_before_any_fill(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    """Seeded at a first start, then restarted before any fill (a dated book can go days without one):
+    the restart restores the seed instead of seeding again from a newer `tp:positions`, which would
+    re-date the position (the time limit pushed back) and move the loss baseline to today's mark."""
+    def exchange_says(mark: float, ts: float) -> Positions:
+        return Positions(positions=[ExchangePosition(instrument=PERP, position=0.5, mark_price=mark,
+                                                     average_price=60_000.0, realised_pnl=0.0,
+                                                     unrealised_pnl=(mark - 60_000.0) * 0.5)],
+                         exchange_ts=ts, ingest_ts=ts)
+
+    now = time.time()
+    await redis.hset(names.instruments, PERP, PERP_INFO.model_dump_json())
+    await xadd(redis, names.positions, exchange_says(60_000.0, now))
+    settings = settings_for(redis_url, names, portfolio={"baseline": "mark_at_start"})
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.ticks, tick(59_000.0, time.time()))
+        await eventually(lambda: settled(redis, names))
+        first = await last_snapshot(redis, names)
+    await xadd(redis, names.positions, exchange_says(59_000.0, time.time()))  # ingest's next report
+    async with in_process(build, settings, "portfolio"):
+        await xadd(redis, names.ticks, tick(58_900.0, time.time()))
+        await eventually(lambda: settled(redis, names))
+        second = await last_snapshot(redis, names)
+    assert first is not None and second is not None
+    # valued from the mark at the first start, 60,000: (59,000 - 60,000) x 0.5 = -500, then
+    # (58,900 - 60,000) x 0.5 = -550 — not (58,900 - 59,000) x 0.5 = -50 from a second seed
+    assert first.unrealized_pnl == pytest.approx(-500.0)
+    assert second.unrealized_pnl == pytest.approx(-550.0)
+    assert second.oldest_position_ts == first.oldest_position_ts
+
+
 async def test_drift_is_reported_then_healed(redis_url: str, names: Names, redis: Redis) -> None:
     now = time.time()
     settings = settings_for(redis_url, names, portfolio={"drift_grace_seconds": 0.2})
