@@ -357,7 +357,7 @@ class Portfolio(Section):
     """Trade ids remembered to refuse a duplicated fill (checkpointed with the ledger)."""
     suspect_price_move: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
     """A tick whose mark is this far from its index, its previous mark or its book is held as suspect
-    until the exchange's next figures confirm it (services/portfolio/prices.py)."""
+    until the exchange confirms it with a newer mark (services/portfolio/prices.py)."""
 
 
 class Ingest(Section):

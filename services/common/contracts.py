@@ -145,16 +145,28 @@ class Tick(Document):
     asks: list[BookLevel] | None = None
     index: Price | None = None
     funding_mark: float | None = None
+    mark_ts: Timestamp | None = None
+    """When the exchange marked `mark` (its ticker's time), present only when it is older than
+    `exchange_ts`: a book change re-issues the last ticker's mark with the book's time. Absent: the
+    mark is as new as the tick. The portfolio's price guard lets only a newer mark confirm a held one."""
     exchange_ts: Timestamp
     ingest_ts: Timestamp
 
     @model_validator(mode="after")
-    def _levels_best_first(self) -> Tick:
+    def _in_order(self) -> Tick:
         if self.bids and any(a[0] < b[0] for a, b in zip(self.bids, self.bids[1:], strict=False)):
             raise ValueError("bids must be sorted best (highest) first")
         if self.asks and any(a[0] > b[0] for a, b in zip(self.asks, self.asks[1:], strict=False)):
             raise ValueError("asks must be sorted best (lowest) first")
+        if self.mark_ts is not None and self.mark_ts > self.exchange_ts:
+            raise ValueError("mark_ts must not be later than exchange_ts (no mark is newer than its tick)")
         return self
+
+    @property
+    def mark_time(self) -> float:
+        """When the exchange marked `mark`: `mark_ts`, or `exchange_ts` when the mark is as new as the tick
+        (every tick of an ingest older than `mark_ts`)."""
+        return self.exchange_ts if self.mark_ts is None else self.mark_ts
 
 
 class ExchangePosition(BaseModel):

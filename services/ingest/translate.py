@@ -229,10 +229,15 @@ def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, in
     A book stamped after the 08:00 UTC settlement that ended the ticker's funding
     period carries no funding mark: the ticker's is the day before's (the new day's
     starts again from 0), and booked as today's it would count the day's funding twice.
+    A re-issue stamped later than its mark says when the mark was marked (`mark_ts`):
+    the portfolio holds a glitching mark until a newer ticker confirms it, and the same
+    mark sent again with an unrelated book change is no confirmation.
     """
     bids, asks = book.top(levels)
     stamped = max(tick.exchange_ts, exchange_ts) if exchange_ts is not None else tick.exchange_ts
-    update: dict[str, Any] = {"bids": bids, "asks": asks, "exchange_ts": stamped, "ingest_ts": ingest_ts}
+    marked = tick.mark_time
+    update: dict[str, Any] = {"bids": bids, "asks": asks, "exchange_ts": stamped, "ingest_ts": ingest_ts,
+                              "mark_ts": marked if stamped > marked else None}
     if funding_period(stamped) > funding_period(tick.exchange_ts):
         update["funding_mark"] = None
     if book.ticker_is_newer() is False:

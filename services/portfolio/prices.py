@@ -21,10 +21,17 @@ What is implausible, with `max_move` = `[portfolio] suspect_price_move` (default
 * **against the previous mark**: the mark moved more than `max_move` from the last accepted tick's,
   and the index (when both ticks have one) did not move at least half as far the same way.
 
-The last two are confirmable: the next tick that tells the same story (its mark, best bid and best
-ask within `max_move / 4` of the held tick's) is accepted — a real jump costs one tick of delay
-(~100 ms at Thalex's default ticker rate), a glitch costs nothing. A tick that is plausible against
-the last accepted one ends the suspicion and is applied as usual.
+The last two are confirmable: the next tick with a **newer mark** that tells the same story (its
+mark, best bid and best ask within `max_move / 4` of the held tick's) is accepted — a real jump costs
+one ticker of delay (~100 ms at Thalex's default ticker rate), a glitch costs nothing. A newer mark
+means a new ticker: ingest re-issues the last ticker's mark with every book change, and such a tick
+carries the mark's own time (`Tick.mark_ts`); the held mark sent again beside an unrelated book
+change is a repetition, not the exchange's confirmation, so it stays held (as the newest held tick,
+its book with it) however many book changes come. While held, nothing of the instrument is applied:
+if no new ticker comes, it goes stale after `stale_after_seconds` like any silent price, and the
+portfolio's `/health` says "prices suspect" for a position it values throughout. A tick without
+`mark_ts` (written by an ingest older than the field) counts as a new mark, as it did before. A
+tick that is plausible against the last accepted one ends the suspicion and is applied as usual.
 """
 
 from __future__ import annotations
@@ -88,13 +95,24 @@ class PriceGuard:
             self.held.pop(name, None)
             return tick
         before = self.held.get(name)
-        if (before is not None and before.confirmable and before.tick.exchange_ts < tick.exchange_ts
-                and self._same_story(before.tick, tick)):
+        if before is not None and before.confirmable and self._confirms(before.tick, tick):
             self.accepted[name] = tick
             del self.held[name]
             return tick
         self.held[name] = Held(tick, relative, confirmable=True)
         return None
+
+    def _confirms(self, held: Tick, tick: Tick) -> bool:
+        """`tick` is the exchange telling the held story again: a later tick with a newer mark.
+
+        The newer mark is what makes it a second word from the exchange: ingest re-issues the last
+        ticker's mark with every book change (`mark_ts`), and that re-issue is the held figure
+        repeated, not confirmed — a glitching option mark followed by an unrelated book change would
+        otherwise be applied (and could fire the emergency stop). A tick without `mark_ts` (from an
+        older ingest) is taken as a new mark, as before the field existed.
+        """
+        return (held.exchange_ts < tick.exchange_ts and held.mark_time < tick.mark_time
+                and self._same_story(held, tick))
 
     def _absurd(self, tick: Tick) -> str | None:
         """A reason no later tick can confirm: a perpetual or future marked far off its index."""

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from services.common import contracts as c
-from services.common.bus import ALT_DATA_FIELD, DATA_FIELD, MalformedEntry, validate_entry
+from services.common.bus import ALT_DATA_FIELD, DATA_FIELD, MalformedEntry, encode_document, validate_entry
 
 TS = 1_700_000_000.0
 
@@ -199,6 +199,8 @@ INVALID: list[tuple[type[BaseModel], str, Any, str]] = [
     (c.Tick, "bids", [[1.0, 0.0]], "bids"),
     (c.Tick, "bids", [[1.0, 1.0], [2.0, 1.0]], "bids sorted"),
     (c.Tick, "asks", [[2.0, 1.0], [1.0, 1.0]], "asks sorted"),
+    (c.Tick, "mark_ts", -1.0, "mark_ts"),
+    (c.Tick, "mark_ts", TS + 0.001, "mark_ts must not be later than exchange_ts"),
     (
         c.Positions,
         "positions",
@@ -263,6 +265,16 @@ def test_required_fields_are_required(model: type[BaseModel]) -> None:
         data = {k: v for k, v in VALID[model].items() if k != name}
         with pytest.raises(ValidationError, match=name):
             model.model_validate(data)
+
+
+def test_a_tick_says_when_its_mark_was_marked_and_one_of_an_older_ingest_still_reads() -> None:
+    """`mark_ts` (the re-issued mark's own time) is optional: a tick written before the field
+    existed is read as before, its mark as new as the tick."""
+    older = validate_entry(c.Tick, {DATA_FIELD.encode(): json.dumps(VALID[c.Tick]).encode()})
+    assert older.mark_ts is None and older.mark_time == TS
+    reissued = c.Tick.model_validate({**VALID[c.Tick], "mark_ts": TS - 0.02})
+    assert reissued.mark_time == TS - 0.02 and reissued.exchange_ts == TS
+    assert "mark_ts" not in encode_document(older) and '"mark_ts":' in encode_document(reissued)
 
 
 def test_fill_signed_amount_follows_the_side() -> None:

@@ -200,6 +200,31 @@ def test_a_book_change_reissues_the_last_tick_with_new_levels() -> None:
     )
 
 
+def test_a_reissued_mark_says_when_it_was_marked() -> None:
+    """A book change re-sends the ticker's mark with the book's time; `mark_ts` keeps the mark's own,
+    so the portfolio never takes the same mark sent again for a new word from the exchange."""
+    book = Book()
+    book.apply({"bid_changes": [[99, 1, 1]], "ask_changes": [[101, 1, 1]], "time": 9.0})
+    tick = tick_from_ticker("X", {"mark_price": 100, "mark_timestamp": 10.0}, 10.5, book, 5)
+    assert tick.mark_ts is None and tick.mark_time == 10.0  # a ticker's mark is as new as its tick
+    late_book = with_book(tick, book, 5, 9.5, 10.6)  # stamped no later than the mark: nothing older
+    assert (late_book.exchange_ts, late_book.mark_ts) == (10.0, None)
+    book.apply({"bid_changes": [[98, 2, 2]], "time": 11.0})
+    once = with_book(tick, book, 5, 11.0, 11.2)
+    book.apply({"bid_changes": [[97, 3, 3]], "time": 12.0})
+    twice = with_book(once, book, 5, 12.0, 12.1)  # ingest re-issues its last tick, itself a re-issue
+    assert [(t.exchange_ts, t.mark_ts, t.mark_time) for t in (once, twice)] == [
+        (11.0, 10.0, 10.0), (12.0, 10.0, 10.0)]
+    unstamped = with_book(twice, book, 5, None, 12.3)  # a book without `time` keeps the tick's
+    assert (unstamped.exchange_ts, unstamped.mark_ts) == (12.0, 10.0)
+    # a ticker without `mark_timestamp` is marked when received: its re-issue says so
+    quiet = tick_from_ticker("X", {"mark_price": 100}, 13.0, book, 5)
+    book.apply({"bid_changes": [[96, 1, 1]], "time": 13.5})
+    assert with_book(quiet, book, 5, 13.5, 13.6).mark_ts == 13.0
+    # the next ticker is a new mark again
+    assert tick_from_ticker("X", {"mark_price": 101, "mark_timestamp": 14.0}, 14.1, book, 5).mark_ts is None
+
+
 def test_a_ticker_newer_than_the_book_tops_it_with_its_best_levels() -> None:
     """The ticker and the book of one move arrive as two messages; the first must not mix them."""
     book = Book()
