@@ -148,6 +148,7 @@ class PortfolioTakeProfit(Section):
     emergency_stop_basis: EmergencyBasis = EmergencyBasis.NET_PNL
     """`net_pnl` (default) or `net_after_close`: what the emergency stop compares with its threshold."""
     partial_profit_threshold: float = 0.5
+    """Net after close at which a partial take profit closes `partial_close_fraction`; > 0 while it is on."""
     position_correlation_check: bool = True
     fee_estimation_buffer: Buffer = DEFAULT_FEE_ESTIMATION_BUFFER
     partial_close_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
@@ -167,6 +168,13 @@ class PortfolioTakeProfit(Section):
 
     @model_validator(mode="after")
     def _ordered_barriers(self) -> PortfolioTakeProfit:
+        if self.partial_close_fraction > 0 and self.partial_profit_threshold <= 0:
+            raise _RuleError(
+                "partial_profit_threshold",
+                self.partial_profit_threshold,
+                "must be > 0 while partial_close_fraction > 0: a partial take profit at or below zero "
+                "would close part of every position at a loss, once per epoch",
+            )
         if self.partial_profit_threshold >= self.min_profit_usd:
             raise _RuleError(
                 "partial_profit_threshold",
@@ -303,6 +311,10 @@ class Redis(Section):
         return Names(self.namespace)
 
 
+MIN_INDEX_DEVIATION = 0.02
+"""The tightest index bound accepted: a perpetual trades 1-2 % off its index in a sell-off."""
+
+
 class Executor(Section):
     """The closing hand: the only section that names a trading key."""
 
@@ -312,8 +324,11 @@ class Executor(Section):
     """How far through the best opposite price a close is priced (0.005 = 0.5%)."""
     max_close_price_buffer: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
     """The widest a retry may price through the book."""
-    max_index_deviation: Annotated[float, Field(gt=0.0, le=0.5)] = 0.1
-    """A perpetual's or future's close is never priced further than this from its index (0.1 = 10%)."""
+    max_index_deviation: Annotated[float, Field(ge=MIN_INDEX_DEVIATION, le=0.5)] = 0.1
+    """A perpetual's or future's close is never priced further than this from its index (0.1 = 10%).
+
+    At least `MIN_INDEX_DEVIATION` and `max_close_price_buffer`: tighter than a sell-off's basis,
+    every close of a perpetual would be priced above its best bid and fail, the emergency stop's too."""
     deadline_seconds: Annotated[float, Field(gt=0.0)] = 30.0
     dry_run: bool = False
     cancel_open_orders: bool = True
@@ -334,6 +349,13 @@ class Executor(Section):
                 "max_close_price_buffer",
                 self.max_close_price_buffer,
                 f"must be >= close_price_buffer ({self.close_price_buffer})",
+            )
+        if self.max_index_deviation < self.max_close_price_buffer:
+            raise _RuleError(
+                "max_index_deviation",
+                self.max_index_deviation,
+                f"must be >= max_close_price_buffer ({self.max_close_price_buffer}): the index bound "
+                "would stop a retry short of the price it is allowed to pay",
             )
         return self
 

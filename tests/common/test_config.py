@@ -58,6 +58,14 @@ taker_fee_rate = 0.0002
     assert rates_for(fees, "UNKNOWN", None).taker_fee_rate == 0.0005
 
 
+def test_a_partial_threshold_at_or_below_zero_is_accepted_only_with_the_partial_close_off(
+    tmp_path: Path
+) -> None:
+    path = write(tmp_path, "[portfolio_take_profit]\npartial_close_fraction = 0\n"
+                           "partial_profit_threshold = -3\n")
+    assert load_config(path).portfolio_take_profit.partial_profit_threshold == -3
+
+
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[portfolio_take_profit]\nmin_profit_usd = 2.0\n[redis]\nnamespace = 'acct1'\n")
     monkeypatch.setenv("TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD", "3.5")
@@ -116,6 +124,18 @@ RULES = [
         "[portfolio_take_profit]\nfee_estimation_buffer = 1.2\n[trading_fees]\nfee_estimation_buffer = 1.3",
         "trading_fees.fee_estimation_buffer",
         "must equal portfolio_take_profit.fee_estimation_buffer",
+    ),
+    (
+        "[portfolio_take_profit]\npartial_profit_threshold = -3",
+        "portfolio_take_profit.partial_profit_threshold",
+        "must be > 0 while partial_close_fraction > 0",
+    ),
+    ("[executor]\nmax_index_deviation = 0.002", "executor.max_index_deviation",
+     "greater than or equal to 0.02"),
+    (
+        "[executor]\nmax_index_deviation = 0.03",  # the default max_close_price_buffer is 0.05
+        "executor.max_index_deviation",
+        "must be >= max_close_price_buffer (0.05)",
     ),
     ("[portfolio_take_profit]\nmin_proft_usd = 2", "portfolio_take_profit.min_proft_usd", "unknown key"),
     ("[portfolio_take_profits]\nmin_profit_usd = 2", "portfolio_take_profits", "unknown key"),
