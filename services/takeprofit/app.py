@@ -322,7 +322,7 @@ class TakeProfitService:
                                   volume_ticks)
         except ValueError as exc:
             log.warning("decision %s dropped: %s", decision.command_id, exc)
-            self.engine.on_closure_finished(decision.command_id, completed=False, now=now)
+            self.engine.on_decision_dropped(decision.command_id)
             return
         command, text = signed_text(built, self.command_key)
         ttl = command.deadline_ts - now + LEASE_MARGIN_SECONDS

@@ -501,6 +501,20 @@ class RulesEngine:
             epoch.closed = True
         return True
 
+    def on_decision_dropped(self, command_id: str) -> bool:
+        """The shell could not build the decision's command (a partial close that rounds to nothing).
+
+        Nothing reached the executor, so nothing starts: no cool-down (it would hold every barrier,
+        the emergency stop's included, and raise a halt for a closure that never was) and no epoch
+        end. A dropped partial take profit stays fired for its epoch: it would round to nothing again.
+        Returns False when `command_id` is not the decision in flight.
+        """
+        decision = self._s.in_flight
+        if decision is None or decision.command_id != command_id:
+            return False
+        self._s.in_flight = None
+        return True
+
     # --- the rules ---------------------------------------------------------------------
 
     def _evaluate(

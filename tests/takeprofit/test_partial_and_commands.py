@@ -111,3 +111,29 @@ def test_a_full_close_is_never_rounded_and_nothing_left_is_an_error() -> None:
     tiny = RulesEngine(cfg()).on_snapshot(snap(1, 0.6, positions=[pos(position=0.001)]), NOW)
     with pytest.raises(ValueError, match="rounds to zero"):
         build_command(tiny, NOW, 30.0, volume_ticks={"BTC-PERPETUAL": 0.001})
+
+
+def test_a_dropped_partial_starts_no_cool_down_and_the_emergency_stop_stays_armed() -> None:
+    """A partial of a 0.1-lot book rounds every leg to nothing: no command goes out, so nothing may
+    start — no cool-down holding the emergency stop, no halt telling the quoters to stand down."""
+    engine = RulesEngine(cfg(cooldown_seconds=30.0))
+    partial = engine.on_snapshot(snap(1, 0.6, positions=[pos(position=0.1)]), NOW)
+    assert partial is not None and partial.reason is CloseReason.PARTIAL_TAKE_PROFIT
+    with pytest.raises(ValueError, match="rounds to zero"):  # 0.05 at a volume tick of 0.1
+        build_command(partial, NOW, 30.0, volume_ticks={"BTC-PERPETUAL": 0.1})
+    assert engine.on_decision_dropped(partial.command_id)
+    assert engine.in_flight is None and engine.halt_document(NOW + 1) is None
+    book = [pos(position=0.1)]
+    assert engine.on_snapshot(snap(2, 0.7, positions=book), NOW + 2) is None  # fired for this epoch
+    emergency = engine.on_snapshot(snap(3, -50.0, positions=book), NOW + 4)  # 4 s later, not 30
+    assert emergency is not None and emergency.reason is CloseReason.EMERGENCY_STOP
+    assert not engine.on_decision_dropped("e1-partial_take_profit-s1-n1")  # not in flight: nothing
+
+
+def test_a_closure_that_failed_still_starts_the_cool_down() -> None:
+    """Unlike a dropped decision, a failed closure reached the exchange: its retry waits the cool-down."""
+    engine = RulesEngine(cfg(cooldown_seconds=30.0))
+    decision = engine.on_snapshot(snap(1, 5.0, positions=[pos(position=0.1)]), NOW)
+    assert decision is not None and engine.on_closure_finished(decision.command_id, completed=False, now=NOW)
+    assert engine.on_snapshot(snap(2, -50.0, positions=[pos(position=0.1)]), NOW + 4) is None
+    assert engine.last_skip is Skip.COOLDOWN

@@ -229,6 +229,23 @@ async def test_partial_take_profit_keeps_hedge_ratio_and_fires_once(
     assert command.groups and command.groups[0].underlying == "BTCUSD"
 
 
+async def test_a_partial_that_rounds_to_nothing_sends_nothing_halts_nothing_and_holds_no_barrier(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    """A 0.1-lot book at a volume tick of 0.1: half of it rounds to zero, so no command goes out — and
+    the emergency stop fires at once afterwards, not a cool-down later (nothing was closed to cool)."""
+    settings = settings_for(redis_url, names, portfolio_take_profit={"cooldown_seconds": 30.0})
+    legs = [pos("BTC-PERPETUAL", 0.1).model_copy(update={"volume_tick_size": 0.1})]
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, live(1, 0.6, positions=legs))
+        await all_snapshots_handled(redis, names, 1)
+        assert await commands(redis, names) == []
+        assert not await redis.exists(names.halt), "no closure: the quoters must not stand down"
+        await xadd(redis, names.snapshots, live(2, -50.0, positions=legs))
+        command = await one_command(redis, names)
+    assert command.reason == "emergency_stop"
+
+
 async def test_killed_after_publishing_a_command_and_restarted_makes_no_second_command(
     redis_url: str, names: Names, redis: Redis, tmp_path: Path
 ) -> None:
