@@ -21,7 +21,9 @@ Barriers, in priority order (the first that holds decides; one decision per call
 4. **Trailing take profit** (`trailing_activation_usd > 0`) — arms once the
    profit figure reaches the activation, follows its peak, and closes everything
    when the figure falls to `peak - trailing_retrace_usd`. Take profit outranks
-   it, so it guards profits that have not (yet) reached `min_profit_usd`.
+   it, so it guards profits that have not (yet) reached `min_profit_usd`. With
+   `confirm_snapshots = N > 1` the peak (and the arming) follows the level the last
+   N fresh snapshots all reached, so a one-snapshot spike cannot raise the stop.
 5. **Partial take profit** (`partial_close_fraction > 0`) — the profit figure
    `>= partial_profit_threshold` closes `partial_close_fraction` of every
    position, once per epoch (the attempt counts, even if the executor fails).
@@ -239,6 +241,9 @@ class _EpochState(_Model):
     partial_fired: bool = False
     trailing_peak: float | None = None
     """None while the trailing take profit is not armed."""
+    recent_figures: list[float] = Field(default_factory=list)
+    """The profit figures of the last `confirm_snapshots` fresh snapshots: the trailing peak follows
+    the level they all held (their minimum), so one spike cannot raise it."""
     confirmations: dict[CloseReason, int] = Field(default_factory=dict)
     seen_open: bool = False
     """A snapshot of this epoch had an open position."""
@@ -623,14 +628,18 @@ class RulesEngine:
         assert epoch is not None
         if not fresh:
             epoch.confirmations.clear()
+            epoch.recent_figures.clear()
             return
         cfg = self.config
         figure = self._profit_figure(snap)
         if cfg.trailing_activation_usd > 0 and cfg.enable_portfolio_tp:
-            if epoch.trailing_peak is not None:
-                epoch.trailing_peak = max(epoch.trailing_peak, figure)
-            elif _at_or_above(figure, cfg.trailing_activation_usd):
-                epoch.trailing_peak = figure
+            epoch.recent_figures = [*epoch.recent_figures, figure][-cfg.confirm_snapshots:]
+            if len(epoch.recent_figures) == cfg.confirm_snapshots:
+                held = min(epoch.recent_figures)  # the level every one of the last N snapshots reached
+                if epoch.trailing_peak is not None:
+                    epoch.trailing_peak = max(epoch.trailing_peak, held)
+                elif _at_or_above(held, cfg.trailing_activation_usd):
+                    epoch.trailing_peak = held
         for reason in _PROFIT_BARRIERS:
             held = self._profit_barrier(reason, figure) is not None
             epoch.confirmations[reason] = epoch.confirmations.get(reason, 0) + 1 if held else 0

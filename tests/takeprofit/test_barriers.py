@@ -187,3 +187,19 @@ def test_distances_to_each_barrier() -> None:
     assert d["max_age_seconds"] == pytest.approx(HOUR - 60)
     assert d["expiry_seconds"] == pytest.approx(HOUR - 60 - 600)
     assert RulesEngine(cfg()).distances(NOW) == {}
+
+
+def test_a_one_snapshot_spike_does_not_raise_the_trailing_peak_when_confirmation_is_asked() -> None:
+    """Activation 0.6, retrace 0.25, confirm 3: figures 0.7 ×3 arm it at 0.7; a spike to 1.05 for one
+    snapshot, then 0.8 ×3. The level the last 3 held goes 0.7, 0.7, 0.7, 0.8, 0.8: peak 0.8, stop
+    0.8 - 0.25 = 0.55, and 0.8 is far above it — no close. (Before: peak 1.05, stop 0.80, closed.)"""
+    engine = RulesEngine(cfg(trailing_activation_usd=0.6, trailing_retrace_usd=0.25, confirm_snapshots=3,
+                             partial_close_fraction=0.0))
+    for seq, figure in enumerate([0.7, 0.7, 0.7, 1.05, 0.8, 0.8, 0.8], start=1):
+        assert engine.on_snapshot(snap(seq, figure), NOW + seq) is None, seq
+    assert engine.distances(NOW + 8)["trailing_stop"] == pytest.approx(0.8 - 0.55)
+    # a real fall to the stop, held 3 snapshots, still closes
+    for seq in (8, 9):
+        assert engine.on_snapshot(snap(seq, 0.55), NOW + seq) is None
+    decision = engine.on_snapshot(snap(10, 0.55), NOW + 10)
+    assert decision is not None and decision.reason is CloseReason.TRAILING_STOP

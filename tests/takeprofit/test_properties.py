@@ -184,3 +184,44 @@ def test_partial_amounts_are_exactly_fraction_times_position_on_every_leg(legs, 
     for underlying in ratios:
         legs_of = [p.instrument for p in positions if p.underlying == underlying]
         assert grouped.get(underlying, legs_of if len(legs_of) == 1 else None) == legs_of
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    activation=st.sampled_from([0.3, 0.6]),
+    retrace=st.sampled_from([0.1, 0.25]),
+    confirm=st.integers(1, 4),
+    figures=st.lists(st.floats(min_value=-1.0, max_value=1.05).map(lambda x: round(x, 2)), max_size=40),
+)
+def test_the_trailing_stop_fires_where_an_independent_recomputation_says(
+    activation: float, retrace: float, confirm: int, figures: list[float]
+) -> None:
+    """Recomputed apart: the peak follows the minimum of the last `confirm` figures (once there are
+    that many), arming at the activation; the stop holds at figure <= peak - retrace, and fires on
+    the `confirm`-th snapshot in a row it holds. Figures stay below the take profit (1.1)."""
+    engine = RulesEngine(cfg(trailing_activation_usd=activation, trailing_retrace_usd=retrace,
+                             confirm_snapshots=confirm, partial_close_fraction=0.0))
+    expected: int | None = None
+    window: list[float] = []
+    peak: float | None = None
+    run = 0
+    for i, figure in enumerate(figures):
+        window = [*window, figure][-confirm:]
+        if len(window) == confirm:
+            level = min(window)
+            if peak is not None:
+                peak = max(peak, level)
+            elif level >= activation - 1e-9:
+                peak = level
+        run = run + 1 if peak is not None and figure <= peak - retrace + 1e-9 else 0
+        if run >= confirm:
+            expected = i
+            break
+    fired = None
+    for i, figure in enumerate(figures):
+        decision = engine.on_snapshot(snap(i + 1, figure), NOW + i + 1)
+        if decision is not None:
+            assert decision.reason is CloseReason.TRAILING_STOP
+            fired = i
+            break
+    assert fired == expected
