@@ -478,21 +478,28 @@ class Executor:
                 await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 
     async def _wave(self, work: Work, positions: dict[str, float], read: dict[str, Quote] | None) -> float:
-        """Send one round of closing orders; returns how long to pause before the next."""
+        """Send one round of closing orders; returns how long to pause before the next.
+
+        Nothing is sent once the deadline has come, checked before the clearing round and again right
+        before the orders: the legs are still sorted (`next_step` then verifies a closure whose legs are
+        all closed, and fails one with legs open)."""
         progress = work.progress
-        if self.clearing and progress.first_order_ts is not None:
+        if self.clearing and progress.first_order_ts is not None and not progress.past_deadline(time.time()):
             await self.clearing.again(work, self._ask(work))
         infos = await self.market.infos([leg.instrument for leg in progress.open_legs()])
         remaining, dust = sort_legs(progress, positions, infos, time.time())
         work.reports.extend(dust)
-        if not remaining:
+        if not remaining or progress.past_deadline(time.time()):
             return 0.0
         quotes = await self.market.quotes(self._ask(work), list(remaining), progress.groups, read)
         orders = plan_wave(progress, remaining, positions, quotes, infos, self.config.max_index_deviation)
         if not orders:
             return RETRY_PAUSE
+        now = time.time()
+        if progress.past_deadline(now):
+            return 0.0
         first = progress.first_order_ts is None
-        work.reports.extend(wave_sent(progress, orders, time.time()))
+        work.reports.extend(wave_sent(progress, orders, now))  # `order_sent` dated before the deadline
         RETRIES.labels("remainder").inc(sum(progress.legs[o.instrument].orders_sent > 1 for o in orders))
         if first:
             TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))

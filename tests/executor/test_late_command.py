@@ -9,6 +9,8 @@ deadline (`min(deadline_ts, start + deadline_seconds)`) was only checked after a
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import thalex
 from redis.asyncio import Redis
@@ -29,6 +31,7 @@ from tests.executor.conftest import (
     make_command,
     make_settings,
     open_positions,
+    reports,
     running_executor,
     send,
     wait_outcome,
@@ -190,3 +193,21 @@ async def test_a_command_whose_orders_had_closed_it_before_the_crash_is_verified
     finally:
         for client in (owner, quoter):
             await client.__aexit__(None, None, None)
+
+
+async def test_no_wave_leaves_once_the_deadline_has_come(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """No bid to sell into: waves of unfilled orders until the deadline. The pause before the next
+    wave ends at the deadline; the wave after it used to be sent anyway, after the deadline."""
+    await open_positions(paper, {PERP: 0.5})
+    await paper.control("paper/set_book", {"instrument_name": PERP, "bids": False})
+    async with running_executor(make_settings(redis_url, names, paper, trader)):
+        command = make_command({PERP: 0.5}, deadline=1.0)
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.FAILED and got[-1].error is not None and got[-1].error.code == 41
+    sent = [r for r in got if r.status is ReportStatus.ORDER_SENT]
+    assert len(sent) > 1 and all(r.ts < command.deadline_ts for r in sent), [  # the last ones
+        round(r.ts - command.deadline_ts, 4) for r in sent[-3:]]
+    assert time.time() >= command.deadline_ts
+    assert [r.status for r in await reports(redis, names, command.command_id)] == [r.status for r in got]
