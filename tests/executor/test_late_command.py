@@ -211,3 +211,16 @@ async def test_no_wave_leaves_once_the_deadline_has_come(
         round(r.ts - command.deadline_ts, 4) for r in sent[-3:]]
     assert time.time() >= command.deadline_ts
     assert [r.status for r in await reports(redis, names, command.command_id)] == [r.status for r in got]
+
+
+async def test_a_dry_run_answers_a_late_command_as_a_trading_executor_would(
+        paper: PaperHandle, redis: Redis, redis_url: str, names: Names) -> None:
+    """`failed`, not `dry_run`: a dry run shows what the trading executor would do, and it would send
+    nothing."""
+    await open_positions(paper, {PERP: 0.5})
+    command = make_command({PERP: 0.5}, age=3600.0, deadline=-3540.0)
+    async with running_executor(make_settings(redis_url, names, paper, None, dry_run=True)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.FAILED], got
+    assert "deadline passed before it was handled" in the_failure(got)
