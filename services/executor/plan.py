@@ -586,8 +586,8 @@ class Progress(BaseModel):
     def past_deadline(self, now: float) -> bool:
         """Whether the command's deadline (as capped when it started) has come: no new step that acts on
         the exchange may start — not a clearing round, not a wave. Checked before each, never after:
-        take-profit gives up on a command at its deadline, and what is sent later acts on an account
-        the trader may have taken back."""
+        take-profit gives up on a command once its deadline is past, and what is sent later acts on an
+        account the trader may have taken back."""
         return now >= self.deadline_ts
 
     def record_fill(self, instrument: str, trade_id: str, fill: LegFill) -> bool:
@@ -632,7 +632,7 @@ def too_late(progress: Progress, now: float, *, resumed: bool) -> str | None:
     to it; None while it may start (or go on). The reason is the `failed` report's error.
 
     Such a command was decided long ago (the executor was down, its entry waited in `tp:commands`);
-    take-profit gave up on it at the deadline and halted, and the trader may have resumed and opened
+    take-profit gave up on it after its deadline and halted, and the trader may have resumed and opened
     new positions since: a clearing round would cancel their orders, quotes and bots, and a full
     closure would close whatever is open now. `resumed`: the progress was there before this claim
     (a restart, a crashed replica): what earlier waves did stays done, nothing new is sent.
