@@ -40,7 +40,7 @@ from services.executor.metrics import (
     TIME_TO_FIRST_ORDER,
     TIME_TO_FLAT,
 )
-from services.executor.plan import TEMPORARY_FAILURE, CommandWave, Progress, Stage
+from services.executor.plan import TEMPORARY_FAILURE, CommandWave, Progress, Stage, too_late
 from services.executor.rounds import ClearingRounds
 from services.executor.settle import (
     RETRY_PAUSE,
@@ -212,8 +212,10 @@ class Executor:
             await self.store.release(command.command_id, claim.token)
 
     def _may_price_from_command(self, command: Command, now: float) -> bool:
-        """A fresh full closure this process has not seen: its claim is the compact one, its clearing
-        round goes out with the claim, and its first wave is checked while both are on the way."""
+        """A fresh full closure this process has not seen, its deadline ahead: its claim is the compact
+        one, its clearing round goes out with the claim, and its first wave is checked while both are on
+        the way. (The deadline is checked here, once, for the round and that first wave: they are one
+        step, sent together.)"""
         return not self.config.dry_run and command.command_id not in self.seen \
             and not_fresh_full(command, now, DECISION_PRICE_MAX_AGE_SECONDS) is None
 
@@ -294,6 +296,11 @@ class Executor:
 
     async def _work(self, work: Work, resumed: bool, early_cancel: asyncio.Future[list[Answer]] | None = None,
                     first: DecisionWave | None = None) -> None:
+        if early_cancel is None:  # a round sent with the claim had its deadline checked as it left
+            late = too_late(work.progress, time.time(), resumed=resumed)
+            if late is not None:
+                await self._finish_late(work, late)
+                return
         if self.config.dry_run:
             await self._dry_run(work)
             return
@@ -317,6 +324,38 @@ class Executor:
         finally:
             if reads is not None:
                 reads.cancel()
+
+    async def _finish_late(self, work: Work, why: str) -> None:
+        """End a command whose deadline passed before this executor got to it, sending nothing: no
+        clearing round, no order (`plan.too_late` says why) — `failed`, with that reason.
+
+        One resumed after orders of its own had left first finds out what they did, as any resumed
+        command does (`_resync`: its trades by label; an order of its own still open is cancelled), and
+        reads the portfolio. If they had closed every leg, it is verified as usual (`completed` if
+        flat: take-profit lifts its failure halt on a late `completed`); otherwise the reason is given
+        for each leg left. Should the exchange not answer, it ends `failed` without knowing.
+        """
+        progress = work.progress
+        log.warning("%s: %s", progress.command_id, why)
+        progress.error = ExchangeError(code=NO_CODE, message=why)
+        positions: dict[str, float] = {}
+        if progress.first_order_ts is not None and not self.config.dry_run:
+            try:
+                await self._resync(work)
+                positions = await self.market.positions(self._ask(work))
+                infos = await self.market.infos(list(progress.legs))
+            except (ThalexError, ConnectionLost) as exc:
+                log.warning("%s: what its earlier orders did is not known: %s", progress.command_id, exc)
+            else:
+                remaining, dust = sort_legs(progress, positions, infos, time.time())
+                work.reports.extend(dust)
+                if not remaining:
+                    if progress.stage is Stage.RECEIVED:  # a compact claim's first wave had left
+                        progress.to(Stage.CLOSING)
+                    progress.to(Stage.VERIFYING)
+                    await self._verify(work, positions)
+                    return
+        await self._fail(work, positions)
 
     async def _cancel_orders(self, work: Work, resumed: bool,
                              early: asyncio.Future[list[Answer]] | None = None) -> WaveReads | None:
@@ -439,21 +478,28 @@ class Executor:
                 await asyncio.sleep(min(pause, max(0.0, progress.deadline_ts - time.time())))
 
     async def _wave(self, work: Work, positions: dict[str, float], read: dict[str, Quote] | None) -> float:
-        """Send one round of closing orders; returns how long to pause before the next."""
+        """Send one round of closing orders; returns how long to pause before the next.
+
+        Nothing is sent once the deadline has come, checked before the clearing round and again right
+        before the orders: the legs are still sorted (`next_step` then verifies a closure whose legs are
+        all closed, and fails one with legs open)."""
         progress = work.progress
-        if self.clearing and progress.first_order_ts is not None:
+        if self.clearing and progress.first_order_ts is not None and not progress.past_deadline(time.time()):
             await self.clearing.again(work, self._ask(work))
         infos = await self.market.infos([leg.instrument for leg in progress.open_legs()])
         remaining, dust = sort_legs(progress, positions, infos, time.time())
         work.reports.extend(dust)
-        if not remaining:
+        if not remaining or progress.past_deadline(time.time()):
             return 0.0
         quotes = await self.market.quotes(self._ask(work), list(remaining), progress.groups, read)
         orders = plan_wave(progress, remaining, positions, quotes, infos, self.config.max_index_deviation)
         if not orders:
             return RETRY_PAUSE
+        now = time.time()
+        if progress.past_deadline(now):
+            return 0.0
         first = progress.first_order_ts is None
-        work.reports.extend(wave_sent(progress, orders, time.time()))
+        work.reports.extend(wave_sent(progress, orders, now))  # `order_sent` dated before the deadline
         RETRIES.labels("remainder").inc(sum(progress.legs[o.instrument].orders_sent > 1 for o in orders))
         if first:
             TIME_TO_FIRST_ORDER.observe(max(0.0, time.time() - work.created_ts))

@@ -583,6 +583,13 @@ class Progress(BaseModel):
     def open_legs(self) -> list[Leg]:
         return [leg for leg in self.legs.values() if leg.state is LegState.OPEN]
 
+    def past_deadline(self, now: float) -> bool:
+        """Whether the command's deadline (as capped when it started) has come: no new step that acts on
+        the exchange may start — not a clearing round, not a wave. Checked before each, never after:
+        take-profit gives up on a command once its deadline is past, and what is sent later acts on an
+        account the trader may have taken back."""
+        return now >= self.deadline_ts
+
     def record_fill(self, instrument: str, trade_id: str, fill: LegFill) -> bool:
         """Count a trade once; a later sighting may only add the fee. Returns True if it is new."""
         leg = self.legs[instrument]
@@ -615,3 +622,25 @@ class Progress(BaseModel):
 
     def planned(self, instrument: str, side: Side, amount: float, price: float) -> PlannedOrder:
         return PlannedOrder(instrument=instrument, side=side, amount=amount, price=price, label=self.label)
+
+
+# Too late
+
+
+def too_late(progress: Progress, now: float, *, resumed: bool) -> str | None:
+    """Why the executor must not act on the command any more, its deadline having passed before it got
+    to it; None while it may start (or go on). The reason is the `failed` report's error.
+
+    Such a command was decided long ago (the executor was down, its entry waited in `tp:commands`);
+    take-profit gave up on it after its deadline and halted, and the trader may have resumed and opened
+    new positions since: a clearing round would cancel their orders, quotes and bots, and a full
+    closure would close whatever is open now. `resumed`: the progress was there before this claim
+    (a restart, a crashed replica): what earlier waves did stays done, nothing new is sent.
+    """
+    if not progress.past_deadline(now):
+        return None
+    late = now - progress.deadline_ts
+    if resumed:
+        return (f"deadline passed before it was resumed, {late:.1f} s late: "
+                "no further clearing round or order was sent")
+    return f"deadline passed before it was handled, {late:.1f} s late: nothing was sent to the exchange"

@@ -102,7 +102,11 @@ def hedged(instruments: Sequence[str], infos: Mapping[str, InstrumentInfo],
 
 
 def not_fresh_full(command: Command, now: float, max_age: float) -> str | None:
-    """Why the command is not a full closure decided at most `max_age` seconds ago; None when it is."""
+    """Why the command is not a full closure decided at most `max_age` seconds ago whose deadline is
+    still ahead; None when it is. (A command past its deadline is not acted on at all: `plan.too_late`;
+    it must not get the clearing round sent with the claim.)"""
+    if now >= command.deadline_ts:
+        return f"its deadline passed {now - command.deadline_ts:.3f} s ago"
     if command.fraction < 1.0:
         return f"a partial closure ({command.fraction:g})"
     if now - command.created_ts > max_age:

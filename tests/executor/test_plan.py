@@ -1,4 +1,5 @@
-"""The executor's pure core: prices, amounts, hedge sizing, labels and the progress state machine."""
+"""The executor's pure core: prices, amounts, hedge sizing, labels, the progress state machine and
+when a command is too late to act on."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from services.executor.plan import (
     order_amount,
     reference_price,
     round_to_tick,
+    too_late,
 )
 from tests.executor.conftest import make_command
 
@@ -197,3 +199,31 @@ def test_progress_state_machine_and_json_round_trip() -> None:
     progress.to(Stage.VERIFYING)
     progress.to(Stage.COMPLETED)
     assert progress.terminal
+
+
+def test_a_command_read_after_its_deadline_is_too_late_to_act_on_and_the_reason_says_how_late() -> None:
+    """Read an hour after its decision: the deadline is the command's (capping it at the start by
+    `deadline_seconds` cannot move it later), long past. Not a step may start."""
+    command = make_command({"BTC-PERPETUAL": 0.5}, age=3600.0, deadline=-3540.0)
+    read = command.deadline_ts + 3540.0
+    progress = Progress.start(command, read, 0.005, 30.0)
+    assert progress.deadline_ts == command.deadline_ts and progress.past_deadline(read)
+    assert too_late(progress, read, resumed=False) == (
+        "deadline passed before it was handled, 3540.0 s late: nothing was sent to the exchange")
+    # in time, to the deadline itself (which counts as passed, as for `settle.next_step`)
+    in_time = Progress.start(command.model_copy(update={"deadline_ts": read + 10.0}), read, 0.005, 30.0)
+    assert too_late(in_time, read + 9.99, resumed=False) is None and not in_time.past_deadline(read + 9.99)
+    assert too_late(in_time, read + 10.0, resumed=False) is not None and in_time.past_deadline(read + 10.0)
+
+
+def test_a_command_resumed_after_its_deadline_goes_no_further_whatever_its_stage() -> None:
+    """Resumed after a restart: what its earlier waves did stays done (the shell still reads what that
+    was, and verifies a closure they had closed), nothing new is sent."""
+    command = make_command({"BTC-PERPETUAL": 0.5})
+    progress = Progress.start(command, command.created_ts, 0.005, 20.0)  # deadline: 15 s after it
+    later = progress.deadline_ts + 12.0
+    assert too_late(progress, progress.deadline_ts - 1.0, resumed=True) is None
+    for stage in (Stage.RECEIVED, Stage.CLOSING, Stage.VERIFYING):
+        progress.to(stage)
+        assert too_late(progress, later, resumed=True) == (
+            "deadline passed before it was resumed, 12.0 s late: no further clearing round or order was sent")

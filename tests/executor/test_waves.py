@@ -63,6 +63,7 @@ from services.executor.waves import (
     Order,
     Quote,
     expand_claim,
+    not_fresh_full,
     plan_decision_wave,
     plan_wave,
     sort_legs,
@@ -424,6 +425,17 @@ def test_why_a_first_wave_is_not_priced_from_the_command_names_the_leg() -> None
         "A: a limit of 99.5 is over 5.0% from the mark 120"
     dust = command({"A": 0.004}, marks={"A": 100.0})  # under the 0.01 lot
     assert wave_from_command(dust, infos, BUFFERS, NOW, 1.0) == "A: 0.004 is below the minimum order"
+
+
+def test_a_command_past_its_deadline_never_gets_its_first_wave_from_the_command() -> None:
+    """Nor the clearing round sent with the claim: the executor does not act on it at all
+    (`plan.too_late`), however fresh its decision."""
+    infos = {"A": spec()}
+    late = command({"A": 0.5}, marks={"A": 100.0}).model_copy(update={"deadline_ts": NOW + 0.5})
+    assert decision_wave(late, infos, BUFFERS, NOW + 0.4, 1.0) is not None  # decided 0.4 s ago, in time
+    assert decision_wave(late, infos, BUFFERS, NOW + 0.5, 1.0) is None
+    assert not_fresh_full(late, NOW + 0.75, 1.0) == "its deadline passed 0.250 s ago"
+    assert wave_from_command(late, infos, BUFFERS, NOW + 0.75, 1.0) == "its deadline passed 0.250 s ago"
 
 
 def test_a_cheap_option_a_tick_under_its_mark_still_goes_in_the_first_wave() -> None:
