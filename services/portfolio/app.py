@@ -362,7 +362,11 @@ class PortfolioService:
         flat = self.ledger.is_flat()
         if not epoch_ends(end, flat, now):
             return
-        if not flat:
+        dust = self.ledger.dust()
+        if not flat and dust and self.ledger.is_flat(ignoring=dust):
+            log.info("closure %s: only dust is left (%s): epoch %d begins with it", end.command_id,
+                     ", ".join(dust), end.epoch + 1)
+        elif not flat:
             log.warning(
                 "closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
                 "(reconciliation with the exchange heals the rest)",

@@ -213,7 +213,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -948,10 +948,13 @@ class Ledger:
             f" (minimum order {info.min_order_amount:g}, volume tick {info.volume_tick_size:g})")
         return f"{name} {self.position(name):g}{sizes}"
 
-    def is_flat(self) -> bool:
-        """Every position within half a volume tick of zero: a full closure's fills are all in."""
+    def is_flat(self, ignoring: Collection[str] = ()) -> bool:
+        """Every position within half a volume tick of zero: a full closure's fills are all in.
+
+        `ignoring`: positions not to look at (the dust: whether a closure's wait ended on dust alone).
+        """
         return all(self._agrees(name, p.position, 0.0) or abs(p.position) < 1e-12
-                   for name, p in self._positions.items())
+                   for name, p in self._positions.items() if name not in ignoring)
 
     def advance_epoch(self, now: float, completed_epoch: int | None = None) -> bool:
         """A full closure completed: start a new epoch at zero P&L (see Epochs).

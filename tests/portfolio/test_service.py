@@ -166,6 +166,9 @@ async def test_dust_left_by_a_closure_is_listed_in_the_new_epoch_and_said_once(
     assert after.unrealized_pnl == pytest.approx(10.0 * 0.0005)  # re-based at 60,020, marked 60,030
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DUST")]
     assert len(said) == 1 and "BTC-PERPETUAL 0.0005 (minimum order 0.001, volume tick 0.0001)" in said[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("is not flat" in m for m in messages)  # dust is no missing fill: nothing to heal
+    assert any("only dust is left (BTC-PERPETUAL): epoch 1 begins with it" in m for m in messages)
 
 
 async def test_a_cancel_only_commands_completed_ends_no_epoch(
