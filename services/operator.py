@@ -253,6 +253,9 @@ def _barrier_lines(snapshot: Snapshot, settings: Settings, now: float) -> list[s
     warning = exit_cost_warning(snapshot, tp)
     if warning is not None:
         lines.append(f"EXIT COST WARNING: {warning.sentence()}")
+    if snapshot.dust:
+        lines.append(f"DUST no order can close (valued; no closure is decided on it alone, the time limit "
+                     f"ignores it): {', '.join(snapshot.dust)}")
     if snapshot.stale_instruments:
         lines.append(f"STALE prices (profit barriers wait): {', '.join(snapshot.stale_instruments)}")
     for drift in snapshot.drift:

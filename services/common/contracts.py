@@ -313,7 +313,7 @@ class Snapshot(Document):
     open_positions: Annotated[int, Field(ge=0)] = 0
     """Positions of the epoch that are not flat (all of them, whatever `positions` carries)."""
     next_expiry: Expiry | None = None
-    """The open dated position (future, option) that expires first."""
+    """The open dated position (future, option) that expires first, dust left out (see `dust`)."""
     realized_pnl: float
     unrealized_pnl: float
     funding_pnl: float
@@ -326,6 +326,8 @@ class Snapshot(Document):
     fees_estimated: float | None = None
     """The part of `fees_paid` that is estimated, not the exchange's figure; absent: none."""
     oldest_position_ts: Timestamp | None = None
+    """When the oldest open position an order can close was opened (dust, below, is left out: the time
+    limit must not fire on what no order can close)."""
     stale_instruments: list[str] = Field(default_factory=list)
     suspect_instruments: list[str] | None = None
     """Open positions whose latest tick was implausible and is held until confirmed (issue 21); their
@@ -333,6 +335,12 @@ class Snapshot(Document):
     drift: list[Drift] = Field(default_factory=list)
     last_input_ts: Timestamp | None = None
     """`ingest_ts` of the newest input folded into this snapshot (for latency)."""
+    dust: list[str] | None = None
+    """Open positions no order can close (`services.common.dust`): below the instrument's
+    `min_order_amount` once rounded down to its volume tick — a closure's remainder, an RFQ fill off
+    the tick. Counted in `open_positions` and valued in every figure, but left out of
+    `oldest_position_ts` and `next_expiry`; take-profit decides no closure on them alone. Sorted;
+    absent when there is none (and from a portfolio older than this field)."""
 
     @model_validator(mode="after")
     def _derive_for_full(self) -> Snapshot:
@@ -346,14 +354,21 @@ class Snapshot(Document):
         if self.full and "open_positions" not in self.model_fields_set:
             object.__setattr__(self, "open_positions", len(_open_rows(self.positions)))
         if self.full and "next_expiry" not in self.model_fields_set:
-            object.__setattr__(self, "next_expiry", next_expiry(self.positions))
+            object.__setattr__(self, "next_expiry", next_expiry(self.positions, self.dust or ()))
         return self
 
+    @property
+    def closable_positions(self) -> int:
+        """Open positions an order can close: `open_positions` less the dust."""
+        return max(0, self.open_positions - len(self.dust or ()))
 
-def next_expiry(positions: list[SnapshotPosition]) -> Expiry | None:
-    """The open dated position that expires first (perpetuals never expire)."""
+
+def next_expiry(positions: list[SnapshotPosition], dust: Iterable[str] = ()) -> Expiry | None:
+    """The open dated position that expires first (perpetuals never expire; dust is left out)."""
+    left_out = set(dust)
     dated = [(p.expiry_ts, p.instrument) for p in _open_rows(positions)
-             if p.expiry_ts is not None and p.instrument_type is not InstrumentType.PERPETUAL]
+             if p.expiry_ts is not None and p.instrument_type is not InstrumentType.PERPETUAL
+             and p.instrument not in left_out]
     if not dated:
         return None
     expiry_ts, instrument = min(dated)

@@ -538,8 +538,9 @@ class Executor:
         await self.store.commit(work)
         if verdict is Verdict.COMPLETED:
             TIME_TO_FLAT.observe(max(0.0, time.time() - work.created_ts))
-            log.info("%s completed: %d legs flat, fees %.6f", progress.command_id, len(progress.legs),
-                     progress.total_fee())
+            dust = reports[-1].error if reports else None
+            log.info("%s completed: %d legs, fees %.6f%s", progress.command_id, len(progress.legs),
+                     progress.total_fee(), f"; {dust.message}" if dust else "")
         elif verdict is Verdict.FAILED:
             log.error("%s failed: %s", progress.command_id, progress.error.message if progress.error else "")
         return verdict is not Verdict.CLOSE_AGAIN

@@ -31,7 +31,7 @@ from services.executor.plan import (
     action_for,
     widened,
 )
-from services.executor.waves import Buffers, Order
+from services.executor.waves import DUST_CODE, Buffers, Order
 
 RETRY_PAUSE = 0.05
 """Pause before re-sending an unfilled remainder (or after a lost answer), so the book can refill."""
@@ -160,6 +160,7 @@ def verify_flat(progress: Progress, positions: Mapping[str, float], infos: Mappi
     """Verify flat against the exchange's portfolio; reopen a leg that is not.
 
     Returns the verdict, the instruments reopened, and the reports (`completed` or `failed`).
+    A `completed` that leaves dust open says so in its `error` (code 14, `left_as_dust`).
     """
     reopened = []
     for leg in progress.legs.values():
@@ -173,7 +174,36 @@ def verify_flat(progress: Progress, positions: Mapping[str, float], infos: Mappi
     if reopened or any(leg.state is LegState.STOPPED for leg in progress.legs.values()):
         return Verdict.FAILED, reopened, fail(progress, positions, infos, now)
     progress.to(Stage.COMPLETED)
-    return Verdict.COMPLETED, [], [progress.report(ReportStatus.COMPLETED, now, fee=progress.total_fee())]
+    dust = left_as_dust(progress, positions, infos)
+    return Verdict.COMPLETED, [], [progress.report(ReportStatus.COMPLETED, now, fee=progress.total_fee(),
+                                                   error=dust)]
+
+
+def left_as_dust(progress: Progress, positions: Mapping[str, float],
+                 infos: Mapping[str, InstrumentInfo]) -> ExchangeError | None:
+    """What a completed closure leaves that no order can close, as the `completed` report's `error`.
+
+    A leg is done when what is left is dust: below `min_order_amount` (state `dust`, reported once
+    as it was found) or below one volume tick (closed). The closure is complete — nothing more can
+    be sent — but the position is not flat, and the trader reading `completed` must not think it
+    is (the portfolio lists it in `Snapshot.dust`; take-profit decides nothing on it alone). Code 14
+    is Thalex's "invalid quantity", what an order for it would be refused with. None when flat.
+    """
+    left = []
+    for leg in progress.legs.values():
+        if leg.state not in (LegState.DUST, LegState.CLOSED):
+            continue
+        amount = abs(leg.remaining(positions.get(leg.instrument, 0.0), progress.full))
+        if amount <= EPS:
+            continue
+        info = infos.get(leg.instrument)
+        sizes = "" if info is None else (f" (minimum order {info.min_order_amount:g}, volume tick "
+                                         f"{info.volume_tick_size:g})")
+        left.append(f"{leg.instrument} {amount:g}{sizes}")
+    if not left:
+        return None
+    return ExchangeError(code=DUST_CODE, message="completed; left open as dust, below what an order may "
+                                                 f"close: {'; '.join(left)}")
 
 
 def fail(progress: Progress, positions: Mapping[str, float], infos: Mapping[str, InstrumentInfo],

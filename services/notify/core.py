@@ -195,7 +195,9 @@ class Notifier:
             ts=snap.ts) for key, d in zip(keys, snap.drift, strict=True) if key not in known]
 
     def _approach(self, snap: Snapshot, now: float) -> list[Notification]:
-        if not snap.open_positions:
+        """A barrier being approached; not while only dust is open (`Snapshot.dust`): take-profit
+        decides no closure on it, so "near" would announce one that never comes."""
+        if not snap.closable_positions:
             return []
         b, s = self.barriers, self.state
         share, rearm = self.notify.near_barrier_share, self.notify.rearm_share

@@ -78,6 +78,8 @@ INSTRUMENT_PNL = Gauge(
 STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
 SUSPECT = Gauge("tp_portfolio_suspect_instruments", "Positions whose latest tick is held as implausible")
 TICKS_HELD = Counter("tp_portfolio_ticks_held_total", "Ticks held back as implausible until confirmed")
+DUST = Gauge("tp_portfolio_dust_positions",
+             "Open positions no order can close (below the minimum order): valued, never closed")
 SNAPSHOT_LATENCY = Histogram(
     "tp_portfolio_snapshot_latency_seconds",
     "From the newest input's ingest_ts to its snapshot being written",
@@ -127,6 +129,7 @@ class PortfolioService:
         self.prices = PriceGuard(settings.portfolio.suspect_price_move)
         """Holds an implausible tick back until the exchange confirms it (issue 21, item 5)."""
         self._suspects_shown: list[str] = []
+        self._dust_shown: tuple[str, ...] = ()
         lock = asyncio.Lock()
         batch = settings.portfolio.batch_size
         consumers: list[tuple[str, type[Any], Handler[Any]]] = [
@@ -359,7 +362,11 @@ class PortfolioService:
         flat = self.ledger.is_flat()
         if not epoch_ends(end, flat, now):
             return
-        if not flat:
+        dust = self.ledger.dust()
+        if not flat and dust and self.ledger.is_flat(ignoring=dust):
+            log.info("closure %s: only dust is left (%s): epoch %d begins with it", end.command_id,
+                     ", ".join(dust), end.epoch + 1)
+        elif not flat:
             log.warning(
                 "closure %s: the ledger is not flat %.0f s after `completed`; starting epoch %d anyway "
                 "(reconciliation with the exchange heals the rest)",
@@ -420,6 +427,7 @@ class PortfolioService:
                          ", ".join(sorted(cleared)))
             self._suspects_shown = suspects
             SUSPECT.set(len(suspects))
+        self._say_dust(snapshot)
         pipe.set(self.seq_key, self.seq)
         texts = [encode_document_bytes(p) for p in snapshot.positions]
         rows = {p.instrument: text for p, text in zip(snapshot.positions, texts, strict=True)}
@@ -436,6 +444,25 @@ class PortfolioService:
         if snapshot.last_input_ts is not None:
             SNAPSHOT_LATENCY.observe(max(0.0, now - snapshot.last_input_ts))
         self._export(snapshot)
+
+    def _say_dust(self, snapshot: Snapshot) -> None:
+        """Say once when a position becomes dust (and when it stops being dust): the trader must know
+        the guardian holds something it will not close, and why no closure follows."""
+        dust = tuple(snapshot.dust or ())
+        if dust == self._dust_shown:
+            return
+        new = [name for name in dust if name not in self._dust_shown]
+        gone = [name for name in self._dust_shown if name not in dust]
+        if new:
+            log.warning("DUST the guardian cannot close: %s — below what an order may close; it stays "
+                        "valued in the P&L, but the time limit and the expiry rule ignore it and no "
+                        "closure is decided on it alone (close it by trading it up, or let it expire)",
+                        "; ".join(self.ledger.dust_words(name) for name in new))
+        if gone:
+            log.info("no longer dust (closed, or grown into a position an order can close): %s",
+                     ", ".join(gone))
+        self._dust_shown = dust
+        DUST.set(len(dust))
 
     def _export(self, snap: Snapshot) -> None:
         NET_AFTER_CLOSE.set(snap.net_after_close)

@@ -15,7 +15,7 @@ Per instrument (average-cost accounting)
 ----------------------------------------
 * A fill that grows the position (or opens it):
   `avg_entry' = (avg_entry*|q| + price*|s|) / (|q| + |s|)`, `q' = q + s`;
-  `opened_ts` is set when the position opens from flat.
+  `opened_ts` is set when the position opens from flat, and when it grows out of dust (below).
 * A fill that reduces it by `c = min(|s|, |q|)`:
   `realized_pnl += (price - avg_entry) * c * sign(q)`; the average entry of
   what remains does not change.
@@ -129,6 +129,22 @@ book. Positions carried into the first epoch (`seed_from_exchange`) are valued
 from the exchange's `average_price` (baseline `entry`) or its mark
 (`mark_at_start`).
 
+Dust
+----
+A position no order can close (`services.common.dust`: below the instrument's
+`min_order_amount` once rounded down to its volume tick — what a closure leaves
+after a partial fill, an RFQ fill off the tick) is listed in `Snapshot.dust`.
+It stays in the book, in `open_positions` and in every figure (its P&L is
+real), but `oldest_position_ts` and `next_expiry` leave it out: those exist for
+take-profit's time limit, and a closure of dust closes nothing — it only wipes
+every quote on the account, again after every cool-down (the dust loop,
+docs/operations.md). Dust that a fill grows into a closable position is dated
+from that fill (`opened_ts`): the exposure the time limit is about starts
+there. Which positions are dust changes only with fills, adoptions and
+instrument data, so it is part of `_Shape`. The knowledge lives here, not in
+take-profit: the ledger holds every instrument's sizes (`tp:instruments`), and
+the header says it without a field per row.
+
 Reconciliation
 --------------
 `reconcile` compares every position with the exchange's `Positions` report (an
@@ -197,7 +213,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -217,6 +233,7 @@ from services.common.contracts import (
     Tick,
     TradeType,
 )
+from services.common.dust import closable, is_dust
 from services.common.funding import funding_period, settlement_ts
 from services.portfolio.book import ExitQuote, exit_quote
 from services.portfolio.fees import (
@@ -385,9 +402,13 @@ class _Shape:
 
     open_positions: int
     oldest: float | None
+    """The oldest opening of a position an order can close (dust left out)."""
     next_expiry: Expiry | None
+    """Likewise: the closable dated position that expires first."""
     unpriced: int
     """Open positions that never ticked (stale by definition)."""
+    dust: tuple[str, ...] = ()
+    """Open positions no order can close, sorted."""
 
 
 class _Position:
@@ -675,6 +696,7 @@ class Ledger:
             stale_instruments=self.stale_instruments(now, stale_after_seconds),
             drift=list(self._drift.values()),
             last_input_ts=self._last_input_ts,
+            dust=list(shape.dust) or None,
         )
 
     def _shape_now(self) -> _Shape:
@@ -683,9 +705,12 @@ class Ledger:
         if shape is not None:
             return shape
         opened = [p for p in self._positions.values() if p.position != 0.0]
-        oldest = min((p.opened_ts for p in opened if p.opened_ts is not None), default=None)
+        infos = self._instruments
+        dust = {p.instrument for p in opened if is_dust(p.position, infos.get(p.instrument))}
+        closing = [p for p in opened if p.instrument not in dust] if dust else opened
+        oldest = min((p.opened_ts for p in closing if p.opened_ts is not None), default=None)
         dated = []
-        for p in opened:
+        for p in closing:
             info = self._instruments.get(p.instrument)
             if info is not None and info.expiry_ts is not None and info.type is not InstrumentType.PERPETUAL:
                 dated.append((info.expiry_ts, p.instrument))
@@ -698,6 +723,7 @@ class Ledger:
             oldest=oldest,
             next_expiry=None if soonest is None else Expiry(instrument=soonest[1], expiry_ts=soonest[0]),
             unpriced=len(opened) - len(self._price_ages),
+            dust=tuple(sorted(dust)),
         )
         return shape
 
@@ -911,10 +937,24 @@ class Ledger:
             self._adopted_through[name] = report.exchange_ts
         return list(self._drift.values())
 
-    def is_flat(self) -> bool:
-        """Every position within half a volume tick of zero: a full closure's fills are all in."""
+    def dust(self) -> tuple[str, ...]:
+        """Open positions no order can close (see Dust), sorted."""
+        return self._shape_now().dust
+
+    def dust_words(self, name: str) -> str:
+        """One dust position for the trader: its size against what an order needs."""
+        info = self._instruments.get(name)
+        sizes = "" if info is None else (
+            f" (minimum order {info.min_order_amount:g}, volume tick {info.volume_tick_size:g})")
+        return f"{name} {self.position(name):g}{sizes}"
+
+    def is_flat(self, ignoring: Collection[str] = ()) -> bool:
+        """Every position within half a volume tick of zero: a full closure's fills are all in.
+
+        `ignoring`: positions not to look at (the dust: whether a closure's wait ended on dust alone).
+        """
         return all(self._agrees(name, p.position, 0.0) or abs(p.position) < 1e-12
-                   for name, p in self._positions.items())
+                   for name, p in self._positions.items() if name not in ignoring)
 
     def advance_epoch(self, now: float, completed_epoch: int | None = None) -> bool:
         """A full closure completed: start a new epoch at zero P&L (see Epochs).
@@ -1038,7 +1078,7 @@ class Ledger:
             size = abs(q) + abs(signed_amount)
             p.avg_entry = (p.avg_entry * abs(q) + price * abs(signed_amount)) / size
             p.funding_entry_value += funding_mark * signed_amount
-            if q == 0.0:
+            if q == 0.0 or self._grows_out_of_dust(p.instrument, q, q + signed_amount):
                 p.opened_ts = ts
             p.position = q + signed_amount
             return
@@ -1058,6 +1098,11 @@ class Ledger:
         else:
             p.avg_entry = price
             p.opened_ts = ts
+
+    def _grows_out_of_dust(self, name: str, before: float, after: float) -> bool:
+        """Dust that became a position an order can close: its age restarts (see Dust)."""
+        info = self._instruments.get(name)
+        return is_dust(before, info) and closable(after, info)
 
     @staticmethod
     def _close(p: _Position, size: float, price: float, funding_mark: float) -> None:
@@ -1174,7 +1219,7 @@ class Ledger:
             assert ex is not None
             p.avg_entry = ex.average_price
             p.funding_entry_value = ex.perpetual_funding_entry_value or 0.0
-            if not same_side:
+            if not same_side or self._grows_out_of_dust(name, q, target):
                 p.opened_ts = now
         self._value(p)
         self._move_sums(before, p.contributions())

@@ -30,6 +30,8 @@ NOT_CLOSABLE = "not_closable"
 REFUSALS: dict[str, str] = {
     "no_snapshot": "take-profit has not received a snapshot yet: is portfolio running and ingest publishing?",
     "no_positions": "there is no open position to close",
+    "only_dust": ("only dust is open: positions below the instrument's minimum order, which no order can "
+                  "close (`thalex-tp status` lists them); trade them up or let them expire"),
     "epoch_closed": "the epoch has just been closed; its positions are gone",
     "closure_in_flight": "a closure is already in flight; follow it with `thalex-tp history`",
     NOT_CLOSABLE: "no closing command could be built from the last snapshot (see take-profit's log)",

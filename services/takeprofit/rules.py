@@ -16,6 +16,8 @@ Barriers, in priority order (the first that holds decides; one decision per call
 2. **Time limit** — the oldest position is at least `max_position_age_hours` old,
    or a dated instrument (future, option) is within `close_before_expiry_minutes`
    of its expiry (0 turns the expiry rule off). Full close, reason `max_age`.
+   Dust (below) is no position for either: the portfolio leaves it out of
+   `oldest_position_ts` and `next_expiry`.
 3. **Take profit** — the profit figure `>= min_profit_usd`. The profit figure is
    `net_after_close`, or `net_pnl` when `profit_after_fees` is false. Full close.
 4. **Trailing take profit** (`trailing_activation_usd > 0`) — arms once the
@@ -34,6 +36,12 @@ Guards, checked in this order before any barrier
   `(epoch, seq)` not greater, or its `ts` earlier) is ignored and changes nothing:
   a redelivery must neither decide twice nor count twice towards confirmation.
 * **Nothing to close** — no open position, no decision.
+* **Only dust** — every open position is dust (`Snapshot.dust`: below the instrument's minimum
+  order once rounded to its volume tick; no order can close it): no decision, not even the
+  emergency stop or `close_all` — a command would close nothing and only wipe every quote on the
+  account (the dust loop: after a closure that left dust, the time limit fired on it after every
+  cool-down until the breaker opened). With closable positions beside it, dust is valued and
+  closed with them like any position: the money barriers judge the whole book.
 * **Epoch closed** — once a full closure of the epoch completed, that epoch's
   later snapshots only lag behind the executor; the portfolio opens the next one.
 * **One closure in flight** — never bypassed, not by the emergency stop, not by
@@ -63,7 +71,8 @@ Guards, checked in this order before any barrier
 
 Circuit breaker (`breaker.py`, issue 19)
 ----------------------------------------
-An epoch whose first open position appeared during a cool-down, an operator halt or an open
+An epoch whose first open position an order can close (dust does not count: it is what a closure
+leaves, not what a rogue rebuilds) appeared during a cool-down, an operator halt or an open
 breaker was *rebuilt* by something that ignores the halt. Closing it is a repeat closure:
 `_decide` asks the breaker first, and past `breaker_max_repeat_closures` within
 `breaker_window_seconds` the breaker opens and the decision becomes a cancel-only one (reason
@@ -163,6 +172,8 @@ class Skip(StrEnum):
     OUT_OF_ORDER = "out_of_order"
     NO_SNAPSHOT = "no_snapshot"
     NO_POSITIONS = "no_positions"
+    ONLY_DUST = "only_dust"
+    """Every open position is dust: no order can close any of it."""
     EPOCH_CLOSED = "epoch_closed"
     CLOSURE_IN_FLIGHT = "closure_in_flight"
     COOLDOWN = "cooldown"
@@ -590,6 +601,8 @@ class RulesEngine:
             return Skip.EPOCH_CLOSED
         if self._closing(external):
             return Skip.CLOSURE_IN_FLIGHT
+        if not snap.closable_positions:
+            return Skip.ONLY_DUST
         return None
 
     def _time_limit(self, snap: Snapshot, now: float) -> tuple[float, float, str] | None:
@@ -778,9 +791,11 @@ class RulesEngine:
         return decision
 
     def _note_rebuild(self, snap: Snapshot, now: float, external: External) -> None:
-        """Mark the epoch `rebuilt` when its first open position appears during a halt or cool-down."""
+        """Mark the epoch `rebuilt` when its first position an order can close appears during a halt or
+        cool-down. Dust does not count: a closure's leftover is in the next epoch from its first
+        snapshot, in the cool-down, and was rebuilt by nobody."""
         epoch = self._s.epoch
-        if epoch is None or epoch.seen_open or not snap.open_positions:  # the header: no scan of the rows
+        if epoch is None or epoch.seen_open or not snap.closable_positions:  # the header: no scan of the rows
             return
         epoch.seen_open = True
         epoch.rebuilt = self._halted(external) or self.breaker.is_open or self._cooling(now, external)
@@ -820,9 +835,15 @@ class RulesEngine:
         return None
 
     def _oldest_ts(self, snap: Snapshot) -> float | None:
+        """The oldest opening of a position an order can close: the header's (the portfolio leaves
+        dust out), else the rows' less the dust; None while only dust is open."""
+        if not snap.closable_positions:
+            return None
         if snap.oldest_position_ts is not None:
             return snap.oldest_position_ts
-        opened = [p.opened_ts for p in self.view.open_positions() if p.opened_ts is not None]
+        dust = set(snap.dust or ())
+        opened = [p.opened_ts for p in self.view.open_positions()
+                  if p.opened_ts is not None and p.instrument not in dust]
         return min(opened) if opened else None
 
     def _profit_figure(self, snap: Snapshot) -> float:
@@ -934,9 +955,10 @@ def freshness_problem(snap: Snapshot | None, now: float, stale_after_seconds: fl
     Red when an open position's prices are stale, or when positions are open and no snapshot came
     for `2 × stale_after_seconds` (the portfolio publishes on every tick of a held instrument, and
     flags prices stale after `stale_after_seconds`: silence beyond that means it is not working).
-    No snapshot at all is not a problem: nothing is known to be held.
+    No snapshot at all is not a problem: nothing is known to be held; nor is dust alone: nothing
+    the guardian could close.
     """
-    if snap is None or not snap.open_positions:
+    if snap is None or not snap.closable_positions:
         return None
     stale = _stale_positions(snap, view)
     if stale:

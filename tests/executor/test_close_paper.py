@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
+import pytest
 import thalex
 from redis.asyncio import Redis
 
@@ -190,6 +192,32 @@ async def test_already_flat_position_is_done_without_an_order(
         got = await wait_outcome(redis, names, command.command_id)
     assert [r.status for r in got] == [ReportStatus.RECEIVED, ReportStatus.COMPLETED]
     assert (await paper.control("paper/order_log", {"key_id": TRADER}))["orders"] == []
+
+
+async def test_a_closure_that_leaves_dust_completes_and_names_it(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """The dust loop's first step, on the paper exchange with Thalex's BTC sizes (volume tick 0.0001,
+    minimum order 0.001): 0.1005 BTC against a book of 0.1 fills 0.1; the 0.0005 left cannot be
+    ordered. The closure completes — nothing more can be sent — and its `completed` names the dust."""
+    market = paper.exchange.market
+    market.instruments[PERP] = dataclasses.replace(market.instruments[PERP], min_order_amount=0.001)
+    await open_positions(paper, {PERP: 0.1005})
+    await paper.control("paper/set_book", {"instrument_name": PERP, "levels": 1, "level_amount": 0.1,
+                                           "growth": 0.0})
+    command = make_command({PERP: 0.1005})
+    async with running_executor(make_settings(redis_url, names, paper, trader, **NO_CLEARING)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert account_positions(paper)[PERP] == pytest.approx(0.0005)
+    dust = [r for r in got if r.status is ReportStatus.PARTIALLY_FILLED and r.error and r.error.code == 14]
+    assert [(r.instrument, r.amount) for r in dust] == [(PERP, pytest.approx(0.0005))]  # said once
+    outcome = got[-1]
+    assert outcome.status is ReportStatus.COMPLETED and outcome.error is not None, outcome
+    assert outcome.error.code == 14
+    assert outcome.error.message == ("completed; left open as dust, below what an order may close: "
+                                     "BTC-PERPETUAL 0.0005 (minimum order 0.001, volume tick 0.0001)")
+    log = await paper.control("paper/order_log", {"key_id": TRADER, "method": "private/insert"})
+    assert [row["params"]["amount"] for row in log["orders"]] == [0.1005]  # one order; none for the dust
 
 
 def test_a_trading_executor_without_a_key_stops_with_exit_2(tmp_path, redis_url: str) -> None:

@@ -316,6 +316,32 @@ def test_dust_below_the_minimum_order_is_reported_once_not_looped_on() -> None:
     assert "below min_order_amount" in report.error.message
 
 
+def test_a_closure_that_leaves_dust_completes_and_names_it() -> None:
+    """The dust loop's first step: 0.1005 closed by a 0.1 fill leaves 0.0005 (minimum order 0.001), and
+    B, off the tick (an RFQ fill), keeps 0.0004 of a 0.001 tick. Nothing can be sent for either: the
+    closure is complete, and its `completed` says what it left."""
+    infos = {"A": spec(lot=0.0001, minimum=0.001), "B": spec(lot=0.001, minimum=0.001), "C": spec()}
+    progress = progress_of({"A": 0.1005, "B": 0.2004, "C": 0.3})
+    positions = {"A": 0.0005, "B": 0.0004, "C": 0.0}
+    remaining, reports = sort_legs(progress, positions, infos, NOW)
+    assert remaining == {} and [r.instrument for r in reports] == ["A"]
+    assert (progress.legs["A"].state, progress.legs["B"].state) == (LegState.DUST, LegState.CLOSED)
+    assert next_step(progress, NOW) is Step.VERIFY
+    verdict, _, (report,) = verify_flat(progress, positions, infos, NOW)
+    assert verdict is Verdict.COMPLETED and report.status is ReportStatus.COMPLETED
+    assert report.error == ExchangeError(code=14, message=(
+        "completed; left open as dust, below what an order may close: A 0.0005 (minimum order 0.001, "
+        "volume tick 0.0001); B 0.0004 (minimum order 0.001, volume tick 0.001)"))
+
+
+def test_a_flat_closure_completes_without_an_error() -> None:
+    progress = progress_of({"A": 0.5})
+    progress.legs["A"].state = LegState.CLOSED
+    progress.to(Stage.VERIFYING)
+    verdict, _, (report,) = verify_flat(progress, {"A": 0.0}, {"A": spec()}, NOW)
+    assert verdict is Verdict.COMPLETED and report.error is None
+
+
 def test_verify_reopens_a_leg_that_is_not_flat_while_time_is_left_then_fails() -> None:
     infos = {"A": spec()}
     progress = progress_of({"A": 1.0})

@@ -220,6 +220,14 @@ def test_near_the_emergency_stop_and_a_new_epoch_rearms() -> None:
     assert n.on_snapshot(snapshot(4, -18.0, epoch=2, flat=True), NOW) == []  # flat: nothing at risk
 
 
+def test_no_approach_is_told_while_only_dust_is_open() -> None:
+    """Dust (below the minimum order) is never closed by a decision: "near" would promise one."""
+    n = notifier(near_barrier_share=0.8, rearm_share=0.5)
+    dust = snapshot(1, -16.5).model_copy(update={"dust": ["BTC-PERPETUAL"]})
+    assert n.on_snapshot(dust, NOW) == []
+    assert len(n.on_snapshot(snapshot(2, -16.5), NOW)) == 1  # the same figure, closable: told
+
+
 def test_a_service_unhealthy_longer_than_the_limit_is_told_once_and_its_recovery_too() -> None:
     n = notifier(unhealthy_after_seconds=60)
     assert n.on_health("executor", False, "consuming failing", NOW) == []

@@ -111,6 +111,21 @@ def test_status_shows_slippage_as_a_cost_like_the_snapshot(settings: Settings) -
     assert "+1.4450" in next(line for line in text.splitlines() if "net after close" in line)
 
 
+def test_status_names_the_dust_and_counts_no_age_for_it(settings: Settings) -> None:
+    """Only 0.0005 BTC left by a closure: listed as dust, and no max-age line (the portfolio leaves
+    dust out of `oldest_position_ts`: the time limit does not count down on it)."""
+    position = SnapshotPosition(instrument="BTC-PERPETUAL", position=0.0005, avg_entry=100.0, mark=100.0,
+                                exit_price=100.0, realized_pnl=0.0, unrealized_pnl=0.0, funding_pnl=0.0,
+                                fees_paid=0.0, est_close_fee=0.0, opened_ts=time.time() - 90_000)
+    snapshot = Snapshot(seq=1, epoch=2, ts=time.time(), positions=[position], realized_pnl=0.0,
+                        unrealized_pnl=0.0, funding_pnl=0.0, fees_paid=0.0, est_close_fees=0.0,
+                        est_slippage=0.0, gross_pnl=0.0, net_pnl=0.0, net_after_close=0.0,
+                        dust=["BTC-PERPETUAL"])
+    lines = format_status(snapshot, None, {}, {}, settings, time.time()).splitlines()
+    assert any(line.startswith("DUST no order can close") and "BTC-PERPETUAL" in line for line in lines)
+    assert not any("max age" in line for line in lines)
+
+
 def test_status_and_history_name_who_broke_the_halt(
         redis_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 19, item 2: ingest's `halt_violation` reports are shown by `status` (the halt in force) and

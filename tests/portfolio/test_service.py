@@ -128,6 +128,49 @@ async def test_completed_full_closure_starts_a_new_epoch_from_zero(
     assert (after.realized_pnl, after.fees_paid, after.net_pnl) == (0.0, 0.0, 0.0)
 
 
+async def test_dust_left_by_a_closure_is_listed_in_the_new_epoch_and_said_once(
+    redis_url: str, names: Names, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A max-age closure of 0.1005 BTC filled 0.1 (volume tick 0.0001, minimum order 0.001): the
+    0.0005 left is carried into the new epoch with its day-old `opened_ts`, valued, listed in `dust`
+    and kept out of `oldest_position_ts` (the time limit would fire on it after every cool-down)."""
+    monkeypatch.setattr(closures, "EPOCH_END_WAIT_SECONDS", 0.2)  # the ledger is not flat: the wait ends it
+    fine = PERP_INFO.model_copy(update={"volume_tick_size": 0.0001})
+    await redis.hset(names.instruments, PERP, fine.model_dump_json())
+    now = time.time()
+    settings = settings_for(redis_url, names)
+    with caplog.at_level("INFO", logger="services.portfolio.app"):
+        async with in_process(build, settings, "portfolio"):
+            await xadd(redis, names.fills, fill("T1", "buy", 0.1005, 60_000.0, 0.3, now - 90_000))
+            await xadd(redis, names.ticks, tick(60_020.0, now))
+            await eventually(lambda: settled(redis, names))
+            before = await last_snapshot(redis, names)
+            assert before is not None and before.dust is None and before.oldest_position_ts == now - 90_000
+            await xadd(redis, names.fills, fill("T2", "sell", 0.1, 60_020.0, 0.3, now + 1))
+            await xadd(redis, names.reports, Report(command_id="e0-max_age-s2-n1", epoch=0, fraction=1.0,
+                                                    status=ReportStatus.COMPLETED, ts=now + 2))
+
+            async def new_epoch() -> bool:
+                snap = await last_snapshot(redis, names)
+                return snap is not None and snap.epoch == 1
+
+            await eventually(new_epoch)
+            await xadd(redis, names.ticks, tick(60_030.0, now + 3))
+            await eventually(lambda: settled(redis, names))
+            after = await last_snapshot(redis, names)
+    assert after is not None and after.epoch == 1
+    assert after.dust == [PERP] and after.open_positions == 1 and after.oldest_position_ts is None
+    [row] = after.positions  # the tick moved its row: the delta carries it
+    assert row.position == pytest.approx(0.0005)
+    assert after.unrealized_pnl == pytest.approx(10.0 * 0.0005)  # re-based at 60,020, marked 60,030
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DUST")]
+    assert len(said) == 1 and "BTC-PERPETUAL 0.0005 (minimum order 0.001, volume tick 0.0001)" in said[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("is not flat" in m for m in messages)  # dust is no missing fill: nothing to heal
+    assert any("only dust is left (BTC-PERPETUAL): epoch 1 begins with it" in m for m in messages)
+
+
 async def test_a_cancel_only_commands_completed_ends_no_epoch(
     redis_url: str, names: Names, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

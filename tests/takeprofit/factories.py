@@ -16,6 +16,7 @@ def pos(
     instrument_type: InstrumentType | None = InstrumentType.PERPETUAL,
     expiry_ts: float | None = None,
     opened_ts: float | None = None,
+    volume_tick_size: float | None = None,
 ) -> SnapshotPosition:
     return SnapshotPosition(
         instrument=instrument,
@@ -32,6 +33,7 @@ def pos(
         underlying=underlying,
         instrument_type=instrument_type,
         expiry_ts=expiry_ts,
+        volume_tick_size=volume_tick_size,
     )
 
 
@@ -45,8 +47,10 @@ def snap(
     positions: list[SnapshotPosition] | None = None,
     stale: list[str] | None = None,
     oldest: float | None = None,
+    dust: list[str] | None = None,
 ) -> Snapshot:
-    """A snapshot whose only interesting numbers are the ones passed in."""
+    """A snapshot whose only interesting numbers are the ones passed in (`dust`: the portfolio's list
+    of positions no order can close)."""
     net = net_after_close if net_pnl is None else net_pnl
     return Snapshot(
         seq=seq,
@@ -64,6 +68,7 @@ def snap(
         net_after_close=net_after_close,
         oldest_position_ts=NOW if oldest is None else oldest,
         stale_instruments=stale or [],
+        dust=dust,
     )
 
 

@@ -12,6 +12,7 @@ from services.common.contracts import (
     Command,
     Control,
     ControlAction,
+    ControlAnswer,
     Report,
     ReportStatus,
     Snapshot,
@@ -133,6 +134,37 @@ async def test_completed_report_releases_lease_then_cooldown_then_halt_cleared(
         await eventually(next_epoch)
     second = (await commands(redis, names))[1]
     assert second.epoch == 2 and second.snapshot_seq == 3
+
+
+async def test_a_closure_that_leaves_dust_is_not_decided_again_and_close_all_says_why(
+    redis_url: str, names: Names, redis: Redis
+) -> None:
+    """The dust loop, through the service: a max-age closure completed leaving 0.0005 BTC (below the
+    0.001 minimum order); the portfolio's next epoch lists it as dust. Past the cool-down and several
+    timer ticks no second command is written, and a `close_all` is refused as `only_dust`."""
+    settings = settings_for(redis_url, names, portfolio_take_profit=NO_PARTIAL)
+    old = time.time() - 25 * 3600
+    async with in_process(build, settings, "takeprofit"):
+        await xadd(redis, names.snapshots, snap(1, 0.0, ts=time.time(), oldest=old))
+        command = await one_command(redis, names)
+        assert command.reason == "max_age"
+        await xadd(redis, names.reports, Report(command_id=command.command_id, status=ReportStatus.COMPLETED,
+                                                epoch=command.epoch, fraction=1.0, ts=time.time()))
+        dust = [pos(position=0.0005, opened_ts=old, volume_tick_size=0.0001)]
+        for seq in range(2, 6):
+            await xadd(redis, names.snapshots, snap(seq, 0.0, epoch=2, ts=time.time(), oldest=None,
+                                                    positions=dust, dust=["BTC-PERPETUAL"]))
+            await asyncio.sleep(0.6)  # cool-down 0.5 s, timer every 1 s
+        await eventually(lambda: _no_halt(redis, names), within=5)
+        await xadd(redis, names.control, Control(action=ControlAction.CLOSE_ALL, by="op", ts=time.time()))
+
+        async def answered() -> bool:
+            return bool(await read_stream(redis, names.control_answers, ControlAnswer))
+
+        await eventually(answered)
+        [answer] = await read_stream(redis, names.control_answers, ControlAnswer)
+        assert len(await commands(redis, names)) == 1
+    assert (answer.outcome, answer.reason) == ("refused", "only_dust")
 
 
 async def test_failed_report_releases_lease_and_keeps_halt_until_resume(
