@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -54,10 +55,13 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+from redis.connection import parse_url
 
 from services.common.contracts import InstrumentType, NotificationKind
 from services.common.redact import redact
 from services.common.streams import NAMESPACE_RULE, Names
+
+UNREADABLE_REDIS_URL = "not a Redis URL redis-py can read"
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +301,17 @@ class Redis(Section):
     def _redis_url(cls, value: str) -> str:
         if not re.match(r"^(redis|rediss|unix)://", value):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:  # as redis-py will read it, so a service never starts on a URL that fails at its first use
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError):  # its text may quote the password: not repeated
+            raise ValueError(f"{UNREADABLE_REDIS_URL}: its host, port, database or options cannot be read "
+                             "(a password holding / # ? @ or % must be percent-encoded, e.g. / as %2F; "
+                             "or put it in password_file)") from None
+        database = urlsplit(value).path
+        tcp = not value.startswith("unix://")
+        if tcp and database not in ("", "/") and not re.fullmatch(r"/\d+", database):
+            raise ValueError(f"the database after the host must be a number, e.g. /0 (not {database!r}: "
+                             "redis-py would quietly use database 0)")
         return value
 
     @field_validator("namespace")
@@ -577,15 +592,23 @@ class _RuleError(ValueError):
         self.key, self.value, self.rule = key, value, rule
 
 
+NOT_SHOWN = object()
+"""A problem's value that is never printed: what was put under an unknown key (a `password = …` where
+only `password_file` exists is a secret; the key's name is all a spelling mistake needs), or a Redis
+URL that cannot be read (its password may be what breaks it, where `redact` cannot find its end)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One broken rule: which key, what value, which rule."""
+    """One broken rule: which key, what value (unless `NOT_SHOWN`), which rule."""
 
     key: str
     value: Any
     rule: str
 
     def __str__(self) -> str:
+        if self.value is NOT_SHOWN:
+            return redact(f"{self.key}: {self.rule}")
         return redact(f"{self.key} = {self.value!r}: {self.rule}")
 
 
@@ -612,11 +635,15 @@ def _problems_from(error: ValidationError) -> list[Problem]:
             problems.append(Problem(key, ctx_error.value, ctx_error.rule))
             continue
         rule = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
         if item["type"] == "extra_forbidden":
             rule = "unknown key (check the spelling; see the README's configuration reference)"
+            value = NOT_SHOWN
         elif item["type"] == "missing":
             rule = "required key is missing"
-        problems.append(Problem(".".join(loc) or "<root>", item.get("input"), rule))
+        elif rule.startswith(UNREADABLE_REDIS_URL):
+            value = NOT_SHOWN
+        problems.append(Problem(".".join(loc) or "<root>", value, rule))
     return problems
 
 
@@ -693,7 +720,7 @@ def _environment_problem(name: str, value: str, path: list[str]) -> Problem | No
     sections = Settings.model_fields
     section = sections.get(path[0])
     if section is None or not path[0]:
-        return Problem(name, value, "unknown setting: no section "
+        return Problem(name, NOT_SHOWN, "unknown setting: no section "
                        f"'{path[0]}' (sections: {', '.join(sections)}); TP_<SECTION>__<KEY>, e.g. "
                        "TP_PORTFOLIO_TAKE_PROFIT__MIN_PROFIT_USD")
     model = section.annotation
@@ -702,8 +729,8 @@ def _environment_problem(name: str, value: str, path: list[str]) -> Problem | No
         return _json_problem(name, value, dict)
     field = model.model_fields.get(path[1])
     if field is None:
-        return Problem(name, value, f"unknown key '{path[1]}' of [{path[0]}] (check the spelling; see the "
-                       "README's configuration reference)")
+        return Problem(name, NOT_SHOWN, f"unknown key '{path[1]}' of [{path[0]}] (check the spelling; see "
+                       "the README's configuration reference)")
     if len(path) == 2:
         origin = typing.get_origin(field.annotation) or field.annotation
         if origin in (list, dict) or (isinstance(origin, type) and issubclass(origin, BaseModel)):

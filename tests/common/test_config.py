@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_every_rule_exits_2_naming_key_and_rule(
     path = write(tmp_path, text)
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    line = next((ln for ln in err.splitlines() if f"- {key} " in ln), None)
+    line = next((ln for ln in err.splitlines() if f"- {key} " in ln or f"- {key}:" in ln), None)
     assert line is not None, f"{key} not named in:\n{err}"
     assert rule in line
 
@@ -275,7 +276,7 @@ def test_environment_keys_are_validated_like_file_keys(env: dict[str, str], name
     done = check_config([], env)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    line = next((ln for ln in done.stderr.splitlines() if f"- {named} " in ln), None)
+    line = next((ln for ln in done.stderr.splitlines() if f"- {named} " in ln or f"- {named}:" in ln), None)
     assert line is not None, done.stderr
     assert rule in line
 
@@ -381,3 +382,43 @@ def test_an_unreadable_redis_password_file_exits_2_naming_it(tmp_path: Path) -> 
     from services.common.service import read_secret
     with pytest.raises(ConfigError, match=r"redis\.password_file .*file does not exist"):
         read_secret(tmp_path / "missing.txt")
+
+
+HEX_PASSWORD = "8a9f1015aa0b6350" * 4
+"""What deploy/make-secrets.sh makes: single-case hex, which `redact` leaves alone (a digest's look)."""
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_a_secret_under_a_misspelt_key_is_named_never_printed(tmp_path: Path, where: str) -> None:
+    """`password =` where only `password_file` exists: the key is named, the value never shown."""
+    if where == "file":
+        done = check_config([str(write(tmp_path, f"[redis]\npassword = '{HEX_PASSWORD}'\n"))])
+        named = "redis.password: unknown key"
+    else:
+        done = check_config([], {"TP_REDIS__PASSWORD": HEX_PASSWORD, "TP_REDIS_PASWORD": "Tr0ub4dor&3-horse"})
+        named = "TP_REDIS__PASSWORD: unknown key 'password' of [redis]"
+    assert done.returncode == 2
+    assert named in done.stderr, done.stderr
+    assert HEX_PASSWORD not in done.stderr + done.stdout and "Tr0ub4dor" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("redis://ingest:Xk9#Lq2v7pZ@127.0.0.1:6379/0", "Xk9"),  # '#' starts a fragment: port 'Xk9'
+    ("redis://ingest:ab/cd9Q@127.0.0.1:6379/0", "ab/cd9Q"),  # '/' ends the host: a base64 password
+    ("redis://ingest:s3cr?et@127.0.0.1:6379/0", "s3cr"),
+    ("redis://127.0.0.1:notaport/0", "notaport"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=abc", None),
+    ("redis://127.0.0.1:6379/abc", None),  # redis-py would quietly use database 0
+])
+def test_a_redis_url_redis_py_cannot_read_exits_2_without_a_traceback_or_the_password(
+    tmp_path: Path, url: str, fragment: str | None
+) -> None:
+    """Before, check-config said OK and every service then died with a traceback quoting the part of the
+    password before the '#', '/' or '?' (exit 1: systemd restarted it every 5 s, journal and all)."""
+    for done in (check_config([], {"TP_REDIS__URL": url}),
+                 subprocess.run([sys.executable, "-m", "services.cli", "takeprofit"], capture_output=True,
+                                text=True, env={**os.environ, "TP_REDIS__URL": url}, timeout=60)):
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, out
+        assert "redis.url" in out and "Traceback" not in out, out
+        assert fragment is None or fragment not in out, out
