@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 HealthCheck = Callable[[], Awaitable[bool | str] | bool | str]
 """True: healthy; False, a reason (text), or `Unhealthy` raised: not healthy. Plain or async."""
 HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
+HEALTH_FRESH_SECONDS = 10.0
+"""A round of checks older than this proves nothing: `/health` and `tp_service_healthy` read red."""
 HEALTH_KEY_TTL_MS = 30_000
 
 
@@ -102,6 +104,16 @@ class Health:
             self._last.add(name)
         else:
             self._last.discard(name)
+        SERVICE_HEALTHY.labels(self.service, name).set_function(lambda: 1.0 if self.passes(name) else 0.0)
+
+    def passes(self, name: str) -> bool:
+        """Whether check `name` passed in a round of at most `HEALTH_FRESH_SECONDS` ago.
+
+        Read at every scrape of `tp_service_healthy`: a gauge set only by `refresh` kept its last 1
+        while the refreshing stopped (a check hung past its timeout, the loop blocked) — `/health`
+        red, `status` NOT GUARDING, and the alert on the gauge silent.
+        """
+        return self.latest.get(name, False) and time.time() - self.checked_ts < HEALTH_FRESH_SECONDS
 
     async def refresh(self) -> None:
         results: dict[str, bool] = {}
@@ -115,8 +127,6 @@ class Health:
             self._label(name, reason)
         self._log_changes(reasons)
         self.latest, self.reasons, self.checked_ts = results, reasons, time.time()
-        for name, ok in results.items():
-            SERVICE_HEALTHY.labels(self.service, name).set(1 if ok else 0)
 
     @staticmethod
     async def _evaluate(check: HealthCheck) -> tuple[str | None, str]:
@@ -163,7 +173,8 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return bool(self.latest) and all(self.latest.values()) and time.time() - self.checked_ts < 10
+        return bool(self.latest) and all(self.latest.values()) and \
+            time.time() - self.checked_ts < HEALTH_FRESH_SECONDS
 
     def document(self) -> dict[str, Any]:
         """What `/health` answers."""

@@ -168,6 +168,27 @@ async def test_the_health_endpoint_carries_every_reason() -> None:
                                 "exchange": "check failed"}
 
 
+async def test_the_healthy_metric_reads_red_once_the_checks_stop_being_refreshed() -> None:
+    """A check that hangs past its timeout (a library swallowing the cancellation), or a blocked loop,
+    stops the refreshing: `/health` turns red after 10 s, and so must `tp_service_healthy` — the alert
+    `GuardianCannotGuard` reads it, and a gauge kept at its last 1 looked healthy while not guarding."""
+    health = Health("stalled")
+
+    async def fine() -> bool:
+        return True
+
+    health.add("prices", fine)
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("tp_service_healthy", {"service": "stalled", "check": "prices"})
+
+    assert gauge() == 0.0  # never checked: nothing is proven
+    await health.refresh()
+    assert gauge() == 1.0 and health.healthy
+    health.checked_ts -= 10.5  # the last round is 10.5 s old: no refresh since
+    assert gauge() == 0.0 and not health.healthy
+
+
 async def test_a_reason_never_shows_a_password() -> None:
     health = Health("secrets")
 
