@@ -159,6 +159,17 @@ def report_answer(prog: str, answer: ControlAnswer | None, control_id: str, time
     return EXIT_OK
 
 
+def _say_if_not_closing(prog: str, client: redis.Redis, settings: Settings) -> None:
+    """A close-all accepted while the executor is set not to close (dry run) closes nothing: say so."""
+    raw = client.get(settings.names.key("executor:health"))
+    try:
+        set_not_to = dict(json.loads(raw).get("not_guarding") or {}) if raw else {}
+    except (ValueError, TypeError, AttributeError):
+        return
+    for why in set_not_to.values():
+        print(f"thalex-tp {prog}: BUT NOTHING WILL BE CLOSED: {why}", file=sys.stderr)
+
+
 def _control(prog: str, action: ControlAction, args: argparse.Namespace, settings: Settings,
              client: redis.Redis) -> int:
     control, control_id, after = _send_control(client, settings, action)
@@ -428,9 +439,11 @@ def service_problems(raw: Any, now: float) -> list[str]:
     age = now - ts
     if age > HEALTH_REPORT_MAX_AGE_SECONDS:
         return [f"last health report {age:.0f} s ago: stopped, stuck, or it cannot write to Redis"]
+    set_not_to = [f"{what}: {why}" for what, why in sorted(dict(report.get("not_guarding") or {}).items())]
     if healthy is True:
-        return []
-    return [f"{check}: {why}" for check, why in sorted(reasons.items())] or ["not healthy yet (starting)"]
+        return set_not_to
+    return [f"{check}: {why}" for check, why in sorted(reasons.items())] + set_not_to or \
+        ["not healthy yet (starting)"]
 
 
 def guarding_lines(reports: dict[str, Any], now: float) -> list[str]:
@@ -497,7 +510,10 @@ def close_all_main(argv: list[str]) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing done")
                 return 0
-        return _control("close-all", ControlAction.CLOSE_ALL, args, settings, client)
+        code = _control("close-all", ControlAction.CLOSE_ALL, args, settings, client)
+        if code == EXIT_OK:
+            _say_if_not_closing("close-all", client, settings)
+        return code
 
     return _run(argv, "close-all", "Close every position now (reason: manual). Waits for take-profit's "
                 "answer; exit 3 if refused, 4 if unanswered.", add, action)

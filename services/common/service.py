@@ -93,6 +93,10 @@ class Health:
     round_results: dict[str, bool] = field(default_factory=dict)
     """This refresh's verdicts so far: a check added `last` sees every other one of the same refresh."""
     round_reasons: dict[str, str] = field(default_factory=dict)
+    not_guarding: dict[str, str] = field(default_factory=dict)
+    """What the service is set to do that leaves the account unguarded though it works as told (the
+    executor's dry run): `/health` stays green — a restart would not change it — but the report in
+    Redis carries it, and `thalex-tp status` says NOT GUARDING with it."""
     _labels: dict[str, str] = field(default_factory=dict)
     """Check → the reason label its `tp_service_health_problem` series carries now."""
     _last: set[str] = field(default_factory=set)
@@ -193,7 +197,10 @@ def health_report(health: Health, now: float) -> str:
     """
     others = {name: ok for name, ok in health.round_results.items() if name != "redis"}
     reasons = {name: why for name, why in health.round_reasons.items() if name != "redis"}
-    return json.dumps({"ts": now, "healthy": bool(others) and all(others.values()), "reasons": reasons})
+    report: dict[str, Any] = {"ts": now, "healthy": bool(others) and all(others.values()), "reasons": reasons}
+    if health.not_guarding:
+        report["not_guarding"] = health.not_guarding
+    return json.dumps(report)
 
 
 def add_framework_checks(health: Health, bus: Bus, key: str) -> None:

@@ -35,6 +35,7 @@ from services.executor.exchange import TradingSession
 from services.executor.market import Ask, Market, WaveReads, settle_quietly
 from services.executor.metrics import (
     COMMANDS,
+    DRY_RUN,
     ORDERS_FILLED,
     RETRIES,
     TIME_TO_FIRST_ORDER,
@@ -581,6 +582,10 @@ class ExecutorService:
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Runnable:
     executor = Executor(settings, bus, consumer_name)
     health.add("exchange", executor.session.health)
+    DRY_RUN.set(1 if settings.executor.dry_run else 0)
+    if settings.executor.dry_run:
+        health.not_guarding["dry_run"] = ("the executor is in dry run ([executor] dry_run = true): it sends "
+                                          "no order, so nothing will be closed")
     return ExecutorService(executor)
 
 

@@ -12,6 +12,7 @@ ORDERS_REJECTED = Counter("tp_executor_orders_rejected_total", "Closing orders r
 RETRIES = Counter("tp_executor_retries_total", "Re-sent closing orders, by reason", ["reason"])
 EXCHANGE_CONNECTED = Gauge("tp_executor_exchange_connected",
                            "1 while the trading session is logged in and set up")
+DRY_RUN = Gauge("tp_executor_dry_run", "1 while the executor is in dry run: it sends no order")
 RECONNECTS = Counter("tp_executor_reconnects_total", "Trading sessions re-opened after the first")
 TIME_TO_FIRST_ORDER = Histogram(
     "tp_executor_time_to_first_order_seconds", "From the command's created_ts to its first order",

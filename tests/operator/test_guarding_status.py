@@ -90,3 +90,61 @@ def test_a_health_report_that_stopped_coming_is_not_guarding(
         assert "last health report 20 s ago" in capsys.readouterr().out
     finally:
         client.close()
+
+
+async def test_an_executor_in_dry_run_is_not_guarding_though_healthy(
+        redis_url: str, names: Names, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dry_run = true` left on from the trial phase: every service green, yet nothing will be closed.
+    `status` says NOT GUARDING with the reason (exit 5); the metric says so for the alert."""
+    from prometheus_client import REGISTRY
+
+    from services.executor.app import build
+
+    key = tmp_path / "command_key.txt"
+    key.write_text("0123456789abcdef" * 4 + "\n")
+    key.chmod(0o600)
+    settings = settings_for(redis_url, names, executor={"dry_run": True},
+                            commands={"signing_key_file": str(key)})
+    bus = Bus(redis_url, names, "executor")
+    health = Health("executor")
+    try:
+        build(settings, bus, health, "executor-1")
+        add_framework_checks(health, bus, names.key("executor:health"))
+        health.checks.pop("exchange")  # no exchange in this test: the dry run is what is looked at
+        await health.refresh()
+        await health.refresh()
+    finally:
+        await bus.redis.aclose()
+    assert REGISTRY.get_sample_value("tp_executor_dry_run") == 1.0
+    for service in ("ingest", "portfolio", "takeprofit"):
+        await health_written(redis_url, names, service, None)
+    config = write_config(tmp_path / "tp.toml", settings)
+    assert main(["status", "--config", str(config)]) == EXIT_NOT_GUARDING
+    out = capsys.readouterr().out
+    assert "  executor: dry_run: the executor is in dry run ([executor] dry_run = true): it sends no " \
+           "order, so nothing will be closed" in out, out
+
+
+def test_a_report_set_not_to_guard_is_not_guarding_even_when_healthy() -> None:
+    dry = json.dumps({"ts": NOW - 1.0, "healthy": True, "reasons": {},
+                      "not_guarding": {"dry_run": "no order"}})
+    assert service_problems(dry, NOW) == ["dry_run: no order"]
+    lines = guarding_lines({**{s: report() for s in GUARDIAN}, "executor": dry}, NOW)
+    assert lines[0].startswith("NOT GUARDING") and "  executor: dry_run: no order" in lines
+
+
+def test_a_close_all_accepted_while_the_executor_is_in_dry_run_says_nothing_will_be_closed(
+        redis_url: str, names: Names, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.operator import _say_if_not_closing
+
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        _say_if_not_closing("close-all", client, settings_for(redis_url, names))
+        assert capsys.readouterr().err == ""  # no report, or one without: nothing to add
+        dry = {"ts": time.time(), "healthy": True, "reasons": {},
+               "not_guarding": {"dry_run": "dry run: no order"}}
+        client.set(names.key("executor:health"), json.dumps(dry))
+        _say_if_not_closing("close-all", client, settings_for(redis_url, names))
+        assert "BUT NOTHING WILL BE CLOSED: dry run: no order" in capsys.readouterr().err
+    finally:
+        client.close()
