@@ -76,3 +76,27 @@ def test_the_circuit_breaker_alert_fires_while_it_is_open_and_stops_after_resume
     result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dry_run_alert_fires_while_the_executor_sends_no_order(tmp_path: Path) -> None:
+    """`tp_executor_dry_run` 1 from the start: firing after its minute; 0 (turned off): quiet."""
+    promtool = need_binary("promtool", "prometheus")
+    rules = [r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]]
+    alert = next(r for r in rules if r.get("alert") == "ExecutorInDryRun")
+    expected = [{"exp_labels": alert["labels"],
+                 "exp_annotations": {k: " ".join(v.split()) for k, v in alert["annotations"].items()}}]
+    tests = [
+        {"name": "dry run left on", "interval": "15s",
+         "input_series": [{"series": 'tp_executor_dry_run{job="executor"}', "values": "1x10"}],
+         "alert_rule_test": [{"eval_time": "30s", "alertname": "ExecutorInDryRun", "exp_alerts": []},
+                             {"eval_time": "90s", "alertname": "ExecutorInDryRun", "exp_alerts": expected}]},
+        {"name": "guarding", "interval": "15s",
+         "input_series": [{"series": 'tp_executor_dry_run{job="executor"}', "values": "0x10"}],
+         "alert_rule_test": [{"eval_time": "2m", "alertname": "ExecutorInDryRun", "exp_alerts": []}]},
+    ]
+    spec = tmp_path / "dry_run_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "15s",
+                                    "tests": tests}, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
