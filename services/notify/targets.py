@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -150,9 +151,22 @@ def _secret(path: Any, key: str, problems: list[Problem]) -> str:
     except OSError as exc:
         problems.append(Problem(key, str(path), f"cannot read the file: {exc.strerror}"))
         return ""
+    except UnicodeDecodeError:  # a binary file given by mistake: exit 2 naming it, not a traceback
+        problems.append(Problem(key, str(path), "is not a text (UTF-8) file"))
+        return ""
     if not value:
         problems.append(Problem(key, str(path), "the file is empty"))
     return value
+
+
+def _webhook_url(path: Any, key: str, problems: list[Problem]) -> str:
+    """The URL in `url_file`, checked as the URL in the file would be (`NotifyTarget.url`): a URL
+    without its scheme failed every POST, each notification dropped as "unconfirmed", health green."""
+    url = _secret(path, key, problems)
+    if url and not re.match(r"^https?://[^/\s]+", url):
+        problems.append(Problem(key, str(path), "holds no http:// or https:// URL (the scheme and host "
+                                                "are needed)"))
+    return url
 
 
 def load_targets(configured: list[NotifyTarget]) -> list[Target]:
@@ -168,7 +182,7 @@ def load_targets(configured: list[NotifyTarget]) -> list[Target]:
             targets.append(Target(t.name, t.type, f"{t.base_url.rstrip('/')}/bot{token}/sendMessage",
                                   chat_id=chat, kinds=kinds, secrets=(token,)))
             continue
-        url = t.url or _secret(t.url_file, f"{key}.url_file", problems)
+        url = t.url or _webhook_url(t.url_file, f"{key}.url_file", problems)
         hmac_key = _secret(t.secret_file, f"{key}.secret_file", problems) if t.secret_file else None
         secrets = tuple(s for s in (hmac_key, url if t.url_file else None) if s)
         targets.append(Target(t.name, t.type, url, hmac_key=hmac_key.encode() if hmac_key else None,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from services.common.config import Settings
@@ -303,3 +304,30 @@ chat_id_file = "{tmp_path / "missing-chat"}"
     )
     assert done.returncode == 2, done.stderr
     assert "notify.targets.0.bot_token_file" in done.stderr and "cannot read the file" in done.stderr
+
+
+@pytest.mark.parametrize(("target", "content", "key", "rule"), [
+    ("telegram", b"\xff\xfe\x00binary", "notify.targets.0.bot_token_file", "is not a text (UTF-8) file"),
+    ("webhook", b"hooks.slack.com/services/T0/B0/XXXX\n", "notify.targets.0.url_file",
+     "holds no http:// or https:// URL"),
+])
+def test_a_secret_file_notify_cannot_use_stops_it_with_exit_2_naming_the_key(
+        tmp_path: Path, target: str, content: bytes, key: str, rule: str) -> None:
+    """Before: a binary token file ended in a traceback (exit 1, a restart loop), and a URL without its
+    scheme was accepted — every notification then dropped as "unconfirmed", health green."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(content)
+    secret.chmod(0o600)
+    chat = tmp_path / "chat"
+    chat.write_text("42\n")
+    fields = (f'bot_token_file = "{secret}"\nchat_id_file = "{chat}"' if target == "telegram"
+              else f'url_file = "{secret}"')
+    config = tmp_path / "notify.toml"
+    config.write_text(f'[[notify.targets]]\nname = "phone"\ntype = "{target}"\n{fields}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "services.notify", "--config", str(config), "--metrics-port", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert key in done.stderr and rule in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "hooks.slack.com/services/T0/B0/XXXX" not in done.stderr
