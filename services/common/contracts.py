@@ -147,8 +147,10 @@ class Tick(Document):
     funding_mark: float | None = None
     mark_ts: Timestamp | None = None
     """When the exchange marked `mark` (its ticker's time), present only when it is older than
-    `exchange_ts`: a book change re-issues the last ticker's mark with the book's time. Absent: the
-    mark is as new as the tick. The portfolio's price guard lets only a newer mark confirm a held one."""
+    `exchange_ts`: a book change re-issues the last ticker's mark with the book's time (a ticker that
+    arrives after a newer book change is stamped the same way). Absent: the mark is as new as the
+    tick. The portfolio's price guard lets only a newer mark confirm a held one, and a price's age
+    (ingest's `prices` check, the snapshot's `stale_instruments`) is this mark's, not the book's."""
     exchange_ts: Timestamp
     ingest_ts: Timestamp
 

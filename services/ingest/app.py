@@ -342,8 +342,9 @@ class Ingest:
         return self.session.health() if self.session is not None else "not started"
 
     def prices_fresh(self) -> bool | str:
-        """Every open position's latest tick is at most `[portfolio] stale_after_seconds` old by the
-        exchange's clock (`freshness.stale_prices`): a slowed or starved feed is red with the reason."""
+        """Every open position's latest mark is at most `[portfolio] stale_after_seconds` old by the
+        exchange's clock (`freshness.stale_prices`): a slowed or starved feed is red with the reason,
+        a moving book behind a silent ticker too (the book re-issues the old mark, not a new one)."""
         since = {instrument: self.subscribed_at[channel]
                  for channel, (feed, instrument) in self.channels.items()
                  if feed is Feed.TICKER and channel in self.subscribed_at}

@@ -195,16 +195,25 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
     `exchange_ts` is the ticker's `mark_timestamp` (when the price was marked),
     the receive time when the exchange gave none. The ticker is noted in `book`:
     its best levels top the book until a newer book update (`Book.top`); a ticker
-    older than the book takes its best bid and ask from the book.
+    older than the book takes its best bid and ask from the book, and is stamped
+    like a book change (`with_book`): the book's time, the mark's own as `mark_ts`.
+    Stamped with its older mark time it would be older than the book's re-issue
+    before it, and the portfolio (which drops a tick older than the one it holds)
+    would keep the older mark — which now ages into a stale price.
     """
     ticker = parse(ThalexTicker, f"Ticker {instrument}", data)
     bids = asks = None
     best_bid, best_ask = ticker.best_bid_price, ticker.best_ask_price
+    marked = ticker.mark_timestamp if ticker.mark_timestamp is not None else ingest_ts
+    stamped, funding_mark = marked, ticker.funding_mark
     if book is not None:
         book.ticker = ticker
         bids, asks = book.top(levels)
-        if book.ticker_is_newer() is False:  # a late ticker: the book's top is the newer best
+        if book.ticker_is_newer() is False and book.time is not None:  # a late ticker: the book is newer
             best_bid, best_ask = (bids[0][0] if bids else None), (asks[0][0] if asks else None)
+            stamped = book.time
+            if funding_period(stamped) > funding_period(marked):  # the day before's funding (`with_book`)
+                funding_mark = None
     return _contract(
         Tick,
         f"Ticker {instrument}",
@@ -215,8 +224,9 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
         bids=bids,
         asks=asks,
         index=ticker.index,
-        funding_mark=ticker.funding_mark,
-        exchange_ts=ticker.mark_timestamp if ticker.mark_timestamp is not None else ingest_ts,
+        funding_mark=funding_mark,
+        mark_ts=marked if stamped > marked else None,
+        exchange_ts=stamped,
         ingest_ts=ingest_ts,
     )
 

@@ -75,7 +75,7 @@ OPEN_POSITIONS = Gauge("tp_portfolio_open_positions", "Instruments with a non-ze
 INSTRUMENT_PNL = Gauge(
     "tp_portfolio_instrument_pnl_usd", "Gross P&L of one instrument in this epoch", ["instrument"]
 )
-STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a tick for stale_after_seconds")
+STALE = Gauge("tp_portfolio_stale_instruments", "Open positions without a new mark for stale_after_seconds")
 SUSPECT = Gauge("tp_portfolio_suspect_instruments", "Positions whose latest tick is held as implausible")
 TICKS_HELD = Counter("tp_portfolio_ticks_held_total", "Ticks held back as implausible until confirmed")
 DUST = Gauge("tp_portfolio_dust_positions",
@@ -492,7 +492,7 @@ class PortfolioService:
         await run_timer("portfolio", interval, self.bus, self.lock, self.on_timer, self.load)
 
     async def prices_fresh(self) -> bool:
-        """Health: every open position has a price younger than `stale_after_seconds`, and plausible.
+        """Health: every open position has a mark younger than `stale_after_seconds`, and plausible.
 
         Stale or suspect prices leave the profit barriers waiting (take-profit decides nothing on
         them): the portfolio is not doing its job, whatever the reason upstream.
@@ -501,7 +501,7 @@ class PortfolioService:
         stale = self.ledger.stale_instruments(time.time(), stale_after)
         if stale:
             shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
-            raise Unhealthy("prices stale", f"no tick within {stale_after:g} s for {shown}")
+            raise Unhealthy("prices stale", f"no new mark within {stale_after:g} s for {shown}")
         suspects = self._suspects()
         if suspects:
             reasons = "; ".join(f"{name}: {self.prices.held[name].reason}" for name in suspects[:5])

@@ -195,9 +195,13 @@ underlying's own index feed (a `Tick` whose `instrument` is the underlying,
 from `price_index.<underlying>`), newest `exchange_ts` first (ties by name).
 An option valued on the underlying's index is re-valued when that index changes.
 Until an instrument has ticked it is valued at its average entry (0 unrealised;
-after a seed, at the exchange's mark). An open position is stale when its instrument has not ticked within
-`stale_after_seconds` of `now`, measured on the tick's `exchange_ts` (the age
-of the price itself), or has never ticked.
+after a seed, at the exchange's mark). An open position is stale when its mark is older than
+`stale_after_seconds` at `now`, measured on when the exchange marked it (`Tick.mark_time`: the
+age of the price itself), or it has never ticked. A book change re-issues the last mark with the
+book's time as `exchange_ts` (and the mark's own as `mark_ts`): it moves the exit price, not the
+mark's age, so a live book behind a slowed or silent ticker leaves the position stale — valued at
+a frozen mark, which only the emergency stop may decide on. A tick without `mark_ts` (an older
+ingest) is as old as its `exchange_ts`, as before.
 
 Cost
 ----
@@ -548,7 +552,7 @@ class Ledger:
         self._shape: _Shape | None = None
         """Open count, oldest opening, next expiry: recomputed only after a fill or the like."""
         self._price_ages: list[tuple[float, str]] = []
-        """Heap of (tick exchange_ts, instrument) of open positions, lazily pruned (`stale_instruments`)."""
+        """Heap of (mark time, instrument) of open positions, lazily pruned (`stale_instruments`)."""
         self._adopted_through: dict[str, float] = {}
         """instrument -> exchange_ts of the report whose position was adopted (see `apply_fill`)."""
         self._lots: dict[str, list[AdoptedLot]] = {}
@@ -598,8 +602,10 @@ class Ledger:
         )
 
     def stale_instruments(self, now: float, stale_after_seconds: float) -> list[str]:
-        """Open positions whose instrument has not ticked within `stale_after_seconds` (sorted).
+        """Open positions whose mark is older than `stale_after_seconds`, or that never ticked (sorted).
 
+        Judged on when the mark was marked (`Tick.mark_time`), not on the tick's time: a book
+        change re-issues the old mark stamped fresh, and the position is valued at that mark.
         O(1) amortised while every price is fresh (the heap's oldest valid entry says so); the
         scan over every position runs only when something is stale.
         """
@@ -610,7 +616,7 @@ class Ledger:
                 ts, name = heap[0]
                 p = self._positions.get(name)
                 tick = self._ticks.get(name)
-                if p is not None and p.position != 0.0 and tick is not None and tick.exchange_ts == ts:
+                if p is not None and p.position != 0.0 and tick is not None and tick.mark_time == ts:
                     break
                 heapq.heappop(heap)
             if not heap or not now - heap[0][0] > stale_after_seconds:
@@ -618,7 +624,7 @@ class Ledger:
         return sorted(
             name for name, p in self._positions.items()
             if p.position != 0.0
-            and ((tick := self._ticks.get(name)) is None or now - tick.exchange_ts > stale_after_seconds)
+            and ((tick := self._ticks.get(name)) is None or now - tick.mark_time > stale_after_seconds)
         )
 
     def snapshot(self, seq: int, now: float, stale_after_seconds: float) -> Snapshot:
@@ -715,7 +721,7 @@ class Ledger:
             if info is not None and info.expiry_ts is not None and info.type is not InstrumentType.PERPETUAL:
                 dated.append((info.expiry_ts, p.instrument))
         soonest = min(dated, default=None)
-        self._price_ages = [(t.exchange_ts, p.instrument) for p in opened
+        self._price_ages = [(t.mark_time, p.instrument) for p in opened
                             if (t := self._ticks.get(p.instrument)) is not None]
         heapq.heapify(self._price_ages)
         self._shape = shape = _Shape(
@@ -813,8 +819,8 @@ class Ledger:
             self._move_sums(before, p.contributions())
             if held is None:
                 self._shape = None  # its first price
-            elif p.position != 0.0:
-                self._note_price_age(tick.exchange_ts, name)
+            elif p.position != 0.0 and tick.mark_time != held.mark_time:  # a book change ages nothing
+                self._note_price_age(tick.mark_time, name)
         self._note_index(name, tick)
         return True
 
@@ -1345,7 +1351,7 @@ class Ledger:
         return rates
 
     def _note_price_age(self, ts: float, name: str) -> None:
-        """Remember an open position's newest price time; compact the heap when it outgrows the book."""
+        """Remember an open position's newest mark time; compact the heap when it outgrows the book."""
         heap = self._price_ages
         heapq.heappush(heap, (ts, name))
         if len(heap) > 4 * len(self._positions) + 64:

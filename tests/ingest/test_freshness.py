@@ -27,9 +27,9 @@ from tests.ingest.test_ingest_robustness import watcher_connection
 NOW = 1_700_000_100.0
 
 
-def tick(name: str, exchange_ts: float) -> Tick:
+def tick(name: str, exchange_ts: float, mark_ts: float | None = None) -> Tick:
     return Tick(instrument=name, mark=100_000.0, best_bid=99_990.0, best_ask=100_010.0,
-                exchange_ts=exchange_ts, ingest_ts=NOW)
+                exchange_ts=exchange_ts, mark_ts=mark_ts, ingest_ts=NOW)
 
 
 def test_a_price_is_stale_by_the_exchanges_clock_not_by_arrival() -> None:
@@ -38,6 +38,24 @@ def test_a_price_is_stale_by_the_exchanges_clock_not_by_arrival() -> None:
         f"{PERP} price 24.0 s old by the exchange's clock"]
     # 9.5 s old: within 10 s → fresh
     assert stale_prices([PERP], {PERP: tick(PERP, NOW - 9.5)}, {}, NOW, 10.0) == []
+
+
+def test_a_moving_book_does_not_make_an_old_mark_fresh() -> None:
+    """A book change re-issues the last mark with the book's time: the book is 0.2 s old, the mark
+    (what the portfolio values the position at) 24 s — stale, and the reason says which is old."""
+    reissued = tick(PERP, NOW - 0.2, mark_ts=NOW - 24.0)
+    assert stale_prices([PERP], {PERP: reissued}, {}, NOW, 10.0) == [
+        f"{PERP} price 24.0 s old by the exchange's clock (the mark's; its book moved 0.2 s ago)"]
+    # the mark 9.5 s old behind a live book: fresh (the book's age is not the question)
+    assert stale_prices([PERP], {PERP: tick(PERP, NOW - 0.2, mark_ts=NOW - 9.5)}, {}, NOW, 10.0) == []
+
+
+def test_a_tick_without_mark_ts_is_as_old_as_its_exchange_time() -> None:
+    """Ticks of an ingest older than `mark_ts` (or any tick whose mark is as new as it) are judged
+    on `exchange_ts`, as before the field."""
+    assert stale_prices([PERP], {PERP: tick(PERP, NOW - 0.2)}, {}, NOW, 10.0) == []
+    assert stale_prices([PERP], {PERP: tick(PERP, NOW - 11.0)}, {}, NOW, 10.0) == [
+        f"{PERP} price 11.0 s old by the exchange's clock"]
 
 
 def test_a_position_whose_ticker_never_spoke_is_stale_after_the_limit() -> None:
@@ -76,6 +94,37 @@ async def test_a_slowed_feed_makes_ingest_unhealthy_though_messages_keep_arrivin
     assert since is not None and since < 2.0  # what the probe saw: "the feed is alive"
     assert isinstance(verdict, str) and verdict.startswith(f"prices stale: {PERP} price 2"), verdict
     assert "s old by the exchange's clock" in verdict
+
+
+async def test_a_slowed_feed_behind_a_moving_book_makes_ingest_unhealthy_until_a_fresh_ticker(
+        paper: PaperHandle, redis_url: str, names: Names, keys: dict[str, KeyFiles], trader: Trader) -> None:
+    """The review's reproduction: every mark 24 s old, and a book change between the tickers. The
+    book change re-issues the old mark stamped with the book's (fresh) time; judged on that, ingest
+    stayed green while the portfolio valued the position at a 24 s old mark."""
+    settings = ingest_settings(paper.url, redis_url, names, keys[WATCHER]).model_copy(deep=True)
+    settings.portfolio.stale_after_seconds = 5.0
+    ticker = f"ticker.{PERP}.raw"
+    async with running_ingest(settings) as ingest:
+        await trader.market("buy", PERP, 0.1)
+        await wait_until(lambda: ticker in ingest.channels and PERP in ingest.last_tick
+                         and any(c.startswith(f"book.{PERP}.") for c in ingest.channels), 5)
+        assert ingest.prices_fresh() is True
+        book = next(c for c in ingest.channels if c.startswith(f"book.{PERP}."))
+        conn = watcher_connection(paper)
+        for step in range(5):  # a 24 s old mark, then the book moves at once
+            conn.notify(ticker, {"mark_price": 100_000.0, "mark_timestamp": time.time() - 24.0,
+                                 "best_bid_price": 99_990.0, "best_ask_price": 100_010.0})
+            await asyncio.sleep(0.05)
+            conn.notify(book, {"bid_changes": [[99_980.0 - step, 1.0, 1.0]], "ask_changes": [],
+                               "time": time.time()})
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: ingest.last_tick[PERP].mark_ts is not None, 5)  # the book's re-issue
+        verdict = ingest.prices_fresh()
+        conn.notify(ticker, {"mark_price": 100_000.0, "mark_timestamp": time.time(),
+                             "best_bid_price": 99_990.0, "best_ask_price": 100_010.0})
+        await wait_until(lambda: ingest.prices_fresh() is True, 5)  # a fresh mark clears it
+    assert isinstance(verdict, str) and verdict.startswith(f"prices stale: {PERP} price 2"), verdict
+    assert "s old by the exchange's clock (the mark's; its book moved 0." in verdict, verdict
 
 
 async def test_a_starved_feed_makes_ingest_unhealthy_until_prices_come_again(

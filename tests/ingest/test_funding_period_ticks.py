@@ -85,3 +85,15 @@ def test_a_book_update_after_the_settlement_does_not_carry_the_day_befores_fundi
     # the new day's funding mark starts from 0 and is not known yet: -4.0 booked as today's would
     # count the day's funding twice (realised -4.0 x q - E at the settlement, and -4.0 x q again)
     assert (after.exchange_ts, after.funding_mark, after.bids) == (SETTLEMENT + 0.02, None, [(99_999, 3)])
+
+
+def test_a_ticker_later_than_the_settlement_book_does_not_carry_the_day_befores_funding_mark() -> None:
+    """A ticker marked before 08:00 that arrives after a book change stamped after it is stamped like
+    that book change (the book's time, its own as `mark_ts`), so its funding mark is dropped too."""
+    book = Book()
+    book.apply({"bid_changes": [[99_999, 1, 1]], "ask_changes": [[100_001, 1, 1]],
+                "time": SETTLEMENT + 0.02})
+    late = tick_from_ticker(BTC_PERP, {"mark_price": 100_000, "mark_timestamp": SETTLEMENT - 0.001,
+                                       "funding_mark": -4.0}, SETTLEMENT + 0.03, book, 5)
+    assert (late.exchange_ts, late.mark_ts) == (SETTLEMENT + 0.02, SETTLEMENT - 0.001)
+    assert late.funding_mark is None

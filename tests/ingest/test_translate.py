@@ -257,6 +257,9 @@ def test_a_ticker_moving_down_or_emptying_a_side_drops_the_levels_it_shows_gone(
     older = {"mark_price": 98, "mark_timestamp": 4.0, "best_bid_price": 90, "best_bid_amount": 1}
     late = tick_from_ticker("X", older, 6.2, book, 5)  # the book (time 5) is newer: its levels and top
     assert late.bids == [(99, 1), (98, 2), (97, 3)] and (late.best_bid, late.best_ask) == (99, 101)
+    # stamped like a book change (the book's time, the mark's own as `mark_ts`): stamped 4.0 it would
+    # be older than the book's re-issue before it, and the portfolio would drop its newer mark
+    assert (late.exchange_ts, late.mark_ts, late.mark_time) == (5.0, 4.0, 4.0)
 
 
 def test_a_book_newer_than_the_ticker_gives_the_best_bid_and_ask() -> None:

@@ -178,7 +178,7 @@ async def test_health_is_red_while_an_open_position_has_no_fresh_price(redis_url
         await xadd(redis, names.fills, fill("T1", BTC, 0.01, 60_000.0, time.time()))
         await xadd(redis, names.ticks, tick(BTC, 60_000.0, time.time()))
         body = await wait_health(port, 503, within=10)  # no further tick: stale after 2 s
-        assert body["reasons"]["prices"] == f"prices stale: no tick within 2 s for {BTC}"
+        assert body["reasons"]["prices"] == f"prices stale: no new mark within 2 s for {BTC}"
         await xadd(redis, names.ticks, tick(BTC, 60_010.0, time.time()))
         await wait_health(port, 200)
     finally:
