@@ -5,7 +5,11 @@ exchange's reconnect notice, half-open watchdog, a refused login ends it). The e
 
 * after every login, `private/set_cancel_on_disconnect` (resting orders die with the session,
   and Thalex allows 50 order messages per second instead of 10) and its private channels
-  (`account.trade_history` brings the fees of its trades);
+  (`account.trade_history` brings the fees of its trades). The subscribe answer is checked
+  (api.yaml: it "returns successfully even if no channels were valid"): a channel it leaves out
+  is named once at WARNING and asked for again with backoff on the same connection; while
+  `account.trade_history` is not held, /health (`exchange`) is red naming it. Never a reconnect
+  for it: closing must not wait on the channel of its fees;
 * frames that are not messages, and trade notifications that do not fit, go to `tp:deadletter`;
   the session keeps going;
 * `send`: one reduce-only IOC limit order, paced (`order_rate_per_second`), and its outcome;
@@ -26,7 +30,7 @@ import thalex
 from services.common.bus import Bus
 from services.common.config import Settings
 from services.common.contracts import ExchangeError, Side
-from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
+from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey, subscribe
 from services.common.thalex.models import MalformedMessage, ThalexOrderStatus, parse
 from services.executor.metrics import EXCHANGE_CONNECTED, ORDERS_REJECTED, ORDERS_SENT, RECONNECTS, RETRIES
 from services.executor.plan import THROTTLE_EXCEEDED, ErrorAction, action_for
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 
 TRADES_CHANNEL = "account.trade_history"
 PRIVATE_CHANNELS = ["session.orders", TRADES_CHANNEL]
+READ_CHANNELS = {TRADES_CHANNEL: "the fees of its trades"}
+"""The private channels the executor reads, and what it reads there (a refusal of one makes /health red;
+`session.orders` is subscribed but not read)."""
+RESUBSCRIBE_FIRST_SECONDS, RESUBSCRIBE_MAX_SECONDS = 1.0, 30.0
 HEARTBEAT_SECONDS = 15
 """Cancel-on-disconnect's heartbeat: resting orders die this long after the session does."""
 IDLE_TIMEOUT_SECONDS = 15.0
@@ -61,6 +69,10 @@ class TradingSession:
             backoff_max=RECONNECT_MAX_SECONDS, order_rate=config.order_rate_per_second)
         self._task: asyncio.Task[Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self.refused: dict[str, float] = {}
+        self._asking: set[asyncio.Task[None]] = set()
+        """`_ask_again` tasks (they end with their connection, or on `close`)."""
+        """Private channels the exchange left out of its subscribe answer → since when (until held)."""
         EXCHANGE_CONNECTED.set_function(lambda: 1.0 if self.session.ready else 0.0)
 
     @property
@@ -79,12 +91,21 @@ class TradingSession:
         self.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*self._asking, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def health(self) -> bool | str:
-        return self.session.health()
+        """The session's health; red too while a channel the executor reads is refused (named)."""
+        verdict = self.session.health()
+        unread = sorted(c for c in self.refused if c in READ_CHANNELS)
+        if verdict is True and unread:
+            now = time.time()
+            return "channels refused: " + "; ".join(
+                f"{c} ({READ_CHANNELS[c]}) left out of the subscribe answer "
+                f"{now - self.refused[c]:.0f} s ago, retrying" for c in unread)
+        return verdict
 
     async def request(self, method: str, *args: Any, order: bool = False, **kwargs: Any) -> Any:
         """`thalex.Thalex.<method>` on the session (waiting for it while it is not ready); its result."""
@@ -138,9 +159,41 @@ class TradingSession:
 
     async def _set_up(self, connection: Connection) -> None:
         await connection.request("set_cancel_on_disconnect", HEARTBEAT_SECONDS)
-        await connection.request("private_subscribe", PRIVATE_CHANNELS)
+        refused = await subscribe(connection, PRIVATE_CHANNELS, private=True)
+        self._answered(PRIVATE_CHANNELS, refused)
+        if refused:
+            self._asking.add(task := asyncio.create_task(self._ask_again(connection, refused)))
+            task.add_done_callback(self._asking.discard)
         if self.session.connections:
             RECONNECTS.inc()
+
+    def _answered(self, asked: list[str], refused: list[str]) -> None:
+        """Note a subscribe answer: a channel left out is said once, one held again is forgotten."""
+        now = time.time()
+        for channel in asked:
+            if channel in refused and channel not in self.refused:
+                self.refused[channel] = now
+                log.warning("the exchange left %s out of its subscribe answer (%s); asking again with "
+                            "backoff", channel, READ_CHANNELS.get(channel, "not read by the executor"))
+            elif channel not in refused and channel in self.refused:
+                log.info("%s held after %.0f s", channel, now - self.refused.pop(channel))
+
+    async def _ask_again(self, connection: Connection, channels: list[str]) -> None:
+        """Subscribe the refused channels again on this connection, with backoff, until held.
+
+        Not a reconnect: the session carries the closing orders, and they must not wait on the
+        channel of their fees. A new connection subscribes everything afresh.
+        """
+        delay = RESUBSCRIBE_FIRST_SECONDS
+        while channels and not connection.closed:
+            await asyncio.sleep(delay)
+            try:
+                refused = await subscribe(connection, channels, private=True)
+            except (ThalexError, ConnectionLost) as exc:
+                log.info("asking again for %s: %s", ", ".join(channels), exc)
+                return
+            self._answered(channels, refused)
+            channels, delay = refused, min(delay * 2, RESUBSCRIBE_MAX_SECONDS)
 
     def _on_notification(self, channel: str, notification: Any, raw: str, received: float) -> None:
         if channel == TRADES_CHANNEL:

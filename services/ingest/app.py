@@ -51,11 +51,20 @@ from services.common.contracts import (
 from services.common.funding import funding_period
 from services.common.service import Health, service_main
 from services.common.streams import Names
-from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey
+from services.common.thalex import (
+    ChannelsRefused,
+    Connection,
+    ConnectionLost,
+    Session,
+    ThalexError,
+    ThalexKey,
+    subscribe,
+)
 from services.common.thalex.connection import SYSTEM
 from services.common.thalex.models import MalformedMessage, UnbookableTrade
 from services.ingest.follow import Feed, Follow
 from services.ingest.freshness import stale_prices
+from services.ingest.refusals import Refusals
 from services.ingest.translate import (
     Book,
     as_list,
@@ -67,7 +76,10 @@ from services.ingest.translate import (
     tick_from_ticker,
     with_book,
 )
+from services.ingest.violations import BOTS as HALT_BOTS
 from services.ingest.violations import CHANNELS as HALT_WATCH_CHANNELS
+from services.ingest.violations import CONDITIONAL_ORDERS as HALT_CONDITIONAL_ORDERS
+from services.ingest.violations import ORDERS as HALT_ORDERS
 from services.ingest.violations import HaltWatch, sightings
 
 log = logging.getLogger(__name__)
@@ -75,6 +87,10 @@ log = logging.getLogger(__name__)
 SERVICE = "ingest"
 TRADES = "account.trade_history"
 PORTFOLIO = "account.portfolio"
+PRIVATE_CHANNELS = (TRADES, PORTFOLIO, *HALT_WATCH_CHANNELS)
+PRIVATE_MEANING = {TRADES: "fills", PORTFOLIO: "positions", HALT_ORDERS: "orders",
+                   HALT_CONDITIONAL_ORDERS: "conditional orders", HALT_BOTS: "bots"}
+"""What the account's private channels bring, in the trader's words (logs and /health)."""
 HISTORY_PAGE = 1000
 HISTORY_OVERLAP_SECONDS = 600.0
 """Each gap fill re-reads this much before the checkpoint: Thalex's trade history
@@ -93,6 +109,10 @@ GAP_FILLED = Counter("tp_ingest_gap_filled_trades_total",
 REFUSED_TRADES = Counter("tp_ingest_refused_trades_total",
                          "Trades dead-lettered instead of published: unbookable (no trade id, instrument, "
                          "direction, price or amount) or malformed (a field of the wrong type)", ["reason"])
+REFUSED_CHANNELS = Counter(
+    "tp_ingest_refused_channels_total",
+    "Channels the exchange left out of a subscribe answer (or refused with an error), per kind: "
+    "private (the account's fills, positions, orders: ingest reconnects) or public (prices)", ["kind"])
 DUPLICATES = Counter("tp_ingest_duplicate_trades_total",
                      "Trades seen again (history overlap, replays) and not re-published")
 COALESCED = Counter("tp_ingest_ticks_coalesced_total",
@@ -286,8 +306,11 @@ class Ingest:
         """Account notifications to judge against `tp:halt`: a worker of their own, never delaying fills."""
         self.channels: dict[str, tuple[Feed, str]] = {}
         """Public channels held on the current connection → (feed, instrument)."""
-        self.refused: set[str] = set()
-        """Channels the exchange would not subscribe (unknown instrument): not retried this connection."""
+        self.refusals = Refusals()
+        """Public channels the exchange would not subscribe on this connection (`refusals.py`)."""
+        self.private_refused: dict[str, float] = {}
+        """Private channels left out of the last private subscribe → since when (kept across connections
+        until one holds them all)."""
         self.books: dict[str, Book] = {}
         self.last_tick: dict[str, Tick] = {}
         self.portfolio: dict[str, ExchangePosition] = {}
@@ -303,6 +326,7 @@ class Ingest:
         """Channel → when it was last subscribed (how long a position's ticker has been silent)."""
         health.add("exchange", self._exchange_healthy)
         health.add("prices", self.prices_fresh)
+        health.add("subscriptions", self.subscriptions_held)
 
     # Life
 
@@ -352,6 +376,16 @@ class Ingest:
         problems = stale_prices(held, self.last_tick, since, time.time(),
                                 self.settings.portfolio.stale_after_seconds)
         return "prices stale: " + "; ".join(problems) if problems else True
+
+    def subscriptions_held(self) -> bool | str:
+        """Every private channel is held, and every feed that prices an open position: otherwise which are
+        not (a refused subscription is silent — no error, no message — so only this check says so)."""
+        now = time.time()
+        problems = [f"{channel} (the account's {PRIVATE_MEANING[channel]}) left out of the "
+                    f"subscribe answer {now - since:.0f} s ago, reconnecting"
+                    for channel, since in sorted(self.private_refused.items())]
+        problems += self.refusals.unpriced(self.follow.guards, now)
+        return "channels refused: " + "; ".join(problems) if problems else True
 
     def on_disconnected(self, reason: str) -> None:
         RECONNECTS.inc()
@@ -471,10 +505,10 @@ class Ingest:
         """After every login: private feeds first (nothing slips between), then the gap fill."""
         # A new connection holds no public channel and no book view: start from nothing.
         self.channels.clear()
-        self.refused.clear()
+        self.refusals.clear()
         self.books.clear()
         self.portfolio_snapshot_due = True
-        await link.request("private_subscribe", [TRADES, PORTFOLIO, *HALT_WATCH_CHANNELS])
+        await self.subscribe_private(link)
         await self.load_instruments(link)
         received = time.time()
         lines = await link.request("portfolio")
@@ -488,6 +522,31 @@ class Ingest:
             if channel not in self.channels and channel not in (TRADES, PORTFOLIO, SYSTEM, "<unparsed>",
                                                                 *HALT_WATCH_CHANNELS):
                 del LAST_MESSAGE[channel]
+
+    async def subscribe_private(self, link: Connection) -> None:
+        """Subscribe the account's channels; one left out of the answer ends this connection.
+
+        Why a reconnect and not a retry on this connection: ingest's promise that no fill slips
+        between the live feed and the catch-up rests on the bootstrap's order — subscribe, then
+        `private/portfolio`, then the trade history from the checkpoint. A channel subscribed later
+        would need that whole sequence again, which is what a new connection runs. The session's
+        backoff grows while no connection gets set up, so a refusal that lasts never spins, and
+        nothing is published from a connection that cannot see the account's fills or positions.
+        /health (`subscriptions`) names the channel until a connection holds it.
+        """
+        refused = await subscribe(link, PRIVATE_CHANNELS, private=True)
+        now = time.time()
+        for channel in refused:
+            REFUSED_CHANNELS.labels("private").inc()
+            if channel not in self.private_refused:
+                self.private_refused[channel] = now
+                log.warning("the exchange left %s (the account's %s) out of its subscribe answer: "
+                            "reconnecting with backoff until it is held", channel,
+                            PRIVATE_MEANING[channel])
+        for channel in [c for c in self.private_refused if c not in refused]:
+            log.info("%s held again after %.0f s", channel, now - self.private_refused.pop(channel))
+        if refused:
+            raise ChannelsRefused("private_subscribe", refused)
 
     async def gap_fill(self, link: Connection) -> None:
         """Page `private/trade_history` (ascending) from the checkpoint; publish what is new."""
@@ -645,6 +704,7 @@ class Ingest:
                 self.known_instruments.add(name)  # do not ask again on this connection
                 continue
             await self._store_instruments([item], "public/instrument")
+        self.refusals.keep_only(wanted)
         plan = self.follow.plan(now, self.channels)
         if plan.unsubscribe:
             for channel in plan.unsubscribe:
@@ -654,16 +714,17 @@ class Ingest:
                     self.books.pop(instrument, None)
             await link.request("unsubscribe", plan.unsubscribe)
             log.info("unsubscribed %s", ", ".join(plan.unsubscribe))
-        subscribe = [c for c in plan.subscribe if c not in self.refused]
-        if subscribe:
-            await self._subscribe(link, subscribe, wanted)
+        due = [c for c in plan.subscribe if self.refusals.due(c, self.follow.guards(*wanted[c]), now)]
+        if due:
+            await self._subscribe(link, due, wanted)
 
     async def _subscribe(self, link: Connection, channels: list[str],
                          wanted: dict[str, tuple[Feed, str]]) -> None:
         """Register first (the snapshot can arrive right behind the answer), then subscribe.
 
-        A channel the exchange refuses (unknown instrument on the watch list) is
-        not retried on this connection; the others still go through.
+        What the answer leaves out is refused (api.yaml: the call succeeds even when no channel
+        was valid) and dropped again; the others go through (`refusals.py`: a feed of an open
+        position is asked for again with backoff, any other not on this connection).
         """
         for channel in channels:
             self.channels[channel] = wanted[channel]
@@ -671,19 +732,39 @@ class Ingest:
             if wanted[channel][0] is Feed.BOOK:
                 self.books[wanted[channel][1]] = Book()
         try:
-            await link.request("public_subscribe", channels)
-            log.info("subscribed %s", ", ".join(channels))
-            return
-        except ThalexError as exc:
+            refused = await subscribe(link, channels, private=False)
+        except ThalexError as exc:  # not how Thalex refuses a channel, but an exchange may
             if len(channels) == 1:
-                log.warning("the exchange refused %s: %s", channels[0], exc.message)
-                self.channels.pop(channels[0], None)
-                self.refused.add(channels[0])
+                self._refuse(channels[0], wanted[channels[0]], exc.message)
                 return
-        for channel in channels:  # find the one(s) it refused
-            self.channels.pop(channel, None)
-        for channel in channels:
-            await self._subscribe(link, [channel], wanted)
+            for channel in channels:  # find the one(s) it refused
+                self.channels.pop(channel, None)
+            for channel in channels:
+                await self._subscribe(link, [channel], wanted)
+            return
+        for channel in refused:
+            self._refuse(channel, wanted[channel], "left out of the subscribe answer")
+        held = [c for c in channels if c not in refused]
+        for channel in held:
+            refusal = self.refusals.held(channel)
+            if refusal is not None:
+                log.info("%s held after %d refusal(s) in %.0f s", channel, refusal.attempts,
+                         time.time() - refusal.since)
+        if held:
+            log.info("subscribed %s", ", ".join(held))
+
+    def _refuse(self, channel: str, fed: tuple[Feed, str], why: str) -> None:
+        """Drop a channel the exchange did not subscribe; say so once per connection."""
+        feed, target = fed
+        self.channels.pop(channel, None)
+        if feed is Feed.BOOK:
+            self.books.pop(target, None)
+        REFUSED_CHANNELS.labels("public").inc()
+        if self.refusals.refuse(channel, feed, target, time.time()):
+            guarding = self.follow.guards(feed, target)
+            then = ("a feed of an open position: asking again with backoff" if guarding
+                    else "not asked for again on this connection")
+            log.warning("the exchange refused %s (%s); %s", channel, why, then)
 
 
 def build(settings: Settings, bus: Bus, health: Health, consumer_name: str) -> Ingest:

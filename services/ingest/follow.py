@@ -121,6 +121,13 @@ class Follow:
                     channels[index_channel(underlying)] = (Feed.INDEX, underlying)
         return channels
 
+    def guards(self, feed: Feed, target: str) -> bool:
+        """The feed prices an open position (its ticker or book, the index of a held option's
+        underlying): without it the exit is priced blind, so a refusal of it is never let be."""
+        if feed is Feed.INDEX:
+            return any(self.option_underlyings.get(instrument) == target for instrument in self.positions)
+        return target in self.positions
+
     def plan(self, now: float, subscribed: Iterable[str]) -> Plan:
         """The subscribe/unsubscribe that turns `subscribed` into `wanted(now)` (sorted, stable)."""
         wanted = self.wanted(now)

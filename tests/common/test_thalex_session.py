@@ -21,6 +21,7 @@ from services.common.thalex import (
     ThalexError,
     ThalexKey,
     backoff_delay,
+    left_out,
 )
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle, make_keys, running_paper_exchange
@@ -172,3 +173,16 @@ async def test_reconnects_asked_by_the_service_back_off_and_grow(
         await until(lambda: session.connections >= 4, within=10)
     delays = [float(d) for d in RECONNECTING.findall(caplog.text)][:3]
     assert delays == [0.05, 0.1, 0.2]
+
+
+async def test_a_system_channel_left_out_of_the_answer_is_said_and_the_watchdog_relied_on(
+        paper: PaperHandle, key_files: KeyFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """api.yaml: subscribe succeeds "even if no channels were valid"; an answer without `system` is a no."""
+    assert left_out(["system", "x"], ["x"]) == ["system"]
+    await paper.control("paper/leave_out", {"channels": ["system"]})
+    session = Session(paper.url, key_of(key_files))
+    with caplog.at_level(logging.INFO, logger="services.common.thalex.session"):
+        async with Running(session):
+            await until(lambda: session.ready)
+    assert any("no system channel on this exchange (left out of the subscribe answer)" in r.getMessage()
+               for r in caplog.records)

@@ -10,6 +10,7 @@ reader and dropped the connection; the exchange's reconnect notice was ignored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -169,3 +170,32 @@ async def test_after_a_refused_login_the_executor_never_looks_connected(
         health = await running.executor.session.health()
         assert connected_gauge() == 0
         assert health is not True and "login refused" in str(health) and "error 19" in str(health), health
+
+
+async def test_a_trade_history_left_out_of_the_subscribe_answer_is_red_and_asked_for_again(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """api.yaml: subscribe "returns successfully even if no channels were valid; check the return value".
+    Before, the executor took any answer for a yes: without `account.trade_history` every wave waited
+    for fees that never came, and /health said nothing."""
+    await open_positions(paper, {PERP: 0.2})
+    command = make_command({PERP: 0.2})
+    await paper.control("paper/leave_out", {"channels": ["account.trade_history"], "count": 2})
+    with caplog.at_level(logging.WARNING, logger="services.executor.exchange"):
+        async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+            await eventually(lambda: running.executor.session.ready)
+            health = await running.executor.session.health()
+            assert isinstance(health, str) and health.startswith(
+                "channels refused: account.trade_history (the fees of its trades) left out"), health
+            await send(redis, names, command)  # closing does not wait on the channel of its fees
+            got = await wait_outcome(redis, names, command.command_id)
+            assert got[-1].status is ReportStatus.COMPLETED and account_positions(paper)[PERP] == 0
+            # asked again after 1 s and 2 s more: the second answer leaves it out, the third holds it
+            await eventually(lambda: not running.executor.session.refused, within=10.0)
+            assert await running.executor.session.health() is True
+            (first,) = trader_connections(paper)
+            assert "account.trade_history" in first.channels  # type: ignore[attr-defined]
+    said = [r for r in caplog.records
+            if r.name == "services.executor.exchange" and "account.trade_history" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING  # once, not per try
+    assert any("fees of 1 trades not seen" in r.getMessage() for r in caplog.records)  # what it cost

@@ -110,6 +110,35 @@ async def test_private_channels_need_a_login(paper: PaperHandle, keys: dict[str,
         assert bot.problems() == []
 
 
+async def test_leave_out_drops_valid_channels_from_the_answer_without_an_error_as_api_yaml_allows(
+    paper: PaperHandle, keys: dict[str, KeyFiles]
+) -> None:
+    async with Official(paper.url) as bot:
+        await bot.login(keys["trader"])
+        book = f"book.{PERP}.none.5.raw"
+        assert await paper.control("paper/leave_out", {"channels": ["account.portfolio"]}) == {
+            "left_out": {"account.portfolio": None}}
+        await paper.control("paper/leave_out", {"channels": [book], "count": 2})
+        # left out: listed nowhere, no error, and not subscribed (no snapshot comes)
+        assert await bot.result("private_subscribe", ["account.portfolio", "account.orders"]) == [
+            "account.orders"]
+        assert await bot.result("public_subscribe", [book, f"ticker.{PERP}.raw"]) == [f"ticker.{PERP}.raw"]
+        assert await bot.result("public_subscribe", [book]) == []  # the second of its 2 answers
+        await bot.settle()
+        assert not bot.of("account.portfolio") and not bot.of(book)
+        assert await bot.result("public_subscribe", [book]) == [book]  # its count used up
+        assert await bot.result("private_subscribe", ["account.portfolio"]) == []  # until cleared
+        assert await paper.control("paper/leave_out", {"channels": []}) == {"left_out": {}}
+        assert await bot.result("private_subscribe", ["account.portfolio"]) == ["account.portfolio"]
+        await bot.notification("account.portfolio")
+        await bot.notification(book)
+        with pytest.raises(ControlError):
+            await paper.control("paper/leave_out", {"channels": "account.portfolio"})
+        with pytest.raises(ControlError):
+            await paper.control("paper/leave_out", {"channels": [book], "count": 0})
+        assert bot.problems() == []
+
+
 async def test_every_channel_of_api_yaml_delivers_notifications_that_validate(
     paper: PaperHandle, keys: dict[str, KeyFiles]
 ) -> None:

@@ -9,9 +9,12 @@
 * `key.ThalexKey` / `key.LoginRejected` — the API key and the refusals that stop a service
   (exit 2 naming the key);
 * `models` — the exchange's objects, typed (pydantic);
-* `pacing.OrderPacer` — order messages kept under Thalex's per-connection rate.
+* `pacing.OrderPacer` — order messages kept under Thalex's per-connection rate;
+* `channels.subscribe` / `channels.left_out` — a subscribe answer lists what is held: every
+  channel it leaves out is refused, though the answer is no error (api.yaml).
 """
 
+from services.common.thalex.channels import ChannelsRefused, left_out, subscribe
 from services.common.thalex.connection import Connection, Garbage, Notification
 from services.common.thalex.key import FATAL_LOGIN_CODES, LoginRejected, ThalexKey
 from services.common.thalex.pacing import OrderPacer
@@ -21,6 +24,7 @@ from services.common.thalex.session import Session, backoff_delay
 __all__ = [
     "FATAL_LOGIN_CODES",
     "NO_CODE",
+    "ChannelsRefused",
     "Connection",
     "ConnectionLost",
     "Garbage",
@@ -32,4 +36,6 @@ __all__ = [
     "ThalexError",
     "ThalexKey",
     "backoff_delay",
+    "left_out",
+    "subscribe",
 ]

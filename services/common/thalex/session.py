@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from services.common.bus import raise_if_cancelled
+from services.common.thalex.channels import subscribe
 from services.common.thalex.connection import SYSTEM, Connection, Garbage, Notification
 from services.common.thalex.key import LoginRejected, ThalexKey
 from services.common.thalex.models import MalformedMessage, ThalexSystemEvent, parse
@@ -258,8 +259,10 @@ class Session:
             self.status = "logging in"
             await connection.login(self.key, self.account)
         self.status = "setting up"
-        try:
-            await connection.request("public_subscribe", [SYSTEM])
+        try:  # an answer that leaves the channel out is as much a "no" as an error (api.yaml)
+            if await subscribe(connection, [SYSTEM], private=False):
+                log.info("no %s channel on this exchange (left out of the subscribe answer); relying on the "
+                         "idle watchdog", SYSTEM)
         except ThalexError as exc:
             log.info("no %s channel on this exchange (%s); relying on the idle watchdog", SYSTEM, exc.message)
         if self.on_connected is not None:

@@ -11,7 +11,9 @@ A channel family registers once (``CHANNELS.register(Family(...))``) in its own 
   per the channel's delay); event channels leave it None and are fed by :mod:`services.paper.fanout`.
 
 Subscribing follows api.yaml: every valid channel is subscribed and listed in the result, anything
-else is left out of it, and the call itself never fails for a bad channel name.
+else is left out of it, and the call itself never fails for a bad channel name. ``paper/leave_out``
+makes it leave out (and not subscribe) valid channels too, as Thalex may: a client must check the
+answer, not trust the absence of an error.
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ class Subscriptions:
         self.channels: dict[str, Channel] = {}
         self.generation = 0
         """Moves whenever a channel is added or removed (what the fanout's index is built from)."""
+        self.left_out: dict[str, int | None] = {}
+        """``paper/leave_out``: channel → how many more answers leave it out (None: until cleared)."""
 
     def subscribe(self, conn: Connection, names: list[Any], private: bool) -> list[str]:
         """Subscribe every valid name; the result lists them (invalid ones are left out, never an error).
@@ -180,7 +184,7 @@ class Subscriptions:
         """
         accepted: list[str] = []
         for name in names:
-            if not isinstance(name, str) or name in accepted:
+            if not isinstance(name, str) or name in accepted or self._leave_out(name):
                 continue
             try:
                 family, channel = self._resolve(name)
@@ -205,6 +209,18 @@ class Subscriptions:
                 snapshot = family.snapshot
                 conn.after.append(functools.partial(self._snapshot, conn, channel, snapshot))
         return accepted
+
+    def _leave_out(self, name: str) -> bool:
+        """Leave ``name`` out of this answer (``paper/leave_out``); counts one answer down."""
+        if name not in self.left_out:
+            return False
+        remaining = self.left_out[name]
+        if remaining is not None:
+            if remaining <= 1:
+                del self.left_out[name]
+            else:
+                self.left_out[name] = remaining - 1
+        return True
 
     def unsubscribe(self, conn: Connection, names: list[Any]) -> list[str]:
         removed = [name for name in dict.fromkeys(names) if isinstance(name, str) and name in conn.channels]

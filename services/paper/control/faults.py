@@ -72,6 +72,27 @@ async def set_history_delay(exchange: PaperExchange, params: dict, requester: Co
     return {"history_delay": exchange.engine.history_delay}
 
 
+@CONTROLS.method("paper/leave_out")
+async def leave_out(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
+    """Subscribe answers leave these channels out (and do not subscribe them), valid or not.
+
+    api.yaml lets Thalex do so without an error ("check the return value"): this is how a client's
+    check is tested. ``count`` answers per channel, or until ``channels: []`` clears them all.
+    """
+    channels = params.get("channels")
+    if not (isinstance(channels, list) and all(isinstance(c, str) for c in channels)):
+        raise RpcError(INVALID_REQUEST, "channels must be a list of channel names")
+    count = params.get("count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise RpcError(INVALID_REQUEST, "count must be a positive integer")
+    subscriptions = exchange.subscriptions
+    if not channels:
+        subscriptions.left_out.clear()
+    for channel in channels:
+        subscriptions.left_out[channel] = count
+    return {"left_out": dict(subscriptions.left_out)}
+
+
 @CONTROLS.method("paper/reconnect_notice")
 async def reconnect_notice(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
     exchange.broadcast_reconnect()
