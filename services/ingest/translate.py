@@ -275,7 +275,10 @@ def positions_from_portfolio(lines: Iterable[ExchangePosition], exchange_ts: flo
 
 
 def position_from_entry(data: Any) -> ExchangePosition:
-    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`)."""
+    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`).
+
+    Needs `instrument_name` and `position`; a mark or P&L figure the line does not carry is absent
+    from the result (raises `MalformedMessage` without the two, or for a field of the wrong type)."""
     entry = parse(ThalexPortfolioEntry, "PortfolioEntry", data)
     average = entry.average_price if entry.average_price is not None else (entry.start_price or 0.0)
     return _contract(

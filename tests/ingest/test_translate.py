@@ -345,6 +345,16 @@ def test_portfolio_entry_and_the_whole_view() -> None:
         position_from_entry({"instrument_name": "A", "mark_price": 1})
 
 
+def test_a_portfolio_line_needs_only_its_instrument_and_position() -> None:
+    """api.yaml's `PortfolioEntry` requires nothing; without a mark or P&L a line still says what is held."""
+    bare = position_from_entry({"instrument_name": "BTC-29DEC23-50000-C", "position": -1,
+                                "mark_price": None, "realised_pnl": None})
+    assert (bare.instrument, bare.position, bare.mark_price) == ("BTC-29DEC23-50000-C", -1, None)
+    assert (bare.realised_pnl, bare.unrealised_pnl, bare.average_price) == (None, None, 0.0)
+    with pytest.raises(MalformedMessage, match="PortfolioEntry: instrument_name: Field required"):
+        position_from_entry({"position": 1})
+
+
 def test_instrument_metadata() -> None:
     option = {"instrument_name": "BTC-10SEP21-70000-C", "product": "OBTCUSD", "tick_size": 5,
               "volume_tick_size": 0.1, "min_order_amount": 0.1, "underlying": "BTCUSD", "type": "option",
