@@ -84,6 +84,9 @@ DEDUP_RETENTION_SECONDS = 86_400.0
 (far beyond the overlap, so a re-read trade is always still remembered)."""
 FOLLOW_INTERVAL_SECONDS = 1.0
 REDIS_RETRY_SECONDS = 0.5
+HISTORY_RETRY_FIRST_SECONDS = 1.0
+"""A second read of the trade history the exchange refused (error 3, 10, 20 ...) is tried again
+after this, doubling up to `history_recheck_seconds`, until it succeeds."""
 PORTFOLIO_REREAD_SECONDS = 30.0
 """While the portfolio view is incomplete (a line could not be read), `private/portfolio` is read
 again this often: a whole portfolio that reads cleanly makes it complete again."""
@@ -305,7 +308,9 @@ class Ingest:
         self.known_instruments: set[str] = set()
         self.since = 0.0
         self.history_recheck_at: float | None = None
-        """When to read the trade history once more after a gap fill (None: not due)."""
+        """When to read the trade history once more after a gap fill (None: not due, or done)."""
+        self.history_retry_seconds = HISTORY_RETRY_FIRST_SECONDS
+        """The wait before the next attempt when the exchange refuses the second read."""
         self.halt_watch = HaltWatch()
         self.session: Session | None = None
         self._counters: dict[str, Any] = {}
@@ -455,9 +460,7 @@ class Ingest:
                 if link is not None and not link.closed and self.session is not None and self.session.ready:
                     await self.sync_subscriptions(link)
                     if self.history_recheck_at is not None and time.time() >= self.history_recheck_at:
-                        self.history_recheck_at = None
-                        log.info("reading the trade history again (trades appear in it with a delay)")
-                        await self.gap_fill(link)
+                        await self.read_history_again(link)
                     if self.portfolio_reread_at is not None and time.time() >= self.portfolio_reread_at:
                         await self.read_portfolio_again(link)
             except ConnectionLost as exc:  # the session reconnects; its bootstrap catches up
@@ -472,6 +475,26 @@ class Ingest:
                 if self.session is not None:  # with backoff: Redis refusing every write must not make it spin
                     self.session.reconnect(f"Redis failed: {exc}")
                 await asyncio.sleep(REDIS_RETRY_SECONDS)
+
+    async def read_history_again(self, link: Connection) -> None:
+        """The second read of the trade history (see `bootstrap`): done only once it succeeded.
+
+        It exists for a trade made just before a disconnect and missing from the first gap fill; a
+        refusal by the exchange (error 3, 10, 20 ...) must not cancel it, so it is tried again with
+        backoff. A lost connection leaves it to the next connection's bootstrap, which re-arms it.
+        """
+        log.info("reading the trade history again (trades appear in it with a delay)")
+        try:
+            await self.gap_fill(link)
+        except ThalexError as exc:
+            wait = self.history_retry_seconds
+            self.history_retry_seconds = min(wait * 2, max(self.settings.ingest.history_recheck_seconds,
+                                                           HISTORY_RETRY_FIRST_SECONDS))
+            self.history_recheck_at = time.time() + wait
+            log.warning("the second read of the trade history failed (%s); trying again in %.1f s", exc, wait)
+            return
+        self.history_recheck_at = None
+        self.history_retry_seconds = HISTORY_RETRY_FIRST_SECONDS
 
     async def read_portfolio_again(self, link: Connection) -> None:
         """Read the whole portfolio while the view is incomplete: it is complete once it reads cleanly."""
