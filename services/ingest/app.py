@@ -65,6 +65,7 @@ from services.ingest.translate import (
     positions_from_portfolio,
     tick_from_index,
     tick_from_ticker,
+    unrecognised,
     with_book,
 )
 from services.ingest.violations import CHANNELS as HALT_WATCH_CHANNELS
@@ -582,6 +583,8 @@ class Ingest:
                 await self.bus.deadletter(source, str(trade_id or f"trade@{received:.6f}"),
                                           json.dumps(item), str(exc))
                 continue
+            for surprise in unrecognised(item):  # published all the same: never lost for a word
+                log.warning("trade %s: unknown %s", fill.trade_id, surprise)
             if fill.exchange_ts >= self.since:
                 fills.append(fill)
         new = await self.fills.publish(fills)
