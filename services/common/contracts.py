@@ -178,10 +178,14 @@ class ExchangePosition(BaseModel):
 
     instrument: NonEmptyStr
     position: float
-    mark_price: Price
+    mark_price: Price | None = None
+    """Absent: the exchange's line carried no mark (api.yaml requires none). The portfolio then
+    prices the position from ticks only (see `Ledger.seed_from_exchange` and `reconcile`)."""
     average_price: Price
-    realised_pnl: float = 0.0
-    unrealised_pnl: float = 0.0
+    realised_pnl: float | None = None
+    """Absent: the exchange's line carried none (not read by the guardian: P&L counts from its epoch)."""
+    unrealised_pnl: float | None = None
+    """Absent: the exchange's line carried none (not read by the guardian)."""
     unrealised_perpetual_funding: float | None = None
     perpetual_funding_entry_value: float | None = None
 

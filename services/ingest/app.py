@@ -64,16 +64,17 @@ from services.common.thalex.connection import SYSTEM
 from services.common.thalex.models import MalformedMessage, UnbookableTrade
 from services.ingest.follow import Feed, Follow
 from services.ingest.freshness import stale_prices
+from services.ingest.portfolio_view import UNNAMED, PortfolioView
 from services.ingest.refusals import Refusals
 from services.ingest.translate import (
     Book,
     as_list,
     fill_from_trade,
     instrument_info,
-    position_from_entry,
     positions_from_portfolio,
     tick_from_index,
     tick_from_ticker,
+    unrecognised,
     with_book,
 )
 from services.ingest.violations import BOTS as HALT_BOTS
@@ -100,12 +101,22 @@ DEDUP_RETENTION_SECONDS = 86_400.0
 (far beyond the overlap, so a re-read trade is always still remembered)."""
 FOLLOW_INTERVAL_SECONDS = 1.0
 REDIS_RETRY_SECONDS = 0.5
+HISTORY_RETRY_FIRST_SECONDS = 1.0
+"""A second read of the trade history the exchange refused (error 3, 10, 20 ...) is tried again
+after this, doubling up to `history_recheck_seconds`, until it succeeds."""
+PORTFOLIO_REREAD_SECONDS = 30.0
+"""While the portfolio view is incomplete (a line could not be read), `private/portfolio` is read
+again this often: a whole portfolio that reads cleanly makes it complete again."""
 
 MESSAGES = Counter("tp_ingest_messages_total", "Exchange messages received, per channel", ["channel"])
 PUBLISHED = Counter("tp_ingest_published_total", "Entries written, per stream or hash", ["stream"])
 RECONNECTS = Counter("tp_ingest_reconnects_total", "Connections to the exchange lost and re-opened")
 GAP_FILLED = Counter("tp_ingest_gap_filled_trades_total",
                      "Trades published from private/trade_history (made while ingest was not listening)")
+REFUSED_PORTFOLIO_LINES = Counter(
+    "tp_ingest_refused_portfolio_lines_total",
+    "Portfolio lines dead-lettered (no instrument_name, no position, a field of the wrong type): until a "
+    "readable line for the instrument arrives, tp:positions is withheld and /health is red")
 REFUSED_TRADES = Counter("tp_ingest_refused_trades_total",
                          "Trades dead-lettered instead of published: unbookable (no trade id, instrument, "
                          "direction, price or amount) or malformed (a field of the wrong type)", ["reason"])
@@ -313,12 +324,17 @@ class Ingest:
         until one holds them all)."""
         self.books: dict[str, Book] = {}
         self.last_tick: dict[str, Tick] = {}
-        self.portfolio: dict[str, ExchangePosition] = {}
+        self.portfolio_view = PortfolioView()
         self.portfolio_snapshot_due = False
+        self.portfolio_reread_at: float | None = None
+        """When to read `private/portfolio` again while the view is incomplete (None: not due)."""
+        self.portfolio_reread_seconds = PORTFOLIO_REREAD_SECONDS
         self.known_instruments: set[str] = set()
         self.since = 0.0
         self.history_recheck_at: float | None = None
-        """When to read the trade history once more after a gap fill (None: not due)."""
+        """When to read the trade history once more after a gap fill (None: not due, or done)."""
+        self.history_retry_seconds = HISTORY_RETRY_FIRST_SECONDS
+        """The wait before the next attempt when the exchange refuses the second read."""
         self.halt_watch = HaltWatch()
         self.session: Session | None = None
         self._counters: dict[str, Any] = {}
@@ -327,6 +343,7 @@ class Ingest:
         health.add("exchange", self._exchange_healthy)
         health.add("prices", self.prices_fresh)
         health.add("subscriptions", self.subscriptions_held)
+        health.add("portfolio", self.portfolio_whole)
 
     # Life
 
@@ -361,6 +378,18 @@ class Ingest:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    @property
+    def portfolio(self) -> dict[str, ExchangePosition]:
+        """The exchange's portfolio lines as last read, by instrument (`PortfolioView.lines`)."""
+        return self.portfolio_view.lines
+
+    def portfolio_whole(self) -> bool | str:
+        """Every portfolio line could be read: red, naming the instrument, while one could not (then
+        `tp:positions` is withheld rather than published without it — see `portfolio_view`)."""
+        if self.portfolio_view.complete:
+            return True
+        return "portfolio incomplete, tp:positions withheld: " + self.portfolio_view.why_incomplete()
 
     async def _exchange_healthy(self) -> bool | str:
         return self.session.health() if self.session is not None else "not started"
@@ -467,9 +496,9 @@ class Ingest:
                 if link is not None and not link.closed and self.session is not None and self.session.ready:
                     await self.sync_subscriptions(link)
                     if self.history_recheck_at is not None and time.time() >= self.history_recheck_at:
-                        self.history_recheck_at = None
-                        log.info("reading the trade history again (trades appear in it with a delay)")
-                        await self.gap_fill(link)
+                        await self.read_history_again(link)
+                    if self.portfolio_reread_at is not None and time.time() >= self.portfolio_reread_at:
+                        await self.read_portfolio_again(link)
             except ConnectionLost as exc:  # the session reconnects; its bootstrap catches up
                 log.info("account worker: %s", exc)
             except ThalexError as exc:
@@ -482,6 +511,34 @@ class Ingest:
                 if self.session is not None:  # with backoff: Redis refusing every write must not make it spin
                     self.session.reconnect(f"Redis failed: {exc}")
                 await asyncio.sleep(REDIS_RETRY_SECONDS)
+
+    async def read_history_again(self, link: Connection) -> None:
+        """The second read of the trade history (see `bootstrap`): done only once it succeeded.
+
+        It exists for a trade made just before a disconnect and missing from the first gap fill; a
+        refusal by the exchange (error 3, 10, 20 ...) must not cancel it, so it is tried again with
+        backoff. A lost connection leaves it to the next connection's bootstrap, which re-arms it.
+        """
+        log.info("reading the trade history again (trades appear in it with a delay)")
+        try:
+            await self.gap_fill(link)
+        except ThalexError as exc:
+            wait = self.history_retry_seconds
+            self.history_retry_seconds = min(wait * 2, max(self.settings.ingest.history_recheck_seconds,
+                                                           HISTORY_RETRY_FIRST_SECONDS))
+            self.history_recheck_at = time.time() + wait
+            log.warning("the second read of the trade history failed (%s); trying again in %.1f s", exc, wait)
+            return
+        self.history_recheck_at = None
+        self.history_retry_seconds = HISTORY_RETRY_FIRST_SECONDS
+
+    async def read_portfolio_again(self, link: Connection) -> None:
+        """Read the whole portfolio while the view is incomplete: it is complete once it reads cleanly."""
+        log.info("reading the portfolio again (%s)", self.portfolio_view.why_incomplete())
+        self.portfolio_reread_at = time.time() + self.portfolio_reread_seconds  # again, whatever happens
+        received = time.time()
+        lines = await link.request("portfolio")
+        await self.on_portfolio(lines, None, received, complete=True)
 
     async def _on_account(self, channel: str, notification: Any, raw: str, received: float) -> None:
         if channel == TRADES:
@@ -586,6 +643,8 @@ class Ingest:
                 await self.bus.deadletter(source, str(trade_id or f"trade@{received:.6f}"),
                                           json.dumps(item), str(exc))
                 continue
+            for surprise in unrecognised(item):  # published all the same: never lost for a word
+                log.warning("trade %s: unknown %s", fill.trade_id, surprise)
             if fill.exchange_ts >= self.since:
                 fills.append(fill)
         new = await self.fills.publish(fills)
@@ -596,22 +655,36 @@ class Ingest:
 
     async def on_portfolio(self, lines: Any, raw: str | None, received: float,
                            complete: bool | None = None) -> None:
-        """Merge the lines into the account's portfolio and publish the whole view."""
+        """Merge the lines into the account's portfolio, line by line; publish the whole view when it is.
+
+        A line that cannot be read is dead-lettered alone (the others are merged); until a readable
+        line for its instrument arrives the view is incomplete: not published, `/health` red, and
+        `private/portfolio` read again every `portfolio_reread_seconds` (see `portfolio_view`).
+        """
         if complete is None:  # the first notification after subscribing is the full portfolio
             complete, self.portfolio_snapshot_due = self.portfolio_snapshot_due, False
-        try:
-            entries = [position_from_entry(line) for line in as_list(lines, "portfolio")]
-        except MalformedMessage as exc:
-            await self.bus.deadletter(f"thalex:{PORTFOLIO}", f"portfolio@{received:.6f}",
-                                      raw or json.dumps(lines), str(exc))
-            return
-        if complete:
-            self.portfolio = {}
-        self.portfolio.update((e.instrument, e) for e in entries)
-        doc = positions_from_portfolio(self.portfolio.values(), exchange_ts=received, ingest_ts=time.time())
-        await self.bus.publish(self.names.positions, doc)
-        PUBLISHED.labels(self.names.positions).inc()
-        self.follow.on_portfolio(((e.instrument, e.position) for e in entries), received, complete)
+        view = self.portfolio_view
+        merged = view.merge(lines, whole=complete)
+        for refused in merged.refused:
+            REFUSED_PORTFOLIO_LINES.inc()
+            name = refused.instrument or UNNAMED
+            log.error("portfolio line of %s refused, dead-lettered (%s); tp:positions is withheld until a "
+                      "readable line for it arrives", name, refused.reason)
+            text = raw if refused.line is lines and raw else json.dumps(refused.line)
+            entry_id = f"{refused.instrument or 'portfolio'}@{received:.6f}"
+            await self.bus.deadletter(f"thalex:{PORTFOLIO}", entry_id, text, refused.reason)
+        if view.complete:
+            self.portfolio_reread_at = None
+            doc = positions_from_portfolio(view.lines.values(), exchange_ts=received, ingest_ts=time.time())
+            await self.bus.publish(self.names.positions, doc)
+            PUBLISHED.labels(self.names.positions).inc()
+        else:
+            if self.portfolio_reread_at is None:
+                self.portfolio_reread_at = time.time() + self.portfolio_reread_seconds
+            log.warning("portfolio incomplete, tp:positions withheld: %s", view.why_incomplete())
+        self.follow.on_portfolio(((e.instrument, e.position) for e in merged.read), received,
+                                 merged.absent_is_flat,
+                                 unreadable=[r.instrument for r in merged.refused if r.instrument])
 
     # Who breaks a halt (services/ingest/violations.py)
 

@@ -88,15 +88,22 @@ class Follow:
         elif instrument not in self.positions:
             self.flat_since[instrument] = now
 
-    def on_portfolio(self, lines: Iterable[tuple[str, float]], now: float, complete: bool) -> None:
+    def on_portfolio(self, lines: Iterable[tuple[str, float]], now: float, complete: bool,
+                     unreadable: Iterable[str] = ()) -> None:
         """Portfolio lines `(instrument, position)`; `complete` = the whole portfolio.
 
-        In a complete view an instrument that is not listed is flat.
+        In a complete view an instrument that is not listed is flat. `unreadable`: instruments whose
+        line could not be read — their position is not known, so they stay as they were, and one not
+        followed yet is followed now (as after a fill whose position is not known): never taken as flat.
         """
         seen = set()
         for instrument, position in lines:
             seen.add(instrument)
             self._set(instrument, position, now)
+        for instrument in unreadable:
+            seen.add(instrument)
+            if instrument not in self.positions:
+                self.flat_since[instrument] = now
         if complete:
             for instrument in [i for i in self.positions if i not in seen]:
                 self._set(instrument, 0.0, now)

@@ -22,6 +22,7 @@ from services.common.contracts import (
     ExchangePosition,
     Fill,
     InstrumentInfo,
+    Liquidity,
     Positions,
     Tick,
     TradeType,
@@ -67,8 +68,11 @@ def fill_from_trade(data: Any, ingest_ts: float) -> Fill:
 
     A trade missing an optional field is kept: no `fee` → the fill has none (the portfolio
     estimates and flags it), no `order_id` (an expiration) → none, no `time` → the receive time,
-    no `trade_type` → `normal`. Raises `UnbookableTrade` when a field of `BOOKING_FIELDS` is
-    missing, `MalformedMessage` when a field is of the wrong type or value.
+    no `trade_type` → `normal`. A value the guardian does not know is no reason to lose the trade
+    either (`unrecognised` says which, for the shell's WARNING): a `maker_taker` other than
+    maker/taker (`''`) → no liquidity, a `trade_type` Thalex added after api.yaml → `normal`.
+    Raises `UnbookableTrade` when a field of `BOOKING_FIELDS` is missing, `MalformedMessage`
+    when a field is of the wrong type or value.
     """
     trade = parse(ThalexTrade, "Trade", data)
     what = f"Trade {trade.trade_id}" if trade.trade_id else "Trade"
@@ -92,14 +96,52 @@ def fill_from_trade(data: Any, ingest_ts: float) -> Fill:
         liquidation_fee=trade.liquidation_fee,
         index=trade.index,
         fee_rate=trade.fee_rate,
-        liquidity=trade.maker_taker,
+        liquidity=_liquidity(trade.maker_taker),
         position_after=trade.position_after,
         funding_mark=trade.funding_mark,
         label=trade.label or None,
-        trade_type=trade.trade_type or TradeType.NORMAL,
+        trade_type=_trade_type(trade.trade_type),
         exchange_ts=trade.time if trade.time is not None else ingest_ts,
         ingest_ts=ingest_ts,
     )
+
+
+def _liquidity(maker_taker: str | None) -> Liquidity | None:
+    """Thalex `maker_taker` → `Liquidity`; anything else (`''`, a new word) → not known (None).
+
+    Only the fee estimate of a trade that reported neither `fee` nor `fee_rate` reads it (the
+    taker rate when not known: the dearer guess)."""
+    return Liquidity(maker_taker) if maker_taker in _LIQUIDITIES else None
+
+
+def _trade_type(trade_type: str | None) -> TradeType:
+    """Thalex `trade_type` → `TradeType`; absent or unknown → `normal`.
+
+    The closest meaning for a kind of trade api.yaml does not list (a `settlement`, say): every
+    type but `daily_mark` moves the position by its amount at its price in the ledger, and its fee
+    is the one the trade reported (estimated as a trade's when it reported none). Reading it as
+    `daily_mark` (moves nothing) would lose the amount; refusing it would lose amount and fee."""
+    return TradeType(trade_type) if trade_type in _TRADE_TYPES else TradeType.NORMAL
+
+
+_LIQUIDITIES = frozenset(Liquidity)
+_TRADE_TYPES = frozenset(TradeType)
+
+
+def unrecognised(trade: Any) -> list[str]:
+    """What of a trade `fill_from_trade` did not recognise and read as its closest meaning.
+
+    E.g. `["trade_type 'settlement' (published as normal)"]`; empty for a trade read as sent.
+    """
+    if not isinstance(trade, dict):
+        return []
+    found = []
+    trade_type, maker_taker = trade.get("trade_type"), trade.get("maker_taker")
+    if isinstance(trade_type, str) and trade_type and trade_type not in _TRADE_TYPES:
+        found.append(f"trade_type {trade_type!r} (published as normal)")
+    if isinstance(maker_taker, str) and maker_taker and maker_taker not in _LIQUIDITIES:
+        found.append(f"maker_taker {maker_taker!r} (published without liquidity)")
+    return found
 
 
 # Ticks and books
@@ -285,7 +327,10 @@ def positions_from_portfolio(lines: Iterable[ExchangePosition], exchange_ts: flo
 
 
 def position_from_entry(data: Any) -> ExchangePosition:
-    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`)."""
+    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`).
+
+    Needs `instrument_name` and `position`; a mark or P&L figure the line does not carry is absent
+    from the result (raises `MalformedMessage` without the two, or for a field of the wrong type)."""
     entry = parse(ThalexPortfolioEntry, "PortfolioEntry", data)
     average = entry.average_price if entry.average_price is not None else (entry.start_price or 0.0)
     return _contract(

@@ -127,7 +127,8 @@ re-bases whatever is still open (dust) at the current mark (`avg_entry = mark`,
 position keeps its `opened_ts` (its age is real). Flat instruments leave the
 book. Positions carried into the first epoch (`seed_from_exchange`) are valued
 from the exchange's `average_price` (baseline `entry`) or its mark
-(`mark_at_start`).
+(`mark_at_start`; a line without a mark starts from the latest tick held, else
+from `average_price`).
 
 Dust
 ----
@@ -156,7 +157,8 @@ that shows it; once it has lasted `drift_grace_seconds` (fills may still be in
 flight until then) the ledger adopts the exchange's position, its
 `average_price` and its funding entry value, and lists a `Drift`. The part of
 the ledger's own position the exchange no longer has is first realised at the
-exchange's mark (a missed close is neither lost nor counted twice); what the
+exchange's mark (the ledger's own mark when the report's line carries none; a
+missed close is neither lost nor counted twice); what the
 exchange holds is carried at its average price (a missed opening shows the
 P&L the exchange shows). The `Drift` stays in every snapshot until a later
 report agrees (healed).
@@ -865,6 +867,11 @@ class Ledger:
         `opened_ts` is `now` (the exchange does not say when a position was
         opened). Fills at or before the report's `exchange_ts` are already in
         it, so they become the de-duplication horizon.
+
+        A line without `mark_price` (api.yaml requires none): `mark_at_start` starts it from the
+        latest tick held, else from `average_price` as `entry` would (the only price the exchange
+        gave; its P&L then counts from the exchange's entry, not from zero). It has no price until
+        its first tick: stale, like any position that never ticked.
         """
         self._positions = {}
         self._full_due = True
@@ -876,7 +883,7 @@ class Ledger:
         for ex in report.positions:
             if ex.position == 0.0:
                 continue
-            if ex.instrument not in self._ticks:
+            if ex.instrument not in self._ticks and ex.mark_price is not None:
                 self._ticks[ex.instrument] = Tick(
                     instrument=ex.instrument,
                     mark=ex.mark_price,
@@ -889,14 +896,16 @@ class Ledger:
             entry_value = ex.perpetual_funding_entry_value or 0.0
             if ex.unrealised_perpetual_funding is not None:
                 p.funding_mark = (ex.unrealised_perpetual_funding + entry_value) / ex.position
-            tick = self._ticks[ex.instrument]
-            if tick.funding_mark is not None:
+            tick = self._ticks.get(ex.instrument)
+            if tick is not None and tick.funding_mark is not None:
                 p.funding_mark = tick.funding_mark
-            if baseline == "entry":
+            start_mark = ex.mark_price if ex.mark_price is not None else (
+                tick.mark if tick is not None else None)
+            if baseline == "entry" or start_mark is None:
                 p.avg_entry = ex.average_price
                 p.funding_entry_value = entry_value
             else:
-                p.avg_entry = ex.mark_price
+                p.avg_entry = start_mark
                 p.funding_entry_value = entry_value + (ex.unrealised_perpetual_funding or 0.0)
             self._value(p)
         if self._horizon is None or report.exchange_ts > self._horizon:
@@ -1210,7 +1219,7 @@ class Ledger:
         if q != 0.0:
             closed = abs(q) - abs(target) if same_side else abs(q)
             if closed > 0.0:
-                mark = ex.mark_price if ex is not None else p.mark
+                mark = ex.mark_price if ex is not None and ex.mark_price is not None else p.mark
                 funding_mark = p.funding_mark if p.funding_mark is not None else 0.0
                 lots = self._lots.setdefault(name, [])
                 lots.append(AdoptedLot(closed, _sign(q), mark, funding_mark, report_ts))

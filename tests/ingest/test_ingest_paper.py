@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
+import pytest
 import thalex
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -176,3 +178,31 @@ async def test_a_trade_late_in_the_history_is_read_on_the_second_look(
         (fill,) = await wait_until(lambda: fills_on(redis, names), 8)
         await asyncio.sleep(0.3)
     assert fill.trade_id == trade_id and len(await fills_on(redis, names)) == 1
+
+
+async def test_a_second_read_the_exchange_refuses_is_tried_again_until_it_succeeds(
+    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The second read exists for a trade missing from the first gap fill; the exchange refusing it
+    once (error 20, temporary failure) must not cancel it on this connection."""
+    await paper.control("paper/set_history_delay", {"seconds": 2.0})
+    recheck = settings.model_copy(update={"ingest": settings.ingest.model_copy(
+        update={"history_recheck_seconds": 2.5})})
+    async with running_ingest(recheck) as ingest:
+        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        await paper.control("paper/drop_connections", {"key_id": "watcher", "abrupt": True})
+        order = await trader.market("buy", PERP, 0.1)  # its live notification goes nowhere
+        (trade_id,) = [f["trade_id"] for f in order["fills"]]
+        await wait_until(lambda: _watcher_connected(paper), 5)
+        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        # the first read of the history after this bootstrap (the second read) is refused
+        await paper.control("paper/fail_next", {"count": 1, "code": 20, "message": "temporary failure",
+                                                "methods": ["private/trade_history"], "key_id": "watcher"})
+        assert await fills_on(redis, names) == []  # the first gap fill could not see it
+        with caplog.at_level(logging.WARNING, logger="services.ingest.app"):
+            (fill,) = await wait_until(lambda: fills_on(redis, names), 10)
+    assert fill.trade_id == trade_id and ingest.history_recheck_at is None
+    assert [rule.remaining for rule in paper.exchange.dispatcher.failures] == [0]  # it was refused once
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("the second read of the trade history failed" in m and "(error 20)" in m for m in warnings)

@@ -77,3 +77,27 @@ async def test_an_option_held_brings_the_index_of_its_underlying(
 
         ticks = await wait_until(index_ticked, 5)
     assert ticks[-1].mark == ticks[-1].index == pytest.approx(100_000, rel=0.01)
+
+
+async def test_a_trade_of_a_type_thalex_added_later_is_published_with_a_warning(
+    paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its amount and fee count (read as `normal`); refusing it lost both until reconciliation."""
+    async with running_ingest(settings) as ingest:
+        await trader.market("buy", PERP, 0.1)
+        await wait_until(lambda: f"ticker.{PERP}.raw" in ingest.channels, 5)
+        settlement = {"trade_id": "T-settled", "instrument_name": PERP, "direction": "sell",
+                      "price": 100000, "amount": 0.1, "time": 1.0e10, "fee": 1.0,
+                      "trade_type": "settlement", "maker_taker": ""}
+        with caplog.at_level(logging.WARNING, logger="services.ingest.app"):
+            watcher(paper).notify("account.trade_history", [settlement])
+
+            async def published() -> list:
+                return [f for f in await fills_on(redis, names) if f.trade_id == "T-settled"]
+
+            (fill,) = await wait_until(published, 5)
+    assert (fill.trade_type, fill.liquidity, fill.amount, fill.fee) == ("normal", None, 0.1, 1.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "trade T-settled: unknown trade_type 'settlement' (published as normal)" in warnings
+    assert not [d for d in await stream_docs(redis, names.deadletter) if d.get("entry_id") == "T-settled"]

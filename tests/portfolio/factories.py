@@ -126,7 +126,7 @@ def exchange_position(
     instrument: str,
     position: float,
     average_price: float,
-    mark_price: float,
+    mark_price: float | None,
     **extra: float,
 ) -> ExchangePosition:
     return ExchangePosition(

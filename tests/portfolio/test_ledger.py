@@ -377,7 +377,32 @@ def test_seed_from_exchange_entry_and_mark_at_start() -> None:
     assert by_mark.position(BTC_PERP) == approx(0.6)
 
 
+def test_a_seeded_position_the_exchange_reported_without_a_mark_is_valued_from_its_average_until_it_ticks(
+) -> None:
+    """api.yaml requires no `mark_price`: `mark_at_start` starts such a line from its `average_price`
+    (the only price the exchange gave), and it has no price (stale) until its first tick."""
+    report = positions(500, exchange_position(BTC_PERP, 0.5, 48_000, 50_000),
+                       exchange_position(ETH_FUTURE, -2, 3_100, None))
+    book = ledger()
+    book.seed_from_exchange(report, "mark_at_start", now=600)
+    assert book.position(ETH_FUTURE) == -2
+    snap = book.snapshot(1, 600, 1_000)
+    assert only(snap.positions, ETH_FUTURE).unrealized_pnl == 0
+    assert ETH_FUTURE in snap.stale_instruments
+    book.apply_tick(tick(ETH_FUTURE, 3_000, ts=601))
+    assert only(book.snapshot(2, 601, 10).positions, ETH_FUTURE).unrealized_pnl == approx(200)
+
+
 # -------------------------------------------------------------- reconciliation
+
+
+def test_a_close_the_exchange_reports_without_a_mark_is_realised_at_the_ledgers_mark() -> None:
+    book = ledger(drift_grace_seconds=0.0)
+    book.apply_fill(fill(BTC_FUTURE, "buy", 2, 50_000))
+    book.apply_tick(tick(BTC_FUTURE, 50_100))
+    (drift,) = book.reconcile(positions(2_000, exchange_position(BTC_FUTURE, 0.5, 50_000, None)), now=2_000)
+    assert (drift.ledger_position, drift.exchange_position) == (2, 0.5)
+    assert book.totals().realized_pnl == approx(150)  # (50100 - 50000) * 1.5
 
 
 def test_a_position_the_ledger_lacks_is_adopted_after_the_grace_period_then_healed() -> None:

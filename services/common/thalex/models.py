@@ -98,13 +98,18 @@ class ThalexPosition(ThalexObject):
 
 
 class ThalexPortfolioEntry(ThalexPosition):
-    """api.yaml `PortfolioEntry`, as the portfolio's ledger needs it."""
+    """api.yaml `PortfolioEntry`, as the portfolio's ledger needs it.
 
-    mark_price: float
+    api.yaml requires no field of it: only `instrument_name` and `position` are required here
+    (without them a line says nothing the guardian can use); every other field may be missing or
+    null (None), so one line without a mark does not cost the account its portfolio.
+    """
+
+    mark_price: float | None = None
     average_price: float | None = None
     start_price: float | None = None
-    realised_pnl: float = 0.0
-    unrealised_pnl: float = 0.0
+    realised_pnl: float | None = None
+    unrealised_pnl: float | None = None
     unrealised_perpetual_funding: float | None = None
     perpetual_funding_entry_value: float | None = None
 
