@@ -34,7 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 from services.common.bus import Bus, Delivery, StreamConsumer, raise_if_cancelled
 from services.common.config import Settings
 from services.common.contracts import Command, Notification, Report, Snapshot
-from services.common.service import Health, service_main
+from services.common.service import Health, Unhealthy, service_main
 from services.notify.core import Notifier
 from services.notify.outbox import Entry, Outbox
 from services.notify.targets import Outcome, Result, Target, load_targets, send
@@ -117,6 +117,8 @@ class NotifyService:
         self.targets: list[Target] = load_targets(settings.notify.targets)
         self.outboxes = {t.name: Outbox(bus.redis, self.names, t.name) for t in self.targets}
         self.oldest_waiting: dict[str, float] = {}
+        self.rejecting: dict[str, str] = {}
+        """Target → why it rejected its last notification; gone once one is delivered to it again."""
         self.lock = asyncio.Lock()
         options: dict[str, Any] = {"lock": self.lock, "on_failure": self.load}
         self.consumers: list[StreamConsumer[Any]] = [
@@ -267,7 +269,13 @@ class NotifyService:
             await asyncio.sleep(STATS_SECONDS)
 
     async def _delivering(self) -> bool:
-        """Red while a notification has waited `delivery_alarm_seconds` for its target."""
+        """Red while a notification has waited `delivery_alarm_seconds` for its target, and while a
+        target rejects what it is sent (a revoked token, a chat that blocked the bot: HTTP 401/403) —
+        such notifications are dropped at once, so nothing waits and only this says the trader is
+        not being told."""
+        if self.rejecting:
+            raise Unhealthy("target rejecting", "; ".join(f"{name}: {why}"
+                                                          for name, why in sorted(self.rejecting.items())))
         return all(age < self.config.delivery_alarm_seconds for age in self.oldest_waiting.values())
 
     # --- sending ------------------------------------------------------------------------
@@ -322,8 +330,11 @@ class NotifyService:
         if result.outcome is Outcome.SENT:
             SENT.labels(target.name).inc()
             log.info("%s: sent %s (attempt %d)", target.name, note.id, entry.attempts)
+            if self.rejecting.pop(target.name, None) is not None:
+                log.info("%s: accepting notifications again", target.name)
         elif result.outcome is Outcome.REJECTED:
             DROPPED.labels(target.name, "rejected").inc()
+            self.rejecting[target.name] = target.scrub(result.why)[:120]
             log.error("%s: %s REJECTED by the target (%s): check its configuration; not retried", target.name,
                       note.id, target.scrub(result.why))
         else:

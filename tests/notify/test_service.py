@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from services.common.config import Settings
 from services.common.contracts import Command, Legs, Notification, PositionToClose
+from services.common.service import Unhealthy
 from services.common.streams import Names
 from services.notify.app import build
 from services.notify.outbox import Outbox
@@ -144,6 +145,27 @@ async def test_a_rejected_notification_is_not_retried(redis_url: str, names: Nam
     finally:
         await server.stop()
     assert server.ids() == ["decision:e1-take_profit-s1-n1", "decision:e1-take_profit-s2-n2"]
+
+
+async def test_a_target_that_rejects_makes_notify_red_until_one_is_delivered_again(
+        redis_url: str, names: Names, redis: Redis) -> None:
+    """A revoked token (401): dropped at once, nothing waits — the health must say the trader is not
+    being told, and clear once the target takes a notification again."""
+    server = await StandIn(answers=[401]).start()
+    try:
+        async with in_process(build, notify_settings(redis_url, names, [webhook("hook", server)]), "notify") \
+                as service:
+            await xadd(redis, names.commands, command(1))
+            await wait_until(lambda: len(server.received) == 1, what="the rejected one")
+            await wait_until(lambda: "hook" in service.rejecting, what="the rejection noted")
+            with pytest.raises(Unhealthy, match="target rejecting"):
+                await service._delivering()
+            await xadd(redis, names.commands, command(2))
+            await wait_until(lambda: len(server.received) == 2, what="the next one, accepted")
+            await wait_until(lambda: not service.rejecting, what="the rejection forgotten")
+            assert await service._delivering()
+    finally:
+        await server.stop()
 
 
 async def test_the_rate_limit_spaces_a_burst(redis_url: str, names: Names, redis: Redis) -> None:
