@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_sync
+import yaml
 
 from services.common.redis_server import free_port
 
@@ -36,6 +38,17 @@ def need_binary(name: str, package: str) -> str:
     if found is None:
         pytest.skip(f"`{name}` not installed ({APT_HINT.format(package)})")
     return found
+
+
+def assert_alert_tests_pass(tests: list[dict[str, Any]], tmp_path: Path, evaluation_interval: str) -> None:
+    """promtool's own rule tests (`promtool test rules`) of `alerts.yml` against `tests`; skip without it."""
+    promtool = need_binary("promtool", "prometheus")
+    spec = tmp_path / "alert_tests.yml"
+    document = {"rule_files": [str(ALERTS_YML)], "evaluation_interval": evaluation_interval, "tests": tests}
+    spec.write_text(yaml.safe_dump(document, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def redis_server_7() -> str:

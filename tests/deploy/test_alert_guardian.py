@@ -3,13 +3,12 @@ own rule tests: a service down, or any health check of any service failing, for 
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.deploy.support import ALERTS_YML, need_binary
+from tests.deploy.support import ALERTS_YML, assert_alert_tests_pass
 
 JOBS = ("ingest", "portfolio", "takeprofit", "executor")
 
@@ -34,7 +33,6 @@ def scenario(name: str, up: dict[str, str], healthy: dict[tuple[str, str], str],
 
 
 def test_the_guardian_alert_fires_when_any_service_cannot_guard(tmp_path: Path) -> None:
-    promtool = need_binary("promtool", "prometheus")
     all_green = {(s, c): "1x30" for s in JOBS for c in ("redis", "consuming", "handlers")}
     tests = [
         scenario("all healthy", {}, all_green, fires_at=[], quiet_at=["1m", "2m"]),
@@ -48,17 +46,11 @@ def test_the_guardian_alert_fires_when_any_service_cannot_guard(tmp_path: Path) 
         scenario("a service down", {"executor": "1 1 1 1 1 1 0x24"}, all_green, fires_at=["50s"],
                  quiet_at=["25s"]),
     ]
-    spec = tmp_path / "guardian_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "5s",
-                                    "tests": tests}, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_alert_tests_pass(tests, tmp_path, "5s")
 
 
 def test_the_circuit_breaker_alert_fires_while_it_is_open_and_stops_after_resume(tmp_path: Path) -> None:
     """Issue 19: `tp_circuit_breaker_open` 1 from 30 s to 60 s (then `resume`): firing at once, then quiet."""
-    promtool = need_binary("promtool", "prometheus")
     rules = [r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]]
     alert = next(r for r in rules if r.get("alert") == "CircuitBreakerOpen")
     expected = [{"exp_labels": alert["labels"],
@@ -69,18 +61,12 @@ def test_the_circuit_breaker_alert_fires_while_it_is_open_and_stops_after_resume
               for t in ("30s", "55s")]
     checks += [{"eval_time": t, "alertname": "CircuitBreakerOpen", "exp_alerts": []}
                for t in ("25s", "65s")]
-    spec = tmp_path / "breaker_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "5s", "tests": [
-        {"name": "breaker", "interval": "5s", "input_series": series, "alert_rule_test": checks}]},
-        sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_alert_tests_pass([{"name": "breaker", "interval": "5s", "input_series": series,
+                              "alert_rule_test": checks}], tmp_path, "5s")
 
 
 def test_the_dry_run_alert_fires_while_the_executor_sends_no_order(tmp_path: Path) -> None:
     """`tp_executor_dry_run` 1 from the start: firing after its minute; 0 (turned off): quiet."""
-    promtool = need_binary("promtool", "prometheus")
     rules = [r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]]
     alert = next(r for r in rules if r.get("alert") == "ExecutorInDryRun")
     expected = [{"exp_labels": alert["labels"],
@@ -94,9 +80,4 @@ def test_the_dry_run_alert_fires_while_the_executor_sends_no_order(tmp_path: Pat
          "input_series": [{"series": 'tp_executor_dry_run{job="executor"}', "values": "0x10"}],
          "alert_rule_test": [{"eval_time": "2m", "alertname": "ExecutorInDryRun", "exp_alerts": []}]},
     ]
-    spec = tmp_path / "dry_run_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "15s",
-                                    "tests": tests}, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_alert_tests_pass(tests, tmp_path, "15s")

@@ -3,13 +3,12 @@ guardian's during a halt (issue 19, item 2), by promtool's own rule tests — an
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.deploy.support import ALERTS_YML, need_binary
+from tests.deploy.support import ALERTS_YML, assert_alert_tests_pass
 
 
 def _alert() -> dict[str, Any]:
@@ -18,7 +17,6 @@ def _alert() -> dict[str, Any]:
 
 
 def test_the_alert_fires_on_a_violation_and_names_its_kind(tmp_path: Path) -> None:
-    promtool = need_binary("promtool", "prometheus")
     alert = _alert()
     annotations = {k: " ".join(v.split()) for k, v in alert["annotations"].items()}
     tests = [{
@@ -38,9 +36,4 @@ def test_the_alert_fires_on_a_violation_and_names_its_kind(tmp_path: Path) -> No
                     "{{ $labels.kind }}", "order")}}]},
         ],
     }]
-    spec = tmp_path / "halt_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "5s",
-                                    "tests": tests}, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_alert_tests_pass(tests, tmp_path, "5s")

@@ -4,13 +4,12 @@ a target that has not taken a notification for 5 minutes, notifications given up
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.deploy.support import ALERTS_YML, need_binary
+from tests.deploy.support import ALERTS_YML, assert_alert_tests_pass
 
 
 def alert(name: str) -> dict[str, Any]:
@@ -29,7 +28,6 @@ def fired(name: str, labels: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def test_the_notify_alerts_fire_when_the_trader_is_not_told(tmp_path: Path) -> None:
-    promtool = need_binary("promtool", "prometheus")
     waiting = 'tp_notify_oldest_waiting_seconds{target="phone",job="notify",instance="notify:9105"}'
     dropped = 'tp_notify_dropped_total{target="phone",why="too_old",job="notify",instance="notify:9105"}'
     up = 'up{job="notify",instance="notify:9105"}'
@@ -58,9 +56,4 @@ def test_the_notify_alerts_fire_when_the_trader_is_not_told(tmp_path: Path) -> N
              "exp_alerts": fired("NotifyDown", {"job": "notify", "instance": "notify:9105"})},
         ],
     }]
-    spec = tmp_path / "notify_test.yml"
-    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERTS_YML)], "evaluation_interval": "1m",
-                                    "tests": tests}, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", str(spec)], capture_output=True, text=True,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_alert_tests_pass(tests, tmp_path, "1m")
