@@ -194,7 +194,8 @@ The mark and book are the instrument's latest tick (a tick older than the one
 held is ignored). An option's index is its tick's, else the underlying's newest
 from any tick: the latest tick of every instrument on the underlying and of the
 underlying's own index feed (a `Tick` whose `instrument` is the underlying,
-from `price_index.<underlying>`), newest `exchange_ts` first (ties by name).
+from `price_index.<underlying>`), newest first by when the ticker was marked (`Tick.mark_time`:
+a book change re-issues the ticker's index with the book's time; ties by name).
 An option valued on the underlying's index is re-valued when that index changes.
 Until an instrument has ticked it is valued at its average entry (0 unrealised;
 after a seed, at the exchange's mark). An open position is stale when its mark is older than
@@ -1325,14 +1326,14 @@ class Ledger:
         underlying = self._underlying(name)
         self._on_underlying.setdefault(underlying, set()).add(name)
         best = self._index.get(underlying)
-        if tick.index is not None:
-            if best is None or (tick.exchange_ts, name) >= (best[1], best[2]):
-                self._set_index(underlying, (tick.index, tick.exchange_ts, name))
+        if tick.index is not None:  # a ticker's index is as old as its mark, not as its re-issuing book
+            if best is None or (tick.mark_time, name) >= (best[1], best[2]):
+                self._set_index(underlying, (tick.index, tick.mark_time, name))
         elif best is not None and best[2] == name:
             self._rescan_index(underlying)
 
     def _rescan_index(self, underlying: str) -> None:
-        candidates = [(t.exchange_ts, n, t.index) for n in self._on_underlying.get(underlying, ())
+        candidates = [(t.mark_time, n, t.index) for n in self._on_underlying.get(underlying, ())
                       if (t := self._ticks.get(n)) is not None and t.index is not None]
         if candidates:
             ts, name, index = max(candidates)

@@ -248,6 +248,25 @@ def test_a_late_flip_corrects_only_the_part_it_closed() -> None:
     assert book.totals().unrealized_pnl == approx(50)  # (49700 - 49800) * -0.5
 
 
+def test_a_book_change_re_issuing_an_old_index_does_not_outrank_a_newer_one() -> None:
+    """Ingest re-issues the last ticker (its mark and index) with every book change, stamped with the
+    book's time and the ticker's own as `mark_ts`: the index is as old as the ticker, so a newer
+    `price_index` keeps pricing the option (before, the re-issue won on its fresh book time)."""
+    book = ledger()
+    book.apply_fill(fill(BTC_CALL, "buy", 1, 2_500, fee=25.0, ts=1))
+    book.apply_tick(tick(BTC_CALL, 2_600, bids=[(2_590, 5)], ts=2))
+    book.apply_tick(tick(BTC_PERP, 100_300, index=100_400, ts=4))
+    book.apply_tick(index_tick("BTCUSD", 101_000, ts=6))
+    # price_index.BTCUSD at 6 is newer than the perpetual's ticker at 4: 2.5 bps of 101000 = 25.25
+    assert row(book, BTC_CALL).est_close_fee == approx(25.25)
+    re_issued = tick(BTC_PERP, 100_300, index=100_400, ts=10).model_copy(update={"mark_ts": 4.0})
+    book.apply_tick(re_issued)
+    assert row(book, BTC_CALL).est_close_fee == approx(25.25)
+    book.apply_tick(tick(BTC_PERP, 100_350, index=100_600, ts=11))  # a new ticker: its index is newest
+    assert row(book, BTC_CALL).est_close_fee == approx(25.15)  # 2.5 bps of 100600
+
+
+
 # ----------------------------------------------- 5. an option tick without index
 
 
