@@ -123,12 +123,17 @@ def index(market: Market, underlying: str, now: float) -> dict:
     return wire
 
 
+REST_BOOK_LEVELS = 5
+"""api.yaml, `public/book`: "aggregated price depth for a single instrument, with a maximum of 5 levels"
+(the paper sent all of its 10: a client sizing orders by depth saw more than Thalex shows)."""
+
+
 def book(market: Market, stats: TradeStats, name: str, now: float) -> dict:
-    """``public/book``: every level as ``[price, amount, outright amount]``."""
+    """``public/book``: the best `REST_BOOK_LEVELS` levels a side as ``[price, amount, outright amount]``."""
     bids, asks = market.book(name)
     wire: dict[str, Any] = {
-        "bids": [[p, a, a] for p, a in bids],
-        "asks": [[p, a, a] for p, a in asks],
+        "bids": [[p, a, a] for p, a in bids[:REST_BOOK_LEVELS]],
+        "asks": [[p, a, a] for p, a in asks[:REST_BOOK_LEVELS]],
         "time": now,
     }
     if name in stats.last_price:

@@ -171,6 +171,16 @@ async def test_delayed_ticker_is_throttled_and_raw_sends_every_change(paper: Pap
 
 
 @pytest.mark.asyncio
+async def test_public_book_answers_at_most_five_levels_a_side_as_thalex_does(
+        paper: PaperHandle, connect) -> None:
+    """api.yaml, `public/book`: "with a maximum of 5 levels" (the paper's books are 10 deep)."""
+    client: RawClient = await connect()
+    book = await client.result("public/book", {"instrument_name": PERP})
+    assert len(book["bids"]) == 5 and len(book["asks"]) == 5
+    assert all(a[0] > b[0] for a, b in zip(book["bids"], book["bids"][1:], strict=False))  # the best five
+
+
+@pytest.mark.asyncio
 async def test_burst_ticks_feed_and_ticker_log(paper: PaperHandle, connect) -> None:
     client: RawClient = await connect()
     await client.result("public/subscribe", {"channels": [f"ticker.{PERP}.raw"]})
