@@ -1,0 +1,91 @@
+"""The executor's reads and its session set-up, as api.yaml lets Thalex answer them: a trade the history
+lists without `fee`, instrument data asked through a command's retrying `ask`, the message rate granted.
+
+Unit tests against fake answers first, then the same against the paper exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from redis.asyncio import Redis
+
+from services.common.contracts import InstrumentInfo, ReportStatus
+from services.common.streams import Names
+from services.executor.market import INSTRUMENT_REQUESTS_AT_ONCE, Market
+from services.paper.keys import KeyFiles
+from services.paper.testing import PaperHandle
+from tests.executor.conftest import (
+    NO_CLEARING,
+    PERP,
+    account_positions,
+    make_command,
+    make_settings,
+    open_positions,
+    running_executor,
+    send,
+    wait_outcome,
+)
+
+NOW = 1_630_059_860.0
+
+
+def market() -> Market:
+    return Market(SimpleNamespace(), SimpleNamespace(instruments="tp:instruments"),  # type: ignore[arg-type]
+                  SimpleNamespace())  # type: ignore[arg-type]
+
+
+async def test_instrument_data_is_asked_through_the_given_ask_a_few_at_a_time() -> None:
+    """Before, every missing instrument was one unretried request, all at once."""
+    wire = {"type": "option", "product": "BTC", "underlying": "BTCUSD", "tick_size": 5.0,
+            "volume_tick_size": 0.01, "min_order_amount": 0.01}
+    in_flight, most = 0, 0
+
+    async def ask(method: str, name: str) -> Any:
+        nonlocal in_flight, most
+        assert method == "instrument"
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return {"instrument_name": name, **wire}
+
+    reads = market()
+
+    async def hmget(key: str, names: list[str]) -> list[None]:
+        return [None] * len(names)
+
+    async def documents(raws: dict[str, Any]) -> dict[str, InstrumentInfo]:
+        return {}
+
+    reads.redis = SimpleNamespace(hmget=hmget)  # type: ignore[assignment]
+    reads.reader = SimpleNamespace(documents=documents)  # type: ignore[assignment]
+    names = [f"BTC-X{n}" for n in range(30)]
+    infos = await reads.infos(ask, names)
+    assert sorted(infos) == sorted(names) and infos["BTC-X0"].tick_size == 5.0
+    assert most == INSTRUMENT_REQUESTS_AT_ONCE
+
+
+# Against the paper exchange
+
+
+async def test_instrument_data_missing_from_redis_is_asked_again_through_a_temporary_failure(
+        paper: PaperHandle, trader: KeyFiles, redis: Redis, redis_url: str, names: Names) -> None:
+    """`tp:instruments` lacks the instrument and `public/instrument` fails twice with code 20: the
+    command's `ask` retries it, and the closure completes (before: `failed` without an order)."""
+    await open_positions(paper, {PERP: 0.1})
+    assert not await redis.hexists(names.instruments, PERP)
+    await paper.control("paper/fail_next", {"code": 20, "count": 2, "methods": ["public/instrument"],
+                                            "message": "temporary failure"})
+    command = make_command({PERP: 0.1})
+    async with running_executor(make_settings(redis_url, names, paper, trader, **NO_CLEARING)):
+        await send(redis, names, command)
+        got = await wait_outcome(redis, names, command.command_id)
+    assert got[-1].status is ReportStatus.COMPLETED, got[-1]
+    assert account_positions(paper)[PERP] == 0
+    assert (await paper.control("paper/fail_next", {"code": 20, "count": 1, "methods": ["none"]}))[
+        "pending"] == 1  # both injected failures were used
+
+
