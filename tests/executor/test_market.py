@@ -7,14 +7,19 @@ Unit tests against fake answers first, then the same against the paper exchange.
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from services.common.contracts import InstrumentInfo, ReportStatus
 from services.common.streams import Names
+from services.common.thalex.pacing import OrderPacer
+from services.executor.exchange import TradingSession, order_rate
 from services.executor.market import INSTRUMENT_REQUESTS_AT_ONCE, Market
+from services.paper import accounts
 from services.paper.keys import KeyFiles
 from services.paper.testing import PaperHandle
 from tests.executor.conftest import (
@@ -68,6 +73,30 @@ async def test_instrument_data_is_asked_through_the_given_ask_a_few_at_a_time() 
     assert most == INSTRUMENT_REQUESTS_AT_ONCE
 
 
+def test_orders_are_paced_at_the_lower_of_the_configured_rate_and_the_granted_one() -> None:
+    assert order_rate(45.0, 50) == 45.0
+    assert order_rate(45.0, 20) == 20.0
+    assert order_rate(45.0, None) == 45.0
+
+
+def test_the_granted_rate_sets_the_pacer_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    session = TradingSession.__new__(TradingSession)
+    session.order_rate, session._granted = 45.0, None
+    session.session = SimpleNamespace(pacer=OrderPacer(45.0))  # type: ignore[assignment]
+    pacer = session.session.pacer
+    with caplog.at_level(logging.WARNING):
+        session._pace({"message_rate": 20})
+        session._pace({"message_rate": 20})  # a reconnect granting the same: not said again
+        assert pacer is not None and pacer.limit == 20
+        session._pace({"message_rate": 50})
+        assert pacer.limit == 45
+        session._pace({})  # no usable rate: the configured one, with a warning
+        assert pacer.limit == 45
+    grants = [r for r in caplog.records if "grants 20 order messages" in r.getMessage()]
+    assert len(grants) == 1
+    assert any("message_rate" in r.getMessage() for r in caplog.records)
+
+
 # Against the paper exchange
 
 
@@ -88,4 +117,17 @@ async def test_instrument_data_missing_from_redis_is_asked_again_through_a_tempo
     assert (await paper.control("paper/fail_next", {"code": 20, "count": 1, "methods": ["none"]}))[
         "pending"] == 1  # both injected failures were used
 
+
+async def test_the_paper_grants_its_message_rate_and_the_executor_paces_below_it(
+        paper: PaperHandle, trader: KeyFiles, redis_url: str, names: Names,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session granted 20 order messages per second paces at 20, not the configured 45."""
+    monkeypatch.setattr(accounts, "ORDER_RATE_CANCEL_ON_DISCONNECT", 20)
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        pacer = running.executor.session.session.pacer
+        assert running.executor.session.ready and pacer is not None and pacer.limit == 20
+    monkeypatch.setattr(accounts, "ORDER_RATE_CANCEL_ON_DISCONNECT", 50)  # Thalex's (api.yaml's example)
+    async with running_executor(make_settings(redis_url, names, paper, trader)) as running:
+        pacer = running.executor.session.session.pacer
+        assert pacer is not None and pacer.limit == 45  # 50 granted: the configured 45
 

@@ -76,6 +76,13 @@ class ThalexClosingTrade(ThalexObject):
     label: str | None = None
 
 
+class ThalexMessageRate(ThalexObject):
+    """The `private/set_cancel_on_disconnect` answer: the order messages per second the session is
+    granted (api.yaml requires it)."""
+
+    message_rate: int
+
+
 class ThalexTicker(ThalexObject):
     """api.yaml `Ticker`: empty book sides are null or absent; `delta` only for options."""
 
