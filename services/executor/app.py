@@ -540,8 +540,9 @@ class Executor:
         if verdict is Verdict.COMPLETED:
             TIME_TO_FLAT.observe(max(0.0, time.time() - work.created_ts))
             dust = reports[-1].error if reports else None
-            log.info("%s completed: %d legs, fees %.6f%s", progress.command_id, len(progress.legs),
-                     progress.total_fee(), f"; {dust.message}" if dust else "")
+            fee = progress.total_fee()
+            log.info("%s completed: %d legs, fees %s%s", progress.command_id, len(progress.legs),
+                     "unknown" if fee is None else f"{fee:.6f}", f"; {dust.message}" if dust else "")
         elif verdict is Verdict.FAILED:
             log.error("%s failed: %s", progress.command_id, progress.error.message if progress.error else "")
         return verdict is not Verdict.CLOSE_AGAIN

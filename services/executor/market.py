@@ -181,7 +181,9 @@ class Market:
     async def trades_of(self, ask: Ask, progress: Progress) -> list[ThalexClosingTrade]:
         """The command's trades (by label) since it started, from `private/trade_history`.
 
-        Only the command's own trades are validated: another bot's odd trade is not its business.
+        Only the command's own trades are validated: another bot's odd trade is not its business. A
+        trade listed without `fee` (api.yaml's own example has none) keeps the fee
+        `account.trade_history` told, if any; otherwise it is counted with its fee unknown.
         """
         found: list[ThalexClosingTrade] = []
         bookmark = None
@@ -193,7 +195,10 @@ class Market:
             for raw in page.trades:
                 if isinstance(raw, dict) and raw.get("label") == progress.label:
                     trade = answer(ThalexClosingTrade, "trade_history", raw)
-                    self.fees.setdefault(trade.trade_id, trade.fee)
+                    if trade.fee is not None:
+                        self.fees.setdefault(trade.trade_id, trade.fee)
+                    elif trade.trade_id in self.fees:
+                        trade = trade.model_copy(update={"fee": self.fees[trade.trade_id]})
                     found.append(trade)
             bookmark = page.bookmark
             if not bookmark:
