@@ -93,7 +93,7 @@ class Executor:
                                              config.cancel_conditional_orders, config.cancel_bots))
         self.store = Store(bus.redis, self.names, bus.maxlen, consumer_name)
         self.session = TradingSession(settings, bus, on_trades=lambda trades: self.market.on_trades(trades))
-        self.market = Market(bus.redis, self.names, lambda *a, **k: self.session.request(*a, **k),
+        self.market = Market(bus.redis, self.names,
                              ReferenceReader(bus, self.names.instruments, InstrumentInfo))
         self.seen: dict[str, None] = {}
         """Command ids this process has claimed, oldest first (no early `cancel_all` for a replay)."""
@@ -198,7 +198,7 @@ class Executor:
             work = Work(claim.progress, claim.token, command.created_ts)
             if not claim.created:
                 log.info("resuming %s at stage %s", command.command_id, claim.progress.stage)
-                await self._expand(work.progress, command)
+                await self._expand(work.progress, command, self._ask(work))
             elif compact and first is None:
                 uncompact_claim(work.progress, command)  # the usual path: saved before its first order
             heartbeat = asyncio.create_task(self.store.keep_lease(work))
@@ -225,10 +225,10 @@ class Executor:
         (why is logged: a book that keeps taking the usual path, slower to its first order, says why).
         Checked whole here, at the claim's `priced_ts`; its orders are priced as they leave
         (`_send_decision_wave`)."""
-        try:
-            infos = await self.market.infos(command.closing().instrument)
+        try:  # asked once: this path must not wait on a busy exchange
+            infos = await self.market.infos(self.session.request, command.closing().instrument)
         except (ThalexError, ConnectionLost):
-            return None  # the usual path asks again, retrying until the deadline
+            return None  # the usual path asks again, through the command's `ask`: retried until the deadline
         refusal = wave_refusal(command, infos, self.buffers, now, DECISION_PRICE_MAX_AGE_SECONDS)
         if refusal is not None:
             log.info("%s: first wave from fresh market reads, not from the command: %s", command.command_id,
@@ -236,13 +236,13 @@ class Executor:
             return None
         return DecisionWave(command, infos, self.buffers, now)
 
-    async def _expand(self, progress: Progress, command: Command) -> None:
+    async def _expand(self, progress: Progress, command: Command, ask: Ask) -> None:
         """A compact claim found on resuming (a crash before the first save): its legs and first wave,
-        priced again from the command as they were (`waves.expand_claim`)."""
+        priced again from the command as they were (`waves.expand_claim`). `ask` reads instrument data."""
         claim = progress.command_wave
         if claim is None:
             return
-        infos = await self.market.infos(command.closing().instrument)
+        infos = await self.market.infos(ask, command.closing().instrument)
         wave = wave_from_command(command, infos, Buffers(claim.buffer, claim.ceiling), claim.priced_ts,
                                  DECISION_PRICE_MAX_AGE_SECONDS)
         if isinstance(wave, str):
@@ -284,7 +284,7 @@ class Executor:
         try:
             assert claim.progress is not None
             try:
-                await self._expand(claim.progress, command)
+                await self._expand(claim.progress, command, self.session.request)  # giving up: once
             except Exception as exc:  # the failure may be the instrument data
                 raise_if_cancelled()
                 expand_claim(claim.progress, command, f"instrument data unavailable: {exc}")
@@ -344,7 +344,7 @@ class Executor:
             try:
                 await self._resync(work)
                 positions = await self.market.positions(self._ask(work))
-                infos = await self.market.infos(list(progress.legs))
+                infos = await self.market.infos(self._ask(work), list(progress.legs))
             except (ThalexError, ConnectionLost) as exc:
                 log.warning("%s: what its earlier orders did is not known: %s", progress.command_id, exc)
             else:
@@ -441,7 +441,7 @@ class Executor:
     async def _dry_run(self, work: Work) -> None:
         """Price every listed position as the first wave would, send nothing, report the orders."""
         names = list(work.progress.legs)
-        infos = await self.market.infos(names)
+        infos = await self.market.infos(self._ask(work), names)
         quotes = {n: await self.market.quote(self._ask(work), n, with_book=False) for n in names}
         reports = dry_run_orders(work.progress, quotes, infos, time.time(), self.config.max_index_deviation)
         work.reports.extend(reports)
@@ -487,7 +487,7 @@ class Executor:
         progress = work.progress
         if self.clearing and progress.first_order_ts is not None and not progress.past_deadline(time.time()):
             await self.clearing.again(work, self._ask(work))
-        infos = await self.market.infos([leg.instrument for leg in progress.open_legs()])
+        infos = await self.market.infos(self._ask(work), [leg.instrument for leg in progress.open_legs()])
         remaining, dust = sort_legs(progress, positions, infos, time.time())
         work.reports.extend(dust)
         if not remaining or progress.past_deadline(time.time()):
@@ -530,7 +530,7 @@ class Executor:
     async def _verify(self, work: Work, positions: dict[str, float]) -> bool:
         """Verify flat against the exchange's portfolio; False when a leg must be closed again."""
         progress = work.progress
-        infos = await self.market.infos(list(progress.legs))
+        infos = await self.market.infos(self._ask(work), list(progress.legs))
         verdict, reopened, reports = verify_flat(progress, positions, infos, time.time())
         for name in reopened:
             log.warning("%s: %s not closed after all (position %s)", progress.command_id, name,
@@ -540,8 +540,9 @@ class Executor:
         if verdict is Verdict.COMPLETED:
             TIME_TO_FLAT.observe(max(0.0, time.time() - work.created_ts))
             dust = reports[-1].error if reports else None
-            log.info("%s completed: %d legs, fees %.6f%s", progress.command_id, len(progress.legs),
-                     progress.total_fee(), f"; {dust.message}" if dust else "")
+            fee = progress.total_fee()
+            log.info("%s completed: %d legs, fees %s%s", progress.command_id, len(progress.legs),
+                     "unknown" if fee is None else f"{fee:.6f}", f"; {dust.message}" if dust else "")
         elif verdict is Verdict.FAILED:
             log.error("%s failed: %s", progress.command_id, progress.error.message if progress.error else "")
         return verdict is not Verdict.CLOSE_AGAIN

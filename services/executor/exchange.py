@@ -4,7 +4,8 @@ The session itself is `services/common/thalex.Session` (reconnect with jittered 
 exchange's reconnect notice, half-open watchdog, a refused login ends it). The executor adds:
 
 * after every login, `private/set_cancel_on_disconnect` (resting orders die with the session,
-  and Thalex allows 50 order messages per second instead of 10) and its private channels
+  and Thalex allows 50 order messages per second instead of 10: the answer's `message_rate`; orders
+  are paced at the lower of it and `order_rate_per_second`) and its private channels
   (`account.trade_history` brings the fees of its trades). The subscribe answer is checked
   (api.yaml: it "returns successfully even if no channels were valid"): a channel it leaves out
   is named once at WARNING and asked for again with backoff on the same connection; while
@@ -31,7 +32,7 @@ from services.common.bus import Bus
 from services.common.config import Settings
 from services.common.contracts import ExchangeError, Side
 from services.common.thalex import Connection, ConnectionLost, Session, ThalexError, ThalexKey, subscribe
-from services.common.thalex.models import MalformedMessage, ThalexOrderStatus, parse
+from services.common.thalex.models import MalformedMessage, ThalexMessageRate, ThalexOrderStatus, parse
 from services.executor.metrics import EXCHANGE_CONNECTED, ORDERS_REJECTED, ORDERS_SENT, RECONNECTS, RETRIES
 from services.executor.plan import THROTTLE_EXCEEDED, ErrorAction, action_for
 from services.executor.settle import BACKOFF_MAX, BACKOFF_START, Outcome
@@ -67,6 +68,10 @@ class TradingSession:
             on_garbage=self._on_garbage, on_connected=self._set_up if key is not None else None,
             idle_timeout=IDLE_TIMEOUT_SECONDS, backoff_base=RECONNECT_BASE_SECONDS,
             backoff_max=RECONNECT_MAX_SECONDS, order_rate=config.order_rate_per_second)
+        self.order_rate = config.order_rate_per_second
+        """What `[executor]` asks for; orders are paced at less when the exchange grants less."""
+        self._granted: int | None = None
+        """The last `message_rate` below `order_rate` that was logged (each such grant is said once)."""
         self._task: asyncio.Task[Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.refused: dict[str, float] = {}
@@ -158,7 +163,8 @@ class TradingSession:
         return outcome
 
     async def _set_up(self, connection: Connection) -> None:
-        await connection.request("set_cancel_on_disconnect", HEARTBEAT_SECONDS)
+        granted = await connection.request("set_cancel_on_disconnect", HEARTBEAT_SECONDS)
+        self._pace(granted)
         refused = await subscribe(connection, PRIVATE_CHANNELS, private=True)
         self._answered(PRIVATE_CHANNELS, refused)
         if refused:
@@ -166,6 +172,22 @@ class TradingSession:
             task.add_done_callback(self._asking.discard)
         if self.session.connections:
             RECONNECTS.inc()
+
+    def _pace(self, answer: Any) -> None:
+        """Pace orders at what `set_cancel_on_disconnect` granted, if less than configured: sending
+        more is refused (code 4) and penalised. An answer without a usable rate keeps the configured one."""
+        try:
+            granted = parse(ThalexMessageRate, "set_cancel_on_disconnect answer", answer).message_rate
+        except MalformedMessage as exc:
+            log.warning("%s; pacing orders at the configured %g/s", exc, self.order_rate)
+            granted = None
+        rate = order_rate(self.order_rate, granted)
+        if self.session.pacer is not None:
+            self.session.pacer.pace(rate)
+        if granted is not None and granted < self.order_rate and granted != self._granted:
+            log.warning("the exchange grants %d order messages per second, less than order_rate_per_second "
+                        "%g: pacing orders at %d/s", granted, self.order_rate, rate)
+        self._granted = granted if granted is not None and granted < self.order_rate else None
 
     def _answered(self, asked: list[str], refused: list[str]) -> None:
         """Note a subscribe answer: a channel left out is said once, one held again is forgotten."""
@@ -214,3 +236,9 @@ class TradingSession:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("writing a dead letter failed: %s", task.exception())
+
+
+def order_rate(configured: float, granted: int | None) -> float:
+    """The order messages per second to pace at: the configured rate, never above what the exchange
+    granted the session (None, or a grant that is not positive and so means nothing: the configured rate)."""
+    return configured if granted is None or granted <= 0 else min(configured, float(granted))

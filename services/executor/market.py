@@ -2,8 +2,8 @@
 
 Every answer is parsed into the typed Thalex models (`services/common/thalex/models.py`); an
 answer that does not fit is a `ThalexError` without a code (the command fails with the reason,
-never on a half-read figure). Reads that belong to a command take an `ask`: the shell's request
-function, retried through throttling and reconnects until the command's deadline.
+never on a half-read figure). Every read takes an `ask`: the shell's request function, for a
+command retried through throttling and reconnects until its deadline (instrument data too).
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ FEE_WAIT_SECONDS = 1.0
 MAX_REMEMBERED_TRADES = 100_000
 HISTORY_PAGE = 1000
 HISTORY_SLACK_SECONDS = 5
+INSTRUMENT_REQUESTS_AT_ONCE = 8
+"""`public/instrument` requests in flight at once: a book whose instruments are all missing from
+`tp:instruments` must not fire hundreds at once (each a throttle refusal, then retried)."""
 
 
 def answer(model: type[M], method: str, data: Any) -> M:
@@ -68,12 +71,9 @@ def answers(model: type[M], method: str, data: Any) -> list[M]:
 class Market:
     """The executor's reads, with what is worth caching: instrument data and the fees of its trades."""
 
-    def __init__(self, redis: Redis, names: Names, request: Ask,
-                 reader: ReferenceReader[InstrumentInfo]) -> None:
+    def __init__(self, redis: Redis, names: Names, reader: ReferenceReader[InstrumentInfo]) -> None:
         self.redis = redis
         self.names = names
-        self.request = request
-        """The session's request (not retried): instrument data is not a command's business."""
         self.reader = reader
         """Validates `tp:instruments` values one by one: a bad one is dead-lettered, the exchange asked."""
         self.instruments: dict[str, InstrumentInfo] = {}
@@ -81,15 +81,18 @@ class Market:
         self.fees: dict[str, float] = {}
         """Fee per trade id, as `account.trade_history` told it (the insert answer has none)."""
         self._fee_seen = asyncio.Event()
+        self._instrument_requests = asyncio.Semaphore(INSTRUMENT_REQUESTS_AT_ONCE)
 
-    async def infos(self, instruments: Sequence[str]) -> dict[str, InstrumentInfo]:
+    async def infos(self, ask: Ask, instruments: Sequence[str]) -> dict[str, InstrumentInfo]:
         """Instrument data from `tp:instruments` (ingest keeps it), else the exchange's `public/instrument`.
 
         What is not cached yet costs one HMGET, plus one request per instrument the hash lacks or
         holds a bad value for (issue 21: a bad value written while running made every command fail
         until it was dead-lettered as poison, with no report; now it is dead-lettered once, by the
-        reader, and the exchange's own figures are used). An instrument the exchange does not know
-        either is a `ThalexError`: the command fails with a report naming it.
+        reader, and the exchange's own figures are used). The requests go through `ask` (a command's:
+        retried through throttling and reconnects until its deadline, like its other reads), at most
+        `INSTRUMENT_REQUESTS_AT_ONCE` in flight. An instrument the exchange does not know either is a
+        `ThalexError`: the command fails with a report naming it.
         """
         try:  # the usual case, every one known already: one pass over a 1,000-leg command
             return {name: self.instruments[name] for name in instruments}
@@ -100,10 +103,15 @@ class Market:
             raws = await self.redis.hmget(self.names.instruments, missing)
             self.instruments.update(await self.reader.documents(dict(zip(missing, raws, strict=True))))
             unknown = [name for name in missing if name not in self.instruments]
-            wires = await asyncio.gather(*(self.request("instrument", name) for name in unknown))
+            wires = await asyncio.gather(*(self._instrument(ask, name) for name in unknown))
             for name, wire in zip(unknown, wires, strict=True):
                 self.instruments[name] = _info(answer(ThalexInstrument, "instrument", wire))
         return {name: self.instruments[name] for name in instruments}
+
+    async def _instrument(self, ask: Ask, name: str) -> Any:
+        """One `public/instrument` request, waiting its turn among those in flight."""
+        async with self._instrument_requests:
+            return await ask("instrument", name)
 
     async def quote(self, ask: Ask, instrument: str, with_book: bool) -> Quote:
         """The instrument's ticker (and book, both read at once) as a `Quote`."""
@@ -126,7 +134,7 @@ class Market:
         `read`: quotes already read for this wave; only what they lack (a missing quote, or a
         book a hedged leg needs) is read now.
         """
-        several = hedged(instruments, await self.infos(instruments), groups)
+        several = hedged(instruments, await self.infos(ask, instruments), groups)
         quotes = {n: q for n, q in (read or {}).items()
                   if n in instruments and (n not in several or q.bids is not None)}
         missing = [n for n in instruments if n not in quotes]
@@ -173,7 +181,9 @@ class Market:
     async def trades_of(self, ask: Ask, progress: Progress) -> list[ThalexClosingTrade]:
         """The command's trades (by label) since it started, from `private/trade_history`.
 
-        Only the command's own trades are validated: another bot's odd trade is not its business.
+        Only the command's own trades are validated: another bot's odd trade is not its business. A
+        trade listed without `fee` (api.yaml's own example has none) keeps the fee
+        `account.trade_history` told, if any; otherwise it is counted with its fee unknown.
         """
         found: list[ThalexClosingTrade] = []
         bookmark = None
@@ -185,7 +195,10 @@ class Market:
             for raw in page.trades:
                 if isinstance(raw, dict) and raw.get("label") == progress.label:
                     trade = answer(ThalexClosingTrade, "trade_history", raw)
-                    self.fees.setdefault(trade.trade_id, trade.fee)
+                    if trade.fee is not None:
+                        self.fees.setdefault(trade.trade_id, trade.fee)
+                    elif trade.trade_id in self.fees:
+                        trade = trade.model_copy(update={"fee": self.fees[trade.trade_id]})
                     found.append(trade)
             bookmark = page.bookmark
             if not bookmark:

@@ -419,10 +419,23 @@ class LegFill(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    order_id: str
+    order_id: str | None = None
+    """None: a trade found by label whose `private/trade_history` row named no order (api.yaml allows it)."""
     price: float
     amount: float
     fee: float | None = None
+    """None: not known (yet); a later sighting may add it (`Progress.record_fill`)."""
+
+
+def fee_total(fees: Iterable[float | None]) -> float | None:
+    """What these fills cost; None (unknown) when any fee is unknown: a sum without it would read as
+    the whole fee paid, and the closing cost compared with the estimate would look cheaper than it was."""
+    total = 0.0
+    for fee in fees:
+        if fee is None:
+            return None
+        total += fee
+    return total
 
 
 class Leg(BaseModel):
@@ -449,8 +462,9 @@ class Leg(BaseModel):
         return math.copysign(total, self.listed)
 
     @property
-    def fee(self) -> float:
-        return sum(f.fee or 0.0 for f in self.fills.values())
+    def fee(self) -> float | None:
+        """The leg's fees; None when a fill's fee is unknown (`fee_total`)."""
+        return fee_total(f.fee for f in self.fills.values())
 
     @property
     def avg_price(self) -> float | None:
@@ -601,8 +615,9 @@ class Progress(BaseModel):
             known.fee = fill.fee
         return False
 
-    def total_fee(self) -> float:
-        return sum(leg.fee for leg in self.legs.values())
+    def total_fee(self) -> float | None:
+        """The command's fees; None when a fill's fee is unknown (`fee_total`)."""
+        return fee_total(f.fee for leg in self.legs.values() for f in leg.fills.values())
 
     def take_unpublished(self) -> list[Report]:
         """The reports saved but not published yet, in order (the outbox, then the first wave's

@@ -1,7 +1,8 @@
 """Settling a wave, verifying flat, failing a command (pure: no I/O, no clock — `now` is passed in).
 
 After a wave's orders are answered, `settle_wave` counts what filled (each trade once, with its
-fee when `account.trade_history` has told it), applies what each refusal means (`plan.action_for`:
+fee when `account.trade_history` has told it, unknown otherwise: the report's `fee` is then
+absent), applies what each refusal means (`plan.action_for`:
 back off, widen the buffer, check the position, or stop the leg) and says how long to pause
 before the next wave. `next_step` says what comes after a wave; `verify_flat` checks the
 exchange's positions once every leg looks closed; `fail` writes the `failed` outcome, naming
@@ -29,6 +30,7 @@ from services.executor.plan import (
     Progress,
     Stage,
     action_for,
+    fee_total,
     widened,
 )
 from services.executor.waves import DUST_CODE, Buffers, Order
@@ -129,7 +131,7 @@ def _answered(progress: Progress, leg: Leg, outcome: Outcome, result: ThalexOrde
     for fill in result.fills:
         progress.record_fill(leg.instrument, fill.trade_id, LegFill(
             order_id=result.order_id, price=fill.price, amount=fill.amount, fee=fees.get(fill.trade_id)))
-    fee = sum(fees.get(f.trade_id, 0.0) for f in result.fills)
+    fee = fee_total(fees.get(f.trade_id) for f in result.fills)  # None: a fee not seen in time
     avg = sum(f.price * f.amount for f in result.fills) / filled if filled > 0 and result.fills else None
     if filled > 0:
         settled.filled_orders += 1
@@ -241,8 +243,12 @@ def _done(leg: Leg, position: float, full: bool, infos: Mapping[str, InstrumentI
 
 
 def count_trades(progress: Progress, trades: Iterable[ThalexClosingTrade], now: float) -> list[Report]:
-    """The command's trades found by label: each counted once; a `filled` report per order newly found."""
-    new: dict[str, list[ThalexClosingTrade]] = defaultdict(list)
+    """The command's trades found by label: each counted once; a `filled` report per order newly found.
+
+    A trade without `fee` is counted with its fee unknown: the report's `fee` is then absent, not a
+    sum that leaves it out. One without `order_id` is reported with the others that name none.
+    """
+    new: dict[str | None, list[ThalexClosingTrade]] = defaultdict(list)
     for trade in trades:
         if trade.label != progress.label or trade.instrument_name not in progress.legs:
             continue
@@ -255,5 +261,5 @@ def count_trades(progress: Progress, trades: Iterable[ThalexClosingTrade], now: 
         reports.append(progress.report(
             ReportStatus.FILLED, now, instrument=found[0].instrument_name, order_id=order_id,
             label=progress.label, amount=filled, filled=filled,
-            avg_price=sum(t.price * t.amount for t in found) / filled, fee=sum(t.fee for t in found)))
+            avg_price=sum(t.price * t.amount for t in found) / filled, fee=fee_total(t.fee for t in found)))
     return reports

@@ -27,7 +27,8 @@ Closing cost (one sign convention everywhere: a cost is "+ = the trader pays")
 ------------------------------------------------------------------------------
 * estimated = the decision snapshot's `est_close_fees * fee_estimation_buffer + est_slippage`
   (`net_pnl - net_after_close`); a partial closure is estimated pro rata (`x fraction`);
-* realised = the fees the executor reported + for every filled leg
+* realised = the fees the executor reported (when a fill's fee was not reported, the report has no
+  `fee` and the text says "before fees (fees unknown)") + for every filled leg
   `(mark_at_decision - avg_price) * filled * sign(position)`, the mark being the command's (legs
   whose command carried no mark are not counted, and the text says so) — the same measure the
   portfolio exports as `tp_portfolio_close_cost_actual_usd`.
@@ -311,7 +312,7 @@ class Notifier:
                                   figure=0.0, threshold=0.0)
                 self.state.closures[report.command_id] = closure
             if closure.completed_ts is None:
-                closure.fees, closure.completed_ts = report.fee or 0.0, now
+                closure.fees, closure.completed_ts = report.fee, now  # None: a fill's fee is unknown
             return self._settled_closures(now, timed_out=False)
         return []
 
@@ -337,7 +338,9 @@ class Notifier:
         estimated = None if closure.estimated_cost is None else closure.estimated_cost * closure.fraction
         lines = [f"Closing cost: estimated {usd(estimated) if estimated is not None else 'unknown'}"
                  + (" (pro rata)" if closure.fraction < 1.0 and estimated is not None else "")
-                 + f", realised {usd(realised)} (fees {usd(closure.fees or 0.0)})."]
+                 + (f", realised {usd(realised)} (fees {usd(closure.fees)})." if closure.fees is not None
+                    else f", realised {usd(realised)} before fees (fees unknown: a fill's fee was not "
+                         "reported).")]
         if unmeasured:
             lines.append(f"Slippage not measured for {', '.join(unmeasured)}: no mark at the decision.")
         if closure.fraction < 1.0:
@@ -364,8 +367,9 @@ class Notifier:
             id=f"closure_failed:{report.command_id}", kind=NotificationKind.CLOSURE_FAILED,
             severity=Severity.CRITICAL, title=f"Closure FAILED: {error[:120]}",
             text=(f"Closure {report.command_id} failed: {error}. Filled: {filled}; "
-                  f"fees {usd(report.fee or 0.0)}. Quoters stay halted until you look and run "
-                  "`thalex-tp resume`; positions may still be open (`thalex-tp status`)."),
+                  f"fees {usd(report.fee) if report.fee is not None else 'unknown'}. Quoters stay halted "
+                  "until you look and run `thalex-tp resume`; positions may still be open "
+                  "(`thalex-tp status`)."),
             facts={"command_id": report.command_id, "error": error, "fees": report.fee,
                    "error_code": report.error.code if report.error else None},
             ts=report.ts)

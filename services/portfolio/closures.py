@@ -8,7 +8,9 @@
 * **Calibration.** When a closure starts (`received`), the last snapshot's estimate of the cost
   of closing is kept; each `filled` / `partially_filled` adds the leg as it really closed; the
   outcome (`completed` / `failed`) compares the two (`Calibrations.on_report`), so the operator
-  can tune `fee_estimation_buffer`.
+  can tune `fee_estimation_buffer`. A closure with a fill whose fee the executor could not learn
+  (a `filled` report without `fee`) is not compared: its real cost is not known, and counting the
+  fee as 0 would make the estimate look pessimistic.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Calibration:
     marks: dict[str, float]
     signs: dict[str, float]
     legs: list[ClosedLeg] = field(default_factory=list)
+    fee_unknown: bool = False
+    """A fill's fee was not reported: what closing cost is not known, so nothing is compared."""
 
 
 class Calibrations:
@@ -81,12 +85,13 @@ class Calibrations:
             return None
         if report.status in (ReportStatus.FILLED, ReportStatus.PARTIALLY_FILLED) and report.instrument \
                 and report.filled and report.avg_price is not None and report.instrument in calibration.marks:
+            calibration.fee_unknown |= report.fee is None
             calibration.legs.append(ClosedLeg(
                 position=report.filled * calibration.signs[report.instrument],
                 mark_at_decision=calibration.marks[report.instrument],
                 avg_price=report.avg_price, fee=report.fee or 0.0))
         elif report.status in (ReportStatus.COMPLETED, ReportStatus.FAILED):
             del self.open[report.command_id]
-            if calibration.legs:
+            if calibration.legs and not calibration.fee_unknown:
                 return check_close_cost(calibration.estimated, calibration.legs)
         return None

@@ -156,6 +156,14 @@ def test_without_the_epochs_end_the_completion_is_told_after_the_settle_time() -
     assert "estimated unknown" in note.text  # the decision snapshot was never seen
 
 
+def test_a_completed_report_without_fee_says_the_fees_are_unknown() -> None:
+    """The executor could not learn a fill's fee: the text says so instead of "fees +0.00 USD"."""
+    n = notifier()
+    n.on_command(command("e1-partial_take_profit-s3-n1", fraction=0.5, reason="partial_take_profit"), NOW)
+    [note] = n.on_report(report(ReportStatus.COMPLETED, "e1-partial_take_profit-s3-n1"), NOW)
+    assert "before fees (fees unknown" in note.text and note.facts["fees"] is None
+
+
 def test_a_partial_closure_is_estimated_pro_rata_and_told_at_once() -> None:
     """Estimate 20.0 for the whole book x fraction 0.5 = 10.0; no leg filled -> realised = fees 2.0."""
     n = notifier()

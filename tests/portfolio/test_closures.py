@@ -75,3 +75,14 @@ def test_a_closure_without_fills_or_seen_only_halfway_is_not_checked() -> None:
     assert calibrations.on_report(report(ReportStatus.FAILED), None) is None and calibrations.open == {}
     assert calibrations.on_report(report(ReportStatus.FILLED, instrument="PERP", filled=0.5, avg_price=1.0),
                                   None) is None  # its start was not seen: nothing to compare with
+
+
+def test_a_closure_with_a_fill_whose_fee_is_unknown_is_not_checked() -> None:
+    """A `filled` without `fee` (the executor could not learn it): the real cost is not known, and
+    counting the fee as 0 would make the estimate look pessimistic."""
+    calibrations = Calibrations(fee_estimation_buffer=1.0)
+    calibrations.on_report(report(ReportStatus.RECEIVED), snapshot())
+    calibrations.on_report(report(ReportStatus.FILLED, instrument="PERP", filled=0.5, avg_price=99_900.0,
+                                  fee=25.0), None)
+    calibrations.on_report(report(ReportStatus.FILLED, instrument="CALL", filled=2.0, avg_price=51.0), None)
+    assert calibrations.on_report(report(ReportStatus.COMPLETED), None) is None and calibrations.open == {}

@@ -64,16 +64,28 @@ class ThalexTrade(ThalexObject):
 
 
 class ThalexClosingTrade(ThalexObject):
-    """A trade of the executor's own closing order: Thalex reports these (plain order trades) in
-    full, and counting a closure's fills needs every one of these fields."""
+    """A trade of the executor's own closing order, as counting a closure's fills needs it.
+
+    `trade_id` (each fill counted once), `instrument_name`, `price` and `amount` are required: without
+    them there is nothing to count. `fee` and `order_id` may be missing, as api.yaml's `Trade` requires
+    no field and its `private/trade_history` example lists trades without `fee`: the fill is counted
+    all the same, its fee unknown (None) — refusing it failed the closure with its legs open.
+    """
 
     trade_id: str
-    order_id: str
+    order_id: str | None = None
     instrument_name: str
     price: float
     amount: float
-    fee: float
+    fee: float | None = None
     label: str | None = None
+
+
+class ThalexMessageRate(ThalexObject):
+    """The `private/set_cancel_on_disconnect` answer: the order messages per second the session is
+    granted (api.yaml requires it)."""
+
+    message_rate: int
 
 
 class ThalexTicker(ThalexObject):

@@ -26,6 +26,10 @@ class OrderPacer:
         self.sent: deque[float] = deque()
         self.lock = asyncio.Lock()
 
+    def pace(self, rate: float) -> None:
+        """Pace at `rate` from now on (what the exchange granted this connection may be less than asked)."""
+        self.limit = max(1, int(rate))
+
     async def acquire(self) -> None:
         """Wait until one more order message fits in the window, and count it."""
         async with self.lock:

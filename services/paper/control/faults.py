@@ -72,6 +72,17 @@ async def set_history_delay(exchange: PaperExchange, params: dict, requester: Co
     return {"history_delay": exchange.engine.history_delay}
 
 
+@CONTROLS.method("paper/history_without_fee")
+async def history_without_fee(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
+    """`private/trade_history` lists trades without `fee` (api.yaml's example of it has none), so a
+    client's handling of a trade whose fee it cannot learn from the history is tested."""
+    on = params.get("on", True)
+    if not isinstance(on, bool):
+        raise RpcError(INVALID_REQUEST, "on must be true or false")
+    exchange.engine.history_without_fee = on
+    return {"history_without_fee": on}
+
+
 @CONTROLS.method("paper/leave_out")
 async def leave_out(exchange: PaperExchange, params: dict, requester: Connection | None) -> dict:
     """Subscribe answers leave these channels out (and do not subscribe them), valid or not.
