@@ -81,7 +81,7 @@ from services.ingest.violations import BOTS as HALT_BOTS
 from services.ingest.violations import CHANNELS as HALT_WATCH_CHANNELS
 from services.ingest.violations import CONDITIONAL_ORDERS as HALT_CONDITIONAL_ORDERS
 from services.ingest.violations import ORDERS as HALT_ORDERS
-from services.ingest.violations import HaltWatch, sightings
+from services.ingest.violations import HaltWatch, OrderMemory, sightings
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,8 @@ class Ingest:
         self.history_retry_seconds = HISTORY_RETRY_FIRST_SECONDS
         """The wait before the next attempt when the exchange refuses the second read."""
         self.halt_watch = HaltWatch()
+        self.order_memory = OrderMemory()
+        """The account's orders as last seen, so an amend that only takes away is no halt violation."""
         self.session: Session | None = None
         self._counters: dict[str, Any] = {}
         self.subscribed_at: dict[str, float] = {}
@@ -708,7 +710,7 @@ class Ingest:
 
         `tp:halt` is read only when a notification shows something that is not the guardian's.
         """
-        seen = list(sightings(channel, notification))
+        seen = list(sightings(channel, notification, self.order_memory))
         if not seen:
             return
         raw: Any = await self.bus.redis.hgetall(self.names.halt)

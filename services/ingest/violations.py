@@ -9,7 +9,10 @@ Thalex's messages allow:
 * `account.orders` — an order inserted or amended (`change_reason` `insert` / `amend`): its
   label, client order id, and `bot_id` / `conditional_order_id` when a bot or a stop released it.
   Orders that already existed (`existing`, the snapshot on subscribing) and the exchange's own
-  (`insert_reason` `liquidation`) are not anyone's breach.
+  (`insert_reason` `liquidation`) are not anyone's breach; nor is an amend that only takes away —
+  the order gone, or smaller at the same price — which is what the exchange itself sends when it
+  trims another program's reduce-only order as the guardian closes the position under it (an order
+  seen before is remembered, `OrderMemory`, to tell).
 * `account.conditional_orders`, `account.bots` — the full list on every change: a conditional
   order `created`/`active`, a bot `active`, while the halt is set (once per id and halt).
 * `account.trade_history` — a trade of the account (`normal`, `block`, `combo`, `rfq`).
@@ -75,11 +78,39 @@ class Sighting:
     fields: dict[str, Any]
 
 
-def _order(item: dict[str, Any]) -> Sighting | None:
+GONE = frozenset({"cancelled", "cancelled_partially_filled", "filled"})
+"""An order's final statuses: nothing of it can trade any more."""
+
+
+@dataclass
+class OrderMemory:
+    """The price and amount each order of the account last had, to tell an amend that only takes
+    away from one that adds (bounded: the oldest are forgotten first)."""
+
+    last: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def only_takes_away(self, order_id: str, item: dict[str, Any]) -> bool:
+        """Note the order's state; True for an amend that leaves it gone, or smaller at its price."""
+        price, amount = _number(item.get("price")), _number(item.get("amount"))
+        before = self.last.pop(order_id, None)
+        gone = item.get("status") in GONE
+        if not gone:
+            self.last[order_id] = (price, amount)
+            if len(self.last) > REMEMBERED:
+                del self.last[next(iter(self.last))]
+        if item.get("change_reason") != "amend":
+            return False
+        return gone or (before is not None and before[0] == price and amount is not None
+                        and before[1] is not None and amount <= before[1])
+
+
+def _order(item: dict[str, Any], memory: OrderMemory | None = None) -> Sighting | None:
+    order_id = _text(item.get("order_id"))
+    if memory is not None and order_id is not None and memory.only_takes_away(order_id, item):
+        return None
     if item.get("change_reason") not in NEW_ORDER or item.get("insert_reason") == "liquidation":
         return None
     label = _text(item.get("label"))
-    order_id = _text(item.get("order_id"))
     if is_guardian_label(label) or order_id is None:
         return None
     bot_id, conditional_id = _text(item.get("bot_id")), _text(item.get("conditional_order_id"))
@@ -128,14 +159,17 @@ def _trade(item: dict[str, Any]) -> Sighting | None:
 READERS = {ORDERS: _order, CONDITIONAL_ORDERS: _conditional, BOTS: _bot, TRADES: _trade}
 
 
-def sightings(channel: str, notification: Any) -> Iterator[Sighting]:
-    """What in one notification of an account channel is not the guardian's (whatever the halt)."""
+def sightings(channel: str, notification: Any, orders: OrderMemory | None = None) -> Iterator[Sighting]:
+    """What in one notification of an account channel is not the guardian's (whatever the halt).
+
+    `orders`: what the account's orders were, so an amend that only takes away is no sighting.
+    """
     read = READERS.get(channel)
     if read is None or not isinstance(notification, list):
         return
     for item in notification:
         if isinstance(item, dict):
-            found = read(item)
+            found = _order(item, orders) if channel == ORDERS else read(item)
             if found is not None:
                 yield found
 

@@ -8,7 +8,16 @@ from hypothesis import strategies as st
 
 from services.common.contracts import Halt, ViolationKind
 from services.executor.plan import command_label
-from services.ingest.violations import BOTS, CONDITIONAL_ORDERS, ORDERS, TRADES, HaltWatch, halted, sightings
+from services.ingest.violations import (
+    BOTS,
+    CONDITIONAL_ORDERS,
+    ORDERS,
+    TRADES,
+    HaltWatch,
+    OrderMemory,
+    halted,
+    sightings,
+)
 
 HALT = Halt(reason="take_profit", command_id="cmd-1", since=1000.0, until=1060.0)
 GUARDIAN = command_label("cmd-1")
@@ -122,3 +131,27 @@ def test_every_thing_is_reported_at_most_once_per_halt_never_without_one_never_t
                 seen_in_halt.add(item["order_id"])
                 expected.append((since, item["order_id"]))
     assert reported == expected
+
+
+def test_an_amend_that_only_takes_away_is_no_violation_one_that_adds_is() -> None:
+    """As the guardian closes a long, the exchange trims another program's resting reduce-only sell
+    (0.2 → 0.1, then gone) and tells it as `amend`: no one placed anything. A program that amends its
+    order up, or to another price, during the halt does break it."""
+    memory = OrderMemory()
+    resting = _order("o1", "other", change="existing", direction="sell", amount=0.2, price=101000.0)
+    assert list(sightings(ORDERS, [resting], memory)) == []
+    trimmed = {**resting, "change_reason": "amend", "amount": 0.1, "status": "open"}
+    gone = {**resting, "change_reason": "amend", "amount": 0.1, "status": "cancelled",
+            "delete_reason": "client_cancel"}
+    assert list(sightings(ORDERS, [trimmed], memory)) == []
+    assert list(sightings(ORDERS, [gone], memory)) == []
+    # another program's order amended up, or to another price: a violation each
+    mine = _order("o2", "rogue", change="existing", amount=0.1, price=99000.0)
+    assert list(sightings(ORDERS, [mine], memory)) == []
+    up = {**mine, "change_reason": "amend", "amount": 0.3, "status": "open"}
+    assert [s.key for s in sightings(ORDERS, [up], memory)] == ["order:o2"]
+    nearer = {**up, "price": 99500.0, "amount": 0.3}
+    assert [s.key for s in sightings(ORDERS, [nearer], memory)] == ["order:o2"]
+    # an order never seen before amended down proves nothing about what it was: reported
+    assert [s.key for s in sightings(ORDERS, [{**_order("o3", "x"), "change_reason": "amend"}], memory)] == [
+        "order:o3"]
