@@ -134,11 +134,17 @@ class Engine:
     def close_session(self, session: Session, now: float) -> list[Event]:
         """End of a websocket session: non-persistent orders die with it (``session_end``)."""
         self.sessions.pop(session.session_id, None)
+        events = self._end_session_orders(session, now)
+        session.client_orders.clear()
+        return events
+
+    def _end_session_orders(self, session: Session, now: float) -> list[Event]:
+        """The session's non-persistent orders (mass quotes among them) go with ``session_end``: what
+        closing the connection and ``private/cancel_session`` do."""
         events: list[Event] = []
         for order in list(session.account.orders.values()):
             if order.session_id == session.session_id and not order.persistent:
                 events += self._close(order, "session_end", now, "cancel")
-        session.client_orders.clear()
         return events
 
     def check_throttle(self, session: Session, now: float) -> None:
@@ -385,12 +391,14 @@ class Engine:
         return len(orders), events
 
     def cancel_session(self, session: Session, now: float) -> list[Event]:
+        """api.yaml: allowed only on a cancel-on-disconnect session, with the result of closing the
+        connection (the orders here; the method deletes the session's protection groups and RFQ quotes)."""
         self._require_trading(session)
-        events: list[Event] = []
-        mine = [o for o in session.account.orders.values() if o.session_id == session.session_id]
-        for order in [o for o in mine if not o.mass_quote]:
-            events += self._close(order, "client_bulk_cancel", now, "cancel")
-        return events
+        if not session.cancel_on_disconnect:
+            raise RpcError(
+                INVALID_STATE, "cancel_session is allowed only on a session set to cancel_on_disconnect"
+            )
+        return self._end_session_orders(session, now)
 
     def withdraw(self, order: Order, reason: str, now: float, *, quietly: bool = False) -> list[Event]:
         """The exchange removes a resting order (a bot's, a pulled quote) for ``reason``; ``quietly``
