@@ -1039,10 +1039,13 @@ class Engine:
         return events
 
     def _history_events(self, order: Order) -> list[Event]:
-        """A closed order enters the order history (and ``account.order_history``)."""
+        """A closed order enters the order history (and ``account.order_history``), an unfilled mass
+        quote excepted."""
         account = self.accounts.get(order.account_id)
         if account is None or not order.order_id:
             return []
+        if order.mass_quote and order.filled_amount <= EPS:
+            return []  # api.yaml: "Unfilled market maker orders are not included."
         wire = order.history_wire()
         account.order_history.append((self.next_seq(), wire))
         return [Event("order_history", order.account_id, order.session_id, wire)]

@@ -366,3 +366,33 @@ async def test_cancel_session_without_cancel_on_disconnect_is_refused_and_remove
     assert [o["order_id"] for o in await mm1.result("open_orders")] == [order["order_id"]]
     assert problems(mm1) == []
 
+
+@pytest.mark.asyncio
+async def test_unfilled_quotes_stay_out_of_the_order_history_filled_ones_enter_it(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """api.yaml: "Unfilled market maker orders are excluded" (account.order_history) / "are not
+    included" (private/order_history)."""
+    mm1: Official = await official(keys["mm1"])
+    await mm1.result("private_subscribe", ["account.order_history", "account.orders"])
+    await mm1.notification("account.orders")
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))])
+    await mm1.result("mass_quote", [quote(PERP, (99890, 0.1), (100110, 0.1))])  # replaces both
+    await mm1.result("mass_quote", [Levels(PERP, b=[], a=[])])  # removes both
+    await mm1.settle()
+    assert mm1.of("account.order_history") == []
+    assert (await mm1.result("order_history"))["orders"] == []
+
+    # A quote that trades is an order of the history like any other.
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)])
+    (placed,) = await mm1.notification(
+        "account.orders", lambda n: len(n) == 1 and n[0]["change_reason"] == "insert"
+    )
+    await paper.control("paper/fill_orders", {"order_id": placed["order_id"]})
+    (row,) = await mm1.notification("account.order_history")
+    assert (row["order_id"], row["status"], row["filled_amount"]) == (placed["order_id"], "filled", 0.1)
+    assert [o["order_id"] for o in (await mm1.result("order_history"))["orders"]] == [placed["order_id"]]
+    await mm1.settle()
+    assert problems(mm1) == []
+
