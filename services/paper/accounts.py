@@ -225,3 +225,6 @@ class Event:
     session_id: int | None
     payload: Any
     """Mostly one object; the full lists of ``conditional_orders`` and ``bots``."""
+    mass_quote: bool = False
+    """An ``orders`` event of a mass quote (the OrderStatus does not say so; ``account.persistent_orders``
+    leaves them out)."""

@@ -256,14 +256,14 @@ class Engine:
         elif order.delete_reason is not None:
             events += self._history_events(order)
         wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        events.insert(0, self._wire_event(order, wire))
         events.extend(self._trim_reduce_only(account, order.instrument, now))
         return wire, events
 
     def _reject_post_only(self, order: Order, now: float) -> tuple[dict[str, Any], list[Event]]:
         events = self._close(order, "immediate_cancel", now, None)
         wire = order.to_wire("insert", [])
-        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
+        return wire, [self._wire_event(order, wire), *events]
 
     def _new_order(
         self, account: Account, session: Session | None, params: dict[str, Any], now: float
@@ -340,7 +340,7 @@ class Engine:
         if amount <= order.filled_amount + EPS:
             events = self._close(order, "client_cancel", now, None)
             wire = order.to_wire("amend", [])
-            return wire, [Event("orders", account.account_id, order.session_id, wire), *events]
+            return wire, [self._wire_event(order, wire), *events]
         mark = self.market.mark(inst.name).price
         new_price = self._collared(inst, order.direction, price, collar, mark)
         if not order.reduce_only:
@@ -365,7 +365,7 @@ class Engine:
             order, account, order.price, asks if order.direction == "buy" else bids, now
         )
         wire = order.to_wire("amend", fills)
-        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        events.insert(0, self._wire_event(order, wire))
         if order.delete_reason is not None:
             events += self._history_events(order)
         events.extend(self._trim_reduce_only(account, inst, now))
@@ -379,7 +379,7 @@ class Engine:
         order = self._find_order(session, params)
         events = self._close(order, "client_cancel", now, None)
         wire = order.to_wire("cancel", [])
-        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
+        return wire, [self._wire_event(order, wire), *events]
 
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
@@ -1050,6 +1050,11 @@ class Engine:
         account.order_history.append((self.next_seq(), wire))
         return [Event("order_history", order.account_id, order.session_id, wire)]
 
+    @classmethod
+    def _order_event(cls, order: Order, change_reason: str, fills: list[Fill]) -> Event:
+        return cls._wire_event(order, order.to_wire(change_reason, fills))
+
     @staticmethod
-    def _order_event(order: Order, change_reason: str, fills: list[Fill]) -> Event:
-        return Event("orders", order.account_id, order.session_id, order.to_wire(change_reason, fills))
+    def _wire_event(order: Order, wire: dict[str, Any]) -> Event:
+        """The ``orders`` event of ``order`` (``wire`` its OrderStatus), marked when it is a mass quote."""
+        return Event("orders", order.account_id, order.session_id, wire, mass_quote=order.mass_quote)

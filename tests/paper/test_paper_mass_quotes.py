@@ -396,3 +396,32 @@ async def test_unfilled_quotes_stay_out_of_the_order_history_filled_ones_enter_i
     await mm1.settle()
     assert problems(mm1) == []
 
+
+@pytest.mark.asyncio
+async def test_account_persistent_orders_carries_no_mass_quote(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """api.yaml: "persistent (non-market-maker) orders only" — the quotes of a session without
+    cancel-on-disconnect are persistent and still left out, on the channel and in its snapshot."""
+    mm1: Official = await official(keys["mm1"])
+    mm2: Official = await official(keys["mm2"])
+    await mm1.result("private_subscribe", ["account.persistent_orders", "account.orders"])
+    assert await mm1.notification("account.persistent_orders") == []
+    await mm1.notification("account.orders")
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))])
+    inserted = await mm1.notification("account.orders")
+    assert [(o["change_reason"], o["persistent"]) for o in inserted] == [("insert", True)] * 2
+    await mm1.result("mass_quote", [Levels(PERP, b=[], a=[])])
+    await mm1.notification("account.orders")
+    order = await mm1.result("buy", PERP, 0.1, price=99000)
+    only = await mm1.notification("account.persistent_orders")
+    assert [o["order_id"] for o in only] == [order["order_id"]]
+
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)])
+    await mm2.result("private_subscribe", ["account.persistent_orders"])
+    snapshot = await mm2.notification("account.persistent_orders")
+    assert [(o["order_id"], o["change_reason"]) for o in snapshot] == [(order["order_id"], "existing")]
+    await mm1.settle()
+    assert len(mm1.of("account.persistent_orders")) == 2  # the snapshot and the plain order's insert
+    assert problems(mm1, mm2) == []
