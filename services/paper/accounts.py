@@ -81,7 +81,7 @@ class Order:
     bot_id: str | None = None
     conditional_order_id: str | None = None
     mass_quote: bool = False
-    """A quote of ``private/mass_quote``: not cancelled by cancel/cancel_all/cancel_session."""
+    """A quote of ``private/mass_quote``: ``private/cancel`` and ``cancel_all`` leave it alone."""
 
     @property
     def remaining(self) -> float:
@@ -225,3 +225,6 @@ class Event:
     session_id: int | None
     payload: Any
     """Mostly one object; the full lists of ``conditional_orders`` and ``bots``."""
+    mass_quote: bool = False
+    """An ``orders`` event of a mass quote (the OrderStatus does not say so; ``account.persistent_orders``
+    leaves them out)."""

@@ -134,11 +134,17 @@ class Engine:
     def close_session(self, session: Session, now: float) -> list[Event]:
         """End of a websocket session: non-persistent orders die with it (``session_end``)."""
         self.sessions.pop(session.session_id, None)
+        events = self._end_session_orders(session, now)
+        session.client_orders.clear()
+        return events
+
+    def _end_session_orders(self, session: Session, now: float) -> list[Event]:
+        """The session's non-persistent orders (mass quotes among them) go with ``session_end``: what
+        closing the connection and ``private/cancel_session`` do."""
         events: list[Event] = []
         for order in list(session.account.orders.values()):
             if order.session_id == session.session_id and not order.persistent:
                 events += self._close(order, "session_end", now, "cancel")
-        session.client_orders.clear()
         return events
 
     def check_throttle(self, session: Session, now: float) -> None:
@@ -250,14 +256,14 @@ class Engine:
         elif order.delete_reason is not None:
             events += self._history_events(order)
         wire = order.to_wire("insert", fills)
-        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        events.insert(0, self._wire_event(order, wire))
         events.extend(self._trim_reduce_only(account, order.instrument, now))
         return wire, events
 
     def _reject_post_only(self, order: Order, now: float) -> tuple[dict[str, Any], list[Event]]:
         events = self._close(order, "immediate_cancel", now, None)
         wire = order.to_wire("insert", [])
-        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
+        return wire, [self._wire_event(order, wire), *events]
 
     def _new_order(
         self, account: Account, session: Session | None, params: dict[str, Any], now: float
@@ -334,7 +340,7 @@ class Engine:
         if amount <= order.filled_amount + EPS:
             events = self._close(order, "client_cancel", now, None)
             wire = order.to_wire("amend", [])
-            return wire, [Event("orders", account.account_id, order.session_id, wire), *events]
+            return wire, [self._wire_event(order, wire), *events]
         mark = self.market.mark(inst.name).price
         new_price = self._collared(inst, order.direction, price, collar, mark)
         if not order.reduce_only:
@@ -359,7 +365,7 @@ class Engine:
             order, account, order.price, asks if order.direction == "buy" else bids, now
         )
         wire = order.to_wire("amend", fills)
-        events.insert(0, Event("orders", account.account_id, order.session_id, wire))
+        events.insert(0, self._wire_event(order, wire))
         if order.delete_reason is not None:
             events += self._history_events(order)
         events.extend(self._trim_reduce_only(account, inst, now))
@@ -373,7 +379,7 @@ class Engine:
         order = self._find_order(session, params)
         events = self._close(order, "client_cancel", now, None)
         wire = order.to_wire("cancel", [])
-        return wire, [Event("orders", order.account_id, order.session_id, wire), *events]
+        return wire, [self._wire_event(order, wire), *events]
 
     def cancel_all(self, session: Session, now: float) -> tuple[int, list[Event]]:
         """Bulk cancel of every order of the account (not throttled like single-order messages)."""
@@ -385,12 +391,14 @@ class Engine:
         return len(orders), events
 
     def cancel_session(self, session: Session, now: float) -> list[Event]:
+        """api.yaml: allowed only on a cancel-on-disconnect session, with the result of closing the
+        connection (the orders here; the method deletes the session's protection groups and RFQ quotes)."""
         self._require_trading(session)
-        events: list[Event] = []
-        mine = [o for o in session.account.orders.values() if o.session_id == session.session_id]
-        for order in [o for o in mine if not o.mass_quote]:
-            events += self._close(order, "client_bulk_cancel", now, "cancel")
-        return events
+        if not session.cancel_on_disconnect:
+            raise RpcError(
+                INVALID_STATE, "cancel_session is allowed only on a session set to cancel_on_disconnect"
+            )
+        return self._end_session_orders(session, now)
 
     def withdraw(self, order: Order, reason: str, now: float, *, quietly: bool = False) -> list[Event]:
         """The exchange removes a resting order (a bot's, a pulled quote) for ``reason``; ``quietly``
@@ -1031,14 +1039,22 @@ class Engine:
         return events
 
     def _history_events(self, order: Order) -> list[Event]:
-        """A closed order enters the order history (and ``account.order_history``)."""
+        """A closed order enters the order history (and ``account.order_history``), an unfilled mass
+        quote excepted."""
         account = self.accounts.get(order.account_id)
         if account is None or not order.order_id:
             return []
+        if order.mass_quote and order.filled_amount <= EPS:
+            return []  # api.yaml: "Unfilled market maker orders are not included."
         wire = order.history_wire()
         account.order_history.append((self.next_seq(), wire))
         return [Event("order_history", order.account_id, order.session_id, wire)]
 
+    @classmethod
+    def _order_event(cls, order: Order, change_reason: str, fills: list[Fill]) -> Event:
+        return cls._wire_event(order, order.to_wire(change_reason, fills))
+
     @staticmethod
-    def _order_event(order: Order, change_reason: str, fills: list[Fill]) -> Event:
-        return Event("orders", order.account_id, order.session_id, order.to_wire(change_reason, fills))
+    def _wire_event(order: Order, wire: dict[str, Any]) -> Event:
+        """The ``orders`` event of ``order`` (``wire`` its OrderStatus), marked when it is a mass quote."""
+        return Event("orders", order.account_id, order.session_id, wire, mass_quote=order.mass_quote)

@@ -104,7 +104,7 @@ class Fanout:
                 for e in events
                 if e.kind == route.kind
                 and (route.scope == "account" or e.session_id == conn.session.session_id)
-                and (route.keep is None or route.keep(e.payload))
+                and (route.keep is None or route.keep(e))
             ]
             if payloads:
                 conn.notify(route.channel, _combine(route, payloads))

@@ -256,6 +256,17 @@ class MassQuotes:
                     events += self.engine.withdraw(quote, "mm_protection", now, quietly=quote is order)
         return events
 
+    def end_session(self, session: Session) -> list[Event]:
+        """``private/cancel_session``: the session's groups are deleted as when it ends, but the session
+        is still there to hear it (``session_end``, remaining amount 0); quoting needs set_mm_protection."""
+        events: list[Event] = []
+        for key, group in list(self.groups.items()):
+            if key[0] == session.session_id:
+                del self.groups[key]
+                group.executed = group.trade_amount
+                events.append(group.notice("session_end"))
+        return events
+
     def prune(self) -> None:
         """Groups of ended sessions are gone (Thalex: ``session_end``; nobody is left to tell)."""
         for key in [k for k in self.groups if k[0] not in self.engine.sessions]:

@@ -16,6 +16,7 @@ after, every other open quote of a quoting account that traded is cancelled (Tha
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,20 +334,25 @@ class Rfqs:
 
     # Time passing
 
+    def end_session(self, session: Session) -> list[Event]:
+        """``private/cancel_session``: the session's non-persistent quotes go as when it ends."""
+        return self._end_quotes(lambda session_id: session_id == session.session_id)
+
+    def _end_quotes(self, ended: Callable[[int], bool]) -> list[Event]:
+        """Non-persistent quotes of accounts whose session has ``ended`` are cancelled (``session_end``)."""
+        events: list[Event] = []
+        for quote in list(self.quotes.values()):
+            mine = quote.owner is not None and not quote.persistent
+            if mine and not quote.closed and ended(quote.session_id):
+                quote.closed, quote.delete_reason = True, "session_end"
+                events.extend(self._quote_events(quote, "Cancelled"))
+        return events
+
     def tick(self, now: float) -> list[Event]:
         """Quotes of ended cancel-on-disconnect sessions go, RFQs expire (or end with a leg that
         expired), simulated makers follow the book, simulated takers trade quotes at least as good as
         the package's mark value."""
-        events: list[Event] = []
-        for quote in list(self.quotes.values()):
-            if (
-                not quote.closed
-                and quote.owner is not None
-                and not quote.persistent
-                and (quote.session_id not in self.engine.sessions)
-            ):
-                quote.closed, quote.delete_reason = True, "session_end"
-                events.extend(self._quote_events(quote, "Cancelled"))
+        events = self._end_quotes(lambda session_id: session_id not in self.engine.sessions)
         for rfq in list(self.rfqs.values()):
             if not rfq.open:
                 continue

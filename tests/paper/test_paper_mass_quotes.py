@@ -119,9 +119,10 @@ async def test_mass_quotes_need_protection_replace_side_by_side_and_fill_like_or
     ]
     bid_id = changes[2]["order_id"]
 
-    # Mass quotes are not orders: cancel_all and cancel_session leave them; open_orders lists them.
+    # Mass quotes are not orders: cancel_all leaves them; open_orders lists them. cancel_session is
+    # refused here: api.yaml allows it only on a cancel-on-disconnect session (37 is our choice).
     assert await mm1.result("cancel_all") == 0
-    assert await mm1.result("cancel_session") is None
+    assert await mm1.error("cancel_session") == 37
     assert [o["order_id"] for o in await mm1.result("open_orders")] == [bid_id]
     assert await mm1.error("cancel", order_id=bid_id) == 1
 
@@ -298,3 +299,129 @@ async def test_quotes_of_a_cancel_on_disconnect_session_vanish_with_it_others_st
     ):
         assert await reader.error(name, *args) == 28
     assert problems(mm1, mm2, mm3, reader) == []
+
+
+@pytest.mark.asyncio
+async def test_cancel_session_ends_the_session_s_orders_quotes_and_protection_as_a_disconnect_would(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """api.yaml: only on a cancel-on-disconnect session, "the same result as closing the connection":
+    non-persistent orders (mass quotes among them) deleted with ``session_end``, protection groups reset."""
+    mm1, mm2, mm3 = [await official(keys[k]) for k in ("mm1", "mm2", "mm3")]
+    await mm3.result("private_subscribe", ["account.orders"])
+    await mm3.notification("account.orders")  # the (empty) snapshot
+    await mm1.result("private_subscribe", ["session.mm_protection"])
+    kept = await mm1.result("buy", PERP, 0.1, price=99000, label="before")  # persistent: inserted before
+    await mm1.result("set_cancel_on_disconnect", 5)
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    await mm1.notification("session.mm_protection")
+    assert (await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))]))["n_success"] == 2
+    plain = await mm1.result("buy", PERP, 0.1, price=99100, label="plain")
+    await mm2.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    assert (await mm2.result("mass_quote", [quote(PERP, (99800, 0.1), None)]))["n_success"] == 1
+    for _ in range(4):  # kept, the two quotes (one notification), plain, mm2's quote
+        await mm3.notification("account.orders")
+
+    assert await mm1.result("cancel_session") is None
+    gone = await mm3.notification("account.orders")
+    assert sorted((o["price"], o["change_reason"], o["delete_reason"], o["status"]) for o in gone) == [
+        (99100, "cancel", "session_end", "cancelled"),
+        (99900, "cancel", "session_end", "cancelled"),
+        (100100, "cancel", "session_end", "cancelled"),
+    ]
+    assert plain["order_id"] in {o["order_id"] for o in gone}
+    left = await mm3.result("open_orders")
+    assert sorted((o["order_id"] == kept["order_id"], o["price"]) for o in left) == [
+        (False, 99800),  # the other session's quote
+        (True, 99000),  # the persistent order of the session
+    ]
+
+    # The group is gone (told as at a session end) and must be set again, as after a reconnect.
+    assert await mm1.notification("session.mm_protection") == [
+        {"product": "FBTCUSD", "remaining_amount": 0.0, "reason": "session_end"}
+    ]
+    result = await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))])
+    assert (result["n_success"], result["n_fail"]) == (0, 2)
+    assert [(e["code"], e["side"]) for e in result["errors"]] == [(37, "bid"), (37, "ask")]
+    assert (await mm2.result("mass_quote", [quote(PERP, (99700, 0.1), None)]))["n_success"] == 1
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    assert (await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)]))["n_success"] == 1
+    for client in (mm1, mm2, mm3):
+        await client.settle(0.1)
+    assert problems(mm1, mm2, mm3) == []
+
+
+@pytest.mark.asyncio
+async def test_cancel_session_without_cancel_on_disconnect_is_refused_and_removes_nothing(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    mm1: Official = await official(keys["mm1"])
+    await mm1.result("private_subscribe", ["account.orders"])
+    await mm1.notification("account.orders")
+    order = await mm1.result("buy", PERP, 0.1, price=99000)
+    await mm1.notification("account.orders")
+    assert await mm1.error("cancel_session") == 37
+    await mm1.settle()
+    assert mm1.of("account.orders")[2:] == []  # the snapshot and the insert only
+    assert [o["order_id"] for o in await mm1.result("open_orders")] == [order["order_id"]]
+    assert problems(mm1) == []
+
+
+@pytest.mark.asyncio
+async def test_unfilled_quotes_stay_out_of_the_order_history_filled_ones_enter_it(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """api.yaml: "Unfilled market maker orders are excluded" (account.order_history) / "are not
+    included" (private/order_history)."""
+    mm1: Official = await official(keys["mm1"])
+    await mm1.result("private_subscribe", ["account.order_history", "account.orders"])
+    await mm1.notification("account.orders")
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))])
+    await mm1.result("mass_quote", [quote(PERP, (99890, 0.1), (100110, 0.1))])  # replaces both
+    await mm1.result("mass_quote", [Levels(PERP, b=[], a=[])])  # removes both
+    await mm1.settle()
+    assert mm1.of("account.order_history") == []
+    assert (await mm1.result("order_history"))["orders"] == []
+
+    # A quote that trades is an order of the history like any other.
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)])
+    (placed,) = await mm1.notification(
+        "account.orders", lambda n: len(n) == 1 and n[0]["change_reason"] == "insert"
+    )
+    await paper.control("paper/fill_orders", {"order_id": placed["order_id"]})
+    (row,) = await mm1.notification("account.order_history")
+    assert (row["order_id"], row["status"], row["filled_amount"]) == (placed["order_id"], "filled", 0.1)
+    assert [o["order_id"] for o in (await mm1.result("order_history"))["orders"]] == [placed["order_id"]]
+    await mm1.settle()
+    assert problems(mm1) == []
+
+
+@pytest.mark.asyncio
+async def test_account_persistent_orders_carries_no_mass_quote(
+    paper: PaperHandle, official, keys: dict[str, KeyFiles]
+) -> None:
+    """api.yaml: "persistent (non-market-maker) orders only" — the quotes of a session without
+    cancel-on-disconnect are persistent and still left out, on the channel and in its snapshot."""
+    mm1: Official = await official(keys["mm1"])
+    mm2: Official = await official(keys["mm2"])
+    await mm1.result("private_subscribe", ["account.persistent_orders", "account.orders"])
+    assert await mm1.notification("account.persistent_orders") == []
+    await mm1.notification("account.orders")
+    await mm1.result("set_mm_protection", FUTURES, trade_amount=1.0, quote_amount=1.0)
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), (100100, 0.1))])
+    inserted = await mm1.notification("account.orders")
+    assert [(o["change_reason"], o["persistent"]) for o in inserted] == [("insert", True)] * 2
+    await mm1.result("mass_quote", [Levels(PERP, b=[], a=[])])
+    await mm1.notification("account.orders")
+    order = await mm1.result("buy", PERP, 0.1, price=99000)
+    only = await mm1.notification("account.persistent_orders")
+    assert [o["order_id"] for o in only] == [order["order_id"]]
+
+    await mm1.result("mass_quote", [quote(PERP, (99900, 0.1), None)])
+    await mm2.result("private_subscribe", ["account.persistent_orders"])
+    snapshot = await mm2.notification("account.persistent_orders")
+    assert [(o["order_id"], o["change_reason"]) for o in snapshot] == [(order["order_id"], "existing")]
+    await mm1.settle()
+    assert len(mm1.of("account.persistent_orders")) == 2  # the snapshot and the plain order's insert
+    assert problems(mm1, mm2) == []

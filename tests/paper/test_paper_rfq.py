@@ -272,10 +272,16 @@ async def test_an_rfq_between_two_accounts_books_both_sides(
     # taker 5 bps and maker 1 bp of 100000.5 * 0.4 = 40000.2: 20.0001 and 4.00002
     assert (bought["fee"], sold["fee"]) == (pytest.approx(20.0001), pytest.approx(4.00002))
 
-    # A quote of a cancel-on-disconnect session goes with it.
+    # A quote of a cancel-on-disconnect session goes with it, and with its cancel_session.
     second = await taker.result("create_rfq", [thalex.RfqLeg(0.1, PERP)])
     await maker.notification("mm.rfqs", lambda n: n[0]["rfq_id"] == second["rfq_id"])
     await maker.result("set_cancel_on_disconnect", 5)
+    quote = await maker.result("mm_rfq_insert_quote", BUY, 0.1, 99990, second["rfq_id"])
+    assert await maker.result("cancel_session") is None
+    gone = await taker.notification(
+        "mm.rfq_quotes", lambda n: n[0]["order_id"] == quote["order_id"] and n[0]["event"] == "Cancelled"
+    )
+    assert gone[0]["delete_reason"] == "session_end"
     quote = await maker.result("mm_rfq_insert_quote", BUY, 0.1, 99990, second["rfq_id"])
     await maker.client.disconnect()
     gone = await taker.notification(

@@ -17,9 +17,12 @@ def _account_orders(exchange: PaperExchange, conn: Connection, channel: Channel)
 
 
 def _persistent_orders(exchange: PaperExchange, conn: Connection, channel: Channel) -> None:
+    """api.yaml: "persistent (non-market-maker) orders only" — no mass quote, persistent or not."""
     assert conn.session is not None
+    account = conn.session.account
     conn.notify(
-        channel.name, [o for o in exchange.engine.open_orders(conn.session.account) if o["persistent"]]
+        channel.name,
+        [o.to_wire("existing") for o in account.orders.values() if o.persistent and not o.mass_quote],
     )
 
 
@@ -53,7 +56,11 @@ CHANNELS.register(Family("account.summary", True, snapshot=_summary))
 CHANNELS.register(Family("user.inbox_notifications", True))
 
 ROUTES.route("orders", "account.orders")
-ROUTES.route("orders", "account.persistent_orders", keep=lambda order: bool(order.get("persistent")))
+ROUTES.route(
+    "orders",
+    "account.persistent_orders",
+    keep=lambda event: bool(event.payload.get("persistent")) and not event.mass_quote,
+)
 ROUTES.route("orders", "session.orders", scope="session")
 ROUTES.route("trade", "account.trade_history")
 ROUTES.route("order_history", "account.order_history")

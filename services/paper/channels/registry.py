@@ -118,14 +118,15 @@ class Route:
 
     ``combine``: ``list`` sends the payloads as one list; ``last`` sends the last payload (channels
     whose notification is a full set); ``lines`` keeps the last payload per ``instrument_name``;
-    ``notifications`` wraps them, newest first, as a ``Notifications`` object.
+    ``notifications`` wraps them, newest first, as a ``Notifications`` object. ``keep`` picks the
+    events the channel carries.
     """
 
     kind: str
     channel: str
     scope: str = "account"
     combine: str = "list"
-    keep: Callable[[dict], bool] | None = None
+    keep: Callable[[Event], bool] | None = None
 
 
 class Routes:
@@ -141,7 +142,7 @@ class Routes:
         *,
         scope: str = "account",
         combine: str = "list",
-        keep: Callable[[dict], bool] | None = None,
+        keep: Callable[[Event], bool] | None = None,
     ) -> None:
         if scope not in ("account", "session") or combine not in ("list", "last", "lines", "notifications"):
             raise ValueError(f"bad route for {kind}: scope {scope}, combine {combine}")

@@ -49,4 +49,11 @@ async def cancel_all(call: Call) -> int:
 
 @METHODS.method("private/cancel_session", order_message=True)
 async def cancel_session(call: Call) -> None:
-    call.publish(call.exchange.engine.cancel_session(call.session, call.now))
+    """As closing the connection (api.yaml): non-persistent orders, mass quotes and RFQ quotes of the
+    session go with ``session_end`` and its protection groups are deleted; only on a cancel-on-disconnect
+    session (37 otherwise)."""
+    events = call.exchange.engine.cancel_session(call.session, call.now)
+    automation = call.exchange.automation
+    events += automation.quotes.end_session(call.session)
+    events += automation.rfqs.end_session(call.session)
+    call.publish(events)
