@@ -62,6 +62,8 @@ from services.common.redact import redact
 from services.common.streams import NAMESPACE_RULE, Names
 
 UNREADABLE_REDIS_URL = "not a Redis URL redis-py can read"
+HTTP_URL = re.compile(r"^https?://[^\s/]+")
+"""A URL notify can POST to or read: a scheme and a host (a target's `url`, `url_file`, `health_urls`)."""
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +458,7 @@ class NotifyTarget(Section):
     @field_validator("url", "base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+        if value is not None and not HTTP_URL.match(value):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
@@ -514,7 +516,7 @@ class Notify(Section):
         for service, url in (urls or {}).items():
             if service not in WATCHABLE_SERVICES:
                 raise ValueError(f"unknown service {service!r}; one of {', '.join(WATCHABLE_SERVICES)}")
-            if not re.match(r"^https?://[^\s/]+", url):
+            if not HTTP_URL.match(url):
                 raise ValueError(f"{service}: must be an http:// URL")
         return urls
 

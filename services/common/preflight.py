@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from services.common.config import CONTAINER_SECRETS, Settings
+from services.common.config import CONTAINER_SECRETS, HTTP_URL, Settings
 
 SERVICES = ("ingest", "portfolio", "takeprofit", "executor", "notify")
 PLACEHOLDER = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]key|<[^<>]+>", re.IGNORECASE)
@@ -136,8 +136,29 @@ def _notify_findings(settings: Settings) -> list[Finding]:
         for field in ("url_file", "secret_file", "bot_token_file", "chat_id_file"):
             path = getattr(target, field)
             if path is not None:
-                findings += secret_file(f"notify.targets.{i}.{field}", path, required=True)
+                key = f"notify.targets.{i}.{field}"
+                found = secret_file(key, path, required=True)
+                if not any(f.level == "error" for f in found):
+                    found += _notify_secret_content(key, path, url=field == "url_file")
+                findings += found
     return findings
+
+
+def _notify_secret_content(key: str, path: Path, *, url: bool) -> list[Finding]:
+    """What notify checks in the file at start (`notify.targets.load_targets`), checked here too, so
+    `check-config --service notify` does not say OK to a file notify then refuses with exit 2."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        return [Finding("error", key, str(path), "is not a text (UTF-8) file")]
+    except OSError as exc:
+        return [Finding("error", key, str(path), f"cannot be read: {exc.strerror or exc}")]
+    if not text:
+        return [Finding("error", key, str(path), "the file is empty")]
+    if url and not HTTP_URL.match(text):
+        return [Finding("error", key, str(path), "holds no http:// or https:// URL (the scheme and host are "
+                                                  "needed)")]
+    return []
 
 
 def check(settings: Settings, services: list[str]) -> list[Finding]:

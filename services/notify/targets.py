@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from services.common.config import ConfigError, NotifyTarget, Problem
+from services.common.config import HTTP_URL, ConfigError, NotifyTarget, Problem
 from services.common.contracts import Notification, NotificationKind, Severity
 
 SIGNATURE_HEADER = "X-Thalex-TP-Signature-256"
@@ -163,7 +162,7 @@ def _webhook_url(path: Any, key: str, problems: list[Problem]) -> str:
     """The URL in `url_file`, checked as the URL in the file would be (`NotifyTarget.url`): a URL
     without its scheme failed every POST, each notification dropped as "unconfirmed", health green."""
     url = _secret(path, key, problems)
-    if url and not re.match(r"^https?://[^/\s]+", url):
+    if url and not HTTP_URL.match(url):
         problems.append(Problem(key, str(path), "holds no http:// or https:// URL (the scheme and host "
                                                 "are needed)"))
     return url

@@ -121,6 +121,31 @@ chat_id_file = "{tmp_path / 'no-chat'}"
     assert "no target" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("target", "content", "rule"), [
+    ("telegram", b"\xff\xfe\x00binary", "is not a text (UTF-8) file"),
+    ("telegram", b"\n", "the file is empty"),
+    ("webhook", b"hooks.slack.com/services/T0/B0/XXXX\n", "holds no http:// or https:// URL"),
+])
+def test_notify_checks_what_its_secret_files_hold_as_notify_does_at_start(
+        tmp_path: Path, capsys: Capture, target: str, content: bytes, rule: str) -> None:
+    """check-config said OK to files notify then refused with exit 2 (or, before, dropped every
+    notification): it checks what they hold the same way."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(content)
+    secret.chmod(0o600)
+    chat = tmp_path / "chat"
+    chat.write_text("42\n")
+    chat.chmod(0o600)
+    fields = (f'bot_token_file = "{secret}"\nchat_id_file = "{chat}"' if target == "telegram"
+              else f'url_file = "{secret}"')
+    text = f'[[notify.targets]]\nname = "phone"\ntype = "{target}"\n{fields}\n'
+    assert main(["check-config", config(tmp_path, text), "--service", "notify"]) == 2
+    err = capsys.readouterr().err
+    key = "bot_token_file" if target == "telegram" else "url_file"
+    assert f"notify.targets.0.{key}" in err and rule in err, err
+    assert "hooks.slack.com" not in err
+
+
 def test_an_unknown_service_is_a_usage_error(capsys: Capture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["check-config", "--service", "quoter"])
