@@ -327,12 +327,21 @@ def positions_from_portfolio(lines: Iterable[ExchangePosition], exchange_ts: flo
 
 
 def position_from_entry(data: Any) -> ExchangePosition:
-    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`).
+    """One `PortfolioEntry` → `ExchangePosition` (`average_price` falls back to `start_price`, then
+    to `mark_price`: the position's P&L then counts from its mark, as with `mark_at_start`).
 
-    Needs `instrument_name` and `position`; a mark or P&L figure the line does not carry is absent
-    from the result (raises `MalformedMessage` without the two, or for a field of the wrong type)."""
+    Needs `instrument_name` and `position`, and for an open position one of the three prices; a mark
+    or P&L figure the line does not carry is absent from the result (raises `MalformedMessage`
+    without them, or for a field of the wrong type). An open position with no price at all is not
+    valued at 0 — a 1 BTC long "bought at 0" reads as a 100,000 USD profit and fires the take profit."""
     entry = parse(ThalexPortfolioEntry, "PortfolioEntry", data)
-    average = entry.average_price if entry.average_price is not None else (entry.start_price or 0.0)
+    average = next((price for price in (entry.average_price, entry.start_price, entry.mark_price)
+                    if price is not None), None)
+    if average is None:
+        if entry.position != 0.0:
+            raise MalformedMessage(f"PortfolioEntry {entry.instrument_name}: no average_price, start_price "
+                                   "or mark_price: the position cannot be valued")
+        average = 0.0
     return _contract(
         ExchangePosition,
         f"PortfolioEntry {entry.instrument_name}",

@@ -24,7 +24,8 @@ def held(view: PortfolioView) -> dict[str, float]:
 
 def test_an_option_line_without_a_mark_stays_in_the_whole_portfolio() -> None:
     view = PortfolioView()
-    whole = view.merge([line(PERP, 2.0), {"instrument_name": CALL, "position": -1.0}], whole=True)
+    unmarked = {"instrument_name": CALL, "position": -1.0, "average_price": 1_500.0}
+    whole = view.merge([line(PERP, 2.0), unmarked], whole=True)
     assert (whole.refused, whole.absent_is_flat) == ([], True)
     view.merge([line(PERP, 3.0)], whole=False)  # the perpetual's next delta
     assert view.complete and held(view) == {PERP: 3.0, CALL: -1.0}
@@ -80,3 +81,13 @@ def test_an_unreadable_line_keeps_its_instrument_followed() -> None:
     follow.on_portfolio([(PERP, 2.0)], 1.0, complete=True, unreadable=[CALL, "BTC-NEW"])
     assert follow.positions == {PERP: 2.0, CALL: -1.0}  # not flattened by the whole portfolio
     assert "BTC-NEW" in follow.instruments(1.0)  # never seen before: followed, its size unknown
+
+
+def test_an_open_position_without_any_price_is_refused_alone_never_valued_from_zero() -> None:
+    """Neither average, start nor mark price: "sold at 0" would read the short call as a loss of its
+    whole mark (or a long as a windfall that fires the take profit) — refused, and the view withheld."""
+    view = PortfolioView()
+    merged = view.merge([line(PERP, 2.0), {"instrument_name": CALL, "position": -1.0}], whole=True)
+    (refused,) = merged.refused
+    assert refused.instrument == CALL and "cannot be valued" in refused.reason
+    assert not view.complete

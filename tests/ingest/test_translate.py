@@ -370,12 +370,22 @@ def test_portfolio_entry_and_the_whole_view() -> None:
         position_from_entry({"instrument_name": "A", "mark_price": 1})
 
 
-def test_a_portfolio_line_needs_only_its_instrument_and_position() -> None:
-    """api.yaml's `PortfolioEntry` requires nothing; without a mark or P&L a line still says what is held."""
+def test_a_portfolio_line_needs_only_its_instrument_position_and_a_price_to_value_it() -> None:
+    """api.yaml's `PortfolioEntry` requires nothing; without a mark or P&L a line still says what is held
+    — but an open position with no price at all is refused, never valued from 0 (a short call "sold
+    at 0" is a loss of its whole mark, a long perpetual "bought at 0" a profit of its whole price)."""
     bare = position_from_entry({"instrument_name": "BTC-29DEC23-50000-C", "position": -1,
-                                "mark_price": None, "realised_pnl": None})
+                                "average_price": 1_500.0, "mark_price": None, "realised_pnl": None})
     assert (bare.instrument, bare.position, bare.mark_price) == ("BTC-29DEC23-50000-C", -1, None)
-    assert (bare.realised_pnl, bare.unrealised_pnl, bare.average_price) == (None, None, 0.0)
+    assert (bare.realised_pnl, bare.unrealised_pnl, bare.average_price) == (None, None, 1_500.0)
+    started = position_from_entry({"instrument_name": "X", "position": 1, "start_price": 90.0,
+                                   "mark_price": 95.0})
+    assert started.average_price == 90.0
+    marked = position_from_entry({"instrument_name": "X", "position": 1, "mark_price": 95.0})
+    assert marked.average_price == 95.0  # its P&L counts from the mark, as with baseline mark_at_start
+    assert position_from_entry({"instrument_name": "X", "position": 0}).average_price == 0.0  # flat
+    with pytest.raises(MalformedMessage, match="no average_price, start_price or mark_price"):
+        position_from_entry({"instrument_name": "BTC-29DEC23-50000-C", "position": -1})
     with pytest.raises(MalformedMessage, match="PortfolioEntry: instrument_name: Field required"):
         position_from_entry({"position": 1})
 
