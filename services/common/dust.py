@@ -48,4 +48,12 @@ def is_dust(position: float, info: InstrumentInfo | None) -> bool:
     return position != 0.0 and not closable(position, info)
 
 
-__all__ = ["closable", "is_dust"]
+def dust_words(instrument: str, amount: float, info: InstrumentInfo | None) -> str:
+    """One dust position for the trader (the portfolio's log, the executor's `completed`): its size
+    against what an order needs."""
+    sizes = "" if info is None else (
+        f" (minimum order {info.min_order_amount:g}, volume tick {info.volume_tick_size:g})")
+    return f"{instrument} {amount:g}{sizes}"
+
+
+__all__ = ["closable", "dust_words", "is_dust"]

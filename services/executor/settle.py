@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from services.common.contracts import ExchangeError, InstrumentInfo, Report, ReportStatus
+from services.common.dust import dust_words
 from services.common.thalex.models import ThalexClosingTrade, ThalexOrderStatus
 from services.executor.plan import (
     EPS,
@@ -198,10 +199,7 @@ def left_as_dust(progress: Progress, positions: Mapping[str, float],
         amount = abs(leg.remaining(positions.get(leg.instrument, 0.0), progress.full))
         if amount <= EPS:
             continue
-        info = infos.get(leg.instrument)
-        sizes = "" if info is None else (f" (minimum order {info.min_order_amount:g}, volume tick "
-                                         f"{info.volume_tick_size:g})")
-        left.append(f"{leg.instrument} {amount:g}{sizes}")
+        left.append(dust_words(leg.instrument, amount, infos.get(leg.instrument)))
     if not left:
         return None
     return ExchangeError(code=DUST_CODE, message="completed; left open as dust, below what an order may "

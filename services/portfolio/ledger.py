@@ -240,7 +240,7 @@ from services.common.contracts import (
     Tick,
     TradeType,
 )
-from services.common.dust import closable, is_dust
+from services.common.dust import closable, dust_words, is_dust
 from services.common.funding import funding_period, settlement_ts
 from services.portfolio.book import ExitQuote, exit_quote
 from services.portfolio.fees import (
@@ -959,10 +959,7 @@ class Ledger:
 
     def dust_words(self, name: str) -> str:
         """One dust position for the trader: its size against what an order needs."""
-        info = self._instruments.get(name)
-        sizes = "" if info is None else (
-            f" (minimum order {info.min_order_amount:g}, volume tick {info.volume_tick_size:g})")
-        return f"{name} {self.position(name):g}{sizes}"
+        return dust_words(name, self.position(name), self._instruments.get(name))
 
     def is_flat(self, ignoring: Collection[str] = ()) -> bool:
         """Every position within half a volume tick of zero: a full closure's fills are all in.
