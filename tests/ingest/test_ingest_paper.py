@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from services.common.config import Settings
 from services.common.contracts import InstrumentInfo, Positions
 from services.common.streams import Names
+from services.ingest.app import Ingest
 from services.paper.testing import PaperHandle
 from tests.ingest.conftest import PERP, Trader, fills_on, running_ingest, stream_docs, ticks_on, wait_until
 
@@ -158,6 +159,18 @@ async def test_an_instrument_flat_long_enough_is_unsubscribed(
         assert not any(PERP in c for c in paper.exchange.channels) and not ingest.channels
 
 
+async def _trade_while_away(paper: PaperHandle, ingest: Ingest, trader: Trader) -> str:
+    """Drop ingest's connection, trade while it is away (the live notification goes nowhere), and wait
+    until it is back and bootstrapped; the trade's id."""
+    await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+    await paper.control("paper/drop_connections", {"key_id": "watcher", "abrupt": True})
+    order = await trader.market("buy", PERP, 0.1)
+    (trade_id,) = [f["trade_id"] for f in order["fills"]]
+    await wait_until(lambda: _watcher_connected(paper), 5)
+    await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+    return str(trade_id)
+
+
 async def test_a_trade_late_in_the_history_is_read_on_the_second_look(
     paper: PaperHandle, settings: Settings, trader: Trader, redis: Redis, names: Names
 ) -> None:
@@ -167,12 +180,7 @@ async def test_a_trade_late_in_the_history_is_read_on_the_second_look(
     recheck = settings.model_copy(update={"ingest": settings.ingest.model_copy(
         update={"history_recheck_seconds": 4.0})})
     async with running_ingest(recheck) as ingest:
-        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
-        await paper.control("paper/drop_connections", {"key_id": "watcher", "abrupt": True})
-        order = await trader.market("buy", PERP, 0.1)  # its live notification goes nowhere
-        (trade_id,) = [f["trade_id"] for f in order["fills"]]
-        await wait_until(lambda: _watcher_connected(paper), 5)
-        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        trade_id = await _trade_while_away(paper, ingest, trader)
         await asyncio.sleep(0.5)
         assert await fills_on(redis, names) == []  # the first gap fill could not see it
         (fill,) = await wait_until(lambda: fills_on(redis, names), 8)
@@ -190,12 +198,7 @@ async def test_a_second_read_the_exchange_refuses_is_tried_again_until_it_succee
     recheck = settings.model_copy(update={"ingest": settings.ingest.model_copy(
         update={"history_recheck_seconds": 2.5})})
     async with running_ingest(recheck) as ingest:
-        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
-        await paper.control("paper/drop_connections", {"key_id": "watcher", "abrupt": True})
-        order = await trader.market("buy", PERP, 0.1)  # its live notification goes nowhere
-        (trade_id,) = [f["trade_id"] for f in order["fills"]]
-        await wait_until(lambda: _watcher_connected(paper), 5)
-        await wait_until(lambda: ingest.session is not None and ingest.session.ready, 5)
+        trade_id = await _trade_while_away(paper, ingest, trader)
         # the first read of the history after this bootstrap (the second read) is refused
         await paper.control("paper/fail_next", {"count": 1, "code": 20, "message": "temporary failure",
                                                 "methods": ["private/trade_history"], "key_id": "watcher"})
