@@ -245,32 +245,26 @@ def tick_from_ticker(instrument: str, data: Any, ingest_ts: float, book: Book | 
     """
     ticker = parse(ThalexTicker, f"Ticker {instrument}", data)
     bids = asks = None
-    best_bid, best_ask = ticker.best_bid_price, ticker.best_ask_price
-    marked = ticker.mark_timestamp if ticker.mark_timestamp is not None else ingest_ts
-    stamped, funding_mark = marked, ticker.funding_mark
     if book is not None:
         book.ticker = ticker
         bids, asks = book.top(levels)
-        if book.ticker_is_newer() is False and book.time is not None:  # a late ticker: the book is newer
-            best_bid, best_ask = (bids[0][0] if bids else None), (asks[0][0] if asks else None)
-            stamped = book.time
-            if funding_period(stamped) > funding_period(marked):  # the day before's funding (`with_book`)
-                funding_mark = None
-    return _contract(
+    tick = _contract(
         Tick,
         f"Ticker {instrument}",
         instrument=instrument,
         mark=ticker.mark_price,
-        best_bid=best_bid,
-        best_ask=best_ask,
+        best_bid=ticker.best_bid_price,
+        best_ask=ticker.best_ask_price,
         bids=bids,
         asks=asks,
         index=ticker.index,
-        funding_mark=funding_mark,
-        mark_ts=marked if stamped > marked else None,
-        exchange_ts=stamped,
+        funding_mark=ticker.funding_mark,
+        exchange_ts=ticker.mark_timestamp if ticker.mark_timestamp is not None else ingest_ts,
         ingest_ts=ingest_ts,
     )
+    if book is not None and book.ticker_is_newer() is False:  # a late ticker: the book is newer
+        return with_book(tick, book, levels, book.time, ingest_ts)
+    return tick
 
 
 def with_book(tick: Tick, book: Book, levels: int, exchange_ts: float | None, ingest_ts: float) -> Tick:
