@@ -61,7 +61,6 @@ from services.common.contracts import InstrumentType, NotificationKind
 from services.common.redact import redact
 from services.common.streams import NAMESPACE_RULE, Names
 
-UNREADABLE_REDIS_URL = "not a Redis URL redis-py can read"
 HTTP_URL = re.compile(r"^https?://[^\s/]+")
 """A URL notify can POST to or read: a scheme and a host (a target's `url`, `url_file`, `health_urls`)."""
 
@@ -306,9 +305,9 @@ class Redis(Section):
         try:  # as redis-py will read it, so a service never starts on a URL that fails at its first use
             parse_url(value)  # type: ignore[no-untyped-call]
         except (ValueError, TypeError):  # its text may quote the password: not repeated
-            raise ValueError(f"{UNREADABLE_REDIS_URL}: its host, port, database or options cannot be read "
-                             "(a password holding / # ? @ or % must be percent-encoded, e.g. / as %2F; "
-                             "or put it in password_file)") from None
+            raise _RuleError("url", NOT_SHOWN, "not a Redis URL redis-py can read: its host, port, database "
+                             "or options cannot be read (a password holding / # ? @ or % must be "
+                             "percent-encoded, e.g. / as %2F; or put it in password_file)") from None
         database = urlsplit(value).path
         tcp = not value.startswith("unix://")
         if tcp and database not in ("", "/") and not re.fullmatch(r"/\d+", database):
@@ -643,8 +642,6 @@ def _problems_from(error: ValidationError) -> list[Problem]:
             value = NOT_SHOWN
         elif item["type"] == "missing":
             rule = "required key is missing"
-        elif rule.startswith(UNREADABLE_REDIS_URL):
-            value = NOT_SHOWN
         problems.append(Problem(".".join(loc) or "<root>", value, rule))
     return problems
 

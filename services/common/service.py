@@ -177,8 +177,7 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return bool(self.latest) and all(self.latest.values()) and \
-            time.time() - self.checked_ts < HEALTH_FRESH_SECONDS
+        return bool(self.latest) and all(self.passes(name) for name in self.latest)
 
     def document(self) -> dict[str, Any]:
         """What `/health` answers."""

@@ -681,9 +681,9 @@ class Ingest:
             await self.bus.publish(self.names.positions, doc)
             PUBLISHED.labels(self.names.positions).inc()
         else:
-            if self.portfolio_reread_at is None:
+            if self.portfolio_reread_at is None:  # said once as it turns incomplete, not per message
                 self.portfolio_reread_at = time.time() + self.portfolio_reread_seconds
-            log.warning("portfolio incomplete, tp:positions withheld: %s", view.why_incomplete())
+                log.warning("portfolio incomplete, tp:positions withheld: %s", view.why_incomplete())
         self.follow.on_portfolio(((e.instrument, e.position) for e in merged.read), received,
                                  merged.absent_is_flat,
                                  unreadable=[r.instrument for r in merged.refused if r.instrument])

@@ -100,10 +100,9 @@ class Follow:
         for instrument, position in lines:
             seen.add(instrument)
             self._set(instrument, position, now)
-        for instrument in unreadable:
+        for instrument in unreadable:  # followed, as a trade of it would be
             seen.add(instrument)
-            if instrument not in self.positions:
-                self.flat_since[instrument] = now
+            self.on_fill(instrument, None, now)
         if complete:
             for instrument in [i for i in self.positions if i not in seen]:
                 self._set(instrument, 0.0, now)

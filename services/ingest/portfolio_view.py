@@ -80,7 +80,8 @@ class PortfolioView:
             named = {r.instrument for r in refused}
             # a refused line keeps its instrument's last known line; an unnamed one may be any
             # instrument not listed, so none of them is dropped
-            self.lines = dict(self.lines) if unnamed else {n: p for n, p in self.lines.items() if n in named}
+            if not unnamed:
+                self.lines = {n: p for n, p in self.lines.items() if n in named}
             self.unreadable = {}
         for result in results:
             if isinstance(result, RefusedLine):

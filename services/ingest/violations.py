@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from services.common.contracts import Halt, HaltViolation, Side, ViolationKind, is_guardian_label
@@ -164,12 +165,12 @@ def sightings(channel: str, notification: Any, orders: OrderMemory | None = None
 
     `orders`: what the account's orders were, so an amend that only takes away is no sighting.
     """
-    read = READERS.get(channel)
+    read = partial(_order, memory=orders) if channel == ORDERS else READERS.get(channel)
     if read is None or not isinstance(notification, list):
         return
     for item in notification:
         if isinstance(item, dict):
-            found = _order(item, orders) if channel == ORDERS else read(item)
+            found = read(item)
             if found is not None:
                 yield found
 

@@ -21,7 +21,7 @@ class OrderPacer:
     """At most `rate` order messages in any rolling second, first come first served."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = max(1, int(rate))
+        self.pace(rate)
         self.clock = clock
         self.sent: deque[float] = deque()
         self.lock = asyncio.Lock()
