@@ -521,7 +521,7 @@ async def _run(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     demo = Demo(args, workdir)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
         loop.add_signal_handler(sig, demo.stop.set)
     halts: dict[str, tuple[float, float | None]] = {}
     summary: dict[str, Any] | None = None

@@ -144,6 +144,20 @@ def test_operator_commands_against_the_running_demo_then_ctrl_c_leaves_nothing(t
     assert leftovers(workdir) == []
 
 
+def test_a_closed_terminal_stops_every_child(tmp_path: Path) -> None:
+    """The terminal closed (SIGHUP): every child the demo started stops with it. Before, the demo died
+    on the signal, and the paper exchange and the bundled Redis (each in a session of its own) ran on."""
+    workdir = tmp_path / "demo"
+    demo = start_demo(workdir)
+    try:
+        wait_for(lambda: (workdir / "logs" / "quoter.log").exists(), 60, "all children started")
+    finally:
+        demo.send_signal(signal.SIGHUP)
+        output, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, output[-3000:]
+    assert leftovers(workdir) == []
+
+
 @pytest.mark.parametrize("to_the_group", [False, True], ids=["to_the_demo", "to_its_process_group"])
 def test_sigterm_stops_every_child_and_the_demo_still_sums_up(tmp_path: Path, to_the_group: bool) -> None:
     """`timeout 600 thalex-tp demo` signals the whole process group, the bundled Redis included:
