@@ -8,6 +8,7 @@ Both support everything the bus uses (consumer groups, XAUTOCLAIM: 6.2+).
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -24,11 +25,40 @@ HOW_TO_GET_REDIS = (
 )
 
 
+LOWEST_CHOSEN_PORT = 10_000
+_PORTS = random.SystemRandom()
+"""Not the `random` module: pytest-randomly seeds it alike in every xdist worker."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral range.
+
+    The port is bound a moment later, often by another process. One from the ephemeral range (what
+    binding port 0 gives) can meanwhile become the local port of any outgoing connection — the test
+    suite opens thousands — and the service then dies with "Address already in use" (a CI run saw
+    it). Below the range only another caller of this function could take it, at random.
+    """
+    below = _ephemeral_range_start()
+    for _ in range(100):
+        port = _PORTS.randrange(LOWEST_CHOSEN_PORT, below)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range_start() -> int:
+    """Where the kernel starts choosing local ports (Linux's default 32768 when it cannot be read)."""
+    try:
+        start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32_768
+    return max(start, LOWEST_CHOSEN_PORT + 1_000)
 
 
 def bundled_redis_server() -> str | None:
